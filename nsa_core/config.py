@@ -1,0 +1,193 @@
+"""NSAConfig: every plain-data argument of SparseAttention, its validation and JSON round trip.
+
+The module and the CLI both validate through `validate_config`, so a bad argument raises
+the same ValueError/TypeError (naming the argument and what is allowed) wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class NSAConfig:
+    """Constructor arguments of `SparseAttention` that are plain data.
+
+    `compress_block_sliding_stride=None` means `compress_block_size` (no overlap between
+    compression windows). `kv_heads=None` means `heads` (no grouped-query sharing).
+    """
+
+    dim: int
+    dim_head: int
+    heads: int
+    sliding_window_size: int
+    compress_block_size: int
+    selection_block_size: int
+    num_selected_blocks: int
+    kv_heads: int | None = None
+    num_compressed_mem_kv: int = 1
+    causal: bool = False
+    norm: bool = True
+    use_diff_topk: bool = False
+    query_heads_share_selected_kv: bool = True
+    interpolated_importance_score: bool = False
+    compress_mlp_expand_factor: float = 1.0
+    compress_block_sliding_stride: int | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        validate_config(self)
+
+    # derived values -------------------------------------------------------------------
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def stride(self) -> int:
+        if self.compress_block_sliding_stride is None:
+            return self.compress_block_size
+        return self.compress_block_sliding_stride
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.num_kv_heads
+
+    # serialisation ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "NSAConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a JSON object (dict), got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; allowed keys: {sorted(known)}")
+        required = {f.name for f in fields(cls) if _is_required(f)}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"config is missing required keys {missing}")
+        return cls(**data)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NSAConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NSAConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        return cls.from_json(path.read_text())
+
+    def replace(self, **changes: Any) -> "NSAConfig":
+        return replace(self, **changes)
+
+
+def _is_required(field) -> bool:
+    from dataclasses import MISSING
+
+    return field.default is MISSING and field.default_factory is MISSING
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def validate_config(cfg: NSAConfig) -> None:
+    """Raise ValueError/TypeError naming the first argument that breaks a rule."""
+    for name in ("dim", "dim_head", "heads", "sliding_window_size", "compress_block_size", "selection_block_size"):
+        _check_int(name, getattr(cfg, name), 1)
+    _check_int("num_selected_blocks", cfg.num_selected_blocks, 0)
+    _check_int("num_compressed_mem_kv", cfg.num_compressed_mem_kv, 1)
+    if cfg.kv_heads is not None:
+        _check_int("kv_heads", cfg.kv_heads, 1)
+        if cfg.heads % cfg.kv_heads != 0:
+            raise ValueError(
+                f"kv_heads must divide heads: heads={cfg.heads} is not divisible by kv_heads={cfg.kv_heads}"
+            )
+    if cfg.compress_block_sliding_stride is not None:
+        _check_int("compress_block_sliding_stride", cfg.compress_block_sliding_stride, 1)
+        if cfg.compress_block_sliding_stride > cfg.compress_block_size:
+            raise ValueError(
+                "compress_block_sliding_stride must be <= compress_block_size "
+                f"(got stride {cfg.compress_block_sliding_stride} > block {cfg.compress_block_size})"
+            )
+    stride, sel = cfg.stride, cfg.selection_block_size
+    if sel % stride != 0 and stride % sel != 0:
+        raise ValueError(
+            f"selection_block_size ({sel}) must be a multiple or a divisor of the compression stride ({stride}); "
+            "e.g. with stride 16 use 16, 32, 64 (multiples) or 8, 4, 2 (divisors)"
+        )
+    for name in ("causal", "norm", "use_diff_topk", "query_heads_share_selected_kv", "interpolated_importance_score"):
+        _check_bool(name, getattr(cfg, name))
+    factor = cfg.compress_mlp_expand_factor
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise ValueError(f"compress_mlp_expand_factor must be a number > 0, got {factor!r}")
+    if int(factor * cfg.compress_block_size * cfg.dim_head) < 1:
+        raise ValueError("compress_mlp_expand_factor is too small: the compression MLP would have no hidden units")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
+    if cfg.num_selected_blocks == 0:
+        warnings.warn(
+            "num_selected_blocks=0: the selection branch attends only to each query's own block "
+            "(useful for ablations only)",
+            stacklevel=3,
+        )
+
+
+PRESETS: dict[str, NSAConfig] = {}
+
+
+def _register_presets() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PRESETS["tiny"] = NSAConfig(
+            dim=64, dim_head=16, heads=4, kv_heads=2, sliding_window_size=8, compress_block_size=8,
+            compress_block_sliding_stride=4, selection_block_size=8, num_selected_blocks=2, causal=True,
+        )
+        PRESETS["seeds"] = NSAConfig(
+            dim=512, dim_head=64, heads=8, sliding_window_size=2, compress_block_size=4,
+            selection_block_size=4, num_selected_blocks=2, causal=True,
+        )
+        PRESETS["paper"] = NSAConfig(
+            dim=2048, dim_head=128, heads=64, kv_heads=4, sliding_window_size=512, compress_block_size=32,
+            compress_block_sliding_stride=16, selection_block_size=64, num_selected_blocks=16, causal=True,
+        )
+
+
+_register_presets()
+
+
+def get_preset(name: str) -> NSAConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
+    return PRESETS[name]

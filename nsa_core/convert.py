@@ -1,0 +1,63 @@
+"""Conversion between native-sparse-attention-pytorch (0.2.3) checkpoints and nsa.
+
+nsa keeps the oracle's parameter names, so a state dict converts as is (a copy); what needs
+work is recovering the constructor arguments from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nsa_core.config import NSAConfig
+
+REQUIRED_KEYS = ("to_qkv.weight", "compress_mem_kv", "k_intrablock_positions", "combine_heads.weight")
+# arguments the tensor shapes cannot tell
+NOT_INFERABLE = ("causal", "sliding_window_size", "compress_block_sliding_stride", "selection_block_size", "num_selected_blocks")
+
+
+def _check_state_dict(state_dict: dict) -> None:
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError("checkpoint must be a state dict (a dict of tensors), as saved by torch.save(module.state_dict())")
+    missing = [k for k in REQUIRED_KEYS if k not in state_dict]
+    if missing:
+        raise ValueError(f"checkpoint is not a SparseAttention state dict: missing {missing}")
+
+
+def from_lucidrains(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A native-sparse-attention-pytorch SparseAttention state dict -> one our module loads strictly."""
+    _check_state_dict(state_dict)
+    return {k: v.clone() for k, v in state_dict.items()}
+
+
+def to_lucidrains(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> one native-sparse-attention-pytorch 0.2.3 loads strictly."""
+    _check_state_dict(state_dict)
+    return {k: v.clone() for k, v in state_dict.items()}
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], **given: Any) -> NSAConfig:
+    """Recover the constructor arguments from the shapes; `given` supplies the ones shapes cannot
+    tell (causal, sliding_window_size, compress_block_sliding_stride, selection_block_size,
+    num_selected_blocks) and may override any other."""
+    _check_state_dict(state_dict)
+    kv_heads, block, dim_head = state_dict["k_intrablock_positions"].shape
+    qkv_out, dim = state_dict["to_qkv.weight"].shape
+    heads = (qkv_out - 2 * kv_heads * dim_head) // dim_head
+    if heads < 1 or (qkv_out - 2 * kv_heads * dim_head) % dim_head:
+        raise ValueError(f"to_qkv.weight shape {tuple(state_dict['to_qkv.weight'].shape)} fits no head layout")
+    inferred: dict[str, Any] = dict(
+        dim=int(dim), dim_head=int(dim_head), heads=int(heads), kv_heads=int(kv_heads),
+        compress_block_size=int(block), num_compressed_mem_kv=int(state_dict["compress_mem_kv"].shape[2]),
+        norm="norm.weight" in state_dict,
+    )
+    hidden = state_dict.get("k_compress.1.weight")
+    if hidden is None or "k_compress.3.weight" not in state_dict:
+        raise ValueError("only checkpoints with the default compression MLP can be converted (k_compress.1/3 missing)")
+    inferred["compress_mlp_expand_factor"] = float(hidden.shape[0]) / float(block * dim_head)
+    missing = [name for name in NOT_INFERABLE if name not in given]
+    if missing:
+        raise ValueError(f"the checkpoint cannot tell {missing}: give them (CLI: --{missing[0].replace('_', '-')} ...)")
+    inferred.update(given)
+    return NSAConfig(**inferred)

@@ -1,0 +1,42 @@
+"""Backend choice: "torch" (the reference), "triton" (the kernels), "auto" (kernels where they run).
+
+Kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 (how CI tests them).
+Nothing here imports triton at module import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_unavailable_reason(device: torch.device) -> str | None:
+    """None when kernels can run on tensors of this device, else why not."""
+    if not triton_installed():
+        return "triton is not installed"
+    if device.type == "cuda":
+        if interpreter_enabled():
+            return "TRITON_INTERPRET=1 runs kernels on CPU tensors only"
+        return None
+    if device.type == "cpu" and interpreter_enabled():
+        return None
+    return f"kernels need CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors); got {device.type} tensors"
+
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -1,0 +1,85 @@
+"""selected_attention: the public op of NSA's fine branch (validation + backend dispatch)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nsa_core.ops.backend import check_backend_name, kernel_unavailable_reason
+from nsa_core.ops.validation import check_positive_int, check_qkv
+from nsa_core.reference.selected_attention import selected_attention_reference
+
+
+def _check_selection(q: Tensor, k: Tensor, indices: Tensor, valid: Tensor | None, gates: Tensor | None) -> None:
+    if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
+    B, HQ, T, _ = q.shape
+    HKV = k.shape[1]
+    if indices.ndim != 4 or indices.shape[0] != B or indices.shape[2] != T or indices.shape[1] not in (HKV, HQ):
+        raise ValueError(
+            f"indices must have shape (B={B}, {HKV} or {HQ}, T={T}, S), got {tuple(indices.shape)}"
+        )
+    if valid is not None:
+        if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
+            raise TypeError("valid must be a bool tensor or None")
+        if valid.shape != indices.shape:
+            raise ValueError(f"valid must have the shape of indices {tuple(indices.shape)}, got {tuple(valid.shape)}")
+    if gates is not None:
+        if not isinstance(gates, Tensor) or not gates.dtype.is_floating_point:
+            raise TypeError("gates must be a floating tensor or None")
+        if gates.shape != indices.shape:
+            raise ValueError(f"gates must have the shape of indices {tuple(indices.shape)}, got {tuple(gates.shape)}")
+
+
+def selected_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    indices: Tensor,
+    *,
+    block_size: int,
+    valid: Tensor | None = None,
+    gates: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention of each query to the key blocks it selected.
+
+    Args:
+        q: (B, HQ, T, D); k: (B, HKV, T, D); v: (B, HKV, T, Dv); HQ = G x HKV for any G >= 1.
+        indices: (B, HKV or HQ, T, S) integer: the S key blocks each query selected; block j holds
+            keys j*block_size ... (j+1)*block_size - 1, cut at T. With HQ heads every query head
+            has its own selection, with HKV heads the G query heads of a group share it.
+        valid: same shape, bool (None = all valid): which slots are real. Within one query's valid
+            slots a block appears at most once.
+        gates: same shape, float, optional and differentiable: multiplies the attention logits of
+            the keys of that slot's block (NSA's straight-through top-k gate).
+        causal: a query never sees keys after itself, and always attends its own block (causally)
+            besides the selected ones; the own block should not be among the valid slots.
+            Not causal: only the selected blocks.
+        scale: logit scale, default D ** -0.5.
+        backend: "torch" (reference), "triton" (kernels; raises where they cannot run) or "auto".
+
+    A query with no key at all gets a zero output. Returns (B, HQ, T, Dv).
+    """
+    check_qkv(q, k, v)
+    check_positive_int("block_size", block_size)
+    check_backend_name(backend)
+    _check_selection(q, k, indices, valid, gates)
+    use_kernel = False
+    if backend != "torch":
+        reason = kernel_unavailable_reason(q.device)
+        if reason is None:
+            from nsa_core.kernels.selected_attention.launch import kernel_unsupported_reason
+
+            reason = kernel_unsupported_reason(q, k, v, block_size)
+        if reason is None:
+            use_kernel = True
+        elif backend == "triton":
+            raise ValueError(f"backend='triton' cannot run selected_attention here: {reason}")
+    if use_kernel:
+        from nsa_core.kernels.selected_attention.autograd import selected_attention_triton
+
+        return selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale)
+    return selected_attention_reference(q, k, v, indices, block_size, valid, gates, causal, scale)

@@ -1,0 +1,54 @@
+"""Reference compressed attention: queries attend to the memory tokens and the compressed keys.
+
+Causal rule: compressed block c (covering tokens up to (c + 1) * stride - 1) is visible to
+query t only when (c + 1) * stride - 1 < t; memory tokens are always visible.
+Also returns the scaled logits of the compressed blocks (memory dropped), with invisible
+entries set to MASKED_SCORE: the selection branch scores blocks from them.
+
+Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, T queries,
+M memory tokens, C compressed blocks, D / Dv head dims.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def masked_score(dtype: torch.dtype) -> float:
+    """The fill value of invisible compressed logits: -finfo.max // 10, as the oracle uses.
+    Finite, so interpolating and averaging it never makes NaN."""
+    return float(-torch.finfo(dtype).max // 10)
+
+
+def compressed_visibility(query_pos: Tensor, num_blocks: int, stride: int) -> Tensor:
+    """(T,) query positions -> (T, C) bool: block c visible to query t."""
+    block_last = (torch.arange(num_blocks, device=query_pos.device) + 1) * stride - 1
+    return block_last[None, :] < query_pos[:, None]
+
+
+def compressed_attention_reference(
+    q: Tensor,  # (B, HQ, T, D)
+    ck: Tensor,  # (B, HKV, M + C, D): memory tokens first
+    cv: Tensor,  # (B, HKV, M + C, Dv)
+    num_memory: int,
+    stride: int,
+    causal: bool = True,
+    scale: float | None = None,
+    query_offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Returns (out (B, HQ, T, Dv), scores (B, HQ, T, C))."""
+    B, HQ, T, D = q.shape
+    HKV, MC = ck.shape[1], ck.shape[2]
+    G, C = HQ // HKV, MC - num_memory
+    scale = D ** -0.5 if scale is None else scale
+    logits = torch.matmul(q.view(B, HKV, G, T, D), ck[:, :, None].transpose(-1, -2)) * scale
+    if causal:
+        query_pos = torch.arange(query_offset, query_offset + T, device=q.device)
+        visible = compressed_visibility(query_pos, C, stride)
+        visible = torch.cat((torch.ones(T, num_memory, dtype=torch.bool, device=q.device), visible), dim=-1)
+        logits = logits.masked_fill(~visible, masked_score(logits.dtype))
+    attn = logits.softmax(dim=-1)
+    out = torch.matmul(attn, cv[:, :, None]).reshape(B, HQ, T, cv.shape[-1])
+    scores = logits[..., num_memory:].reshape(B, HQ, T, C)
+    return out, scores

@@ -1,0 +1,41 @@
+"""Rotary position embedding with interleaved pairs, as `rotary_embedding_torch` applies it.
+
+Pairs are (x0, x1), (x2, x3), ...; pair i turns by angle `position * freqs[i]`, with
+`freqs[i] = theta ** (-2i / dim_head)`. Positions are computed in float32 whatever the input
+dtype (the oracle computes them in the input dtype, which loses positions in bf16 past 256).
+The `freqs` buffer keeps the oracle's state-dict name `rotary_emb.freqs`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, dim_head: int, theta: float = 10000.0):
+        super().__init__()
+        freqs = 1.0 / (theta ** (torch.arange(0, dim_head, 2)[: dim_head // 2].float() / dim_head))
+        self.register_buffer("freqs", freqs, persistent=True)
+
+    def angles(self, positions: Tensor) -> Tensor:
+        """positions (n,) -> angles (n, 2 * len(freqs)), each angle repeated for its pair."""
+        angles = positions.to(torch.float32)[:, None] * self.freqs.to(torch.float32)[None, :]
+        return angles.repeat_interleave(2, dim=-1)
+
+    def rotate(self, t: Tensor, offset: int = 0) -> Tensor:
+        """Rotate t (..., n, d) as if its tokens sat at positions offset ... offset + n - 1."""
+        n = t.shape[-2]
+        positions = torch.arange(offset, offset + n, device=t.device)
+        return apply_rotary(t, self.angles(positions))
+
+
+def apply_rotary(t: Tensor, angles: Tensor) -> Tensor:
+    """t (..., n, d), angles (n, r) with r <= d: rotates the first r features, keeps the rest."""
+    rot_dim = angles.shape[-1]
+    dtype = t.dtype
+    t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+    pairs = t_rot.unflatten(-1, (-1, 2))
+    rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    out = t_rot.float() * angles.cos() + rotated_half.float() * angles.sin()
+    return torch.cat((out, t_pass), dim=-1).to(dtype)

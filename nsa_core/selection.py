@@ -1,0 +1,111 @@
+"""Block selection: from compressed-attention logits to the top-n key blocks of each query.
+
+Steps, as the oracle (native-sparse-attention-pytorch 0.2.3) takes them, plus the seed-era path
+for selection blocks smaller than the compression stride:
+1. average the logits over the query heads of each kv group (when heads share selection);
+2. bring them to selection-block resolution:
+   - selection block = r x stride: mean over each r consecutive compressed blocks (incomplete
+     trailing groups dropped);
+   - selection block = stride / f: each compressed score is repeated f times, or with
+     `interpolated` linearly interpolated to token resolution (align_corners=False) and
+     averaged over each selection block. In causal mode one invisible block is appended on the
+     right first, so a query's scores never depend on how many tokens follow it;
+3. when selection block != stride, a query's own block gets -finfo.max;
+4. softmax with a null slot of logit -1000 in front, top-n (ties: lowest block index first);
+   a slot whose probability is <= 1e-10 is invalid.
+
+Dimension legend: B batch, H heads of the selection (kv heads or query heads), T queries,
+C compressed blocks, NB selection blocks that can be scored, S selected slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from nsa_core.reference.compressed_attention import masked_score
+
+NULL_SLOT_LOGIT = -1e3
+VALID_THRESHOLD = 1e-10
+
+
+@dataclass
+class Selection:
+    indices: Tensor  # (B, H, T, S) int64
+    valid: Tensor  # (B, H, T, S) bool
+    probs: Tensor  # (B, H, T, S): the importance of each selected block
+    gates: Tensor | None  # (B, H, T, S): straight-through gates (1 forward) with use_diff_topk
+
+
+def linear_upsample(x: Tensor, factor: int) -> Tensor:
+    """(..., C) -> (..., C * factor) by linear interpolation with align_corners=False,
+    as torch.nn.functional.interpolate(mode='bilinear') along one axis."""
+    C = x.shape[-1]
+    dst = torch.arange(C * factor, device=x.device, dtype=torch.float64)
+    src = ((dst + 0.5) / factor - 0.5).clamp(min=0)
+    i0 = src.floor().long()
+    i1 = torch.clamp(i0 + 1, max=C - 1)
+    lam = (src - i0).to(x.dtype)
+    return x[..., i0] * (1 - lam) + x[..., i1] * lam
+
+
+def num_scored_blocks(num_compressed: int, stride: int, selection_block_size: int) -> int:
+    if selection_block_size >= stride:
+        return num_compressed // (selection_block_size // stride)
+    return num_compressed * (stride // selection_block_size)
+
+
+def block_importance(
+    scores: Tensor,  # (B, HQ, T, C) compressed logits, invisible entries masked
+    *,
+    group_size: int,
+    share_across_group: bool,
+    stride: int,
+    selection_block_size: int,
+    interpolated: bool,
+    causal: bool,
+    query_pos: Tensor,  # (T,)
+) -> Tensor:
+    """Returns (B, H, T, NB) block logits before the softmax."""
+    B, HQ, T, C = scores.shape
+    if share_across_group:
+        scores = scores.view(B, HQ // group_size, group_size, T, C).mean(dim=2)
+    sel = selection_block_size
+    if sel >= stride:
+        ratio = sel // stride
+        if ratio > 1:
+            nb = C // ratio
+            scores = scores[..., : nb * ratio].unflatten(-1, (nb, ratio)).mean(dim=-1)
+    else:
+        factor = stride // sel
+        if interpolated and C > 0:
+            padded = scores
+            if causal:
+                pad = torch.full_like(scores[..., :1], masked_score(scores.dtype))
+                padded = torch.cat((scores, pad), dim=-1)
+            tokens = linear_upsample(padded, stride)[..., : C * stride]
+            scores = tokens.unflatten(-1, (C * factor, sel)).mean(dim=-1)
+        else:
+            scores = scores.repeat_interleave(factor, dim=-1)
+    if sel != stride and scores.shape[-1] > 0:
+        own = (query_pos // sel)[:, None] == torch.arange(scores.shape[-1], device=scores.device)[None, :]
+        scores = scores.masked_fill(own, -torch.finfo(scores.dtype).max)
+    return scores
+
+
+def select_top_blocks(block_logits: Tensor, num_selected: int, use_diff_topk: bool) -> Selection | None:
+    """Softmax with a null slot, top-n. None when nothing can be selected."""
+    k = min(num_selected, block_logits.shape[-1])
+    if k == 0:
+        return None
+    null = torch.full_like(block_logits[..., :1], NULL_SLOT_LOGIT)
+    probs = torch.cat((null, block_logits), dim=-1).softmax(dim=-1)[..., 1:]
+    # a stable descending sort: among equal scores the lowest block index wins, so the parallel
+    # pass and cached decoding (which sees fewer trailing blocks) pick the same blocks
+    values, indices = probs.sort(dim=-1, descending=True, stable=True)
+    values, indices = values[..., :k], indices[..., :k]
+    valid = values > VALID_THRESHOLD
+    gates = values + (1.0 - values).detach() if use_diff_topk else None
+    return Selection(indices=indices, valid=valid, probs=values, gates=gates)

@@ -1,0 +1,143 @@
+"""A small language model built from SparseAttention (examples and end-to-end tests).
+
+Same layout as native-sparse-attention-pytorch's Transformer: token embedding, `depth` blocks of
+(pre-normed attention + residual, pre-normed GELU feed-forward + residual), final RMSNorm, logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nsa_core.rotary import RotaryEmbedding
+from nsa_core.sparse_attention import SparseAttention
+
+DEFAULT_SPARSE_KWARGS = dict(
+    sliding_window_size=32, compress_block_size=4, selection_block_size=4, num_selected_blocks=4
+)
+
+
+class DenseAttention(nn.Module):
+    """Full causal (or bidirectional) attention with rotary embeddings and GQA."""
+
+    def __init__(self, dim: int, dim_head: int = 64, heads: int = 8, causal: bool = True, kv_heads: int | None = None):
+        super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
+        if heads % kv_heads != 0:
+            raise ValueError(f"kv_heads must divide heads, got heads={heads}, kv_heads={kv_heads}")
+        self.heads, self.kv_heads, self.dim_head, self.causal = heads, kv_heads, dim_head, causal
+        self.norm = nn.RMSNorm(dim)
+        self.rotary_embed = RotaryEmbedding(dim_head)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=False)
+        self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(x)
+        q, k, v = (proj(x).unflatten(-1, (-1, self.dim_head)).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        q, k = self.rotary_embed.rotate(q), self.rotary_embed.rotate(k)
+        group = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.to_out(out.transpose(1, 2).flatten(-2))
+
+
+def FeedForward(dim: int, expansion_factor: float = 4.0) -> nn.Sequential:
+    hidden = int(dim * expansion_factor)
+    return nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        depth: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        kv_heads: int | None = None,
+        ff_expansion_factor: float = 4.0,
+        use_sparse_attn: bool = False,
+        causal: bool = True,
+        sparse_attn_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        for name, value in (("num_tokens", num_tokens), ("dim", dim), ("depth", depth)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        sparse_attn_kwargs = dict(DEFAULT_SPARSE_KWARGS if sparse_attn_kwargs is None else sparse_attn_kwargs)
+        self.causal, self.use_sparse_attn = causal, use_sparse_attn
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        layers = []
+        for _ in range(depth):
+            if use_sparse_attn:
+                attn = SparseAttention(dim=dim, dim_head=dim_head, heads=heads, kv_heads=kv_heads, causal=causal, **sparse_attn_kwargs)
+            else:
+                attn = DenseAttention(dim, dim_head=dim_head, heads=heads, causal=causal, kv_heads=kv_heads)
+            layers.append(nn.ModuleList([attn, FeedForward(dim, ff_expansion_factor)]))
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.RMSNorm(dim)
+        self.to_logits = nn.Linear(dim, num_tokens, bias=False)
+
+    def forward(self, ids: Tensor, return_loss: bool = False, cache: list | None = None, return_cache: bool = False):
+        """ids (b, n) -> logits (b, n, num_tokens); with return_loss the next-token cross entropy.
+
+        With `cache` (sparse attention only), ids are the new tokens to decode after the cached ones."""
+        if ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"ids must be an integer tensor of shape (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
+        if (cache is not None or return_cache) and not (self.use_sparse_attn and self.causal):
+            raise ValueError("cache / return_cache need use_sparse_attn=True and causal=True")
+        if return_loss:
+            ids, labels = ids[:, :-1], ids[:, 1:]
+        x = self.token_emb(ids)
+        caches = iter(cache) if cache is not None else None
+        next_cache = []
+        for attn, ff in self.layers:
+            if return_cache or caches is not None:
+                out, layer_cache = attn(x, cache=next(caches) if caches is not None else None, return_cache=True)
+                next_cache.append(layer_cache)
+            else:
+                out = attn(x)
+            x = x + out
+            x = x + ff(x)
+        logits = self.to_logits(self.norm(x))
+        if return_loss:
+            return F.cross_entropy(logits.transpose(1, 2), labels)
+        return (logits, next_cache) if return_cache else logits
+
+    @torch.no_grad()
+    def sample(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9, use_cache_kv: bool = False) -> Tensor:
+        """Continue `prompt` (b, n) up to `seq_len` tokens in all; returns the new tokens only.
+        temperature <= 0 is greedy. use_cache_kv decodes one token at a time against the cache."""
+        if use_cache_kv and not (self.use_sparse_attn and self.causal):
+            raise ValueError("use_cache_kv needs use_sparse_attn=True and causal=True")
+        out = prompt.clone()
+        cache = None
+        for _ in range(max(0, seq_len - prompt.shape[-1])):
+            if use_cache_kv:
+                step_ids = out if cache is None else out[:, -1:]
+                logits, cache = self.forward(step_ids, cache=cache, return_cache=True)
+            else:
+                logits = self.forward(out)
+            logits = logits[:, -1]
+            if temperature <= 0:
+                sample = logits.argmax(dim=-1, keepdim=True)
+            else:
+                sample = _gumbel_sample(_top_k(logits, filter_thres), temperature)
+            out = torch.cat((out, sample), dim=-1)
+        return out[:, prompt.shape[-1]:]
+
+
+def _top_k(logits: Tensor, thres: float) -> Tensor:
+    k = math.ceil((1 - thres) * logits.shape[-1])
+    values, indices = logits.topk(k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+
+
+def _gumbel_sample(logits: Tensor, temperature: float) -> Tensor:
+    noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(min=1e-20)).clamp(min=1e-20))
+    return (logits / temperature + noise).argmax(dim=-1, keepdim=True)

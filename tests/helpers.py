@@ -1,0 +1,20 @@
+"""Shared test helpers: random weights everywhere, relative errors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def randomize_(module: nn.Module, std: float = 0.5, seed: int = 0) -> nn.Module:
+    """Fill every parameter with random values (the oracle's zero inits hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
+    return module
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
