@@ -18,16 +18,16 @@ class RotaryEmbedding(nn.Module):
         freqs = 1.0 / (theta ** (torch.arange(0, dim_head, 2)[: dim_head // 2].float() / dim_head))
         self.register_buffer("freqs", freqs, persistent=True)
 
-    def angles(self, positions: Tensor) -> Tensor:
+    def angles(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """positions (n,) -> angles (n, 2 * len(freqs)), each angle repeated for its pair."""
-        angles = positions.to(torch.float32)[:, None] * self.freqs.to(torch.float32)[None, :]
+        angles = positions.to(dtype)[:, None] * self.freqs.to(dtype)[None, :]
         return angles.repeat_interleave(2, dim=-1)
 
     def rotate(self, t: Tensor, offset: int = 0) -> Tensor:
         """Rotate t (..., n, d) as if its tokens sat at positions offset ... offset + n - 1."""
         n = t.shape[-2]
         positions = torch.arange(offset, offset + n, device=t.device)
-        return apply_rotary(t, self.angles(positions))
+        return apply_rotary(t, self.angles(positions, torch.promote_types(t.dtype, torch.float32)))
 
 
 def apply_rotary(t: Tensor, angles: Tensor) -> Tensor:
@@ -37,5 +37,6 @@ def apply_rotary(t: Tensor, angles: Tensor) -> Tensor:
     t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
     pairs = t_rot.unflatten(-1, (-1, 2))
     rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    out = t_rot.float() * angles.cos() + rotated_half.float() * angles.sin()
+    compute = torch.promote_types(dtype, angles.dtype)  # at least float32, float64 stays float64
+    out = t_rot.to(compute) * angles.cos() + rotated_half.to(compute) * angles.sin()
     return torch.cat((out, t_pass), dim=-1).to(dtype)

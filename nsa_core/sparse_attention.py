@@ -234,6 +234,20 @@ class SparseAttention(nn.Module):
 
     # forward -------------------------------------------------------------------------------
 
+    def attend(self, x_normed: Tensor, q: Tensor, k: Tensor, v: Tensor, keep_for_cache: bool = False):
+        """The three branches and their gated combine: q (b, h, n, d), unrotated k, v (b, hk, n, d)
+        -> (b, n, dim). With keep_for_cache also (compressed k, compressed v, rotated k)."""
+        ck, cv = self.compress(k, v)
+        ck_all, cv_all = self.with_memory(ck, cv)
+        compressed_out, compressed_scores = compressed_attention_reference(
+            q, ck_all, cv_all, self.num_mem_compress_kv, self.stride, self.causal, self.scale
+        )
+        q_rot, k_rot = self.rotary_emb.rotate(q), self.rotary_emb.rotate(k)
+        fine_out = self.fine_branch(q_rot, k_rot, v, compressed_scores)
+        sliding_out = self.sliding_branch(q_rot, k_rot, v)
+        out = self.combine(x_normed, compressed_out, fine_out, sliding_out)
+        return (out, (ck, cv, k_rot)) if keep_for_cache else out
+
     def forward(self, inp: Tensor, cache=None, return_cache: bool = False):
         """inp (batch, seq, dim) -> (batch, seq, dim); with return_cache also the decoding cache.
 
@@ -250,21 +264,9 @@ class SparseAttention(nn.Module):
 
         x = self.norm(inp)
         q, k, v = self.project(x)
-        n = q.shape[-2]
-
-        ck, cv = self.compress(k, v)
-        ck_all, cv_all = self.with_memory(ck, cv)
-        compressed_out, compressed_scores = compressed_attention_reference(
-            q, ck_all, cv_all, self.num_mem_compress_kv, self.stride, self.causal, self.scale
-        )
-
-        q_rot, k_rot = self.rotary_emb.rotate(q), self.rotary_emb.rotate(k)
-        fine_out = self.fine_branch(q_rot, k_rot, v, compressed_scores)
-        sliding_out = self.sliding_branch(q_rot, k_rot, v)
-        out = self.combine(x, compressed_out, fine_out, sliding_out)
-
         if not return_cache:
-            return out
+            return self.attend(x, q, k, v)
+        out, (ck, cv, k_rot) = self.attend(x, q, k, v, keep_for_cache=True)
         from nsa_core.cache import NSACache
 
         return out, NSACache.from_prefill(self, k, k_rot, v, ck, cv)

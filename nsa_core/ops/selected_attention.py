@@ -68,7 +68,7 @@ def selected_attention(
     check_backend_name(backend)
     _check_selection(q, k, indices, valid, gates)
     use_kernel = False
-    if backend != "torch":
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
         reason = kernel_unavailable_reason(q.device)
         if reason is None:
             from nsa_core.kernels.selected_attention.launch import kernel_unsupported_reason

@@ -1,0 +1,179 @@
+"""`nsa visualize-selection`: the query-block x key-block grid of one kv head's selection."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from nsa_cli.common import UsageError, check_output_path, cli_errors, console, err_console, print_json, resolve_config
+from nsa_core.analysis import SelectionGrid, selection_grid
+from nsa_core.io import build_module, load_input_file, load_safetensors
+
+LEGEND = [("█", "bright_green", "selected (brighter: more queries of the block)"), ("■", "magenta", "own block (causal)"),
+          ("░", "blue", "sliding window reach"), ("·", "grey50", "future (causal edge)"), (" ", "", "not attended")]
+
+
+def _cell(grid: SelectionGrid, i: int, j: int, top: int) -> tuple[str, str]:
+    count = int(grid.counts[i, j])
+    if count:
+        shade = ("green", "green3", "bright_green")[min(2, (3 * count - 1) // max(top, 1))]
+        return "█", shade
+    if grid.own[i, j]:
+        return "■", "magenta"
+    if grid.future[i, j]:
+        return "·", "grey50"
+    if grid.window[i, j]:
+        return "░", "blue"
+    return " ", ""
+
+
+def _downscale(grid: SelectionGrid, factor: int) -> SelectionGrid:
+    """Merge factor x factor cells: counts add up, flags combine with any()."""
+    if factor == 1:
+        return grid
+
+    def pool(t: torch.Tensor, op) -> torch.Tensor:
+        n = t.shape[0]
+        pad = -n % factor
+        t = torch.nn.functional.pad(t, (0, pad, 0, pad))
+        m = n + pad
+        return op(t.view(m // factor, factor, m // factor, factor), (1, 3))
+
+    return SelectionGrid(
+        grid.block_size * factor,
+        pool(grid.counts, lambda t, d: t.sum(d)),
+        pool(grid.own.to(torch.int), lambda t, d: t.amax(d)).bool(),
+        pool(grid.window.to(torch.int), lambda t, d: t.amax(d)).bool(),
+        pool(grid.future.to(torch.int), lambda t, d: t.amin(d)).bool(),
+        grid.selected_per_query_block,
+        grid.sparsity,
+    )
+
+
+def render_grid(grid: SelectionGrid, title: str, max_width: int) -> list[Text]:
+    nb = grid.counts.shape[0]
+    factor = max(1, math.ceil(nb / max(8, max_width - 12)))
+    shown = _downscale(grid, factor)
+    top = int(shown.counts.max()) if shown.counts.numel() else 0
+    lines = [Text(title, style="bold")]
+    if factor > 1:
+        lines.append(Text(f"(scaled down: each cell is {factor} x {factor} blocks)", style="italic"))
+    lines.append(Text("query block \\ key block →"))
+    for i in range(shown.counts.shape[0]):
+        line = Text(f"{i * factor:>6} ")
+        for j in range(shown.counts.shape[1]):
+            char, style = _cell(shown, i, j, top)
+            line.append(char, style=style or None)
+        lines.append(line)
+    legend = Text("legend: ")
+    for char, style, meaning in LEGEND:
+        legend.append(char if char != " " else "␣", style=style or None)
+        legend.append(f" {meaning}  ")
+    lines.append(legend)
+    lines.append(Text("sparsity (fraction of query-key pairs): "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in grid.sparsity.items())))
+    return lines
+
+
+def _save_png(grid: SelectionGrid, title: str, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+    except ImportError:
+        raise UsageError("PNG output needs matplotlib: pip install 'nsa[plot]' (or use .svg / .html)") from None
+    nb = grid.counts.shape[0]
+    image = torch.zeros(nb, nb)
+    image[grid.window] = 1
+    image[grid.future] = 0.5
+    image[grid.own] = 2
+    top = max(1, int(grid.counts.max()))
+    sel = grid.counts > 0
+    image[sel] = 3 + grid.counts[sel].float() / top
+    cmap = ListedColormap(["white", "#dddddd", "#9ecae1", "#c51b8a", "#a1d99b", "#31a354", "#006d2c"])
+    fig, ax = plt.subplots(figsize=(7, 6.5))
+    ax.imshow(image.numpy(), cmap=cmap, vmin=0, vmax=4, interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xlabel(f"key block ({grid.block_size} tokens)")
+    ax.set_ylabel(f"query block ({grid.block_size} tokens)")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="#31a354", label="selected"), Patch(color="#c51b8a", label="own block"),
+                       Patch(color="#9ecae1", label="sliding window"), Patch(color="#dddddd", label="future")],
+              loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@cli_errors
+def visualize_selection(
+    preset: Optional[str] = typer.Option(None, "--preset", help="Preset (default: tiny)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config JSON file."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="An nsa .safetensors file (config included)."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Length of the random input."),
+    head: int = typer.Option(0, "--head", help="Head of the selection (a kv head when query heads share it)."),
+    batch_index: int = typer.Option(0, "--batch", help="Which batch element to show."),
+    input_file: Optional[Path] = typer.Option(None, "--input", help="An input tensor (batch, seq, dim): .pt or .safetensors (key 'input')."),
+    seed: int = typer.Option(0, "--seed", help="Seed of weights and input."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write .png, .svg or .html instead of the terminal."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    as_json: bool = typer.Option(False, "--json", help="Selected key blocks per query block, as JSON."),
+) -> None:
+    """Show which key blocks each query block selected, the own block, the window band and the causal edge."""
+    if weights is not None:
+        if preset or config:
+            raise UsageError("give --weights or --preset/--config, not both (the weights file holds its config)")
+        module = load_safetensors(weights)
+        cfg = module.config
+    else:
+        cfg = resolve_config(preset, config, default_preset="tiny")
+        module = build_module(cfg, seed=seed)
+        _randomize_for_display(module, seed)
+    if input_file is not None:
+        inp = load_input_file(input_file, cfg.dim)
+    else:
+        if seq_len < 1:
+            raise UsageError(f"--seq-len must be >= 1, got {seq_len}")
+        inp = torch.randn(max(1, batch_index + 1), seq_len, cfg.dim, generator=torch.Generator().manual_seed(seed))
+    grid = selection_grid(module, inp, head=head, batch_index=batch_index)
+    title = (f"selection of head {head}, batch {batch_index}: seq {inp.shape[1]}, blocks of {cfg.selection_block_size}, "
+             f"{cfg.num_selected_blocks} selected, window {cfg.sliding_window_size}")
+    if as_json:
+        print_json({"title": title, "block_size": cfg.selection_block_size, "head": head, "batch": batch_index,
+                    "selected_key_blocks_per_query_block": {str(i): s for i, s in enumerate(grid.selected_per_query_block)},
+                    "query_counts": grid.counts.tolist(), "sparsity": grid.sparsity})
+        return
+    if output is None:
+        for line in render_grid(grid, title, console.width):
+            console.print(line)
+        return
+    check_output_path(output, force)
+    suffix = output.suffix.lower()
+    if suffix == ".png":
+        _save_png(grid, title, output)
+    elif suffix in (".svg", ".html"):
+        recorder = Console(record=True, width=max(40, grid.counts.shape[0] + 20), file=io.StringIO(), force_terminal=True)
+        for line in render_grid(grid, title, 10_000):
+            recorder.print(line)
+        text = recorder.export_svg(title="nsa visualize-selection") if suffix == ".svg" else recorder.export_html()
+        output.write_text(text)
+    else:
+        raise UsageError(f"-o must end in .png, .svg or .html, got {output.name!r}")
+    err_console.print(f"wrote {output}")
+
+
+def _randomize_for_display(module, seed: int) -> None:
+    """Fresh modules have zero memory tokens and positions; random ones show a livelier selection."""
+    from nsa_core.checks import randomize_parameters
+
+    randomize_parameters(module, seed, std=0.3)

@@ -1,0 +1,139 @@
+"""What a configuration costs and what a module selects: parameter counts by part, FLOPs and
+activation memory of each branch next to dense attention, and the query-block x key-block
+selection grid (the CLI's `config show` and `visualize-selection`).
+
+Dimension legend: b batch, h heads of the selection, n sequence, S selected slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from nsa_core.config import NSAConfig
+from nsa_core.reference.compressed_attention import compressed_attention_reference
+from nsa_core.selection import num_scored_blocks
+from nsa_core.sparse_attention import SparseAttention
+
+PARTS = {
+    "projections": ("to_qkv", "combine_heads"),
+    "norm": ("norm",),
+    "compression": ("k_compress", "v_compress", "compress_mem_kv", "k_intrablock_positions", "v_intrablock_positions"),
+    "combine gate": ("to_strategy_combine",),
+}
+
+
+def parameter_counts(module: SparseAttention) -> dict[str, int]:
+    counts = {part: 0 for part in PARTS}
+    for name, p in module.named_parameters():
+        head = name.split(".")[0]
+        part = next((k for k, prefixes in PARTS.items() if head in prefixes), "other")
+        counts[part] = counts.get(part, 0) + p.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+@dataclass
+class BranchCost:
+    name: str
+    keys_per_query: float  # average over the queries
+    flops: float  # forward, multiply-adds counted as 2
+    activation_bytes: float  # what the forward keeps per layer (outputs and softmax statistics)
+
+
+def branch_costs(cfg: NSAConfig, seq_len: int, batch: int = 1, bytes_per_element: int = 2) -> list[BranchCost]:
+    """Forward FLOPs of attention (QK^T and PV, 4 * d per query-key pair per head) per branch."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    T, H, d, stride = seq_len, cfg.heads, cfg.dim_head, cfg.stride
+    C = T // stride
+    M = cfg.num_compressed_mem_kv
+    per_pair = 4 * d * H * batch
+    t = torch.arange(T, dtype=torch.float64)
+    if cfg.causal:
+        compressed_keys = M + (t // stride).clamp(max=C).mean().item()
+        dense_keys = (T + 1) / 2
+        window_keys = (t.clamp(max=cfg.sliding_window_size) + 1).mean().item()
+        own = (t % cfg.selection_block_size + 1).mean().item()
+    else:
+        compressed_keys = M + C
+        dense_keys = T
+        window_keys = ((t + cfg.sliding_window_size).clamp(max=T - 1) - (t - cfg.sliding_window_size).clamp(min=0) + 1).mean().item()
+        own = 0.0
+    nb = num_scored_blocks(C, stride, cfg.selection_block_size)
+    selected_keys = min(cfg.num_selected_blocks, nb) * cfg.selection_block_size + own
+    out_bytes = batch * T * H * d * bytes_per_element
+    lse_bytes = batch * T * H * 4
+    return [
+        BranchCost("compressed", compressed_keys, per_pair * T * compressed_keys, out_bytes + lse_bytes),
+        BranchCost("selected", selected_keys, per_pair * T * selected_keys, out_bytes + lse_bytes + batch * T * H * cfg.num_selected_blocks * 4),
+        BranchCost("sliding window", window_keys, per_pair * T * window_keys, out_bytes + lse_bytes),
+        BranchCost("dense attention", dense_keys, per_pair * T * dense_keys, out_bytes + lse_bytes),
+    ]
+
+
+@torch.no_grad()
+def selection_of(module: SparseAttention, inp: Tensor):
+    """Run the module up to block selection: Selection (indices/valid (b, h, n, S)) or None."""
+    module.check_input(inp)
+    x = module.norm(inp)
+    q, k, v = module.project(x)
+    ck, cv = module.compress(k, v)
+    ck_all, cv_all = module.with_memory(ck, cv)
+    _, scores = compressed_attention_reference(q, ck_all, cv_all, module.num_mem_compress_kv, module.stride, module.causal, module.scale)
+    return module.select(scores, torch.arange(inp.shape[1], device=inp.device))
+
+
+@dataclass
+class SelectionGrid:
+    """Query-block x key-block picture of one (batch, head) of the selection."""
+
+    block_size: int
+    counts: Tensor  # (QB, KB) int: how many queries of the query block selected the key block
+    own: Tensor  # (QB, KB) bool: the always-attended own block (causal)
+    window: Tensor  # (QB, KB) bool: key blocks the sliding window reaches from the query block
+    future: Tensor  # (QB, KB) bool: key blocks after the query block (causal edge)
+    selected_per_query_block: list[list[int]]  # key blocks any query of the block selected
+    sparsity: dict[str, float]  # fraction of causal (or all) query-key pairs each branch touches
+
+
+def selection_grid(module: SparseAttention, inp: Tensor, head: int = 0, batch_index: int = 0) -> SelectionGrid:
+    cfg = module.config
+    selection = selection_of(module, inp)
+    n = inp.shape[1]
+    heads_of_selection = module.kv_heads if cfg.query_heads_share_selected_kv else module.heads
+    if not 0 <= head < heads_of_selection:
+        raise ValueError(f"head must be in [0, {heads_of_selection - 1}] (heads of the selection), got {head}")
+    if not 0 <= batch_index < inp.shape[0]:
+        raise ValueError(f"batch index must be in [0, {inp.shape[0] - 1}], got {batch_index}")
+    bs = cfg.selection_block_size
+    nb = math.ceil(n / bs)
+    counts = torch.zeros(nb, nb, dtype=torch.long)
+    if selection is not None:
+        idx = selection.indices[batch_index, head].cpu()  # (n, S)
+        valid = selection.valid[batch_index, head].cpu()
+        q_block = (torch.arange(n) // bs)[:, None].expand_as(idx)
+        counts.index_put_((q_block[valid], idx[valid]), torch.ones(int(valid.sum()), dtype=torch.long), accumulate=True)
+    qb = torch.arange(nb)[:, None]
+    kb = torch.arange(nb)[None, :]
+    own = (qb == kb) & torch.tensor(cfg.causal)
+    w = cfg.sliding_window_size
+    # query block [qb*bs, qb*bs+bs-1] reaches keys down to qb*bs - w (and up to +w when not causal)
+    lo = (qb * bs - w).clamp(min=0) // bs
+    hi = qb if cfg.causal else ((qb * bs + bs - 1 + w).clamp(max=n - 1) // bs)
+    window = (kb >= lo) & (kb <= hi)
+    future = (kb > qb) & torch.tensor(cfg.causal)
+    selected = [torch.nonzero(counts[i]).flatten().tolist() for i in range(nb)]
+    # fraction of the query-key pairs dense attention would score that each branch scores
+    costs = {c.name: c.keys_per_query for c in branch_costs(cfg, n, 1)}
+    dense_pairs = costs["dense attention"] * n
+    own_pairs = float((torch.arange(n) % bs + 1).sum()) if cfg.causal else 0.0
+    sparsity = {
+        "selected": min(1.0, (float(counts.sum()) * bs + own_pairs) / dense_pairs),
+        "sliding window": costs["sliding window"] / costs["dense attention"],
+        "compressed": costs["compressed"] / costs["dense attention"],
+    }
+    return SelectionGrid(bs, counts, own, window, future, selected, sparsity)

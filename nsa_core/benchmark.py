@@ -1,0 +1,120 @@
+"""Timing NSA against dense attention in one run (the CLI's `nsa bench`).
+
+Attention mode times what happens between the projections and the output: NSA's three branches,
+the compression MLP and the gated combine with the output projection, against dense SDPA
+(flash on CUDA) followed by the same output projection. Module mode times whole modules:
+SparseAttention against a dense attention layer of the same shape. Medians after warm-up;
+peak memory of each side measured separately (CUDA only).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from nsa_core.config import NSAConfig
+from nsa_core.sparse_attention import SparseAttention
+from nsa_core.transformer import DenseAttention
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class BenchRow:
+    seq_len: int
+    nsa_ms: float
+    dense_ms: float
+    speedup: float
+    nsa_peak_gib: float | None
+    dense_peak_gib: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def median_ms(fn: Callable[[], None], device: torch.device, warmup: int = 3, reps: int = 10) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _peak_gib(fn: Callable[[], None], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def _step(fn: Callable[[], torch.Tensor], backward: bool, grad_inputs: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        out = fn()
+        if backward:
+            out.backward(torch.ones_like(out) * 1e-3)
+            for t in grad_inputs:
+                t.grad = None
+
+    return run
+
+
+def benchmark(cfg: NSAConfig, seq_lens: list[int], *, batch: int = 1, dtype: str = "bf16", backward: bool = True,
+              module_mode: bool = False, device: str = "cuda", on_row: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("no CUDA device here: benchmarks need one (or --device cpu for a small CPU comparison)")
+    for n in seq_lens:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"sequence lengths must be positive ints, got {n!r}")
+    dev, dt = torch.device(device), DTYPES[dtype]
+    torch.manual_seed(0)
+    nsa = SparseAttention.from_config(cfg).to(dev, dt)
+    dense = DenseAttention(cfg.dim, cfg.dim_head, cfg.heads, cfg.causal, cfg.num_kv_heads).to(dev, dt)
+    rows = []
+    for n in seq_lens:
+        x = torch.randn(batch, n, cfg.dim, device=dev, dtype=dt, requires_grad=backward)
+        if module_mode:
+            nsa_fn = _step(lambda: nsa(x), backward, [x])
+            dense_fn = _step(lambda: dense(x), backward, [x])
+        else:
+            with torch.no_grad():
+                xn = nsa.norm(x)
+                q, k, v = (t.detach().contiguous().requires_grad_(backward) for t in nsa.project(xn))
+                xn = xn.detach().requires_grad_(backward)
+            group = cfg.group_size
+
+            def dense_core() -> torch.Tensor:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal, enable_gqa=group > 1)
+                return nsa.combine_heads(o.transpose(1, 2).flatten(-2))
+
+            nsa_fn = _step(lambda: nsa.attend(xn, q, k, v), backward, [xn, q, k, v])
+            dense_fn = _step(dense_core, backward, [xn, q, k, v])
+        if dev.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                dense_ms, dense_peak = median_ms(dense_fn, dev), _peak_gib(dense_fn, dev)
+        else:
+            dense_ms, dense_peak = median_ms(dense_fn, dev), None
+        nsa_ms, nsa_peak = median_ms(nsa_fn, dev), _peak_gib(nsa_fn, dev)
+        row = BenchRow(n, nsa_ms, dense_ms, dense_ms / nsa_ms, nsa_peak, dense_peak)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows

@@ -1,0 +1,154 @@
+"""Health checks of a SparseAttention configuration (the CLI's `nsa check`).
+
+Each check returns a CheckResult with a measured figure; none prints.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from nsa_core.config import NSAConfig
+from nsa_core.ops.backend import kernel_unavailable_reason
+from nsa_core.sparse_attention import SparseAttention
+
+
+@dataclass
+class CheckResult:
+    name: str
+    passed: bool
+    value: str  # the measured figure, human readable
+    skipped: bool = False
+    detail: str = ""
+    figures: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def randomize_parameters(module: torch.nn.Module, seed: int, std: float = 0.1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * std).to(p.dtype))
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
+
+
+def tiny_copy(cfg: NSAConfig) -> NSAConfig:
+    """Same flags, small sizes: what gradcheck can afford. Straight-through gates are left out
+    (their gradient is by design not the derivative of the forward)."""
+    small = max(cfg.compress_block_size, cfg.selection_block_size, cfg.sliding_window_size) <= 8
+    kwargs = {}
+    if not small:
+        overlap = cfg.compress_block_size > cfg.stride
+        stride = 2 if overlap else 4
+        kwargs = dict(compress_block_size=4, compress_block_sliding_stride=stride,
+                      selection_block_size=4 if cfg.selection_block_size >= cfg.stride else 2,
+                      sliding_window_size=min(cfg.sliding_window_size, 4))
+    return cfg.replace(dim=8, dim_head=4, heads=2, kv_heads=1 if cfg.group_size > 1 else 2,
+                       num_selected_blocks=min(cfg.num_selected_blocks, 2), use_diff_topk=False,
+                       compress_mlp_expand_factor=1.0, backend="torch", **kwargs)
+
+
+def run_checks(cfg: NSAConfig, seq_len: int, batch: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> list[CheckResult]:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but CUDA is not available here; use --device cpu")
+    torch.manual_seed(seed)
+    module = SparseAttention.from_config(cfg.replace(backend="torch"))
+    randomize_parameters(module, seed)
+    module = module.to(device=device, dtype=dtype)
+    tol = tolerance_for(dtype)
+    x = torch.randn(batch, seq_len, cfg.dim, device=device, dtype=dtype, requires_grad=True)
+    results = []
+
+    out = module(x)
+    shape_ok = tuple(out.shape) == tuple(x.shape)
+    results.append(CheckResult("output shape", shape_ok, f"{tuple(out.shape)}", figures={"shape": list(out.shape)}))
+    finite = bool(torch.isfinite(out).all())
+    results.append(CheckResult("finite values", finite, "all finite" if finite else "NaN/inf found"))
+
+    out.backward(torch.randn_like(out))
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    input_ok = x.grad is not None and bool(torch.isfinite(x.grad).all())
+    trainable = sum(1 for p in module.parameters() if p.requires_grad)
+    results.append(CheckResult(
+        "gradients reach input and parameters", input_ok and not missing,
+        f"{trainable - len(missing)}/{trainable} parameters" + ("" if input_ok else ", input has none"),
+        detail=", ".join(missing[:5]), figures={"missing": missing},
+    ))
+
+    with torch.no_grad():
+        if cfg.causal and seq_len > 1:
+            cut = seq_len // 2
+            changed = x.detach().clone()
+            changed[:, cut:] = torch.randn_like(changed[:, cut:])
+            leak = (module(changed)[:, :cut] - module(x.detach())[:, :cut]).abs().max().item()
+            results.append(CheckResult("no future leakage", leak == 0.0, f"max change {leak:.1e} before t={cut}", figures={"max_change": leak}))
+        else:
+            reason = "needs causal=True" if not cfg.causal else "needs seq_len > 1"
+            results.append(CheckResult("no future leakage", True, "skipped", skipped=True, detail=reason))
+
+        if cfg.causal:
+            parallel = module(x.detach())
+            prefill = max(1, seq_len // 3)
+            step, cache = module(x.detach()[:, :prefill], return_cache=True)
+            outs = [step]
+            for t in range(prefill, seq_len):
+                step, cache = module(x.detach()[:, t : t + 1], cache=cache, return_cache=True)
+                outs.append(step)
+            err = (torch.cat(outs, dim=1) - parallel).abs().max().item()
+            limit = tol * max(1.0, parallel.abs().max().item())
+            results.append(CheckResult("cached decoding equals parallel", err <= limit, f"max abs error {err:.1e}", figures={"max_abs_error": err}))
+        else:
+            results.append(CheckResult("cached decoding equals parallel", True, "skipped", skipped=True, detail="needs causal=True"))
+
+    results.append(_kernel_check(module, x.detach(), tol))
+    results.append(_gradcheck(cfg, seed))
+    return results
+
+
+def _kernel_check(module: SparseAttention, x: torch.Tensor, tol: float) -> CheckResult:
+    reason = kernel_unavailable_reason(x.device)
+    if reason is not None:
+        return CheckResult("kernel path equals reference", True, "skipped", skipped=True, detail=reason)
+    kernel_module = copy.deepcopy(module)
+    kernel_module.config = module.config.replace(backend="triton")
+    try:
+        xr, xk = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ref, ker = module(xr), kernel_module(xk)
+    except ValueError as err:  # a configuration the kernels do not support
+        return CheckResult("kernel path equals reference", True, "skipped", skipped=True, detail=str(err))
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    ker.backward(grad)
+    err_out, err_grad = _max_rel(ker, ref), _max_rel(xk.grad, xr.grad)
+    passed = err_out <= 10 * tol and err_grad <= 10 * tol
+    return CheckResult("kernel path equals reference", passed, f"rel error out {err_out:.1e}, grad {err_grad:.1e}",
+                       figures={"output_rel_error": err_out, "grad_rel_error": err_grad})
+
+
+def _gradcheck(cfg: NSAConfig, seed: int) -> CheckResult:
+    tiny_cfg = tiny_copy(cfg)
+    tiny = SparseAttention.from_config(tiny_cfg).double()
+    randomize_parameters(tiny, seed, std=0.3)
+    n = min(2 * max(tiny_cfg.selection_block_size, tiny_cfg.compress_block_size) + 3, 19)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, tiny_cfg.dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    try:
+        ok = torch.autograd.gradcheck(tiny, (x,), eps=1e-6, atol=1e-5, rtol=1e-4, raise_exception=True)
+        return CheckResult("gradcheck (tiny float64 copy)", bool(ok), f"passed on (1, {n}, {tiny_cfg.dim})")
+    except RuntimeError as err:
+        return CheckResult("gradcheck (tiny float64 copy)", False, "mismatch", detail=str(err).splitlines()[0])
