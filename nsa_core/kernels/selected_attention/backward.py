@@ -1,0 +1,192 @@
+"""Backward kernels of selected-block attention, without atomics.
+
+- dQ (and the gate gradients): the forward's layout, one program per query token and head set,
+  re-walking its selected blocks.
+- dK/dV: one program per key block and kv head, walking the (query, head set) entries that
+  selected the block, found through a CSR index (entries sorted by key block, built in
+  launch.py), then the queries of the block itself (the causal own block). Each dK/dV element
+  is written by exactly one program: deterministic.
+
+Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_key_block(p_k, p_v, stride_kt, stride_vt, blk, T,
+                    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    D: tl.constexpr, DV: tl.constexpr):
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    o_key = blk * BLOCK + o_n
+    m_key = (o_n < BLOCK) & (o_key < T)
+    b_k = tl.load(p_k + o_key[:, None] * stride_kt + o_d[None, :], mask=m_key[:, None] & (o_d[None, :] < D), other=0.0)
+    b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)
+    return o_key, m_key, b_k, b_v
+
+
+@triton.jit
+def selected_attention_bwd_dq_kernel(
+    q, k, v, do, lse, delta, idx, gates, dq, dgates,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    T, HI, scale,
+    S: tl.constexpr, SLOTS: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HI
+    i_hs = i_bh % HI
+    i_hq0 = i_hs * ROWS
+    i_hk = i_hq0 // G
+    o_r = tl.arange(0, ROWS_P)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_r = o_r < ROWS
+    # q, do and dq share q's layout (launch.py makes them contiguous alike)
+    p_rows = i_b * stride_qb + (i_hq0 + o_r)[:, None] * stride_qh + i_t * stride_qt
+    b_q = tl.load(q + p_rows + o_d[None, :], mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)  # [ROWS_P, BLOCK_D]
+    p_do_rows = i_b * (HI * ROWS * T * DV) + (i_hq0 + o_r)[:, None] * (T * DV) + i_t * DV
+    b_do = tl.load(do + p_do_rows + o_dv[None, :], mask=m_r[:, None] & (o_dv[None, :] < DV), other=0.0)  # [ROWS_P, BLOCK_DV]
+    p_stat = (i_b * (HI * ROWS) + i_hq0 + o_r) * T + i_t
+    b_lse = tl.load(lse + p_stat, mask=m_r, other=float("inf"))
+    b_delta = tl.load(delta + p_stat, mask=m_r, other=0.0)
+    p_k = k + i_b * stride_kb + i_hk * stride_kh
+    p_v = v + i_b * stride_vb + i_hk * stride_vh
+    b_dq = tl.zeros([ROWS_P, BLOCK_D], dtype=tl.float32)
+
+    p_sel = (i_bh * T + i_t) * S
+    for i_s in range(SLOTS):  # S selected slots, then the own block when causal
+        if i_s < S:
+            blk = tl.load(idx + p_sel + i_s)
+        else:
+            blk = i_t // BLOCK  # the own block
+        if blk >= 0:
+            gate = 1.0
+            if HAS_GATES:
+                if i_s < S:
+                    gate = tl.load(gates + p_sel + i_s).to(tl.float32)
+            o_key, m_key, b_k, b_v = _load_key_block(p_k, p_v, stride_kt, stride_vt, blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV)
+            if CAUSAL:
+                m_key = m_key & (o_key <= i_t)
+            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [ROWS_P, BLOCK_N]
+            b_p = tl.where(m_key[None, :], tl.exp(b_qk * (scale * gate) - b_lse[:, None]), 0.0)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [ROWS_P, BLOCK_N]
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION) * (scale * gate)
+            if HAS_GATES:
+                if i_s < S:
+                    tl.store(dgates + p_sel + i_s, tl.sum(tl.sum(b_ds * b_qk, axis=1), axis=0) * scale)
+        else:
+            if HAS_GATES:
+                tl.store(dgates + p_sel + i_s, 0.0)
+    tl.store(dq + p_rows + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & (o_d[None, :] < D))
+
+
+@triton.jit
+def _accumulate_dkdv(
+    b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
+    p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    b_q = tl.load(q + p_qrow[:, None] + o_d[None, :], mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [M, BLOCK_D]
+    b_do = tl.load(do + p_dorow[:, None] + o_dv[None, :], mask=m_row[:, None] & (o_dv[None, :] < DV), other=0.0)  # [M, BLOCK_DV]
+    b_lse = tl.load(lse + p_stat, mask=m_row, other=float("inf"))
+    b_delta = tl.load(delta + p_stat, mask=m_row, other=0.0)
+    m = m_row[:, None] & m_key[None, :]
+    if CAUSAL:
+        m = m & (o_key[None, :] <= o_t[:, None])
+    b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [M, BLOCK_N]
+    b_p = tl.where(m, tl.exp(b_qk * (scale * b_gate)[:, None] - b_lse[:, None]), 0.0)
+    b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DV]
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [M, BLOCK_N]
+    b_ds = b_p * (b_dp - b_delta[:, None]) * (scale * b_gate)[:, None]
+    b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+    return b_dk, b_dv
+
+
+@triton.jit
+def selected_attention_bwd_dkdv_kernel(
+    q, k, v, do, lse, delta, entries, offsets, gates, dk, dv,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    T, HI, HKV, NB, scale,
+    S: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, G_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_blk = tl.program_id(0)
+    i_bk = tl.program_id(1)  # over (batch, kv head)
+    i_b = i_bk // HKV
+    i_hk = i_bk % HKV
+    HQ = HI * ROWS
+    p_k = k + i_b * stride_kb + i_hk * stride_kh
+    p_v = v + i_b * stride_vb + i_hk * stride_vh
+    o_key, m_key, b_k, b_v = _load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    o_m = tl.arange(0, BLOCK_M)
+
+    # 1. the (query, head set, slot) entries that selected this block
+    ENTRIES_PER_STEP: tl.constexpr = BLOCK_M // ROWS_P
+    seg = i_bk * NB + i_blk
+    o_two = tl.arange(0, 2)
+    b_bounds = tl.load(offsets + seg + o_two)  # [2]: this block's segment of entries
+    start = tl.sum(tl.where(o_two == 0, b_bounds, 0))
+    end = tl.sum(tl.where(o_two == 1, b_bounds, 0))
+    o_e = o_m // ROWS_P
+    o_g = o_m % ROWS_P
+    pos = start
+    while pos < end:  # a while loop: its trip count is data (and the interpreter takes it)
+        m_row = (pos + o_e < end) & (o_g < ROWS)
+        lin = tl.load(entries + pos + o_e, mask=m_row, other=0)  # index into (B, HI, T, S)
+        o_t = (lin // S) % T
+        o_hs = (lin // (S * T)) % HI
+        o_hq = o_hs * ROWS + o_g
+        p_qrow = i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt
+        p_dorow = i_b * (HQ * T * DV) + o_hq * (T * DV) + o_t * DV
+        p_stat = (i_b * HQ + o_hq) * T + o_t
+        b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        if HAS_GATES:
+            b_gate = tl.load(gates + lin, mask=m_row, other=0.0).to(tl.float32)
+        b_dk, b_dv = _accumulate_dkdv(b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
+                                      p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
+                                      BLOCK_D, BLOCK_DV, D, DV, CAUSAL, PRECISION)
+        pos += ENTRIES_PER_STEP
+
+    # 2. the queries of the block itself, all G query heads of this kv head (causal own block)
+    if CAUSAL:
+        TOKENS_PER_STEP: tl.constexpr = BLOCK_M // G_P
+        o_tt = o_m // G_P
+        o_gg = o_m % G_P
+        first = i_blk * BLOCK
+        for step in range(0, BLOCK, TOKENS_PER_STEP):
+            o_t = first + step + o_tt
+            m_row = (step + o_tt < BLOCK) & (o_t < T) & (o_gg < G)
+            o_hq = i_hk * G + o_gg
+            p_qrow = i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt
+            p_dorow = i_b * (HQ * T * DV) + o_hq * (T * DV) + o_t * DV
+            p_stat = (i_b * HQ + o_hq) * T + o_t
+            b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+            b_dk, b_dv = _accumulate_dkdv(b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
+                                          p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
+                                          BLOCK_D, BLOCK_DV, D, DV, CAUSAL, PRECISION)
+
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    p_dk = dk + ((i_b * HKV + i_hk) * T + o_key[:, None]) * D + o_d[None, :]
+    p_dv = dv + ((i_b * HKV + i_hk) * T + o_key[:, None]) * DV + o_dv[None, :]
+    tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_key[:, None] & (o_d[None, :] < D))
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_key[:, None] & (o_dv[None, :] < DV))

@@ -1,0 +1,92 @@
+"""Forward kernel of selected-block attention, group-centric.
+
+One program = one query token t and one set of ROWS query heads that share a selection (the G
+heads of a kv group when heads share the selection, else one head), padded to ROWS_P >= 16 rows
+so the tensor cores get a full tile. Each selected key block is loaded once for all those heads.
+
+Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_block(
+    b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, blk, gate, t, T, scale,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    o_key = blk * BLOCK + o_n  # [BLOCK_N]
+    m_key = (o_n < BLOCK) & (o_key < T)
+    if CAUSAL:
+        m_key = m_key & (o_key <= t)
+    b_k = tl.load(p_k + o_key[:, None] * stride_kt + o_d[None, :], mask=m_key[:, None] & (o_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+    b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * (scale * gate)  # [ROWS_P, BLOCK_N]
+    b_s = tl.where(m_key[None, :], b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))  # [ROWS_P]
+    b_base = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_p = tl.exp(b_s - b_base[:, None])
+    b_alpha = tl.exp(b_m - b_base)
+    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
+def selected_attention_fwd_kernel(
+    q, k, v, idx, gates, o, lse,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    T, HI, scale,
+    S: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)  # over (batch, selection head)
+    i_b = i_bh // HI
+    i_hs = i_bh % HI
+    i_hq0 = i_hs * ROWS  # first query head of this program
+    i_hk = i_hq0 // G
+    o_r = tl.arange(0, ROWS_P)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_r = o_r < ROWS
+
+    p_q = q + i_b * stride_qb + (i_hq0 + o_r)[:, None] * stride_qh + i_t * stride_qt + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)  # [ROWS_P, BLOCK_D]
+    p_k = k + i_b * stride_kb + i_hk * stride_kh
+    p_v = v + i_b * stride_vb + i_hk * stride_vh
+
+    b_m = tl.full([ROWS_P], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([ROWS_P], dtype=tl.float32)
+    b_acc = tl.zeros([ROWS_P, BLOCK_DV], dtype=tl.float32)
+
+    p_sel = (i_bh * T + i_t) * S  # row of idx / gates, both (B, HI, T, S) contiguous
+    for i_s in range(S):
+        blk = tl.load(idx + p_sel + i_s)
+        if blk >= 0:
+            gate = 1.0
+            if HAS_GATES:
+                gate = tl.load(gates + p_sel + i_s).to(tl.float32)
+            b_m, b_l, b_acc = _attend_block(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, blk, gate, i_t, T, scale,
+                                            BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, CAUSAL, PRECISION)
+    if CAUSAL:
+        b_m, b_l, b_acc = _attend_block(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, i_t // BLOCK, 1.0, i_t, T, scale,
+                                        BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, CAUSAL, PRECISION)
+
+    b_has = b_l > 0
+    b_out = b_acc / tl.where(b_has, b_l, 1.0)[:, None]
+    b_lse = tl.where(b_has, b_m + tl.log(tl.where(b_has, b_l, 1.0)), float("inf"))
+    p_o = o + i_b * stride_ob + (i_hq0 + o_r)[:, None] * stride_oh + i_t * stride_ot + o_dv[None, :]
+    tl.store(p_o, b_out.to(o.dtype.element_ty), mask=m_r[:, None] & (o_dv[None, :] < DV))
+    p_lse = lse + (i_b * (HI * ROWS) + i_hq0 + o_r) * T + i_t  # lse (B, HQ, T) contiguous
+    tl.store(p_lse, b_lse, mask=m_r)

@@ -1,0 +1,136 @@
+"""Launchers of the selected-attention kernels: checks what the kernels support, allocates
+outputs, picks tiles and grids, builds the CSR index of the dK/dV pass. No host syncs.
+
+Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, HI heads of the selection
+(HKV: shared by a group, or HQ), T sequence, S slots, D / DV head dims, NB key blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from nsa_core.kernels.selected_attention.backward import (
+    selected_attention_bwd_dkdv_kernel,
+    selected_attention_bwd_dq_kernel,
+)
+from nsa_core.kernels.selected_attention.forward import selected_attention_fwd_kernel
+
+MAX_HEAD_DIM = 256
+MAX_BLOCK_SIZE = 128
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> str | None:
+    if q.dtype not in KERNEL_DTYPES:
+        return f"kernels take float16, bfloat16 or float32, got {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return f"kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
+    if block_size > MAX_BLOCK_SIZE:
+        return f"kernels take block_size up to {MAX_BLOCK_SIZE}, got {block_size}"
+    return None
+
+
+def new_output(*shape, device, dtype) -> torch.Tensor:
+    """Every kernel output is allocated here (tests poison it with NaN to catch unwritten elements)."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _tiles(q: torch.Tensor, v: torch.Tensor, block_size: int) -> dict:
+    return dict(BLOCK=block_size, BLOCK_N=_pow2(block_size, 16), D=q.shape[-1], DV=v.shape[-1],
+                BLOCK_D=_pow2(q.shape[-1], 16), BLOCK_DV=_pow2(v.shape[-1], 16), PRECISION=_precision(q.dtype))
+
+
+def _rows(HQ: int, HKV: int, HI: int) -> tuple[int, int]:
+    """Query heads per program row set: the group when heads share the selection, else one."""
+    rows = HQ // HKV if HI == HKV else 1
+    return rows, _pow2(rows, 16)
+
+
+def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float):
+    """q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, DV), idx (B, HI, T, S) int32 with -1 for
+    invalid slots, gates (B, HI, T, S) or None -> o (B, HQ, T, DV), lse (B, HQ, T) float32."""
+    B, HQ, T, _ = q.shape
+    HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
+    rows, rows_p = _rows(HQ, HKV, HI)
+    o = new_output(B, HQ, T, v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = new_output(B, HQ, T, device=q.device, dtype=torch.float32)
+    tiles = _tiles(q, v, block_size)
+    grid = (T, B * HI)
+    selected_attention_fwd_kernel[grid](
+        q, k, v, idx, gates if gates is not None else idx, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        T, HI, scale,
+        S=S, G=HQ // HKV, ROWS=rows, ROWS_P=rows_p, CAUSAL=causal, HAS_GATES=gates is not None,
+        num_warps=4 if tiles["BLOCK_D"] <= 128 else 8, num_stages=2, **tiles,
+    )
+    return o, lse
+
+
+def build_csr(idx: torch.Tensor, num_kv_heads: int, num_blocks: int, rows: int):
+    """Entries of idx (B, HI, T, S) grouped by (batch, kv head, key block): (entries, offsets).
+
+    entries: linear indices into idx, sorted by group (stable); offsets (B * HKV * NB + 1,):
+    group g's entries are entries[offsets[g]:offsets[g + 1]]. Invalid slots (-1) are dropped
+    to a sentinel group past the end."""
+    B, HI, T, S = idx.shape
+    group_size = HI * rows // num_kv_heads
+    head_of = torch.arange(HI, device=idx.device) * rows // group_size  # selection head -> its kv head
+    batch = torch.arange(B, device=idx.device).view(B, 1, 1, 1)
+    group = (batch * num_kv_heads + head_of.view(1, HI, 1, 1)) * num_blocks + idx.long()
+    num_groups = B * num_kv_heads * num_blocks
+    group = torch.where(idx >= 0, group, torch.full_like(group, num_groups)).flatten()
+    order = torch.sort(group, stable=True).indices
+    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=idx.device).scatter_add_(0, group, torch.ones_like(group))
+    offsets = torch.zeros(num_groups + 1, dtype=torch.int64, device=idx.device)
+    offsets[1:] = torch.cumsum(counts[:-1], 0)
+    index_dtype = torch.int32 if idx.numel() < 2**31 else torch.int64
+    return order.to(index_dtype), offsets.to(index_dtype)
+
+
+def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, causal: bool, scale: float):
+    """Gradients (dq, dk, dv, dgates or None) of selected_attention_fwd."""
+    B, HQ, T, D = q.shape
+    HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
+    G = HQ // HKV
+    rows, rows_p = _rows(HQ, HKV, HI)
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1)  # (B, HQ, T)
+    dq = new_output(*q.shape, device=q.device, dtype=q.dtype)
+    dgates = new_output(*idx.shape, device=q.device, dtype=torch.float32) if gates is not None else None
+    tiles = _tiles(q, v, block_size)
+    warps = 4 if tiles["BLOCK_D"] <= 128 else 8
+    selected_attention_bwd_dq_kernel[(T, B * HI)](
+        q, k, v, do, lse, delta, idx, gates if gates is not None else idx, dq, dgates if dgates is not None else lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        T, HI, scale,
+        S=S, SLOTS=S + int(causal), G=G, ROWS=rows, ROWS_P=rows_p, CAUSAL=causal, HAS_GATES=gates is not None,
+        num_warps=warps, num_stages=2, **tiles,
+    )
+    num_blocks = math.ceil(T / block_size)
+    entries, offsets = build_csr(idx, HKV, num_blocks, rows)
+    dk = new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
+    dv = new_output(B, HKV, T, v.shape[-1], device=q.device, dtype=v.dtype)
+    entry_rows = _pow2(rows)
+    block_m = max(64, entry_rows, _pow2(G))
+    selected_attention_bwd_dkdv_kernel[(num_blocks, B * HKV)](
+        q, k, v, do, lse, delta, entries, offsets, gates if gates is not None else lse, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        T, HI, HKV, num_blocks, scale,
+        S=S, G=G, ROWS=rows, ROWS_P=entry_rows, G_P=_pow2(G), BLOCK_M=block_m, CAUSAL=causal,
+        HAS_GATES=gates is not None, num_warps=warps, num_stages=2, **tiles,
+    )
+    return dq, dk, dv, dgates
