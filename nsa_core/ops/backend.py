@@ -6,7 +6,6 @@ Nothing here imports triton at module import time.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -15,9 +14,14 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_INSTALLED: bool | None = None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    global _TRITON_INSTALLED
+    if _TRITON_INSTALLED is None:
+        _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:

@@ -13,6 +13,8 @@ Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in th
 import triton
 import triton.language as tl
 
+from nsa_core.kernels.selected_attention.forward import own_block_keys, slot_keys
+
 
 @triton.jit
 def _load_key_block(p_k, p_v, stride_kt, stride_vt, blk, T,
@@ -29,13 +31,30 @@ def _load_key_block(p_k, p_v, stride_kt, stride_vt, blk, T,
 
 
 @triton.jit
+def _dq_keys(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate, scale,
+             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr):
+    """dq contribution of one key tile; also returns sum_rows(ds * qk) per key column (for dgates)."""
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    b_k = tl.load(p_k + o_key[:, None] * stride_kt + o_d[None, :], mask=m_key[:, None] & (o_d[None, :] < D), other=0.0)
+    b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)
+    b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [ROWS_P, N]
+    b_p = tl.where(m_key[None, :], tl.exp(b_qk * (scale * b_gate)[None, :] - b_lse[:, None]), 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [ROWS_P, N]
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dq += tl.dot((b_ds * (scale * b_gate)[None, :]).to(b_k.dtype), b_k, input_precision=PRECISION)
+    b_dgate_col = tl.sum(b_ds * b_qk, axis=0) * scale  # [N]
+    return b_dq, b_dgate_col
+
+
+@triton.jit
 def selected_attention_bwd_dq_kernel(
     q, k, v, do, lse, delta, idx, gates, dq, dgates,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     T, HI, scale,
-    S: tl.constexpr, SLOTS: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr,
+    S: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -50,7 +69,7 @@ def selected_attention_bwd_dq_kernel(
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_r = o_r < ROWS
-    # q, do and dq share q's layout (launch.py makes them contiguous alike)
+    # q and dq share q's layout; do is contiguous (B, HQ, T, DV); lse, delta (B, HQ, T)
     p_rows = i_b * stride_qb + (i_hq0 + o_r)[:, None] * stride_qh + i_t * stride_qt
     b_q = tl.load(q + p_rows + o_d[None, :], mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)  # [ROWS_P, BLOCK_D]
     p_do_rows = i_b * (HI * ROWS * T * DV) + (i_hq0 + o_r)[:, None] * (T * DV) + i_t * DV
@@ -63,30 +82,18 @@ def selected_attention_bwd_dq_kernel(
     b_dq = tl.zeros([ROWS_P, BLOCK_D], dtype=tl.float32)
 
     p_sel = (i_bh * T + i_t) * S
-    for i_s in range(SLOTS):  # S selected slots, then the own block when causal
-        if i_s < S:
-            blk = tl.load(idx + p_sel + i_s)
-        else:
-            blk = i_t // BLOCK  # the own block
-        if blk >= 0:
-            gate = 1.0
-            if HAS_GATES:
-                if i_s < S:
-                    gate = tl.load(gates + p_sel + i_s).to(tl.float32)
-            o_key, m_key, b_k, b_v = _load_key_block(p_k, p_v, stride_kt, stride_vt, blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV)
-            if CAUSAL:
-                m_key = m_key & (o_key <= i_t)
-            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [ROWS_P, BLOCK_N]
-            b_p = tl.where(m_key[None, :], tl.exp(b_qk * (scale * gate) - b_lse[:, None]), 0.0)
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [ROWS_P, BLOCK_N]
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION) * (scale * gate)
-            if HAS_GATES:
-                if i_s < S:
-                    tl.store(dgates + p_sel + i_s, tl.sum(tl.sum(b_ds * b_qk, axis=1), axis=0) * scale)
-        else:
-            if HAS_GATES:
-                tl.store(dgates + p_sel + i_s, 0.0)
+    for step in range(0, S, SLOTS_PER_STEP):
+        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, i_t, T, S, SLOTS_PER_STEP, BLOCK, BLOCK_N, CAUSAL, HAS_GATES)
+        b_dq, b_dgate_col = _dq_keys(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate,
+                                     scale, BLOCK_D, BLOCK_DV, D, DV, PRECISION)
+        if HAS_GATES:
+            b_dgate = tl.sum(tl.reshape(b_dgate_col, (SLOTS_PER_STEP, BLOCK_N)), axis=1)  # [SLOTS_PER_STEP]
+            o_slot = step + tl.arange(0, SLOTS_PER_STEP)
+            tl.store(dgates + p_sel + o_slot, b_dgate, mask=o_slot < S)
+    if CAUSAL:
+        o_key, m_key, b_gate = own_block_keys(i_t, T, BLOCK, BLOCK_N)
+        b_dq, _ = _dq_keys(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate,
+                           scale, BLOCK_D, BLOCK_DV, D, DV, PRECISION)
     tl.store(dq + p_rows + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & (o_d[None, :] < D))
 
 

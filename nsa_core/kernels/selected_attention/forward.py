@@ -3,6 +3,8 @@
 One program = one query token t and one set of ROWS query heads that share a selection (the G
 heads of a kv group when heads share the selection, else one head), padded to ROWS_P >= 16 rows
 so the tensor cores get a full tile. Each selected key block is loaded once for all those heads.
+SLOTS_PER_STEP selected blocks are gathered into one key tile per step (fewer, larger steps);
+the own block (causal) comes last.
 
 Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
 """
@@ -12,21 +14,41 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_block(
-    b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, blk, gate, t, T, scale,
-    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-):
-    o_n = tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    o_key = blk * BLOCK + o_n  # [BLOCK_N]
-    m_key = (o_n < BLOCK) & (o_key < T)
+def slot_keys(idx, gates, p_sel, step, t, T,
+              S: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr):
+    """Key positions, mask and logit gate of the tile holding slots step ... step + SLOTS_PER_STEP - 1."""
+    o_n = tl.arange(0, SLOTS_PER_STEP * BLOCK_N)
+    o_slot = step + o_n // BLOCK_N
+    o_in = o_n % BLOCK_N
+    m_slot = o_slot < S
+    b_blk = tl.load(idx + p_sel + o_slot, mask=m_slot, other=-1)  # [N]: the block of each column
+    o_key = b_blk * BLOCK + o_in
+    m_key = m_slot & (b_blk >= 0) & (o_in < BLOCK) & (o_key < T)
     if CAUSAL:
         m_key = m_key & (o_key <= t)
-    b_k = tl.load(p_k + o_key[:, None] * stride_kt + o_d[None, :], mask=m_key[:, None] & (o_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
-    b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * (scale * gate)  # [ROWS_P, BLOCK_N]
+    b_gate = tl.full([SLOTS_PER_STEP * BLOCK_N], 1.0, dtype=tl.float32)
+    if HAS_GATES:
+        b_gate = tl.load(gates + p_sel + o_slot, mask=m_slot, other=0.0).to(tl.float32)
+    return o_key, m_key, b_gate
+
+
+@triton.jit
+def own_block_keys(t, T, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    o_in = tl.arange(0, BLOCK_N)
+    o_key = (t // BLOCK) * BLOCK + o_in
+    m_key = (o_in < BLOCK) & (o_key <= t) & (o_key < T)
+    return o_key, m_key, tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+
+
+@triton.jit
+def _attend_keys(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate, scale,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr):
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    b_k = tl.load(p_k + o_key[:, None] * stride_kt + o_d[None, :], mask=m_key[:, None] & (o_d[None, :] < D), other=0.0)  # [N, BLOCK_D]
+    b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)  # [N, BLOCK_DV]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * (scale * b_gate)[None, :]  # [ROWS_P, N]
     b_s = tl.where(m_key[None, :], b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))  # [ROWS_P]
     b_base = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -45,7 +67,7 @@ def selected_attention_fwd_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     T, HI, scale,
-    S: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr,
+    S: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -71,17 +93,14 @@ def selected_attention_fwd_kernel(
     b_acc = tl.zeros([ROWS_P, BLOCK_DV], dtype=tl.float32)
 
     p_sel = (i_bh * T + i_t) * S  # row of idx / gates, both (B, HI, T, S) contiguous
-    for i_s in range(S):
-        blk = tl.load(idx + p_sel + i_s)
-        if blk >= 0:
-            gate = 1.0
-            if HAS_GATES:
-                gate = tl.load(gates + p_sel + i_s).to(tl.float32)
-            b_m, b_l, b_acc = _attend_block(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, blk, gate, i_t, T, scale,
-                                            BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, CAUSAL, PRECISION)
+    for step in range(0, S, SLOTS_PER_STEP):
+        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, i_t, T, S, SLOTS_PER_STEP, BLOCK, BLOCK_N, CAUSAL, HAS_GATES)
+        b_m, b_l, b_acc = _attend_keys(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate, scale,
+                                       BLOCK_D, BLOCK_DV, D, DV, PRECISION)
     if CAUSAL:
-        b_m, b_l, b_acc = _attend_block(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, i_t // BLOCK, 1.0, i_t, T, scale,
-                                        BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, CAUSAL, PRECISION)
+        o_key, m_key, b_gate = own_block_keys(i_t, T, BLOCK, BLOCK_N)
+        b_m, b_l, b_acc = _attend_keys(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate, scale,
+                                       BLOCK_D, BLOCK_DV, D, DV, PRECISION)
 
     b_has = b_l > 0
     b_out = b_acc / tl.where(b_has, b_l, 1.0)[:, None]

@@ -51,13 +51,21 @@ def _tiles(q: torch.Tensor, v: torch.Tensor, block_size: int) -> dict:
                 BLOCK_D=_pow2(q.shape[-1], 16), BLOCK_DV=_pow2(v.shape[-1], 16), PRECISION=_precision(q.dtype))
 
 
+def _slots_per_step(S: int, block_n: int, override: int | None) -> int:
+    """Selected blocks gathered into one key tile: tiles of about 128 keys."""
+    if override is not None:
+        return override
+    return max(1, min(_pow2(S), 128 // block_n))
+
+
 def _rows(HQ: int, HKV: int, HI: int) -> tuple[int, int]:
     """Query heads per program row set: the group when heads share the selection, else one."""
     rows = HQ // HKV if HI == HKV else 1
     return rows, _pow2(rows, 16)
 
 
-def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float):
+def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float,
+                           slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2):
     """q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, DV), idx (B, HI, T, S) int32 with -1 for
     invalid slots, gates (B, HI, T, S) or None -> o (B, HQ, T, DV), lse (B, HQ, T) float32."""
     B, HQ, T, _ = q.shape
@@ -72,8 +80,9 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         T, HI, scale,
-        S=S, G=HQ // HKV, ROWS=rows, ROWS_P=rows_p, CAUSAL=causal, HAS_GATES=gates is not None,
-        num_warps=4 if tiles["BLOCK_D"] <= 128 else 8, num_stages=2, **tiles,
+        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
+        CAUSAL=causal, HAS_GATES=gates is not None,
+        num_warps=num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8), num_stages=num_stages, **tiles,
     )
     return o, lse
 
@@ -99,7 +108,9 @@ def build_csr(idx: torch.Tensor, num_kv_heads: int, num_blocks: int, rows: int):
     return order.to(index_dtype), offsets.to(index_dtype)
 
 
-def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, causal: bool, scale: float):
+def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, causal: bool, scale: float,
+                           slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+                           dkdv_block_m: int | None = None):
     """Gradients (dq, dk, dv, dgates or None) of selected_attention_fwd."""
     B, HQ, T, D = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
@@ -110,27 +121,27 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     dq = new_output(*q.shape, device=q.device, dtype=q.dtype)
     dgates = new_output(*idx.shape, device=q.device, dtype=torch.float32) if gates is not None else None
     tiles = _tiles(q, v, block_size)
-    warps = 4 if tiles["BLOCK_D"] <= 128 else 8
+    warps = num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8)
     selected_attention_bwd_dq_kernel[(T, B * HI)](
         q, k, v, do, lse, delta, idx, gates if gates is not None else idx, dq, dgates if dgates is not None else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         T, HI, scale,
-        S=S, SLOTS=S + int(causal), G=G, ROWS=rows, ROWS_P=rows_p, CAUSAL=causal, HAS_GATES=gates is not None,
-        num_warps=warps, num_stages=2, **tiles,
+        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=G, ROWS=rows, ROWS_P=rows_p,
+        CAUSAL=causal, HAS_GATES=gates is not None, num_warps=warps, num_stages=num_stages, **tiles,
     )
     num_blocks = math.ceil(T / block_size)
     entries, offsets = build_csr(idx, HKV, num_blocks, rows)
     dk = new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
     dv = new_output(B, HKV, T, v.shape[-1], device=q.device, dtype=v.dtype)
     entry_rows = _pow2(rows)
-    block_m = max(64, entry_rows, _pow2(G))
+    block_m = max(dkdv_block_m or 64, entry_rows, _pow2(G))
     selected_attention_bwd_dkdv_kernel[(num_blocks, B * HKV)](
         q, k, v, do, lse, delta, entries, offsets, gates if gates is not None else lse, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         T, HI, HKV, num_blocks, scale,
         S=S, G=G, ROWS=rows, ROWS_P=entry_rows, G_P=_pow2(G), BLOCK_M=block_m, CAUSAL=causal,
-        HAS_GATES=gates is not None, num_warps=warps, num_stages=2, **tiles,
+        HAS_GATES=gates is not None, num_warps=warps, num_stages=num_stages, **tiles,
     )
     return dq, dk, dv, dgates

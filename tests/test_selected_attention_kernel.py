@@ -1,0 +1,144 @@
+"""The Triton selected-attention kernels against the reference.
+
+On CPU they run through TRITON_INTERPRET=1 (set in conftest.py) at small shapes; tests marked
+gpu run on CUDA at real sizes. Errors are measured against a float64 reference, and the kernel's
+must stay within a small multiple of PyTorch's own error at the same dtype."""
+
+import pytest
+import torch
+
+from kernel_cases import random_problem
+from nsa_core import selected_attention
+from nsa_core.ops.backend import kernel_unavailable_reason
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) is not None,
+                                reason="kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN: an element the kernel forgets to write fails the test."""
+    from nsa_core.kernels.selected_attention import launch
+
+    def nan_output(*shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(launch, "new_output", nan_output)
+
+
+def run(problem, backend, dtype=None, grad_seed=1):
+    """Output and gradients (q, k, v, gates) of selected_attention on copies of the problem."""
+    tensors = {}
+    for name in ("q", "k", "v", "gates"):
+        t = problem[name]
+        if t is not None:
+            t = t.detach().to(dtype or t.dtype).requires_grad_()
+        tensors[name] = t
+    out = selected_attention(tensors["q"], tensors["k"], tensors["v"], problem["indices"], block_size=problem["block_size"],
+                             valid=problem["valid"], gates=tensors["gates"], causal=problem["causal"], backend=backend)
+    gen = torch.Generator(device=out.device).manual_seed(grad_seed)
+    grad = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32).to(out.dtype)
+    inputs = [t for t in tensors.values() if t is not None]
+    grads = torch.autograd.grad(out, inputs, grad)
+    return [out, *grads]
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_against_reference(problem, dtype, factor):
+    exact = run(problem, "torch", torch.float64)
+    torch_same_dtype = run(problem, "torch", dtype)
+    kernel = run(problem, "triton", dtype)
+    for name, e, t, k in zip(("out", "dq", "dk", "dv", "dgates"), exact, torch_same_dtype, kernel):
+        assert torch.isfinite(k).all(), f"{name} has NaN/inf (an element the kernel did not write?)"
+        limit = factor * max_err(t, e) + 1e-6 * max(1.0, e.abs().max().item())
+        assert max_err(k, e) <= limit, f"{name}: kernel error {max_err(k, e):.2e} > {limit:.2e}"
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_matches_reference(G, causal, poisoned_outputs):
+    problem = random_problem(G=G, HKV=2 if G < 16 else 1, T=37, causal=causal, with_gates=G in (3, 16), seed=G)
+    check_against_reference(problem, torch.float32, factor=4)
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_kernel_per_head_selection(G, poisoned_outputs):
+    problem = random_problem(G=G, T=29, per_head=True, with_gates=True, seed=10 + G)
+    check_against_reference(problem, torch.float32, factor=4)
+
+
+@pytest.mark.parametrize("block, D, Dv", [(32, 24, 40), (8, 16, 16), (48, 64, 32)])
+def test_kernel_block_and_head_dims(block, D, Dv, poisoned_outputs):
+    """Block sizes that are not powers of two or below 16, head dims that are not powers of two."""
+    problem = random_problem(G=2, T=70, D=D, Dv=Dv, block=block, S=2, seed=block)
+    check_against_reference(problem, torch.float32, factor=4)
+
+
+def test_kernel_short_sequences(poisoned_outputs):
+    for T in (1, 2, 17):
+        problem = random_problem(G=2, T=T, S=2, seed=T)
+        check_against_reference(problem, torch.float32, factor=4)
+
+
+def test_kernel_query_without_keys_is_zero(poisoned_outputs):
+    problem = random_problem(G=2, T=20, causal=False, seed=3)
+    problem["valid"] = torch.zeros_like(problem["valid"])
+    out = run(problem, "triton")[0]
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_kernel_is_deterministic():
+    problem = random_problem(G=3, T=45, with_gates=True, seed=7)
+    first = run(problem, "triton")
+    for _ in range(2):
+        again = run(problem, "triton")
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_opcheck():
+    from nsa_core.kernels.selected_attention.autograd import _fwd
+
+    p = random_problem(G=2, T=20, S=2, with_gates=True, seed=5)
+    idx = torch.where(p["valid"], p["indices"], -1).to(torch.int32)
+    args = (p["q"].requires_grad_(), p["k"].requires_grad_(), p["v"].requires_grad_(), idx, p["gates"].requires_grad_(), 16, True, 0.25)
+    torch.library.opcheck(_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_compile_fullgraph():
+    p = random_problem(G=2, T=20, S=2, seed=6)
+
+    def f(q, k, v):
+        return selected_attention(q, k, v, p["indices"], block_size=16, valid=p["valid"], backend="triton").sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(p["q"], p["k"], p["v"]), f(p["q"], p["k"], p["v"]))
+
+
+def test_triton_backend_refuses_unsupported():
+    p = random_problem(G=1, T=8, S=1, seed=0)
+    with pytest.raises(ValueError, match="block_size up to 128"):
+        selected_attention(p["q"], p["k"], p["v"], p["indices"], block_size=256, valid=p["valid"], backend="triton")
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        selected_attention(p["q"].double(), p["k"].double(), p["v"].double(), p["indices"], block_size=16, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("G", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_gpu_real_sizes(G, dtype):
+    problem = random_problem(G=G, HKV=4, T=2048 + 77, D=128, Dv=128, S=16, block=64, with_gates=True, seed=G, device="cuda")
+    check_against_reference(problem, dtype, factor=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernel_gpu_race():
+    problem = random_problem(G=16, HKV=4, T=4096, D=128, Dv=128, S=16, block=64, device="cuda", dtype=torch.bfloat16, seed=1)
+    first = run(problem, "triton")
+    for _ in range(5):
+        assert all(torch.equal(a, b) for a, b in zip(first, run(problem, "triton")))
