@@ -16,6 +16,15 @@ pytestmark = pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) 
                                 reason="kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
 
 
+@pytest.fixture(params=["by_query", "by_block"])
+def scheme(request, monkeypatch):
+    """Run the test under both kernel schemes."""
+    from nsa_core.kernels.selected_attention import launch
+
+    monkeypatch.setattr(launch, "choose_scheme", lambda *args: request.param)
+    return request.param
+
+
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Every kernel output starts as NaN: an element the kernel forgets to write fails the test."""
@@ -60,39 +69,39 @@ def check_against_reference(problem, dtype, factor):
 
 @pytest.mark.parametrize("G", [1, 3, 4, 16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_kernel_matches_reference(G, causal, poisoned_outputs):
-    problem = random_problem(G=G, HKV=2 if G < 16 else 1, T=37, causal=causal, with_gates=G in (3, 16), seed=G)
+def test_kernel_matches_reference(scheme, G, causal, poisoned_outputs):
+    problem = random_problem(G=G, HKV=2 if G < 16 else 1, T=37, causal=causal, with_gates=G in (3, 16), seed=G, device=DEVICE)
     check_against_reference(problem, torch.float32, factor=4)
 
 
 @pytest.mark.parametrize("G", [1, 3])
-def test_kernel_per_head_selection(G, poisoned_outputs):
-    problem = random_problem(G=G, T=29, per_head=True, with_gates=True, seed=10 + G)
+def test_kernel_per_head_selection(scheme, G, poisoned_outputs):
+    problem = random_problem(G=G, T=29, per_head=True, with_gates=True, seed=10 + G, device=DEVICE)
     check_against_reference(problem, torch.float32, factor=4)
 
 
 @pytest.mark.parametrize("block, D, Dv", [(32, 24, 40), (8, 16, 16), (48, 64, 32)])
-def test_kernel_block_and_head_dims(block, D, Dv, poisoned_outputs):
+def test_kernel_block_and_head_dims(scheme, block, D, Dv, poisoned_outputs):
     """Block sizes that are not powers of two or below 16, head dims that are not powers of two."""
-    problem = random_problem(G=2, T=70, D=D, Dv=Dv, block=block, S=2, seed=block)
+    problem = random_problem(G=2, T=70, D=D, Dv=Dv, block=block, S=2, seed=block, device=DEVICE)
     check_against_reference(problem, torch.float32, factor=4)
 
 
-def test_kernel_short_sequences(poisoned_outputs):
+def test_kernel_short_sequences(scheme, poisoned_outputs):
     for T in (1, 2, 17):
-        problem = random_problem(G=2, T=T, S=2, seed=T)
+        problem = random_problem(G=2, T=T, S=2, seed=T, device=DEVICE)
         check_against_reference(problem, torch.float32, factor=4)
 
 
-def test_kernel_query_without_keys_is_zero(poisoned_outputs):
-    problem = random_problem(G=2, T=20, causal=False, seed=3)
+def test_kernel_query_without_keys_is_zero(scheme, poisoned_outputs):
+    problem = random_problem(G=2, T=20, causal=False, seed=3, device=DEVICE)
     problem["valid"] = torch.zeros_like(problem["valid"])
     out = run(problem, "triton")[0]
     assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_kernel_is_deterministic():
-    problem = random_problem(G=3, T=45, with_gates=True, seed=7)
+def test_kernel_is_deterministic(scheme):
+    problem = random_problem(G=3, T=45, with_gates=True, seed=7, device=DEVICE)
     first = run(problem, "triton")
     for _ in range(2):
         again = run(problem, "triton")
@@ -102,14 +111,14 @@ def test_kernel_is_deterministic():
 def test_opcheck():
     from nsa_core.kernels.selected_attention.autograd import _fwd
 
-    p = random_problem(G=2, T=20, S=2, with_gates=True, seed=5)
+    p = random_problem(G=2, T=20, S=2, with_gates=True, seed=5, device=DEVICE)
     idx = torch.where(p["valid"], p["indices"], -1).to(torch.int32)
     args = (p["q"].requires_grad_(), p["k"].requires_grad_(), p["v"].requires_grad_(), idx, p["gates"].requires_grad_(), 16, True, 0.25)
     torch.library.opcheck(_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_compile_fullgraph():
-    p = random_problem(G=2, T=20, S=2, seed=6)
+    p = random_problem(G=2, T=20, S=2, seed=6, device=DEVICE)
 
     def f(q, k, v):
         return selected_attention(q, k, v, p["indices"], block_size=16, valid=p["valid"], backend="triton").sum()
@@ -119,7 +128,7 @@ def test_compile_fullgraph():
 
 
 def test_triton_backend_refuses_unsupported():
-    p = random_problem(G=1, T=8, S=1, seed=0)
+    p = random_problem(G=1, T=8, S=1, seed=0, device=DEVICE)
     with pytest.raises(ValueError, match="block_size up to 128"):
         selected_attention(p["q"], p["k"], p["v"], p["indices"], block_size=256, valid=p["valid"], backend="triton")
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
@@ -137,8 +146,10 @@ def test_kernel_gpu_real_sizes(G, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_kernel_gpu_race():
-    problem = random_problem(G=16, HKV=4, T=4096, D=128, Dv=128, S=16, block=64, device="cuda", dtype=torch.bfloat16, seed=1)
+@pytest.mark.parametrize("G", [1, 16])
+def test_kernel_gpu_race(G):
+    problem = random_problem(G=G, HKV=4, T=4096, D=128, Dv=128, S=16, block=64, device="cuda", dtype=torch.bfloat16,
+                             with_gates=True, seed=1)
     first = run(problem, "triton")
     for _ in range(5):
         assert all(torch.equal(a, b) for a, b in zip(first, run(problem, "triton")))

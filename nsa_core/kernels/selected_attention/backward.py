@@ -102,8 +102,10 @@ def _accumulate_dkdv(
     b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
     p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DQ_PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """dK/dV of one key block from M query rows; with DQ_PARTIAL also those rows' dq over this
+    block [M, BLOCK_D] and their gate gradient sum_keys(ds * qk) * scale [M]."""
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     b_q = tl.load(q + p_qrow[:, None] + o_d[None, :], mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [M, BLOCK_D]
@@ -117,14 +119,20 @@ def _accumulate_dkdv(
     b_p = tl.where(m, tl.exp(b_qk * (scale * b_gate)[:, None] - b_lse[:, None]), 0.0)
     b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DV]
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [M, BLOCK_N]
-    b_ds = b_p * (b_dp - b_delta[:, None]) * (scale * b_gate)[:, None]
+    b_ds_raw = b_p * (b_dp - b_delta[:, None])
+    b_ds = b_ds_raw * (scale * b_gate)[:, None]
     b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
-    return b_dk, b_dv
+    b_dq_rows = b_q.to(tl.float32) * 0.0
+    b_dgate_rows = b_delta * 0.0
+    if DQ_PARTIAL:
+        b_dq_rows = tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)  # [M, BLOCK_D]
+        b_dgate_rows = tl.sum(b_ds_raw * b_qk, axis=1) * scale
+    return b_dk, b_dv, b_dq_rows, b_dgate_rows
 
 
 @triton.jit
 def selected_attention_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, entries, offsets, gates, dk, dv,
+    q, k, v, do, lse, delta, entries, offsets, gates, dk, dv, dq_part, dgates,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -132,8 +140,10 @@ def selected_attention_bwd_dkdv_kernel(
     S: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, G_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DQ_PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """dK/dV of one key block (and, with DQ_PARTIAL, the dq partials (B, HQ, T, S + 1, D) of the
+    rows that attend it, slot S being the own block, plus the gate gradients of its entries)."""
     i_blk = tl.program_id(0)
     i_bk = tl.program_id(1)  # over (batch, kv head)
     i_b = i_bk // HKV
@@ -145,6 +155,7 @@ def selected_attention_bwd_dkdv_kernel(
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
 
     # 1. the (query, head set, slot) entries that selected this block
     ENTRIES_PER_STEP: tl.constexpr = BLOCK_M // ROWS_P
@@ -168,9 +179,17 @@ def selected_attention_bwd_dkdv_kernel(
         b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if HAS_GATES:
             b_gate = tl.load(gates + lin, mask=m_row, other=0.0).to(tl.float32)
-        b_dk, b_dv = _accumulate_dkdv(b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
-                                      p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
-                                      BLOCK_D, BLOCK_DV, D, DV, CAUSAL, PRECISION)
+        b_dk, b_dv, b_dq_rows, b_dgate_rows = _accumulate_dkdv(
+            b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta, p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
+            BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, PRECISION)
+        if DQ_PARTIAL:
+            p_part = ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + lin % S
+            tl.store(dq_part + p_part[:, None] * D + o_d[None, :], b_dq_rows, mask=m_row[:, None] & (o_d[None, :] < D))
+            if HAS_GATES:
+                b_dgate = tl.sum(tl.reshape(b_dgate_rows, (ENTRIES_PER_STEP, ROWS_P)), axis=1)
+                lin_e = tl.max(tl.reshape(lin, (ENTRIES_PER_STEP, ROWS_P)), axis=1)
+                m_e = tl.max(tl.reshape(m_row.to(tl.int32), (ENTRIES_PER_STEP, ROWS_P)), axis=1) > 0
+                tl.store(dgates + lin_e, b_dgate, mask=m_e)
         pos += ENTRIES_PER_STEP
 
     # 2. the queries of the block itself, all G query heads of this kv head (causal own block)
@@ -187,11 +206,13 @@ def selected_attention_bwd_dkdv_kernel(
             p_dorow = i_b * (HQ * T * DV) + o_hq * (T * DV) + o_t * DV
             p_stat = (i_b * HQ + o_hq) * T + o_t
             b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-            b_dk, b_dv = _accumulate_dkdv(b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
-                                          p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
-                                          BLOCK_D, BLOCK_DV, D, DV, CAUSAL, PRECISION)
+            b_dk, b_dv, b_dq_rows, b_dgate_rows = _accumulate_dkdv(
+                b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta, p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
+                BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, PRECISION)
+            if DQ_PARTIAL:
+                p_part = ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + S
+                tl.store(dq_part + p_part[:, None] * D + o_d[None, :], b_dq_rows, mask=m_row[:, None] & (o_d[None, :] < D))
 
-    o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     p_dk = dk + ((i_b * HKV + i_hk) * T + o_key[:, None]) * D + o_d[None, :]
     p_dv = dv + ((i_b * HKV + i_hk) * T + o_key[:, None]) * DV + o_dv[None, :]

@@ -17,8 +17,16 @@ from nsa_core.kernels.selected_attention.backward import (
     selected_attention_bwd_dq_kernel,
 )
 from nsa_core.kernels.selected_attention.forward import selected_attention_fwd_kernel
+from nsa_core.kernels.selected_attention.forward_by_block import (
+    merge_partials_kernel,
+    selected_attention_fwd_by_block_kernel,
+)
 
 MAX_HEAD_DIM = 256
+# by-block scheme: per-(query, slot) partials are written to memory; above this size, by query
+PARTIALS_BUDGET_BYTES = 2 * 2**30
+# by-block pays when few query rows share a selection (each key block is then loaded once, not per query)
+BY_BLOCK_MAX_ROWS = 4
 MAX_BLOCK_SIZE = 128
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -64,10 +72,24 @@ def _rows(HQ: int, HKV: int, HI: int) -> tuple[int, int]:
     return rows, _pow2(rows, 16)
 
 
+def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, width: int) -> str:
+    """"by_query" (a program per query token and head set, loading its selected blocks) or
+    "by_block" (a program per key block, walking the queries that selected it; partial results
+    of `width` features per (query row, slot) go through memory)."""
+    B, HQ, T, _ = q.shape
+    rows, _ = _rows(HQ, k.shape[1], idx.shape[1])
+    partial_bytes = B * HQ * T * (idx.shape[-1] + 1) * width * 4
+    return "by_block" if rows <= BY_BLOCK_MAX_ROWS and partial_bytes <= PARTIALS_BUDGET_BYTES else "by_query"
+
+
 def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float,
-                           slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2):
+                           slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+                           scheme: str | None = None):
     """q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, DV), idx (B, HI, T, S) int32 with -1 for
     invalid slots, gates (B, HI, T, S) or None -> o (B, HQ, T, DV), lse (B, HQ, T) float32."""
+    scheme = scheme or choose_scheme(q, k, idx, v.shape[-1])
+    if scheme == "by_block":
+        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, num_warps)
     B, HQ, T, _ = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
     rows, rows_p = _rows(HQ, HKV, HI)
@@ -83,6 +105,34 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
         S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
         CAUSAL=causal, HAS_GATES=gates is not None,
         num_warps=num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8), num_stages=num_stages, **tiles,
+    )
+    return o, lse
+
+
+def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, num_warps):
+    B, HQ, T, _ = q.shape
+    HKV, HI, S, DV = k.shape[1], idx.shape[1], idx.shape[-1], v.shape[-1]
+    G = HQ // HKV
+    rows, _ = _rows(HQ, HKV, HI)
+    num_blocks = math.ceil(T / block_size)
+    entries, offsets = build_csr(idx, HKV, num_blocks, rows)
+    o_part = new_output(B, HQ, T, S + 1, DV, device=q.device, dtype=q.dtype)
+    m_part = new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
+    l_part = new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
+    tiles = _tiles(q, v, block_size)
+    selected_attention_fwd_by_block_kernel[(num_blocks, B * HKV)](
+        q, k, v, entries, offsets, gates if gates is not None else m_part, o_part, m_part, l_part,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        T, HI, HKV, num_blocks, scale,
+        S=S, G=G, ROWS=rows, ROWS_P=_pow2(rows), G_P=_pow2(G), BLOCK_M=64, CAUSAL=causal,
+        HAS_GATES=gates is not None, num_warps=num_warps or 4, num_stages=2, **tiles,
+    )
+    o = new_output(B, HQ, T, DV, device=q.device, dtype=q.dtype)
+    lse = new_output(B, HQ, T, device=q.device, dtype=torch.float32)
+    merge_partials_kernel[(T, B * HQ)](
+        o_part, m_part, l_part, idx, o, lse, o.stride(0), o.stride(1), o.stride(2), T, HQ, HI, G,
+        S=S, SP=_pow2(S + 1), DV=DV, BLOCK_DV=tiles["BLOCK_DV"], CAUSAL=causal, num_warps=1,
     )
     return o, lse
 
@@ -110,26 +160,30 @@ def build_csr(idx: torch.Tensor, num_kv_heads: int, num_blocks: int, rows: int):
 
 def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, causal: bool, scale: float,
                            slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                           dkdv_block_m: int | None = None):
-    """Gradients (dq, dk, dv, dgates or None) of selected_attention_fwd."""
+                           dkdv_block_m: int | None = None, scheme: str | None = None):
+    """Gradients (dq, dk, dv, dgates or None) of selected_attention_fwd. By query: a dQ kernel
+    walks each query's blocks and a dK/dV kernel each block's queries. By block: the dK/dV
+    kernel also writes each (query row, slot)'s dq partial and the gate gradients."""
+    scheme = scheme or choose_scheme(q, k, idx, q.shape[-1])
     B, HQ, T, D = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
     G = HQ // HKV
     rows, rows_p = _rows(HQ, HKV, HI)
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1)  # (B, HQ, T)
-    dq = new_output(*q.shape, device=q.device, dtype=q.dtype)
-    dgates = new_output(*idx.shape, device=q.device, dtype=torch.float32) if gates is not None else None
+    by_block = scheme == "by_block"
+    dgates = None
+    if gates is not None:  # by block, only valid slots are written: the others stay zero
+        dgates = torch.zeros(idx.shape, device=q.device, dtype=torch.float32) if by_block else \
+            new_output(*idx.shape, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
     warps = num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8)
-    selected_attention_bwd_dq_kernel[(T, B * HI)](
-        q, k, v, do, lse, delta, idx, gates if gates is not None else idx, dq, dgates if dgates is not None else lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        T, HI, scale,
-        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=G, ROWS=rows, ROWS_P=rows_p,
-        CAUSAL=causal, HAS_GATES=gates is not None, num_warps=warps, num_stages=num_stages, **tiles,
-    )
+    if by_block:
+        dq_part = new_output(B, HQ, T, S + 1, D, device=q.device, dtype=torch.float32)
+    else:
+        dq_part = delta
+        dq = new_output(*q.shape, device=q.device, dtype=q.dtype)
+        _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, slots_per_step, warps, num_stages, rows, rows_p, tiles)
     num_blocks = math.ceil(T / block_size)
     entries, offsets = build_csr(idx, HKV, num_blocks, rows)
     dk = new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
@@ -137,11 +191,36 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     entry_rows = _pow2(rows)
     block_m = max(dkdv_block_m or 64, entry_rows, _pow2(G))
     selected_attention_bwd_dkdv_kernel[(num_blocks, B * HKV)](
-        q, k, v, do, lse, delta, entries, offsets, gates if gates is not None else lse, dk, dv,
+        q, k, v, do, lse, delta, entries, offsets, gates if gates is not None else lse, dk, dv, dq_part,
+        dgates if dgates is not None else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         T, HI, HKV, num_blocks, scale,
         S=S, G=G, ROWS=rows, ROWS_P=entry_rows, G_P=_pow2(G), BLOCK_M=block_m, CAUSAL=causal,
-        HAS_GATES=gates is not None, num_warps=warps, num_stages=num_stages, **tiles,
+        HAS_GATES=gates is not None, DQ_PARTIAL=by_block, num_warps=warps, num_stages=num_stages, **tiles,
     )
+    if by_block:
+        dq = _sum_dq_partials(dq_part, idx, HQ, causal).to(q.dtype)
     return dq, dk, dv, dgates
+
+
+def _sum_dq_partials(dq_part, idx, HQ, causal):
+    """(B, HQ, T, S + 1, D) partials -> (B, HQ, T, D); slots nothing wrote (invalid) count as zero."""
+    B, HI, T, S = idx.shape
+    valid = (idx >= 0).repeat_interleave(HQ // HI, dim=1)
+    own = torch.full((B, HQ, T, 1), causal, dtype=torch.bool, device=idx.device)
+    dq_part.masked_fill_(~torch.cat((valid, own), dim=-1)[..., None], 0.0)
+    return dq_part.sum(dim=-2)
+
+
+def _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, slots_per_step, warps, num_stages, rows, rows_p, tiles):
+    B, HQ, T, _ = q.shape
+    HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
+    selected_attention_bwd_dq_kernel[(T, B * HI)](
+        q, k, v, do, lse, delta, idx, gates if gates is not None else idx, dq, dgates if dgates is not None else lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        T, HI, scale,
+        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
+        CAUSAL=causal, HAS_GATES=gates is not None, num_warps=warps, num_stages=num_stages, **tiles,
+    )
