@@ -61,7 +61,7 @@ def selected_attention_bwd_dq_kernel(
 ):
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // HI
+    i_b = (i_bh // HI).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements
     i_hs = i_bh % HI
     i_hq0 = i_hs * ROWS
     i_hk = i_hq0 // G
@@ -146,7 +146,7 @@ def selected_attention_bwd_dkdv_kernel(
     rows that attend it, slot S being the own block, plus the gate gradients of its entries)."""
     i_blk = tl.program_id(0)
     i_bk = tl.program_id(1)  # over (batch, kv head)
-    i_b = i_bk // HKV
+    i_b = (i_bk // HKV).to(tl.int64)
     i_hk = i_bk % HKV
     HQ = HI * ROWS
     p_k = k + i_b * stride_kb + i_hk * stride_kh
@@ -183,7 +183,7 @@ def selected_attention_bwd_dkdv_kernel(
             b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta, p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
             BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, PRECISION)
         if DQ_PARTIAL:
-            p_part = ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + lin % S
+            p_part = (((i_b * HQ + o_hq) * T + o_t) * (S + 1) + lin % S).to(tl.int64)
             tl.store(dq_part + p_part[:, None] * D + o_d[None, :], b_dq_rows, mask=m_row[:, None] & (o_d[None, :] < D))
             if HAS_GATES:
                 b_dgate = tl.sum(tl.reshape(b_dgate_rows, (ENTRIES_PER_STEP, ROWS_P)), axis=1)
@@ -210,7 +210,7 @@ def selected_attention_bwd_dkdv_kernel(
                 b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta, p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
                 BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, PRECISION)
             if DQ_PARTIAL:
-                p_part = ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + S
+                p_part = (((i_b * HQ + o_hq) * T + o_t) * (S + 1) + S).to(tl.int64)
                 tl.store(dq_part + p_part[:, None] * D + o_d[None, :], b_dq_rows, mask=m_row[:, None] & (o_d[None, :] < D))
 
     o_dv = tl.arange(0, BLOCK_DV)

@@ -74,7 +74,7 @@ def selected_attention_fwd_kernel(
 ):
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)  # over (batch, selection head)
-    i_b = i_bh // HI
+    i_b = (i_bh // HI).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements
     i_hs = i_bh % HI
     i_hq0 = i_hs * ROWS  # first query head of this program
     i_hk = i_hq0 // G

@@ -35,6 +35,7 @@ def _partial_rows(b_k, b_v, o_key, m_key, q, p_qrow, o_t, b_gate, m_row, scale,
 
 @triton.jit
 def _store_partials(o_part, m_part, l_part, b_o, b_m, b_l, p_part, m_row, BLOCK_DV: tl.constexpr, DV: tl.constexpr):
+    p_part = p_part.to(tl.int64)  # partial tensors pass 2**31 elements at long sequences
     o_dv = tl.arange(0, BLOCK_DV)
     tl.store(o_part + p_part[:, None] * DV + o_dv[None, :], b_o.to(o_part.dtype.element_ty), mask=m_row[:, None] & (o_dv[None, :] < DV))
     tl.store(m_part + p_part, b_m, mask=m_row)
@@ -55,7 +56,7 @@ def selected_attention_fwd_by_block_kernel(
 ):
     i_blk = tl.program_id(0)
     i_bk = tl.program_id(1)  # over (batch, kv head)
-    i_b = i_bk // HKV
+    i_b = (i_bk // HKV).to(tl.int64)
     i_hk = i_bk % HKV
     HQ = HI * ROWS
     p_k = k + i_b * stride_kb + i_hk * stride_kh
@@ -113,7 +114,7 @@ def merge_partials_kernel(
     """One query row (token t, query head): merge its S + 1 partials into the output and lse."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)  # over (batch, query head)
-    i_b = i_bh // HQ
+    i_b = (i_bh // HQ).to(tl.int64)
     i_hq = i_bh % HQ
     i_hs = i_hq // (HQ // HI)  # selection head of this query head
     o_s = tl.arange(0, SP)
@@ -122,7 +123,7 @@ def merge_partials_kernel(
     m_slot = (b_blk >= 0) & (o_s < S)
     if CAUSAL:
         m_slot = m_slot | (o_s == S)
-    p_row = (i_bh * T + i_t) * (S + 1)
+    p_row = (i_bh.to(tl.int64) * T + i_t) * (S + 1)  # partial tensors pass 2**31 elements
     b_m = tl.load(m_part + p_row + o_s, mask=m_slot, other=float("-inf"))
     b_l = tl.load(l_part + p_row + o_s, mask=m_slot, other=0.0)
     m_slot = m_slot & (b_l > 0)
