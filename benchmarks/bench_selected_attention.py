@@ -126,21 +126,21 @@ def main():
                 d_f, d_fm = bench(dense)
                 d_fb, d_fbm = bench(dense, grad)
             row = dict(G=G, T=T, dense_fwd=d_f, dense_fwdbwd=d_fb, dense_fwdbwd_gib=d_fbm,
-                       auto_scheme=launch.choose_scheme(q, k, idx, D))
-            for scheme in ("by_query", "by_block"):
+                       auto_scheme=f"{launch.choose_scheme(q, k, idx)}/{launch.choose_scheme(q, k, idx, backward=True)}")
+            for scheme in ("auto", "by_query", "by_block"):
                 partial_gib = HQ * T * (S + 1) * D * 6 / 2**30
                 if scheme == "by_block" and partial_gib > 24:
                     continue
                 original = launch.choose_scheme
-                launch.choose_scheme = lambda *a, _s=scheme: _s
+                if scheme != "auto":
+                    launch.choose_scheme = lambda *a, _s=scheme, **kw: _s
                 try:
                     o_f, o_fm = bench(ours)
                     o_fb, o_fbm = bench(ours, grad)
                 finally:
                     launch.choose_scheme = original
                 row.update({f"{scheme}_fwd": o_f, f"{scheme}_fwdbwd": o_fb, f"{scheme}_fwd_gib": o_fm, f"{scheme}_fwdbwd_gib": o_fbm})
-            best = min((s for s in ("by_query", "by_block") if f"{s}_fwd" in row), key=lambda s: row[f"{s}_fwd"] + row[f"{s}_fwdbwd"])
-            row.update(ours_fwd=row[f"{best}_fwd"], ours_fwdbwd=row[f"{best}_fwdbwd"], ours_fwdbwd_gib=row[f"{best}_fwdbwd_gib"], best_scheme=best)
+            row.update(ours_fwd=row["auto_fwd"], ours_fwdbwd=row["auto_fwdbwd"], ours_fwdbwd_gib=row["auto_fwdbwd_gib"])
             o_f = row["ours_fwd"]
             if parallel_nsa is not None and G >= 16:
                 qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
@@ -189,11 +189,11 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    print("\nG     T  scheme(auto/best)  by_query fwd f+b | by_block fwd f+b")
+    print("\nG     T  auto scheme fwd/bwd   by_query fwd f+b | by_block fwd f+b")
     for r in rows:
         bq = f"{r.get('by_query_fwd', float('nan')):8.2f} {r.get('by_query_fwdbwd', float('nan')):8.2f}"
         bb = f"{r.get('by_block_fwd', float('nan')):8.2f} {r.get('by_block_fwdbwd', float('nan')):8.2f}"
-        print(f"{r['G']:2d} {r['T']:6d} {r['auto_scheme']:>8}/{r['best_scheme']:<8} {bq} | {bb}")
+        print(f"{r['G']:2d} {r['T']:6d} {r['auto_scheme']:>20} {bq} | {bb}")
     print("\nG     T   dense fwd  ours fwd  fla fwd | dense f+b  ours f+b  fla f+b | ours/dense fwd  f+b | fla/ours fwd  f+b | peak GiB")
     for r in rows:
         fla_f, fla_fb = r.get("fla_fwd"), r.get("fla_fwdbwd")

@@ -21,7 +21,7 @@ def scheme(request, monkeypatch):
     """Run the test under both kernel schemes."""
     from nsa_core.kernels.selected_attention import launch
 
-    monkeypatch.setattr(launch, "choose_scheme", lambda *args: request.param)
+    monkeypatch.setattr(launch, "choose_scheme", lambda *args, **kwargs: request.param)
     return request.param
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,15 @@ def _check_selection(q: Tensor, k: Tensor, indices: Tensor, valid: Tensor | None
             raise TypeError("gates must be a floating tensor or None")
         if gates.shape != indices.shape:
             raise ValueError(f"gates must have the shape of indices {tuple(indices.shape)}, got {tuple(gates.shape)}")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_fallback_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"selected_attention: backend='auto' uses the PyTorch reference: {reason}", stacklevel=3)
 
 
 def selected_attention(
@@ -78,6 +89,8 @@ def selected_attention(
             use_kernel = True
         elif backend == "triton":
             raise ValueError(f"backend='triton' cannot run selected_attention here: {reason}")
+        else:
+            _warn_fallback_once(reason)
     if use_kernel:
         from nsa_core.kernels.selected_attention.autograd import selected_attention_triton
 

@@ -24,9 +24,10 @@ from nsa_core.kernels.selected_attention.forward_by_block import (
 
 MAX_HEAD_DIM = 256
 # by-block scheme: per-(query, slot) partials are written to memory; above this size, by query
-PARTIALS_BUDGET_BYTES = 2 * 2**30
+PARTIALS_BUDGET_BYTES = 8 * 2**30
 # by-block pays when few query rows share a selection (each key block is then loaded once, not per query)
-BY_BLOCK_MAX_ROWS = 4
+BY_BLOCK_MAX_ROWS_FWD = 4
+BY_BLOCK_MAX_ROWS_BWD = 2
 MAX_BLOCK_SIZE = 128
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -72,14 +73,21 @@ def _rows(HQ: int, HKV: int, HI: int) -> tuple[int, int]:
     return rows, _pow2(rows, 16)
 
 
-def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, width: int) -> str:
+def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward: bool = False) -> str:
     """"by_query" (a program per query token and head set, loading its selected blocks) or
-    "by_block" (a program per key block, walking the queries that selected it; partial results
-    of `width` features per (query row, slot) go through memory)."""
-    B, HQ, T, _ = q.shape
+    "by_block" (a program per key block, walking the queries that selected it, with per-(query
+    row, slot) partial results going through memory).
+
+    Measured on an H100 (benchmarks/RESULTS.md): by block wins the forward up to 4 query rows per
+    selection and the backward up to 2; by query wins above. Partials must fit the budget."""
+    B, HQ, T, D = q.shape
     rows, _ = _rows(HQ, k.shape[1], idx.shape[1])
-    partial_bytes = B * HQ * T * (idx.shape[-1] + 1) * width * 4
-    return "by_block" if rows <= BY_BLOCK_MAX_ROWS and partial_bytes <= PARTIALS_BUDGET_BYTES else "by_query"
+    slots = idx.shape[-1] + 1
+    if backward:
+        partial_bytes, max_rows = B * HQ * T * slots * D * 4, BY_BLOCK_MAX_ROWS_BWD
+    else:
+        partial_bytes, max_rows = B * HQ * T * slots * (D * q.element_size() + 8), BY_BLOCK_MAX_ROWS_FWD
+    return "by_block" if rows <= max_rows and partial_bytes <= PARTIALS_BUDGET_BYTES else "by_query"
 
 
 def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float,
@@ -87,7 +95,7 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
                            scheme: str | None = None):
     """q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, DV), idx (B, HI, T, S) int32 with -1 for
     invalid slots, gates (B, HI, T, S) or None -> o (B, HQ, T, DV), lse (B, HQ, T) float32."""
-    scheme = scheme or choose_scheme(q, k, idx, v.shape[-1])
+    scheme = scheme or choose_scheme(q, k, idx)
     if scheme == "by_block":
         return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, num_warps)
     B, HQ, T, _ = q.shape
@@ -164,7 +172,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     """Gradients (dq, dk, dv, dgates or None) of selected_attention_fwd. By query: a dQ kernel
     walks each query's blocks and a dK/dV kernel each block's queries. By block: the dK/dV
     kernel also writes each (query row, slot)'s dq partial and the gate gradients."""
-    scheme = scheme or choose_scheme(q, k, idx, q.shape[-1])
+    scheme = scheme or choose_scheme(q, k, idx, backward=True)
     B, HQ, T, D = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
     G = HQ // HKV
