@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from nsa_core.config import NSAConfig
-from nsa_core.reference.compressed_attention import compressed_attention_reference
 from nsa_core.selection import num_scored_blocks
 from nsa_core.sparse_attention import SparseAttention
 
@@ -83,8 +82,7 @@ def selection_of(module: SparseAttention, inp: Tensor):
     q, k, v = module.project(x)
     ck, cv = module.compress(k, v)
     ck_all, cv_all = module.with_memory(ck, cv)
-    _, scores = compressed_attention_reference(q, ck_all, cv_all, module.num_mem_compress_kv, module.stride, module.causal, module.scale)
-    return module.select(scores, torch.arange(inp.shape[1], device=inp.device))
+    return module.compressed_and_select(q, ck_all, cv_all)[1]
 
 
 @dataclass

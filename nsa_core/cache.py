@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nsa_core.reference.compressed_attention import compressed_attention_reference
 from nsa_core.reference.masked_softmax import masked_attention
 
 
@@ -79,9 +78,7 @@ def decode_step(attn, inp: Tensor, cache: NSACache) -> tuple[Tensor, NSACache]:
 
     # 1. compressed attention over the memory tokens and the blocks completed before t
     ck_all, cv_all = attn.with_memory(cache.compressed_keys, cache.compressed_values)
-    compressed_out, compressed_scores = compressed_attention_reference(
-        q, ck_all, cv_all, attn.num_mem_compress_kv, attn.stride, True, attn.scale, query_offset=t
-    )
+    compressed_out, selection = attn.compressed_and_select(q, ck_all, cv_all, query_offset=t)
     tail_k = torch.cat((cache.tail_keys, k), dim=-2)
     tail_v = torch.cat((cache.tail_values, v), dim=-2)
     ck, cv = cache.compressed_keys, cache.compressed_values
@@ -96,7 +93,6 @@ def decode_step(attn, inp: Tensor, cache: NSACache) -> tuple[Tensor, NSACache]:
     values = torch.cat((cache.values, v), dim=-2)
 
     # 2. selected blocks plus the own block up to t
-    selection = attn.select(compressed_scores, torch.tensor([t], device=q.device))
     fine_out = _fine_step(attn, q_rot, keys, values, selection, t)
 
     # 3. sliding window t - window ... t

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from nsa_core.compress_networks import default_compress_mlp
 from nsa_core.config import NSAConfig
@@ -23,7 +24,8 @@ from nsa_core.ops.selected_attention import selected_attention
 from nsa_core.ops.sliding_window import sliding_window_attention
 from nsa_core.reference.compressed_attention import compressed_attention_reference
 from nsa_core.rotary import RotaryEmbedding
-from nsa_core.selection import block_importance, select_top_blocks
+from nsa_core.reference.masked_softmax import query_chunk_size
+from nsa_core.selection import Selection, block_importance, select_top_blocks
 
 
 def _pad_seq(t: Tensor, multiple: int) -> Tensor:
@@ -195,11 +197,40 @@ class SparseAttention(nn.Module):
     def kernel_backend(self) -> str:
         return self.config.backend
 
-    def fine_branch(self, q: Tensor, k: Tensor, v: Tensor, compressed_scores: Tensor) -> Tensor:
+    def compressed_and_select(self, q: Tensor, ck_all: Tensor, cv_all: Tensor, query_offset: int = 0):
+        """Compressed attention and block selection, over chunks of queries so the (n x c) logits
+        exist one chunk at a time (re-computed in the backward pass): memory linear in n.
+        q holds the queries at positions query_offset ... (decoding passes one).
+        Returns (compressed output (b, h, n, d), Selection or None)."""
+        b, h, n, _ = q.shape
+        chunk = query_chunk_size(n, ck_all.shape[-2], h, b, budget=1 << 26)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or ck_all.requires_grad or cv_all.requires_grad)
+
+        def part(start: int, end: int):
+            out, scores = compressed_attention_reference(
+                q[:, :, start:end], ck_all, cv_all, self.num_mem_compress_kv, self.stride, self.causal, self.scale,
+                query_offset=query_offset + start,
+            )
+            selection = self.select(scores, torch.arange(query_offset + start, query_offset + end, device=q.device))
+            if selection is None:
+                return (out,)
+            gates = selection.gates if selection.gates is not None else selection.probs
+            return out, selection.indices, selection.valid, selection.probs, gates
+
+        parts = []
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            parts.append(checkpoint(part, start, end, use_reentrant=False) if needs_grad and chunk < n else part(start, end))
+        out = torch.cat([p[0] for p in parts], dim=-2)
+        if len(parts[0]) == 1:
+            return out, None
+        indices, valid, probs, gates = (torch.cat([p[i] for p in parts], dim=-2) for i in range(1, 5))
+        return out, Selection(indices, valid, probs, gates if self.config.use_diff_topk else None)
+
+    def fine_branch(self, q: Tensor, k: Tensor, v: Tensor, selection) -> Tensor:
         """Attention over the selected blocks (plus the own block when causal). Rotated q, k."""
         b, h, n, _ = q.shape
         sel_size = self.selection_block_size
-        selection = self.select(compressed_scores, torch.arange(n, device=q.device))
         kwargs = dict(block_size=sel_size, scale=self.scale, backend=self.kernel_backend())
         if selection is None:
             if self.causal:
@@ -239,11 +270,9 @@ class SparseAttention(nn.Module):
         -> (b, n, dim). With keep_for_cache also (compressed k, compressed v, rotated k)."""
         ck, cv = self.compress(k, v)
         ck_all, cv_all = self.with_memory(ck, cv)
-        compressed_out, compressed_scores = compressed_attention_reference(
-            q, ck_all, cv_all, self.num_mem_compress_kv, self.stride, self.causal, self.scale
-        )
+        compressed_out, selection = self.compressed_and_select(q, ck_all, cv_all)
         q_rot, k_rot = self.rotary_emb.rotate(q), self.rotary_emb.rotate(k)
-        fine_out = self.fine_branch(q_rot, k_rot, v, compressed_scores)
+        fine_out = self.fine_branch(q_rot, k_rot, v, selection)
         sliding_out = self.sliding_branch(q_rot, k_rot, v)
         out = self.combine(x_normed, compressed_out, fine_out, sliding_out)
         return (out, (ck, cv, k_rot)) if keep_for_cache else out
