@@ -253,7 +253,7 @@ class SparseAttention(nn.Module):
     def sliding_branch(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         window, n = self.sliding_window_size, q.shape[-2]
         if self.causal:
-            return sliding_window_attention(q, k, v, window=window, causal=True, scale=self.scale)
+            return sliding_window_attention(q, k, v, window=window, causal=True, scale=self.scale, backend=self.kernel_backend())
         # the oracle pads to a multiple of the window and attends the zero keys within reach
         qp, kp, vp = (_pad_seq(t, window) for t in (q, k, v))
         return sliding_window_attention(qp, kp, vp, window=window, causal=False, scale=self.scale)[..., :n, :]

@@ -129,3 +129,20 @@ def test_qkv_errors():
         sliding_window_attention(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), window=2)
     with pytest.raises(TypeError, match="floating"):
         sliding_window_attention(*(torch.ones(1, 2, 4, 8, dtype=torch.long),) * 3, window=2)
+
+
+def test_selected_attention_window_equals_sliding_window():
+    """The window argument: preceding blocks selected + keys before t - window masked = sliding window."""
+    gen = torch.Generator().manual_seed(3)
+    T, block, window = 53, 8, 11
+    q = torch.randn(1, 4, T, 8, dtype=torch.float64, generator=gen)
+    k = torch.randn(1, 2, T, 8, dtype=torch.float64, generator=gen)
+    v = torch.randn(1, 2, T, 8, dtype=torch.float64, generator=gen)
+    before = math.ceil(window / block)
+    own = torch.arange(T) // block
+    idx = own[:, None] - torch.arange(before, 0, -1)[None, :]
+    valid = (idx >= 0).view(1, 1, T, before).expand(1, 2, T, before)
+    idx = idx.clamp(min=0).view(1, 1, T, before).expand(1, 2, T, before)
+    out = selected_attention(q, k, v, idx, block_size=block, valid=valid, window=window, backend="torch")
+    expected = sliding_window_attention(q, k, v, window=window, backend="torch")
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)

@@ -53,6 +53,7 @@ def selected_attention(
     gates: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
+    window: int | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention of each query to the key blocks it selected.
@@ -70,12 +71,16 @@ def selected_attention(
             besides the selected ones; the own block should not be among the valid slots.
             Not causal: only the selected blocks.
         scale: logit scale, default D ** -0.5.
+        window: if given, keys more than `window` positions before the query are masked too
+            (the sliding window is this op with the blocks before the own block selected).
         backend: "torch" (reference), "triton" (kernels; raises where they cannot run) or "auto".
 
     A query with no key at all gets a zero output. Returns (B, HQ, T, Dv).
     """
     check_qkv(q, k, v)
     check_positive_int("block_size", block_size)
+    if window is not None:
+        check_positive_int("window", window)
     check_backend_name(backend)
     _check_selection(q, k, indices, valid, gates)
     use_kernel = False
@@ -94,5 +99,5 @@ def selected_attention(
     if use_kernel:
         from nsa_core.kernels.selected_attention.autograd import selected_attention_triton
 
-        return selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale)
-    return selected_attention_reference(q, k, v, indices, block_size, valid, gates, causal, scale)
+        return selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale, window)
+    return selected_attention_reference(q, k, v, indices, block_size, valid, gates, causal, scale, window)

@@ -25,6 +25,7 @@ def selected_attention_reference(
     gates: Tensor | None = None,  # (B, HI, T, S) float
     causal: bool = True,
     scale: float | None = None,
+    window: int | None = None,
 ) -> Tensor:
     B, HQ, T, D = q.shape
     HKV, Dv = k.shape[1], v.shape[-1]
@@ -59,6 +60,8 @@ def selected_attention_reference(
             own = (q_pos[:, None] // block_size) == key_block[None, :]  # (c, T)
             not_future = key_pos[None, :] <= q_pos[:, None]
             allowed = (allowed | own) & not_future
+        if window is not None:
+            allowed = allowed & (key_pos[None, :] >= q_pos[:, None] - window)
         # shape everything as (B, HKV, G|1, c, T)
         allowed = allowed.view(B, HKV, HI // HKV, c, T)
         logits = torch.matmul(qg[:, :, :, start:end], k[:, :, None].transpose(-1, -2)) * scale

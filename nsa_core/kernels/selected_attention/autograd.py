@@ -12,49 +12,49 @@ from nsa_core.kernels.selected_attention.launch import selected_attention_bwd, s
 
 @torch.library.custom_op("nsa::selected_attention_fwd", mutates_args=())
 def _fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, gates: Tensor | None, block_size: int, causal: bool,
-         scale: float) -> tuple[Tensor, Tensor]:
-    return selected_attention_fwd(q, k, v, idx, gates, block_size, causal, scale)
+         scale: float, window: int) -> tuple[Tensor, Tensor]:
+    return selected_attention_fwd(q, k, v, idx, gates, block_size, causal, scale, window)
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k, v, idx, gates, block_size, causal, scale):
+def _fwd_fake(q, k, v, idx, gates, block_size, causal, scale, window):
     B, HQ, T, _ = q.shape
     return q.new_empty(B, HQ, T, v.shape[-1]), q.new_empty(B, HQ, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("nsa::selected_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, idx: Tensor, gates: Tensor | None,
-         block_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dgates = selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size, causal, scale)
+         block_size: int, causal: bool, scale: float, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dgates = selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size, causal, scale, window)
     if dgates is None:
         dgates = q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dgates
 
 
 @_bwd.register_fake
-def _bwd_fake(do, q, k, v, o, lse, idx, gates, block_size, causal, scale):
+def _bwd_fake(do, q, k, v, o, lse, idx, gates, block_size, causal, scale, window):
     dgates = q.new_empty(idx.shape if gates is not None else (0,), dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgates
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, idx, gates, block_size, causal, scale = inputs
+    q, k, v, idx, gates, block_size, causal, scale, window = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, idx, gates)
-    ctx.block_size, ctx.causal, ctx.scale = block_size, causal, scale
+    ctx.block_size, ctx.causal, ctx.scale, ctx.window = block_size, causal, scale, window
 
 
 def _backward(ctx, do, dlse):
     q, k, v, o, lse, idx, gates = ctx.saved_tensors
-    dq, dk, dv, dgates = _bwd(do, q, k, v, o, lse, idx, gates, ctx.block_size, ctx.causal, ctx.scale)
+    dq, dk, dv, dgates = _bwd(do, q, k, v, o, lse, idx, gates, ctx.block_size, ctx.causal, ctx.scale, ctx.window)
     dgates = dgates.to(gates.dtype) if gates is not None else None
-    return dq, dk, dv, None, dgates, None, None, None
+    return dq, dk, dv, None, dgates, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale) -> Tensor:
+def selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale, window=None) -> Tensor:
     """Kernel path of nsa_core.selected_attention (inputs already validated)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     idx = indices.to(torch.int32)
@@ -63,5 +63,6 @@ def selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal
     idx = idx.contiguous()
     if gates is not None:
         gates = gates.contiguous()
-    o, _ = _fwd(q.contiguous(), k.contiguous(), v.contiguous(), idx, gates, int(block_size), bool(causal), scale)
+    o, _ = _fwd(q.contiguous(), k.contiguous(), v.contiguous(), idx, gates, int(block_size), bool(causal), scale,
+                0 if window is None else int(window))
     return o

@@ -57,7 +57,7 @@ def selected_attention_bwd_dq_kernel(
     S: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
-    PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -83,7 +83,7 @@ def selected_attention_bwd_dq_kernel(
 
     p_sel = (i_bh * T + i_t) * S
     for step in range(0, S, SLOTS_PER_STEP):
-        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, i_t, T, S, SLOTS_PER_STEP, BLOCK, BLOCK_N, CAUSAL, HAS_GATES)
+        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, i_t, T, S, SLOTS_PER_STEP, BLOCK, BLOCK_N, CAUSAL, HAS_GATES, WINDOW)
         b_dq, b_dgate_col = _dq_keys(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate,
                                      scale, BLOCK_D, BLOCK_DV, D, DV, PRECISION)
         if HAS_GATES:
@@ -91,7 +91,7 @@ def selected_attention_bwd_dq_kernel(
             o_slot = step + tl.arange(0, SLOTS_PER_STEP)
             tl.store(dgates + p_sel + o_slot, b_dgate, mask=o_slot < S)
     if CAUSAL:
-        o_key, m_key, b_gate = own_block_keys(i_t, T, BLOCK, BLOCK_N)
+        o_key, m_key, b_gate = own_block_keys(i_t, T, BLOCK, BLOCK_N, WINDOW)
         b_dq, _ = _dq_keys(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate,
                            scale, BLOCK_D, BLOCK_DV, D, DV, PRECISION)
     tl.store(dq + p_rows + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & (o_d[None, :] < D))
@@ -102,7 +102,7 @@ def _accumulate_dkdv(
     b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
     p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    CAUSAL: tl.constexpr, DQ_PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DQ_PARTIAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK/dV of one key block from M query rows; with DQ_PARTIAL also those rows' dq over this
     block [M, BLOCK_D] and their gate gradient sum_keys(ds * qk) * scale [M]."""
@@ -115,6 +115,8 @@ def _accumulate_dkdv(
     m = m_row[:, None] & m_key[None, :]
     if CAUSAL:
         m = m & (o_key[None, :] <= o_t[:, None])
+    if WINDOW > 0:
+        m = m & (o_key[None, :] >= o_t[:, None] - WINDOW)
     b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [M, BLOCK_N]
     b_p = tl.where(m, tl.exp(b_qk * (scale * b_gate)[:, None] - b_lse[:, None]), 0.0)
     b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DV]
@@ -140,7 +142,7 @@ def selected_attention_bwd_dkdv_kernel(
     S: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, G_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
-    DQ_PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
+    DQ_PARTIAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK/dV of one key block (and, with DQ_PARTIAL, the dq partials (B, HQ, T, S + 1, D) of the
     rows that attend it, slot S being the own block, plus the gate gradients of its entries)."""
@@ -181,7 +183,7 @@ def selected_attention_bwd_dkdv_kernel(
             b_gate = tl.load(gates + lin, mask=m_row, other=0.0).to(tl.float32)
         b_dk, b_dv, b_dq_rows, b_dgate_rows = _accumulate_dkdv(
             b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta, p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
-            BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, PRECISION)
+            BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, WINDOW, PRECISION)
         if DQ_PARTIAL:
             p_part = (((i_b * HQ + o_hq) * T + o_t) * (S + 1) + lin % S).to(tl.int64)
             tl.store(dq_part + p_part[:, None] * D + o_d[None, :], b_dq_rows, mask=m_row[:, None] & (o_d[None, :] < D))
@@ -208,7 +210,7 @@ def selected_attention_bwd_dkdv_kernel(
             b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
             b_dk, b_dv, b_dq_rows, b_dgate_rows = _accumulate_dkdv(
                 b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta, p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
-                BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, PRECISION)
+                BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, WINDOW, PRECISION)
             if DQ_PARTIAL:
                 p_part = (((i_b * HQ + o_hq) * T + o_t) * (S + 1) + S).to(tl.int64)
                 tl.store(dq_part + p_part[:, None] * D + o_d[None, :], b_dq_rows, mask=m_row[:, None] & (o_d[None, :] < D))

@@ -16,7 +16,7 @@ import triton.language as tl
 @triton.jit
 def slot_keys(idx, gates, p_sel, step, t, T,
               S: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr):
+              CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr, WINDOW: tl.constexpr):
     """Key positions, mask and logit gate of the tile holding slots step ... step + SLOTS_PER_STEP - 1."""
     o_n = tl.arange(0, SLOTS_PER_STEP * BLOCK_N)
     o_slot = step + o_n // BLOCK_N
@@ -27,6 +27,8 @@ def slot_keys(idx, gates, p_sel, step, t, T,
     m_key = m_slot & (b_blk >= 0) & (o_in < BLOCK) & (o_key < T)
     if CAUSAL:
         m_key = m_key & (o_key <= t)
+    if WINDOW > 0:
+        m_key = m_key & (o_key >= t - WINDOW)
     b_gate = tl.full([SLOTS_PER_STEP * BLOCK_N], 1.0, dtype=tl.float32)
     if HAS_GATES:
         b_gate = tl.load(gates + p_sel + o_slot, mask=m_slot, other=0.0).to(tl.float32)
@@ -34,10 +36,12 @@ def slot_keys(idx, gates, p_sel, step, t, T,
 
 
 @triton.jit
-def own_block_keys(t, T, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+def own_block_keys(t, T, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
     o_in = tl.arange(0, BLOCK_N)
     o_key = (t // BLOCK) * BLOCK + o_in
     m_key = (o_in < BLOCK) & (o_key <= t) & (o_key < T)
+    if WINDOW > 0:
+        m_key = m_key & (o_key >= t - WINDOW)
     return o_key, m_key, tl.full([BLOCK_N], 1.0, dtype=tl.float32)
 
 
@@ -70,7 +74,7 @@ def selected_attention_fwd_kernel(
     S: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
-    PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)  # over (batch, selection head)
@@ -94,11 +98,11 @@ def selected_attention_fwd_kernel(
 
     p_sel = (i_bh * T + i_t) * S  # row of idx / gates, both (B, HI, T, S) contiguous
     for step in range(0, S, SLOTS_PER_STEP):
-        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, i_t, T, S, SLOTS_PER_STEP, BLOCK, BLOCK_N, CAUSAL, HAS_GATES)
+        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, i_t, T, S, SLOTS_PER_STEP, BLOCK, BLOCK_N, CAUSAL, HAS_GATES, WINDOW)
         b_m, b_l, b_acc = _attend_keys(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate, scale,
                                        BLOCK_D, BLOCK_DV, D, DV, PRECISION)
     if CAUSAL:
-        o_key, m_key, b_gate = own_block_keys(i_t, T, BLOCK, BLOCK_N)
+        o_key, m_key, b_gate = own_block_keys(i_t, T, BLOCK, BLOCK_N, WINDOW)
         b_m, b_l, b_acc = _attend_keys(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate, scale,
                                        BLOCK_D, BLOCK_DV, D, DV, PRECISION)
 

@@ -18,12 +18,14 @@ from nsa_core.kernels.selected_attention.backward import _load_key_block
 
 @triton.jit
 def _partial_rows(b_k, b_v, o_key, m_key, q, p_qrow, o_t, b_gate, m_row, scale,
-                  BLOCK_D: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_D: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     b_q = tl.load(q + p_qrow[:, None] + o_d[None, :], mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [M, BLOCK_D]
     m = m_row[:, None] & m_key[None, :]
     if CAUSAL:
         m = m & (o_key[None, :] <= o_t[:, None])
+    if WINDOW > 0:
+        m = m & (o_key[None, :] >= o_t[:, None] - WINDOW)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * (scale * b_gate)[:, None]  # [M, BLOCK_N]
     b_s = tl.where(m, b_s, float("-inf"))
     b_m = tl.max(b_s, axis=1)  # [M]
@@ -52,7 +54,7 @@ def selected_attention_fwd_by_block_kernel(
     S: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, G_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
-    PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_blk = tl.program_id(0)
     i_bk = tl.program_id(1)  # over (batch, kv head)
@@ -84,7 +86,7 @@ def selected_attention_fwd_by_block_kernel(
         if HAS_GATES:
             b_gate = tl.load(gates + lin, mask=m_row, other=0.0).to(tl.float32)
         b_o, b_mx, b_l = _partial_rows(b_k, b_v, o_key, m_key, q, i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt,
-                                       o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, PRECISION)
+                                       o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)
         _store_partials(o_part, m_part, l_part, b_o, b_mx, b_l, ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + o_s, m_row, BLOCK_DV, DV)
         pos += ENTRIES_PER_STEP
 
@@ -100,7 +102,7 @@ def selected_attention_fwd_by_block_kernel(
             o_hq = i_hk * G + o_gg
             b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
             b_o, b_mx, b_l = _partial_rows(b_k, b_v, o_key, m_key, q, i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt,
-                                           o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, PRECISION)
+                                           o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)
             _store_partials(o_part, m_part, l_part, b_o, b_mx, b_l, ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + S, m_row, BLOCK_DV, DV)
 
 

@@ -90,14 +90,14 @@ def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward:
     return "by_block" if rows <= max_rows and partial_bytes <= PARTIALS_BUDGET_BYTES else "by_query"
 
 
-def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float,
+def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
                            slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                            scheme: str | None = None):
     """q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, DV), idx (B, HI, T, S) int32 with -1 for
     invalid slots, gates (B, HI, T, S) or None -> o (B, HQ, T, DV), lse (B, HQ, T) float32."""
     scheme = scheme or choose_scheme(q, k, idx)
     if scheme == "by_block":
-        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, num_warps)
+        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps)
     B, HQ, T, _ = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
     rows, rows_p = _rows(HQ, HKV, HI)
@@ -111,13 +111,13 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         T, HI, scale,
         S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
-        CAUSAL=causal, HAS_GATES=gates is not None,
+        CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window,
         num_warps=num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8), num_stages=num_stages, **tiles,
     )
     return o, lse
 
 
-def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, num_warps):
+def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps):
     B, HQ, T, _ = q.shape
     HKV, HI, S, DV = k.shape[1], idx.shape[1], idx.shape[-1], v.shape[-1]
     G = HQ // HKV
@@ -134,7 +134,7 @@ def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, num_warps):
         v.stride(0), v.stride(1), v.stride(2),
         T, HI, HKV, num_blocks, scale,
         S=S, G=G, ROWS=rows, ROWS_P=_pow2(rows), G_P=_pow2(G), BLOCK_M=64, CAUSAL=causal,
-        HAS_GATES=gates is not None, num_warps=num_warps or 4, num_stages=2, **tiles,
+        HAS_GATES=gates is not None, WINDOW=window, num_warps=num_warps or 4, num_stages=2, **tiles,
     )
     o = new_output(B, HQ, T, DV, device=q.device, dtype=q.dtype)
     lse = new_output(B, HQ, T, device=q.device, dtype=torch.float32)
@@ -166,7 +166,7 @@ def build_csr(idx: torch.Tensor, num_kv_heads: int, num_blocks: int, rows: int):
     return order.to(index_dtype), offsets.to(index_dtype)
 
 
-def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, causal: bool, scale: float,
+def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
                            slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                            dkdv_block_m: int | None = None, scheme: str | None = None):
     """Gradients (dq, dk, dv, dgates or None) of selected_attention_fwd. By query: a dQ kernel
@@ -191,7 +191,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     else:
         dq_part = delta
         dq = new_output(*q.shape, device=q.device, dtype=q.dtype)
-        _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, slots_per_step, warps, num_stages, rows, rows_p, tiles)
+        _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps, num_stages,
+                   rows, rows_p, tiles)
     num_blocks = math.ceil(T / block_size)
     entries, offsets = build_csr(idx, HKV, num_blocks, rows)
     dk = new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
@@ -205,7 +206,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
         v.stride(0), v.stride(1), v.stride(2),
         T, HI, HKV, num_blocks, scale,
         S=S, G=G, ROWS=rows, ROWS_P=entry_rows, G_P=_pow2(G), BLOCK_M=block_m, CAUSAL=causal,
-        HAS_GATES=gates is not None, DQ_PARTIAL=by_block, num_warps=warps, num_stages=num_stages, **tiles,
+        HAS_GATES=gates is not None, DQ_PARTIAL=by_block, WINDOW=window, num_warps=warps, num_stages=num_stages, **tiles,
     )
     if by_block:
         dq = _sum_dq_partials(dq_part, idx, HQ, causal).to(q.dtype)
@@ -221,7 +222,8 @@ def _sum_dq_partials(dq_part, idx, HQ, causal):
     return dq_part.sum(dim=-2)
 
 
-def _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, slots_per_step, warps, num_stages, rows, rows_p, tiles):
+def _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps, num_stages,
+               rows, rows_p, tiles):
     B, HQ, T, _ = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
     selected_attention_bwd_dq_kernel[(T, B * HI)](
@@ -230,5 +232,5 @@ def _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, s
         v.stride(0), v.stride(1), v.stride(2),
         T, HI, scale,
         S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
-        CAUSAL=causal, HAS_GATES=gates is not None, num_warps=warps, num_stages=num_stages, **tiles,
+        CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window, num_warps=warps, num_stages=num_stages, **tiles,
     )
