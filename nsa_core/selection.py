@@ -95,6 +95,18 @@ def block_importance(
     return scores
 
 
+def top_indices_lowest_first(probs: Tensor, k: int) -> Tensor:
+    """Indices of the k largest probabilities, ties going to the lowest block index, so the
+    parallel pass and cached decoding (which sees fewer trailing blocks) pick the same blocks.
+
+    One exact top-k over int64 keys: the bit pattern of a non-negative float orders like the
+    float, and the block index is subtracted in the low 32 bits (cheaper than a stable sort)."""
+    bits = probs.detach().float().view(torch.int32).to(torch.int64)
+    block = torch.arange(probs.shape[-1], device=probs.device, dtype=torch.int64)
+    key = bits * (1 << 32) - block
+    return key.topk(k, dim=-1).indices
+
+
 def select_top_blocks(block_logits: Tensor, num_selected: int, use_diff_topk: bool) -> Selection | None:
     """Softmax with a null slot, top-n. None when nothing can be selected."""
     k = min(num_selected, block_logits.shape[-1])
@@ -102,10 +114,8 @@ def select_top_blocks(block_logits: Tensor, num_selected: int, use_diff_topk: bo
         return None
     null = torch.full_like(block_logits[..., :1], NULL_SLOT_LOGIT)
     probs = torch.cat((null, block_logits), dim=-1).softmax(dim=-1)[..., 1:]
-    # a stable descending sort: among equal scores the lowest block index wins, so the parallel
-    # pass and cached decoding (which sees fewer trailing blocks) pick the same blocks
-    values, indices = probs.sort(dim=-1, descending=True, stable=True)
-    values, indices = values[..., :k], indices[..., :k]
+    indices = top_indices_lowest_first(probs, k)
+    values = probs.gather(-1, indices)
     valid = values > VALID_THRESHOLD
     gates = values + (1.0 - values).detach() if use_diff_topk else None
     return Selection(indices=indices, valid=valid, probs=values, gates=gates)
