@@ -191,3 +191,10 @@ def test_bench_needs_cuda_or_cpu_flag():
 def test_env():
     data = json.loads(run("env", "--json").stdout)
     assert {"python", "torch", "triton", "kernels_can_run"} <= set(data)
+
+
+def test_visualize_png_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "s.png"
+    assert run("visualize-selection", "--seq-len", 64, "-o", png).exit_code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

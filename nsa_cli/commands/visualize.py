@@ -88,27 +88,28 @@ def _save_png(grid: SelectionGrid, title: str, path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
+        from matplotlib.colors import BoundaryNorm, ListedColormap
     except ImportError:
         raise UsageError("PNG output needs matplotlib: pip install 'nsa[plot]' (or use .svg / .html)") from None
-    nb = grid.counts.shape[0]
-    image = torch.zeros(nb, nb)
-    image[grid.window] = 1
-    image[grid.future] = 0.5
-    image[grid.own] = 2
+    # categories: 0 not attended, 1 future, 2 window, 3 own block, 4-6 selected by few/some/many queries
+    image = torch.zeros(grid.counts.shape)
+    image[grid.future] = 1
+    image[grid.window] = 2
+    image[grid.own] = 3
     top = max(1, int(grid.counts.max()))
     sel = grid.counts > 0
-    image[sel] = 3 + grid.counts[sel].float() / top
-    cmap = ListedColormap(["white", "#dddddd", "#9ecae1", "#c51b8a", "#a1d99b", "#31a354", "#006d2c"])
+    image[sel] = 4 + torch.clamp((3 * grid.counts[sel] - 1) // top, 0, 2).float()
+    colors = ["white", "#e0e0e0", "#9ecae1", "#c51b8a", "#a1d99b", "#41ab5d", "#005a32"]
+    cmap, norm = ListedColormap(colors), BoundaryNorm([x - 0.5 for x in range(len(colors) + 1)], len(colors))
     fig, ax = plt.subplots(figsize=(7, 6.5))
-    ax.imshow(image.numpy(), cmap=cmap, vmin=0, vmax=4, interpolation="nearest")
+    ax.imshow(image.numpy(), cmap=cmap, norm=norm, interpolation="nearest")
     ax.set_title(title)
     ax.set_xlabel(f"key block ({grid.block_size} tokens)")
     ax.set_ylabel(f"query block ({grid.block_size} tokens)")
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="#31a354", label="selected"), Patch(color="#c51b8a", label="own block"),
-                       Patch(color="#9ecae1", label="sliding window"), Patch(color="#dddddd", label="future")],
+    ax.legend(handles=[Patch(color="#41ab5d", label="selected (darker: by more queries)"), Patch(color="#c51b8a", label="own block"),
+                       Patch(color="#9ecae1", label="sliding window"), Patch(color="#e0e0e0", label="future")],
               loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
