@@ -28,6 +28,14 @@ from nsa_core.reference.masked_softmax import query_chunk_size
 from nsa_core.selection import Selection, block_importance, select_top_blocks
 
 
+def _selection_tuple(out, selection) -> tuple:
+    """(output,) or (output, indices, valid, probs, gates): what checkpoint can carry."""
+    if selection is None:
+        return (out,)
+    gates = selection.gates if selection.gates is not None else selection.probs
+    return out, selection.indices, selection.valid, selection.probs, gates
+
+
 def _pad_seq(t: Tensor, multiple: int) -> Tensor:
     """Zero-pad dim -2 up to a multiple (the oracle's padding, whose zero keys it attends)."""
     remainder = -t.shape[-2] % multiple
@@ -197,12 +205,27 @@ class SparseAttention(nn.Module):
     def kernel_backend(self) -> str:
         return self.config.backend
 
+    def uses_fast_compressed_path(self, q: Tensor) -> bool:
+        """On the kernel path (CUDA, or backend='triton'), compressed attention runs as one SDPA
+        call and block scores are pooled before the dot product (fast_compressed.py)."""
+        from nsa_core.fast_compressed import staircase_applies
+
+        backend = self.kernel_backend()
+        on_kernels = backend == "triton" or (backend == "auto" and q.is_cuda)
+        return (
+            on_kernels
+            and staircase_applies(self.num_mem_compress_kv, self.causal)
+            and self.selection_block_size % self.stride == 0
+        )
+
     def compressed_and_select(self, q: Tensor, ck_all: Tensor, cv_all: Tensor, query_offset: int = 0):
         """Compressed attention and block selection, over chunks of queries so the (n x c) logits
         exist one chunk at a time (re-computed in the backward pass): memory linear in n.
         q holds the queries at positions query_offset ... (decoding passes one).
         Returns (compressed output (b, h, n, d), Selection or None)."""
         b, h, n, _ = q.shape
+        if query_offset == 0 and self.uses_fast_compressed_path(q):
+            return self.fast_compressed_and_select(q, ck_all, cv_all)
         chunk = query_chunk_size(n, ck_all.shape[-2], h, b, budget=1 << 26)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or ck_all.requires_grad or cv_all.requires_grad)
 
@@ -212,16 +235,42 @@ class SparseAttention(nn.Module):
                 query_offset=query_offset + start,
             )
             selection = self.select(scores, torch.arange(query_offset + start, query_offset + end, device=q.device))
-            if selection is None:
-                return (out,)
-            gates = selection.gates if selection.gates is not None else selection.probs
-            return out, selection.indices, selection.valid, selection.probs, gates
+            return _selection_tuple(out, selection)
 
+        return self._chunked(part, n, chunk, needs_grad)
+
+    def fast_compressed_and_select(self, q: Tensor, ck_all: Tensor, cv_all: Tensor):
+        from nsa_core.fast_compressed import compressed_attention_sdpa, pooled_block_logits
+
+        b, h, n, _ = q.shape
+        out = compressed_attention_sdpa(q, ck_all, cv_all, self.stride, self.causal, self.scale)
+        ck = ck_all[:, :, self.num_mem_compress_kv :]
+        cfg = self.config
+        heads = self.kv_heads if cfg.query_heads_share_selected_kv else self.heads
+        chunk = query_chunk_size(n, max(1, ck.shape[-2]), heads, b, budget=1 << 27)
+        needs_grad = cfg.use_diff_topk and torch.is_grad_enabled() and (q.requires_grad or ck.requires_grad)
+
+        def part(start: int, end: int):
+            pos = torch.arange(start, end, device=q.device)
+            logits = pooled_block_logits(
+                q[:, :, start:end], ck, group_size=self.num_grouped_queries, share_across_group=cfg.query_heads_share_selected_kv,
+                stride=self.stride, selection_block_size=self.selection_block_size, causal=self.causal,
+                scale=self.scale, query_pos=pos,
+            )
+            return _selection_tuple(None, select_top_blocks(logits, self.num_selected_blocks, cfg.use_diff_topk))
+
+        with torch.set_grad_enabled(needs_grad):
+            _, selection = self._chunked(part, n, chunk, needs_grad)
+        return out, selection
+
+    def _chunked(self, part, n: int, chunk: int, needs_grad: bool):
+        """Run part(start, end) over query chunks (checkpointed when gradients are needed) and
+        join the (output, Selection) pieces along the sequence."""
         parts = []
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
             parts.append(checkpoint(part, start, end, use_reentrant=False) if needs_grad and chunk < n else part(start, end))
-        out = torch.cat([p[0] for p in parts], dim=-2)
+        out = None if parts[0][0] is None else torch.cat([p[0] for p in parts], dim=-2)
         if len(parts[0]) == 1:
             return out, None
         indices, valid, probs, gates = (torch.cat([p[i] for p in parts], dim=-2) for i in range(1, 5))

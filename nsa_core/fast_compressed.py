@@ -1,0 +1,68 @@
+"""Faster equivalents of compressed attention and block scoring, used on the kernel path.
+
+- Causal compressed attention with one memory token is a causal attention in disguise: give
+  query t the row floor(t / stride) and put the memory token in front of the compressed keys;
+  top-left causal masking then shows row j the memory token and compressed blocks 0 .. j-1,
+  exactly the blocks whose last token is before t. The stride tokens of a row go into the head
+  dimension, so one flash SDPA call (GQA included) does the branch, forward and backward.
+- Block scores: the mean over a group's query heads of q . ck, pooled over the r = selection /
+  stride compressed blocks of a selection block, is (mean of the group's q) . (mean of the r
+  compressed keys): (T x T/selection) scores per kv head instead of (T x T/stride) per query head.
+  Equal to the PyTorch path up to rounding (a near-tie may then pick another block).
+
+Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, T queries, C compressed
+blocks, NB selection blocks that can be scored, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nsa_core.reference.compressed_attention import masked_score
+
+
+def staircase_applies(num_memory: int, causal: bool) -> bool:
+    return num_memory == 1 or not causal
+
+
+def compressed_attention_sdpa(q: Tensor, ck_all: Tensor, cv_all: Tensor, stride: int, causal: bool, scale: float) -> Tensor:
+    """q (B, HQ, T, D), ck_all / cv_all (B, HKV, M + C, D) memory first -> (B, HQ, T, Dv)."""
+    B, HQ, T, D = q.shape
+    HKV = ck_all.shape[1]
+    if not causal:
+        return F.scaled_dot_product_attention(q, ck_all, cv_all, scale=scale, enable_gqa=HQ != HKV)
+    rows = math.ceil(T / stride)
+    qp = F.pad(q, (0, 0, 0, rows * stride - T))
+    qp = qp.view(B, HQ, rows, stride, D).transpose(2, 3).reshape(B, HQ * stride, rows, D)
+    out = F.scaled_dot_product_attention(qp, ck_all, cv_all, is_causal=True, scale=scale, enable_gqa=HQ * stride != HKV)
+    Dv = out.shape[-1]
+    return out.view(B, HQ, stride, rows, Dv).transpose(2, 3).reshape(B, HQ, rows * stride, Dv)[:, :, :T]
+
+
+def pooled_block_logits(
+    q: Tensor, ck: Tensor, *, group_size: int, share_across_group: bool, stride: int, selection_block_size: int,
+    causal: bool, scale: float, query_pos: Tensor,
+) -> Tensor:
+    """Block logits before the softmax, as selection.block_importance computes them, for
+    selection blocks that are a multiple of the stride. q (B, HQ, T, D), ck (B, HKV, C, D)."""
+    B, HQ, T, D = q.shape
+    HKV, C = ck.shape[1], ck.shape[2]
+    ratio = selection_block_size // stride
+    nb = C // ratio
+    q_sel = q.view(B, HKV, group_size, T, D).mean(dim=2) if share_across_group else q
+    keys = ck[:, :, : nb * ratio].view(B, HKV, nb, ratio, D).mean(dim=3)
+    if not share_across_group:
+        keys = keys.repeat_interleave(group_size, dim=1)
+    logits = torch.matmul(q_sel, keys.transpose(-1, -2)) * scale  # (B, H, T, NB)
+    blocks = torch.arange(nb, device=q.device)
+    if causal:
+        visible = ((blocks + 1) * selection_block_size)[None, :] <= query_pos[:, None]
+        logits = logits.masked_fill(~visible, masked_score(logits.dtype))
+    if selection_block_size != stride:
+        own = (query_pos // selection_block_size)[:, None] == blocks[None, :]
+        logits = logits.masked_fill(own, -torch.finfo(logits.dtype).max)
+    return logits
