@@ -178,7 +178,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     G = HQ // HKV
     rows, rows_p = _rows(HQ, HKV, HI)
     do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)  # (B, HQ, T)
+    delta = _rowwise_dot(do, o)  # (B, HQ, T) float32
     by_block = scheme == "by_block"
     dgates = None
     if gates is not None:  # by block, only valid slots are written: the others stay zero
@@ -211,6 +211,15 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     if by_block:
         dq = _sum_dq_partials(dq_part, idx, HQ, causal).to(q.dtype)
     return dq, dk, dv, dgates
+
+
+def _rowwise_dot(a: torch.Tensor, b: torch.Tensor, heads_per_step: int = 4) -> torch.Tensor:
+    """sum(a * b, -1) in float32, a few heads at a time: float32 copies of whole (B, H, T, D)
+    tensors would cost 4 GiB each at 64 heads x 64k tokens."""
+    out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
+    for h in range(0, a.shape[1], heads_per_step):
+        out[:, h : h + heads_per_step] = (a[:, h : h + heads_per_step].float() * b[:, h : h + heads_per_step].float()).sum(-1)
+    return out
 
 
 def _sum_dq_partials(dq_part, idx, HQ, causal):
