@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import randomize_, rel_err
+from helpers import output_and_grads, randomize_, rel_err
 from nsa_core import SparseAttention
 from nsa_core import sparse_attention as sparse_attention_module
 
@@ -16,17 +16,9 @@ def test_chunked_compression_and_selection_equal_whole(monkeypatch, causal, diff
     attn = randomize_(SparseAttention(**kwargs), std=0.3)
     x = torch.randn(2, 45, 32)
 
-    def out_and_grads():
-        xx = x.clone().requires_grad_()
-        out = attn(xx)
-        out.backward(torch.ones_like(out))
-        grads = [xx.grad] + [p.grad.clone() for p in attn.parameters() if p.grad is not None]
-        attn.zero_grad(set_to_none=True)
-        return out.detach(), grads
-
-    whole_out, whole_grads = out_and_grads()
+    whole_out, whole_grads = output_and_grads(attn, x)
     monkeypatch.setattr(sparse_attention_module, "query_chunk_size", lambda *a, **k: 7)
-    chunked_out, chunked_grads = out_and_grads()
+    chunked_out, chunked_grads = output_and_grads(attn, x)
     assert rel_err(chunked_out, whole_out) < 1e-6
     assert len(chunked_grads) == len(whole_grads)
     for a, b in zip(chunked_grads, whole_grads):

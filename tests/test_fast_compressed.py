@@ -4,7 +4,7 @@ PyTorch path (float64, so no near-tie can flip a selected block)."""
 import pytest
 import torch
 
-from helpers import randomize_, rel_err
+from helpers import output_and_grads, randomize_, rel_err
 from nsa_core import SparseAttention
 from nsa_core.fast_compressed import compressed_attention_sdpa
 from nsa_core.reference.compressed_attention import compressed_attention_reference
@@ -31,17 +31,9 @@ def test_module_fast_path_equals_exact(monkeypatch, causal, share, diff, sel):
     attn = randomize_(SparseAttention(**kwargs), std=0.3).double()
     x = torch.randn(2, 71, 32, dtype=torch.float64)
 
-    def run():
-        xx = x.clone().requires_grad_()
-        out = attn(xx)
-        out.backward(torch.ones_like(out))
-        grads = [xx.grad] + [p.grad.clone() for p in attn.parameters() if p.grad is not None]
-        attn.zero_grad(set_to_none=True)
-        return out.detach(), grads
-
-    exact_out, exact_grads = run()
+    exact_out, exact_grads = output_and_grads(attn, x)
     monkeypatch.setattr(SparseAttention, "uses_fast_compressed_path", lambda self, q: True)
-    fast_out, fast_grads = run()
+    fast_out, fast_grads = output_and_grads(attn, x)
     assert rel_err(fast_out, exact_out) < 1e-10
     for a, b in zip(fast_grads, exact_grads):
         assert rel_err(a, b) < 1e-8

@@ -13,21 +13,8 @@ Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in th
 import triton
 import triton.language as tl
 
+from nsa_core.kernels.selected_attention.by_block import entry_rows, load_key_block, own_block_rows, segment_bounds
 from nsa_core.kernels.selected_attention.forward import own_block_keys, slot_keys
-
-
-@triton.jit
-def _load_key_block(p_k, p_v, stride_kt, stride_vt, blk, T,
-                    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    D: tl.constexpr, DV: tl.constexpr):
-    o_n = tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    o_key = blk * BLOCK + o_n
-    m_key = (o_n < BLOCK) & (o_key < T)
-    b_k = tl.load(p_k + o_key[:, None] * stride_kt + o_d[None, :], mask=m_key[:, None] & (o_d[None, :] < D), other=0.0)
-    b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)
-    return o_key, m_key, b_k, b_v
 
 
 @triton.jit
@@ -153,39 +140,27 @@ def selected_attention_bwd_dkdv_kernel(
     HQ = HI * ROWS
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
-    o_key, m_key, b_k, b_v = _load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV)
+    o_key, m_key, b_k, b_v = load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
 
     # 1. the (query, head set, slot) entries that selected this block
     ENTRIES_PER_STEP: tl.constexpr = BLOCK_M // ROWS_P
-    seg = i_bk * NB + i_blk
-    o_two = tl.arange(0, 2)
-    b_bounds = tl.load(offsets + seg + o_two)  # [2]: this block's segment of entries
-    start = tl.sum(tl.where(o_two == 0, b_bounds, 0))
-    end = tl.sum(tl.where(o_two == 1, b_bounds, 0))
-    o_e = o_m // ROWS_P
-    o_g = o_m % ROWS_P
+    start, end = segment_bounds(offsets, i_bk * NB + i_blk)
     pos = start
     while pos < end:  # a while loop: its trip count is data (and the interpreter takes it)
-        m_row = (pos + o_e < end) & (o_g < ROWS)
-        lin = tl.load(entries + pos + o_e, mask=m_row, other=0)  # index into (B, HI, T, S)
-        o_t = (lin // S) % T
-        o_hs = (lin // (S * T)) % HI
-        o_hq = o_hs * ROWS + o_g
-        p_qrow = i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt
-        p_dorow = i_b * (HQ * T * DV) + o_hq * (T * DV) + o_t * DV
-        p_stat = (i_b * HQ + o_hq) * T + o_t
+        lin, m_row, o_t, o_hq, o_s = entry_rows(entries, pos, end, T, HI, S, ROWS, ROWS_P, BLOCK_M)
         b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if HAS_GATES:
             b_gate = tl.load(gates + lin, mask=m_row, other=0.0).to(tl.float32)
         b_dk, b_dv, b_dq_rows, b_dgate_rows = _accumulate_dkdv(
-            b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta, p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
+            b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
+            i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt, i_b * (HQ * T * DV) + o_hq * (T * DV) + o_t * DV,
+            (i_b * HQ + o_hq) * T + o_t, o_t, b_gate, m_row, scale,
             BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, WINDOW, PRECISION)
         if DQ_PARTIAL:
-            p_part = (((i_b * HQ + o_hq) * T + o_t) * (S + 1) + lin % S).to(tl.int64)
+            p_part = (((i_b * HQ + o_hq) * T + o_t) * (S + 1) + o_s).to(tl.int64)
             tl.store(dq_part + p_part[:, None] * D + o_d[None, :], b_dq_rows, mask=m_row[:, None] & (o_d[None, :] < D))
             if HAS_GATES:
                 b_dgate = tl.sum(tl.reshape(b_dgate_rows, (ENTRIES_PER_STEP, ROWS_P)), axis=1)
@@ -196,20 +171,13 @@ def selected_attention_bwd_dkdv_kernel(
 
     # 2. the queries of the block itself, all G query heads of this kv head (causal own block)
     if CAUSAL:
-        TOKENS_PER_STEP: tl.constexpr = BLOCK_M // G_P
-        o_tt = o_m // G_P
-        o_gg = o_m % G_P
-        first = i_blk * BLOCK
-        for step in range(0, BLOCK, TOKENS_PER_STEP):
-            o_t = first + step + o_tt
-            m_row = (step + o_tt < BLOCK) & (o_t < T) & (o_gg < G)
-            o_hq = i_hk * G + o_gg
-            p_qrow = i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt
-            p_dorow = i_b * (HQ * T * DV) + o_hq * (T * DV) + o_t * DV
-            p_stat = (i_b * HQ + o_hq) * T + o_t
+        for step in range(0, BLOCK, BLOCK_M // G_P):
+            o_t, m_row, o_hq = own_block_rows(i_blk, step, i_hk, T, G, BLOCK, G_P, BLOCK_M)
             b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
             b_dk, b_dv, b_dq_rows, b_dgate_rows = _accumulate_dkdv(
-                b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta, p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
+                b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
+                i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt, i_b * (HQ * T * DV) + o_hq * (T * DV) + o_t * DV,
+                (i_b * HQ + o_hq) * T + o_t, o_t, b_gate, m_row, scale,
                 BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, WINDOW, PRECISION)
             if DQ_PARTIAL:
                 p_part = (((i_b * HQ + o_hq) * T + o_t) * (S + 1) + S).to(tl.int64)

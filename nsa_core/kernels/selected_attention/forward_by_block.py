@@ -13,7 +13,7 @@ Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in th
 import triton
 import triton.language as tl
 
-from nsa_core.kernels.selected_attention.backward import _load_key_block
+from nsa_core.kernels.selected_attention.by_block import entry_rows, load_key_block, own_block_rows, segment_bounds
 
 
 @triton.jit
@@ -63,43 +63,25 @@ def selected_attention_fwd_by_block_kernel(
     HQ = HI * ROWS
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
-    o_key, m_key, b_k, b_v = _load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV)
-    o_m = tl.arange(0, BLOCK_M)
+    o_key, m_key, b_k, b_v = load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV)
 
     # 1. the (query, head set, slot) entries that selected this block
-    ENTRIES_PER_STEP: tl.constexpr = BLOCK_M // ROWS_P
-    seg = i_bk * NB + i_blk
-    o_two = tl.arange(0, 2)
-    b_bounds = tl.load(offsets + seg + o_two)
-    start = tl.sum(tl.where(o_two == 0, b_bounds, 0))
-    end = tl.sum(tl.where(o_two == 1, b_bounds, 0))
-    o_e = o_m // ROWS_P
-    o_g = o_m % ROWS_P
+    start, end = segment_bounds(offsets, i_bk * NB + i_blk)
     pos = start
     while pos < end:
-        m_row = (pos + o_e < end) & (o_g < ROWS)
-        lin = tl.load(entries + pos + o_e, mask=m_row, other=0)  # index into (B, HI, T, S)
-        o_s = lin % S
-        o_t = (lin // S) % T
-        o_hq = ((lin // (S * T)) % HI) * ROWS + o_g
+        lin, m_row, o_t, o_hq, o_s = entry_rows(entries, pos, end, T, HI, S, ROWS, ROWS_P, BLOCK_M)
         b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if HAS_GATES:
             b_gate = tl.load(gates + lin, mask=m_row, other=0.0).to(tl.float32)
         b_o, b_mx, b_l = _partial_rows(b_k, b_v, o_key, m_key, q, i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt,
                                        o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)
         _store_partials(o_part, m_part, l_part, b_o, b_mx, b_l, ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + o_s, m_row, BLOCK_DV, DV)
-        pos += ENTRIES_PER_STEP
+        pos += BLOCK_M // ROWS_P
 
     # 2. the queries of the block itself, all G query heads of this kv head: slot S
     if CAUSAL:
-        TOKENS_PER_STEP: tl.constexpr = BLOCK_M // G_P
-        o_tt = o_m // G_P
-        o_gg = o_m % G_P
-        first = i_blk * BLOCK
-        for step in range(0, BLOCK, TOKENS_PER_STEP):
-            o_t = first + step + o_tt
-            m_row = (step + o_tt < BLOCK) & (o_t < T) & (o_gg < G)
-            o_hq = i_hk * G + o_gg
+        for step in range(0, BLOCK, BLOCK_M // G_P):
+            o_t, m_row, o_hq = own_block_rows(i_blk, step, i_hk, T, G, BLOCK, G_P, BLOCK_M)
             b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
             b_o, b_mx, b_l = _partial_rows(b_k, b_v, o_key, m_key, q, i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt,
                                            o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)

@@ -1,0 +1,58 @@
+"""Pieces shared by the kernels that walk one key block's queries (forward_by_block.py and the
+dK/dV kernel of backward.py): the key block, its segment of the CSR entries, and the query rows
+of a step (entries that selected the block, or the block's own queries).
+
+Naming: o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_key_block(p_k, p_v, stride_kt, stride_vt, blk, T,
+                   BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   D: tl.constexpr, DV: tl.constexpr):
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    o_key = blk * BLOCK + o_n
+    m_key = (o_n < BLOCK) & (o_key < T)
+    b_k = tl.load(p_k + o_key[:, None] * stride_kt + o_d[None, :], mask=m_key[:, None] & (o_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+    b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+    return o_key, m_key, b_k, b_v
+
+
+@triton.jit
+def segment_bounds(offsets, seg):
+    """[start, end) of group seg's entries. Loaded as a pair and reduced to scalars: a scalar
+    load would be a 1-element array in the interpreter, which a loop bound cannot take."""
+    o_two = tl.arange(0, 2)
+    b_bounds = tl.load(offsets + seg + o_two)
+    return tl.sum(tl.where(o_two == 0, b_bounds, 0)), tl.sum(tl.where(o_two == 1, b_bounds, 0))
+
+
+@triton.jit
+def entry_rows(entries, pos, end, T, HI, S: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of the step at pos: BLOCK_M // ROWS_P entries, ROWS_P rows (query heads) each.
+    Returns (lin: index into (B, HI, T, S), row mask, token, query head, slot), each [BLOCK_M]."""
+    o_m = tl.arange(0, BLOCK_M)
+    o_e = o_m // ROWS_P
+    o_g = o_m % ROWS_P
+    m_row = (pos + o_e < end) & (o_g < ROWS)
+    lin = tl.load(entries + pos + o_e, mask=m_row, other=0)
+    o_t = (lin // S) % T
+    o_hq = ((lin // (S * T)) % HI) * ROWS + o_g
+    return lin, m_row, o_t, o_hq, lin % S
+
+
+@triton.jit
+def own_block_rows(blk, step, i_hk, T, G, BLOCK: tl.constexpr, G_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of step `step` over the block's own queries: BLOCK_M // G_P tokens x the G query
+    heads of kv head i_hk. Returns (token, row mask, query head), each [BLOCK_M]."""
+    o_m = tl.arange(0, BLOCK_M)
+    o_tt = o_m // G_P
+    o_gg = o_m % G_P
+    o_t = blk * BLOCK + step + o_tt
+    m_row = (step + o_tt < BLOCK) & (o_t < T) & (o_gg < G)
+    return o_t, m_row, i_hk * G + o_gg
