@@ -25,6 +25,18 @@ PARTS = {
 }
 
 
+def parameter_counts_for_config(cfg: NSAConfig) -> dict[str, int]:
+    """parameter_counts of a default-built module, without allocating its weights."""
+    with torch.device("meta"):
+        return parameter_counts(SparseAttention.from_config(cfg))
+
+
+def random_input(dim: int, seq_len: int, batch: int = 1, seed: int = 0) -> Tensor:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    return torch.randn(batch, seq_len, dim, generator=torch.Generator().manual_seed(seed))
+
+
 def parameter_counts(module: SparseAttention) -> dict[str, int]:
     counts = {part: 0 for part in PARTS}
     for name, p in module.named_parameters():
@@ -135,3 +147,44 @@ def selection_grid(module: SparseAttention, inp: Tensor, head: int = 0, batch_in
         "compressed": costs["compressed"] / costs["dense attention"],
     }
     return SelectionGrid(bs, counts, own, window, future, selected, sparsity)
+
+
+# categories of a grid cell, for renderers
+NOT_ATTENDED, FUTURE, WINDOW, OWN, SELECTED_FEW, SELECTED_SOME, SELECTED_MANY = range(7)
+
+
+def grid_categories(grid: SelectionGrid) -> Tensor:
+    """(QB, KB) int: one category per cell; selected cells graded by how many of the query
+    block's queries chose the key block, relative to the grid's busiest cell."""
+    cats = torch.full(grid.counts.shape, NOT_ATTENDED, dtype=torch.long)
+    cats[grid.future] = FUTURE
+    cats[grid.window] = WINDOW
+    cats[grid.own] = OWN
+    top = max(1, int(grid.counts.max())) if grid.counts.numel() else 1
+    sel = grid.counts > 0
+    cats[sel] = SELECTED_FEW + torch.clamp((3 * grid.counts[sel] - 1) // top, 0, 2)
+    return cats
+
+
+def downscale_grid(grid: SelectionGrid, factor: int) -> SelectionGrid:
+    """Merge factor x factor cells: counts add up; own and window if any cell has them; future
+    only if all cells are future."""
+    if factor == 1:
+        return grid
+
+    def pool(t: Tensor, reduce) -> Tensor:
+        n = t.shape[0]
+        pad = -n % factor
+        t = torch.nn.functional.pad(t, (0, pad, 0, pad))
+        m = (n + pad) // factor
+        return reduce(t.view(m, factor, m, factor), (1, 3))
+
+    return SelectionGrid(
+        grid.block_size * factor,
+        pool(grid.counts, lambda t, d: t.sum(d)),
+        pool(grid.own.to(torch.int), lambda t, d: t.amax(d)).bool(),
+        pool(grid.window.to(torch.int), lambda t, d: t.amax(d)).bool(),
+        pool(grid.future.to(torch.int), lambda t, d: t.amin(d)).bool(),
+        grid.selected_per_query_block,
+        grid.sparsity,
+    )

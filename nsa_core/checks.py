@@ -35,6 +35,9 @@ def randomize_parameters(module: torch.nn.Module, seed: int, std: float = 0.1) -
             p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * std).to(p.dtype))
 
 
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def tolerance_for(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
 
@@ -59,7 +62,13 @@ def tiny_copy(cfg: NSAConfig) -> NSAConfig:
                        compress_mlp_expand_factor=1.0, backend="torch", **kwargs)
 
 
-def run_checks(cfg: NSAConfig, seq_len: int, batch: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> list[CheckResult]:
+def run_checks(cfg: NSAConfig, seq_len: int, batch: int = 1, device: str = "cpu", dtype: str = "fp32", seed: int = 0) -> list[CheckResult]:
+    """Build the module with random weights and run every check; dtype is one of DTYPES' names."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    dtype = DTYPES[dtype]
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:

@@ -49,7 +49,7 @@ def test_check_table_and_non_causal():
 
 def test_check_bad_arguments():
     assert_user_error(run("check", "--kv-heads", 3), "kv_heads must divide heads")
-    assert_user_error(run("check", "--dtype", "int8"), "--dtype")
+    assert_user_error(run("check", "--dtype", "int8"), "dtype must be one of")
     assert_user_error(run("check", "--preset", "nope"), "unknown preset")
     assert_user_error(run("check", "--seq-len", 0), "seq_len")
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 from rich.table import Table
 
 from nsa_cli.common import (
     UsageError, check_output_path, cli_errors, console, human_bytes, human_count, parse_field_options, print_json,
 )
-from nsa_core import PRESETS, NSAConfig, SparseAttention
-from nsa_core.analysis import branch_costs, parameter_counts
+from nsa_core import PRESETS, NSAConfig
+from nsa_core.analysis import branch_costs, parameter_counts_for_config
 
 app = typer.Typer(help="List presets, show a configuration's costs, write a config file.", no_args_is_help=True)
 
@@ -52,8 +51,7 @@ def show(
 ) -> None:
     """Show a configuration, its parameters by part and each branch's cost next to dense attention."""
     cfg = _load(name_or_file)
-    with torch.device("meta"):
-        counts = parameter_counts(SparseAttention.from_config(cfg))
+    counts = parameter_counts_for_config(cfg)
     costs = branch_costs(cfg, seq_len, batch)
     if as_json:
         print_json({"config": cfg.to_dict(), "parameters": counts, "seq_len": seq_len,

@@ -7,70 +7,35 @@ import math
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.text import Text
 
 from nsa_cli.common import UsageError, check_output_path, cli_errors, console, err_console, print_json, resolve_config
-from nsa_core.analysis import SelectionGrid, selection_grid
+from nsa_core.analysis import SelectionGrid, downscale_grid, grid_categories, random_input, selection_grid
 from nsa_core.io import build_module, load_input_file, load_safetensors
 
 LEGEND = [("█", "bright_green", "selected (brighter: more queries of the block)"), ("■", "magenta", "own block (causal)"),
           ("░", "blue", "sliding window reach"), ("·", "grey50", "future (causal edge)"), (" ", "", "not attended")]
 
 
-def _cell(grid: SelectionGrid, i: int, j: int, top: int) -> tuple[str, str]:
-    count = int(grid.counts[i, j])
-    if count:
-        shade = ("green", "green3", "bright_green")[min(2, (3 * count - 1) // max(top, 1))]
-        return "█", shade
-    if grid.own[i, j]:
-        return "■", "magenta"
-    if grid.future[i, j]:
-        return "·", "grey50"
-    if grid.window[i, j]:
-        return "░", "blue"
-    return " ", ""
-
-
-def _downscale(grid: SelectionGrid, factor: int) -> SelectionGrid:
-    """Merge factor x factor cells: counts add up, flags combine with any()."""
-    if factor == 1:
-        return grid
-
-    def pool(t: torch.Tensor, op) -> torch.Tensor:
-        n = t.shape[0]
-        pad = -n % factor
-        t = torch.nn.functional.pad(t, (0, pad, 0, pad))
-        m = n + pad
-        return op(t.view(m // factor, factor, m // factor, factor), (1, 3))
-
-    return SelectionGrid(
-        grid.block_size * factor,
-        pool(grid.counts, lambda t, d: t.sum(d)),
-        pool(grid.own.to(torch.int), lambda t, d: t.amax(d)).bool(),
-        pool(grid.window.to(torch.int), lambda t, d: t.amax(d)).bool(),
-        pool(grid.future.to(torch.int), lambda t, d: t.amin(d)).bool(),
-        grid.selected_per_query_block,
-        grid.sparsity,
-    )
+CELLS = [" ", "·", "░", "■", "█", "█", "█"]  # by category (nsa_core.analysis.grid_categories)
+STYLES = ["", "grey50", "blue", "magenta", "green", "green3", "bright_green"]
+PNG_COLORS = ["white", "#e0e0e0", "#9ecae1", "#c51b8a", "#a1d99b", "#41ab5d", "#005a32"]
 
 
 def render_grid(grid: SelectionGrid, title: str, max_width: int) -> list[Text]:
     nb = grid.counts.shape[0]
     factor = max(1, math.ceil(nb / max(8, max_width - 12)))
-    shown = _downscale(grid, factor)
-    top = int(shown.counts.max()) if shown.counts.numel() else 0
+    categories = grid_categories(downscale_grid(grid, factor)).tolist()
     lines = [Text(title, style="bold")]
     if factor > 1:
         lines.append(Text(f"(scaled down: each cell is {factor} x {factor} blocks)", style="italic"))
     lines.append(Text("query block \\ key block →"))
-    for i in range(shown.counts.shape[0]):
+    for i, row in enumerate(categories):
         line = Text(f"{i * factor:>6} ")
-        for j in range(shown.counts.shape[1]):
-            char, style = _cell(shown, i, j, top)
-            line.append(char, style=style or None)
+        for cat in row:
+            line.append(CELLS[cat], style=STYLES[cat] or None)
         lines.append(line)
     legend = Text("legend: ")
     for char, style, meaning in LEGEND:
@@ -91,18 +56,9 @@ def _save_png(grid: SelectionGrid, title: str, path: Path) -> None:
         from matplotlib.colors import BoundaryNorm, ListedColormap
     except ImportError:
         raise UsageError("PNG output needs matplotlib: pip install 'nsa[plot]' (or use .svg / .html)") from None
-    # categories: 0 not attended, 1 future, 2 window, 3 own block, 4-6 selected by few/some/many queries
-    image = torch.zeros(grid.counts.shape)
-    image[grid.future] = 1
-    image[grid.window] = 2
-    image[grid.own] = 3
-    top = max(1, int(grid.counts.max()))
-    sel = grid.counts > 0
-    image[sel] = 4 + torch.clamp((3 * grid.counts[sel] - 1) // top, 0, 2).float()
-    colors = ["white", "#e0e0e0", "#9ecae1", "#c51b8a", "#a1d99b", "#41ab5d", "#005a32"]
-    cmap, norm = ListedColormap(colors), BoundaryNorm([x - 0.5 for x in range(len(colors) + 1)], len(colors))
+    cmap, norm = ListedColormap(PNG_COLORS), BoundaryNorm([x - 0.5 for x in range(len(PNG_COLORS) + 1)], len(PNG_COLORS))
     fig, ax = plt.subplots(figsize=(7, 6.5))
-    ax.imshow(image.numpy(), cmap=cmap, norm=norm, interpolation="nearest")
+    ax.imshow(grid_categories(grid).numpy(), cmap=cmap, norm=norm, interpolation="nearest")
     ax.set_title(title)
     ax.set_xlabel(f"key block ({grid.block_size} tokens)")
     ax.set_ylabel(f"query block ({grid.block_size} tokens)")
@@ -145,7 +101,7 @@ def visualize_selection(
     else:
         if seq_len < 1:
             raise UsageError(f"--seq-len must be >= 1, got {seq_len}")
-        inp = torch.randn(max(1, batch_index + 1), seq_len, cfg.dim, generator=torch.Generator().manual_seed(seed))
+        inp = random_input(cfg.dim, seq_len, batch=max(1, batch_index + 1), seed=seed)
     grid = selection_grid(module, inp, head=head, batch_index=batch_index)
     title = (f"selection of head {head}, batch {batch_index}: seq {inp.shape[1]}, blocks of {cfg.selection_block_size}, "
              f"{cfg.num_selected_blocks} selected, window {cfg.sliding_window_size}")
