@@ -172,3 +172,15 @@ def test_sliding_window_on_kernels(scheme, window, poisoned_outputs):
     for a, b in zip(outs["triton"], outs["torch"]):
         assert torch.isfinite(a).all()
         assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_by_block_forward_split_entries(monkeypatch, poisoned_outputs):
+    """Dealing a block's entries to several programs changes nothing."""
+    from nsa_core.kernels.selected_attention import launch
+
+    monkeypatch.setattr(launch, "choose_scheme", lambda *a, **k: "by_block")
+    problem = random_problem(G=2, T=61, S=3, with_gates=True, seed=21, device=DEVICE)
+    one = run(problem, "triton")
+    monkeypatch.setattr(launch, "BY_BLOCK_FWD_SPLITS", 3)
+    three = run(problem, "triton")
+    assert all(torch.equal(a, b) for a, b in zip(one, three))

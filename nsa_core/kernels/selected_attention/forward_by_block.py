@@ -4,7 +4,8 @@ With few query heads per kv head, a query token's program would load 16 key bloc
 for a handful of rows. Here a program owns one key block of one kv head instead, loads it once,
 and walks every (query token, head set, slot) entry that selected it (the CSR index of
 launch.py), then the queries of the block itself (the causal own block, slot S). For each entry
-it writes a partial result: the softmax-normalised output over this block's keys, the row max
+it writes a partial result (no two programs write the same entry, so the entries of a block
+chosen by many queries can be dealt to several programs): the softmax-normalised output over this block's keys, the row max
 and the row sum. launch.py merges the S + 1 partials of each query.
 
 Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
@@ -50,7 +51,7 @@ def selected_attention_fwd_by_block_kernel(
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
-    T, HI, HKV, NB, scale,
+    T, HI, HKV, NB, scale, NUM_SPLITS,
     S: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, G_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
@@ -58,6 +59,8 @@ def selected_attention_fwd_by_block_kernel(
 ):
     i_blk = tl.program_id(0)
     i_bk = tl.program_id(1)  # over (batch, kv head)
+    i_split = tl.program_id(2)  # the block's entries are dealt to NUM_SPLITS programs, step by step
+    STEP: tl.constexpr = BLOCK_M // ROWS_P
     i_b = (i_bk // HKV).to(tl.int64)
     i_hk = i_bk % HKV
     HQ = HI * ROWS
@@ -67,7 +70,7 @@ def selected_attention_fwd_by_block_kernel(
 
     # 1. the (query, head set, slot) entries that selected this block
     start, end = segment_bounds(offsets, i_bk * NB + i_blk)
-    pos = start
+    pos = start + i_split * STEP
     while pos < end:
         lin, m_row, o_t, o_hq, o_s = entry_rows(entries, pos, end, T, HI, S, ROWS, ROWS_P, BLOCK_M)
         b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
@@ -76,10 +79,10 @@ def selected_attention_fwd_by_block_kernel(
         b_o, b_mx, b_l = _partial_rows(b_k, b_v, o_key, m_key, q, i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt,
                                        o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)
         _store_partials(o_part, m_part, l_part, b_o, b_mx, b_l, ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + o_s, m_row, BLOCK_DV, DV)
-        pos += BLOCK_M // ROWS_P
+        pos += STEP * NUM_SPLITS
 
     # 2. the queries of the block itself, all G query heads of this kv head: slot S
-    if CAUSAL:
+    if CAUSAL and i_split == 0:
         for step in range(0, BLOCK, BLOCK_M // G_P):
             o_t, m_row, o_hq = own_block_rows(i_blk, step, i_hk, T, G, BLOCK, G_P, BLOCK_M)
             b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)

@@ -28,6 +28,9 @@ PARTIALS_BUDGET_BYTES = 8 * 2**30
 # by-block pays when few query rows share a selection (each key block is then loaded once, not per query)
 BY_BLOCK_MAX_ROWS_FWD = 4
 BY_BLOCK_MAX_ROWS_BWD = 2
+# programs sharing one key block's entries in the by-block forward (early blocks are chosen by
+# many more queries than late ones)
+BY_BLOCK_FWD_SPLITS = 1
 MAX_BLOCK_SIZE = 128
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -92,12 +95,12 @@ def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward:
 
 def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
                            slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                           scheme: str | None = None):
+                           scheme: str | None = None, splits: int | None = None):
     """q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, DV), idx (B, HI, T, S) int32 with -1 for
     invalid slots, gates (B, HI, T, S) or None -> o (B, HQ, T, DV), lse (B, HQ, T) float32."""
     scheme = scheme or choose_scheme(q, k, idx)
     if scheme == "by_block":
-        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps)
+        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits)
     B, HQ, T, _ = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
     rows, rows_p = _rows(HQ, HKV, HI)
@@ -117,7 +120,7 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
     return o, lse
 
 
-def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps):
+def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits=None):
     B, HQ, T, _ = q.shape
     HKV, HI, S, DV = k.shape[1], idx.shape[1], idx.shape[-1], v.shape[-1]
     G = HQ // HKV
@@ -128,11 +131,12 @@ def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_wa
     m_part = new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
     l_part = new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
-    selected_attention_fwd_by_block_kernel[(num_blocks, B * HKV)](
+    splits = splits or BY_BLOCK_FWD_SPLITS
+    selected_attention_fwd_by_block_kernel[(num_blocks, B * HKV, splits)](
         q, k, v, entries, offsets, gates if gates is not None else m_part, o_part, m_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        T, HI, HKV, num_blocks, scale,
+        T, HI, HKV, num_blocks, scale, splits,
         S=S, G=G, ROWS=rows, ROWS_P=_pow2(rows), G_P=_pow2(G), BLOCK_M=64, CAUSAL=causal,
         HAS_GATES=gates is not None, WINDOW=window, num_warps=num_warps or 4, num_stages=2, **tiles,
     )
