@@ -28,9 +28,10 @@ PARTIALS_BUDGET_BYTES = 8 * 2**30
 # by-block pays when few query rows share a selection (each key block is then loaded once, not per query)
 BY_BLOCK_MAX_ROWS_FWD = 4
 BY_BLOCK_MAX_ROWS_BWD = 2
-# programs sharing one key block's entries in the by-block forward (early blocks are chosen by
-# many more queries than late ones)
-BY_BLOCK_FWD_SPLITS = 1
+# programs sharing one key block's entries in the by-block forward: enough programs to fill the
+# GPU (measured on an H100: 4 splits save 14% at 16k, nothing at 64k; benchmarks/NOTES.md)
+BY_BLOCK_FWD_PROGRAMS = 4096
+BY_BLOCK_FWD_SPLITS: int | None = None  # fixed count, overriding the rule (tests)
 MAX_BLOCK_SIZE = 128
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -131,7 +132,7 @@ def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_wa
     m_part = new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
     l_part = new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
-    splits = splits or BY_BLOCK_FWD_SPLITS
+    splits = splits or BY_BLOCK_FWD_SPLITS or max(1, min(4, BY_BLOCK_FWD_PROGRAMS // (num_blocks * B * HKV)))
     selected_attention_fwd_by_block_kernel[(num_blocks, B * HKV, splits)](
         q, k, v, entries, offsets, gates if gates is not None else m_part, o_part, m_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
