@@ -1,7 +1,5 @@
 """NSAConfig validation and round trip; every user error names its argument."""
 
-import json
-import warnings
 
 import pytest
 import torch

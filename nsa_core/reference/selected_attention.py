@@ -29,7 +29,7 @@ def selected_attention_reference(
 ) -> Tensor:
     B, HQ, T, D = q.shape
     HKV, Dv = k.shape[1], v.shape[-1]
-    G, HI, S = HQ // HKV, indices.shape[1], indices.shape[-1]
+    G, HI = HQ // HKV, indices.shape[1]
     scale = D ** -0.5 if scale is None else scale
     num_blocks = math.ceil(T / block_size)
     valid = torch.ones_like(indices, dtype=torch.bool) if valid is None else valid
