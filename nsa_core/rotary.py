@@ -27,16 +27,28 @@ class RotaryEmbedding(nn.Module):
         """Rotate t (..., n, d) as if its tokens sat at positions offset ... offset + n - 1."""
         n = t.shape[-2]
         positions = torch.arange(offset, offset + n, device=t.device)
-        return apply_rotary(t, self.angles(positions, torch.promote_types(t.dtype, torch.float32)))
+        angles = self.angles(positions, torch.promote_types(t.dtype, torch.float32))
+        return apply_rotary(t, angles.cos(), angles.sin())
 
 
-def apply_rotary(t: Tensor, angles: Tensor) -> Tensor:
-    """t (..., n, d), angles (n, r) with r <= d: rotates the first r features, keeps the rest."""
-    rot_dim = angles.shape[-1]
-    dtype = t.dtype
+# above this many elements, half-precision inputs are rotated a slice of heads at a time, so the
+# float32 temporaries stay small (a (64 heads, 64k, 128) bf16 q would otherwise need ~6 GiB of them)
+CHUNK_ELEMENTS = 1 << 26
+
+
+def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """t (..., n, d), cos / sin (n, r) with r <= d: rotates the first r features, keeps the rest.
+    Computed in float32 (float64 stays float64) and returned in t's dtype."""
+    if t.ndim >= 3 and t.numel() > CHUNK_ELEMENTS and t.shape[-3] > 1:
+        per_chunk = max(1, t.shape[-3] * CHUNK_ELEMENTS // t.numel())
+        return torch.cat([_rotate(part, cos, sin) for part in t.split(per_chunk, dim=-3)], dim=-3)
+    return _rotate(t, cos, sin)
+
+
+def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    rot_dim = cos.shape[-1]
     t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
     pairs = t_rot.unflatten(-1, (-1, 2))
     rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    compute = torch.promote_types(dtype, angles.dtype)  # at least float32, float64 stays float64
-    out = t_rot.to(compute) * angles.cos() + rotated_half.to(compute) * angles.sin()
-    return torch.cat((out, t_pass), dim=-1).to(dtype)
+    out = (t_rot.to(cos.dtype) * cos + rotated_half.to(cos.dtype) * sin).to(t.dtype)
+    return torch.cat((out, t_pass), dim=-1) if t_pass.shape[-1] else out

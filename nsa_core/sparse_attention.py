@@ -309,7 +309,8 @@ class SparseAttention(nn.Module):
 
     def combine(self, x_normed: Tensor, compressed: Tensor, fine: Tensor, sliding: Tensor) -> Tensor:
         gates = self.to_strategy_combine(x_normed)  # (b, h, n, 3)
-        out = compressed * gates[..., 0:1] + fine * gates[..., 1:2] + sliding * gates[..., 2:3]
+        out = torch.addcmul(compressed * gates[..., 0:1], fine, gates[..., 1:2])  # fused multiply-adds:
+        out = torch.addcmul(out, sliding, gates[..., 2:3])  # no full-size product temporaries
         return self.combine_heads(out.transpose(1, 2).flatten(-2))
 
     # forward -------------------------------------------------------------------------------

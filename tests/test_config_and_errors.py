@@ -93,3 +93,13 @@ def test_backend_choices():
     assert SparseAttention(**BASE, use_triton_kernel=True).config.backend == "triton"
     with pytest.raises(TypeError, match="compress_mlp must be an nn.Module"):
         SparseAttention(**BASE, compress_mlp=lambda x: x)
+
+
+def test_rotary_by_head_slices_equals_whole(monkeypatch):
+    from nsa_core import rotary
+
+    emb = rotary.RotaryEmbedding(16)
+    t = torch.randn(2, 6, 33, 16).to(torch.bfloat16)
+    whole = emb.rotate(t, offset=5)
+    monkeypatch.setattr(rotary, "CHUNK_ELEMENTS", 100)
+    assert torch.equal(emb.rotate(t, offset=5), whole)
