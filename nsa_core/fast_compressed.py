@@ -1,10 +1,11 @@
 """Faster equivalents of compressed attention and block scoring, used on the kernel path.
 
-- Causal compressed attention with one memory token is a causal attention in disguise: give
-  query t the row floor(t / stride) and put the memory token in front of the compressed keys;
-  top-left causal masking then shows row j the memory token and compressed blocks 0 .. j-1,
-  exactly the blocks whose last token is before t. The stride tokens of a row go into the head
-  dimension, so one flash SDPA call (GQA included) does the branch, forward and backward.
+- Causal compressed attention is a causal attention in disguise: give query t the row
+  floor(t / stride) + M - 1 (M memory tokens, M - 1 empty rows on top) with the memory tokens in
+  front of the compressed keys; top-left causal masking then shows row j + M - 1 the M memory
+  tokens and compressed blocks 0 .. j-1, exactly the blocks whose last token is before t. The
+  stride tokens of a row go into the head dimension, so one flash SDPA call (GQA included)
+  does the branch, forward and backward.
 - Block scores: the mean over a group's query heads of q . ck, pooled over the r = selection /
   stride compressed blocks of a selection block, is (mean of the group's q) . (mean of the r
   compressed keys): (T x T/selection) scores per kv head instead of (T x T/stride) per query head.
@@ -25,11 +26,8 @@ from torch import Tensor
 from nsa_core.reference.compressed_attention import masked_score
 
 
-def staircase_applies(num_memory: int, causal: bool) -> bool:
-    return num_memory == 1 or not causal
-
-
-def compressed_attention_sdpa(q: Tensor, ck_all: Tensor, cv_all: Tensor, stride: int, causal: bool, scale: float) -> Tensor:
+def compressed_attention_sdpa(q: Tensor, ck_all: Tensor, cv_all: Tensor, num_memory: int, stride: int, causal: bool,
+                              scale: float) -> Tensor:
     """q (B, HQ, T, D), ck_all / cv_all (B, HKV, M + C, D) memory first -> (B, HQ, T, Dv)."""
     B, HQ, T, D = q.shape
     HKV = ck_all.shape[1]
@@ -38,9 +36,11 @@ def compressed_attention_sdpa(q: Tensor, ck_all: Tensor, cv_all: Tensor, stride:
     rows = math.ceil(T / stride)
     qp = F.pad(q, (0, 0, 0, rows * stride - T))
     qp = qp.view(B, HQ, rows, stride, D).transpose(2, 3).reshape(B, HQ * stride, rows, D)
+    qp = F.pad(qp, (0, 0, num_memory - 1, 0))  # empty rows on top: the memory tokens shift the diagonal
     out = F.scaled_dot_product_attention(qp, ck_all, cv_all, is_causal=True, scale=scale, enable_gqa=HQ * stride != HKV)
+    out = out[:, :, num_memory - 1 :]
     Dv = out.shape[-1]
-    return out.view(B, HQ, stride, rows, Dv).transpose(2, 3).reshape(B, HQ, rows * stride, Dv)[:, :, :T]
+    return out.reshape(B, HQ, stride, rows, Dv).transpose(2, 3).reshape(B, HQ, rows * stride, Dv)[:, :, :T]
 
 
 def pooled_block_logits(

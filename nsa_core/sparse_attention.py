@@ -208,15 +208,9 @@ class SparseAttention(nn.Module):
     def uses_fast_compressed_path(self, q: Tensor) -> bool:
         """On the kernel path (CUDA, or backend='triton'), compressed attention runs as one SDPA
         call and block scores are pooled before the dot product (fast_compressed.py)."""
-        from nsa_core.fast_compressed import staircase_applies
-
         backend = self.kernel_backend()
         on_kernels = backend == "triton" or (backend == "auto" and q.is_cuda)
-        return (
-            on_kernels
-            and staircase_applies(self.num_mem_compress_kv, self.causal)
-            and self.selection_block_size % self.stride == 0
-        )
+        return on_kernels and self.selection_block_size % self.stride == 0
 
     def compressed_and_select(self, q: Tensor, ck_all: Tensor, cv_all: Tensor, query_offset: int = 0):
         """Compressed attention and block selection, over chunks of queries so the (n x c) logits
@@ -243,7 +237,7 @@ class SparseAttention(nn.Module):
         from nsa_core.fast_compressed import compressed_attention_sdpa, pooled_block_logits
 
         b, h, n, _ = q.shape
-        out = compressed_attention_sdpa(q, ck_all, cv_all, self.stride, self.causal, self.scale)
+        out = compressed_attention_sdpa(q, ck_all, cv_all, self.num_mem_compress_kv, self.stride, self.causal, self.scale)
         ck = ck_all[:, :, self.num_mem_compress_kv :]
         cfg = self.config
         heads = self.kv_heads if cfg.query_heads_share_selected_kv else self.heads
