@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from nsa_core.config import NSAConfig
+from nsa_core.ops.validation import check_positive_int
 from nsa_core.selection import num_scored_blocks
 from nsa_core.sparse_attention import SparseAttention
 
@@ -32,8 +33,7 @@ def parameter_counts_for_config(cfg: NSAConfig) -> dict[str, int]:
 
 
 def random_input(dim: int, seq_len: int, batch: int = 1, seed: int = 0) -> Tensor:
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    check_positive_int("seq_len", seq_len)
     return torch.randn(batch, seq_len, dim, generator=torch.Generator().manual_seed(seed))
 
 
@@ -57,8 +57,7 @@ class BranchCost:
 
 def branch_costs(cfg: NSAConfig, seq_len: int, batch: int = 1, bytes_per_element: int = 2) -> list[BranchCost]:
     """Forward FLOPs of attention (QK^T and PV, 4 * d per query-key pair per head) per branch."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    check_positive_int("seq_len", seq_len)
     T, H, d, stride = seq_len, cfg.heads, cfg.dim_head, cfg.stride
     C = T // stride
     M = cfg.num_compressed_mem_kv

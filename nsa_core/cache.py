@@ -49,8 +49,6 @@ class NSACache:
 
     def check_for(self, attn, inp: Tensor) -> None:
         expected = (inp.shape[0], attn.kv_heads)
-        if not isinstance(self, NSACache):
-            raise TypeError("cache must be the NSACache returned by a call with return_cache=True")
         if tuple(self.keys.shape[:2]) != expected or self.keys.shape[-1] != attn.dim_head:
             raise ValueError(
                 f"cache does not fit this module and input: keys have shape {tuple(self.keys.shape)}, "

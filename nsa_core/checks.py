@@ -12,6 +12,7 @@ import torch
 
 from nsa_core.config import NSAConfig
 from nsa_core.ops.backend import kernel_unavailable_reason
+from nsa_core.ops.validation import check_positive_int
 from nsa_core.sparse_attention import SparseAttention
 
 
@@ -42,7 +43,8 @@ def tolerance_for(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
 
 
-def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def max_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, in float32."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
 
 
@@ -69,10 +71,8 @@ def run_checks(cfg: NSAConfig, seq_len: int, batch: int = 1, device: str = "cpu"
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     dtype = DTYPES[dtype]
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("batch", batch)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but CUDA is not available here; use --device cpu")
     torch.manual_seed(seed)
@@ -143,7 +143,7 @@ def _kernel_check(module: SparseAttention, x: torch.Tensor, tol: float) -> Check
     grad = torch.randn_like(ref)
     ref.backward(grad)
     ker.backward(grad)
-    err_out, err_grad = _max_rel(ker, ref), _max_rel(xk.grad, xr.grad)
+    err_out, err_grad = max_relative_error(ker, ref), max_relative_error(xk.grad, xr.grad)
     passed = err_out <= 10 * tol and err_grad <= 10 * tol
     return CheckResult("kernel path equals reference", passed, f"rel error out {err_out:.1e}, grad {err_grad:.1e}",
                        figures={"output_rel_error": err_out, "grad_rel_error": err_grad})

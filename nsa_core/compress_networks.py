@@ -18,11 +18,12 @@ from einops import rearrange
 from einops.layers.torch import EinMix, Rearrange
 from torch import Tensor, nn
 
+from nsa_core.ops.validation import check_positive_int
+
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
 
 
 def _check_window(kv: Tensor, expected_n: int | None = None, expected_d: int | None = None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +105,6 @@ class NSAConfig:
 
 
 def _is_required(field) -> bool:
-    from dataclasses import MISSING
-
     return field.default is MISSING and field.default_factory is MISSING
 
 

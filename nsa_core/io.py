@@ -12,10 +12,12 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from nsa_core.checks import max_relative_error
 from nsa_core.config import NSAConfig
 from nsa_core.sparse_attention import SparseAttention
 
@@ -35,8 +37,9 @@ def _compress_mlp_kind(module: SparseAttention) -> str:
     return "default" if same else type(ours).__name__
 
 
-def write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path, overwrite: bool = False) -> None:
-    """Write a safetensors file through a temporary file and a rename: never a half-written file."""
+def write_atomically(path: str | Path, write: Callable[[str], None], overwrite: bool = False) -> None:
+    """write(temporary path) beside `path`, then rename it over `path`: never a half-written file,
+    and an existing file only replaced with overwrite=True."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise ValueError(f"output file {str(path)!r} exists; pass overwrite=True (the CLI's --force) to replace it")
@@ -45,7 +48,7 @@ def write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,7 +66,8 @@ def save_safetensors(module: SparseAttention, path: str | Path, overwrite: bool 
         "nsa_config": module.config.to_json(indent=None),
         "compress_mlp": _compress_mlp_kind(module),
     }
-    write_atomically(module.state_dict(), metadata, path, overwrite=overwrite)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
 
 
 def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict]]:
@@ -207,27 +211,15 @@ def _compare_with_oracle(module: SparseAttention, state: dict) -> float | None:
     theirs.load_state_dict(state, strict=True)
     x = torch.randn(1, max(3 * cfg.selection_block_size, 2 * cfg.compress_block_size) + 5, cfg.dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a, b = module(x), theirs(x)
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+        return max_relative_error(module(x), theirs(x))
 
 
 def convert_to_lucidrains(src: str | Path, dst: str | Path, overwrite: bool = False) -> int:
     """nsa safetensors -> a state dict (.pt) native-sparse-attention-pytorch loads strictly."""
     from nsa_core.convert import to_lucidrains
 
-    module = load_safetensors(src)
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise ValueError(f"output file {str(dst)!r} exists; pass overwrite=True (the CLI's --force) to replace it")
-    state = to_lucidrains(module.state_dict())
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    state = to_lucidrains(load_safetensors(src).state_dict())
+    write_atomically(dst, lambda tmp: torch.save(state, tmp), overwrite=overwrite)
     return len(state)
 
 

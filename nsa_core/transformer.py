@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nsa_core.ops.validation import check_positive_int
 from nsa_core.rotary import RotaryEmbedding
 from nsa_core.sparse_attention import SparseAttention
 
@@ -67,8 +68,7 @@ class Transformer(nn.Module):
     ):
         super().__init__()
         for name, value in (("num_tokens", num_tokens), ("dim", dim), ("depth", depth)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         sparse_attn_kwargs = dict(DEFAULT_SPARSE_KWARGS if sparse_attn_kwargs is None else sparse_attn_kwargs)
         self.causal, self.use_sparse_attn = causal, use_sparse_attn
         self.token_emb = nn.Embedding(num_tokens, dim)

@@ -15,12 +15,13 @@ from nsa_cli.common import UsageError, check_output_path, cli_errors, console, e
 from nsa_core.analysis import SelectionGrid, downscale_grid, grid_categories, random_input, selection_grid
 from nsa_core.io import build_module, load_input_file, load_safetensors
 
-LEGEND = [("█", "bright_green", "selected (brighter: more queries of the block)"), ("■", "magenta", "own block (causal)"),
-          ("░", "blue", "sliding window reach"), ("·", "grey50", "future (causal edge)"), (" ", "", "not attended")]
+
 
 
 CELLS = [" ", "·", "░", "■", "█", "█", "█"]  # by category (nsa_core.analysis.grid_categories)
 STYLES = ["", "grey50", "blue", "magenta", "green", "green3", "bright_green"]
+MEANINGS = ["not attended", "future (causal edge)", "sliding window reach", "own block (causal)",
+            "selected (brighter: more queries of the block)"]
 PNG_COLORS = ["white", "#e0e0e0", "#9ecae1", "#c51b8a", "#a1d99b", "#41ab5d", "#005a32"]
 
 
@@ -38,9 +39,9 @@ def render_grid(grid: SelectionGrid, title: str, max_width: int) -> list[Text]:
             line.append(CELLS[cat], style=STYLES[cat] or None)
         lines.append(line)
     legend = Text("legend: ")
-    for char, style, meaning in LEGEND:
-        legend.append(char if char != " " else "␣", style=style or None)
-        legend.append(f" {meaning}  ")
+    for cat in (6, 3, 2, 1, 0):  # selected first; the three selected shades share one entry
+        legend.append(CELLS[cat] if CELLS[cat] != " " else "␣", style=STYLES[cat] or None)
+        legend.append(f" {MEANINGS[min(cat, 4)]}  ")
     lines.append(legend)
     lines.append(Text("sparsity (fraction of query-key pairs): "
                       + ", ".join(f"{k} {v:.3f}" for k, v in grid.sparsity.items())))

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+from nsa_core.config import BACKENDS
 
 
 _TRITON_INSTALLED: bool | None = None
