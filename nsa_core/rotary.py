@@ -3,7 +3,8 @@
 Pairs are (x0, x1), (x2, x3), ...; pair i turns by angle `position * freqs[i]`, with
 `freqs[i] = theta ** (-2i / dim_head)`. Positions are computed in float32 whatever the input
 dtype (the oracle computes them in the input dtype, which loses positions in bf16 past 256).
-The `freqs` buffer keeps the oracle's state-dict name `rotary_emb.freqs`.
+The `freqs` buffer keeps the oracle's state-dict name `rotary_emb.freqs`. With a kernel backend
+the rotation is one Triton pass (`nsa_core.kernels.rotary`, same tables, same arithmetic).
 """
 
 from __future__ import annotations
@@ -18,16 +19,25 @@ class RotaryEmbedding(nn.Module):
         freqs = 1.0 / (theta ** (torch.arange(0, dim_head, 2)[: dim_head // 2].float() / dim_head))
         self.register_buffer("freqs", freqs, persistent=True)
 
-    def angles(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """positions (n,) -> angles (n, 2 * len(freqs)), each angle repeated for its pair."""
-        angles = positions.to(dtype)[:, None] * self.freqs.to(dtype)[None, :]
-        return angles.repeat_interleave(2, dim=-1)
+    def pair_angles(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """positions (n,) -> angles (n, len(freqs)): one per rotated pair."""
+        return positions.to(dtype)[:, None] * self.freqs.to(dtype)[None, :]
 
-    def rotate(self, t: Tensor, offset: int = 0) -> Tensor:
-        """Rotate t (..., n, d) as if its tokens sat at positions offset ... offset + n - 1."""
+    def rotate(self, t: Tensor, offset: int = 0, backend: str = "torch") -> Tensor:
+        """Rotate t (..., n, d) as if its tokens sat at positions offset ... offset + n - 1.
+        backend: "torch", "triton" (the kernel; raises where it cannot run) or "auto"."""
+        from nsa_core.ops.backend import use_kernels
+
         n = t.shape[-2]
         positions = torch.arange(offset, offset + n, device=t.device)
-        angles = self.angles(positions, torch.promote_types(t.dtype, torch.float32))
+        dtype = torch.promote_types(t.dtype, torch.float32)
+        half = self.pair_angles(positions, dtype)
+        if use_kernels(backend, t.device, "rotary", None if t.ndim >= 2 and t.shape[-1] >= 2 * half.shape[-1]
+                       else f"rotary needs (..., n, d >= {2 * half.shape[-1]}), got {tuple(t.shape)}"):
+            from nsa_core.kernels.rotary import rotary_triton
+
+            return rotary_triton(t, half.cos(), half.sin())
+        angles = half.repeat_interleave(2, dim=-1)
         return apply_rotary(t, angles.cos(), angles.sin())
 
 

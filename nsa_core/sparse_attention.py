@@ -20,12 +20,15 @@ from torch.utils.checkpoint import checkpoint
 
 from nsa_core.compress_networks import default_compress_mlp
 from nsa_core.config import NSAConfig
+from nsa_core.ops.backend import kernel_unavailable_reason
 from nsa_core.ops.selected_attention import selected_attention
 from nsa_core.ops.sliding_window import sliding_window_attention
 from nsa_core.reference.compressed_attention import compressed_attention_reference
 from nsa_core.rotary import RotaryEmbedding
 from nsa_core.reference.masked_softmax import query_chunk_size
 from nsa_core.selection import Selection, block_importance, select_top_blocks
+
+KERNEL_STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _selection_tuple(out, selection) -> tuple:
@@ -205,6 +208,14 @@ class SparseAttention(nn.Module):
     def kernel_backend(self) -> str:
         return self.config.backend
 
+    def on_kernels(self, t: Tensor) -> bool:
+        """Whether the kernel-only steps (rotary, block top-k, gated combine) take their Triton
+        kernels for tensors like t: backend "triton", or "auto" on CUDA, where kernels can run,
+        in half or single precision. Otherwise their PyTorch twins run."""
+        backend = self.kernel_backend()
+        wanted = backend == "triton" or (backend == "auto" and t.is_cuda)
+        return wanted and t.dtype in KERNEL_STEP_DTYPES and kernel_unavailable_reason(t.device) is None
+
     def uses_fast_compressed_path(self, q: Tensor) -> bool:
         """On the kernel path (CUDA, or backend='triton'), compressed attention runs as one SDPA
         call and block scores are pooled before the dot product (fast_compressed.py)."""
@@ -234,7 +245,7 @@ class SparseAttention(nn.Module):
         return self._chunked(part, n, chunk, needs_grad)
 
     def fast_compressed_and_select(self, q: Tensor, ck_all: Tensor, cv_all: Tensor):
-        from nsa_core.fast_compressed import compressed_attention_sdpa, pooled_block_logits
+        from nsa_core.fast_compressed import compressed_attention_sdpa, pooled_block_logits, pooled_block_scores
 
         b, h, n, _ = q.shape
         out = compressed_attention_sdpa(q, ck_all, cv_all, self.num_mem_compress_kv, self.stride, self.causal, self.scale)
@@ -243,19 +254,38 @@ class SparseAttention(nn.Module):
         heads = self.kv_heads if cfg.query_heads_share_selected_kv else self.heads
         chunk = query_chunk_size(n, max(1, ck.shape[-2]), heads, b, budget=1 << 27)
         needs_grad = cfg.use_diff_topk and torch.is_grad_enabled() and (q.requires_grad or ck.requires_grad)
+        pooling = dict(group_size=self.num_grouped_queries, share_across_group=cfg.query_heads_share_selected_kv,
+                       stride=self.stride, selection_block_size=self.selection_block_size)
+        num_blocks = ck.shape[-2] // (self.selection_block_size // self.stride)
+        k = min(self.num_selected_blocks, num_blocks)
+        if k > 0 and not cfg.use_diff_topk and self.uses_topk_kernel(q, num_blocks):
+            from nsa_core.kernels.block_topk import block_topk
 
-        def part(start: int, end: int):
-            pos = torch.arange(start, end, device=q.device)
-            logits = pooled_block_logits(
-                q[:, :, start:end], ck, group_size=self.num_grouped_queries, share_across_group=cfg.query_heads_share_selected_kv,
-                stride=self.stride, selection_block_size=self.selection_block_size, causal=self.causal,
-                scale=self.scale, query_pos=pos,
-            )
-            return _selection_tuple(None, select_top_blocks(logits, self.num_selected_blocks, cfg.use_diff_topk))
+            def part(start: int, end: int):
+                scores = pooled_block_scores(q[:, :, start:end], ck, **pooling)
+                indices, valid, probs = block_topk(scores, k, scale=self.scale, first_pos=start, causal=self.causal,
+                                                   selection_block_size=self.selection_block_size,
+                                                   mask_own=self.selection_block_size != self.stride)
+                return None, indices, valid, probs, probs
+        else:
+            def part(start: int, end: int):
+                pos = torch.arange(start, end, device=q.device)
+                logits = pooled_block_logits(q[:, :, start:end], ck, causal=self.causal, scale=self.scale,
+                                             query_pos=pos, **pooling)
+                return _selection_tuple(None, select_top_blocks(logits, self.num_selected_blocks, cfg.use_diff_topk))
 
         with torch.set_grad_enabled(needs_grad):
             _, selection = self._chunked(part, n, chunk, needs_grad)
         return out, selection
+
+    def uses_topk_kernel(self, q: Tensor, num_blocks: int) -> bool:
+        """Scoring's mask + softmax + top-k as one kernel (kernels/block_topk.py), up to
+        max_blocks() selection blocks."""
+        if not self.on_kernels(q):
+            return False
+        from nsa_core.kernels.block_topk import max_blocks
+
+        return num_blocks <= max_blocks()
 
     def _chunked(self, part, n: int, chunk: int, needs_grad: bool):
         """Run part(start, end) over query chunks (checkpointed when gradients are needed) and
@@ -302,7 +332,14 @@ class SparseAttention(nn.Module):
         return sliding_window_attention(qp, kp, vp, window=window, causal=False, scale=self.scale)[..., :n, :]
 
     def combine(self, x_normed: Tensor, compressed: Tensor, fine: Tensor, sliding: Tensor) -> Tensor:
+        """Gated sum of the branches (b, h, n, d) and the output projection -> (b, n, dim).
+        On kernel backends one Triton pass each way (kernels/combine.py), written token-major."""
         gates = self.to_strategy_combine(x_normed)  # (b, h, n, 3)
+        branches = (compressed, fine, sliding)
+        if all(t.dtype == gates.dtype for t in branches) and self.on_kernels(gates):
+            from nsa_core.kernels.combine import combine_triton
+
+            return self.combine_heads(combine_triton(*branches, gates).flatten(-2))
         out = torch.addcmul(compressed * gates[..., 0:1], fine, gates[..., 1:2])  # fused multiply-adds:
         out = torch.addcmul(out, sliding, gates[..., 2:3])  # no full-size product temporaries
         return self.combine_heads(out.transpose(1, 2).flatten(-2))
@@ -315,7 +352,8 @@ class SparseAttention(nn.Module):
         ck, cv = self.compress(k, v)
         ck_all, cv_all = self.with_memory(ck, cv)
         compressed_out, selection = self.compressed_and_select(q, ck_all, cv_all)
-        q_rot, k_rot = self.rotary_emb.rotate(q), self.rotary_emb.rotate(k)
+        rotary_backend = "triton" if self.on_kernels(q) else "torch"
+        q_rot, k_rot = (self.rotary_emb.rotate(t, backend=rotary_backend) for t in (q, k))
         fine_out = self.fine_branch(q_rot, k_rot, v, selection)
         sliding_out = self.sliding_branch(q_rot, k_rot, v)
         out = self.combine(x_normed, compressed_out, fine_out, sliding_out)

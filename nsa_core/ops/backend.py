@@ -44,3 +44,17 @@ def kernel_unavailable_reason(device: torch.device) -> str | None:
 def check_backend_name(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def use_kernels(backend: str, device: torch.device, op: str, unsupported: str | None = None) -> bool:
+    """Whether `op` runs on the kernels: "triton" raises (naming `op` and why) where they cannot
+    run, "auto" takes them on CUDA when they can, "torch" never does."""
+    check_backend_name(backend)
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return False
+    reason = kernel_unavailable_reason(device) or unsupported
+    if reason is None:
+        return True
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run {op} here: {reason}")
+    return False

@@ -12,6 +12,8 @@ import math
 import torch
 import triton
 
+from nsa_core.kernels import outputs
+
 from nsa_core.kernels.selected_attention.backward import (
     selected_attention_bwd_dkdv_kernel,
     selected_attention_bwd_dq_kernel,
@@ -44,11 +46,6 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if block_size > MAX_BLOCK_SIZE:
         return f"kernels take block_size up to {MAX_BLOCK_SIZE}, got {block_size}"
     return None
-
-
-def new_output(*shape, device, dtype) -> torch.Tensor:
-    """Every kernel output is allocated here (tests poison it with NaN to catch unwritten elements)."""
-    return torch.empty(*shape, device=device, dtype=dtype)
 
 
 def _pow2(n: int, minimum: int = 1) -> int:
@@ -105,8 +102,8 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
     B, HQ, T, _ = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
     rows, rows_p = _rows(HQ, HKV, HI)
-    o = new_output(B, HQ, T, v.shape[-1], device=q.device, dtype=q.dtype)
-    lse = new_output(B, HQ, T, device=q.device, dtype=torch.float32)
+    o = outputs.new_output(B, HQ, T, v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = outputs.new_output(B, HQ, T, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
     grid = (T, B * HI)
     selected_attention_fwd_kernel[grid](
@@ -128,9 +125,9 @@ def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_wa
     rows, _ = _rows(HQ, HKV, HI)
     num_blocks = math.ceil(T / block_size)
     entries, offsets = build_csr(idx, HKV, num_blocks, rows)
-    o_part = new_output(B, HQ, T, S + 1, DV, device=q.device, dtype=q.dtype)
-    m_part = new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
-    l_part = new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
+    o_part = outputs.new_output(B, HQ, T, S + 1, DV, device=q.device, dtype=q.dtype)
+    m_part = outputs.new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
+    l_part = outputs.new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
     splits = splits or BY_BLOCK_FWD_SPLITS or max(1, min(4, BY_BLOCK_FWD_PROGRAMS // (num_blocks * B * HKV)))
     selected_attention_fwd_by_block_kernel[(num_blocks, B * HKV, splits)](
@@ -141,8 +138,8 @@ def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_wa
         S=S, G=G, ROWS=rows, ROWS_P=_pow2(rows), G_P=_pow2(G), BLOCK_M=64, CAUSAL=causal,
         HAS_GATES=gates is not None, WINDOW=window, num_warps=num_warps or 4, num_stages=2, **tiles,
     )
-    o = new_output(B, HQ, T, DV, device=q.device, dtype=q.dtype)
-    lse = new_output(B, HQ, T, device=q.device, dtype=torch.float32)
+    o = outputs.new_output(B, HQ, T, DV, device=q.device, dtype=q.dtype)
+    lse = outputs.new_output(B, HQ, T, device=q.device, dtype=torch.float32)
     merge_partials_kernel[(T, B * HQ)](
         o_part, m_part, l_part, idx, o, lse, o.stride(0), o.stride(1), o.stride(2), T, HQ, HI, G,
         S=S, SP=_pow2(S + 1), DV=DV, BLOCK_DV=tiles["BLOCK_DV"], CAUSAL=causal, num_warps=1,
@@ -188,20 +185,20 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     dgates = None
     if gates is not None:  # by block, only valid slots are written: the others stay zero
         dgates = torch.zeros(idx.shape, device=q.device, dtype=torch.float32) if by_block else \
-            new_output(*idx.shape, device=q.device, dtype=torch.float32)
+            outputs.new_output(*idx.shape, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
     warps = num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8)
     if by_block:
-        dq_part = new_output(B, HQ, T, S + 1, D, device=q.device, dtype=torch.float32)
+        dq_part = outputs.new_output(B, HQ, T, S + 1, D, device=q.device, dtype=torch.float32)
     else:
         dq_part = delta
-        dq = new_output(*q.shape, device=q.device, dtype=q.dtype)
+        dq = outputs.new_output(*q.shape, device=q.device, dtype=q.dtype)
         _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps, num_stages,
                    rows, rows_p, tiles)
     num_blocks = math.ceil(T / block_size)
     entries, offsets = build_csr(idx, HKV, num_blocks, rows)
-    dk = new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
-    dv = new_output(B, HKV, T, v.shape[-1], device=q.device, dtype=v.dtype)
+    dk = outputs.new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
+    dv = outputs.new_output(B, HKV, T, v.shape[-1], device=q.device, dtype=v.dtype)
     entry_rows = _pow2(rows)
     block_m = max(dkdv_block_m or 64, entry_rows, _pow2(G))
     selected_attention_bwd_dkdv_kernel[(num_blocks, B * HKV)](

@@ -1,0 +1,88 @@
+"""Where the time of NSA attention goes (GPU): each step of SparseAttention.attend timed alone,
+then a kernel-level profile of one forward+backward. Paper preset, bf16, batch 1.
+
+    python benchmarks/profile_module.py --seq-len 65536 [--kv-heads 4 --heads 64] [--top 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, ".")
+from nsa_core import SparseAttention  # noqa: E402
+from nsa_core.config import get_preset  # noqa: E402
+
+
+def ms(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
+def fwd_bwd(fn, *inputs):
+    def run():
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.randn_like(out))
+        for t in inputs:
+            t.grad = None
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq-len", type=int, default=65536)
+    ap.add_argument("--heads", type=int, default=64)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args()
+    cfg = get_preset("paper").replace(heads=args.heads, kv_heads=args.kv_heads)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    nsa = SparseAttention.from_config(cfg).to(dev, dt)
+    x = torch.randn(1, args.seq_len, cfg.dim, device=dev, dtype=dt)
+    with torch.no_grad():
+        xn = nsa.norm(x)
+        q, k, v = (t.contiguous() for t in nsa.project(xn))
+        ck, cv = nsa.compress(k, v)
+        ck_all, cv_all = nsa.with_memory(ck, cv)
+        _, selection = nsa.compressed_and_select(q, ck_all, cv_all)
+        q_rot, k_rot = nsa.rotary_emb.rotate(q), nsa.rotary_emb.rotate(k)
+        out_c = torch.randn_like(q)
+    for t in (xn, q, k, v, q_rot, k_rot, ck_all, cv_all):
+        t.requires_grad_(True)
+    from nsa_core.fast_compressed import compressed_attention_sdpa
+
+    steps = {
+        "compress (MLP)": lambda: nsa.compress(k, v)[0],
+        "compressed attn (sdpa)": lambda: compressed_attention_sdpa(q, ck_all, cv_all, nsa.num_mem_compress_kv, nsa.stride,
+                                                                    True, nsa.scale),
+        "compressed + select": lambda: nsa.compressed_and_select(q, ck_all, cv_all)[0],
+        "rotary q": lambda: nsa.rotary_emb.rotate(q),
+        "fine branch": lambda: nsa.fine_branch(q_rot, k_rot, v, selection),
+        "sliding branch": lambda: nsa.sliding_branch(q_rot, k_rot, v),
+        "combine + out proj": lambda: nsa.combine(xn, out_c, q_rot, q_rot),
+        "attend (all)": lambda: nsa.attend(xn, q, k, v),
+    }
+    print(f"T={args.seq_len} heads={args.heads} kv_heads={args.kv_heads} {torch.cuda.get_device_name()}")
+    print(f"{'step':28s} {'fwd ms':>9s} {'fwd+bwd ms':>11s}")
+    for name, fn in steps.items():
+        with torch.no_grad():
+            f = ms(fn)
+        fb = ms(fwd_bwd(fn, xn, q, k, v, q_rot, k_rot, ck_all, cv_all))
+        print(f"{name:28s} {f:9.2f} {fb:11.2f}", flush=True)
+
+    run = fwd_bwd(steps["attend (all)"], xn, q, k, v)
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()

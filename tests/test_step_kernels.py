@@ -1,0 +1,64 @@
+"""The small kernels of the module's kernel path equal their PyTorch twins: rotary (forward and
+its inverse in backward) and the gated combine (forward, and the branch and gate gradients)."""
+
+import pytest
+import torch
+
+from nsa_core.ops.backend import kernel_unavailable_reason
+from nsa_core.rotary import RotaryEmbedding
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) is not None,
+                       reason="kernels cannot run here (no CUDA and no TRITON_INTERPRET)"),
+    pytest.mark.usefixtures("poisoned_outputs"),
+]
+
+
+def grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g)
+
+
+@pytest.mark.parametrize("dim_head, dtype, atol", [(16, torch.float32, 1e-6), (15, torch.float64, 1e-12),
+                                                   (24, torch.bfloat16, 2 ** -6)])
+@pytest.mark.parametrize("offset", [0, 300])
+def test_rotary_kernel_equals_twin(dim_head, dtype, atol, offset):
+    rot = RotaryEmbedding(dim_head).to(DEVICE)
+    # a strided view like the module's q: (B, T, H, D) memory seen as (B, H, T, D)
+    x = torch.randn(2, 37, 3, dim_head, dtype=dtype, device=DEVICE).transpose(1, 2).requires_grad_()
+    want, got = rot.rotate(x, offset=offset), rot.rotate(x, offset=offset, backend="triton")
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    if dim_head % 2:
+        assert torch.equal(got[..., -1], x[..., -1])  # the unpaired feature passes through
+    g = torch.randn_like(want)
+    torch.testing.assert_close(grads(got, x, g)[0], grads(want, x, g)[0], atol=atol, rtol=0)
+
+
+def combine_twin(c, f, s, gates):
+    out = torch.addcmul(c * gates[..., 0:1], f, gates[..., 1:2])
+    return torch.addcmul(out, s, gates[..., 2:3]).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("N, D", [(45, 16), (7, 24)])
+def test_combine_kernel_equals_twin(dtype, tol, N, D):
+    from nsa_core.kernels.combine import combine_triton
+
+    B, H = 2, 3
+    gen = torch.Generator().manual_seed(N)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    c = rand(B, H, N, D).requires_grad_()
+    f = rand(B, N, H, D).transpose(1, 2).requires_grad_()  # token-major like the compressed branch
+    s = rand(B, H, N, D).requires_grad_()
+    gates = torch.sigmoid(rand(B, N, 3 * H)).view(B, N, H, 3).transpose(1, 2).detach().requires_grad_()
+    want, got = combine_twin(c, f, s, gates), combine_triton(c, f, s, gates)
+    assert got.shape == (B, N, H, D) and got.dtype == dtype
+    # tolerances: the twin's own rounding at this dtype (bf16 rounds the products before adding)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    g = rand(B, N, H, D)
+    for a, b in zip(grads(got, (c, f, s, gates), g), grads(want, (c, f, s, gates), g)):
+        torch.testing.assert_close(a.float(), b.float(), atol=tol * 4, rtol=tol)
