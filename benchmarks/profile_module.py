@@ -61,7 +61,7 @@ def main() -> None:
         "compressed attn (sdpa)": lambda: compressed_attention_sdpa(q, ck_all, cv_all, nsa.num_mem_compress_kv, nsa.stride,
                                                                     True, nsa.scale),
         "compressed + select": lambda: nsa.compressed_and_select(q, ck_all, cv_all)[0],
-        "rotary q": lambda: nsa.rotary_emb.rotate(q),
+        "rotary q": lambda: nsa.rotary_emb.rotate(q, backend="triton" if nsa.on_kernels(q) else "torch"),
         "fine branch": lambda: nsa.fine_branch(q_rot, k_rot, v, selection),
         "sliding branch": lambda: nsa.sliding_branch(q_rot, k_rot, v),
         "combine + out proj": lambda: nsa.combine(xn, out_c, q_rot, q_rot),

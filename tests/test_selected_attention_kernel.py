@@ -144,25 +144,6 @@ def test_kernel_gpu_race(G):
         assert all(torch.equal(a, b) for a, b in zip(first, run(problem, "triton")))
 
 
-@pytest.mark.parametrize("window", [5, 16, 40])
-def test_sliding_window_on_kernels(scheme, window, poisoned_outputs):
-    from nsa_core import sliding_window_attention
-
-    gen = torch.Generator().manual_seed(window)
-    q = torch.randn(1, 6, 150, 32, generator=gen).to(DEVICE)
-    k = torch.randn(1, 2, 150, 32, generator=gen).to(DEVICE)
-    v = torch.randn(1, 2, 150, 16, generator=gen).to(DEVICE)
-    outs = {}
-    for backend in ("torch", "triton"):
-        ins = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = sliding_window_attention(*ins, window=window, causal=True, backend=backend)
-        out.backward(torch.ones_like(out))
-        outs[backend] = [out] + [t.grad for t in ins]
-    for a, b in zip(outs["triton"], outs["torch"]):
-        assert torch.isfinite(a).all()
-        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
-
-
 def test_by_block_forward_split_entries(monkeypatch, poisoned_outputs):
     """Dealing a block's entries to several programs changes nothing."""
     from nsa_core.kernels.selected_attention import launch

@@ -20,7 +20,7 @@ def grads(out, inputs, g):
 
 
 @pytest.mark.parametrize("dim_head, dtype, atol", [(16, torch.float32, 1e-6), (15, torch.float64, 1e-12),
-                                                   (24, torch.bfloat16, 2 ** -6)])
+                                                   (24, torch.bfloat16, 2 ** -6)])  # bf16: 1 ulp at |x| < 4
 @pytest.mark.parametrize("offset", [0, 300])
 def test_rotary_kernel_equals_twin(dim_head, dtype, atol, offset):
     rot = RotaryEmbedding(dim_head).to(DEVICE)
@@ -28,11 +28,12 @@ def test_rotary_kernel_equals_twin(dim_head, dtype, atol, offset):
     x = torch.randn(2, 37, 3, dim_head, dtype=dtype, device=DEVICE).transpose(1, 2).requires_grad_()
     want, got = rot.rotate(x, offset=offset), rot.rotate(x, offset=offset, backend="triton")
     assert got.dtype == dtype and got.shape == x.shape
-    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    rtol = 2 ** -7 if dtype == torch.bfloat16 else 0  # 1 ulp above
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
     if dim_head % 2:
         assert torch.equal(got[..., -1], x[..., -1])  # the unpaired feature passes through
     g = torch.randn_like(want)
-    torch.testing.assert_close(grads(got, x, g)[0], grads(want, x, g)[0], atol=atol, rtol=0)
+    torch.testing.assert_close(grads(got, x, g)[0], grads(want, x, g)[0], atol=atol, rtol=rtol)
 
 
 def combine_twin(c, f, s, gates):

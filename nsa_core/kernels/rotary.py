@@ -17,7 +17,7 @@ import triton.language as tl
 
 from nsa_core.kernels import outputs
 
-BLOCK_TOKENS = 32
+BLOCK_TOKENS = 16
 
 
 @triton.jit
@@ -26,30 +26,30 @@ def rotary_kernel(
     N, H,
     stride_xb, stride_xh, stride_xn,
     stride_ob, stride_oh, stride_on,
-    PAIRS: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_REST: tl.constexpr,
-    BLOCK_N: tl.constexpr, INVERSE: tl.constexpr,
+    PAIRS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, INVERSE: tl.constexpr,
 ):
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
+    """One program per (token block, batch), looping over the heads: the cos / sin rows are read
+    once, x and out move as whole contiguous rows (pairs split in registers). Pairs past PAIRS
+    (and the odd last feature) get cos 1, sin 0: they pass through."""
+    pid_n, b = tl.program_id(0), tl.program_id(1)
     tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    pairs = tl.arange(0, BLOCK_P)
-    mask = (tokens < N)[:, None] & (pairs < PAIRS)[None, :]
-    x_row = X + b * stride_xb + h * stride_xh + tokens[:, None] * stride_xn
-    o_row = OUT + b * stride_ob + h * stride_oh + tokens[:, None] * stride_on
+    pairs = tl.arange(0, BLOCK_D // 2)
+    dims = tl.arange(0, BLOCK_D)
+    in_n = tokens < N
     table = tokens[:, None] * PAIRS + pairs[None, :]
-    cos = tl.load(COS + table, mask=mask, other=0.0)
-    sin = tl.load(SIN + table, mask=mask, other=0.0)
+    table_mask = in_n[:, None] & (pairs < PAIRS)[None, :]
+    cos = tl.load(COS + table, mask=table_mask, other=1.0)
+    sin = tl.load(SIN + table, mask=table_mask, other=0.0)
     if INVERSE:
         sin = -sin
-    x0 = tl.load(x_row + 2 * pairs[None, :], mask=mask, other=0.0).to(cos.dtype)
-    x1 = tl.load(x_row + 2 * pairs[None, :] + 1, mask=mask, other=0.0).to(cos.dtype)
+    mask = in_n[:, None] & (dims < D)[None, :]
     out_dtype = OUT.dtype.element_ty
-    tl.store(o_row + 2 * pairs[None, :], (x0 * cos - x1 * sin).to(out_dtype), mask=mask)
-    tl.store(o_row + 2 * pairs[None, :] + 1, (x1 * cos + x0 * sin).to(out_dtype), mask=mask)
-    if BLOCK_REST > 0:  # features past the rotated ones pass through
-        rest = 2 * PAIRS + tl.arange(0, BLOCK_REST)
-        rest_mask = (tokens < N)[:, None] & (rest < D)[None, :]
-        tl.store(o_row + rest[None, :], tl.load(x_row + rest[None, :], mask=rest_mask), mask=rest_mask)
+    for h in range(H):
+        x = tl.load(X + b * stride_xb + h * stride_xh + tokens[:, None] * stride_xn + dims[None, :], mask=mask, other=0.0)
+        x0, x1 = tl.split(tl.reshape(x.to(cos.dtype), (BLOCK_N, BLOCK_D // 2, 2)))
+        out = tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), (BLOCK_N, BLOCK_D))
+        tl.store(OUT + b * stride_ob + h * stride_oh + tokens[:, None] * stride_on + dims[None, :], out.to(out_dtype),
+                 mask=mask)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -61,14 +61,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
         x4 = x4.contiguous()
     B, H = x4.shape[0], x4.shape[1]
     out = outputs.new_output(B, H, N, D, device=x.device, dtype=x.dtype)
-    rest = D - 2 * P
-    grid = (triton.cdiv(N, BLOCK_TOKENS), B * H)
     if N > 0 and B * H > 0:
-        rotary_kernel[grid](
+        rotary_kernel[(triton.cdiv(N, BLOCK_TOKENS), B)](
             x4, cos, sin, out, N, H,
             x4.stride(0), x4.stride(1), x4.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            PAIRS=P, D=D, BLOCK_P=triton.next_power_of_2(max(P, 1)),
-            BLOCK_REST=triton.next_power_of_2(rest) if rest > 0 else 0, BLOCK_N=BLOCK_TOKENS, INVERSE=inverse,
+            PAIRS=P, D=D, BLOCK_D=max(2, triton.next_power_of_2(D)), BLOCK_N=BLOCK_TOKENS, INVERSE=inverse,
         )
     return out.view(x.shape)
 

@@ -1,0 +1,1 @@
+"""Causal sliding-window attention kernels (forward, dQ, dK/dV) and their torch.library ops."""

@@ -1,0 +1,54 @@
+"""torch.library registration of the sliding-window kernels, with autograd and fake (meta)
+implementations, so torch.compile(fullgraph=True) traces through them and opcheck passes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nsa_core.kernels.sliding_window.launch import sliding_window_bwd, sliding_window_fwd
+
+
+@torch.library.custom_op("nsa::sliding_window_fwd", mutates_args=())
+def _fwd(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor]:
+    return sliding_window_fwd(q, k, v, window, scale)
+
+
+@_fwd.register_fake
+def _fwd_fake(q, k, v, window, scale):
+    B, HQ, T, _ = q.shape
+    return q.new_empty(B, HQ, T, v.shape[-1]), q.new_empty(B, HQ, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa::sliding_window_bwd", mutates_args=())
+def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, window: int,
+         scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return sliding_window_bwd(do, q, k, v, o, lse, window, scale)
+
+
+@_bwd.register_fake
+def _bwd_fake(do, q, k, v, o, lse, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, window, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.window, ctx.scale = window, scale
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd(do.contiguous(), q, k, v, o, lse, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sliding_window_triton(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | None) -> Tensor:
+    """Kernel path of nsa_core.sliding_window_attention (causal; inputs already validated)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, _ = _fwd(q.contiguous(), k.contiguous(), v.contiguous(), int(window), scale)
+    return o

@@ -1,0 +1,166 @@
+"""Triton kernels of causal sliding-window attention: forward, dQ, dK/dV (no atomics).
+
+Query t sees key s when 0 <= t - s <= window. A flash-attention band: a program holds a tile of
+BLOCK_M queries of one head and walks only the key tiles that reach into its window (about
+(window + BLOCK_M) / BLOCK_N of them), so K/V are read once per query tile, not once per query
+as when the window ran on the selected-block kernels. dK/dV: one program per key tile and kv
+head walks the query tiles whose window reaches it, for each query head of the group.
+
+Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
+Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, T sequence, D / DV head dims.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _band(o_m, o_n, T, window):
+    """[M, N] mask: key o_n within the window of query o_m."""
+    dist = o_m[:, None] - o_n[None, :]
+    return (dist >= 0) & (dist <= window) & (o_n < T)[None, :]
+
+
+@triton.jit
+def sliding_window_fwd_kernel(
+    q, k, v, o, lse,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    T, HQ, G, window, scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_bh, i_m = tl.program_id(0), tl.program_id(1)  # heads fastest: a query tile's heads share K/V in L2
+    i_b = (i_bh // HQ).to(tl.int64)
+    i_h = i_bh % HQ
+    i_hk = i_h // G
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_m = o_m < T
+    p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)  # [M, BLOCK_D]
+    p_k = k + i_b * stride_kb + i_hk * stride_kh
+    p_v = v + i_b * stride_vb + i_hk * stride_vh
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    lo = tl.maximum(i_m * BLOCK_M - window, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum((i_m + 1) * BLOCK_M, T)
+    for start in range(lo, hi, BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)
+        m_n = o_n < T
+        b_k = tl.load(p_k + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
+        b_v = tl.load(p_v + o_n[:, None] * stride_vt + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [M, N]
+        b_s = tl.where(_band(o_m, o_n, T, window), b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_base = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.exp(b_s - b_base[:, None])
+        b_alpha = tl.exp(b_m - b_base)
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        b_m = b_m_new
+
+    b_l = tl.where(b_l > 0, b_l, 1.0)  # every query sees itself; guards the padding rows only
+    p_o = o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_dv[None, :]
+    tl.store(p_o, (b_acc / b_l[:, None]).to(o.dtype.element_ty), mask=m_m[:, None] & (o_dv[None, :] < DV))
+    tl.store(lse + (i_b * HQ + i_h) * T + o_m, b_m + tl.log(b_l), mask=m_m)  # lse (B, HQ, T) contiguous
+
+
+@triton.jit
+def sliding_window_bwd_dq_kernel(
+    q, k, v, do, lse, delta, dq,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    T, HQ, G, window, scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq (B, HQ, T, D) contiguous; do has o's strides (stride_o*); lse / delta (B, HQ, T)."""
+    i_bh, i_m = tl.program_id(0), tl.program_id(1)
+    i_b = (i_bh // HQ).to(tl.int64)
+    i_h = i_bh % HQ
+    i_hk = i_h // G
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_m = o_m < T
+    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :],
+                  mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)  # [M, BLOCK_D]
+    b_do = tl.load(do + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_dv[None, :],
+                   mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)  # [M, BLOCK_DV]
+    p_row = (i_b * HQ + i_h) * T + o_m
+    b_lse = tl.load(lse + p_row, mask=m_m, other=0.0)
+    b_delta = tl.load(delta + p_row, mask=m_m, other=0.0)
+    p_k = k + i_b * stride_kb + i_hk * stride_kh
+    p_v = v + i_b * stride_vb + i_hk * stride_vh
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = tl.maximum(i_m * BLOCK_M - window, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum((i_m + 1) * BLOCK_M, T)
+    for start in range(lo, hi, BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)
+        m_n = o_n < T
+        b_k = tl.load(p_k + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
+        b_v = tl.load(p_v + o_n[:, None] * stride_vt + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale
+        b_p = tl.where(_band(o_m, o_n, T, window) & m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)  # [M, N]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    p_dq = dq + (i_b * HQ + i_h) * T * D + o_m[:, None] * D + o_d[None, :]
+    tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
+
+
+@triton.jit
+def sliding_window_bwd_dkdv_kernel(
+    q, k, v, do, lse, delta, dk, dv,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    T, HQ, G, window, scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dk (B, HKV, T, D), dv (B, HKV, T, DV) contiguous: one program per key tile and kv head,
+    summing over the G query heads of the group and the query tiles whose window reaches it."""
+    i_bk, i_n = tl.program_id(0), tl.program_id(1)
+    HKV = HQ // G
+    i_b = (i_bk // HKV).to(tl.int64)
+    i_hk = i_bk % HKV
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_n = o_n < T
+    b_k = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :],
+                  mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [N, BLOCK_D]
+    b_v = tl.load(v + i_b * stride_vb + i_hk * stride_vh + o_n[:, None] * stride_vt + o_dv[None, :],
+                  mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [N, BLOCK_DV]
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    lo = i_n * BLOCK_N // BLOCK_M * BLOCK_M
+    hi = tl.minimum((i_n + 1) * BLOCK_N + window, T)
+    for g in range(G):
+        i_h = i_hk * G + g
+        p_q = q + i_b * stride_qb + i_h * stride_qh
+        p_do = do + i_b * stride_ob + i_h * stride_oh
+        p_row = (i_b * HQ + i_h) * T
+        for start in range(lo, hi, BLOCK_M):
+            o_m = start + tl.arange(0, BLOCK_M)
+            m_m = o_m < T
+            b_q = tl.load(p_q + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
+            b_do = tl.load(p_do + o_m[:, None] * stride_ot + o_dv[None, :], mask=m_m[:, None] & (o_dv[None, :] < DV),
+                           other=0.0)
+            b_lse = tl.load(lse + p_row + o_m, mask=m_m, other=0.0)
+            b_delta = tl.load(delta + p_row + o_m, mask=m_m, other=0.0)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [M, N]
+            b_p = tl.where(_band(o_m, o_n, T, window) & m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
+            b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)
+    p_row_k = (i_b * HKV + i_hk) * T + o_n
+    tl.store(dk + p_row_k[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
+             mask=m_n[:, None] & (o_d[None, :] < D))
+    tl.store(dv + p_row_k[:, None] * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_n[:, None] & (o_dv[None, :] < DV))

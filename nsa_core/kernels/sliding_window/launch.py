@@ -1,0 +1,69 @@
+"""Launchers of the sliding-window kernels: tiles by head dim, grids, outputs. No host syncs.
+
+Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, T sequence, D / DV head dims.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from nsa_core.kernels import outputs
+from nsa_core.kernels.selected_attention.launch import KERNEL_DTYPES, MAX_HEAD_DIM, _rowwise_dot
+from nsa_core.kernels.sliding_window.kernels import (
+    sliding_window_bwd_dkdv_kernel,
+    sliding_window_bwd_dq_kernel,
+    sliding_window_fwd_kernel,
+)
+
+
+def kernel_unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    if q.dtype not in KERNEL_DTYPES:
+        return f"kernels take float16, bfloat16 or float32, got {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return f"kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
+    return None
+
+
+def _config(q: torch.Tensor, v: torch.Tensor, backward: bool) -> dict:
+    """Tiles: 128 x 64 forward, 64 x 64 backward for head dims up to 128; halved above."""
+    block_d, block_dv = (max(16, triton.next_power_of_2(n)) for n in (q.shape[-1], v.shape[-1]))
+    wide = max(block_d, block_dv) > 128
+    block_m = (32 if wide else 64) if backward else (64 if wide else 128)
+    block_n = 32 if wide else 64
+    return dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_M=block_m, BLOCK_N=block_n,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if block_m * block_d >= 8192 else 4)
+
+
+def _strides(q, k, v, o) -> tuple:
+    return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
+
+
+def sliding_window_fwd(q, k, v, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, DV), unit last strides -> o, lse (B, HQ, T) float32."""
+    B, HQ, T, _ = q.shape
+    HKV = k.shape[1]
+    o = outputs.new_output(B, HQ, T, v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = outputs.new_output(B, HQ, T, device=q.device, dtype=torch.float32)
+    cfg = _config(q, v, backward=False)
+    if T > 0 and B * HQ > 0:
+        sliding_window_fwd_kernel[(B * HQ, triton.cdiv(T, cfg["BLOCK_M"]))](
+            q, k, v, o, lse, *_strides(q, k, v, o), T, HQ, HQ // HKV, window, scale, **cfg)
+    return o, lse
+
+
+def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float):
+    """Gradients (dq, dk, dv) of the forward's o for the upstream do (unit last stride)."""
+    B, HQ, T, D = q.shape
+    HKV, DV = k.shape[1], v.shape[-1]
+    delta = _rowwise_dot(do, o)
+    dq = outputs.new_output(B, HQ, T, D, device=q.device, dtype=q.dtype)
+    dk = outputs.new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
+    dv = outputs.new_output(B, HKV, T, DV, device=q.device, dtype=v.dtype)
+    cfg = _config(q, v, backward=True)
+    if T > 0 and B * HQ > 0:
+        args = (*_strides(q, k, v, do), T, HQ, HQ // HKV, window, scale)
+        sliding_window_bwd_dq_kernel[(B * HQ, triton.cdiv(T, cfg["BLOCK_M"]))](q, k, v, do, lse, delta, dq, *args, **cfg)
+        sliding_window_bwd_dkdv_kernel[(B * HKV, triton.cdiv(T, cfg["BLOCK_N"]))](
+            q, k, v, do, lse, delta, dk, dv, *args, **cfg)
+    return dq, dk, dv
