@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=64)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--forward-only", action="store_true", help="profile a forward (default: forward+backward)")
     args = ap.parse_args()
     cfg = get_preset("paper").replace(heads=args.heads, kv_heads=args.kv_heads)
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -76,6 +77,10 @@ def main() -> None:
         print(f"{name:28s} {f:9.2f} {fb:11.2f}", flush=True)
 
     run = fwd_bwd(steps["attend (all)"], xn, q, k, v)
+    if args.forward_only:
+        def run():
+            with torch.no_grad():
+                steps["attend (all)"]()
     run()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
