@@ -169,7 +169,7 @@ def main():
         for spec in filter(None, args.variants.split(";")):
             sps, warps, stages = (int(x) for x in spec.split(":"))
             try:
-                ms = triton.testing.do_bench(lambda: launch.selected_attention_fwd(q, k, v, idx32, None, BLOCK, True, scale, sps, warps, stages), warmup=25, rep=100, return_mode="median")
+                ms = triton.testing.do_bench(lambda: launch.selected_attention_fwd(q, k, v, idx32, None, BLOCK, True, scale, slots_per_step=sps, num_warps=warps, num_stages=stages), warmup=25, rep=100, return_mode="median")
             except Exception as err:
                 ms = f"failed: {type(err).__name__}"
             variants.append({"kind": "fwd", "spec": spec, "ms": ms})
@@ -179,7 +179,7 @@ def main():
         for spec in filter(None, args.bwd_variants.split(";")):
             sps, warps, stages, bm = (int(x) for x in spec.split(":"))
             try:
-                ms = triton.testing.do_bench(lambda: launch.selected_attention_bwd(do, q, k, v, o, lse, idx32, None, BLOCK, True, scale, sps, warps, stages, bm), warmup=25, rep=100, return_mode="median")
+                ms = triton.testing.do_bench(lambda: launch.selected_attention_bwd(do, q, k, v, o, lse, idx32, None, BLOCK, True, scale, slots_per_step=sps, num_warps=warps, num_stages=stages, dkdv_block_m=bm), warmup=25, rep=100, return_mode="median")
             except Exception as err:
                 ms = f"failed: {type(err).__name__}"
             variants.append({"kind": "bwd", "spec": spec, "ms": ms})

@@ -154,3 +154,19 @@ def test_by_block_forward_split_entries(monkeypatch, poisoned_outputs):
     monkeypatch.setattr(launch, "BY_BLOCK_FWD_SPLITS", 3)
     three = run(problem, "triton")
     assert all(torch.equal(a, b) for a, b in zip(one, three))
+
+
+def test_build_csr_groups_entries_by_block():
+    from nsa_core.kernels.selected_attention.launch import build_csr
+
+    gen = torch.Generator().manual_seed(3)
+    B, HKV, G, T, S, NB = 2, 3, 2, 11, 4, 5
+    idx = torch.randint(-1, NB, (B, HKV * G, T, S), generator=gen, dtype=torch.int32)  # per-query-head selection
+    entries, offsets = build_csr(idx, HKV, NB, 1)
+    flat = idx.flatten()
+    for g in range(B * HKV * NB):
+        b, hk, blk = g // (HKV * NB), (g // NB) % HKV, g % NB
+        want = [i for i in range(flat.numel()) if flat[i] == blk
+                and i // (HKV * G * T * S) == b and (i // (T * S)) % (HKV * G) // G == hk]
+        assert entries[offsets[g]:offsets[g + 1]].tolist() == want
+    assert offsets[-1].item() == int((flat >= 0).sum())

@@ -148,8 +148,7 @@ def selected_attention_bwd_dkdv_kernel(
     # 1. the (query, head set, slot) entries that selected this block
     ENTRIES_PER_STEP: tl.constexpr = BLOCK_M // ROWS_P
     start, end = segment_bounds(offsets, i_bk * NB + i_blk)
-    pos = start
-    while pos < end:  # a while loop: its trip count is data (and the interpreter takes it)
+    for pos in range(start, end, ENTRIES_PER_STEP):  # a for loop: Triton pipelines its loads
         lin, m_row, o_t, o_hq, o_s = entry_rows(entries, pos, end, T, HI, S, ROWS, ROWS_P, BLOCK_M)
         b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if HAS_GATES:
@@ -167,7 +166,6 @@ def selected_attention_bwd_dkdv_kernel(
                 lin_e = tl.max(tl.reshape(lin, (ENTRIES_PER_STEP, ROWS_P)), axis=1)
                 m_e = tl.max(tl.reshape(m_row.to(tl.int32), (ENTRIES_PER_STEP, ROWS_P)), axis=1) > 0
                 tl.store(dgates + lin_e, b_dgate, mask=m_e)
-        pos += ENTRIES_PER_STEP
 
     # 2. the queries of the block itself, all G query heads of this kv head (causal own block)
     if CAUSAL:

@@ -70,8 +70,7 @@ def selected_attention_fwd_by_block_kernel(
 
     # 1. the (query, head set, slot) entries that selected this block
     start, end = segment_bounds(offsets, i_bk * NB + i_blk)
-    pos = start + i_split * STEP
-    while pos < end:
+    for pos in range(start + i_split * STEP, end, STEP * NUM_SPLITS):  # a for loop: Triton pipelines its loads
         lin, m_row, o_t, o_hq, o_s = entry_rows(entries, pos, end, T, HI, S, ROWS, ROWS_P, BLOCK_M)
         b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if HAS_GATES:
@@ -79,7 +78,6 @@ def selected_attention_fwd_by_block_kernel(
         b_o, b_mx, b_l = _partial_rows(b_k, b_v, o_key, m_key, q, i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt,
                                        o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)
         _store_partials(o_part, m_part, l_part, b_o, b_mx, b_l, ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + o_s, m_row, BLOCK_DV, DV)
-        pos += STEP * NUM_SPLITS
 
     # 2. the queries of the block itself, all G query heads of this kv head: slot S
     if CAUSAL and i_split == 0:
