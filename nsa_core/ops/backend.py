@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -58,3 +59,13 @@ def use_kernels(backend: str, device: torch.device, op: str, unsupported: str | 
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot run {op} here: {reason}")
     return False
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_fallback_once(op: str, reason: str) -> None:
+    """One warning per (op, reason) when backend="auto" on CUDA falls back to the PyTorch reference."""
+    if (op, reason) not in _WARNED:
+        _WARNED.add((op, reason))
+        warnings.warn(f"{op}: backend='auto' uses the PyTorch reference: {reason}", stacklevel=4)

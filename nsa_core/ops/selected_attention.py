@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
-from nsa_core.ops.backend import check_backend_name, kernel_unavailable_reason
+from nsa_core.ops.backend import check_backend_name, kernel_unavailable_reason, warn_fallback_once
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.selected_attention import selected_attention_reference
 
@@ -31,15 +29,6 @@ def _check_selection(q: Tensor, k: Tensor, indices: Tensor, valid: Tensor | None
             raise TypeError("gates must be a floating tensor or None")
         if gates.shape != indices.shape:
             raise ValueError(f"gates must have the shape of indices {tuple(indices.shape)}, got {tuple(gates.shape)}")
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_fallback_once(reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"selected_attention: backend='auto' uses the PyTorch reference: {reason}", stacklevel=3)
 
 
 def selected_attention(
@@ -95,7 +84,7 @@ def selected_attention(
         elif backend == "triton":
             raise ValueError(f"backend='triton' cannot run selected_attention here: {reason}")
         else:
-            _warn_fallback_once(reason)
+            warn_fallback_once("selected_attention", reason)
     if use_kernel:
         from nsa_core.kernels.selected_attention.autograd import selected_attention_triton
 

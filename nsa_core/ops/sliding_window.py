@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from nsa_core.ops.backend import check_backend_name, kernel_unavailable_reason
+from nsa_core.ops.backend import check_backend_name, kernel_unavailable_reason, warn_fallback_once
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.sliding_window import sliding_window_reference
 
@@ -34,4 +34,6 @@ def sliding_window_attention(
             return sliding_window_triton(q, k, v, window, scale)
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run sliding_window_attention here: {reason}")
+        if causal:  # the non-causal window has no kernel: the module's documented path, not a fallback
+            warn_fallback_once("sliding_window_attention", reason)
     return sliding_window_reference(q, k, v, window, causal=causal, scale=scale)
