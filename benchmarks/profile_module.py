@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--forward-only", action="store_true", help="profile a forward (default: forward+backward)")
+    ap.add_argument("--host", action="store_true", help="also record host (CPU) time per op: where launches go")
     args = ap.parse_args()
     cfg = get_preset("paper").replace(heads=args.heads, kv_heads=args.kv_heads)
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -83,10 +84,22 @@ def main() -> None:
                 steps["attend (all)"]()
     run()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.host else [])
+    with profile(activities=activities, with_stack=False) as prof:
         run()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
+    sort_by = "self_cpu_time_total" if args.host else "cuda_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top, max_name_column_width=70))
+    if args.host:
+        import time
+
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            run()
+        host_ms = (time.perf_counter() - start) * 100  # per call, without waiting for the GPU
+        torch.cuda.synchronize()
+        print(f"host time per call (launch only, GPU not awaited): {host_ms:.2f} ms")
 
 
 if __name__ == "__main__":
