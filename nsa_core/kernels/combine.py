@@ -20,13 +20,12 @@ BLOCK_TOKENS = 32
 
 
 @triton.jit
-def combine_fwd_kernel(
-    C, F, S, GATES, OUT,
-    N, H,
-    stride_cb, stride_ch, stride_cn, stride_fb, stride_fh, stride_fn, stride_sb, stride_sh, stride_sn,
-    stride_gb, stride_gh, stride_gn, stride_gs, stride_ob, stride_on, stride_oh,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+def _load_tile(C, F, S, GATES, N, H,
+               stride_cb, stride_ch, stride_cn, stride_fb, stride_fh, stride_fn, stride_sb, stride_sh, stride_sn,
+               stride_gb, stride_gh, stride_gn, stride_gs,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tokens of one (batch, head): the three gates [N, 1] and the branch tiles
+    [N, BLOCK_D], in float32, with the indices both kernels need."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -40,6 +39,20 @@ def combine_fwd_kernel(
     c = tl.load(C + b * stride_cb + h * stride_ch + tokens[:, None] * stride_cn + dims[None, :], mask=mask).to(tl.float32)
     f = tl.load(F + b * stride_fb + h * stride_fh + tokens[:, None] * stride_fn + dims[None, :], mask=mask).to(tl.float32)
     s = tl.load(S + b * stride_sb + h * stride_sh + tokens[:, None] * stride_sn + dims[None, :], mask=mask).to(tl.float32)
+    return b, h, pid_bh, tokens, dims, in_n, mask, g0, g1, g2, c, f, s
+
+
+@triton.jit
+def combine_fwd_kernel(
+    C, F, S, GATES, OUT,
+    N, H,
+    stride_cb, stride_ch, stride_cn, stride_fb, stride_fh, stride_fn, stride_sb, stride_sh, stride_sn,
+    stride_gb, stride_gh, stride_gn, stride_gs, stride_ob, stride_on, stride_oh,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b, h, pid_bh, tokens, dims, in_n, mask, g0, g1, g2, c, f, s = _load_tile(
+        C, F, S, GATES, N, H, stride_cb, stride_ch, stride_cn, stride_fb, stride_fh, stride_fn, stride_sb, stride_sh,
+        stride_sn, stride_gb, stride_gh, stride_gn, stride_gs, D, BLOCK_D, BLOCK_N)
     out = c * g0 + f * g1 + s * g2
     o = OUT + b * stride_ob + h * stride_oh + tokens[:, None] * stride_on + dims[None, :]
     tl.store(o, out.to(OUT.dtype.element_ty), mask=mask)
@@ -54,21 +67,11 @@ def combine_bwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """DC / DF / DS are (B, H, N, D) contiguous; DGATES (B, H, N, 3) contiguous."""
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    in_n = tokens < N
-    mask = in_n[:, None] & (dims < D)[None, :]
-    g = GATES + b * stride_gb + h * stride_gh + tokens * stride_gn
-    g0 = tl.load(g, mask=in_n).to(tl.float32)[:, None]
-    g1 = tl.load(g + stride_gs, mask=in_n).to(tl.float32)[:, None]
-    g2 = tl.load(g + 2 * stride_gs, mask=in_n).to(tl.float32)[:, None]
+    b, h, pid_bh, tokens, dims, in_n, mask, g0, g1, g2, c, f, s = _load_tile(
+        C, F, S, GATES, N, H, stride_cb, stride_ch, stride_cn, stride_fb, stride_fh, stride_fn, stride_sb, stride_sh,
+        stride_sn, stride_gb, stride_gh, stride_gn, stride_gs, D, BLOCK_D, BLOCK_N)
     do = tl.load(DOUT + b * stride_ob + h * stride_oh + tokens[:, None] * stride_on + dims[None, :],
                  mask=mask).to(tl.float32)
-    c = tl.load(C + b * stride_cb + h * stride_ch + tokens[:, None] * stride_cn + dims[None, :], mask=mask).to(tl.float32)
-    f = tl.load(F + b * stride_fb + h * stride_fh + tokens[:, None] * stride_fn + dims[None, :], mask=mask).to(tl.float32)
-    s = tl.load(S + b * stride_sb + h * stride_sh + tokens[:, None] * stride_sn + dims[None, :], mask=mask).to(tl.float32)
     grad = (pid_bh * N + tokens)[:, None] * D + dims[None, :]
     tl.store(DC + grad, (do * g0).to(DC.dtype.element_ty), mask=mask)
     tl.store(DF + grad, (do * g1).to(DF.dtype.element_ty), mask=mask)

@@ -22,6 +22,19 @@ def _band(o_m, o_n, T, window):
 
 
 @triton.jit
+def _key_tile(p_k, p_v, stride_kt, stride_vt, start, T, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys start ... start + BLOCK_N - 1: positions [N], K [N, BLOCK_D], V [N, BLOCK_DV] (zeros past T)."""
+    o_n = start + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_n = o_n < T
+    b_k = tl.load(p_k + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
+    b_v = tl.load(p_v + o_n[:, None] * stride_vt + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
+    return o_n, b_k, b_v
+
+
+@triton.jit
 def sliding_window_fwd_kernel(
     q, k, v, o, lse,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -49,10 +62,7 @@ def sliding_window_fwd_kernel(
     lo = tl.maximum(i_m * BLOCK_M - window, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum((i_m + 1) * BLOCK_M, T)
     for start in range(lo, hi, BLOCK_N):
-        o_n = start + tl.arange(0, BLOCK_N)
-        m_n = o_n < T
-        b_k = tl.load(p_k + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
-        b_v = tl.load(p_v + o_n[:, None] * stride_vt + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
+        o_n, b_k, b_v = _key_tile(p_k, p_v, stride_kt, stride_vt, start, T, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [M, N]
         b_s = tl.where(_band(o_m, o_n, T, window), b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
@@ -100,10 +110,7 @@ def sliding_window_bwd_dq_kernel(
     lo = tl.maximum(i_m * BLOCK_M - window, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum((i_m + 1) * BLOCK_M, T)
     for start in range(lo, hi, BLOCK_N):
-        o_n = start + tl.arange(0, BLOCK_N)
-        m_n = o_n < T
-        b_k = tl.load(p_k + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
-        b_v = tl.load(p_v + o_n[:, None] * stride_vt + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
+        o_n, b_k, b_v = _key_tile(p_k, p_v, stride_kt, stride_vt, start, T, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale
         b_p = tl.where(_band(o_m, o_n, T, window) & m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)  # [M, N]
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
@@ -128,14 +135,11 @@ def sliding_window_bwd_dkdv_kernel(
     HKV = HQ // G
     i_b = (i_bk // HKV).to(tl.int64)
     i_hk = i_bk % HKV
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_n, b_k, b_v = _key_tile(k + i_b * stride_kb + i_hk * stride_kh, v + i_b * stride_vb + i_hk * stride_vh,
+                              stride_kt, stride_vt, i_n * BLOCK_N, T, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_n = o_n < T
-    b_k = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :],
-                  mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [N, BLOCK_D]
-    b_v = tl.load(v + i_b * stride_vb + i_hk * stride_vh + o_n[:, None] * stride_vt + o_dv[None, :],
-                  mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [N, BLOCK_DV]
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo = i_n * BLOCK_N // BLOCK_M * BLOCK_M
