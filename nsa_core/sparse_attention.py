@@ -211,10 +211,14 @@ class SparseAttention(nn.Module):
     def on_kernels(self, t: Tensor) -> bool:
         """Whether the kernel-only steps (rotary, block top-k, gated combine) take their Triton
         kernels for tensors like t: backend "triton", or "auto" on CUDA, where kernels can run,
-        in half or single precision. Otherwise their PyTorch twins run."""
+        in half or single precision, for tensors their 32-bit offsets reach. Otherwise their
+        PyTorch twins run."""
+        from nsa_core.kernels.outputs import too_large_reason
+
         backend = self.kernel_backend()
         wanted = backend == "triton" or (backend == "auto" and t.is_cuda)
-        return wanted and t.dtype in KERNEL_STEP_DTYPES and kernel_unavailable_reason(t.device) is None
+        return (wanted and t.dtype in KERNEL_STEP_DTYPES and kernel_unavailable_reason(t.device) is None
+                and too_large_reason(t=t) is None)
 
     def uses_fast_compressed_path(self, q: Tensor) -> bool:
         """On the kernel path (CUDA, or backend='triton'), compressed attention runs as one SDPA
@@ -336,7 +340,7 @@ class SparseAttention(nn.Module):
         On kernel backends one Triton pass each way (kernels/combine.py), written token-major."""
         gates = self.to_strategy_combine(x_normed)  # (b, h, n, 3)
         branches = (compressed, fine, sliding)
-        if all(t.dtype == gates.dtype for t in branches) and self.on_kernels(gates):
+        if all(t.dtype == gates.dtype for t in branches) and all(self.on_kernels(t) for t in branches):
             from nsa_core.kernels.combine import combine_triton
 
             return self.combine_heads(combine_triton(*branches, gates).flatten(-2))

@@ -85,3 +85,16 @@ def test_window_kernel_gpu_bf16(G, window):
         assert ours_err <= 3 * torch_err + 1e-6, (name, ours_err, torch_err)
     again = outputs_and_grads(q, k, v, window, "triton", dtype=torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(ours, again))  # no atomics: bit-identical reruns
+
+
+def test_kernels_refuse_tensors_past_32_bit_offsets():
+    """Shapes only (meta tensors): past 2**31 elements per batch element the kernels say why not."""
+    from nsa_core.kernels.selected_attention.launch import kernel_unsupported_reason as selection_reason
+    from nsa_core.kernels.sliding_window.launch import kernel_unsupported_reason as window_reason
+
+    big_q = torch.empty(2, 64, 262144, 128, device="meta", dtype=torch.bfloat16)
+    kv = torch.empty(2, 4, 262144, 128, device="meta", dtype=torch.bfloat16)
+    assert "32-bit offsets" in window_reason(big_q, kv, kv)
+    assert "32-bit offsets" in selection_reason(big_q, kv, kv, 64)
+    half_q = big_q[:, :32]
+    assert window_reason(half_q, kv, kv) is None and selection_reason(half_q, kv, kv, 64) is None

@@ -26,7 +26,8 @@ def _load_tile(C, F, S, GATES, N, H,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's tokens of one (batch, head): the three gates [N, 1] and the branch tiles
     [N, BLOCK_D], in float32, with the indices both kernels need."""
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: (B, H, N, D) passes 2**31 elements at batch 4 x 64k
     b, h = pid_bh // H, pid_bh % H
     tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)

@@ -31,7 +31,8 @@ def rotary_kernel(
     """One program per (token block, batch), looping over the heads: the cos / sin rows are read
     once, x and out move as whole contiguous rows (pairs split in registers). Pairs past PAIRS
     (and the odd last feature) get cos 1, sin 0: they pass through."""
-    pid_n, b = tl.program_id(0), tl.program_id(1)
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a batch of 64-head, 64k-token tensors passes 2**31 elements
     tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     pairs = tl.arange(0, BLOCK_D // 2)
     dims = tl.arange(0, BLOCK_D)

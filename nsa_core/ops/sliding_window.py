@@ -27,7 +27,7 @@ def sliding_window_attention(
         if reason is None:
             from nsa_core.kernels.sliding_window.launch import kernel_unsupported_reason
 
-            reason = kernel_unsupported_reason(q, v)
+            reason = kernel_unsupported_reason(q, k, v)
         if reason is None:
             from nsa_core.kernels.sliding_window.autograd import sliding_window_triton
 

@@ -45,7 +45,8 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return f"kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
     if block_size > MAX_BLOCK_SIZE:
         return f"kernels take block_size up to {MAX_BLOCK_SIZE}, got {block_size}"
-    return None
+    o = torch.empty((*q.shape[:-1], v.shape[-1]), device="meta")  # the output's size, nothing allocated
+    return outputs.too_large_reason(contiguous=True, q=q, k=k, v=v, output=o)
 
 
 def _pow2(n: int, minimum: int = 1) -> int:

@@ -17,12 +17,13 @@ from nsa_core.kernels.sliding_window.kernels import (
 )
 
 
-def kernel_unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
+def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     if q.dtype not in KERNEL_DTYPES:
         return f"kernels take float16, bfloat16 or float32, got {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return f"kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
-    return None
+    o = torch.empty((*q.shape[:-1], v.shape[-1]), device="meta")  # the output's size, nothing allocated
+    return outputs.too_large_reason(contiguous=True, q=q, k=k, v=v, output=o)
 
 
 def _config(q: torch.Tensor, v: torch.Tensor, backward: bool) -> dict:
