@@ -63,3 +63,13 @@ def test_combine_kernel_equals_twin(dtype, tol, N, D):
     g = rand(B, N, H, D)
     for a, b in zip(grads(got, (c, f, s, gates), g), grads(want, (c, f, s, gates), g)):
         torch.testing.assert_close(a.float(), b.float(), atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("shape", [(37, 16), (2, 3, 5, 37, 16)])
+def test_rotary_kernel_other_ranks(shape):
+    rot = RotaryEmbedding(16).to(DEVICE)
+    x = torch.randn(*shape, device=DEVICE).requires_grad_()
+    want, got = rot.rotate(x, offset=3), rot.rotate(x, offset=3, backend="triton")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(grads(got, x, g)[0], grads(want, x, g)[0], atol=1e-6, rtol=0)

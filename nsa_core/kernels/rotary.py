@@ -57,7 +57,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     """x (..., N, D) with unit stride on D; cos / sin (N, P) contiguous -> rotated x, contiguous."""
     N, D = x.shape[-2], x.shape[-1]
     P = cos.shape[-1]
-    x4 = x.reshape(-1, 1, N, D) if x.ndim != 4 else x
+    x4 = x.reshape(1, -1, N, D) if x.ndim != 4 else x  # other ranks: leading dims into the head loop
     if x4.stride(-1) != 1:
         x4 = x4.contiguous()
     B, H = x4.shape[0], x4.shape[1]
