@@ -284,12 +284,12 @@ class SparseAttention(nn.Module):
 
     def uses_topk_kernel(self, q: Tensor, num_blocks: int) -> bool:
         """Scoring's mask + softmax + top-k as one kernel (kernels/block_topk.py), up to
-        max_blocks() selection blocks."""
+        MAX_BLOCKS selection blocks."""
         if not self.on_kernels(q):
             return False
-        from nsa_core.kernels.block_topk import max_blocks
+        from nsa_core.kernels.block_topk import MAX_BLOCKS
 
-        return num_blocks <= max_blocks()
+        return num_blocks <= MAX_BLOCKS
 
     def _chunked(self, part, n: int, chunk: int, needs_grad: bool):
         """Run part(start, end) over query chunks (checkpointed when gradients are needed) and

@@ -20,11 +20,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
-def output_and_grads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Output of module(x) and the gradients of sum(output) for x and every parameter that got one."""
+def forward_backward(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor | None = None):
+    """module(x) on a fresh leaf copy of x, then backward of grad_out (ones if None):
+    (output, input gradient, {parameter name: gradient or None}). The module's gradients are
+    cleared afterwards, so it can run again."""
     xx = x.clone().requires_grad_()
     out = module(xx)
-    out.backward(torch.ones_like(out))
-    grads = [xx.grad] + [p.grad.clone() for p in module.parameters() if p.grad is not None]
+    out.backward(torch.ones_like(out) if grad_out is None else grad_out)
+    grads = {name: None if p.grad is None else p.grad.clone() for name, p in module.named_parameters()}
     module.zero_grad(set_to_none=True)
-    return out.detach(), grads
+    return out.detach(), xx.grad, grads
+
+
+def output_and_grads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output of module(x) and the gradients of sum(output) for x and every parameter that got one."""
+    out, x_grad, grads = forward_backward(module, x)
+    return out, [x_grad] + [g for g in grads.values() if g is not None]

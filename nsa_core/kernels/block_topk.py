@@ -21,6 +21,7 @@ from nsa_core.kernels import outputs
 from nsa_core.selection import NULL_SLOT_LOGIT, VALID_THRESHOLD
 
 ROW_ELEMENTS = 4096  # rows x padded blocks held by one program
+MAX_BLOCKS = 4 * ROW_ELEMENTS  # one row of this many blocks per program is the most it holds
 
 
 @triton.jit
@@ -57,10 +58,6 @@ def block_topk_kernel(
         tl.store(PROBS + out + slot, best.to(score_dtype), mask=in_rows)
         tl.store(VALID + out + slot, (best > threshold).to(tl.int8), mask=in_rows)
         p = tl.where(blocks[None, :] == choice[:, None], -2.0, p)
-
-
-def max_blocks() -> int:
-    return ROW_ELEMENTS * 4
 
 
 def block_topk(scores: torch.Tensor, k: int, *, scale: float, first_pos: int, selection_block_size: int, causal: bool,

@@ -47,17 +47,22 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def use_kernels(backend: str, device: torch.device, op: str, unsupported: str | None = None) -> bool:
-    """Whether `op` runs on the kernels: "triton" raises (naming `op` and why) where they cannot
-    run, "auto" takes them on CUDA when they can, "torch" never does."""
+def use_kernels(backend: str, device: torch.device, op: str, unsupported=None) -> bool:
+    """Whether `op` runs on the kernels. "torch": never. "triton": yes, or a ValueError naming `op`
+    and why not. "auto": on CUDA where they can run, else the reference (one warning per reason
+    when on CUDA). `unsupported`: why these inputs cannot take the kernels (a string, or a
+    callable returning one, called only once the kernels can run here), None if they can."""
     check_backend_name(backend)
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return False
-    reason = kernel_unavailable_reason(device) or unsupported
+    reason = kernel_unavailable_reason(device)
+    if reason is None and unsupported is not None:
+        reason = unsupported() if callable(unsupported) else unsupported
     if reason is None:
         return True
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot run {op} here: {reason}")
+    warn_fallback_once(op, reason)
     return False
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nsa_core.ops.backend import check_backend_name, kernel_unavailable_reason, warn_fallback_once
+from nsa_core.ops.backend import check_backend_name, use_kernels
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.selected_attention import selected_attention_reference
 
@@ -72,20 +72,13 @@ def selected_attention(
         check_positive_int("window", window)
     check_backend_name(backend)
     _check_selection(q, k, indices, valid, gates)
-    use_kernel = False
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        reason = kernel_unavailable_reason(q.device)
-        if reason is None:
-            from nsa_core.kernels.selected_attention.launch import kernel_unsupported_reason
 
-            reason = kernel_unsupported_reason(q, k, v, block_size)
-        if reason is None:
-            use_kernel = True
-        elif backend == "triton":
-            raise ValueError(f"backend='triton' cannot run selected_attention here: {reason}")
-        else:
-            warn_fallback_once("selected_attention", reason)
-    if use_kernel:
+    def unsupported() -> str | None:
+        from nsa_core.kernels.selected_attention.launch import kernel_unsupported_reason
+
+        return kernel_unsupported_reason(q, k, v, block_size)
+
+    if use_kernels(backend, q.device, "selected_attention", unsupported):
         from nsa_core.kernels.selected_attention.autograd import selected_attention_triton
 
         return selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale, window)

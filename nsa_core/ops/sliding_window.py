@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from nsa_core.ops.backend import check_backend_name, kernel_unavailable_reason, warn_fallback_once
+from nsa_core.ops.backend import check_backend_name, use_kernels
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.sliding_window import sliding_window_reference
 
@@ -22,18 +22,17 @@ def sliding_window_attention(
     check_qkv(q, k, v)
     check_positive_int("window", window)
     check_backend_name(backend)
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        reason = kernel_unavailable_reason(q.device) or (None if causal else "the kernel path is causal only")
-        if reason is None:
-            from nsa_core.kernels.sliding_window.launch import kernel_unsupported_reason
 
-            reason = kernel_unsupported_reason(q, k, v)
-        if reason is None:
-            from nsa_core.kernels.sliding_window.autograd import sliding_window_triton
+    def unsupported() -> str | None:
+        if not causal:
+            return "the kernel path is causal only"
+        from nsa_core.kernels.sliding_window.launch import kernel_unsupported_reason
 
-            return sliding_window_triton(q, k, v, window, scale)
-        if backend == "triton":
-            raise ValueError(f"backend='triton' cannot run sliding_window_attention here: {reason}")
-        if causal:  # the non-causal window has no kernel: the module's documented path, not a fallback
-            warn_fallback_once("sliding_window_attention", reason)
+        return kernel_unsupported_reason(q, k, v)
+
+    # "auto" without causality: the reference is the documented path (no kernel to fall back from)
+    if (causal or backend == "triton") and use_kernels(backend, q.device, "sliding_window_attention", unsupported):
+        from nsa_core.kernels.sliding_window.autograd import sliding_window_triton
+
+        return sliding_window_triton(q, k, v, window, scale)
     return sliding_window_reference(q, k, v, window, causal=causal, scale=scale)
