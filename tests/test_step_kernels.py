@@ -73,3 +73,17 @@ def test_rotary_kernel_other_ranks(shape):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     g = torch.randn_like(want)
     torch.testing.assert_close(grads(got, x, g)[0], grads(want, x, g)[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 37, 24), (130, 16), (0, 8)])
+def test_row_dot_kernel_equals_twin(dtype, shape):
+    from nsa_core.kernels.row_dot import row_dot
+
+    a, b = (torch.randn(shape, device=DEVICE).to(dtype) for _ in range(2))
+    got = row_dot(a, b)
+    want = (a.double() * b.double()).sum(-1)
+    assert got.dtype == torch.float32 and got.shape == shape[:-1]
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)  # inputs exact in float32: only the sum rounds
+    torch.testing.assert_close(row_dot(a.transpose(0, -1), b.transpose(0, -1)).double(),
+                               (a.double() * b.double()).transpose(0, -1).sum(-1), atol=1e-5, rtol=1e-5)

@@ -7,46 +7,58 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nsa_core.kernels.selected_attention.launch import selected_attention_bwd, selected_attention_fwd
+from nsa_core.kernels.selected_attention import launch
+from nsa_core.kernels.selected_attention.launch import selected_attention_bwd, selected_attention_fwd_with_csr
 
 
 @torch.library.custom_op("nsa::selected_attention_fwd", mutates_args=())
 def _fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, gates: Tensor | None, block_size: int, causal: bool,
-         scale: float, window: int) -> tuple[Tensor, Tensor]:
-    return selected_attention_fwd(q, k, v, idx, gates, block_size, causal, scale, window)
+         scale: float, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (o, lse, and the CSR index (entries, offsets) the by-block forward built, for the
+    backward; empty when the forward ran by query)."""
+    return selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size, causal, scale, window)
 
 
 @_fwd.register_fake
 def _fwd_fake(q, k, v, idx, gates, block_size, causal, scale, window):
     B, HQ, T, _ = q.shape
-    return q.new_empty(B, HQ, T, v.shape[-1]), q.new_empty(B, HQ, T, dtype=torch.float32)
+    if launch.choose_scheme(q, k, idx) == "by_block":  # looked up at call time: tests replace it
+        entries_shape, offsets_shape, index_dtype = launch.csr_size(idx, k.shape[1], block_size)
+        entries, offsets = idx.new_empty(entries_shape, dtype=index_dtype), idx.new_empty(offsets_shape, dtype=index_dtype)
+    else:
+        entries, offsets = idx.new_empty(0, dtype=torch.int32), idx.new_empty(0, dtype=torch.int32)
+    return q.new_empty(B, HQ, T, v.shape[-1]), q.new_empty(B, HQ, T, dtype=torch.float32), entries, offsets
 
 
 @torch.library.custom_op("nsa::selected_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, idx: Tensor, gates: Tensor | None,
-         block_size: int, causal: bool, scale: float, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dgates = selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size, causal, scale, window)
+         entries: Tensor, offsets: Tensor, block_size: int, causal: bool, scale: float,
+         window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dgates = selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size, causal, scale, window,
+                                                csr=(entries, offsets))
     if dgates is None:
         dgates = q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dgates
 
 
 @_bwd.register_fake
-def _bwd_fake(do, q, k, v, o, lse, idx, gates, block_size, causal, scale, window):
+def _bwd_fake(do, q, k, v, o, lse, idx, gates, entries, offsets, block_size, causal, scale, window):
     dgates = q.new_empty(idx.shape if gates is not None else (0,), dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgates
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, idx, gates, block_size, causal, scale, window = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, idx, gates)
+    o, lse, entries, offsets = output
+    ctx.mark_non_differentiable(lse, entries, offsets)
+    ctx.save_for_backward(q, k, v, o, lse, idx, gates, entries, offsets)
     ctx.block_size, ctx.causal, ctx.scale, ctx.window = block_size, causal, scale, window
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, idx, gates = ctx.saved_tensors
-    dq, dk, dv, dgates = _bwd(do, q, k, v, o, lse, idx, gates, ctx.block_size, ctx.causal, ctx.scale, ctx.window)
+def _backward(ctx, do, dlse, dentries, doffsets):
+    q, k, v, o, lse, idx, gates, entries, offsets = ctx.saved_tensors
+    dq, dk, dv, dgates = _bwd(do, q, k, v, o, lse, idx, gates, entries, offsets, ctx.block_size, ctx.causal, ctx.scale,
+                              ctx.window)
     dgates = dgates.to(gates.dtype) if gates is not None else None
     return dq, dk, dv, None, dgates, None, None, None, None
 
@@ -63,6 +75,6 @@ def selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal
     idx = idx.contiguous()
     if gates is not None:
         gates = gates.contiguous()
-    o, _ = _fwd(q.contiguous(), k.contiguous(), v.contiguous(), idx, gates, int(block_size), bool(causal), scale,
+    o, *_ = _fwd(q.contiguous(), k.contiguous(), v.contiguous(), idx, gates, int(block_size), bool(causal), scale,
                 0 if window is None else int(window))
     return o

@@ -120,6 +120,19 @@ def _accumulate_dkdv(
 
 
 @triton.jit
+def _write_dq_rows(dq_part, b_dq_rows, p_partial, p_row, m_row, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DQ_ATOMIC: tl.constexpr):
+    """Rows' dq over one key block [M, BLOCK_D]: stored as the (row, slot) partial, or (DQ_ATOMIC)
+    added atomically into a float32 (B, HQ, T, D) accumulator."""
+    o_d = tl.arange(0, BLOCK_D)
+    m = m_row[:, None] & (o_d[None, :] < D)
+    if DQ_ATOMIC:
+        tl.atomic_add(dq_part + p_row.to(tl.int64)[:, None] * D + o_d[None, :], b_dq_rows, mask=m, sem="relaxed")
+    else:
+        tl.store(dq_part + p_partial.to(tl.int64)[:, None] * D + o_d[None, :], b_dq_rows, mask=m)
+
+
+@triton.jit
 def selected_attention_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, entries, offsets, gates, dk, dv, dq_part, dgates,
     stride_qb, stride_qh, stride_qt,
@@ -129,7 +142,7 @@ def selected_attention_bwd_dkdv_kernel(
     S: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, G_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
-    DQ_PARTIAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    DQ_PARTIAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK/dV of one key block (and, with DQ_PARTIAL, the dq partials (B, HQ, T, S + 1, D) of the
     rows that attend it, slot S being the own block, plus the gate gradients of its entries)."""
@@ -159,8 +172,8 @@ def selected_attention_bwd_dkdv_kernel(
             (i_b * HQ + o_hq) * T + o_t, o_t, b_gate, m_row, scale,
             BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, WINDOW, PRECISION)
         if DQ_PARTIAL:
-            p_part = (((i_b * HQ + o_hq) * T + o_t) * (S + 1) + o_s).to(tl.int64)
-            tl.store(dq_part + p_part[:, None] * D + o_d[None, :], b_dq_rows, mask=m_row[:, None] & (o_d[None, :] < D))
+            _write_dq_rows(dq_part, b_dq_rows, ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + o_s, (i_b * HQ + o_hq) * T + o_t,
+                           m_row, D, BLOCK_D, DQ_ATOMIC)
             if HAS_GATES:
                 b_dgate = tl.sum(tl.reshape(b_dgate_rows, (ENTRIES_PER_STEP, ROWS_P)), axis=1)
                 lin_e = tl.max(tl.reshape(lin, (ENTRIES_PER_STEP, ROWS_P)), axis=1)
@@ -178,11 +191,42 @@ def selected_attention_bwd_dkdv_kernel(
                 (i_b * HQ + o_hq) * T + o_t, o_t, b_gate, m_row, scale,
                 BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, WINDOW, PRECISION)
             if DQ_PARTIAL:
-                p_part = (((i_b * HQ + o_hq) * T + o_t) * (S + 1) + S).to(tl.int64)
-                tl.store(dq_part + p_part[:, None] * D + o_d[None, :], b_dq_rows, mask=m_row[:, None] & (o_d[None, :] < D))
+                _write_dq_rows(dq_part, b_dq_rows, ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + S, (i_b * HQ + o_hq) * T + o_t,
+                               m_row, D, BLOCK_D, DQ_ATOMIC)
 
     o_dv = tl.arange(0, BLOCK_DV)
     p_dk = dk + ((i_b * HKV + i_hk) * T + o_key[:, None]) * D + o_d[None, :]
     p_dv = dv + ((i_b * HKV + i_hk) * T + o_key[:, None]) * DV + o_dv[None, :]
     tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_key[:, None] & (o_d[None, :] < D))
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_key[:, None] & (o_dv[None, :] < DV))
+
+
+@triton.jit
+def sum_dq_partials_kernel(
+    dq_part, idx, dq,
+    stride_qb, stride_qh, stride_qt,
+    T, HQ, HI,
+    S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """BLOCK_T tokens of one query head: dq = sum of the (query row, slot) partials (B, HQ, T, S + 1, D)
+    over its valid slots (and the own block's, slot S, when causal), written in dq's dtype. Slots
+    nothing wrote (invalid) are never read: one pass over the partials."""
+    i_tb = tl.program_id(0)
+    i_bh = tl.program_id(1)  # over (batch, query head)
+    i_b = (i_bh // HQ).to(tl.int64)
+    i_hq = i_bh % HQ
+    i_hs = i_hq // (HQ // HI)  # selection head of this query head
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    o_d = tl.arange(0, BLOCK_D)
+    m_t = o_t < T
+    m_d = o_d[None, :] < D
+    p_sel = ((i_b * HI + i_hs) * T + o_t) * S  # [BLOCK_T]
+    p_part = (i_bh.to(tl.int64) * T + o_t) * (S + 1)  # [BLOCK_T]; partials pass 2**31 elements
+    b_dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(S):
+        m_slot = m_t & (tl.load(idx + p_sel + s, mask=m_t, other=-1) >= 0)
+        b_dq += tl.load(dq_part + (p_part + s)[:, None] * D + o_d[None, :], mask=m_slot[:, None] & m_d, other=0.0)
+    if CAUSAL:
+        b_dq += tl.load(dq_part + (p_part + S)[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d, other=0.0)
+    p_dq = dq + i_b * stride_qb + i_hq * stride_qh + o_t[:, None] * stride_qt + o_d[None, :]
+    tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_d)

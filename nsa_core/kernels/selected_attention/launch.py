@@ -13,10 +13,12 @@ import torch
 import triton
 
 from nsa_core.kernels import outputs
+from nsa_core.kernels.row_dot import row_dot
 
 from nsa_core.kernels.selected_attention.backward import (
     selected_attention_bwd_dkdv_kernel,
     selected_attention_bwd_dq_kernel,
+    sum_dq_partials_kernel,
 )
 from nsa_core.kernels.selected_attention.forward import selected_attention_fwd_kernel
 from nsa_core.kernels.selected_attention.forward_by_block import (
@@ -27,14 +29,21 @@ from nsa_core.kernels.selected_attention.forward_by_block import (
 MAX_HEAD_DIM = 256
 # by-block scheme: per-(query, slot) partials are written to memory; above this size, by query
 PARTIALS_BUDGET_BYTES = 8 * 2**30
-# by-block pays when few query rows share a selection (each key block is then loaded once, not per query)
+# by-block pays when few query rows share a selection (each key block is then loaded once, not per
+# query); measured on an H100 at 64k (benchmarks/NOTES.md): forward up to 4 rows; backward up to 8
+# rows with dq added atomically, up to 4 with deterministic dq partials
 BY_BLOCK_MAX_ROWS_FWD = 4
-BY_BLOCK_MAX_ROWS_BWD = 2
+BY_BLOCK_MAX_ROWS_BWD = 8
+BY_BLOCK_MAX_ROWS_BWD_DETERMINISTIC = 4
 # programs sharing one key block's entries in the by-block forward: enough programs to fill the
 # GPU (measured on an H100: 4 splits save 14% at 16k, nothing at 64k; benchmarks/NOTES.md)
 BY_BLOCK_FWD_PROGRAMS = 4096
 BY_BLOCK_FWD_SPLITS: int | None = None  # fixed count, overriding the rule (tests)
 MAX_BLOCK_SIZE = 128
+# tokens per program of the by-block merges: forward partials, backward dq partials (measured on an
+# H100 at 64k, G=1: dq merge 32 tokens 0.84 ms vs 16 tokens 1.17)
+MERGE_TOKENS = 32
+SUM_DQ_TOKENS = 32
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -75,21 +84,46 @@ def _rows(HQ: int, HKV: int, HI: int) -> tuple[int, int]:
     return rows, _pow2(rows, 16)
 
 
+def deterministic() -> bool:
+    """torch.use_deterministic_algorithms(True) asks for bit-identical reruns: the by-block backward
+    then sums dq partials instead of adding dq atomically."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
 def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward: bool = False) -> str:
     """"by_query" (a program per query token and head set, loading its selected blocks) or
-    "by_block" (a program per key block, walking the queries that selected it, with per-(query
-    row, slot) partial results going through memory).
+    "by_block" (a program per key block, walking the queries that selected it; forward partial
+    results, and in the deterministic backward dq partials, go through memory).
 
     Measured on an H100 (benchmarks/RESULTS.md): by block wins the forward up to 4 query rows per
-    selection and the backward up to 2; by query wins above. Partials must fit the budget."""
+    selection, the backward up to 8 (atomic dq) or 4 (dq partials). Partials must fit the budget."""
     B, HQ, T, D = q.shape
     rows, _ = _rows(HQ, k.shape[1], idx.shape[1])
     slots = idx.shape[-1] + 1
-    if backward:
-        partial_bytes, max_rows = B * HQ * T * slots * D * 4, BY_BLOCK_MAX_ROWS_BWD
-    else:
+    if not backward:
         partial_bytes, max_rows = B * HQ * T * slots * (D * q.element_size() + 8), BY_BLOCK_MAX_ROWS_FWD
+    elif deterministic():
+        partial_bytes, max_rows = B * HQ * T * slots * D * 4, BY_BLOCK_MAX_ROWS_BWD_DETERMINISTIC
+    else:
+        partial_bytes, max_rows = 0, BY_BLOCK_MAX_ROWS_BWD
     return "by_block" if rows <= max_rows and partial_bytes <= PARTIALS_BUDGET_BYTES else "by_query"
+
+
+def csr_size(idx: torch.Tensor, num_kv_heads: int, block_size: int) -> tuple[tuple[int], tuple[int], torch.dtype]:
+    """Shapes and dtype of build_csr's (entries, offsets) for idx (B, HI, T, S)."""
+    B, _, T, _ = idx.shape
+    dtype = torch.int32 if idx.numel() < 2**31 else torch.int64
+    return (idx.numel(),), (B * num_kv_heads * math.ceil(T / block_size) + 1,), dtype
+
+
+def selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0):
+    """selected_attention_fwd, plus the CSR index (entries, offsets) when the forward built one (by
+    block) for the backward to reuse, else two empty tensors."""
+    if choose_scheme(q, k, idx) == "by_block":
+        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, None)
+    o, lse = selected_attention_fwd(q, k, v, idx, gates, block_size, causal, scale, window, scheme="by_query")
+    no_csr = [torch.empty(0, device=q.device, dtype=torch.int32) for _ in range(2)]  # two tensors: outputs may not alias
+    return o, lse, *no_csr
 
 
 def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
@@ -99,7 +133,7 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
     invalid slots, gates (B, HI, T, S) or None -> o (B, HQ, T, DV), lse (B, HQ, T) float32."""
     scheme = scheme or choose_scheme(q, k, idx)
     if scheme == "by_block":
-        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits)
+        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits)[:2]
     B, HQ, T, _ = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
     rows, rows_p = _rows(HQ, HKV, HI)
@@ -144,11 +178,11 @@ def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_wa
     )
     o = outputs.new_output(B, HQ, T, DV, device=q.device, dtype=q.dtype)
     lse = outputs.new_output(B, HQ, T, device=q.device, dtype=torch.float32)
-    merge_partials_kernel[(T, B * HQ)](
-        o_part, m_part, l_part, idx, o, lse, o.stride(0), o.stride(1), o.stride(2), T, HQ, HI, G,
-        S=S, SP=_pow2(S + 1), DV=DV, BLOCK_DV=tiles["BLOCK_DV"], CAUSAL=causal, num_warps=1,
+    merge_partials_kernel[(triton.cdiv(T, MERGE_TOKENS), B * HQ)](
+        o_part, m_part, l_part, idx, o, lse, o.stride(0), o.stride(1), o.stride(2), T, HQ, HI,
+        S=S, DV=DV, BLOCK_DV=tiles["BLOCK_DV"], BLOCK_T=MERGE_TOKENS, CAUSAL=causal, num_warps=4,
     )
-    return o, lse
+    return o, lse, entries, offsets
 
 
 def build_csr(idx: torch.Tensor, num_kv_heads: int, num_blocks: int, rows: int):
@@ -156,12 +190,13 @@ def build_csr(idx: torch.Tensor, num_kv_heads: int, num_blocks: int, rows: int):
 
     entries: linear indices into idx, sorted by group (stable); offsets (B * HKV * NB + 1,):
     group g's entries are entries[offsets[g]:offsets[g + 1]]. Invalid slots (-1) are dropped
-    to a sentinel group past the end. One stable sort of 32-bit group keys, and the offsets by
+    to a sentinel group past the end. One stable sort of the narrowest integer group keys, and the offsets by
     binary search in the sorted keys (no counting pass)."""
     B, HI, T, S = idx.shape
     group_size = HI * rows // num_kv_heads
     num_groups = B * num_kv_heads * num_blocks
-    key_dtype = torch.int32 if num_groups < 2**31 - 1 else torch.int64
+    # the narrowest key type holding the sentinel: a radix sort takes one pass per key byte
+    key_dtype = torch.int16 if num_groups < 2**15 - 1 else torch.int32 if num_groups < 2**31 - 1 else torch.int64
     head_of = torch.arange(HI, device=idx.device, dtype=key_dtype) * rows // group_size  # selection head -> its kv head
     batch = torch.arange(B, device=idx.device, dtype=key_dtype).view(B, 1, 1, 1)
     group = (batch * num_kv_heads + head_of.view(1, HI, 1, 1)) * num_blocks + idx.to(key_dtype)
@@ -173,18 +208,25 @@ def build_csr(idx: torch.Tensor, num_kv_heads: int, num_blocks: int, rows: int):
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
-                           slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                           dkdv_block_m: int | None = None, scheme: str | None = None):
+                           csr: tuple[torch.Tensor, torch.Tensor] | None = None, slots_per_step: int | None = None,
+                           num_warps: int | None = None, num_stages: int = 2, dkdv_block_m: int | None = None,
+                           dkdv_warps: int | None = None, scheme: str | None = None, dq_atomic: bool | None = None):
     """Gradients (dq, dk, dv, dgates or None) of selected_attention_fwd. By query: a dQ kernel
     walks each query's blocks and a dK/dV kernel each block's queries. By block: the dK/dV
-    kernel also writes each (query row, slot)'s dq partial and the gate gradients."""
+    kernel also computes each (query row, block)'s dq and the gate gradients, and adds the dq
+    atomically into a float32 accumulator (dq_atomic, the default unless deterministic()) or
+    writes it as a partial that a second pass sums. csr: the forward's (entries, offsets), if any.
+
+    dK/dV tiles, measured on an H100 at 64k (benchmarks/NOTES.md): by query 64 rows x 4 warps; by
+    block 128 rows x 8 warps (G=4: 11.8 ms vs 15.9 with 4 warps, 19.3 with 64 rows)."""
     scheme = scheme or choose_scheme(q, k, idx, backward=True)
+    dq_atomic = not deterministic() if dq_atomic is None else dq_atomic
     B, HQ, T, D = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
     G = HQ // HKV
     rows, rows_p = _rows(HQ, HKV, HI)
     do = do.contiguous()
-    delta = _rowwise_dot(do, o)  # (B, HQ, T) float32
+    delta = row_dot(do, o.contiguous())  # (B, HQ, T) float32
     by_block = scheme == "by_block"
     dgates = None
     if gates is not None:  # by block, only valid slots are written: the others stay zero
@@ -192,7 +234,9 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
             outputs.new_output(*idx.shape, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
     warps = num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8)
-    if by_block:
+    if by_block and dq_atomic:
+        dq_part = torch.zeros(B, HQ, T, D, device=q.device, dtype=torch.float32)
+    elif by_block:
         dq_part = outputs.new_output(B, HQ, T, S + 1, D, device=q.device, dtype=torch.float32)
     else:
         dq_part = delta
@@ -200,11 +244,11 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
         _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps, num_stages,
                    rows, rows_p, tiles)
     num_blocks = math.ceil(T / block_size)
-    entries, offsets = build_csr(idx, HKV, num_blocks, rows)
+    entries, offsets = csr if csr is not None and csr[0].numel() == idx.numel() else build_csr(idx, HKV, num_blocks, rows)
     dk = outputs.new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
     dv = outputs.new_output(B, HKV, T, v.shape[-1], device=q.device, dtype=v.dtype)
     entry_rows = _pow2(rows)
-    block_m = max(dkdv_block_m or 64, entry_rows, _pow2(G))
+    block_m = max(dkdv_block_m or (128 if by_block else 64), entry_rows, _pow2(G))
     selected_attention_bwd_dkdv_kernel[(num_blocks, B * HKV)](
         q, k, v, do, lse, delta, entries, offsets, gates if gates is not None else lse, dk, dv, dq_part,
         dgates if dgates is not None else lse,
@@ -212,29 +256,18 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
         v.stride(0), v.stride(1), v.stride(2),
         T, HI, HKV, num_blocks, scale,
         S=S, G=G, ROWS=rows, ROWS_P=entry_rows, G_P=_pow2(G), BLOCK_M=block_m, CAUSAL=causal,
-        HAS_GATES=gates is not None, DQ_PARTIAL=by_block, WINDOW=window, num_warps=warps, num_stages=num_stages, **tiles,
+        HAS_GATES=gates is not None, DQ_PARTIAL=by_block, DQ_ATOMIC=dq_atomic, WINDOW=window,
+        num_warps=dkdv_warps or (8 if by_block else warps), num_stages=num_stages, **tiles,
     )
-    if by_block:
-        dq = _sum_dq_partials(dq_part, idx, HQ, causal).to(q.dtype)
+    if by_block and dq_atomic:
+        dq = dq_part.to(q.dtype)
+    elif by_block:
+        dq = outputs.new_output(*q.shape, device=q.device, dtype=q.dtype)
+        sum_dq_partials_kernel[(triton.cdiv(T, SUM_DQ_TOKENS), B * HQ)](
+            dq_part, idx, dq, dq.stride(0), dq.stride(1), dq.stride(2), T, HQ, HI,
+            S=S, D=D, BLOCK_D=tiles["BLOCK_D"], BLOCK_T=SUM_DQ_TOKENS, CAUSAL=causal, num_warps=4,
+        )
     return dq, dk, dv, dgates
-
-
-def _rowwise_dot(a: torch.Tensor, b: torch.Tensor, heads_per_step: int = 4) -> torch.Tensor:
-    """sum(a * b, -1) in float32, a few heads at a time: float32 copies of whole (B, H, T, D)
-    tensors would cost 4 GiB each at 64 heads x 64k tokens."""
-    out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
-    for h in range(0, a.shape[1], heads_per_step):
-        out[:, h : h + heads_per_step] = (a[:, h : h + heads_per_step].float() * b[:, h : h + heads_per_step].float()).sum(-1)
-    return out
-
-
-def _sum_dq_partials(dq_part, idx, HQ, causal):
-    """(B, HQ, T, S + 1, D) partials -> (B, HQ, T, D); slots nothing wrote (invalid) count as zero."""
-    B, HI, T, S = idx.shape
-    valid = (idx >= 0).repeat_interleave(HQ // HI, dim=1)
-    own = torch.full((B, HQ, T, 1), causal, dtype=torch.bool, device=idx.device)
-    dq_part.masked_fill_(~torch.cat((valid, own), dim=-1)[..., None], 0.0)
-    return dq_part.sum(dim=-2)
 
 
 def _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps, num_stages,

@@ -9,7 +9,8 @@ import torch
 import triton
 
 from nsa_core.kernels import outputs
-from nsa_core.kernels.selected_attention.launch import KERNEL_DTYPES, MAX_HEAD_DIM, _rowwise_dot
+from nsa_core.kernels.row_dot import row_dot
+from nsa_core.kernels.selected_attention.launch import KERNEL_DTYPES, MAX_HEAD_DIM
 from nsa_core.kernels.sliding_window.kernels import (
     sliding_window_bwd_dkdv_kernel,
     sliding_window_bwd_dq_kernel,
@@ -58,7 +59,7 @@ def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float):
     """Gradients (dq, dk, dv) of the forward's o for the upstream do (unit last stride)."""
     B, HQ, T, D = q.shape
     HKV, DV = k.shape[1], v.shape[-1]
-    delta = _rowwise_dot(do, o)
+    delta = row_dot(do, o)
     dq = outputs.new_output(B, HQ, T, D, device=q.device, dtype=q.dtype)
     dk = outputs.new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
     dv = outputs.new_output(B, HKV, T, DV, device=q.device, dtype=v.dtype)
