@@ -90,52 +90,34 @@ def selected_attention_fwd_by_block_kernel(
 
 
 @triton.jit
-def _slot_mask(idx, p_sel, m_t, s: tl.constexpr, S: tl.constexpr):
-    """Which of the tokens have slot s: a valid selected block (s < S) or the own block (s == S)."""
-    if s < S:
-        return m_t & (tl.load(idx + p_sel + s, mask=m_t, other=-1) >= 0)
-    return m_t
-
-
-@triton.jit
 def merge_partials_kernel(
     o_part, m_part, l_part, idx, o, lse,
     stride_ob, stride_oh, stride_ot,
-    T, HQ, HI,
-    S: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
+    T, HQ, HI, G,
+    S: tl.constexpr, SP: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
 ):
-    """BLOCK_T tokens of one query head: merge each token's S + 1 partials (the own block's, slot S,
-    when causal) into the output and lse. Partials of invalid slots are never read."""
-    i_tb = tl.program_id(0)
+    """One query row (token t, query head): merge its S + 1 partials into the output and lse."""
+    i_t = tl.program_id(0)
     i_bh = tl.program_id(1)  # over (batch, query head)
     i_b = (i_bh // HQ).to(tl.int64)
     i_hq = i_bh % HQ
     i_hs = i_hq // (HQ // HI)  # selection head of this query head
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    o_s = tl.arange(0, SP)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_t = o_t < T
-    p_sel = ((i_b * HI + i_hs) * T + o_t) * S
-    p_row = (i_bh.to(tl.int64) * T + o_t) * (S + 1)  # partial tensors pass 2**31 elements
-    NUM_SLOTS: tl.constexpr = S + 1 if CAUSAL else S
-    b_max = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    for s in tl.static_range(NUM_SLOTS):  # 1. the largest row max over the slots that hold rows
-        m_s = _slot_mask(idx, p_sel, m_t, s, S)
-        b_m = tl.load(m_part + p_row + s, mask=m_s, other=float("-inf"))
-        b_l = tl.load(l_part + p_row + s, mask=m_s, other=0.0)
-        b_max = tl.maximum(b_max, tl.where(b_l > 0, b_m, float("-inf")))
+    b_blk = tl.load(idx + ((i_b * HI + i_hs) * T + i_t) * S + o_s, mask=o_s < S, other=-1)
+    m_slot = (b_blk >= 0) & (o_s < S)
+    if CAUSAL:
+        m_slot = m_slot | (o_s == S)
+    p_row = (i_bh.to(tl.int64) * T + i_t) * (S + 1)  # partial tensors pass 2**31 elements
+    b_m = tl.load(m_part + p_row + o_s, mask=m_slot, other=float("-inf"))
+    b_l = tl.load(l_part + p_row + o_s, mask=m_slot, other=0.0)
+    m_slot = m_slot & (b_l > 0)
+    b_m = tl.where(m_slot, b_m, float("-inf"))
+    b_max = tl.max(b_m, axis=0)
     b_base = tl.where(b_max == float("-inf"), 0.0, b_max)
-    b_acc = tl.zeros([BLOCK_T, BLOCK_DV], dtype=tl.float32)
-    b_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for s in tl.static_range(NUM_SLOTS):  # 2. the outputs weighted by their share of the softmax sum
-        m_s = _slot_mask(idx, p_sel, m_t, s, S)
-        b_m = tl.load(m_part + p_row + s, mask=m_s, other=float("-inf"))
-        b_l = tl.load(l_part + p_row + s, mask=m_s, other=0.0)
-        m_s = m_s & (b_l > 0)
-        b_w = tl.where(m_s, b_l * tl.exp(tl.where(m_s, b_m, b_base) - b_base), 0.0)  # [BLOCK_T]
-        b_op = tl.load(o_part + (p_row + s)[:, None] * DV + o_dv[None, :], mask=m_s[:, None] & (o_dv[None, :] < DV), other=0.0)
-        b_acc += b_op.to(tl.float32) * b_w[:, None]
-        b_sum += b_w
-    b_out = b_acc / tl.where(b_sum > 0, b_sum, 1.0)[:, None]
-    p_o = o + i_b * stride_ob + i_hq * stride_oh + o_t[:, None] * stride_ot + o_dv[None, :]
-    tl.store(p_o, b_out.to(o.dtype.element_ty), mask=m_t[:, None] & (o_dv[None, :] < DV))
-    tl.store(lse + i_bh * T + o_t, tl.where(b_sum > 0, b_base + tl.log(tl.where(b_sum > 0, b_sum, 1.0)), float("inf")), mask=m_t)
+    b_w = tl.where(m_slot, b_l * tl.exp(b_m - b_base), 0.0)  # [SP]
+    b_sum = tl.sum(b_w, axis=0)
+    b_op = tl.load(o_part + (p_row + o_s)[:, None] * DV + o_dv[None, :], mask=m_slot[:, None] & (o_dv[None, :] < DV), other=0.0)
+    b_out = tl.sum(b_op.to(tl.float32) * b_w[:, None], axis=0) / tl.where(b_sum > 0, b_sum, 1.0)  # [BLOCK_DV]
+    tl.store(o + i_b * stride_ob + i_hq * stride_oh + i_t * stride_ot + o_dv, b_out.to(o.dtype.element_ty), mask=o_dv < DV)
+    tl.store(lse + i_bh * T + i_t, tl.where(b_sum > 0, b_base + tl.log(tl.where(b_sum > 0, b_sum, 1.0)), float("inf")))

@@ -40,9 +40,9 @@ BY_BLOCK_MAX_ROWS_BWD_DETERMINISTIC = 4
 BY_BLOCK_FWD_PROGRAMS = 4096
 BY_BLOCK_FWD_SPLITS: int | None = None  # fixed count, overriding the rule (tests)
 MAX_BLOCK_SIZE = 128
-# tokens per program of the by-block merges: forward partials, backward dq partials (measured on an
-# H100 at 64k, G=1: dq merge 32 tokens 0.84 ms vs 16 tokens 1.17)
-MERGE_TOKENS = 32
+# tokens per program of the backward's dq-partials merge (measured on an H100 at 64k, G=1: 32 tokens
+# 0.84 ms vs 16 tokens 1.17). The forward's merge keeps a program per query row: a 32-token tile
+# measured slower there (G=1 0.60 vs 0.43 ms, G=4 2.3 ms).
 SUM_DQ_TOKENS = 32
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -178,9 +178,9 @@ def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_wa
     )
     o = outputs.new_output(B, HQ, T, DV, device=q.device, dtype=q.dtype)
     lse = outputs.new_output(B, HQ, T, device=q.device, dtype=torch.float32)
-    merge_partials_kernel[(triton.cdiv(T, MERGE_TOKENS), B * HQ)](
-        o_part, m_part, l_part, idx, o, lse, o.stride(0), o.stride(1), o.stride(2), T, HQ, HI,
-        S=S, DV=DV, BLOCK_DV=tiles["BLOCK_DV"], BLOCK_T=MERGE_TOKENS, CAUSAL=causal, num_warps=4,
+    merge_partials_kernel[(T, B * HQ)](
+        o_part, m_part, l_part, idx, o, lse, o.stride(0), o.stride(1), o.stride(2), T, HQ, HI, G,
+        S=S, SP=_pow2(S + 1), DV=DV, BLOCK_DV=tiles["BLOCK_DV"], CAUSAL=causal, num_warps=1,
     )
     return o, lse, entries, offsets
 
