@@ -173,11 +173,13 @@ def test_kernel_gpu_atomic_dq_equals_deterministic(G, deterministic_algorithms):
     torch.use_deterministic_algorithms(False)
     assert launch.choose_scheme(problem["q"], problem["k"], problem["indices"], backward=True) == "by_block"
     for a, b in zip(run(problem, "triton"), exact):
-        torch.testing.assert_close(a, b, atol=0, rtol=2**-7)  # at most 1 bf16 ulp apart
+        # 1 bf16 ulp apart, or (entries near zero, where the sum cancels) float32 rounding of the largest term
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-20 * b.abs().max().item())
 
 
-def test_by_block_forward_split_entries(monkeypatch, poisoned_outputs):
-    """Dealing a block's entries to several programs changes nothing."""
+def test_by_block_forward_split_entries(monkeypatch, poisoned_outputs, deterministic_algorithms):
+    """Dealing a block's entries to several programs changes nothing (deterministic backward, so
+    that reruns can be compared bit for bit)."""
     from nsa_core.kernels.selected_attention import launch
 
     monkeypatch.setattr(launch, "choose_scheme", lambda *a, **k: "by_block")
