@@ -149,6 +149,21 @@ def test_kernel_gpu_real_sizes(G, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_kernel_gpu_wide_heads_fit(G, deterministic):
+    """Head dims of 256 on the by-block schemes: the tiles must fit the GPU's shared memory."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        problem = random_problem(G=G, HKV=2, T=1000, D=256, Dv=256, S=8, block=64, with_gates=True, seed=G, device="cuda")
+        check_against_reference(problem, torch.bfloat16, factor=3)
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("G", [1, 4, 16])
 def test_kernel_gpu_race(G, deterministic_algorithms):
     """Under torch.use_deterministic_algorithms(True), reruns are bit-identical."""

@@ -218,7 +218,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     writes it as a partial that a second pass sums. csr: the forward's (entries, offsets), if any.
 
     dK/dV tiles, measured on an H100 at 64k (benchmarks/NOTES.md): by query 64 rows x 4 warps; by
-    block 128 rows x 8 warps (G=4: 11.8 ms vs 15.9 with 4 warps, 19.3 with 64 rows)."""
+    block 128 rows x 8 warps (G=4: 11.8 ms vs 15.9 with 4 warps, 19.3 with 64 rows), 32 rows x 8
+    warps x 1 stage when a head dim exceeds 128."""
     scheme = scheme or choose_scheme(q, k, idx, backward=True)
     dq_atomic = not deterministic() if dq_atomic is None else dq_atomic
     B, HQ, T, D = q.shape
@@ -248,7 +249,11 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     dk = outputs.new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
     dv = outputs.new_output(B, HKV, T, v.shape[-1], device=q.device, dtype=v.dtype)
     entry_rows = _pow2(rows)
-    block_m = max(dkdv_block_m or (128 if by_block else 64), entry_rows, _pow2(G))
+    # shared memory bounds the by-block tiles (with dq rows) at 256 dims: measured on an H100, D = DV = 256
+    # fits 32 rows (8 warps, 1 stage: the fastest there), not 64 with 2 stages
+    wide = max(tiles["BLOCK_D"], tiles["BLOCK_DV"]) > 128
+    block_m = max(dkdv_block_m or (64 if not by_block else 32 if wide else 128), entry_rows, _pow2(G))
+    dkdv_stages = 1 if by_block and wide and dkdv_block_m is None else num_stages
     selected_attention_bwd_dkdv_kernel[(num_blocks, B * HKV)](
         q, k, v, do, lse, delta, entries, offsets, gates if gates is not None else lse, dk, dv, dq_part,
         dgates if dgates is not None else lse,
@@ -257,7 +262,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
         T, HI, HKV, num_blocks, scale,
         S=S, G=G, ROWS=rows, ROWS_P=entry_rows, G_P=_pow2(G), BLOCK_M=block_m, CAUSAL=causal,
         HAS_GATES=gates is not None, DQ_PARTIAL=by_block, DQ_ATOMIC=dq_atomic, WINDOW=window,
-        num_warps=dkdv_warps or (8 if by_block else warps), num_stages=num_stages, **tiles,
+        num_warps=dkdv_warps or (8 if by_block else warps), num_stages=dkdv_stages, **tiles,
     )
     if by_block and dq_atomic:
         dq = dq_part.to(q.dtype)
