@@ -65,6 +65,10 @@ def selected_attention(
         backend: "torch" (reference), "triton" (kernels; raises where they cannot run) or "auto".
 
     A query with no key at all gets a zero output. Returns (B, HQ, T, Dv).
+
+    Determinism: for groups of up to 8 query heads per selection the kernels' backward adds dq
+    atomically (float32), so reruns can differ in dq's last bits; under
+    torch.use_deterministic_algorithms(True) it takes a bit-reproducible path instead.
     """
     check_qkv(q, k, v)
     check_positive_int("block_size", block_size)

@@ -1,11 +1,14 @@
-"""Backward kernels of selected-block attention, without atomics.
+"""Backward kernels of selected-block attention (atomics only for the by-block dq, and only when
+torch.use_deterministic_algorithms is off).
 
 - dQ (and the gate gradients): the forward's layout, one program per query token and head set,
   re-walking its selected blocks.
 - dK/dV: one program per key block and kv head, walking the (query, head set) entries that
   selected the block, found through a CSR index (entries sorted by key block, built in
   launch.py), then the queries of the block itself (the causal own block). Each dK/dV element
-  is written by exactly one program: deterministic.
+  is written by exactly one program: deterministic. For small groups (the by-block scheme) it
+  also computes the rows' dq over its block, stored as partials that sum_dq_partials_kernel
+  adds up (deterministic) or added atomically into a float32 buffer.
 
 Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
 """
@@ -144,8 +147,9 @@ def selected_attention_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
     DQ_PARTIAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dK/dV of one key block (and, with DQ_PARTIAL, the dq partials (B, HQ, T, S + 1, D) of the
-    rows that attend it, slot S being the own block, plus the gate gradients of its entries)."""
+    """dK/dV of one key block (and, with DQ_PARTIAL, the dq of the rows that attend it — as partials
+    (B, HQ, T, S + 1, D), slot S being the own block, or with DQ_ATOMIC added into a float32
+    (B, HQ, T, D) buffer — plus the gate gradients of its entries)."""
     i_blk = tl.program_id(0)
     i_bk = tl.program_id(1)  # over (batch, kv head)
     i_b = (i_bk // HKV).to(tl.int64)
