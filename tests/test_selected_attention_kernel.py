@@ -151,15 +151,11 @@ def test_kernel_gpu_real_sizes(G, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("G", [1, 4, 8])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_kernel_gpu_wide_heads_fit(G, deterministic):
+def test_kernel_gpu_wide_heads_fit(G, deterministic, deterministic_algorithms):
     """Head dims of 256 on the by-block schemes: the tiles must fit the GPU's shared memory."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    try:
-        problem = random_problem(G=G, HKV=2, T=1000, D=256, Dv=256, S=8, block=64, with_gates=True, seed=G, device="cuda")
-        check_against_reference(problem, torch.bfloat16, factor=3)
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)  # the fixture restores the setting
+    problem = random_problem(G=G, HKV=2, T=1000, D=256, Dv=256, S=8, block=64, with_gates=True, seed=G, device="cuda")
+    check_against_reference(problem, torch.bfloat16, factor=3)
 
 
 @pytest.mark.gpu

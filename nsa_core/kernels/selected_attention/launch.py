@@ -109,11 +109,14 @@ def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward:
     return "by_block" if rows <= max_rows and partial_bytes <= PARTIALS_BUDGET_BYTES else "by_query"
 
 
+def _csr_index_dtype(idx: torch.Tensor) -> torch.dtype:
+    return torch.int32 if idx.numel() < 2**31 else torch.int64
+
+
 def csr_size(idx: torch.Tensor, num_kv_heads: int, block_size: int) -> tuple[tuple[int], tuple[int], torch.dtype]:
     """Shapes and dtype of build_csr's (entries, offsets) for idx (B, HI, T, S)."""
     B, _, T, _ = idx.shape
-    dtype = torch.int32 if idx.numel() < 2**31 else torch.int64
-    return (idx.numel(),), (B * num_kv_heads * math.ceil(T / block_size) + 1,), dtype
+    return (idx.numel(),), (B * num_kv_heads * math.ceil(T / block_size) + 1,), _csr_index_dtype(idx)
 
 
 def selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0):
@@ -203,8 +206,7 @@ def build_csr(idx: torch.Tensor, num_kv_heads: int, num_blocks: int, rows: int):
     group = torch.where(idx >= 0, group, torch.full_like(group, num_groups)).flatten()
     sorted_groups, order = torch.sort(group, stable=True)
     offsets = torch.searchsorted(sorted_groups, torch.arange(num_groups + 1, device=idx.device, dtype=key_dtype))
-    index_dtype = torch.int32 if idx.numel() < 2**31 else torch.int64
-    return order.to(index_dtype), offsets.to(index_dtype)
+    return order.to(_csr_index_dtype(idx)), offsets.to(_csr_index_dtype(idx))
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,

@@ -35,6 +35,22 @@ def _key_tile(p_k, p_v, stride_kt, stride_vt, start, T, D: tl.constexpr, DV: tl.
 
 
 @triton.jit
+def _query_tile(q, stride_qb, stride_qh, stride_qt, T, HQ, G, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """This program's BLOCK_M queries of one head (grid: (B * HQ, query tiles)): batch, query head,
+    its kv head, tile index, positions [M], their mask [M] and Q [M, BLOCK_D] (zeros past T)."""
+    i_bh, i_m = tl.program_id(0), tl.program_id(1)  # heads fastest: a query tile's heads share K/V in L2
+    i_b = (i_bh // HQ).to(tl.int64)
+    i_h = i_bh % HQ
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < T
+    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :],
+                  mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
+    return i_b, i_h, i_h // G, i_m, o_m, m_m, b_q
+
+
+@triton.jit
 def sliding_window_fwd_kernel(
     q, k, v, o, lse,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -43,16 +59,8 @@ def sliding_window_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    i_bh, i_m = tl.program_id(0), tl.program_id(1)  # heads fastest: a query tile's heads share K/V in L2
-    i_b = (i_bh // HQ).to(tl.int64)
-    i_h = i_bh % HQ
-    i_hk = i_h // G
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
+    i_b, i_h, i_hk, i_m, o_m, m_m, b_q = _query_tile(q, stride_qb, stride_qh, stride_qt, T, HQ, G, D, BLOCK_D, BLOCK_M)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_m = o_m < T
-    p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)  # [M, BLOCK_D]
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
 
@@ -89,16 +97,9 @@ def sliding_window_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq (B, HQ, T, D) contiguous; do has o's strides (stride_o*); lse / delta (B, HQ, T)."""
-    i_bh, i_m = tl.program_id(0), tl.program_id(1)
-    i_b = (i_bh // HQ).to(tl.int64)
-    i_h = i_bh % HQ
-    i_hk = i_h // G
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_b, i_h, i_hk, i_m, o_m, m_m, b_q = _query_tile(q, stride_qb, stride_qh, stride_qt, T, HQ, G, D, BLOCK_D, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_m = o_m < T
-    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :],
-                  mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)  # [M, BLOCK_D]
     b_do = tl.load(do + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_dv[None, :],
                    mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)  # [M, BLOCK_DV]
     p_row = (i_b * HQ + i_h) * T + o_m
