@@ -8,6 +8,7 @@ from nsa_core.cache import NSACache
 from nsa_core.config import PRESETS, NSAConfig, get_preset
 from nsa_core.ops import selected_attention, sliding_window_attention
 from nsa_core.sparse_attention import SparseAttention
+from nsa_core.transformer import Transformer
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,6 @@ __all__ = [
     "get_preset",
     "selected_attention",
     "sliding_window_attention",
+    "Transformer",
     "__version__",
 ]
