@@ -1,14 +1,30 @@
 """nsa_core: Native Sparse Attention for PyTorch, with Triton kernels.
 
-Public names: SparseAttention, NSAConfig, NSACache, the functional ops selected_attention and
-sliding_window_attention, and the modules compress_networks, transformer, io, convert.
+Public names only. The tree reads as the architecture (see the README's "How the code is laid out"):
+config -> model (nn.Modules) -> ops (validate, decide kernels or reference once) -> kernels | reference;
+checkpoint (safetensors, lucidrains conversion); inference and distributed build on the ops.
 """
 
-from nsa_core.cache import NSACache
+from nsa_core.checkpoint.lucidrains import from_lucidrains, to_lucidrains
+from nsa_core.checkpoint.safetensors import load_safetensors, save_safetensors
 from nsa_core.config import PRESETS, NSAConfig, get_preset
+from nsa_core.model import compress_networks
+from nsa_core.model.attention import SparseAttention
+from nsa_core.model.cache import NSACache
+from nsa_core.model.compress_networks import (
+    AttentionPool,
+    BottleneckConvCompress,
+    CompressTransformer,
+    ConvLinearCompress,
+    GELUCompressMLP,
+    GroupedMLP,
+    ResidualGroupedMLP,
+    ScaledAttentionPool,
+    SingleProjection,
+    default_compress_mlp,
+)
+from nsa_core.model.transformer import Transformer
 from nsa_core.ops import selected_attention, sliding_window_attention
-from nsa_core.sparse_attention import SparseAttention
-from nsa_core.transformer import Transformer
 
 __version__ = "0.1.0"
 
@@ -21,5 +37,20 @@ __all__ = [
     "selected_attention",
     "sliding_window_attention",
     "Transformer",
+    "save_safetensors",
+    "load_safetensors",
+    "from_lucidrains",
+    "to_lucidrains",
+    "compress_networks",
+    "default_compress_mlp",
+    "ConvLinearCompress",
+    "AttentionPool",
+    "GroupedMLP",
+    "SingleProjection",
+    "CompressTransformer",
+    "GELUCompressMLP",
+    "BottleneckConvCompress",
+    "ScaledAttentionPool",
+    "ResidualGroupedMLP",
     "__version__",
 ]

@@ -11,8 +11,8 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from nsa_cli.common import UsageError, cli_errors, console, print_json, resolve_config
-from nsa_core.benchmark import BenchRow, benchmark
+from nsa_cli.support.common import UsageError, cli_errors, console, print_json, resolve_config
+from nsa_cli.support.speed import BenchRow, benchmark
 
 
 def _parse_lengths(text: str) -> list[int]:

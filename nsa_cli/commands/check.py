@@ -1,4 +1,4 @@
-"""`nsa check`: build a module and run the health checks of nsa_core.checks."""
+"""`nsa check`: build a module and run the health checks of nsa_cli.support.checks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from nsa_cli.common import cli_errors, console, print_json, resolve_config
-from nsa_core.checks import run_checks
+from nsa_cli.support.common import cli_errors, console, print_json, resolve_config
+from nsa_cli.support.checks import run_checks
 
 
 

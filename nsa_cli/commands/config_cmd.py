@@ -7,11 +7,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from nsa_cli.common import (
+from nsa_cli.support.common import (
     UsageError, check_output_path, cli_errors, console, human_bytes, human_count, parse_field_options, print_json,
 )
 from nsa_core import PRESETS, NSAConfig
-from nsa_core.analysis import branch_costs, parameter_counts_for_config
+from nsa_cli.support.analysis import branch_costs, parameter_counts_for_config
 
 app = typer.Typer(help="List presets, show a configuration's costs, write a config file.", no_args_is_help=True)
 

@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
-from nsa_cli.common import UsageError, check_output_path, cli_errors, console, parse_field_options
+from nsa_cli.support.common import UsageError, check_output_path, cli_errors, console, parse_field_options
 from nsa_core.config import NSAConfig
-from nsa_core.io import convert_from_lucidrains, convert_to_lucidrains
+from nsa_cli.support.inputs import compare_with_oracle
+from nsa_core.checkpoint.lucidrains import convert_from_lucidrains, convert_to_lucidrains
 
 
 @cli_errors
@@ -38,7 +39,8 @@ def convert(
         given = {**NSAConfig.load(config).to_dict(), **given}
     report = convert_from_lucidrains(src, dst, given, overwrite=force)
     console.print(f"wrote {dst}: config inferred {report['inferred']}, loads into nsa SparseAttention (strict)")
-    if report["oracle_rel_error"] is None:
+    error = compare_with_oracle(report["module"], report["state"])
+    if error is None:
         console.print("native-sparse-attention-pytorch is not installed: outputs not compared")
     else:
-        console.print(f"output vs native-sparse-attention-pytorch on a random input: relative error {report['oracle_rel_error']:.2e}")
+        console.print(f"output vs native-sparse-attention-pytorch on a random input: relative error {error:.2e}")

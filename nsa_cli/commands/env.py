@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from nsa_cli.common import cli_errors, console, print_json
-from nsa_core.environment import environment_report
+from nsa_cli.support.common import cli_errors, console, print_json
+from nsa_cli.support.environment import environment_report
 
 
 @cli_errors

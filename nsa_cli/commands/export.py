@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from nsa_cli.common import check_output_path, cli_errors, console, resolve_config
-from nsa_core.io import build_module, save_safetensors
+from nsa_cli.support.common import check_output_path, cli_errors, console, resolve_config
+from nsa_cli.support.inputs import build_module
+from nsa_core.checkpoint.safetensors import save_safetensors
 
 
 @cli_errors

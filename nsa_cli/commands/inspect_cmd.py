@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from nsa_cli.common import cli_errors, console, err_console, human_bytes, print_json
-from nsa_core.io import check_against_config, read_header
+from nsa_cli.support.common import cli_errors, console, err_console, human_bytes, print_json
+from nsa_core.checkpoint.safetensors import check_against_config, read_header
 
 
 @cli_errors

@@ -11,14 +11,15 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from nsa_cli.common import UsageError, check_output_path, cli_errors, console, err_console, print_json, resolve_config
-from nsa_core.analysis import SelectionGrid, downscale_grid, grid_categories, random_input, selection_grid
-from nsa_core.io import build_module, load_input_file, load_safetensors
+from nsa_cli.support.common import UsageError, check_output_path, cli_errors, console, err_console, print_json, resolve_config
+from nsa_cli.support.analysis import SelectionGrid, downscale_grid, grid_categories, random_input, selection_grid
+from nsa_cli.support.inputs import build_module, load_input_file
+from nsa_core.checkpoint.safetensors import load_safetensors
 
 
 
 
-CELLS = [" ", "·", "░", "■", "█", "█", "█"]  # by category (nsa_core.analysis.grid_categories)
+CELLS = [" ", "·", "░", "■", "█", "█", "█"]  # by category (nsa_cli.support.analysis.grid_categories)
 STYLES = ["", "grey50", "blue", "magenta", "green", "green3", "bright_green"]
 MEANINGS = ["not attended", "future (causal edge)", "sliding window reach", "own block (causal)",
             "selected (brighter: more queries of the block)"]
@@ -132,6 +133,6 @@ def visualize_selection(
 
 def _randomize_for_display(module, seed: int) -> None:
     """Fresh modules have zero memory tokens and positions; random ones show a livelier selection."""
-    from nsa_core.checks import randomize_parameters
+    from nsa_cli.support.checks import randomize_parameters
 
     randomize_parameters(module, seed, std=0.3)

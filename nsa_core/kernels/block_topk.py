@@ -18,7 +18,7 @@ import triton.language as tl
 
 from nsa_core.kernels import outputs
 
-from nsa_core.selection import NULL_SLOT_LOGIT, VALID_THRESHOLD
+from nsa_core.reference.selection import NULL_SLOT_LOGIT, VALID_THRESHOLD
 
 ROW_ELEMENTS = 4096  # rows x padded blocks held by one program
 MAX_BLOCKS = 4 * ROW_ELEMENTS  # one row of this many blocks per program is the most it holds

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nsa_core.ops.backend import check_backend_name, use_kernels
+from nsa_core.ops.dispatch import check_backend_name, use_kernels
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.selected_attention import selected_attention_reference
 

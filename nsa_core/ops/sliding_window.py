@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from nsa_core.ops.backend import check_backend_name, use_kernels
+from nsa_core.ops.dispatch import check_backend_name, use_kernels
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.sliding_window import sliding_window_reference
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from helpers import randomize_
-from nsa_core.transformer import Transformer
+from nsa_core.model.transformer import Transformer
 
 
 def make(use_sparse_attn=True, **kw):

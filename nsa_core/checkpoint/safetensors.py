@@ -1,4 +1,5 @@
-"""safetensors files of SparseAttention weights with the NSAConfig in the metadata.
+"""safetensors files of SparseAttention weights with the NSAConfig in the metadata: the format,
+atomic writes, header reading and checks against a config, save and load.
 
 Metadata (string values only): "format" = "nsa", "nsa_version", "nsa_config" (the config as
 JSON) and "compress_mlp" ("default" or the class name of a custom network, which
@@ -17,16 +18,15 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from nsa_core.checks import max_relative_error
 from nsa_core.config import NSAConfig
-from nsa_core.sparse_attention import SparseAttention
+from nsa_core.model.attention import SparseAttention
 
 FORMAT = "nsa"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _compress_mlp_kind(module: SparseAttention) -> str:
-    from nsa_core.compress_networks import default_compress_mlp
+    from nsa_core.model.compress_networks import default_compress_mlp
 
     cfg = module.config
     reference = default_compress_mlp(cfg.dim_head, cfg.compress_block_size, cfg.compress_mlp_expand_factor)
@@ -130,34 +130,6 @@ def load_safetensors(path: str | Path, device: str | torch.device = "cpu", **mod
     return module.to(device)
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict saved with torch.save, loaded with weights_only=True (no code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"file {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt or unsafe files
-        raise ValueError(f"{str(path)!r} is not a loadable state dict ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{str(path)!r} does not hold a state dict (a dict of tensors)")
-    return state
-
-
-def build_module(cfg: NSAConfig, weights: str | Path | None = None, seed: int = 0) -> SparseAttention:
-    """A module of this config: its initial weights (seeded), or the given state dict loaded strictly."""
-    torch.manual_seed(seed)
-    module = SparseAttention.from_config(cfg)
-    if weights is not None:
-        state = load_state_dict_file(weights)
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            first = str(err).splitlines()
-            raise ValueError(f"weights in {str(weights)!r} do not match the config: {' '.join(first[1:3]).strip()}") from None
-    return module
-
-
 def check_against_config(metadata: dict[str, str], tensors: dict[str, dict]) -> tuple[dict | None, list[str]]:
     """(config dict or None, warnings) for tensors the config does not expect, misses or shapes otherwise."""
     warnings_: list[str] = []
@@ -179,67 +151,3 @@ def check_against_config(metadata: dict[str, str], tensors: dict[str, dict]) -> 
         if name not in expected and not (custom and name.split(".")[0] in ("k_compress", "v_compress")):
             warnings_.append(f"unexpected tensor {name}")
     return cfg.to_dict(), warnings_
-
-
-def convert_from_lucidrains(src: str | Path, dst: str | Path, given: dict, overwrite: bool = False) -> dict:
-    """native-sparse-attention-pytorch state dict (.pt) -> nsa safetensors. Returns what was inferred
-    and, when that package is installed, the relative output error between the two on a random input."""
-    from nsa_core.convert import from_lucidrains, infer_config
-
-    state = load_state_dict_file(src)
-    cfg = infer_config(state, **given)
-    module = SparseAttention.from_config(cfg)
-    try:
-        module.load_state_dict(from_lucidrains(state), strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint does not fit the config: {str(err).splitlines()[1:2]}") from None
-    inferred = {k: v for k, v in cfg.to_dict().items() if k not in given}
-    error = _compare_with_oracle(module, state)
-    save_safetensors(module, dst, overwrite=overwrite)
-    return {"config": cfg.to_dict(), "inferred": inferred, "oracle_rel_error": error}
-
-
-def _compare_with_oracle(module: SparseAttention, state: dict) -> float | None:
-    try:
-        import native_sparse_attention_pytorch as oracle
-    except ImportError:
-        return None
-    cfg = module.config
-    kwargs = {k: v for k, v in cfg.to_dict().items() if k not in ("backend", "interpolated_importance_score")}
-    kwargs["compress_block_sliding_stride"] = cfg.stride
-    theirs = oracle.SparseAttention(**kwargs)
-    theirs.load_state_dict(state, strict=True)
-    x = torch.randn(1, max(3 * cfg.selection_block_size, 2 * cfg.compress_block_size) + 5, cfg.dim, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return max_relative_error(module(x), theirs(x))
-
-
-def convert_to_lucidrains(src: str | Path, dst: str | Path, overwrite: bool = False) -> int:
-    """nsa safetensors -> a state dict (.pt) native-sparse-attention-pytorch loads strictly."""
-    from nsa_core.convert import to_lucidrains
-
-    state = to_lucidrains(load_safetensors(src).state_dict())
-    write_atomically(dst, lambda tmp: torch.save(state, tmp), overwrite=overwrite)
-    return len(state)
-
-
-def load_input_file(path: str | Path, dim: int) -> torch.Tensor:
-    """An input tensor (batch, seq, dim) from a .pt file or a .safetensors file (key 'input')."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"input file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        read_header(path)
-        tensors = load_file(str(path))
-        if "input" not in tensors:
-            raise ValueError(f"{str(path)!r} has no tensor named 'input' (has {sorted(tensors)[:5]})")
-        x = tensors["input"]
-    else:
-        try:
-            x = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{str(path)!r} is not a loadable tensor file ({type(err).__name__})") from None
-    if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != dim or not x.dtype.is_floating_point:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"input must be a floating tensor of shape (batch, seq, dim={dim}), got {shape}")
-    return x.float()

@@ -9,7 +9,7 @@ import torch
 
 from kernel_cases import random_problem
 from nsa_core import selected_attention
-from nsa_core.ops.backend import kernel_unavailable_reason
+from nsa_core.ops.dispatch import kernel_unavailable_reason
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) is not None,

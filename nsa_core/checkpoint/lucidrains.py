@@ -1,4 +1,5 @@
-"""Conversion between native-sparse-attention-pytorch (0.2.3) checkpoints and nsa.
+"""Conversion between native-sparse-attention-pytorch (0.2.3) checkpoints and nsa, both ways
+(state dicts in memory, and files: a torch.save state dict <-> an nsa safetensors file).
 
 nsa keeps the oracle's parameter names, so a state dict converts as is (a copy); what needs
 work is recovering the constructor arguments from the tensor shapes.
@@ -6,11 +7,14 @@ work is recovering the constructor arguments from the tensor shapes.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from nsa_core.config import NSAConfig
+from nsa_core.checkpoint.safetensors import load_safetensors, save_safetensors, write_atomically
+from nsa_core.model.attention import SparseAttention
 
 REQUIRED_KEYS = ("to_qkv.weight", "compress_mem_kv", "k_intrablock_positions", "combine_heads.weight")
 # arguments the tensor shapes cannot tell
@@ -61,3 +65,39 @@ def infer_config(state_dict: dict[str, torch.Tensor], **given: Any) -> NSAConfig
         raise ValueError(f"the checkpoint cannot tell {missing}: give them (CLI: --{missing[0].replace('_', '-')} ...)")
     inferred.update(given)
     return NSAConfig(**inferred)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict saved with torch.save, loaded with weights_only=True (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"file {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        raise ValueError(f"{str(path)!r} is not a loadable state dict ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict (a dict of tensors)")
+    return state
+
+
+def convert_from_lucidrains(src: str | Path, dst: str | Path, given: dict, overwrite: bool = False) -> dict:
+    """native-sparse-attention-pytorch state dict (.pt) -> nsa safetensors. Returns the config, what
+    was inferred, and the module (the CLI compares it with the oracle where that package is installed)."""
+    state = load_state_dict_file(src)
+    cfg = infer_config(state, **given)
+    module = SparseAttention.from_config(cfg)
+    try:
+        module.load_state_dict(from_lucidrains(state), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint does not fit the config: {str(err).splitlines()[1:2]}") from None
+    inferred = {k: v for k, v in cfg.to_dict().items() if k not in given}
+    save_safetensors(module, dst, overwrite=overwrite)
+    return {"config": cfg.to_dict(), "inferred": inferred, "module": module, "state": state}
+
+
+def convert_to_lucidrains(src: str | Path, dst: str | Path, overwrite: bool = False) -> int:
+    """nsa safetensors -> a state dict (.pt) native-sparse-attention-pytorch loads strictly."""
+    state = to_lucidrains(load_safetensors(src).state_dict())
+    write_atomically(dst, lambda tmp: torch.save(state, tmp), overwrite=overwrite)
+    return len(state)

@@ -96,7 +96,7 @@ def test_backend_choices():
 
 
 def test_rotary_by_head_slices_equals_whole(monkeypatch):
-    from nsa_core import rotary
+    from nsa_core.model import rotary
 
     emb = rotary.RotaryEmbedding(16)
     t = torch.randn(2, 6, 33, 16).to(torch.bfloat16)

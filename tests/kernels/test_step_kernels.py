@@ -4,8 +4,8 @@ its inverse in backward) and the gated combine (forward, and the branch and gate
 import pytest
 import torch
 
-from nsa_core.ops.backend import kernel_unavailable_reason
-from nsa_core.rotary import RotaryEmbedding
+from nsa_core.ops.dispatch import kernel_unavailable_reason
+from nsa_core.model.rotary import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [

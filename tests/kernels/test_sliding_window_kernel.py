@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nsa_core import sliding_window_attention
-from nsa_core.ops.backend import kernel_unavailable_reason
+from nsa_core.ops.dispatch import kernel_unavailable_reason
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) is not None,

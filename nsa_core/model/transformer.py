@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nsa_core.ops.validation import check_positive_int
-from nsa_core.rotary import RotaryEmbedding
-from nsa_core.sparse_attention import SparseAttention
+from nsa_core.model.rotary import RotaryEmbedding
+from nsa_core.model.attention import SparseAttention
 
 DEFAULT_SPARSE_KWARGS = dict(
     sliding_window_size=32, compress_block_size=4, selection_block_size=4, num_selected_blocks=4

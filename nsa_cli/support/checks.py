@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from nsa_core.config import NSAConfig
-from nsa_core.ops.backend import kernel_unavailable_reason
+from nsa_core.ops.dispatch import kernel_unavailable_reason
 from nsa_core.ops.validation import check_positive_int
-from nsa_core.sparse_attention import SparseAttention
+from nsa_core.model.attention import SparseAttention
 
 
 @dataclass

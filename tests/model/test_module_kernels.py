@@ -5,7 +5,7 @@ import torch
 
 from helpers import forward_backward, randomize_, rel_err
 from nsa_core import SparseAttention
-from nsa_core.ops.backend import kernel_unavailable_reason
+from nsa_core.ops.dispatch import kernel_unavailable_reason
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) is not None,

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from nsa_core.ops.backend import interpreter_enabled, kernel_unavailable_reason, triton_installed
+from nsa_core.ops.dispatch import interpreter_enabled, kernel_unavailable_reason, triton_installed
 
 
 def environment_report() -> dict:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from nsa_core.fast_compressed import mask_block_logits
-from nsa_core.ops.backend import kernel_unavailable_reason
-from nsa_core.selection import select_top_blocks
+from nsa_core.ops.dispatch import kernel_unavailable_reason
+from nsa_core.reference.selection import select_top_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [

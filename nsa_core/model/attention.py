@@ -18,15 +18,15 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from nsa_core.compress_networks import default_compress_mlp
+from nsa_core.model.compress_networks import default_compress_mlp
 from nsa_core.config import NSAConfig
-from nsa_core.ops.backend import kernel_unavailable_reason
+from nsa_core.ops.dispatch import kernel_unavailable_reason
 from nsa_core.ops.selected_attention import selected_attention
 from nsa_core.ops.sliding_window import sliding_window_attention
 from nsa_core.reference.compressed_attention import compressed_attention_reference
-from nsa_core.rotary import RotaryEmbedding
+from nsa_core.model.rotary import RotaryEmbedding
 from nsa_core.reference.masked_softmax import query_chunk_size
-from nsa_core.selection import Selection, block_importance, select_top_blocks
+from nsa_core.reference.selection import Selection, block_importance, select_top_blocks
 
 KERNEL_STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -373,7 +373,7 @@ class SparseAttention(nn.Module):
             if not self.causal:
                 raise ValueError("cache / return_cache need a causal module (causal=True)")
         if cache is not None:
-            from nsa_core.cache import decode
+            from nsa_core.model.cache import decode
 
             return decode(self, inp, cache, return_cache)
 
@@ -382,7 +382,7 @@ class SparseAttention(nn.Module):
         if not return_cache:
             return self.attend(x, q, k, v)
         out, (ck, cv, k_rot) = self.attend(x, q, k, v, keep_for_cache=True)
-        from nsa_core.cache import NSACache
+        from nsa_core.model.cache import NSACache
 
         return out, NSACache.from_prefill(self, k, k_rot, v, ck, cv)
 

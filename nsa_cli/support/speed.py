@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from nsa_core.config import NSAConfig
-from nsa_core.sparse_attention import SparseAttention
-from nsa_core.transformer import DenseAttention
+from nsa_core.model.attention import SparseAttention
+from nsa_core.model.transformer import DenseAttention
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -4,8 +4,8 @@ import torch
 from helpers import randomize_, rel_err
 from nsa_core import NSAConfig, SparseAttention
 from nsa_core import compress_networks as cn
-from nsa_core.convert import from_lucidrains, infer_config
-from nsa_core.io import expected_tensors, load_safetensors, read_header, save_safetensors
+from nsa_core.checkpoint.lucidrains import from_lucidrains, infer_config
+from nsa_core.checkpoint.safetensors import expected_tensors, load_safetensors, read_header, save_safetensors
 
 CFG = NSAConfig(dim=32, dim_head=8, heads=4, kv_heads=2, sliding_window_size=2, compress_block_size=4,
                 compress_block_sliding_stride=2, selection_block_size=4, num_selected_blocks=2, causal=True,

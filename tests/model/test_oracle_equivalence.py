@@ -6,7 +6,7 @@ import torch
 
 from helpers import forward_backward, randomize_, rel_err
 from nsa_core import SparseAttention
-from nsa_core.convert import from_lucidrains, to_lucidrains
+from nsa_core.checkpoint.lucidrains import from_lucidrains, to_lucidrains
 
 oracle = pytest.importorskip("native_sparse_attention_pytorch")
 

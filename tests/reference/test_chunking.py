@@ -5,7 +5,7 @@ import torch
 
 from helpers import output_and_grads, randomize_, rel_err
 from nsa_core import SparseAttention
-from nsa_core import sparse_attention as sparse_attention_module
+from nsa_core.model import attention as sparse_attention_module
 
 
 @pytest.mark.parametrize("causal, diff, share", [(True, True, True), (False, False, False), (True, False, False)])

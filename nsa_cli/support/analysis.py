@@ -15,8 +15,8 @@ from torch import Tensor
 
 from nsa_core.config import NSAConfig
 from nsa_core.ops.validation import check_positive_int
-from nsa_core.selection import num_scored_blocks
-from nsa_core.sparse_attention import SparseAttention
+from nsa_core.reference.selection import num_scored_blocks
+from nsa_core.model.attention import SparseAttention
 
 PARTS = {
     "projections": ("to_qkv", "combine_heads"),

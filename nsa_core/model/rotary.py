@@ -26,7 +26,7 @@ class RotaryEmbedding(nn.Module):
     def rotate(self, t: Tensor, offset: int = 0, backend: str = "torch") -> Tensor:
         """Rotate t (..., n, d) as if its tokens sat at positions offset ... offset + n - 1.
         backend: "torch", "triton" (the kernel; raises where it cannot run) or "auto"."""
-        from nsa_core.ops.backend import use_kernels
+        from nsa_core.ops.dispatch import use_kernels
 
         n = t.shape[-2]
         positions = torch.arange(offset, offset + n, device=t.device)

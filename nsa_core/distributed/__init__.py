@@ -1,0 +1,1 @@
+"""Sequence parallelism over torch.distributed, built on the ops' sequence descriptor."""
