@@ -14,7 +14,12 @@ import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, ".")
-from nsa_core import SparseAttention  # noqa: E402
+from nsa_core import SparseAttention  # noqa
+from nsa_core.model.attention import BranchKeys  # noqa
+from nsa_core.ops.block_selection import select_blocks  # noqa
+from nsa_core.ops.combine import combine  # noqa
+from nsa_core.ops.compressed_attention import compressed_attention  # noqa
+from nsa_core.ops.seqs import Seqs  # noqa: E402
 from nsa_core.config import get_preset  # noqa: E402
 
 
@@ -49,25 +54,28 @@ def main() -> None:
     with torch.no_grad():
         xn = nsa.norm(x)
         q, k, v = (t.contiguous() for t in nsa.project(xn))
-        ck, cv = nsa.compress(k, v)
-        ck_all, cv_all = nsa.with_memory(ck, cv)
-        _, selection = nsa.compressed_and_select(q, ck_all, cv_all)
-        q_rot, k_rot = nsa.rotary_emb.rotate(q), nsa.rotary_emb.rotate(k)
+        keys = nsa.keys_of(k, v)
+        ck_all, cv_all = keys.compressed_k, keys.compressed_v
+        mem = cfg.num_compressed_mem_kv
+        selection = select_blocks(q, ck_all[:, :, mem:], nsa.selection_rule)
+        positions = torch.arange(args.seq_len, device=dev)
+        q_rot, k_rot = nsa.rotate(q, positions), keys.rotated_k
         out_c = torch.randn_like(q)
     for t in (xn, q, k, v, q_rot, k_rot, ck_all, cv_all):
         t.requires_grad_(True)
-    from nsa_core.fast_compressed import compressed_attention_sdpa
+    seqs = Seqs.batch(args.seq_len)
+    branch_keys = BranchKeys(ck_all, cv_all, k_rot, v)
 
     steps = {
         "compress (MLP)": lambda: nsa.compress(k, v)[0],
-        "compressed attn (sdpa)": lambda: compressed_attention_sdpa(q, ck_all, cv_all, nsa.num_mem_compress_kv, nsa.stride,
-                                                                    True, nsa.scale),
-        "compressed + select": lambda: nsa.compressed_and_select(q, ck_all, cv_all)[0],
-        "rotary q": lambda: nsa.rotary_emb.rotate(q, backend="triton" if nsa.on_kernels(q) else "torch"),
-        "fine branch": lambda: nsa.fine_branch(q_rot, k_rot, v, selection),
-        "sliding branch": lambda: nsa.sliding_branch(q_rot, k_rot, v),
-        "combine + out proj": lambda: nsa.combine(xn, out_c, q_rot, q_rot),
-        "attend (all)": lambda: nsa.attend(xn, q, k, v),
+        "compressed attn": lambda: compressed_attention(q, ck_all, cv_all, num_memory=mem, stride=cfg.stride,
+                                                        scale=nsa.scale),
+        "block selection": lambda: select_blocks(q, ck_all[:, :, mem:], nsa.selection_rule).probs,
+        "rotary q": lambda: nsa.rotate(q, positions),
+        "fine branch": lambda: nsa.selected_branch(q_rot, branch_keys, selection, seqs),
+        "sliding branch": lambda: nsa.window_branch(q_rot, branch_keys, seqs),
+        "combine + out proj": lambda: nsa.combine_heads(combine(out_c, q_rot, q_rot, nsa.to_strategy_combine(xn)).flatten(-2)),
+        "attend (all)": lambda: nsa.attend_projected(xn, q, k, v),
     }
     print(f"T={args.seq_len} heads={args.heads} kv_heads={args.kv_heads} {torch.cuda.get_device_name()}")
     print(f"{'step':28s} {'fwd ms':>9s} {'fwd+bwd ms':>11s}")

@@ -96,9 +96,10 @@ def test_backend_choices():
 
 
 def test_rotary_by_head_slices_equals_whole(monkeypatch):
-    from nsa_core.model import rotary
+    from nsa_core.model.rotary import RotaryEmbedding
+    from nsa_core.reference import rotary
 
-    emb = rotary.RotaryEmbedding(16)
+    emb = RotaryEmbedding(16)
     t = torch.randn(2, 6, 33, 16).to(torch.bfloat16)
     whole = emb.rotate(t, offset=5)
     monkeypatch.setattr(rotary, "CHUNK_ELEMENTS", 100)

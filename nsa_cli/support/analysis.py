@@ -85,15 +85,9 @@ def branch_costs(cfg: NSAConfig, seq_len: int, batch: int = 1, bytes_per_element
     ]
 
 
-@torch.no_grad()
 def selection_of(module: SparseAttention, inp: Tensor):
     """Run the module up to block selection: Selection (indices/valid (b, h, n, S)) or None."""
-    module.check_input(inp)
-    x = module.norm(inp)
-    q, k, v = module.project(x)
-    ck, cv = module.compress(k, v)
-    ck_all, cv_all = module.with_memory(ck, cv)
-    return module.compressed_and_select(q, ck_all, cv_all)[1]
+    return module.select(inp)
 
 
 @dataclass

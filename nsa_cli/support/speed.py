@@ -103,7 +103,7 @@ def benchmark(cfg: NSAConfig, seq_lens: list[int], *, batch: int = 1, dtype: str
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal, enable_gqa=group > 1)
                 return nsa.combine_heads(o.transpose(1, 2).flatten(-2))
 
-            nsa_fn = _step(lambda: nsa.attend(xn, q, k, v), backward, [xn, q, k, v])
+            nsa_fn = _step(lambda: nsa.attend_projected(xn, q, k, v), backward, [xn, q, k, v])
             dense_fn = _step(dense_core, backward, [xn, q, k, v])
         if dev.type == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel

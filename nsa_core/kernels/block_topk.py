@@ -2,7 +2,7 @@
 
 Reads the pooled block scores (q . pooled compressed keys, unscaled) of a chunk of queries and
 writes each query's k chosen blocks, their probabilities and validity, as
-`selection.select_top_blocks` on `fast_compressed.pooled_block_logits` computes them (the
+`reference.selection.select_top_blocks` on `reference.pooled_selection.pooled_block_logits` computes them (the
 PyTorch twin), without the masked logits, the probabilities or the int64 sort keys in memory.
 Same arithmetic: logits rounded to the scores' dtype after scaling, probabilities rounded to it
 before the top-k (so ties are the twin's ties), ties to the lowest block index.
@@ -17,8 +17,6 @@ import triton
 import triton.language as tl
 
 from nsa_core.kernels import outputs
-
-from nsa_core.reference.selection import NULL_SLOT_LOGIT, VALID_THRESHOLD
 
 ROW_ELEMENTS = 4096  # rows x padded blocks held by one program
 MAX_BLOCKS = 4 * ROW_ELEMENTS  # one row of this many blocks per program is the most it holds
@@ -60,26 +58,41 @@ def block_topk_kernel(
         p = tl.where(blocks[None, :] == choice[:, None], -2.0, p)
 
 
-def block_topk(scores: torch.Tensor, k: int, *, scale: float, first_pos: int, selection_block_size: int, causal: bool,
-               mask_own: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scores (B, H, TC, NB) for queries first_pos ... first_pos + TC - 1 -> indices (B, H, TC, k)
-    int64, valid (bool), probs (scores' dtype). 1 <= k <= NB."""
-    *lead, TC, NB = scores.shape
-    if scores.stride(-1) != 1:
-        scores = scores.contiguous()
-    flat = scores.reshape(-1, NB)
+@torch.library.custom_op("nsa::block_topk", mutates_args=())
+def _block_topk(scores: torch.Tensor, k: int, scale: float, first_pos: int, selection_block_size: int, causal: bool,
+                mask_own: bool, null_logit: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    TC, NB = scores.shape[-2], scores.shape[-1]
+    flat = scores.contiguous().reshape(-1, NB)
     R = flat.shape[0]
     indices = outputs.new_output(R, k, device=scores.device, dtype=torch.int64)
     probs = outputs.new_output(R, k, device=scores.device, dtype=scores.dtype)
     valid = outputs.new_output(R, k, device=scores.device, dtype=torch.int8)
     block_nb = triton.next_power_of_2(NB)
     block_r = max(1, ROW_ELEMENTS // block_nb)
-    threshold = torch.tensor(VALID_THRESHOLD, dtype=scores.dtype).item()
     if R > 0:
         block_topk_kernel[(triton.cdiv(R, block_r),)](
             flat, indices, probs, valid, R, NB, TC, first_pos, scale, threshold, flat.stride(0), indices.stride(0),
-            K=k, SEL=selection_block_size, CAUSAL=causal, MASK_OWN=mask_own, NULL_LOGIT=NULL_SLOT_LOGIT,
+            K=k, SEL=selection_block_size, CAUSAL=causal, MASK_OWN=mask_own, NULL_LOGIT=null_logit,
             BLOCK_R=block_r, BLOCK_NB=block_nb, num_warps=8 if block_nb * block_r >= 8192 else 4,
         )
-    shape = (*lead, TC, k)
-    return indices.view(shape), valid.view(torch.bool).view(shape), probs.view(shape)
+    shape = (*scores.shape[:-1], k)
+    return indices.view(shape), valid.view(shape), probs.view(shape)
+
+
+@_block_topk.register_fake
+def _block_topk_fake(scores, k, scale, first_pos, selection_block_size, causal, mask_own, null_logit, threshold):
+    shape = (*scores.shape[:-1], k)
+    return (scores.new_empty(shape, dtype=torch.int64), scores.new_empty(shape, dtype=torch.int8),
+            scores.new_empty(shape))
+
+
+def block_topk(scores: torch.Tensor, k: int, *, scale: float, first_pos: int, selection_block_size: int, causal: bool,
+               mask_own: bool, null_logit: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scores (B, H, TC, NB) for queries first_pos ... first_pos + TC - 1 -> indices (B, H, TC, k)
+    int64, valid (bool), probs (scores' dtype). 1 <= k <= NB. `null_logit` is the logit of the null
+    slot in front of the blocks; a slot is valid when its probability exceeds `threshold` (given in
+    the scores' dtype, as the twin compares). Not differentiable (use_diff_topk takes the twin)."""
+    threshold = float(torch.tensor(threshold, dtype=scores.dtype))  # a Python float: no device read
+    indices, valid, probs = _block_topk(scores, int(k), float(scale), int(first_pos), int(selection_block_size),
+                                        bool(causal), bool(mask_own), float(null_logit), threshold)
+    return indices, valid.view(torch.bool), probs

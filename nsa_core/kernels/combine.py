@@ -93,35 +93,57 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class CombineKernel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, c, f, s, gates):
-        B, H, N, D = c.shape
-        c, f, s = (_unit_last(t) for t in (c, f, s))
-        out = outputs.new_output(B, N, H, D, device=c.device, dtype=c.dtype)
-        strides = _strides(c, f, s, gates, out)
-        grid = (triton.cdiv(N, BLOCK_TOKENS), B * H)
-        if N > 0 and B * H > 0:
-            combine_fwd_kernel[grid](c, f, s, gates, out, N, H, *strides, D=D, BLOCK_D=triton.next_power_of_2(D),
-                                     BLOCK_N=BLOCK_TOKENS)
-        ctx.save_for_backward(c, f, s, gates)
-        return out
+@torch.library.custom_op("nsa::combine_fwd", mutates_args=())
+def _combine_fwd(c: torch.Tensor, f: torch.Tensor, s: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    B, H, N, D = c.shape
+    c, f, s = (_unit_last(t) for t in (c, f, s))
+    out = outputs.new_output(B, N, H, D, device=c.device, dtype=c.dtype)
+    strides = _strides(c, f, s, gates, out)
+    grid = (triton.cdiv(N, BLOCK_TOKENS), B * H)
+    if N > 0 and B * H > 0:
+        combine_fwd_kernel[grid](c, f, s, gates, out, N, H, *strides, D=D, BLOCK_D=triton.next_power_of_2(D),
+                                 BLOCK_N=BLOCK_TOKENS)
+    return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        c, f, s, gates = ctx.saved_tensors
-        B, H, N, D = c.shape
-        dout = _unit_last(dout)
-        dc, df, ds = (outputs.new_output(B, H, N, D, device=c.device, dtype=t.dtype) for t in (c, f, s))
-        dgates = outputs.new_output(B, H, N, 3, device=c.device, dtype=gates.dtype)
-        strides = _strides(c, f, s, gates, dout)
-        grid = (triton.cdiv(N, BLOCK_TOKENS), B * H)
-        if N > 0 and B * H > 0:
-            combine_bwd_kernel[grid](c, f, s, gates, dout, dc, df, ds, dgates, N, H, *strides, D=D,
-                                     BLOCK_D=triton.next_power_of_2(D), BLOCK_N=BLOCK_TOKENS)
-        return dc, df, ds, dgates
+
+@_combine_fwd.register_fake
+def _combine_fwd_fake(c, f, s, gates):
+    B, H, N, D = c.shape
+    return c.new_empty(B, N, H, D)
+
+
+@torch.library.custom_op("nsa::combine_bwd", mutates_args=())
+def _combine_bwd(dout: torch.Tensor, c: torch.Tensor, f: torch.Tensor, s: torch.Tensor,
+                 gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, N, D = c.shape
+    c, f, s, dout = (_unit_last(t) for t in (c, f, s, dout))
+    dc, df, ds = (outputs.new_output(B, H, N, D, device=c.device, dtype=t.dtype) for t in (c, f, s))
+    dgates = outputs.new_output(B, H, N, 3, device=c.device, dtype=gates.dtype)
+    strides = _strides(c, f, s, gates, dout)
+    grid = (triton.cdiv(N, BLOCK_TOKENS), B * H)
+    if N > 0 and B * H > 0:
+        combine_bwd_kernel[grid](c, f, s, gates, dout, dc, df, ds, dgates, N, H, *strides, D=D,
+                                 BLOCK_D=triton.next_power_of_2(D), BLOCK_N=BLOCK_TOKENS)
+    return dc, df, ds, dgates
+
+
+@_combine_bwd.register_fake
+def _combine_bwd_fake(dout, c, f, s, gates):
+    B, H, N, D = c.shape
+    return (c.new_empty(B, H, N, D), f.new_empty(B, H, N, D), s.new_empty(B, H, N, D), gates.new_empty(B, H, N, 3))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dout):
+    return _combine_bwd(dout, *ctx.saved_tensors)
+
+
+_combine_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def combine_triton(c: torch.Tensor, f: torch.Tensor, s: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """c, f, s (B, H, N, D) any strides with unit last stride; gates (B, H, N, 3) -> (B, N, H, D)."""
-    return CombineKernel.apply(c, f, s, gates)
+    return _combine_fwd(c, f, s, gates)

@@ -71,17 +71,30 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     return out.view(x.shape)
 
 
-class RotaryKernel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
-        return rotate(x, cos, sin)
+@torch.library.custom_op("nsa::rotary", mutates_args=())
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    return rotate(x, cos, sin, inverse=inverse)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        return rotate(grad, cos, sin, inverse=True), None, None
+
+@_rotary.register_fake
+def _rotary_fake(x, cos, sin, inverse):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    _, cos, sin, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.inverse = inverse
+
+
+def _backward(ctx, grad):
+    cos, sin = ctx.saved_tensors
+    return _rotary(grad, cos, sin, not ctx.inverse), None, None, None
+
+
+_rotary.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return RotaryKernel.apply(x, cos.contiguous(), sin.contiguous())
+    """x (..., N, D) rotated by the pair tables cos / sin (N, P), 2P <= D."""
+    return _rotary(x, cos.contiguous(), sin.contiguous(), False)

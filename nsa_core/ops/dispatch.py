@@ -1,6 +1,14 @@
-"""Backend choice: "torch" (the reference), "triton" (the kernels), "auto" (kernels where they run).
+"""The single kernels-or-reference rule of every op.
 
+backend: "torch" (the reference), "triton" (the kernels), "auto" (kernels where they run).
 Kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 (how CI tests them).
+Each op calls `use_kernels` once per call, with two kinds of reasons:
+- `unsupported`: these inputs cannot take the kernels (dtype, head dim, size): "triton" raises a
+  ValueError naming the op and the reason; "auto" falls back to the reference with one warning
+  (on CUDA, where the kernels were expected);
+- `by_design`: a layout or option the kernel path leaves to the reference on purpose (documented
+  in the op's docstring, e.g. decoding steps before the decode kernels, a non-causal window):
+  the reference runs, silently, whatever the backend.
 Nothing here imports triton at module import time.
 """
 
@@ -47,13 +55,14 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def use_kernels(backend: str, device: torch.device, op: str, unsupported=None) -> bool:
+def use_kernels(backend: str, device: torch.device, op: str, unsupported=None, by_design: str | None = None) -> bool:
     """Whether `op` runs on the kernels. "torch": never. "triton": yes, or a ValueError naming `op`
     and why not. "auto": on CUDA where they can run, else the reference (one warning per reason
     when on CUDA). `unsupported`: why these inputs cannot take the kernels (a string, or a
-    callable returning one, called only once the kernels can run here), None if they can."""
+    callable returning one, called only once the kernels can run here), None if they can.
+    `by_design`: why the reference runs these inputs on purpose (no warning, no error)."""
     check_backend_name(backend)
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    if backend == "torch" or (backend == "auto" and device.type != "cuda") or by_design is not None:
         return False
     reason = kernel_unavailable_reason(device)
     if reason is None and unsupported is not None:

@@ -1,4 +1,5 @@
-"""selected_attention: the public op of NSA's fine branch (validation + backend dispatch)."""
+"""selected_attention: the public op of NSA's fine branch (validation + dispatch).
+Kernels: kernels/selected_attention (plain batches); reference: reference/selected_attention.py."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import check_backend_name, use_kernels
+from nsa_core.ops.seqs import Seqs, plain_layout_reason, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.selected_attention import selected_attention_reference
 
@@ -44,6 +46,7 @@ def selected_attention(
     scale: float | None = None,
     window: int | None = None,
     backend: str = "auto",
+    seqs: Seqs | None = None,
 ) -> Tensor:
     """Attention of each query to the key blocks it selected.
 
@@ -63,6 +66,8 @@ def selected_attention(
         window: if given, keys more than `window` positions before the query are masked too
             (the sliding window is this op with the blocks before the own block selected).
         backend: "torch" (reference), "triton" (kernels; raises where they cannot run) or "auto".
+        seqs: where the queries sit among the keys (default: a plain batch, T queries over T keys);
+            queries after cached keys (decoding) run on the reference until the decode kernels.
 
     A query with no key at all gets a zero output. Returns (B, HQ, T, Dv).
 
@@ -70,7 +75,8 @@ def selected_attention(
     atomically (float32), so reruns can differ in dq's last bits; under
     torch.use_deterministic_algorithms(True) it takes a bit-reproducible path instead.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, same_length=False)
+    seqs = seqs_for(q, k, seqs)
     check_positive_int("block_size", block_size)
     if window is not None:
         check_positive_int("window", window)
@@ -82,8 +88,9 @@ def selected_attention(
 
         return kernel_unsupported_reason(q, k, v, block_size)
 
-    if use_kernels(backend, q.device, "selected_attention", unsupported):
+    if use_kernels(backend, q.device, "selected_attention", unsupported, by_design=plain_layout_reason(seqs)):
         from nsa_core.kernels.selected_attention.autograd import selected_attention_triton
 
         return selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale, window)
-    return selected_attention_reference(q, k, v, indices, block_size, valid, gates, causal, scale, window)
+    return selected_attention_reference(q, k, v, indices, block_size, valid, gates, causal, scale, window,
+                                        q_offset=seqs.q_offset)

@@ -2,8 +2,8 @@
 
 Causal rule: compressed block c (covering tokens up to (c + 1) * stride - 1) is visible to
 query t only when (c + 1) * stride - 1 < t; memory tokens are always visible.
-Also returns the scaled logits of the compressed blocks (memory dropped), with invisible
-entries set to MASKED_SCORE: the selection branch scores blocks from them.
+`compressed_scores` gives the scaled logits of the compressed blocks (memory dropped), with
+invisible entries set to `masked_score`: the selection branch scores blocks from them.
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, T queries,
 M memory tokens, C compressed blocks, D / Dv head dims.
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
 
 
 def masked_score(dtype: torch.dtype) -> float:
@@ -37,7 +39,7 @@ def compressed_attention_reference(
     scale: float | None = None,
     query_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out (B, HQ, T, Dv), scores (B, HQ, T, C))."""
+    """Returns (out (B, HQ, T, Dv), scores (B, HQ, T, C)), all queries at once."""
     B, HQ, T, D = q.shape
     HKV, MC = ck.shape[1], ck.shape[2]
     G, C = HQ // HKV, MC - num_memory
@@ -52,3 +54,30 @@ def compressed_attention_reference(
     out = torch.matmul(attn, cv[:, :, None]).reshape(B, HQ, T, cv.shape[-1])
     scores = logits[..., num_memory:].reshape(B, HQ, T, C)
     return out, scores
+
+
+def compressed_attention_chunked(q: Tensor, ck: Tensor, cv: Tensor, num_memory: int, stride: int, causal: bool = True,
+                                 scale: float | None = None, query_offset: int = 0) -> Tensor:
+    """The output of `compressed_attention_reference` over chunks of queries (re-computed in the
+    backward pass), so the (T x C) logits exist one chunk at a time: memory linear in T."""
+    B, HQ, T, _ = q.shape
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, ck, cv))
+
+    def part(start: int, end: int) -> Tensor:
+        return compressed_attention_reference(q[:, :, start:end], ck, cv, num_memory, stride, causal, scale,
+                                              query_offset=query_offset + start)[0]
+
+    chunk = query_chunk_size(T, ck.shape[-2], HQ, B, budget=1 << 26)
+    return map_query_chunks(part, T, chunk, needs_grad)
+
+
+def compressed_scores(q: Tensor, ck: Tensor, stride: int, causal: bool, scale: float, query_pos: Tensor) -> Tensor:
+    """Scaled logits (B, HQ, T, C) of the queries at `query_pos` against the compressed keys
+    ck (B, HKV, C, D) (no memory tokens); invisible blocks hold `masked_score`."""
+    B, HQ, T, D = q.shape
+    HKV, C = ck.shape[1], ck.shape[2]
+    logits = torch.matmul(q.view(B, HKV, HQ // HKV, T, D), ck[:, :, None].transpose(-1, -2)) * scale
+    if causal:
+        visible = compressed_visibility(query_pos, C, stride)
+        logits = logits.masked_fill(~visible, masked_score(logits.dtype))
+    return logits.reshape(B, HQ, T, C)

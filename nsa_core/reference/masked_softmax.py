@@ -1,8 +1,10 @@
-"""Attention under a boolean mask where a row with no allowed key yields zeros (not NaN),
-with gradients that stay finite. Shared by the reference branches."""
+"""Attention under a boolean mask where a row with no allowed key yields zeros (not NaN), with
+gradients that stay finite; and the one query-chunk loop every reference branch runs through, so
+score matrices exist one chunk at a time (memory linear in the sequence length)."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -21,20 +23,39 @@ def masked_attention(logits: Tensor, allowed: Tensor, v: Tensor) -> Tensor:
     return torch.matmul(weights / denom, v)
 
 
-def map_query_chunks(fn: Callable[[int, int], Tensor], seq_len: int, chunk: int, needs_grad: bool) -> Tensor:
-    """Concatenate fn(start, end) over query chunks along dim -2; re-compute in backward when
-    gradients are needed, so only one chunk's score matrix is alive at a time."""
-    outs = []
+ChunkOutput = Tensor | tuple  # a tensor, or a tuple of tensors (or None) joined element-wise
+
+
+def map_query_chunks(fn: Callable[[int, int], ChunkOutput], seq_len: int, chunk: int, needs_grad: bool) -> ChunkOutput:
+    """Concatenate fn(start, end) over query chunks along dim -2 (element-wise for tuples; None
+    entries stay None). With needs_grad and more than one chunk, each chunk is re-computed in the
+    backward pass, so only one chunk's score matrix is alive at a time."""
+    parts = []
     for start in range(0, seq_len, chunk):
         end = min(seq_len, start + chunk)
-        if needs_grad:
-            outs.append(checkpoint(fn, start, end, use_reentrant=False))
+        if needs_grad and chunk < seq_len:
+            parts.append(checkpoint(fn, start, end, use_reentrant=False))
         else:
-            outs.append(fn(start, end))
-    return torch.cat(outs, dim=-2)
+            parts.append(fn(start, end))
+    if isinstance(parts[0], Tensor):
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+    return tuple(
+        None if first is None else (first if len(parts) == 1 else torch.cat([p[i] for p in parts], dim=-2))
+        for i, first in enumerate(parts[0])
+    )
 
 
 def query_chunk_size(seq_len: int, keys_per_query: int, heads: int, batch: int, budget: int = 1 << 24) -> int:
-    """Largest chunk of queries whose score matrix stays under `budget` elements."""
+    """Largest chunk of queries whose score matrix stays under `budget` elements, each query
+    seeing `keys_per_query` keys whatever the chunk."""
     per_query = max(1, keys_per_query * heads * batch)
     return max(1, min(seq_len, budget // per_query))
+
+
+def band_chunk_size(seq_len: int, reach: int, heads: int, batch: int, budget: int = 1 << 24) -> int:
+    """Largest chunk c of queries whose keys (the chunk itself plus `reach` keys around it, a window's
+    c + reach) give a score matrix c x (c + reach) x heads x batch under `budget` elements."""
+    per_row = max(1, heads * batch)
+    limit = budget / per_row  # c * (c + reach) <= limit
+    c = int((-reach + math.sqrt(reach * reach + 4 * limit)) / 2)
+    return max(1, min(seq_len, c))

@@ -14,8 +14,11 @@ for selection blocks smaller than the compression stride:
 4. softmax with a null slot of logit -1000 in front, top-n (ties: lowest block index first);
    a slot whose probability is <= 1e-10 is invalid.
 
+`select_blocks_reference` runs these steps from the queries and compressed keys over chunks of
+queries (memory linear in T).
+
 Dimension legend: B batch, H heads of the selection (kv heads or query heads), T queries,
-C compressed blocks, NB selection blocks that can be scored, S selected slots.
+C compressed blocks, NB selection blocks that can be scored, S selected slots, D head dim.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from nsa_core.reference.compressed_attention import masked_score
+from nsa_core.reference.compressed_attention import compressed_scores, masked_score
+from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
 
 NULL_SLOT_LOGIT = -1e3
 VALID_THRESHOLD = 1e-10
@@ -119,3 +123,54 @@ def select_top_blocks(block_logits: Tensor, num_selected: int, use_diff_topk: bo
     valid = values > VALID_THRESHOLD
     gates = values + (1.0 - values).detach() if use_diff_topk else None
     return Selection(indices=indices, valid=valid, probs=values, gates=gates)
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How blocks are scored and chosen (the selection's part of NSAConfig)."""
+
+    num_selected: int
+    selection_block_size: int
+    stride: int
+    group_size: int
+    share_across_group: bool
+    interpolated: bool
+    use_diff_topk: bool
+    causal: bool
+    scale: float
+
+
+def join_selection(indices: Tensor, valid: Tensor, probs: Tensor, gates: Tensor | None) -> Selection:
+    return Selection(indices=indices, valid=valid, probs=probs, gates=gates)
+
+
+def selection_fields(selection: Selection | None) -> tuple:
+    """What a chunk returns to the chunk loop: (indices, valid, probs, gates) or four Nones."""
+    if selection is None:
+        return None, None, None, None
+    return selection.indices, selection.valid, selection.probs, selection.gates
+
+
+def select_blocks_reference(q: Tensor, ck: Tensor, rule: SelectionRule, q_offset: int = 0) -> Selection | None:
+    """q (B, HQ, T, D) at positions q_offset ..., compressed keys ck (B, HKV, C, D) without memory
+    tokens -> the Selection of every query (None when no block can be selected)."""
+    B, HQ, T, _ = q.shape
+    nb = num_scored_blocks(ck.shape[-2], rule.stride, rule.selection_block_size)
+    if min(rule.num_selected, nb) == 0:
+        return None
+    needs_grad = rule.use_diff_topk and torch.is_grad_enabled() and (q.requires_grad or ck.requires_grad)
+
+    def part(start: int, end: int) -> tuple:
+        pos = torch.arange(q_offset + start, q_offset + end, device=q.device)
+        scores = compressed_scores(q[:, :, start:end], ck, rule.stride, rule.causal, rule.scale, pos)
+        logits = block_importance(
+            scores, group_size=rule.group_size, share_across_group=rule.share_across_group, stride=rule.stride,
+            selection_block_size=rule.selection_block_size, interpolated=rule.interpolated, causal=rule.causal,
+            query_pos=pos,
+        )
+        return selection_fields(select_top_blocks(logits, rule.num_selected, rule.use_diff_topk))
+
+    chunk = query_chunk_size(T, max(1, ck.shape[-2]), HQ, B, budget=1 << 26)
+    with torch.set_grad_enabled(needs_grad):
+        return join_selection(*map_query_chunks(part, T, chunk, needs_grad))
+

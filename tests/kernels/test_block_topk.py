@@ -1,10 +1,11 @@
 """The block top-k kernel (scale, mask, softmax with the null slot, top-k) equals its PyTorch twin
-(fast_compressed.mask_block_logits + selection.select_top_blocks), ties included."""
+(pooled_selection.mask_block_logits + selection.select_top_blocks), ties included."""
 
 import pytest
 import torch
 
-from nsa_core.fast_compressed import mask_block_logits
+from nsa_core.reference.pooled_selection import mask_block_logits
+from nsa_core.reference.selection import NULL_SLOT_LOGIT, VALID_THRESHOLD
 from nsa_core.ops.dispatch import kernel_unavailable_reason
 from nsa_core.reference.selection import select_top_blocks
 
@@ -37,6 +38,7 @@ def test_block_topk_equals_twin(dtype, causal, NB, k, first_pos, mask_own):
     scores[0, 0, :, ::3] = torch.randn(41, len(range(0, NB, 3)), generator=gen).to(dtype)
     scale = 0.37
     got = block_topk(scores, k, scale=scale, first_pos=first_pos, selection_block_size=sel, causal=causal,
+                     null_logit=NULL_SLOT_LOGIT, threshold=VALID_THRESHOLD,
                      mask_own=mask_own)
     want = twin(scores, k, scale, first_pos, sel, stride, causal)
     idx, valid, probs = got

@@ -5,7 +5,7 @@ import torch
 
 from helpers import output_and_grads, randomize_, rel_err
 from nsa_core import SparseAttention
-from nsa_core.model import attention as sparse_attention_module
+from nsa_core.reference import compressed_attention, selection
 
 
 @pytest.mark.parametrize("causal, diff, share", [(True, True, True), (False, False, False), (True, False, False)])
@@ -17,7 +17,8 @@ def test_chunked_compression_and_selection_equal_whole(monkeypatch, causal, diff
     x = torch.randn(2, 45, 32)
 
     whole_out, whole_grads = output_and_grads(attn, x)
-    monkeypatch.setattr(sparse_attention_module, "query_chunk_size", lambda *a, **k: 7)
+    for module in (compressed_attention, selection):
+        monkeypatch.setattr(module, "query_chunk_size", lambda *a, **k: 7)
     chunked_out, chunked_grads = output_and_grads(attn, x)
     assert rel_err(chunked_out, whole_out) < 1e-6
     assert len(chunked_grads) == len(whole_grads)

@@ -13,6 +13,7 @@ import torch
 import triton
 
 from nsa_core.kernels import outputs
+from nsa_core.kernels.limits import MAX_BLOCK_SIZE, dtype_reason, head_dim_reason
 from nsa_core.kernels.row_dot import row_dot
 
 from nsa_core.kernels.selected_attention.backward import (
@@ -26,7 +27,6 @@ from nsa_core.kernels.selected_attention.forward_by_block import (
     selected_attention_fwd_by_block_kernel,
 )
 
-MAX_HEAD_DIM = 256
 # by-block scheme: per-(query, slot) partials are written to memory; above this size, by query
 PARTIALS_BUDGET_BYTES = 8 * 2**30
 # by-block pays when few query rows share a selection (each key block is then loaded once, not per
@@ -39,19 +39,16 @@ BY_BLOCK_MAX_ROWS_BWD_DETERMINISTIC = 4
 # GPU (measured on an H100: 4 splits save 14% at 16k, nothing at 64k; benchmarks/NOTES.md)
 BY_BLOCK_FWD_PROGRAMS = 4096
 BY_BLOCK_FWD_SPLITS: int | None = None  # fixed count, overriding the rule (tests)
-MAX_BLOCK_SIZE = 128
 # tokens per program of the backward's dq-partials merge (measured on an H100 at 64k, G=1: 32 tokens
 # 0.84 ms vs 16 tokens 1.17). The forward's merge keeps a program per query row: a 32-token tile
 # measured slower there (G=1 0.60 vs 0.43 ms, G=4 2.3 ms).
 SUM_DQ_TOKENS = 32
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> str | None:
-    if q.dtype not in KERNEL_DTYPES:
-        return f"kernels take float16, bfloat16 or float32, got {q.dtype}"
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
+    reason = dtype_reason(q) or head_dim_reason(q.shape[-1], v.shape[-1])
+    if reason is not None:
+        return reason
     if block_size > MAX_BLOCK_SIZE:
         return f"kernels take block_size up to {MAX_BLOCK_SIZE}, got {block_size}"
     o = torch.empty((*q.shape[:-1], v.shape[-1]), device="meta")  # the output's size, nothing allocated

@@ -10,7 +10,7 @@ import triton
 
 from nsa_core.kernels import outputs
 from nsa_core.kernels.row_dot import row_dot
-from nsa_core.kernels.selected_attention.launch import KERNEL_DTYPES, MAX_HEAD_DIM
+from nsa_core.kernels.limits import dtype_reason, head_dim_reason
 from nsa_core.kernels.sliding_window.kernels import (
     sliding_window_bwd_dkdv_kernel,
     sliding_window_bwd_dq_kernel,
@@ -19,10 +19,9 @@ from nsa_core.kernels.sliding_window.kernels import (
 
 
 def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    if q.dtype not in KERNEL_DTYPES:
-        return f"kernels take float16, bfloat16 or float32, got {q.dtype}"
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
+    reason = dtype_reason(q) or head_dim_reason(q.shape[-1], v.shape[-1])
+    if reason is not None:
+        return reason
     o = torch.empty((*q.shape[:-1], v.shape[-1]), device="meta")  # the output's size, nothing allocated
     return outputs.too_large_reason(contiguous=True, q=q, k=k, v=v, output=o)
 

@@ -1,0 +1,31 @@
+"""rotary: rotate interleaved pairs of q or k by position tables (validation + dispatch).
+Kernel: kernels/rotary.py (one pass each way); reference: reference/rotary.py (same arithmetic)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from nsa_core.ops.dispatch import use_kernels
+
+
+def rotary(t: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") -> Tensor:
+    """t (..., n, d); cos / sin (n, P) the pair tables of the n tokens' positions (2P <= d).
+    Pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), in float32 (float64 for float64 inputs)."""
+    pairs = cos.shape[-1]
+    if t.ndim < 2 or t.shape[-1] < 2 * pairs or cos.shape != sin.shape or cos.shape[0] != t.shape[-2]:
+        raise ValueError(f"rotary needs t (..., n, d >= {2 * pairs}) and tables (n, {pairs}), got t {tuple(t.shape)}, "
+                         f"tables {tuple(cos.shape)}")
+
+    def unsupported() -> str | None:
+        from nsa_core.kernels.limits import dtype_reason
+        from nsa_core.kernels.outputs import too_large_reason
+
+        return dtype_reason(t) or too_large_reason(t=t)
+
+    if use_kernels(backend, t.device, "rotary", unsupported):
+        from nsa_core.kernels.rotary import rotary_triton
+
+        return rotary_triton(t, cos, sin)
+    from nsa_core.reference.rotary import rotary_reference
+
+    return rotary_reference(t, cos, sin)
