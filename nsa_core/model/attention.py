@@ -3,8 +3,8 @@
 Same constructor, parameter names and numbers as native-sparse-attention-pytorch 0.2.3 (its
 pure-PyTorch path), plus the seed-era options it dropped (see reference/selection.py). `attend`
 is a straight line of op calls (nsa_core.ops): each op decides once whether its kernels or its
-PyTorch reference run. Calls with a cache go through model/cache.py, which calls the same `attend`
-with a decoding step's sequence descriptor.
+PyTorch reference run. Calls with a cache go through inference/decode.py: a prefill runs `attend`,
+decoding steps run the paged decode ops over the static cache (model/cache.py).
 
 Dimension legend: b batch, n queries, s keys, h query heads, hk kv heads, d head dim,
 c compressed tokens, m memory tokens.
@@ -22,8 +22,10 @@ from torch import Tensor, nn
 
 from nsa_core.config import NSAConfig
 from nsa_core.model.compress_networks import default_compress_mlp
+from nsa_core.model.cache import NSACache
 from nsa_core.model.compression import compress_windows, compression_windows, with_memory
 from nsa_core.model.rotary import RotaryEmbedding
+from nsa_core.inference.decode import run_with_cache
 from nsa_core.ops.block_selection import select_blocks
 from nsa_core.ops.combine import combine
 from nsa_core.ops.compressed_attention import compressed_attention
@@ -277,16 +279,26 @@ class SparseAttention(nn.Module):
         ck, _ = self.compress(k, v)
         return select_blocks(q, ck, self.selection_rule, backend=self.config.backend)
 
-    def forward(self, inp: Tensor, cache=None, return_cache: bool = False):
+    def new_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> NSACache:
+        """An empty static decoding cache for batch_size sequences of up to max_seq_len tokens
+        (default device and dtype: the module's). Fill it with a prompt, then decode."""
+        weight = self.to_qkv.weight
+        return NSACache.allocate(self.config, batch_size, max_seq_len, device=weight.device if device is None else device,
+                                 dtype=weight.dtype if dtype is None else dtype)
+
+    def forward(self, inp: Tensor, cache: NSACache | None = None, return_cache: bool = False, *,
+                lengths: Tensor | None = None):
         """inp (batch, seq, dim) -> (batch, seq, dim); with return_cache also the decoding cache.
 
-        With `cache` (from an earlier call with return_cache=True), inp holds the next tokens and is
-        decoded against the cache (causal modules only; see model/cache.py)."""
+        With a cache (causal modules only; nsa_core/inference/decode.py): an empty cache takes inp as
+        the prompt (its rows right-padded to `lengths` valid tokens, if given) through the parallel
+        pass; a filled one takes inp as the next tokens of every sequence. return_cache without a
+        cache makes one that grows as needed."""
         self.check_input(inp)
         if cache is not None or return_cache:
-            from nsa_core.model.cache import run_with_cache  # cache.py builds on this module
-
-            return run_with_cache(self, inp, cache, return_cache)
+            return run_with_cache(self, inp, cache, return_cache, lengths)
+        if lengths is not None:
+            raise ValueError("lengths describes a prompt for a cache: pass cache= or return_cache=True with it")
         x = self.norm(inp)
         q, k, v = self.project(x)
         return self.attend_projected(x, q, k, v)

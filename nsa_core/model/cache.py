@@ -1,16 +1,23 @@
-"""Cached decoding for causal SparseAttention: a prefill that returns the cache, then steps that
-append tokens one at a time, each through the module's own `attend` with a decoding step's
-sequence descriptor (its queries after the cached keys), so a step computes what the parallel pass
-computes for that query.
+"""NSACache: the static decoding cache of one causal SparseAttention layer.
 
-What the cache holds, and why (b batch, hk kv heads, t tokens so far, d head dim):
-- keys (b, hk, t, d), rotated, and values (b, hk, t, d): the selection branch may pick any
-  earlier block and the sliding window reaches the last `window` tokens, so every past key and
-  value stays reachable;
-- compressed_keys / compressed_values (b, hk, c, d): the compression windows completed so far
-  (memory tokens are parameters and are not copied in);
-- tail_keys / tail_values (b, hk, r, d), unrotated: the tokens of the compression window being
-  filled, its overlap with the previous window included (zeros before the sequence start).
+Preallocated for `capacity` tokens per sequence and written in place: a decoding step allocates
+nothing and copies no cache. Keys and values live in a pool of pages of one selection block each,
+reached through a block table (B, pages per sequence) of physical page ids, the layout serving
+engines page; this cache's table is the identity (row b owns pages b * NP ... b * NP + NP - 1),
+so a paged allocator can replace it without touching the decode kernels, which read through it.
+
+What it holds, and why (B batch, HKV kv heads, D / Dv head dims):
+- k_pages / v_pages (B * NP, HKV, PAGE, D): rotated keys and the values of every token (the
+  selection may pick any earlier block; the window reaches the last `window` tokens);
+- ck_pages / cv_pages (B * NCP, HKV, CPAGE, D): per sequence the memory tokens (slots 0 .. M - 1),
+  then the completed compression windows (slot M + c), then one scratch slot (the last) that takes
+  the writes of windows not complete yet, so every step writes the same shapes;
+- pooled_keys (B, HKV, NB + 1, D): the mean of the compressed keys of each selection block (the
+  pooled block scores' keys) when selection blocks are a multiple of the stride; last slot scratch;
+- ring_keys / ring_values (B, HKV, R, D), R = compress_block_size: the last R tokens, unrotated
+  (zeros before the sequence start): every window a new token completes is in them;
+- lengths (B,) int64 on the device: tokens written per sequence; `filled` on the host: the
+  longest a sequence can be so far (capacity checks without reading the device).
 """
 
 from __future__ import annotations
@@ -18,93 +25,158 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from nsa_core.model.attention import BranchKeys
-from nsa_core.model.compression import with_memory
-from nsa_core.ops.seqs import Seqs
+from nsa_core.config import NSAConfig
+
+COMPRESSED_PAGE = 64  # compressed tokens per page of the compressed pool
+
+
+def _identity_table(batch: int, pages: int, device) -> Tensor:
+    return torch.arange(batch * pages, device=device, dtype=torch.int32).view(batch, pages)
 
 
 @dataclass
 class NSACache:
-    keys: Tensor
-    values: Tensor
-    compressed_keys: Tensor
-    compressed_values: Tensor
-    tail_keys: Tensor
-    tail_values: Tensor
+    config: NSAConfig
+    capacity: int
+    k_pages: Tensor
+    v_pages: Tensor
+    block_table: Tensor
+    ck_pages: Tensor
+    cv_pages: Tensor
+    compressed_table: Tensor
+    pooled_keys: Tensor | None
+    ring_keys: Tensor
+    ring_values: Tensor
+    lengths: Tensor
+    filled: int = 0
+    growable: bool = False
+
+    # construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def allocate(cls, config: NSAConfig, batch_size: int, capacity: int, *, device, dtype,
+                 growable: bool = False) -> "NSACache":
+        for name, value in (("batch_size", batch_size), ("max_seq_len", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not config.causal:
+            raise ValueError("a cache needs a causal module (causal=True)")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        hk, d, page = config.num_kv_heads, config.dim_head, config.selection_block_size
+        pages = -(-capacity // page)
+        slots = config.num_compressed_mem_kv + capacity // config.stride + 1  # + the scratch slot
+        cpages = -(-slots // COMPRESSED_PAGE)
+        zeros = dict(device=device, dtype=dtype)
+        pooled = None
+        if page % config.stride == 0:
+            pooled = torch.zeros(batch_size, hk, capacity // page + 1, d, **zeros)
+        ring = config.compress_block_size
+        return cls(
+            config=config, capacity=capacity,
+            k_pages=torch.zeros(batch_size * pages, hk, page, d, **zeros),
+            v_pages=torch.zeros(batch_size * pages, hk, page, d, **zeros),
+            block_table=_identity_table(batch_size, pages, device),
+            ck_pages=torch.zeros(batch_size * cpages, hk, COMPRESSED_PAGE, d, **zeros),
+            cv_pages=torch.zeros(batch_size * cpages, hk, COMPRESSED_PAGE, d, **zeros),
+            compressed_table=_identity_table(batch_size, cpages, device),
+            pooled_keys=pooled,
+            ring_keys=torch.zeros(batch_size, hk, ring, d, **zeros),
+            ring_values=torch.zeros(batch_size, hk, ring, d, **zeros),
+            lengths=torch.zeros(batch_size, device=device, dtype=torch.int64),
+            growable=growable,
+        )
+
+    # facts ----------------------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_table.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[2]
+
+    @property
+    def compressed_slots(self) -> int:
+        return self.compressed_table.shape[1] * COMPRESSED_PAGE
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.compressed_slots - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_pages.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k_pages.dtype
 
     @property
     def seq_len(self) -> int:
-        return self.keys.shape[-2]
+        """The longest sequence's length (host-side: no device read)."""
+        return self.filled
 
-    @classmethod
-    def from_prefill(cls, attn, k: Tensor, k_rot: Tensor, v: Tensor, ck: Tensor, cv: Tensor) -> "NSACache":
-        """From a whole prompt's unrotated k, rotated k, v (b, hk, n, d) and its compressed ck, cv."""
-        cfg = attn.config
-        n = k.shape[-2]
-        start = (n // cfg.stride) * cfg.stride
-        overlap = cfg.compress_block_size - cfg.stride
-        tail_k, tail_v = (F.pad(t, (0, 0, overlap, 0))[:, :, start:] for t in (k, v))
-        return cls(k_rot, v, ck, cv, tail_k, tail_v)
+    def check_for(self, config: NSAConfig, inp: Tensor) -> None:
+        """A ValueError saying what does not fit when this cache cannot serve `inp` of this module."""
+        if self.config != config:
+            raise ValueError("cache was made for another module configuration: "
+                             f"cache {self.config.to_json(indent=None)} vs module {config.to_json(indent=None)}")
+        if inp.shape[0] != self.batch_size:
+            raise ValueError(f"cache holds batch size {self.batch_size}, the input has {inp.shape[0]}")
+        if inp.device != self.device:
+            raise ValueError(f"cache is on {self.device}, the input on {inp.device}")
 
-    def check_for(self, attn, inp: Tensor) -> None:
-        expected = (inp.shape[0], attn.kv_heads)
-        if tuple(self.keys.shape[:2]) != expected or self.keys.shape[-1] != attn.dim_head:
-            raise ValueError(
-                f"cache does not fit this module and input: keys have shape {tuple(self.keys.shape)}, "
-                f"expected (batch={expected[0]}, kv_heads={expected[1]}, t, dim_head={attn.dim_head})"
-            )
+    def reserve(self, new_tokens: int) -> None:
+        """Make room for new_tokens more per sequence: a growable cache (made by return_cache=True
+        without a cache) doubles its capacity; a fixed one (new_cache) raises past its capacity."""
+        need = self.filled + new_tokens
+        if need <= self.capacity:
+            return
+        if not self.growable:
+            raise ValueError(f"cache capacity is max_seq_len={self.capacity} tokens per sequence; {self.filled} are "
+                             f"written and {new_tokens} more do not fit (make it with a larger max_seq_len)")
+        self._grow_to(max(need, 2 * self.capacity))
 
+    def _grow_to(self, capacity: int) -> None:
+        bigger = NSACache.allocate(self.config, self.batch_size, capacity, device=self.device, dtype=self.dtype,
+                                   growable=True)
+        b, hk = self.batch_size, self.config.num_kv_heads
+        for name in ("k_pages", "v_pages", "ck_pages", "cv_pages"):
+            old, new = getattr(self, name), getattr(bigger, name)
+            per_row = old.shape[0] // b
+            new.view(b, -1, *new.shape[1:])[:, :per_row] = old.view(b, per_row, *old.shape[1:])
+        # the old scratch slot lies inside the bigger pool's real slots: clear it
+        scratch = self.scratch_slot
+        bigger.ck_pages.view(b, -1, hk, COMPRESSED_PAGE, bigger.ck_pages.shape[-1])[
+            :, scratch // COMPRESSED_PAGE, :, scratch % COMPRESSED_PAGE] = 0
+        if self.pooled_keys is not None:
+            bigger.pooled_keys[:, :, : self.pooled_keys.shape[2] - 1] = self.pooled_keys[:, :, :-1]
+        bigger.ring_keys.copy_(self.ring_keys)
+        bigger.ring_values.copy_(self.ring_values)
+        bigger.lengths.copy_(self.lengths)
+        bigger.filled = self.filled
+        self.__dict__.update(bigger.__dict__)
 
-def run_with_cache(attn, inp: Tensor, cache: NSACache | None, return_cache: bool):
-    """Prefill (cache None) or decode the tokens of inp (b, n, dim) one after the other."""
-    if not attn.config.causal:
-        raise ValueError("cache / return_cache need a causal module (causal=True)")
-    if cache is None:
-        out, cache = prefill(attn, inp)
-        return out, cache
-    if not isinstance(cache, NSACache):
-        raise TypeError(f"cache must be an NSACache (returned with return_cache=True), got {type(cache).__name__}")
-    cache.check_for(attn, inp)
-    outs = []
-    for i in range(inp.shape[1]):
-        out, cache = decode_step(attn, inp[:, i : i + 1], cache)
-        outs.append(out)
-    out = torch.cat(outs, dim=1)
-    return (out, cache) if return_cache else out
+    # writes (in place, graph-capturable: positions are device tensors) -----------------------------
 
+    def write_tokens(self, positions: Tensor, k_rot: Tensor, v: Tensor) -> None:
+        """Rotated keys k_rot and values v (B, HKV, K, D) of the tokens at positions (B, K)."""
+        page = self.page_size
+        physical = self.block_table.gather(1, positions // page)
+        self.k_pages[physical, :, positions % page] = k_rot.transpose(1, 2).to(self.dtype)
+        self.v_pages[physical, :, positions % page] = v.transpose(1, 2).to(self.dtype)
 
-def prefill(attn, inp: Tensor) -> tuple[Tensor, NSACache]:
-    """The parallel pass over a prompt, keeping what later steps need."""
-    x = attn.norm(inp)
-    q, k, v = attn.project(x)
-    keys = attn.keys_of(k, v)
-    out = attn.attend(x, q, keys, Seqs.batch(inp.shape[1]))
-    mem = attn.config.num_compressed_mem_kv
-    cache = NSACache.from_prefill(attn, k, keys.rotated_k, v, keys.compressed_k[:, :, mem:], keys.compressed_v[:, :, mem:])
-    return out, cache
+    def write_compressed(self, slots: Tensor, ck: Tensor, cv: Tensor) -> None:
+        """Compressed keys / values (B, HKV, K, D) into logical compressed slots (B, K)."""
+        physical = self.compressed_table.gather(1, slots // COMPRESSED_PAGE)
+        self.ck_pages[physical, :, slots % COMPRESSED_PAGE] = ck.transpose(1, 2).to(self.dtype)
+        self.cv_pages[physical, :, slots % COMPRESSED_PAGE] = cv.transpose(1, 2).to(self.dtype)
 
-
-def decode_step(attn, inp: Tensor, cache: NSACache) -> tuple[Tensor, NSACache]:
-    """One token inp (b, 1, dim) at position t = cache.seq_len -> (output (b, 1, dim), the grown cache)."""
-    cfg = attn.config
-    t = cache.seq_len
-    seqs = Seqs.step(1, t)
-    x = attn.norm(inp)
-    q, k, v = attn.project(x)  # (b, h, 1, d), (b, hk, 1, d)
-    ck_all, cv_all = with_memory(attn.compress_mem_kv, cache.compressed_keys, cache.compressed_values)
-    keys_rot = torch.cat((cache.keys, attn.rotate(k, seqs.query_positions(k.device))), dim=-2)
-    values = torch.cat((cache.values, v), dim=-2)
-    out = attn.attend(x, q, BranchKeys(ck_all, cv_all, keys_rot, values), seqs)
-
-    tail_k = torch.cat((cache.tail_keys, k), dim=-2)
-    tail_v = torch.cat((cache.tail_values, v), dim=-2)
-    ck, cv = cache.compressed_keys, cache.compressed_values
-    if tail_k.shape[-2] == cfg.compress_block_size:
-        new_k, new_v = attn.compress_windows(tail_k[:, :, None], tail_v[:, :, None])
-        ck, cv = torch.cat((ck, new_k), dim=-2), torch.cat((cv, new_v), dim=-2)
-        tail_k, tail_v = tail_k[:, :, cfg.stride :], tail_v[:, :, cfg.stride :]
-    return out, NSACache(keys_rot, values, ck, cv, tail_k, tail_v)
-
+    def read_compressed_keys(self, slots: Tensor) -> Tensor:
+        """Compressed keys at logical slots (B, N) -> (B, HKV, N, D)."""
+        physical = self.compressed_table.gather(1, slots // COMPRESSED_PAGE)
+        return self.ck_pages[physical, :, slots % COMPRESSED_PAGE].transpose(1, 2)

@@ -9,12 +9,14 @@ from nsa_core.ops.dispatch import use_kernels
 
 
 def rotary(t: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") -> Tensor:
-    """t (..., n, d); cos / sin (n, P) the pair tables of the n tokens' positions (2P <= d).
+    """t (..., n, d); cos / sin (n, P) the pair tables of the n tokens' positions (2P <= d), or tables
+    per row broadcasting against t's leading dims, e.g. (B, 1, n, P) for sequences at different
+    positions (decoding; the reference runs those by design).
     Pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), in float32 (float64 for float64 inputs)."""
     pairs = cos.shape[-1]
-    if t.ndim < 2 or t.shape[-1] < 2 * pairs or cos.shape != sin.shape or cos.shape[0] != t.shape[-2]:
-        raise ValueError(f"rotary needs t (..., n, d >= {2 * pairs}) and tables (n, {pairs}), got t {tuple(t.shape)}, "
-                         f"tables {tuple(cos.shape)}")
+    if t.ndim < 2 or t.shape[-1] < 2 * pairs or cos.shape != sin.shape or cos.shape[-2] != t.shape[-2]:
+        raise ValueError(f"rotary needs t (..., n, d >= {2 * pairs}) and tables (..., n, {pairs}), got t "
+                         f"{tuple(t.shape)}, tables {tuple(cos.shape)}")
 
     def unsupported() -> str | None:
         from nsa_core.kernels.limits import dtype_reason
@@ -22,7 +24,8 @@ def rotary(t: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") -> Ten
 
         return dtype_reason(t) or too_large_reason(t=t)
 
-    if use_kernels(backend, t.device, "rotary", unsupported):
+    by_design = None if cos.ndim == 2 else "tables per row (sequences at different positions)"
+    if use_kernels(backend, t.device, "rotary", unsupported, by_design=by_design):
         from nsa_core.kernels.rotary import rotary_triton
 
         return rotary_triton(t, cos, sin)

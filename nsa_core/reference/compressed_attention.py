@@ -23,10 +23,17 @@ def masked_score(dtype: torch.dtype) -> float:
     return float(-torch.finfo(dtype).max // 10)
 
 
+def position_column(query_pos: Tensor) -> Tensor:
+    """Query positions (T,) -> (T, 1), or per row (B, T) -> (B, 1, T, 1): broadcasts against
+    (B, H, T, blocks) scores."""
+    col = query_pos[..., None]
+    return col if query_pos.ndim == 1 else col[:, None]
+
+
 def compressed_visibility(query_pos: Tensor, num_blocks: int, stride: int) -> Tensor:
-    """(T,) query positions -> (T, C) bool: block c visible to query t."""
+    """Query positions (T,) or (B, T) -> (T, C) or (B, 1, T, C) bool: block c visible to the query."""
     block_last = (torch.arange(num_blocks, device=query_pos.device) + 1) * stride - 1
-    return block_last[None, :] < query_pos[:, None]
+    return block_last < position_column(query_pos)
 
 
 def compressed_attention_reference(
@@ -72,12 +79,12 @@ def compressed_attention_chunked(q: Tensor, ck: Tensor, cv: Tensor, num_memory: 
 
 
 def compressed_scores(q: Tensor, ck: Tensor, stride: int, causal: bool, scale: float, query_pos: Tensor) -> Tensor:
-    """Scaled logits (B, HQ, T, C) of the queries at `query_pos` against the compressed keys
-    ck (B, HKV, C, D) (no memory tokens); invisible blocks hold `masked_score`."""
+    """Scaled logits (B, HQ, T, C) of the queries at `query_pos` ((T,) or per row (B, T)) against the
+    compressed keys ck (B, HKV, C, D) (no memory tokens); invisible blocks hold `masked_score`."""
     B, HQ, T, D = q.shape
     HKV, C = ck.shape[1], ck.shape[2]
     logits = torch.matmul(q.view(B, HKV, HQ // HKV, T, D), ck[:, :, None].transpose(-1, -2)) * scale
+    logits = logits.reshape(B, HQ, T, C)
     if causal:
-        visible = compressed_visibility(query_pos, C, stride)
-        logits = logits.masked_fill(~visible, masked_score(logits.dtype))
-    return logits.reshape(B, HQ, T, C)
+        logits = logits.masked_fill(~compressed_visibility(query_pos, C, stride), masked_score(logits.dtype))
+    return logits

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nsa_core.reference.compressed_attention import masked_score
+from nsa_core.reference.compressed_attention import masked_score, position_column
 
 
 def pooled_block_scores(q: Tensor, ck: Tensor, *, group_size: int, share_across_group: bool, stride: int,
@@ -39,10 +39,10 @@ def mask_block_logits(logits: Tensor, *, query_pos: Tensor, stride: int, selecti
     than the stride: the own block gets -finfo.max (as selection.block_importance)."""
     blocks = torch.arange(logits.shape[-1], device=logits.device)
     if causal:
-        visible = ((blocks + 1) * selection_block_size)[None, :] <= query_pos[:, None]
+        visible = (blocks + 1) * selection_block_size <= position_column(query_pos)
         logits = logits.masked_fill(~visible, masked_score(logits.dtype))
     if selection_block_size != stride:
-        own = (query_pos // selection_block_size)[:, None] == blocks[None, :]
+        own = position_column(query_pos // selection_block_size) == blocks
         logits = logits.masked_fill(own, -torch.finfo(logits.dtype).max)
     return logits
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from nsa_core.reference.compressed_attention import compressed_scores, masked_score
+from nsa_core.reference.compressed_attention import compressed_scores, masked_score, position_column
 from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
 
 NULL_SLOT_LOGIT = -1e3
@@ -70,7 +70,7 @@ def block_importance(
     selection_block_size: int,
     interpolated: bool,
     causal: bool,
-    query_pos: Tensor,  # (T,)
+    query_pos: Tensor,  # (T,), or per row (B, T)
 ) -> Tensor:
     """Returns (B, H, T, NB) block logits before the softmax."""
     B, HQ, T, C = scores.shape
@@ -94,7 +94,7 @@ def block_importance(
         else:
             scores = scores.repeat_interleave(factor, dim=-1)
     if sel != stride and scores.shape[-1] > 0:
-        own = (query_pos // sel)[:, None] == torch.arange(scores.shape[-1], device=scores.device)[None, :]
+        own = position_column(query_pos // sel) == torch.arange(scores.shape[-1], device=scores.device)
         scores = scores.masked_fill(own, -torch.finfo(scores.dtype).max)
     return scores
 

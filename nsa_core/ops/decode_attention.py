@@ -1,0 +1,52 @@
+"""decode_attention: queries of a decoding step over lists of key pages (validation + dispatch).
+
+One op serves NSA's three branches at decode time (the selected blocks and the own block, the
+window's blocks, the compressed-key pool): each query attends the pages listed for it, keys at
+logical index j = page * page_size + offset visible when lo <= j <= hi. Kernel: a paged split-K
+("flash-decoding") Triton kernel (kernels/decode); reference: reference/paged_decode.py.
+Forward only (inference).
+
+Dimension legend: B batch, HQ query heads, HKV kv heads, HI heads of a page list (HKV: shared by a
+group, or HQ), K queries per sequence, S listed pages, P pages in the pool, D / Dv head dims.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nsa_core.ops.dispatch import use_kernels
+
+
+def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, blocks: Tensor, valid: Tensor,
+                     hi: Tensor, lo: Tensor | None = None, *, scale: float, backend: str = "auto") -> Tensor:
+    """q (B, HQ, K, D); k_pages (P, HKV, page, D), v_pages (P, HKV, page, Dv); block_table (B, pages per
+    sequence) int: logical page -> physical page; blocks / valid (B, HI, K, S): the logical pages each
+    query attends (valid=False slots are skipped, never read); hi / lo (B, K): the visible logical key
+    indices (lo None: 0). A query with no visible key gets zeros. Returns (B, HQ, K, Dv)."""
+    B, HQ, K, D = q.shape
+    if k_pages.ndim != 4 or v_pages.shape[:3] != k_pages.shape[:3] or k_pages.shape[-1] != D:
+        raise ValueError(f"k_pages must be (P, HKV, page, D={D}) and v_pages (P, HKV, page, Dv), got "
+                         f"{tuple(k_pages.shape)}, {tuple(v_pages.shape)}")
+    HKV = k_pages.shape[1]
+    if HQ % HKV != 0:
+        raise ValueError(f"query heads ({HQ}) must be a multiple of the pages' kv heads ({HKV})")
+    if blocks.ndim != 4 or blocks.shape[0] != B or blocks.shape[2] != K or blocks.shape[1] not in (HKV, HQ):
+        raise ValueError(f"blocks must be (B={B}, {HKV} or {HQ}, K={K}, S), got {tuple(blocks.shape)}")
+    if valid.shape != blocks.shape or valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a bool tensor of blocks' shape {tuple(blocks.shape)}")
+    if hi.shape != (B, K) or (lo is not None and lo.shape != (B, K)):
+        raise ValueError(f"hi and lo must be (B={B}, K={K})")
+
+    def unsupported() -> str | None:
+        from nsa_core.kernels.decode.launch import kernel_unsupported_reason
+
+        return kernel_unsupported_reason(q, k_pages, v_pages)
+
+    if use_kernels(backend, q.device, "decode_attention", unsupported):
+        from nsa_core.kernels.decode import paged_decode_attention
+
+        return paged_decode_attention(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, scale=scale)
+    from nsa_core.reference.paged_decode import paged_decode_reference
+
+    return paged_decode_reference(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, scale)
