@@ -39,9 +39,12 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
         raise ValueError(f"hi and lo must be (B={B}, K={K})")
 
     def unsupported() -> str | None:
-        from nsa_core.kernels.decode.launch import kernel_unsupported_reason
+        from nsa_core.kernels.decode.op import PAGE_SIZES
+        from nsa_core.kernels.limits import dtype_reason, head_dim_reason
 
-        return kernel_unsupported_reason(q, k_pages, v_pages)
+        if k_pages.shape[2] not in PAGE_SIZES:
+            return f"the decode kernel takes pages (selection blocks) of {PAGE_SIZES} tokens, got {k_pages.shape[2]}"
+        return dtype_reason(q) or head_dim_reason(D, v_pages.shape[-1])
 
     if use_kernels(backend, q.device, "decode_attention", unsupported):
         from nsa_core.kernels.decode import paged_decode_attention

@@ -17,9 +17,8 @@ import triton
 
 from nsa_core.kernels import outputs
 from nsa_core.kernels.decode.kernel import paged_decode_merge_kernel, paged_decode_split_kernel
+from nsa_core.kernels.limits import KERNEL_DTYPES, MAX_HEAD_DIM  # noqa: F401  (op.py checks with them)
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 PAGE_SIZES = (16, 32, 64, 128)
 # Tiles (not yet measured on a GPU): keys per tile and query heads per program, smaller when a
 # head dim exceeds 128 so the float32 accumulator of BLOCK_R x DV stays in registers.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nsa_core.ops.backend import kernel_unavailable_reason
+from nsa_core.ops.dispatch import kernel_unavailable_reason
 from nsa_core.reference.paged_decode import paged_decode_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
