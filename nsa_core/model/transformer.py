@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from nsa_core.ops.validation import check_positive_int
 from nsa_core.model.rotary import RotaryEmbedding
+from nsa_core.inference.dense import DenseCache, dense_with_cache
 from nsa_core.model.attention import SparseAttention
 
 DEFAULT_SPARSE_KWARGS = dict(
@@ -37,9 +38,24 @@ class DenseAttention(nn.Module):
         self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def project(self, x_normed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(b, n, dim) -> q (b, h, n, d), k and v (b, hk, n, d)."""
+        return tuple(proj(x_normed).unflatten(-1, (-1, self.dim_head)).transpose(1, 2)
+                     for proj in (self.to_q, self.to_k, self.to_v))
+
+    def new_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> DenseCache:
+        weight = self.to_q.weight
+        return DenseCache.allocate(batch_size, max_seq_len, self.kv_heads, self.dim_head,
+                                   device=weight.device if device is None else device,
+                                   dtype=weight.dtype if dtype is None else dtype)
+
+    def forward(self, x: Tensor, cache: DenseCache | None = None, return_cache: bool = False, *,
+                lengths: Tensor | None = None):
+        if cache is not None or return_cache:
+            out, cache = dense_with_cache(self, x, cache, lengths)
+            return (out, cache) if return_cache else out
         x = self.norm(x)
-        q, k, v = (proj(x).unflatten(-1, (-1, self.dim_head)).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        q, k, v = self.project(x)
         q, k = self.rotary_embed.rotate(q), self.rotary_embed.rotate(k)
         group = self.heads // self.kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -83,22 +99,30 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(dim)
         self.to_logits = nn.Linear(dim, num_tokens, bias=False)
 
-    def forward(self, ids: Tensor, return_loss: bool = False, cache: list | None = None, return_cache: bool = False):
+    def new_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> list:
+        """One empty static cache per layer (NSACache for sparse layers, DenseCache for dense ones)."""
+        return [attn.new_cache(batch_size, max_seq_len, device=device, dtype=dtype) for attn, _ in self.layers]
+
+    def forward(self, ids: Tensor, return_loss: bool = False, cache: list | None = None, return_cache: bool = False,
+                *, lengths: Tensor | None = None):
         """ids (b, n) -> logits (b, n, num_tokens); with return_loss the next-token cross entropy.
 
-        With `cache` (sparse attention only), ids are the new tokens to decode after the cached ones."""
+        With `cache` (a list from new_cache or return_cache=True; causal models), an empty cache takes
+        ids as the prompt (rows right-padded to `lengths`), a filled one as the next tokens."""
         if ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"ids must be an integer tensor of shape (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
-        if (cache is not None or return_cache) and not (self.use_sparse_attn and self.causal):
-            raise ValueError("cache / return_cache need use_sparse_attn=True and causal=True")
+        cached = cache is not None or return_cache
+        if cached and not self.causal:
+            raise ValueError("cache / return_cache need causal=True")
+        if cache is not None and (not isinstance(cache, list) or len(cache) != len(self.layers)):
+            raise ValueError(f"cache must be a list of {len(self.layers)} layer caches (from new_cache or return_cache=True)")
         if return_loss:
             ids, labels = ids[:, :-1], ids[:, 1:]
         x = self.token_emb(ids)
-        caches = iter(cache) if cache is not None else None
         next_cache = []
-        for attn, ff in self.layers:
-            if return_cache or caches is not None:
-                out, layer_cache = attn(x, cache=next(caches) if caches is not None else None, return_cache=True)
+        for i, (attn, ff) in enumerate(self.layers):
+            if cached:
+                out, layer_cache = attn(x, cache=None if cache is None else cache[i], return_cache=True, lengths=lengths)
                 next_cache.append(layer_cache)
             else:
                 out = attn(x)
@@ -110,11 +134,23 @@ class Transformer(nn.Module):
         return (logits, next_cache) if return_cache else logits
 
     @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                 lengths: Tensor | None = None, cuda_graph: bool | None = None) -> Tensor:
+        """Continue every row of prompt (b, n) by max_new_tokens tokens -> (b, max_new_tokens).
+        temperature 0: greedy; top_k: sample among the k likeliest. `lengths`: each row's valid
+        prompt tokens (right-padded rows). On the static cache; on CUDA the decoding step runs as
+        a CUDA graph (cuda_graph=None: on CUDA)."""
+        from nsa_core.inference.generate import generate
+
+        return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, lengths=lengths,
+                        cuda_graph=cuda_graph)
+
+    @torch.no_grad()
     def sample(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9, use_cache_kv: bool = False) -> Tensor:
         """Continue `prompt` (b, n) up to `seq_len` tokens in all; returns the new tokens only.
         temperature <= 0 is greedy. use_cache_kv decodes one token at a time against the cache."""
-        if use_cache_kv and not (self.use_sparse_attn and self.causal):
-            raise ValueError("use_cache_kv needs use_sparse_attn=True and causal=True")
+        if use_cache_kv and not self.causal:
+            raise ValueError("use_cache_kv needs causal=True")
         out = prompt.clone()
         cache = None
         for _ in range(max(0, seq_len - prompt.shape[-1])):

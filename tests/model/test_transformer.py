@@ -37,7 +37,10 @@ def test_sampling_with_temperature_gives_valid_tokens():
     assert out.shape == (1, 7) and out.min() >= 0 and out.max() < 50
 
 
-def test_cache_needs_sparse_causal():
-    model = make(use_sparse_attn=False)
-    with pytest.raises(ValueError, match="use_cache_kv"):
-        model.sample(torch.randint(0, 50, (1, 3)), 5, use_cache_kv=True)
+def test_cache_needs_causal_dense_layers_cache_too():
+    dense = randomize_(make(use_sparse_attn=False), std=0.3).eval()
+    prompt = torch.randint(0, 50, (1, 3))
+    assert torch.equal(dense.sample(prompt, 9, temperature=0.0, use_cache_kv=True),
+                       dense.sample(prompt, 9, temperature=0.0, use_cache_kv=False))
+    with pytest.raises(ValueError, match="use_cache_kv needs causal"):
+        make(use_sparse_attn=False, causal=False).sample(prompt, 5, use_cache_kv=True)

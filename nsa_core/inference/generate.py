@@ -1,0 +1,91 @@
+"""Generation: prefill the prompt into static caches, then one decoding step per new token; on CUDA
+the step is captured once in a CUDA graph and replayed (static input buffer, caches written in
+place, positions read from the caches' device-side lengths).
+
+Dimension legend: B batch, n prompt tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check(prompt: Tensor, max_new_tokens: int, temperature: float, top_k: int | None, vocab: int) -> None:
+    if not isinstance(prompt, Tensor) or prompt.ndim != 2 or prompt.dtype not in (torch.int32, torch.int64):
+        raise ValueError("prompt must be an integer tensor of shape (batch, seq)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab):
+        raise ValueError(f"top_k must be None or an int in 1..{vocab}, got {top_k!r}")
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """logits (B, V) -> next tokens (B, 1): argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k likeliest (Gumbel-max)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(min=1e-20)).clamp(min=1e-20))
+    return (logits + gumbel).argmax(dim=-1, keepdim=True)
+
+
+class GraphedStep:
+    """model(ids (B, 1), cache=caches) -> last logits (B, V), replayed from one CUDA graph capture.
+    A replay runs device work only, so the caches' host-side counts move here."""
+
+    def __init__(self, model, caches: list, example: Tensor):
+        self.model, self.caches = model, caches
+        self.ids = example.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (kernel compilation, allocator)
+            model(self.ids, cache=caches)
+            for cache in caches:  # it wrote one token: take it back (the first replay rewrites it)
+                cache.lengths -= 1
+                cache.filled -= 1
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.ids, cache=caches)[:, -1]
+        for cache in caches:  # the capture ran the host code once and the device code not at all
+            cache.filled -= 1
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        for cache in self.caches:
+            cache.reserve(1)
+        self.ids.copy_(ids)
+        self.graph.replay()
+        for cache in self.caches:
+            cache.filled += 1
+        return self.logits
+
+
+@torch.no_grad()
+def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+             lengths: Tensor | None = None, cuda_graph: bool | None = None) -> Tensor:
+    """See Transformer.generate."""
+    _check(prompt, max_new_tokens, temperature, top_k, model.to_logits.out_features)
+    B, n = prompt.shape
+    caches = model.new_cache(B, n + max_new_tokens, device=prompt.device)
+    logits = model(prompt, cache=caches, lengths=lengths)
+    last = (torch.full((B,), n, device=prompt.device) if lengths is None else lengths.to(prompt.device)) - 1
+    token = sample(logits[torch.arange(B, device=prompt.device), last], temperature, top_k)
+    tokens = [token]
+    use_graph = prompt.is_cuda if cuda_graph is None else cuda_graph
+    if use_graph and max_new_tokens > 1:
+        if not prompt.is_cuda:
+            raise ValueError("cuda_graph=True needs the model and the prompt on a CUDA device")
+        step = GraphedStep(model, caches, token)
+    else:
+        def step(ids: Tensor) -> Tensor:
+            return model(ids, cache=caches)[:, -1]
+    for _ in range(max_new_tokens - 1):
+        token = sample(step(token), temperature, top_k)
+        tokens.append(token)
+    return torch.cat(tokens, dim=1)
