@@ -1,0 +1,197 @@
+"""Timing decoding (`nsa bench --decode`): one decode step of a SparseAttention layer on its static
+cache against a dense attention layer with a static KV cache, in one run, both CUDA-graphed on GPU
+(eager on CPU); and generation tokens/s of small Transformers with each attention.
+
+The caches are filled with random keys and values at the given context (timing only: filling them
+by a real prefill of batch x context tokens would cost minutes and tens of GiB). Dense side: the
+same projections, SDPA over exactly the cached tokens (every SDPA backend is tried on CUDA; the
+fastest is reported), the output projection. Bytes: what one step must read from the caches.
+
+Dimension legend: B batch, L context, H query heads, HKV kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from nsa_cli.support.speed import median_ms
+from nsa_core.config import NSAConfig
+from nsa_core.model.attention import SparseAttention
+from nsa_core.model.cache import NSACache
+from nsa_core.model.transformer import DenseAttention, Transformer
+
+
+@dataclass
+class DecodeRow:
+    context: int
+    batch: int
+    nsa_ms: float
+    dense_ms: float
+    dense_backend: str
+    speedup: float
+    nsa_cache_mb: float  # cache bytes one NSA step must read, per step (all sequences)
+    dense_cache_mb: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fill_cache(cache: NSACache, context: int) -> None:
+    """Random keys, values and compressed tokens for `context` tokens per sequence, as if prefilled
+    (drawn on the cache's device from torch's seeded generator)."""
+    for t in (cache.k_pages, cache.v_pages, cache.ck_pages, cache.cv_pages, cache.ring_keys, cache.ring_values):
+        t.normal_()
+    if cache.pooled_keys is not None:
+        cache.pooled_keys.normal_()
+    cache.lengths.fill_(context)
+    cache.filled = context
+
+
+def nsa_bytes_per_step(cfg: NSAConfig, context: int, batch: int, element: int) -> float:
+    """Cache bytes a step reads: compressed keys/values, the selected blocks and the own block, the
+    window, the pooled keys (keys and values, kv heads, head dim)."""
+    hk, d = cfg.num_kv_heads, cfg.dim_head
+    tokens = (context // cfg.stride + cfg.num_compressed_mem_kv
+              + (cfg.num_selected_blocks + 1) * cfg.selection_block_size + cfg.sliding_window_size)
+    pooled = context // cfg.selection_block_size
+    return batch * hk * d * element * (2 * tokens + pooled)
+
+
+def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
+    """fn captured in a CUDA graph (after a warm-up) on CUDA; fn itself elsewhere."""
+    if device.type != "cuda":
+        return fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
+def _nsa_step(nsa: SparseAttention, cache: NSACache, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        out = nsa(x, cache=cache)
+        cache.lengths -= x.shape[1]  # stay at the context: every replay decodes the same position
+        cache.filled -= x.shape[1]
+        return out
+
+    return step
+
+
+def _dense_step(dense: DenseAttention, keys: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
+                context: int) -> Callable[[], torch.Tensor]:
+    positions = torch.full((1,), context, device=x.device)
+
+    def step() -> torch.Tensor:
+        xn = dense.norm(x)
+        q, k, v = dense.project(xn)
+        cos, sin = dense.rotary_embed.tables(positions, q.dtype)
+        from nsa_core.ops.rotary import rotary
+
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        keys[:, :, context : context + 1] = k
+        values[:, :, context : context + 1] = v
+        out = F.scaled_dot_product_attention(q, keys[:, :, : context + 1], values[:, :, : context + 1],
+                                             enable_gqa=dense.heads != dense.kv_heads)
+        return dense.to_out(out.transpose(1, 2).flatten(-2))
+
+    return step
+
+
+def _fastest_dense(step: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, str]:
+    if device.type != "cuda":
+        with torch.no_grad():
+            return median_ms(step, device), "math"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    best = (math.inf, "none")
+    for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            with torch.no_grad(), sdpa_kernel([getattr(SDPBackend, name)]):
+                ms = median_ms(_graphed(step, device), device)
+        except RuntimeError:  # this backend does not take these shapes
+            continue
+        best = min(best, (ms, name.split("_")[0].lower()))
+    return best
+
+
+def decode_benchmark(cfg: NSAConfig, contexts: list[int], batches: list[int], *, device: str = "cuda",
+                     dtype: torch.dtype = torch.bfloat16, on_row: Callable[[DecodeRow], None] | None = None,
+                     seed: int = 0) -> list[DecodeRow]:
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    nsa = SparseAttention.from_config(cfg).to(dev, dtype).eval()
+    dense = DenseAttention(cfg.dim, cfg.dim_head, cfg.heads, True, cfg.num_kv_heads).to(dev, dtype).eval()
+    element = torch.finfo(dtype).bits // 8
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            x = torch.randn(batch, 1, cfg.dim, device=dev, dtype=dtype)
+            cache = nsa.new_cache(batch, context + 1)
+            fill_cache(cache, context)
+            with torch.no_grad():
+                nsa_ms = median_ms(_graphed(_nsa_step(nsa, cache, x), dev), dev)
+            del cache
+            shape = (batch, cfg.num_kv_heads, context + 1, cfg.dim_head)
+            keys, values = (torch.randn(shape, device=dev, dtype=dtype) for _ in range(2))
+            dense_ms, backend = _fastest_dense(_dense_step(dense, keys, values, x, context), dev)
+            del keys, values
+            dense_mb = 2 * batch * cfg.num_kv_heads * (context + 1) * cfg.dim_head * element / 1e6
+            row = DecodeRow(context, batch, nsa_ms, dense_ms, backend, dense_ms / nsa_ms,
+                            nsa_bytes_per_step(cfg, context, batch, element) / 1e6, dense_mb)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+def generation_tokens_per_s(cfg: NSAConfig, *, depth: int, context: int, batch: int, steps: int, device: str,
+                            dtype: torch.dtype, sparse: bool, seed: int = 0) -> float:
+    """Tokens/s of the decode loop (steps tokens per sequence) of a depth-layer Transformer whose caches
+    hold `context` random tokens, the step CUDA-graphed on GPU."""
+    from nsa_core.inference.generate import GraphedStep, sample
+
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    kwargs = {k: v for k, v in cfg.to_dict().items()
+              if k in ("sliding_window_size", "compress_block_size", "selection_block_size", "num_selected_blocks",
+                       "compress_block_sliding_stride", "num_compressed_mem_kv")}
+    model = Transformer(num_tokens=256, dim=cfg.dim, depth=depth, dim_head=cfg.dim_head, heads=cfg.heads,
+                        kv_heads=cfg.num_kv_heads, use_sparse_attn=sparse, sparse_attn_kwargs=kwargs).to(dev, dtype).eval()
+    caches = model.new_cache(batch, context + steps + 2)
+    for cache in caches:
+        if isinstance(cache, NSACache):
+            fill_cache(cache, context)
+        else:
+            cache.keys.normal_()
+            cache.values.normal_()
+            cache.lengths.fill_(context)
+            cache.filled = context
+    token = torch.randint(0, 256, (batch, 1), device=dev)
+    with torch.no_grad():
+        step = GraphedStep(model, caches, token) if dev.type == "cuda" else (lambda ids: model(ids, cache=caches)[:, -1])
+        token = sample(step(token), 0.0, None)  # warm
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        import time
+
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = sample(step(token), 0.0, None)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
