@@ -211,10 +211,10 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(compiled(*(p[n] for n in ARGS)), run_kernel(p))
 
 
-def test_errors_name_the_argument():
+def test_errors_name_the_argument(monkeypatch):
     from nsa_core.kernels.decode import paged_decode_attention
 
-    p = paged_problem(device="cpu", seed=7)
+    p = paged_problem(seed=7)
 
     def call(**changes):
         return paged_decode_attention(*({**p, **changes}[n] for n in ARGS))
@@ -237,6 +237,10 @@ def test_errors_name_the_argument():
         call(scale=torch.tensor(0.5))
     with pytest.raises(ValueError, match="num_splits"):
         paged_decode_attention(*(p[n] for n in ARGS), num_splits=0)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="need CUDA tensors"):
+            call()
 
 
 def half_errors(p, dtype=torch.bfloat16):
@@ -251,8 +255,9 @@ def half_errors(p, dtype=torch.bfloat16):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("G, per_head, D, page, S", [(16, False, 128, 64, 17), (1, True, 128, 64, 64),
-                                                      (4, False, 256, 128, 9), (3, False, 40, 16, 33)])
+@pytest.mark.parametrize("G, per_head, D, page, S", [(16, False, 128, 64, 17), (64, False, 128, 64, 17),
+                                                      (4, True, 128, 64, 64), (4, False, 256, 128, 9),
+                                                      (3, False, 40, 16, 33)])
 @pytest.mark.parametrize("K", [1, 3])
 def test_kernel_gpu_bf16(G, per_head, D, page, S, K):
     """bf16 on CUDA within 2x PyTorch's own bf16 error of the reference; bit-equal reruns."""
@@ -278,10 +283,11 @@ def test_kernel_gpu_cuda_graph_replays_new_inputs():
     for seed in range(3):
         new = paged_problem(B=2, HKV=4, G=16, K=1, D=128, Dv=128, page=64, max_pages=40, S=17, dtype=torch.bfloat16,
                             device="cuda", seed=20 + seed)
-        for n in ("q", "hi", "blocks", "valid"):
+        changed = ("q", "block_table", "blocks", "valid", "hi")
+        for n in changed:
             static[n].copy_(new[n])
         graph.replay()
-        want = run_kernel({**p, **{n: static[n] for n in ("q", "hi", "blocks", "valid")}})
+        want = run_kernel({**p, **{n: new[n] for n in changed}})
         assert torch.equal(out, want)
 
 

@@ -98,14 +98,15 @@ def paged_decode_split_kernel(
     b_m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_R], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
-    start = i_split * slots_per_split
+    start = i_split * slots_per_split  # a multiple of TILE_PAGES
     end = tl.minimum(start + slots_per_split, S)
-    for step in range(start, end, TILE_PAGES):
-        for chunk in range(CHUNKS):
-            b_phys, o_in, m_key = _tile_keys(blocks, valid, block_table, p_list, p_table, step, chunk, end, max_pages,
-                                             num_pages, b_lo, b_hi, PAGE, BLOCK_N)
-            b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, p_k, p_v, b_phys, o_in, m_key, stride_kp, stride_kt,
-                                           stride_vp, stride_vt, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+    # one flat loop over the split's key tiles (so it pipelines): tile t holds slots
+    # (t // CHUNKS) * TILE_PAGES ... + TILE_PAGES - 1, chunk t % CHUNKS of their pages
+    for t in range(start // TILE_PAGES * CHUNKS, tl.cdiv(end, TILE_PAGES) * CHUNKS):
+        b_phys, o_in, m_key = _tile_keys(blocks, valid, block_table, p_list, p_table, t // CHUNKS * TILE_PAGES,
+                                         t % CHUNKS, end, max_pages, num_pages, b_lo, b_hi, PAGE, BLOCK_N)
+        b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, p_k, p_v, b_phys, o_in, m_key, stride_kp, stride_kt,
+                                       stride_vp, stride_vt, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
 
     o_rows = (i_b * HQ + o_hq) * K + i_k  # [BLOCK_R] rows of (B, HQ, K), 64-bit
     m_out = m_r[:, None] & (o_dv[None, :] < DV)

@@ -120,12 +120,13 @@ def paged_decode_fwd(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, sc
         l_part = outputs.new_output(B, HQ, K, num_splits, device=q.device, dtype=torch.float32)
     else:
         o_part = m_part = l_part = o  # not read or written
-    wide = max(cfg["BLOCK_D"], cfg["BLOCK_DV"]) > 128
+    # 8 warps from 32 rows x 128 dims: 4 spilled registers there (ptxas for sm_90; not timed)
+    big = cfg["BLOCK_R"] * max(cfg["BLOCK_D"], cfg["BLOCK_DV"]) >= 4096
     paged_decode_split_kernel[(programs, num_splits)](
         q, k_pages, v_pages, block_table, blocks, valid, hi, hi if lo is None else lo.contiguous(), o, o_part, m_part,
         l_part, *q.stride()[:3], *k_pages.stride()[:3], *v_pages.stride()[:3], block_table.stride(0),
         HQ, HI, K, S, HQ // HI, HI // HKV, head_tiles, block_table.shape[1], P, slots_per_split, num_splits, scale,
-        HAS_LO=lo is not None, WRITE_PARTIALS=partials, num_warps=8 if wide and cfg["BLOCK_R"] >= 32 else 4, **cfg,
+        HAS_LO=lo is not None, WRITE_PARTIALS=partials, num_warps=8 if big else 4, **cfg,
     )
     if partials:
         paged_decode_merge_kernel[(B * HQ * K,)](

@@ -55,6 +55,8 @@ def paged_decode_attention(
     softmax(scale * q . k) v over those keys, accumulated in float32; a query with no visible key
     gets zeros. A list must not hold the same valid page twice.
 
+    Forward only: the op has no autograd formula (a backward through it raises).
+
     -> (B, HQ, K, Dv) in q's dtype. num_splits: how many programs share one list (flash-decoding);
     None chooses from the shapes and the device. No host synchronisation: CUDA-graph capturable.
     """
@@ -86,8 +88,6 @@ def _check_inputs(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, scale
     _check_tensor("hi", hi, 2, INDEX_DTYPES, device)
     if lo is not None:
         _check_tensor("lo", lo, 2, INDEX_DTYPES, device)
-    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError(f"the decode kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
 
     B, HQ, K, D = q.shape
     P, HKV, page_size, Dk = k_pages.shape
@@ -116,3 +116,5 @@ def _check_inputs(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, scale
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"the decode kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
