@@ -162,7 +162,8 @@ def _gradient_check(module: SparseAttention, x: torch.Tensor, cfg: NSAConfig, se
     """Every trainable parameter and the input have a finite gradient, except the parameters no
     gradient can reach at this length (see compression_unreachable): those are named in the note."""
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    missing = [n for n, p in params if p.grad is None or not torch.isfinite(p.grad).all()]
+    # no gradient: none at all, an exact zero everywhere (masked out), or a non-finite one
+    missing = [n for n, p in params if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()]
     unreachable = [n for n, _ in params if n.startswith(COMPRESSION_PARAMETERS)] if compression_unreachable(cfg, seq_len) else []
     failing = [n for n in missing if n not in unreachable]
     input_ok = x.grad is not None and bool(torch.isfinite(x.grad).all())
