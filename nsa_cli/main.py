@@ -1,13 +1,46 @@
-"""The `nsa` Typer app: registers the commands, nothing else."""
+"""The `nsa` Typer app: registers the commands, and makes command-line parsing errors one line
+on stderr with exit code 2, like every other user error (nsa_cli.support.common.cli_errors)."""
 
 from __future__ import annotations
 
+import sys
+
 import typer
+from typer.core import TyperGroup
 
 from nsa_cli.commands import bench, check, config_cmd, convert, env, export, inspect_cmd, visualize
+from nsa_cli.support.common import err_console
+
+try:  # typer >= 0.20 vendors click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import ClickException
+
+
+class OneLineErrors(TyperGroup):
+    """Parsing errors (no such option, a value of the wrong type, a missing argument) as
+    `error: ... (see 'nsa check --help')` instead of a usage block and a panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as err:
+            if type(err).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                ctx = getattr(err, "ctx", None)
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                err_console.print(f"error: {err.format_message()}{hint}", markup=False, soft_wrap=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            err_console.print("aborted", markup=False)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
 
 app = typer.Typer(
     name="nsa",
+    cls=OneLineErrors,
     help="Native Sparse Attention: configurations, checks, selection pictures, safetensors export/inspect, conversion, benchmarks.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

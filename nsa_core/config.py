@@ -7,6 +7,7 @@ the same ValueError/TypeError (naming the argument and what is allowed) wherever
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
@@ -148,8 +149,8 @@ def validate_config(cfg: NSAConfig) -> None:
     for name in ("causal", "norm", "use_diff_topk", "query_heads_share_selected_kv", "interpolated_importance_score"):
         _check_bool(name, getattr(cfg, name))
     factor = cfg.compress_mlp_expand_factor
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-        raise ValueError(f"compress_mlp_expand_factor must be a number > 0, got {factor!r}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+        raise ValueError(f"compress_mlp_expand_factor must be a finite number > 0, got {factor!r}")
     if int(factor * cfg.compress_block_size * cfg.dim_head) < 1:
         raise ValueError("compress_mlp_expand_factor is too small: the compression MLP would have no hidden units")
     if cfg.backend not in BACKENDS:

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import csv
-import sys
+import io
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import Progress
 from rich.table import Table
 
-from nsa_cli.support.common import UsageError, cli_errors, console, print_json, resolve_config
-from nsa_cli.support.speed import BenchRow, benchmark
+from nsa_cli.support.common import UsageError, check_int, cli_errors, console, print_json, resolve_config
+from nsa_cli.support.progress import progress
+from nsa_cli.support.speed import DTYPES, BenchRow, benchmark
+from nsa_core.checkpoint.files import check_destination, write_atomically
+
+# what runs when nothing is said: the paper's shape on a GPU; a quick look on the CPU
+DEFAULTS = {"cuda": dict(seq_len="8192,16384", preset="paper", dtype="bf16"),
+            "cpu": dict(seq_len="256,512", preset="tiny", dtype="fp32")}
 
 
 def _parse_lengths(text: str) -> list[int]:
     try:
-        lengths = [int(part.strip().lower().replace("k", "000")) if not part.strip().lower().endswith("k")
-                   else int(part.strip()[:-1]) * 1024 for part in text.split(",") if part.strip()]
+        lengths = [int(part.strip()[:-1]) * 1024 if part.strip().lower().endswith("k") else int(part.strip())
+                   for part in text.split(",") if part.strip()]
     except ValueError:
         raise UsageError(f"--seq-len must be comma-separated integers (8192,16384 or 8k,16k), got {text!r}") from None
     if not lengths or min(lengths) < 1:
@@ -28,37 +33,44 @@ def _parse_lengths(text: str) -> list[int]:
 
 @cli_errors
 def bench(
-    seq_len: str = typer.Option("8192,16384", "--seq-len", help="Comma-separated lengths (8k = 8192)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Preset (default: paper)."),
+    seq_len: Optional[str] = typer.Option(None, "--seq-len", help="Comma-separated lengths, 8k = 8192 (default: 8k,16k on cuda, 256,512 on cpu)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Preset (default: paper on cuda, tiny on cpu)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config JSON file."),
     heads: Optional[int] = typer.Option(None, "--heads", help="Override heads."),
     kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="Override kv_heads."),
     dim_head: Optional[int] = typer.Option(None, "--dim-head", help="Override dim_head."),
-    dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)."),
     backward: bool = typer.Option(True, "--backward/--no-backward", help="Time forward+backward (default) or forward only."),
     module: bool = typer.Option(False, "--module", help="Time whole modules (projections included)."),
     batch: int = typer.Option(1, "--batch", help="Batch size."),
     device: str = typer.Option("cuda", "--device", help="cuda, or cpu for a small comparison."),
     backend: Optional[str] = typer.Option(None, "--backend", help="auto, torch or triton."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows to this CSV file."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows to this CSV file (replaced if it exists)."),
 ) -> None:
     """Time NSA against dense SDPA: medians after warm-up, peak memory, speedup."""
-    if device not in ("cuda", "cpu"):
+    if device not in DEFAULTS:
         raise UsageError(f"--device must be cuda or cpu, got {device!r}")
-    lengths = _parse_lengths(seq_len)
-    cfg = resolve_config(preset, config, dict(heads=heads, kv_heads=kv_heads, dim_head=dim_head, backend=backend),
-                         default_preset="paper")
-    show_progress = sys.stderr.isatty() and not as_json
-    with Progress(disable=not show_progress, transient=True) as progress:
-        task = progress.add_task("benchmarking", total=len(lengths))
-        rows = benchmark(cfg, lengths, batch=batch, dtype=dtype, backward=backward, module_mode=module, device=device,
-                         on_row=lambda _: progress.advance(task))
+    defaults = DEFAULTS[device]
+    dtype = dtype or defaults["dtype"]
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    lengths = _parse_lengths(seq_len or defaults["seq_len"])
+    check_int("--batch", batch)
     if csv_path is not None:
-        with csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(BenchRow.__dataclass_fields__))
-            writer.writeheader()
-            writer.writerows(r.to_dict() for r in rows)
+        check_destination(csv_path, overwrite=True)
+    if preset is None and config is None:
+        preset = defaults["preset"]
+    cfg = resolve_config(preset, config, dict(heads=heads, kv_heads=kv_heads, dim_head=dim_head, backend=backend))
+    with progress("nsa bench", total=2 * len(lengths), enabled=not as_json) as bar:
+        rows = benchmark(cfg, lengths, batch=batch, dtype=dtype, backward=backward, module_mode=module, device=device,
+                         on_progress=lambda done, total, what: bar.update(done, f"bench: {what}", total))
+    if csv_path is not None:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(BenchRow.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(r.to_dict() for r in rows)
+        write_atomically(csv_path, lambda f: f.write(text.getvalue().encode()), overwrite=True)
     if as_json:
         print_json({"config": cfg.to_dict(), "dtype": dtype, "backward": backward, "module": module, "device": device,
                     "rows": [r.to_dict() for r in rows]})

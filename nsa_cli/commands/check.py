@@ -8,10 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from nsa_cli.support.common import cli_errors, console, print_json, resolve_config
 from nsa_cli.support.checks import run_checks
-
-
+from nsa_cli.support.common import check_int, cli_errors, console, print_json, resolve_config
+from nsa_cli.support.progress import progress
 
 @cli_errors
 def check(
@@ -28,8 +27,12 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Run shape, finiteness, gradient, causality, decoding, kernel and gradcheck checks."""
+    check_int("--seq-len", seq_len)
+    check_int("--batch", batch)
     cfg = resolve_config(preset, config, dict(kv_heads=kv_heads, heads=heads, causal=causal))
-    results = run_checks(cfg, seq_len, batch=batch, device=device, dtype=dtype, seed=seed)
+    with progress("nsa check", total=1.0, enabled=not as_json) as bar:
+        results = run_checks(cfg, seq_len, batch=batch, device=device, dtype=dtype, seed=seed,
+                             on_progress=lambda done, what: bar.update(done, f"check: {what}"))
     passed = all(r.passed for r in results)
     if as_json:
         print_json({"passed": passed, "checks": [r.to_dict() for r in results], "config": cfg.to_dict(),

@@ -7,11 +7,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from nsa_cli.support.analysis import branch_costs, parameter_counts_for_config
 from nsa_cli.support.common import (
-    UsageError, check_output_path, cli_errors, console, human_bytes, human_count, parse_field_options, print_json,
+    UsageError, check_int, check_output_path, cli_errors, config_options_help, console, human_bytes, human_count,
+    load_config_file, parse_field_options, print_json,
 )
 from nsa_core import PRESETS, NSAConfig
-from nsa_cli.support.analysis import branch_costs, parameter_counts_for_config
+from nsa_core.checkpoint.files import write_atomically
 
 app = typer.Typer(help="List presets, show a configuration's costs, write a config file.", no_args_is_help=True)
 
@@ -38,7 +40,7 @@ def _load(name_or_file: str) -> NSAConfig:
     path = Path(name_or_file)
     if not path.exists():
         raise UsageError(f"{name_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file")
-    return NSAConfig.load(path)
+    return load_config_file(path)
 
 
 @app.command("show")
@@ -50,6 +52,8 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show a configuration, its parameters by part and each branch's cost next to dense attention."""
+    check_int("--seq-len", seq_len)
+    check_int("--batch", batch)
     cfg = _load(name_or_file)
     counts = parameter_counts_for_config(cfg)
     costs = branch_costs(cfg, seq_len, batch)
@@ -87,12 +91,20 @@ def create(
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the config JSON."),
     preset: str = typer.Option("seeds", "--preset", help="The preset to start from."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Write a config file: a preset with any constructor argument changed (--kv-heads 4, --causal false, ...)."""
+    """Write a config file: a preset with any constructor argument changed (--kv-heads 4, --no-causal, ...)."""
     changes = parse_field_options(list(ctx.args))
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
     cfg = PRESETS[preset].replace(**changes)
     check_output_path(output, force)
-    cfg.save(output)
-    console.print(f"wrote {output}")
+    text = cfg.to_json() + "\n"
+    write_atomically(output, lambda f: f.write(text.encode()), overwrite=force)
+    if as_json:
+        print_json({"output": str(output), "config": cfg.to_dict()})
+    else:
+        console.print(f"wrote {output}")
+
+
+create.__doc__ += f"\n\nConfig options: {config_options_help()}."

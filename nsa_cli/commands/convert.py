@@ -7,9 +7,13 @@ from typing import Optional
 
 import typer
 
-from nsa_cli.support.common import UsageError, check_output_path, cli_errors, console, parse_field_options
-from nsa_core.config import NSAConfig
+from nsa_cli.support.common import (
+    UsageError, check_output_path, cli_errors, config_options_help, console, load_config_file, parse_field_options,
+    print_json,
+)
 from nsa_cli.support.inputs import compare_with_oracle
+from nsa_cli.support.progress import progress
+from nsa_core.checkpoint.files import check_input_file
 from nsa_core.checkpoint.lucidrains import convert_from_lucidrains, convert_to_lucidrains
 
 
@@ -22,25 +26,45 @@ def convert(
     to_format: Optional[str] = typer.Option(None, "--to", help="lucidrains: SRC is an nsa .safetensors, DST a state dict (.pt)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config JSON giving the arguments the shapes cannot tell."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing DST."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Convert a checkpoint; constructor arguments the shapes cannot tell come from --config or flags
-    named after them (--causal true --sliding-window-size 64 --compress-block-sliding-stride 16 ...)."""
+    """Convert a checkpoint; constructor arguments the shapes cannot tell come from --config or options
+    named after them (--causal/--no-causal --sliding-window-size 64 --compress-block-sliding-stride 16 ...)."""
     if (from_format is None) == (to_format is None):
         raise UsageError("give exactly one of --from lucidrains or --to lucidrains")
     if (from_format or to_format) != "lucidrains":
         raise UsageError(f"the only checkpoint format known is 'lucidrains', got {from_format or to_format!r}")
+    check_input_file(src, "checkpoint")
     check_output_path(dst, force)
     if to_format:
-        n = convert_to_lucidrains(src, dst, overwrite=force)
-        console.print(f"wrote {dst}: {n} tensors (load with native_sparse_attention_pytorch.SparseAttention(...).load_state_dict)")
+        if ctx.args or config is not None:
+            raise UsageError("config options apply to --from lucidrains only (an nsa file holds its config)")
+        with progress("nsa convert", total=None, enabled=not as_json) as bar:
+            bar.update(what=f"convert: {src.name} -> {dst.name}")
+            n = convert_to_lucidrains(src, dst, overwrite=force)
+        if as_json:
+            print_json({"output": str(dst), "to": "lucidrains", "tensors": n})
+        else:
+            console.print(f"wrote {dst}: {n} tensors (load with native_sparse_attention_pytorch.SparseAttention(...).load_state_dict)")
         return
     given = parse_field_options(list(ctx.args))
     if config is not None:
-        given = {**NSAConfig.load(config).to_dict(), **given}
-    report = convert_from_lucidrains(src, dst, given, overwrite=force)
+        given = {**load_config_file(config).to_dict(), **given}
+    with progress("nsa convert", total=None, enabled=not as_json) as bar:
+        bar.update(what=f"convert: reading {src.name}")
+        report = convert_from_lucidrains(src, dst, given, overwrite=force,
+                                         on_progress=lambda done, total: bar.update(done, f"convert: writing {dst.name}", total))
+        bar.update(what="convert: comparing with native-sparse-attention-pytorch")
+        error = compare_with_oracle(report["module"], report["state"])
+    if as_json:
+        print_json({"output": str(dst), "from": "lucidrains", "config": report["config"], "inferred": report["inferred"],
+                    "oracle_relative_error": error})
+        return
     console.print(f"wrote {dst}: config inferred {report['inferred']}, loads into nsa SparseAttention (strict)")
-    error = compare_with_oracle(report["module"], report["state"])
     if error is None:
         console.print("native-sparse-attention-pytorch is not installed: outputs not compared")
     else:
         console.print(f"output vs native-sparse-attention-pytorch on a random input: relative error {error:.2e}")
+
+
+convert.__doc__ += f"\n\nConfig options: {config_options_help()}."

@@ -11,13 +11,13 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from nsa_cli.support.common import UsageError, check_output_path, cli_errors, console, err_console, print_json, resolve_config
 from nsa_cli.support.analysis import SelectionGrid, downscale_grid, grid_categories, random_input, selection_grid
+from nsa_cli.support.common import (
+    UsageError, check_int, check_output_path, cli_errors, console, err_console, print_json, resolve_config,
+)
 from nsa_cli.support.inputs import build_module, load_input_file
+from nsa_core.checkpoint.files import check_input_file, write_atomically
 from nsa_core.checkpoint.safetensors import load_safetensors
-
-
-
 
 CELLS = [" ", "·", "░", "■", "█", "█", "█"]  # by category (nsa_cli.support.analysis.grid_categories)
 STYLES = ["", "grey50", "blue", "magenta", "green", "green3", "bright_green"]
@@ -49,7 +49,7 @@ def render_grid(grid: SelectionGrid, title: str, max_width: int) -> list[Text]:
     return lines
 
 
-def _save_png(grid: SelectionGrid, title: str, path: Path) -> None:
+def _save_png(grid: SelectionGrid, title: str, path: Path, overwrite: bool) -> None:
     try:
         import matplotlib
 
@@ -70,8 +70,10 @@ def _save_png(grid: SelectionGrid, title: str, path: Path) -> None:
                        Patch(color="#9ecae1", label="sliding window"), Patch(color="#e0e0e0", label="future")],
               loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), overwrite=overwrite)
+    finally:
+        plt.close(fig)
 
 
 @cli_errors
@@ -89,6 +91,16 @@ def visualize_selection(
     as_json: bool = typer.Option(False, "--json", help="Selected key blocks per query block, as JSON."),
 ) -> None:
     """Show which key blocks each query block selected, the own block, the window band and the causal edge."""
+    check_int("--seq-len", seq_len)
+    check_int("--head", head, minimum=0)
+    check_int("--batch", batch_index, minimum=0)
+    for option, path in (("weights file", weights), ("input file", input_file)):
+        if path is not None:
+            check_input_file(path, option)
+    if output is not None:
+        if output.suffix.lower() not in (".png", ".svg", ".html"):
+            raise UsageError(f"-o must end in .png, .svg or .html, got {output.name!r}")
+        check_output_path(output, force)
     if weights is not None:
         if preset or config:
             raise UsageError("give --weights or --preset/--config, not both (the weights file holds its config)")
@@ -101,8 +113,6 @@ def visualize_selection(
     if input_file is not None:
         inp = load_input_file(input_file, cfg.dim)
     else:
-        if seq_len < 1:
-            raise UsageError(f"--seq-len must be >= 1, got {seq_len}")
         inp = random_input(cfg.dim, seq_len, batch=max(1, batch_index + 1), seed=seed)
     grid = selection_grid(module, inp, head=head, batch_index=batch_index)
     title = (f"selection of head {head}, batch {batch_index}: seq {inp.shape[1]}, blocks of {cfg.selection_block_size}, "
@@ -116,18 +126,14 @@ def visualize_selection(
         for line in render_grid(grid, title, console.width):
             console.print(line)
         return
-    check_output_path(output, force)
-    suffix = output.suffix.lower()
-    if suffix == ".png":
-        _save_png(grid, title, output)
-    elif suffix in (".svg", ".html"):
+    if output.suffix.lower() == ".png":
+        _save_png(grid, title, output, force)
+    else:
         recorder = Console(record=True, width=max(40, grid.counts.shape[0] + 20), file=io.StringIO(), force_terminal=True)
         for line in render_grid(grid, title, 10_000):
             recorder.print(line)
-        text = recorder.export_svg(title="nsa visualize-selection") if suffix == ".svg" else recorder.export_html()
-        output.write_text(text)
-    else:
-        raise UsageError(f"-o must end in .png, .svg or .html, got {output.name!r}")
+        text = recorder.export_svg(title="nsa visualize-selection") if output.suffix.lower() == ".svg" else recorder.export_html()
+        write_atomically(output, lambda f: f.write(text.encode()), overwrite=force)
     err_console.print(f"wrote {output}")
 
 

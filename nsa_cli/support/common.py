@@ -1,18 +1,23 @@
-"""What every command shares: consoles, the user-error contract, config resolution, JSON output."""
+"""What every command shares: consoles, the user-error contract (one line, exit 2), checks of
+options and paths made before any work, config resolution, JSON output."""
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import typer
 from rich.console import Console
+from safetensors import SafetensorError
 
+from nsa_core.checkpoint.files import check_destination, check_input_file
 from nsa_core.config import NSAConfig, get_preset
 
 console = Console(highlight=False)
@@ -23,8 +28,35 @@ class UsageError(ValueError):
     """A bad command line: reported on one line, exit code 2."""
 
 
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+
+
+# what a user's input or environment causes; anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, TypeError, OSError, SafetensorError)
+
+
+def error_message(err: BaseException) -> str:
+    """One line naming what is wrong."""
+    if _is_out_of_memory(err):
+        first = str(err).splitlines()[0] if str(err) else ""
+        return f"out of memory{': ' + first if first else ''} (try a smaller --seq-len, --batch or config)"
+    if isinstance(err, OSError) and err.strerror:
+        where = f": {err.filename!r}" if err.filename is not None else ""
+        return f"{err.strerror}{where}"
+    if isinstance(err, SafetensorError):
+        return f"not a readable safetensors file: {str(err).splitlines()[0]}"
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(err).__name__
+
+
 def cli_errors(fn: Callable) -> Callable:
-    """Turn user errors into one line on stderr and exit code 2 (never a traceback)."""
+    """Turn errors caused by the user's input or environment (bad values, files, permissions, full
+    or read-only disks, malformed checkpoints, running out of memory) into one line on stderr and
+    exit code 2. Other exceptions are bugs: they keep their traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -32,9 +64,10 @@ def cli_errors(fn: Callable) -> Callable:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 return fn(*args, **kwargs)
-        except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
-            message = str(err).splitlines()[0] if str(err) else type(err).__name__
-            err_console.print(f"error: {message}", markup=False)
+        except Exception as err:
+            if not (isinstance(err, USER_ERRORS) or _is_out_of_memory(err)):
+                raise
+            err_console.print(f"error: {error_message(err)}", markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -44,62 +77,100 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def check_int(option: str, value: int, minimum: int = 1) -> int:
+    """A command-line integer checked before any work: a UsageError naming the option otherwise."""
+    if value < minimum:
+        raise UsageError(f"{option} must be an integer >= {minimum}, got {value}")
+    return value
+
+
 _FIELD_TYPES = {f.name: f.type for f in fields(NSAConfig)}
+_BOOL_FIELDS = {name for name, kind in _FIELD_TYPES.items() if str(kind).startswith("bool")}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def config_options_help() -> str:
+    """The config options a command takes as extra arguments, for its help and errors."""
+    return ", ".join(f"{_option(n)}/--no-{_option(n)[2:]}" if n in _BOOL_FIELDS else _option(n) for n in _FIELD_TYPES)
 
 
 def coerce_field(name: str, raw: str) -> Any:
-    """A config field's value from its command-line text."""
+    """A (non-boolean) config field's value from its command-line text."""
     if name not in _FIELD_TYPES:
-        raise UsageError(f"unknown option --{name.replace('_', '-')}; config options: "
-                         + ", ".join("--" + n.replace("_", "-") for n in _FIELD_TYPES))
+        raise UsageError(f"unknown option {_option(name)}; config options: {config_options_help()}")
     kind = str(_FIELD_TYPES[name])
     text = raw.strip()
     if "None" in kind and text.lower() in ("none", "null", ""):
         return None
-    if kind.startswith("bool"):
-        if text.lower() in ("true", "1", "yes", "on"):
-            return True
-        if text.lower() in ("false", "0", "no", "off"):
-            return False
-        raise UsageError(f"--{name.replace('_', '-')} must be true or false, got {raw!r}")
     if kind.startswith("int"):
         try:
             return int(text)
         except ValueError:
-            raise UsageError(f"--{name.replace('_', '-')} must be an integer, got {raw!r}") from None
+            raise UsageError(f"{_option(name)} must be an integer, got {raw!r}") from None
     if kind.startswith("float"):
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
-            raise UsageError(f"--{name.replace('_', '-')} must be a number, got {raw!r}") from None
+            raise UsageError(f"{_option(name)} must be a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise UsageError(f"{_option(name)} must be a finite number, got {raw!r}")
+        return value
     return text
 
 
 def parse_field_options(args: list[str]) -> dict[str, Any]:
-    """['--kv-heads', '4', '--causal', 'false'] or ['--kv-heads=4'] -> {'kv_heads': 4, 'causal': False}."""
+    """['--kv-heads', '4', '--no-causal'] or ['--kv-heads=4', '--causal'] -> {'kv_heads': 4, 'causal': False}.
+    Booleans are flags, --name / --no-name, as everywhere in the CLI."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise UsageError(f"unexpected argument {arg!r}; config options look like --kv-heads 4")
+            raise UsageError(f"unexpected argument {arg!r}; config options look like --kv-heads 4 or --no-causal")
         key, eq, value = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        negated = name.startswith("no_") and name[3:] in _BOOL_FIELDS
+        if name in _BOOL_FIELDS or negated:
+            flag = name[3:] if negated else name
+            follows = args[i + 1].lower() if i + 1 < len(args) else ""
+            if eq or follows in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+                raise UsageError(f"{_option(flag)} is a flag and takes no value: use {_option(flag)} or --no-{_option(flag)[2:]}")
+            out[flag] = not negated
+            i += 1
+            continue
         if not eq:
-            if i + 1 >= len(args):
+            if name not in _FIELD_TYPES:
+                coerce_field(name, "")  # the unknown-option error
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise UsageError(f"option {arg} needs a value")
             value = args[i + 1]
             i += 1
-        name = key.replace("-", "_")
         out[name] = coerce_field(name, value)
         i += 1
     return out
+
+
+def load_config_file(path: Path) -> NSAConfig:
+    """A config JSON file, or a UsageError naming the file and what is wrong with it."""
+    check_input_file(path, "config file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {str(path)!r} is not text (JSON expected)") from None
+    try:
+        return NSAConfig.from_json(text)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"config file {str(path)!r}: {error_message(err)}") from None
 
 
 def resolve_config(preset: str | None, config_file: Path | None, overrides: dict[str, Any] | None = None, default_preset: str = "seeds") -> NSAConfig:
     if preset and config_file:
         raise UsageError("give --preset or --config, not both")
     if config_file is not None:
-        cfg = NSAConfig.load(config_file)
+        cfg = load_config_file(config_file)
     else:
         cfg = get_preset(preset or default_preset)
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -107,10 +178,11 @@ def resolve_config(preset: str | None, config_file: Path | None, overrides: dict
 
 
 def check_output_path(path: Path, force: bool) -> None:
-    if path.exists() and not force:
+    """Before any work: the output can be written (not an existing file without --force, not a
+    directory, in an existing writable folder)."""
+    if path.exists() and not path.is_dir() and not force:
         raise UsageError(f"output file {str(path)!r} exists; pass --force to overwrite it")
-    if not path.parent.exists():
-        raise UsageError(f"output directory {str(path.parent)!r} does not exist")
+    check_destination(path, overwrite=True)
 
 
 def human_count(n: float) -> str:

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from nsa_cli.support.checks import max_relative_error
+from nsa_core.checkpoint.files import check_input_file
 from nsa_core.checkpoint.lucidrains import load_state_dict_file
-from nsa_core.checkpoint.safetensors import read_header
+from nsa_core.checkpoint.safetensors import read_tensors
+from nsa_core.checkpoint.state import load_strictly
 from nsa_core.config import NSAConfig
 from nsa_core.model.attention import SparseAttention
 
@@ -20,23 +21,15 @@ def build_module(cfg: NSAConfig, weights: str | Path | None = None, seed: int = 
     torch.manual_seed(seed)
     module = SparseAttention.from_config(cfg)
     if weights is not None:
-        state = load_state_dict_file(weights)
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            first = str(err).splitlines()
-            raise ValueError(f"weights in {str(weights)!r} do not match the config: {' '.join(first[1:3]).strip()}") from None
+        load_strictly(module, load_state_dict_file(weights), repr(str(weights)))
     return module
 
 
 def load_input_file(path: str | Path, dim: int) -> torch.Tensor:
     """An input tensor (batch, seq, dim) from a .pt file or a .safetensors file (key 'input')."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"input file {str(path)!r} does not exist")
+    path = check_input_file(path, "input file")
     if path.suffix == ".safetensors":
-        read_header(path)
-        tensors = load_file(str(path))
+        tensors = read_tensors(path)
         if "input" not in tensors:
             raise ValueError(f"{str(path)!r} has no tensor named 'input' (has {sorted(tensors)[:5]})")
         x = tensors["input"]

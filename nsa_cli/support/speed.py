@@ -4,7 +4,8 @@ Attention mode times what happens between the projections and the output: NSA's 
 the compression MLP and the gated combine with the output projection, against dense SDPA
 (flash on CUDA) followed by the same output projection. Module mode times whole modules:
 SparseAttention against a dense attention layer of the same shape. Medians after warm-up;
-peak memory of each side measured separately (CUDA only).
+peak memory of each side measured separately (CUDA only). On the CPU one warm-up and five
+runs per median: a quick comparison, not a measurement to publish.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class BenchRow:
         return asdict(self)
 
 
-def median_ms(fn: Callable[[], None], device: torch.device, warmup: int = 3, reps: int = 10) -> float:
+def median_ms(fn: Callable[[], None], device: torch.device, warmup: int = 1, reps: int = 5) -> float:
     if device.type == "cuda":
         import triton.testing
 
@@ -74,7 +75,10 @@ def _step(fn: Callable[[], torch.Tensor], backward: bool, grad_inputs: list[torc
 
 
 def benchmark(cfg: NSAConfig, seq_lens: list[int], *, batch: int = 1, dtype: str = "bf16", backward: bool = True,
-              module_mode: bool = False, device: str = "cuda", on_row: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
+              module_mode: bool = False, device: str = "cuda", on_row: Callable[[BenchRow], None] | None = None,
+              on_progress: Callable[[int, int, str], None] | None = None) -> list[BenchRow]:
+    """One row per length. on_progress(steps done, steps in all, what runs now) before each of the
+    two timings of a length (dense, then NSA)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -82,12 +86,18 @@ def benchmark(cfg: NSAConfig, seq_lens: list[int], *, batch: int = 1, dtype: str
     for n in seq_lens:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"sequence lengths must be positive ints, got {n!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+
+    def report(done: int, what: str) -> None:
+        if on_progress is not None:
+            on_progress(done, 2 * len(seq_lens), what)
     dev, dt = torch.device(device), DTYPES[dtype]
     torch.manual_seed(0)
     nsa = SparseAttention.from_config(cfg).to(dev, dt)
     dense = DenseAttention(cfg.dim, cfg.dim_head, cfg.heads, cfg.causal, cfg.num_kv_heads).to(dev, dt)
     rows = []
-    for n in seq_lens:
+    for i, n in enumerate(seq_lens):
         x = torch.randn(batch, n, cfg.dim, device=dev, dtype=dt, requires_grad=backward)
         if module_mode:
             nsa_fn = _step(lambda: nsa(x), backward, [x])
@@ -105,6 +115,7 @@ def benchmark(cfg: NSAConfig, seq_lens: list[int], *, batch: int = 1, dtype: str
 
             nsa_fn = _step(lambda: nsa.attend_projected(xn, q, k, v), backward, [xn, q, k, v])
             dense_fn = _step(dense_core, backward, [xn, q, k, v])
+        report(2 * i, f"seq_len {n}: dense")
         if dev.type == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -112,9 +123,11 @@ def benchmark(cfg: NSAConfig, seq_lens: list[int], *, batch: int = 1, dtype: str
                 dense_ms, dense_peak = median_ms(dense_fn, dev), _peak_gib(dense_fn, dev)
         else:
             dense_ms, dense_peak = median_ms(dense_fn, dev), None
+        report(2 * i + 1, f"seq_len {n}: nsa")
         nsa_ms, nsa_peak = median_ms(nsa_fn, dev), _peak_gib(nsa_fn, dev)
         row = BenchRow(n, nsa_ms, dense_ms, dense_ms / nsa_ms, nsa_peak, dense_peak)
         rows.append(row)
         if on_row is not None:
             on_row(row)
+    report(2 * len(seq_lens), "done")
     return rows

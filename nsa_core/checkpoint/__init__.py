@@ -1,2 +1,3 @@
-"""Checkpoints: the nsa safetensors format (atomic writes, header checks) and conversion to and from
-native-sparse-attention-pytorch state dicts."""
+"""Checkpoints: the nsa safetensors format (complete file checks, save and load), conversion to and
+from native-sparse-attention-pytorch state dicts, strict loading that names mismatched tensors,
+and the files underneath (checked inputs, atomic writes)."""

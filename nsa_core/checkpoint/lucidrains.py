@@ -8,15 +8,20 @@ work is recovering the constructor arguments from the tensor shapes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from nsa_core.checkpoint.files import check_destination, check_input_file, write_atomically
+from nsa_core.checkpoint.safetensors import load_safetensors, save_safetensors
+from nsa_core.checkpoint.state import load_strictly
 from nsa_core.config import NSAConfig
-from nsa_core.checkpoint.safetensors import load_safetensors, save_safetensors, write_atomically
 from nsa_core.model.attention import SparseAttention
 
 REQUIRED_KEYS = ("to_qkv.weight", "compress_mem_kv", "k_intrablock_positions", "combine_heads.weight")
+# the tensors whose shapes tell the constructor arguments: their number of dimensions
+INFERENCE_NDIMS = {"to_qkv.weight": 2, "compress_mem_kv": 4, "k_intrablock_positions": 3, "combine_heads.weight": 2,
+                   "k_compress.1.weight": 2, "k_compress.3.weight": 2}
 # arguments the tensor shapes cannot tell
 NOT_INFERABLE = ("causal", "sliding_window_size", "compress_block_sliding_stride", "selection_block_size", "num_selected_blocks")
 
@@ -27,6 +32,14 @@ def _check_state_dict(state_dict: dict) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in state_dict]
     if missing:
         raise ValueError(f"checkpoint is not a SparseAttention state dict: missing {missing}")
+    for name, ndim in INFERENCE_NDIMS.items():
+        t = state_dict.get(name)
+        if t is not None and (t.ndim != ndim or 0 in t.shape):
+            raise ValueError(f"checkpoint tensor {name} has shape {list(t.shape)}: a SparseAttention's has {ndim} "
+                             "non-empty dimensions")
+    if state_dict["compress_mem_kv"].shape[0] != 2:
+        raise ValueError(f"checkpoint tensor compress_mem_kv has shape {list(state_dict['compress_mem_kv'].shape)}: "
+                         "its first dimension holds keys and values (2)")
 
 
 def from_lucidrains(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,14 +77,15 @@ def infer_config(state_dict: dict[str, torch.Tensor], **given: Any) -> NSAConfig
     if missing:
         raise ValueError(f"the checkpoint cannot tell {missing}: give them (CLI: --{missing[0].replace('_', '-')} ...)")
     inferred.update(given)
-    return NSAConfig(**inferred)
+    try:
+        return NSAConfig(**inferred)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"the checkpoint's shapes give no valid config ({err})") from None
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict saved with torch.save, loaded with weights_only=True (no code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"file {str(path)!r} does not exist")
+    path = check_input_file(path, "checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
@@ -81,23 +95,24 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert_from_lucidrains(src: str | Path, dst: str | Path, given: dict, overwrite: bool = False) -> dict:
+def convert_from_lucidrains(src: str | Path, dst: str | Path, given: dict, overwrite: bool = False,
+                            on_progress: Callable[[int, int], None] | None = None) -> dict:
     """native-sparse-attention-pytorch state dict (.pt) -> nsa safetensors. Returns the config, what
-    was inferred, and the module (the CLI compares it with the oracle where that package is installed)."""
+    was inferred, and the module (the CLI compares it with the oracle where that package is installed).
+    on_progress(bytes written, total) follows the write."""
+    check_destination(dst, overwrite)
     state = load_state_dict_file(src)
     cfg = infer_config(state, **given)
     module = SparseAttention.from_config(cfg)
-    try:
-        module.load_state_dict(from_lucidrains(state), strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint does not fit the config: {str(err).splitlines()[1:2]}") from None
+    load_strictly(module, from_lucidrains(state), f"checkpoint {str(src)!r}")
     inferred = {k: v for k, v in cfg.to_dict().items() if k not in given}
-    save_safetensors(module, dst, overwrite=overwrite)
+    save_safetensors(module, dst, overwrite=overwrite, on_progress=on_progress)
     return {"config": cfg.to_dict(), "inferred": inferred, "module": module, "state": state}
 
 
 def convert_to_lucidrains(src: str | Path, dst: str | Path, overwrite: bool = False) -> int:
     """nsa safetensors -> a state dict (.pt) native-sparse-attention-pytorch loads strictly."""
+    check_destination(dst, overwrite)
     state = to_lucidrains(load_safetensors(src).state_dict())
-    write_atomically(dst, lambda tmp: torch.save(state, tmp), overwrite=overwrite)
+    write_atomically(dst, lambda f: torch.save(state, f), overwrite=overwrite)
     return len(state)

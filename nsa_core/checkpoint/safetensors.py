@@ -1,28 +1,41 @@
 """safetensors files of SparseAttention weights with the NSAConfig in the metadata: the format,
-atomic writes, header reading and checks against a config, save and load.
+saving (atomic, serialized into our own temporary file), reading and checking a file completely
+(header offsets against the file size, every tensor's bytes, names and shapes against the
+config), and loading.
 
 Metadata (string values only): "format" = "nsa", "nsa_version", "nsa_config" (the config as
 JSON) and "compress_mlp" ("default" or the class name of a custom network, which
 load_safetensors cannot rebuild by itself).
+
+Every reader raises ValueError naming the file and what is wrong with it: a file that is not
+safetensors, a truncated one, one whose header and data disagree, one whose config is invalid or
+whose tensors do not match it.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import struct
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 
+from nsa_core.checkpoint.files import check_input_file, write_atomically, write_chunks
+from nsa_core.checkpoint.state import load_strictly, summarize, tensor_mismatches
 from nsa_core.config import NSAConfig
 from nsa_core.model.attention import SparseAttention
 
 FORMAT = "nsa"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+COMPRESSION_PREFIXES = ("k_compress.", "v_compress.")
 
 
 def _compress_mlp_kind(module: SparseAttention) -> str:
@@ -37,25 +50,11 @@ def _compress_mlp_kind(module: SparseAttention) -> str:
     return "default" if same else type(ours).__name__
 
 
-def write_atomically(path: str | Path, write: Callable[[str], None], overwrite: bool = False) -> None:
-    """write(temporary path) beside `path`, then rename it over `path`: never a half-written file,
-    and an existing file only replaced with overwrite=True."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ValueError(f"output file {str(path)!r} exists; pass overwrite=True (the CLI's --force) to replace it")
-    if not path.parent.exists():
-        raise ValueError(f"output directory {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_safetensors(module: SparseAttention, path: str | Path, overwrite: bool = False) -> None:
+def save_safetensors(module: SparseAttention, path: str | Path, overwrite: bool = False,
+                     on_progress: Callable[[int, int], None] | None = None) -> int:
+    """Write the module's state dict with its config in the metadata, atomically (see
+    nsa_core.checkpoint.atomic). on_progress(bytes written, total) follows the write.
+    Returns the file's size in bytes."""
     if not isinstance(module, SparseAttention):
         raise TypeError(f"module must be a SparseAttention, got {type(module).__name__}")
     from nsa_core import __version__
@@ -67,43 +66,127 @@ def save_safetensors(module: SparseAttention, path: str | Path, overwrite: bool 
         "compress_mlp": _compress_mlp_kind(module),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
+    data = serialize(tensors, metadata=metadata)  # bytes in memory: no temporary file of the library
+    write_atomically(path, lambda f: write_chunks(f, data, on_progress), overwrite=overwrite)
+    return len(data)
+
+
+# reading ------------------------------------------------------------------------------------
 
 
 def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict]]:
-    """(metadata, tensors) from the header alone; tensors maps name -> {dtype, shape, bytes}."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"file {str(path)!r} does not exist")
+    """(metadata, tensors) from the header alone; tensors maps name -> {dtype, shape, bytes,
+    data_offsets}. Raises ValueError when there is no readable header (not a safetensors file,
+    or cut inside its header). The data is not checked: see file_findings."""
+    metadata, tensors, _ = _read_header(path)
+    return metadata, tensors
+
+
+def _read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict], int]:
+    """(metadata, tensors, size of the data section in bytes)."""
+    path = check_input_file(path)
+    name = repr(str(path))
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise ValueError(f"{str(path)!r} is not a safetensors file (too short)")
+            raise ValueError(f"{name} is not a safetensors file (too short: {size} bytes)")
         (header_len,) = struct.unpack("<Q", raw)
-        if header_len > size - 8 or header_len > 100_000_000:
-            raise ValueError(f"{str(path)!r} is not a safetensors file (bad header length)")
+        if header_len > MAX_HEADER_BYTES:
+            raise ValueError(f"{name} is not a safetensors file (header length {header_len} is implausible)")
+        if header_len > size - 8:
+            raise ValueError(f"{name} is truncated or not a safetensors file: its header needs {header_len} bytes, "
+                             f"the file has {size - 8} after the length field")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{str(path)!r} is not a safetensors file (header is not JSON)") from None
+            raise ValueError(f"{name} is not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{str(path)!r} is not a safetensors file (header is not an object)")
-    metadata = header.pop("__metadata__", {}) or {}
+        raise ValueError(f"{name} is not a safetensors file (header is not an object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{name} has a malformed header: __metadata__ is not an object")
     tensors = {}
-    for name, info in header.items():
+    for tensor, info in header.items():
         try:
             start, end = info["data_offsets"]
-            tensors[name] = {"dtype": info["dtype"], "shape": list(info["shape"]), "bytes": end - start}
+            shape = list(info["shape"])
+            dtype = info["dtype"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (start, end, *shape)):
+                raise ValueError
+            if not isinstance(dtype, str):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{str(path)!r} has a malformed entry for tensor {name!r}") from None
+            raise ValueError(f"{name} has a malformed header entry for tensor {tensor!r}") from None
+        tensors[tensor] = {"dtype": dtype, "shape": shape, "bytes": end - start, "data_offsets": [start, end]}
+    return metadata, tensors, size - 8 - header_len
+
+
+def layout_findings(tensors: dict[str, dict], data_size: int) -> list[str]:
+    """What makes the data section disagree with the header: a truncated file (tensors whose
+    bytes are missing), bytes after the last tensor, gaps or overlaps, sizes that do not fit
+    shape x dtype, unknown dtypes. Empty when the safetensors library will read every tensor."""
+    findings = []
+    for tensor, info in tensors.items():
+        start, end = info["data_offsets"]
+        if info["dtype"] not in DTYPE_BYTES:
+            findings.append(f"tensor {tensor} has unknown dtype {info['dtype']!r}")
+        elif end < start or end - start != math.prod(info["shape"]) * DTYPE_BYTES[info["dtype"]]:
+            need = math.prod(info["shape"]) * DTYPE_BYTES[info["dtype"]]
+            findings.append(f"tensor {tensor} ({info['dtype']} {info['shape']}) needs {need} bytes, "
+                            f"its data_offsets {info['data_offsets']} give {end - start}")
+    cut = sorted(t for t, info in tensors.items() if info["data_offsets"][1] > data_size)
+    if cut:
+        needed = max(info["data_offsets"][1] for info in tensors.values())
+        findings.append(f"file is truncated: the header places tensor data up to byte {needed}, the file holds {data_size}; "
+                        f"{len(cut)} of {len(tensors)} tensors lack their bytes ({', '.join(cut[:4])}"
+                        f"{', ...' if len(cut) > 4 else ''})")
+    position = 0
+    for tensor, info in sorted(tensors.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        start, end = info["data_offsets"]
+        if start != position:
+            findings.append(f"tensor {tensor} starts at byte {start} of the data, the previous one ends at {position} "
+                            "(gap or overlap)")
+        position = max(position, end)
+    if not cut and position < data_size:
+        findings.append(f"{data_size - position} bytes after the last tensor (the header places data up to byte "
+                        f"{position} of {data_size})")
+    return findings
+
+
+def file_findings(path: str | Path) -> tuple[dict[str, str], dict[str, dict], list[str]]:
+    """(metadata, tensors, layout findings): read_header plus the data section checked against it."""
+    metadata, tensors, data_size = _read_header(path)
+    return metadata, tensors, layout_findings(tensors, data_size)
+
+
+def check_file(path: str | Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """read_header, raising ValueError when the data does not match the header (truncated...)."""
+    metadata, tensors, findings = file_findings(path)
+    if findings:
+        raise ValueError(f"{str(path)!r} cannot be loaded: {summarize(findings)}")
     return metadata, tensors
 
 
-def config_from_metadata(metadata: dict[str, str]) -> NSAConfig:
+def read_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, after check_file; the library's own errors as ValueError."""
+    check_file(path)
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as err:
+        raise ValueError(f"{str(path)!r} cannot be read as safetensors: {str(err).splitlines()[0]}") from None
+
+
+# the config -----------------------------------------------------------------------------------
+
+
+def config_from_metadata(metadata: dict[str, str], source: str = "file") -> NSAConfig:
     if "nsa_config" not in metadata:
-        raise ValueError("file has no 'nsa_config' metadata: it was not written by nsa export / save_safetensors")
-    return NSAConfig.from_json(metadata["nsa_config"])
+        raise ValueError(f"{source} has no 'nsa_config' metadata: it was not written by nsa export / save_safetensors")
+    try:
+        return NSAConfig.from_json(metadata["nsa_config"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{source} holds an invalid config: {err}") from None
 
 
 def expected_tensors(cfg: NSAConfig) -> dict[str, tuple[int, ...]]:
@@ -113,41 +196,52 @@ def expected_tensors(cfg: NSAConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in module.state_dict().items()}
 
 
+def check_against_config(metadata: dict[str, str], tensors: dict[str, dict]) -> tuple[dict | None, list[str], list[str]]:
+    """(config dict or None, findings, notes). Findings: no or an invalid config, tensors the
+    config does not expect, misses or shapes otherwise. Notes: what was not checked."""
+    try:
+        cfg = config_from_metadata(metadata, "the file")
+    except ValueError as err:
+        return None, [str(err)], []
+    custom = metadata.get("compress_mlp", "default") != "default"
+    notes = [f"custom compression network {metadata['compress_mlp']}: its tensors are not checked"] if custom else []
+    found = {name: info["shape"] for name, info in tensors.items()}
+    findings = tensor_mismatches(expected_tensors(cfg), found, COMPRESSION_PREFIXES if custom else ())
+    return cfg.to_dict(), findings, notes
+
+
+@dataclass
+class FileReport:
+    """Everything `inspect` shows: the header, the embedded config, and what fails a check."""
+
+    metadata: dict[str, str]
+    tensors: dict[str, dict]
+    config: dict | None
+    findings: list[str] = field(default_factory=list)  # reasons load_safetensors refuses the file
+    notes: list[str] = field(default_factory=list)  # what was not checked
+
+    @property
+    def passed(self) -> bool:
+        return not self.findings
+
+
+def inspect_file(path: str | Path) -> FileReport:
+    """Check a file completely: header offsets against the file size, every tensor's bytes, the
+    embedded config, tensor names and shapes against it. Raises ValueError only when there is
+    no header to report on."""
+    metadata, tensors, findings = file_findings(path)
+    config, config_findings, notes = check_against_config(metadata, tensors)
+    return FileReport(metadata, tensors, config, findings + config_findings, notes)
+
+
 def load_safetensors(path: str | Path, device: str | torch.device = "cpu", **modules) -> SparseAttention:
     """Rebuild the module from the embedded config and load the weights (strict).
     A custom compression network must be passed again as `compress_mlp=`."""
-    metadata, _ = read_header(path)
-    cfg = config_from_metadata(metadata)
+    metadata, _ = check_file(path)
+    cfg = config_from_metadata(metadata, repr(str(path)))
     kind = metadata.get("compress_mlp", "default")
     if kind != "default" and "compress_mlp" not in modules:
         raise ValueError(f"file was saved with a custom compression network ({kind}); pass compress_mlp= to load it")
     module = SparseAttention.from_config(cfg, **modules)
-    state = load_file(str(path), device=str(device))
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"weights in {str(path)!r} do not match its config: {err}") from None
+    load_strictly(module, read_tensors(path, device), repr(str(path)))
     return module.to(device)
-
-
-def check_against_config(metadata: dict[str, str], tensors: dict[str, dict]) -> tuple[dict | None, list[str]]:
-    """(config dict or None, warnings) for tensors the config does not expect, misses or shapes otherwise."""
-    warnings_: list[str] = []
-    if "nsa_config" not in metadata:
-        return None, ["no nsa config in the metadata: not written by nsa export"]
-    cfg = NSAConfig.from_json(metadata["nsa_config"])
-    if metadata.get("compress_mlp", "default") != "default":
-        warnings_.append(f"custom compression network {metadata['compress_mlp']}: its tensors are not checked")
-    expected = expected_tensors(cfg)
-    custom = metadata.get("compress_mlp", "default") != "default"
-    for name, shape in expected.items():
-        if custom and name.split(".")[0] in ("k_compress", "v_compress"):
-            continue
-        if name not in tensors:
-            warnings_.append(f"missing tensor {name} (expected shape {list(shape)})")
-        elif list(shape) != tensors[name]["shape"]:
-            warnings_.append(f"tensor {name} has shape {tensors[name]['shape']}, the config expects {list(shape)}")
-    for name in tensors:
-        if name not in expected and not (custom and name.split(".")[0] in ("k_compress", "v_compress")):
-            warnings_.append(f"unexpected tensor {name}")
-    return cfg.to_dict(), warnings_

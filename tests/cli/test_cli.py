@@ -51,7 +51,7 @@ def test_check_bad_arguments():
     assert_user_error(run("check", "--kv-heads", 3), "kv_heads must divide heads")
     assert_user_error(run("check", "--dtype", "int8"), "dtype must be one of")
     assert_user_error(run("check", "--preset", "nope"), "unknown preset")
-    assert_user_error(run("check", "--seq-len", 0), "seq_len")
+    assert_user_error(run("check", "--seq-len", 0), "--seq-len must be an integer >= 1")
 
 
 def test_config_list_show_create(tmp_path):
@@ -61,7 +61,7 @@ def test_config_list_show_create(tmp_path):
     data = json.loads(shown.stdout)
     assert data["parameters"]["total"] > 0 and data["costs"][-1]["name"] == "dense attention"
     out = tmp_path / "c.json"
-    created = run("config", "create", "-o", out, "--preset", "tiny", "--kv-heads", 1, "--causal", "false")
+    created = run("config", "create", "-o", out, "--preset", "tiny", "--kv-heads", 1, "--no-causal")
     assert created.exit_code == 0, created.output
     saved = json.loads(out.read_text())
     assert saved["kv_heads"] == 1 and saved["causal"] is False
@@ -82,7 +82,8 @@ def test_export_inspect(tmp_path):
     assert run("export", "--preset", "tiny", "-o", out, "--force", "--seed", 3).exit_code == 0
     inspected = run("inspect", out, "--json")
     data = json.loads(inspected.stdout)
-    assert data["config"]["dim"] == 64 and data["warnings"] == []
+    assert inspected.exit_code == 0 and data["passed"] is True
+    assert data["config"]["dim"] == 64 and data["findings"] == []
     assert data["tensors"]["to_qkv.weight"]["shape"] == [128, 64]
     assert "to_qkv.weight" in run("inspect", out).output
     corrupt = tmp_path / "corrupt.safetensors"
@@ -101,7 +102,7 @@ def test_export_with_weights(tmp_path):
                       "do not match")
 
 
-def test_inspect_warns_on_mismatch(tmp_path):
+def test_inspect_fails_on_mismatch(tmp_path):
     from safetensors.torch import save_file
 
     from nsa_core import get_preset
@@ -109,8 +110,10 @@ def test_inspect_warns_on_mismatch(tmp_path):
     path = tmp_path / "odd.safetensors"
     save_file({"to_qkv.weight": torch.zeros(3, 3), "extra": torch.zeros(1)}, path,
               metadata={"nsa_config": get_preset("tiny").to_json(indent=None)})
-    data = json.loads(run("inspect", path, "--json").stdout)
-    joined = " ".join(data["warnings"])
+    inspected = run("inspect", path, "--json")
+    assert inspected.exit_code == 1  # the README: a failed check exits 1
+    data = json.loads(inspected.stdout)
+    joined = " ".join(data["findings"])
     assert "unexpected tensor extra" in joined and "missing tensor" in joined and "to_qkv.weight has shape" in joined
 
 
@@ -162,7 +165,7 @@ def test_convert_round_trip(tmp_path):
     torch.save(theirs.state_dict(), src)
     dst = tmp_path / "ours.safetensors"
     assert_user_error(run("convert", src, dst, "--from", "lucidrains"), "cannot tell")
-    result = run("convert", src, dst, "--from", "lucidrains", "--causal", "true", "--sliding-window-size", 4,
+    result = run("convert", src, dst, "--from", "lucidrains", "--causal", "--sliding-window-size", 4,
                  "--compress-block-sliding-stride", 4, "--selection-block-size", 8, "--num-selected-blocks", 2)
     assert result.exit_code == 0, result.output
     assert "relative error" in result.output
