@@ -14,12 +14,15 @@ import torch.distributed as dist
 from helpers import forward_backward, randomize_, rel_err
 from launcher import run_ranks
 from nsa_core.model.attention import SparseAttention
+from nsa_core.model.transformer import Transformer
 
 SEQ_LEN = 24
 TOL = 1e-10
 
 BASE = dict(dim=16, dim_head=8, sliding_window_size=5, compress_block_size=4, compress_block_sliding_stride=2,
             selection_block_size=4, num_selected_blocks=2, num_compressed_mem_kv=2)
+
+SPARSE_KWARGS = {k: v for k, v in BASE.items() if k not in ("dim", "dim_head")}
 
 # G = heads / kv_heads of 1, 3 and 16; kv heads 1 and 2 are fewer than 4 ranks; shards of 6 tokens
 # cut compression windows (4 every 2), selection blocks and windows (5) apart.
@@ -72,6 +75,35 @@ def _equivalence(rank: int, world: int) -> None:
                 _check_case(dist.get_rank(group), dist.get_world_size(group), group, case, causal)
 
 
+def _transformer(rank: int, world: int) -> None:
+    """Logits of the shards, the summed loss shares and gradients equal the whole sequence's."""
+    group = dist.group.WORLD
+    shard = SEQ_LEN // world
+    mine = slice(rank * shard, (rank + 1) * shard)
+    ids = torch.randint(0, 50, (2, SEQ_LEN), generator=torch.Generator().manual_seed(3))
+    for causal in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(num_tokens=50, dim=16, depth=2, dim_head=8, heads=4, kv_heads=2, use_sparse_attn=True,
+                            causal=causal, sparse_attn_kwargs=SPARSE_KWARGS).double()
+        randomize_(model, std=0.3, seed=4)
+        logits = model(ids[:, mine], sequence_parallel_group=group)
+        assert rel_err(logits.detach(), model(ids)[:, mine].detach()) < TOL, f"logits, causal={causal}"
+        if not causal:  # the single-process loss drops the last token from the inputs: equal only when causal
+            continue
+        loss = model(ids, return_loss=True)
+        loss.backward()
+        expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        share = model(ids[:, mine], return_loss=True, sequence_parallel_group=group)
+        share.backward()
+        total = share.detach().clone()
+        dist.all_reduce(total)
+        assert rel_err(total, loss.detach()) < TOL, "summed loss shares"
+        for name, p in model.named_parameters():
+            dist.all_reduce(p.grad)
+            assert rel_err(p.grad, expected[name]) < TOL, f"gradient of {name} (Transformer)"
+
+
 def _misuse(rank: int, world: int) -> None:
     module = _module(CASES[0], causal=True)
     group = dist.group.WORLD
@@ -86,6 +118,14 @@ def _misuse(rank: int, world: int) -> None:
         _module(CASES[0], causal=True)(x, sequence_parallel_group=0)
     with pytest.raises(ValueError, match="no cache"):
         _module(CASES[0], causal=True)(x, return_cache=True, sequence_parallel_group=group)
+    dense = Transformer(num_tokens=50, dim=16, depth=1, dim_head=8, heads=2)
+    with pytest.raises(ValueError, match="use_sparse_attn"):
+        dense(torch.zeros(1, 6, dtype=torch.long), sequence_parallel_group=group)
+
+
+def _transformer_and_misuse(rank: int, world: int) -> None:
+    _transformer(rank, world)
+    _misuse(rank, world)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -93,8 +133,9 @@ def test_sequence_parallel_equals_single_process(world):
     run_ranks(_equivalence, world)
 
 
-def test_misuse_is_a_clear_error():
-    run_ranks(_misuse, 2)
+def test_transformer_shards_and_misuse():
+    """The Transformer's shards and loss shares (2 ranks); misuse errors. One spawn for both."""
+    run_ranks(_transformer_and_misuse, 2)
 
 
 def test_needs_an_initialized_group():
