@@ -15,10 +15,13 @@ is its shard of the single-device input gradient; parameter gradients summed ove
 reduction of FSDP / DDP, which average: see the README) equal the single-device gradients.
 
 Why all-gather of keys and values rather than Ulysses' all-to-all over heads: with GQA the keys and
-values are 2 * kv_heads / heads of the activations (1/8 for the paper's 64 / 4 heads) and NSA's cost
-per query hardly depends on its position, so contiguous shards are nearly balanced; Ulysses moves
-q, k, v and the output (about 9x the bytes per rank at 64 / 4 heads) and cannot use more ranks than
-kv heads without replicating them. benchmarks/NOTES.md has the numbers.
+values are small (2 * kv_heads / heads of q, k, v and the output: 1/17 at the paper's 64 / 4 heads),
+any P works (Ulysses needs P <= kv heads or replicated kv heads), and the selected blocks of a query
+may sit anywhere before it, so a rank needs every key anyway. A rank receives about 2 * n * hk * d
+elements per layer whatever P, Ulysses about (2 h + 2 hk) * n * d / P: less traffic up to P ~ 17 at
+64 / 4 heads. Per query, NSA's selected and window branches cost the same everywhere; the causal
+compressed branch grows with the position, so later shards carry more of it.
+benchmarks/NOTES.md has the numbers.
 
 Dimension legend: b batch, n whole sequence, nl = n / P tokens of a shard, h query heads, hk kv heads,
 d head dim, P ranks of the group.
@@ -110,8 +113,15 @@ def sequence_parallel_forward(module, inp: Tensor, group) -> Tensor:
     """SparseAttention's forward for this rank's shard inp (b, nl, dim) -> its shard of the output (b, nl, dim)."""
     check_group(group, inp)
     check_shard_shapes(inp, group)
+    return shard_forward(module, inp, lambda kv: gather_sequence(kv, group), shard_seqs(inp.shape[1], group))
+
+
+def shard_forward(module, inp: Tensor, gather, seqs: Seqs) -> Tensor:
+    """One rank's computation: `gather` maps this shard's stacked keys and values (2, b, hk, nl, d) to
+    the whole sequence's (2, b, hk, n, d) (the collective; benchmarks pass a stand-in to time one
+    rank's compute on one GPU); `seqs` places the shard's queries among the n keys."""
     x = module.norm(inp)
     q, k, v = module.project(x)  # q (b, h, nl, d), k / v (b, hk, nl, d)
-    kv = gather_sequence(torch.stack((k, v)), group)  # (2, b, hk, n, d): one collective for both
+    kv = gather(torch.stack((k, v)))  # (2, b, hk, n, d): one collective for both
     keys = module.keys_of(kv[0], kv[1])
-    return module.attend(x, q, keys, shard_seqs(inp.shape[1], group))
+    return module.attend(x, q, keys, seqs)
