@@ -25,6 +25,7 @@ from nsa_core.model.compress_networks import default_compress_mlp
 from nsa_core.model.cache import NSACache
 from nsa_core.model.compression import compress_windows, compression_windows, with_memory
 from nsa_core.model.rotary import RotaryEmbedding
+from nsa_core.distributed.sequence_parallel import sequence_parallel_forward
 from nsa_core.inference.decode import run_with_cache
 from nsa_core.ops.block_selection import select_blocks
 from nsa_core.ops.combine import combine
@@ -51,6 +52,17 @@ def _pad_seq(t: Tensor, multiple: int) -> Tensor:
     """Zero-pad dim -2 up to a multiple (the oracle's padding, whose zero keys it attends)."""
     remainder = -t.shape[-2] % multiple
     return F.pad(t, (0, 0, 0, remainder)) if remainder else t
+
+
+def _pad_keys(q: Tensor, k: Tensor, v: Tensor, seqs: Seqs, multiple: int) -> tuple[Tensor, Tensor, Tensor, Seqs]:
+    """The oracle's non-causal padding of the whole key sequence to a multiple: zero keys appended.
+    A plain batch pads its queries too (and stays plain); queries among other keys (a sequence-parallel
+    shard) keep theirs and see the longer keys. Returns (q, k, v, their descriptor)."""
+    if seqs.is_plain:
+        qp, kp, vp = (_pad_seq(t, multiple) for t in (q, k, v))
+        return qp, kp, vp, Seqs.batch(qp.shape[-2])
+    kp, vp = _pad_seq(k, multiple), _pad_seq(v, multiple)
+    return q, kp, vp, Seqs(seqs.q_len, kp.shape[-2], seqs.q_offset)
 
 
 class SparseAttention(nn.Module):
@@ -225,10 +237,10 @@ class SparseAttention(nn.Module):
                 none = torch.zeros(b, self.kv_heads, n, 0, dtype=torch.long, device=q.device)
                 return selected_attention(q, k, v, none, causal=True, seqs=seqs, **common)
             # the oracle attends each query's whole own block, zero padding included
-            qp, kp, vp = (_pad_seq(t, cfg.selection_block_size) for t in (q, k, v))
-            own = (torch.arange(qp.shape[-2], device=q.device) // cfg.selection_block_size).view(1, 1, -1, 1)
+            qp, kp, vp, padded = _pad_keys(q, k, v, seqs, cfg.selection_block_size)
+            own = (padded.query_positions(q.device) // cfg.selection_block_size).view(1, 1, -1, 1)
             own = own.expand(b, self.kv_heads, -1, 1)
-            return selected_attention(qp, kp, vp, own, causal=False, **common)[..., :n, :]
+            return selected_attention(qp, kp, vp, own, causal=False, seqs=padded, **common)[..., :n, :]
         valid, gates = selection.valid, selection.gates
         if not cfg.causal:
             # a query none of whose slots is valid: the oracle averages the selected blocks' values
@@ -247,8 +259,8 @@ class SparseAttention(nn.Module):
         if cfg.causal:
             return sliding_window_attention(q, keys.rotated_k, keys.v, causal=True, seqs=seqs, **common)
         # the oracle pads to a multiple of the window and attends the zero keys within reach
-        qp, kp, vp = (_pad_seq(t, window) for t in (q, keys.rotated_k, keys.v))
-        return sliding_window_attention(qp, kp, vp, causal=False, **common)[..., :n, :]
+        qp, kp, vp, padded = _pad_keys(q, keys.rotated_k, keys.v, seqs, window)
+        return sliding_window_attention(qp, kp, vp, causal=False, seqs=padded, **common)[..., :n, :]
 
     # forward -------------------------------------------------------------------------------------
 
@@ -287,14 +299,23 @@ class SparseAttention(nn.Module):
                                  dtype=weight.dtype if dtype is None else dtype)
 
     def forward(self, inp: Tensor, cache: NSACache | None = None, return_cache: bool = False, *,
-                lengths: Tensor | None = None):
+                lengths: Tensor | None = None, sequence_parallel_group=None):
         """inp (batch, seq, dim) -> (batch, seq, dim); with return_cache also the decoding cache.
 
         With a cache (causal modules only; nsa_core/inference/decode.py): an empty cache takes inp as
         the prompt (its rows right-padded to `lengths` valid tokens, if given) through the parallel
         pass; a filled one takes inp as the next tokens of every sequence. return_cache without a
-        cache makes one that grows as needed."""
+        cache makes one that grows as needed.
+
+        With `sequence_parallel_group` (a torch.distributed ProcessGroup of P ranks), inp is this
+        rank's contiguous shard of the sequence, (batch, seq / P, dim), rank r holding tokens
+        r * seq / P ...; the output is its shard (nsa_core/distributed/sequence_parallel.py)."""
         self.check_input(inp)
+        if sequence_parallel_group is not None:
+            if cache is not None or return_cache or lengths is not None:
+                raise ValueError("sequence_parallel_group runs the parallel pass: it takes no cache, return_cache or "
+                                 "lengths")
+            return sequence_parallel_forward(self, inp, sequence_parallel_group)
         if cache is not None or return_cache:
             return run_with_cache(self, inp, cache, return_cache, lengths)
         if lengths is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -104,11 +105,17 @@ class Transformer(nn.Module):
         return [attn.new_cache(batch_size, max_seq_len, device=device, dtype=dtype) for attn, _ in self.layers]
 
     def forward(self, ids: Tensor, return_loss: bool = False, cache: list | None = None, return_cache: bool = False,
-                *, lengths: Tensor | None = None):
+                *, lengths: Tensor | None = None, sequence_parallel_group=None):
         """ids (b, n) -> logits (b, n, num_tokens); with return_loss the next-token cross entropy.
 
         With `cache` (a list from new_cache or return_cache=True; causal models), an empty cache takes
-        ids as the prompt (rows right-padded to `lengths`), a filled one as the next tokens."""
+        ids as the prompt (rows right-padded to `lengths`), a filled one as the next tokens.
+        With `sequence_parallel_group` (sparse attention only), ids is this rank's shard of the
+        sequence (b, n / P), rank r holding tokens r * n / P ...: the logits are the shard's; with
+        return_loss the shard's inputs are all its tokens, the target of its last token is the next
+        shard's first token, and the loss returned is this rank's share (its summed cross entropy
+        over the b * (n - 1) targets of the whole sequence): summed over the ranks it is the mean
+        loss of the whole sequence, and so are the gradients (FSDP / DDP average them: scale by P)."""
         if ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"ids must be an integer tensor of shape (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
         cached = cache is not None or return_cache
@@ -116,6 +123,12 @@ class Transformer(nn.Module):
             raise ValueError("cache / return_cache need causal=True")
         if cache is not None and (not isinstance(cache, list) or len(cache) != len(self.layers)):
             raise ValueError(f"cache must be a list of {len(self.layers)} layer caches (from new_cache or return_cache=True)")
+        if sequence_parallel_group is not None:
+            if not self.use_sparse_attn:
+                raise ValueError("sequence_parallel_group needs use_sparse_attn=True (dense layers take no shards)")
+            if cached or lengths is not None:
+                raise ValueError("sequence_parallel_group takes no cache / return_cache / lengths")
+            return self._forward_shard(ids, return_loss, sequence_parallel_group)
         if return_loss:
             ids, labels = ids[:, :-1], ids[:, 1:]
         x = self.token_emb(ids)
@@ -132,6 +145,19 @@ class Transformer(nn.Module):
         if return_loss:
             return F.cross_entropy(logits.transpose(1, 2), labels)
         return (logits, next_cache) if return_cache else logits
+
+    def _forward_shard(self, ids: Tensor, return_loss: bool, group) -> Tensor:
+        """forward for this rank's shard ids (b, nl) of a sequence split over `group`."""
+        x = self.token_emb(ids)
+        for attn, ff in self.layers:
+            x = x + attn(x, sequence_parallel_group=group)
+            x = x + ff(x)
+        logits = self.to_logits(self.norm(x))
+        if not return_loss:
+            return logits
+        labels, num_targets = shard_targets(ids, group)
+        loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+        return loss / num_targets
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
@@ -166,6 +192,17 @@ class Transformer(nn.Module):
                 sample = _gumbel_sample(_top_k(logits, filter_thres), temperature)
             out = torch.cat((out, sample), dim=-1)
         return out[:, prompt.shape[-1]:]
+
+
+def shard_targets(ids: Tensor, group) -> tuple[Tensor, int]:
+    """Next-token targets of this rank's shard ids (b, nl): the shard shifted by one, then the next
+    rank's first token (-100, ignored, after the last rank's last token); and the number of targets
+    of the whole sequence, b * (n - 1). One tiny all-gather of every shard's first tokens."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    firsts = [torch.empty_like(ids[:, :1]) for _ in range(world)]
+    dist.all_gather(firsts, ids[:, :1].contiguous(), group=group)
+    after = firsts[rank + 1] if rank + 1 < world else torch.full_like(ids[:, :1], -100)
+    return torch.cat((ids[:, 1:], after), dim=1), ids.shape[0] * (ids.shape[1] * world - 1)
 
 
 def _top_k(logits: Tensor, thres: float) -> Tensor:

@@ -1,12 +1,12 @@
 """sliding_window_attention: the public op (validation + dispatch).
-Kernels: kernels/sliding_window (causal plain batches); reference: reference/sliding_window.py."""
+Kernels: kernels/sliding_window (causal, any query offset); reference: reference/sliding_window.py."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
 from nsa_core.ops.dispatch import check_backend_name, use_kernels
-from nsa_core.ops.seqs import Seqs, plain_layout_reason, seqs_for
+from nsa_core.ops.seqs import Seqs, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.sliding_window import sliding_window_reference
 
@@ -17,11 +17,13 @@ def sliding_window_attention(
 ) -> Tensor:
     """Attention of each query to the keys within `window` positions of it.
 
-    q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, Dv), HQ a multiple of HKV.
+    q (B, HQ, T, D), k (B, HKV, S, D), v (B, HKV, S, Dv), HQ a multiple of HKV; `seqs` says where the
+    T queries sit among the S keys (default: a plain batch, S = T, query i at position i).
     Query t sees key s when 0 <= t - s <= window (causal) or |t - s| <= window.
     Returns (B, HQ, T, Dv). Kernel path (causal only; fp16, bf16, fp32; D, Dv <= 256): a
-    flash-attention band (kernels/sliding_window), forward and backward. The non-causal window and
-    queries after cached keys (`seqs` with an offset: decoding) run on the reference by design.
+    flash-attention band (kernels/sliding_window), forward and backward, for any query offset
+    (a sequence-parallel shard, queries after cached keys). The non-causal window runs on the
+    reference by design.
     """
     check_qkv(q, k, v, same_length=False)
     seqs = seqs_for(q, k, seqs)
@@ -33,9 +35,9 @@ def sliding_window_attention(
 
         return kernel_unsupported_reason(q, k, v)
 
-    by_design = plain_layout_reason(seqs) or (None if causal else "the non-causal window runs on the reference")
+    by_design = None if causal else "the non-causal window runs on the reference"
     if use_kernels(backend, q.device, "sliding_window_attention", unsupported, by_design=by_design):
         from nsa_core.kernels.sliding_window.autograd import sliding_window_triton
 
-        return sliding_window_triton(q, k, v, window, scale)
+        return sliding_window_triton(q, k, v, window, scale, seqs.q_offset)
     return sliding_window_reference(q, k, v, window, causal=causal, scale=scale, q_offset=seqs.q_offset)

@@ -23,9 +23,9 @@ def close(a, b, tol=2e-5) -> bool:
     return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
 
 
-def outputs_and_grads(q, k, v, window, backend, dtype=None, seed=1):
+def outputs_and_grads(q, k, v, window, backend, dtype=None, seed=1, seqs=None):
     ins = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
-    out = sliding_window_attention(*ins, window=window, causal=True, backend=backend)
+    out = sliding_window_attention(*ins, window=window, causal=True, backend=backend, seqs=seqs)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
     out.backward(g)
     return [out.detach()] + [t.grad for t in ins]
@@ -42,6 +42,25 @@ def test_window_kernel_matches_reference(T, window, G, poisoned_outputs):
         assert close(a, b), name
 
 
+@pytest.mark.parametrize("TQ, TK, offset, window", [(40, 160, 120, 5), (37, 203, 83, 64), (64, 130, 0, 200),
+                                                    (1, 77, 76, 9), (50, 150, 50, 1)])
+@pytest.mark.parametrize("G", [1, 3])
+def test_window_kernel_with_query_offset(TQ, TK, offset, window, G, poisoned_outputs):
+    """TQ queries at key positions offset ... over TK keys (a sequence-parallel shard, queries after
+    cached keys, or queries before later keys): keys no query sees get zero gradients."""
+    from nsa_core.ops.seqs import Seqs
+
+    gen = torch.Generator().manual_seed(TQ + TK + offset)
+    q = torch.randn(2, 2 * G, TQ, 32, generator=gen).to(DEVICE)
+    k, v = (torch.randn(2, 2, TK, d, generator=gen).to(DEVICE) for d in (32, 16))
+    seqs = Seqs(TQ, TK, offset)
+    got = outputs_and_grads(q, k, v, window, "triton", seqs=seqs)
+    want = outputs_and_grads(q, k, v, window, "torch", seqs=seqs)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert close(a, b), name
+
+
 def test_window_kernel_odd_head_dims(poisoned_outputs):
     q, k, v = problem(1, 3, 1, 70, 24, 40, seed=3)
     for a, b in zip(outputs_and_grads(q, k, v, 9, "triton"), outputs_and_grads(q, k, v, 9, "torch")):
@@ -52,7 +71,7 @@ def test_window_opcheck_and_compile():
     from nsa_core.kernels.sliding_window.autograd import _fwd
 
     q, k, v = problem(1, 4, 2, 40, 16, 16, seed=4)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 7, 0.25)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 7, 0.25, 0)
     torch.library.opcheck(_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
     def f(q, k, v):
@@ -73,18 +92,25 @@ def test_window_triton_refuses_what_it_cannot_run():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("G, window", [(16, 512), (1, 300), (4, 100)])
-def test_window_kernel_gpu_bf16(G, window):
-    """bf16 kernel error against an fp32 reference within 3x PyTorch's own bf16 error."""
-    q, k, v = problem(1, 4 * G, 4, 2048 + 77, 128, 128, seed=G, device="cuda")
-    exact = outputs_and_grads(q, k, v, window, "torch")
-    ours = outputs_and_grads(q, k, v, window, "triton", dtype=torch.bfloat16)
-    torch_bf16 = outputs_and_grads(q, k, v, window, "torch", dtype=torch.bfloat16)
+@pytest.mark.parametrize("G, window, shard", [(16, 512, None), (1, 300, None), (4, 100, None), (16, 512, 3)])
+def test_window_kernel_gpu_bf16(G, window, shard):
+    """bf16 kernel error against an fp32 reference within 3x PyTorch's own bf16 error; `shard`: the
+    queries of the last quarter of the keys (a sequence-parallel shard of rank 3 of 4)."""
+    q, k, v = problem(1, 4 * G, 4, 4096 + 77, 128, 128, seed=G, device="cuda")
+    seqs = None
+    if shard is not None:
+        from nsa_core.ops.seqs import Seqs
+
+        n = q.shape[2] // 4
+        q, k, v, seqs = q[:, :, shard * n:(shard + 1) * n], k[:, :, :4 * n], v[:, :, :4 * n], Seqs(n, 4 * n, shard * n)
+    exact = outputs_and_grads(q, k, v, window, "torch", seqs=seqs)
+    ours = outputs_and_grads(q, k, v, window, "triton", dtype=torch.bfloat16, seqs=seqs)
+    torch_bf16 = outputs_and_grads(q, k, v, window, "torch", dtype=torch.bfloat16, seqs=seqs)
     for name, a, b, e in zip(("out", "dq", "dk", "dv"), ours, torch_bf16, exact):
         ours_err = ((a.float() - e).norm() / e.norm()).item()
         torch_err = ((b.float() - e).norm() / e.norm()).item()
         assert ours_err <= 3 * torch_err + 1e-6, (name, ours_err, torch_err)
-    again = outputs_and_grads(q, k, v, window, "triton", dtype=torch.bfloat16)
+    again = outputs_and_grads(q, k, v, window, "triton", dtype=torch.bfloat16, seqs=seqs)
     assert all(torch.equal(a, b) for a, b in zip(ours, again))  # no atomics: bit-identical reruns
 
 

@@ -10,45 +10,47 @@ from nsa_core.kernels.sliding_window.launch import sliding_window_bwd, sliding_w
 
 
 @torch.library.custom_op("nsa::sliding_window_fwd", mutates_args=())
-def _fwd(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor]:
-    return sliding_window_fwd(q, k, v, window, scale)
+def _fwd(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, q_offset: int) -> tuple[Tensor, Tensor]:
+    return sliding_window_fwd(q, k, v, window, scale, q_offset)
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k, v, window, scale):
+def _fwd_fake(q, k, v, window, scale, q_offset):
     B, HQ, T, _ = q.shape
     return q.new_empty(B, HQ, T, v.shape[-1]), q.new_empty(B, HQ, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("nsa::sliding_window_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, window: int,
-         scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return sliding_window_bwd(do, q, k, v, o, lse, window, scale)
+         scale: float, q_offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    return sliding_window_bwd(do, q, k, v, o, lse, window, scale, q_offset)
 
 
 @_bwd.register_fake
-def _bwd_fake(do, q, k, v, o, lse, window, scale):
+def _bwd_fake(do, q, k, v, o, lse, window, scale, q_offset):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, scale = inputs
+    q, k, v, window, scale, q_offset = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.window, ctx.scale = window, scale
+    ctx.window, ctx.scale, ctx.q_offset = window, scale, q_offset
 
 
 def _backward(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd(do.contiguous(), q, k, v, o, lse, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _bwd(do.contiguous(), q, k, v, o, lse, ctx.window, ctx.scale, ctx.q_offset)
+    return dq, dk, dv, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def sliding_window_triton(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | None) -> Tensor:
-    """Kernel path of nsa_core.sliding_window_attention (causal; inputs already validated)."""
+def sliding_window_triton(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | None,
+                          q_offset: int = 0) -> Tensor:
+    """Kernel path of nsa_core.sliding_window_attention (causal; inputs already validated): query row m
+    at key position q_offset + m."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, _ = _fwd(q.contiguous(), k.contiguous(), v.contiguous(), int(window), scale)
+    o, _ = _fwd(q.contiguous(), k.contiguous(), v.contiguous(), int(window), scale, int(q_offset))
     return o

@@ -1,6 +1,7 @@
 """Launchers of the sliding-window kernels: tiles by head dim, grids, outputs. No host syncs.
 
-Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, T sequence, D / DV head dims.
+Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, TQ queries, TK keys (query row m at
+key position q_offset + m), D / DV head dims.
 """
 
 from __future__ import annotations
@@ -41,31 +42,33 @@ def _strides(q, k, v, o) -> tuple:
     return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
 
 
-def sliding_window_fwd(q, k, v, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, DV), unit last strides -> o, lse (B, HQ, T) float32."""
-    B, HQ, T, _ = q.shape
-    HKV = k.shape[1]
-    o = outputs.new_output(B, HQ, T, v.shape[-1], device=q.device, dtype=q.dtype)
-    lse = outputs.new_output(B, HQ, T, device=q.device, dtype=torch.float32)
+def sliding_window_fwd(q, k, v, window: int, scale: float, q_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, HQ, TQ, D), k (B, HKV, TK, D), v (B, HKV, TK, DV), unit last strides -> o, lse (B, HQ, TQ) float32."""
+    B, HQ, TQ, _ = q.shape
+    HKV, TK = k.shape[1], k.shape[2]
+    o = outputs.new_output(B, HQ, TQ, v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = outputs.new_output(B, HQ, TQ, device=q.device, dtype=torch.float32)
     cfg = _config(q, v, backward=False)
-    if T > 0 and B * HQ > 0:
-        sliding_window_fwd_kernel[(B * HQ, triton.cdiv(T, cfg["BLOCK_M"]))](
-            q, k, v, o, lse, *_strides(q, k, v, o), T, HQ, HQ // HKV, window, scale, **cfg)
+    if TQ > 0 and B * HQ > 0:
+        sliding_window_fwd_kernel[(B * HQ, triton.cdiv(TQ, cfg["BLOCK_M"]))](
+            q, k, v, o, lse, *_strides(q, k, v, o), TQ, TK, q_offset, HQ, HQ // HKV, window, scale, **cfg)
     return o, lse
 
 
-def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float):
+def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float, q_offset: int = 0):
     """Gradients (dq, dk, dv) of the forward's o for the upstream do (unit last stride)."""
-    B, HQ, T, D = q.shape
-    HKV, DV = k.shape[1], v.shape[-1]
+    B, HQ, TQ, D = q.shape
+    HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
     delta = row_dot(do, o)
-    dq = outputs.new_output(B, HQ, T, D, device=q.device, dtype=q.dtype)
-    dk = outputs.new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
-    dv = outputs.new_output(B, HKV, T, DV, device=q.device, dtype=v.dtype)
+    dq = outputs.new_output(B, HQ, TQ, D, device=q.device, dtype=q.dtype)
+    dk = outputs.new_output(B, HKV, TK, D, device=q.device, dtype=k.dtype)
+    dv = outputs.new_output(B, HKV, TK, DV, device=q.device, dtype=v.dtype)
     cfg = _config(q, v, backward=True)
-    if T > 0 and B * HQ > 0:
-        args = (*_strides(q, k, v, do), T, HQ, HQ // HKV, window, scale)
-        sliding_window_bwd_dq_kernel[(B * HQ, triton.cdiv(T, cfg["BLOCK_M"]))](q, k, v, do, lse, delta, dq, *args, **cfg)
-        sliding_window_bwd_dkdv_kernel[(B * HKV, triton.cdiv(T, cfg["BLOCK_N"]))](
-            q, k, v, do, lse, delta, dk, dv, *args, **cfg)
+    if TQ > 0 and B * HQ > 0:
+        args = (*_strides(q, k, v, do), TQ, TK, q_offset, HQ, HQ // HKV, window, scale)
+        sliding_window_bwd_dq_kernel[(B * HQ, triton.cdiv(TQ, cfg["BLOCK_M"]))](q, k, v, do, lse, delta, dq, *args, **cfg)
+    if TK > 0 and B * HQ > 0:  # every key tile writes its rows (zeros where no query reaches it)
+        sliding_window_bwd_dkdv_kernel[(B * HKV, triton.cdiv(TK, cfg["BLOCK_N"]))](
+            q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v, do), TQ, TK, q_offset, HQ, HQ // HKV, window, scale,
+            **cfg)
     return dq, dk, dv

@@ -1,0 +1,144 @@
+"""Sequence-parallel SparseAttention over gloo equals the single process (float64, CPU).
+
+Every case runs inside one spawned group (spawns are the slow part): each rank builds the same
+module and inputs, runs the whole sequence alone and its shard with the group, and compares its
+output shard, its input-gradient shard and the parameter gradients summed over the ranks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from helpers import forward_backward, randomize_, rel_err
+from launcher import run_ranks
+from nsa_core.model.attention import SparseAttention
+from nsa_core.model.transformer import Transformer
+
+SEQ_LEN = 24
+TOL = 1e-10
+
+BASE = dict(dim=16, dim_head=8, sliding_window_size=5, compress_block_size=4, compress_block_sliding_stride=2,
+            selection_block_size=4, num_selected_blocks=2, num_compressed_mem_kv=2)
+
+SPARSE_KWARGS = {k: v for k, v in BASE.items() if k not in ("dim", "dim_head")}
+
+# G = heads / kv_heads of 1, 3 and 16; kv heads 1 and 2 are fewer than 4 ranks; shards of 6 tokens
+# cut compression windows (4 every 2), selection blocks and windows (5) apart.
+CASES = [
+    dict(heads=2, kv_heads=2),
+    dict(heads=6, kv_heads=2, compress_block_sliding_stride=4, selection_block_size=8, use_diff_topk=True),
+    dict(heads=16, kv_heads=1, selection_block_size=2, interpolated_importance_score=True),
+    dict(heads=6, kv_heads=2, query_heads_share_selected_kv=False, sliding_window_size=7),
+    dict(heads=3, kv_heads=1, compress_block_size=32, compress_block_sliding_stride=None),  # no block to select
+]
+
+
+def _module(case: dict, causal: bool) -> SparseAttention:
+    torch.manual_seed(0)
+    module = SparseAttention(**{**BASE, **case}, causal=causal, backend="torch").double()
+    return randomize_(module, std=0.4, seed=1)
+
+
+def _check_case(rank: int, world: int, group, case: dict, causal: bool) -> None:
+    module = _module(case, causal)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, SEQ_LEN, BASE["dim"], generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    out_full, dx_full, grads_full = forward_backward(module, x, grad_out)
+
+    shard = SEQ_LEN // world
+    mine = slice(rank * shard, (rank + 1) * shard)
+    xs = x[:, mine].clone().requires_grad_()
+    out = module(xs, sequence_parallel_group=group)
+    out.backward(grad_out[:, mine])
+    what = f"case {case} causal={causal} rank {rank}/{world}"
+    assert rel_err(out.detach(), out_full[:, mine]) < TOL, f"output, {what}"
+    assert rel_err(xs.grad, dx_full[:, mine]) < TOL, f"input gradient, {what}"
+    for name, p in module.named_parameters():
+        grad = torch.zeros_like(p) if p.grad is None else p.grad
+        dist.all_reduce(grad, group=group)
+        expected = torch.zeros_like(p) if grads_full[name] is None else grads_full[name]
+        assert rel_err(grad, expected) < TOL or (grad - expected).abs().max() < TOL, f"gradient of {name}, {what}"
+    module.zero_grad(set_to_none=True)
+
+
+def _equivalence(rank: int, world: int) -> None:
+    groups = [dist.group.WORLD]
+    if world == 4:  # two groups of 2 inside the world: group-local ranks and offsets
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        groups.append(pairs[rank // 2])
+    for group in groups:
+        for causal in (True, False):
+            for case in CASES:
+                _check_case(dist.get_rank(group), dist.get_world_size(group), group, case, causal)
+
+
+def _transformer(rank: int, world: int) -> None:
+    """Logits of the shards, the summed loss shares and gradients equal the whole sequence's."""
+    group = dist.group.WORLD
+    shard = SEQ_LEN // world
+    mine = slice(rank * shard, (rank + 1) * shard)
+    ids = torch.randint(0, 50, (2, SEQ_LEN), generator=torch.Generator().manual_seed(3))
+    for causal in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(num_tokens=50, dim=16, depth=2, dim_head=8, heads=4, kv_heads=2, use_sparse_attn=True,
+                            causal=causal, sparse_attn_kwargs=SPARSE_KWARGS).double()
+        randomize_(model, std=0.3, seed=4)
+        logits = model(ids[:, mine], sequence_parallel_group=group)
+        assert rel_err(logits.detach(), model(ids)[:, mine].detach()) < TOL, f"logits, causal={causal}"
+        if not causal:  # the single-process loss drops the last token from the inputs: equal only when causal
+            continue
+        loss = model(ids, return_loss=True)
+        loss.backward()
+        expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        share = model(ids[:, mine], return_loss=True, sequence_parallel_group=group)
+        share.backward()
+        total = share.detach().clone()
+        dist.all_reduce(total)
+        assert rel_err(total, loss.detach()) < TOL, "summed loss shares"
+        for name, p in model.named_parameters():
+            dist.all_reduce(p.grad)
+            assert rel_err(p.grad, expected[name]) < TOL, f"gradient of {name} (Transformer)"
+
+
+def _misuse(rank: int, world: int) -> None:
+    module = _module(CASES[0], causal=True)
+    group = dist.group.WORLD
+    # a shard length that differs between ranks: every rank gets the same error, none hangs
+    x = torch.randn(1, 6 + rank, BASE["dim"], dtype=torch.float64)
+    with pytest.raises(ValueError, match="same batch size and length"):
+        module(x, sequence_parallel_group=group)
+    with pytest.raises(ValueError, match="serves"):  # a gloo group cannot take meta (or CUDA) tensors
+        module.to("meta")(torch.empty(1, 6, BASE["dim"], device="meta", dtype=torch.float64),
+                          sequence_parallel_group=group)
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        _module(CASES[0], causal=True)(x, sequence_parallel_group=0)
+    with pytest.raises(ValueError, match="no cache"):
+        _module(CASES[0], causal=True)(x, return_cache=True, sequence_parallel_group=group)
+    dense = Transformer(num_tokens=50, dim=16, depth=1, dim_head=8, heads=2)
+    with pytest.raises(ValueError, match="use_sparse_attn"):
+        dense(torch.zeros(1, 6, dtype=torch.long), sequence_parallel_group=group)
+
+
+def _transformer_and_misuse(rank: int, world: int) -> None:
+    _transformer(rank, world)
+    _misuse(rank, world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_equals_single_process(world):
+    run_ranks(_equivalence, world)
+
+
+def test_transformer_shards_and_misuse():
+    """The Transformer's shards and loss shares (2 ranks); misuse errors. One spawn for both."""
+    run_ranks(_transformer_and_misuse, 2)
+
+
+def test_needs_an_initialized_group():
+    module = _module(CASES[0], causal=True)
+    with pytest.raises(ValueError, match="init_process_group"):
+        module(torch.randn(1, 6, BASE["dim"], dtype=torch.float64), sequence_parallel_group=object())
