@@ -85,34 +85,64 @@ def prefill_vs_forward(cfg, context, dev, dtype) -> tuple[float, float]:
         return forward, median_ms(prefill, dev)
 
 
+def profile_step(cfg, context, batch, dev, dtype) -> None:
+    """Kernels of one eager decode step (what a CUDA graph replays), by total GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    nsa = SparseAttention.from_config(cfg).to(dev, dtype)
+    cache = nsa.new_cache(batch, context + 8)
+    fill_cache(cache, context)
+    x = torch.randn(batch, 1, cfg.dim, device=dev, dtype=dtype)
+    with torch.no_grad():
+        for _ in range(3):
+            nsa(x, cache=cache)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            nsa(x, cache=cache)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
+    print(f"profile of one step at {context} x {batch}: {len(kernels)} GPU kernels", flush=True)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="8192,32768,65536")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--generation-context", type=int, default=32768)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compile", action="store_true", help="also time the step compiled (torch.compile)")
+    ap.add_argument("--profile", action="store_true", help="kernel table of one graphed decode step")
+    ap.add_argument("--skip", default="", help="comma list of: correctness,generation,prefill")
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     cfg = get_preset("paper")
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "correctness": check_correctness(cfg, dev)}
+               "correctness": None if "correctness" in args.skip else check_correctness(cfg, dev)}
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     rows = decode_benchmark(cfg, contexts, batches, device="cuda", dtype=dtype,
                             on_row=lambda r: print("step", r.to_dict(), flush=True))
     results["steps"] = [r.to_dict() for r in rows]
+    if args.compile:
+        compiled = decode_benchmark(cfg, contexts, batches, device="cuda", dtype=dtype, compile=True,
+                                    on_row=lambda r: print("compiled step", r.to_dict(), flush=True))
+        results["steps_compiled"] = [r.to_dict() for r in compiled]
+        rows = [min(a, b, key=lambda r: r.nsa_ms) for a, b in zip(rows, compiled)]
+    if args.profile:
+        profile_step(cfg, max(contexts), max(batches), dev, dtype)
     proj = {b: projections_only_ms(cfg, b, dev, dtype) for b in batches}
     results["projections_ms"] = {b: {"nsa": p[0], "dense": p[1]} for b, p in proj.items()}
     print("projections only (nsa, dense) ms:", proj, flush=True)
-    gen = {}
-    for sparse in (True, False):
+    gen = {"nsa": float("nan"), "dense": float("nan")}
+    for sparse in (() if "generation" in args.skip else (True, False)):
         tps = generation_tokens_per_s(cfg, depth=4, context=args.generation_context, batch=16, steps=64, device="cuda",
                                       dtype=dtype, sparse=sparse)
         gen["nsa" if sparse else "dense"] = tps
         print("generation tokens/s", "nsa" if sparse else "dense", round(tps, 1), flush=True)
     results["generation_tokens_per_s"] = gen
-    fwd, pre = prefill_vs_forward(cfg, 65536, dev, dtype)
+    fwd, pre = (float("nan"),) * 2 if "prefill" in args.skip else prefill_vs_forward(cfg, 65536, dev, dtype)
     results["prefill_64k"] = {"forward_ms": fwd, "prefill_ms": pre}
     print(f"64k prefill {pre:.2f} ms vs parallel forward {fwd:.2f} ms", flush=True)
 

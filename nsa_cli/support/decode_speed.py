@@ -82,9 +82,13 @@ def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[
     return replay
 
 
-def _nsa_step(nsa: SparseAttention, cache: NSACache, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+def _nsa_step(nsa: SparseAttention, cache: NSACache, x: torch.Tensor, compile: bool = False) -> Callable[[], torch.Tensor]:
+    forward = (lambda: nsa(x, cache=cache))
+    if compile:  # the step's glue fused by inductor (the decode kernels are custom ops with fakes)
+        forward = torch.compile(forward, dynamic=False)
+
     def step() -> torch.Tensor:
-        out = nsa(x, cache=cache)
+        out = forward()
         cache.lengths -= x.shape[1]  # stay at the context: every replay decodes the same position
         cache.filled -= x.shape[1]
         return out
@@ -131,7 +135,7 @@ def _fastest_dense(step: Callable[[], torch.Tensor], device: torch.device) -> tu
 
 def decode_benchmark(cfg: NSAConfig, contexts: list[int], batches: list[int], *, device: str = "cuda",
                      dtype: torch.dtype = torch.bfloat16, on_row: Callable[[DecodeRow], None] | None = None,
-                     seed: int = 0) -> list[DecodeRow]:
+                     seed: int = 0, compile: bool = False) -> list[DecodeRow]:
     dev = torch.device(device)
     torch.manual_seed(seed)
     nsa = SparseAttention.from_config(cfg).to(dev, dtype).eval()
@@ -144,7 +148,7 @@ def decode_benchmark(cfg: NSAConfig, contexts: list[int], batches: list[int], *,
             cache = nsa.new_cache(batch, context + 1)
             fill_cache(cache, context)
             with torch.no_grad():
-                nsa_ms = median_ms(_graphed(_nsa_step(nsa, cache, x), dev), dev)
+                nsa_ms = median_ms(_graphed(_nsa_step(nsa, cache, x, compile), dev), dev)
             del cache
             shape = (batch, cfg.num_kv_heads, context + 1, cfg.dim_head)
             keys, values = (torch.randn(shape, device=dev, dtype=dtype) for _ in range(2))

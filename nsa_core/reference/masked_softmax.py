@@ -12,15 +12,19 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
-def masked_attention(logits: Tensor, allowed: Tensor, v: Tensor) -> Tensor:
-    """logits, allowed (..., i, j); v (..., j, d) -> (..., i, d). Empty rows give 0."""
+def masked_softmax(logits: Tensor, allowed: Tensor) -> Tensor:
+    """Softmax over the last dim of the allowed entries; a row with none allowed gives zeros."""
     neg = torch.finfo(logits.dtype).min
     masked = logits.masked_fill(~allowed, neg)
     row_max = masked.amax(dim=-1, keepdim=True).detach()
     weights = torch.exp(masked - row_max) * allowed
     denom = weights.sum(dim=-1, keepdim=True)
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.matmul(weights / denom, v)
+    return weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def masked_attention(logits: Tensor, allowed: Tensor, v: Tensor) -> Tensor:
+    """logits, allowed (..., i, j); v (..., j, d) -> (..., i, d). Empty rows give 0."""
+    return torch.matmul(masked_softmax(logits, allowed), v)
 
 
 ChunkOutput = Tensor | tuple  # a tensor, or a tuple of tensors (or None) joined element-wise
