@@ -2,6 +2,10 @@
 
 Same layout as native-sparse-attention-pytorch's Transformer: token embedding, `depth` blocks of
 (pre-normed attention + residual, pre-normed GELU feed-forward + residual), final RMSNorm, logits.
+
+Packed documents (`cu_seqlens`, ids of batch 1): every layer keeps each document to itself (sparse
+layers through their ops, dense layers one SDPA call per document, rotary positions restarting at
+each document), and the loss never predicts a document's first token from the previous document.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from torch import Tensor, nn
 
 from nsa_core.ops.validation import check_positive_int
 from nsa_core.model.rotary import RotaryEmbedding
-from nsa_core.model.attention import SparseAttention
+from nsa_core.model.attention import SparseAttention, packed_seqs
+from nsa_core.ops.rotary import rotary
+from nsa_core.ops.seqs import Seqs
+from nsa_core.reference.documents import per_document
 
 DEFAULT_SPARSE_KWARGS = dict(
     sliding_window_size=32, compress_block_size=4, selection_block_size=4, num_selected_blocks=4
@@ -37,13 +44,18 @@ class DenseAttention(nn.Module):
         self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, cu_seqlens: Tensor | None = None) -> Tensor:
+        """x (b, n, dim) -> (b, n, dim); cu_seqlens: x (1, total, dim) holds packed documents, each
+        attending only to itself (one SDPA call per document)."""
+        seqs = packed_seqs(cu_seqlens, x) or Seqs.batch(x.shape[1])
         x = self.norm(x)
         q, k, v = (proj(x).unflatten(-1, (-1, self.dim_head)).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        q, k = self.rotary_embed.rotate(q), self.rotary_embed.rotate(k)
+        cos, sin = self.rotary_embed.tables(seqs.query_positions(x.device), q.dtype)
+        q, k = rotary(q, cos, sin, backend="torch"), rotary(k, cos, sin, backend="torch")
         group = self.heads // self.kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        out = per_document(lambda s, e: F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                                                                       is_causal=self.causal), seqs.spans())
         return self.to_out(out.transpose(1, 2).flatten(-2))
 
 
@@ -83,16 +95,32 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(dim)
         self.to_logits = nn.Linear(dim, num_tokens, bias=False)
 
-    def forward(self, ids: Tensor, return_loss: bool = False, cache: list | None = None, return_cache: bool = False):
+    def forward(self, ids: Tensor, return_loss: bool = False, cache: list | None = None, return_cache: bool = False,
+                *, cu_seqlens: Tensor | None = None):
         """ids (b, n) -> logits (b, n, num_tokens); with return_loss the next-token cross entropy.
 
-        With `cache` (sparse attention only), ids are the new tokens to decode after the cached ones."""
+        With `cache` (sparse attention only), ids are the new tokens to decode after the cached ones.
+        With `cu_seqlens` (num_docs + 1,), ids (1, total) holds packed documents (SparseAttention.forward
+        gives the rule): the logits equal each document's alone, and with return_loss the mean is
+        over the next-token terms within documents (the last token of one document does not
+        predict the first of the next)."""
         if ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"ids must be an integer tensor of shape (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
         if (cache is not None or return_cache) and not (self.use_sparse_attn and self.causal):
             raise ValueError("cache / return_cache need use_sparse_attn=True and causal=True")
+        if cu_seqlens is not None and (cache is not None or return_cache):
+            raise ValueError("cu_seqlens packs documents for the parallel pass; a cache holds whole sequences")
+        packed = {}
+        if cu_seqlens is not None:
+            packed_seqs(cu_seqlens, ids[..., None])  # validates once, with the argument's name
+            packed = dict(cu_seqlens=cu_seqlens)
         if return_loss:
-            ids, labels = ids[:, :-1], ids[:, 1:]
+            if cu_seqlens is not None:
+                labels = _labels_within_documents(ids, cu_seqlens)
+                packed = dict(cu_seqlens=cu_seqlens.clamp(max=ids.shape[1] - 1))  # the last token is a label only
+            else:
+                labels = ids[:, 1:]
+            ids = ids[:, :-1]
         x = self.token_emb(ids)
         caches = iter(cache) if cache is not None else None
         next_cache = []
@@ -101,12 +129,12 @@ class Transformer(nn.Module):
                 out, layer_cache = attn(x, cache=next(caches) if caches is not None else None, return_cache=True)
                 next_cache.append(layer_cache)
             else:
-                out = attn(x)
+                out = attn(x, **packed)
             x = x + out
             x = x + ff(x)
         logits = self.to_logits(self.norm(x))
         if return_loss:
-            return F.cross_entropy(logits.transpose(1, 2), labels)
+            return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE)
         return (logits, next_cache) if return_cache else logits
 
     @torch.no_grad()
@@ -130,6 +158,17 @@ class Transformer(nn.Module):
                 sample = _gumbel_sample(_top_k(logits, filter_thres), temperature)
             out = torch.cat((out, sample), dim=-1)
         return out[:, prompt.shape[-1]:]
+
+
+IGNORE = -100  # cross-entropy label of a term that does not count
+
+
+def _labels_within_documents(ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """ids (1, total) packed -> next-token labels (1, total - 1), IGNORE where the next token starts a document."""
+    total = ids.shape[1]
+    starts = torch.zeros(total + 1, dtype=torch.bool, device=ids.device)
+    starts[cu_seqlens.long()] = True  # a document of length 0 may start at total: the extra slot takes it
+    return torch.where(starts[1:total], torch.full_like(ids[:, 1:], IGNORE), ids[:, 1:])
 
 
 def _top_k(logits: Tensor, thres: float) -> Tensor:

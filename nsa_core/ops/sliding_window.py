@@ -8,6 +8,7 @@ from torch import Tensor
 from nsa_core.ops.dispatch import check_backend_name, use_kernels
 from nsa_core.ops.seqs import Seqs, plain_layout_reason, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
+from nsa_core.reference.documents import per_document
 from nsa_core.reference.sliding_window import sliding_window_reference
 
 
@@ -22,6 +23,8 @@ def sliding_window_attention(
     Returns (B, HQ, T, Dv). Kernel path (causal only; fp16, bf16, fp32; D, Dv <= 256): a
     flash-attention band (kernels/sliding_window), forward and backward. The non-causal window and
     queries after cached keys (`seqs` with an offset: decoding) run on the reference by design.
+    Packed documents (`seqs.cu_seqlens`, batch 1): a query sees only the keys of its own document
+    (the kernels take them in one launch, each token's document start as the band's lower bound).
     """
     check_qkv(q, k, v, same_length=False)
     seqs = seqs_for(q, k, seqs)
@@ -33,9 +36,13 @@ def sliding_window_attention(
 
         return kernel_unsupported_reason(q, k, v)
 
-    by_design = plain_layout_reason(seqs) or (None if causal else "the non-causal window runs on the reference")
+    by_design = plain_layout_reason(seqs, packed_ok=True) or (None if causal else "the non-causal window runs on the reference")
     if use_kernels(backend, q.device, "sliding_window_attention", unsupported, by_design=by_design):
         from nsa_core.kernels.sliding_window.autograd import sliding_window_triton
 
-        return sliding_window_triton(q, k, v, window, scale)
+        first = seqs.token_doc_start if seqs.is_packed else None
+        return sliding_window_triton(q, k, v, window, scale, first)
+    if seqs.is_packed:  # the twin: each document alone
+        return per_document(lambda s, e: sliding_window_reference(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], window,
+                                                                  causal=causal, scale=scale), seqs.spans())
     return sliding_window_reference(q, k, v, window, causal=causal, scale=scale, q_offset=seqs.q_offset)
