@@ -1,5 +1,7 @@
 """Launchers of the sliding-window kernels: tiles by head dim, grids, outputs. No host syncs.
 
+Packed documents: `first` (T,) int, the first token of each token's document (batch 1), or None.
+
 Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, T sequence, D / DV head dims.
 """
 
@@ -26,7 +28,7 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return outputs.too_large_reason(contiguous=True, q=q, k=k, v=v, output=o)
 
 
-def _config(q: torch.Tensor, v: torch.Tensor, backward: bool) -> dict:
+def _config(q: torch.Tensor, v: torch.Tensor, backward: bool, first: torch.Tensor | None = None) -> dict:
     """Tiles of 64 queries x 64 keys, 4 warps, forward and backward, for head dims up to 128
     (32 x 32 above). Measured on an H100 at 64k, d 128, window 512 (benchmarks/NOTES.md):
     forward 4.3 ms vs 6.8 with 128 x 64 / 8 warps. A 32-query backward tile was 2.4 ms faster
@@ -34,27 +36,27 @@ def _config(q: torch.Tensor, v: torch.Tensor, backward: bool) -> dict:
     block_d, block_dv = (max(16, triton.next_power_of_2(n)) for n in (q.shape[-1], v.shape[-1]))
     block = 32 if max(block_d, block_dv) > 128 else 64
     return dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_M=block, BLOCK_N=block,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACKED=first is not None, num_warps=4)
 
 
 def _strides(q, k, v, o) -> tuple:
     return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
 
 
-def sliding_window_fwd(q, k, v, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sliding_window_fwd(q, k, v, window: int, scale: float, first=None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, DV), unit last strides -> o, lse (B, HQ, T) float32."""
     B, HQ, T, _ = q.shape
     HKV = k.shape[1]
     o = outputs.new_output(B, HQ, T, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = outputs.new_output(B, HQ, T, device=q.device, dtype=torch.float32)
-    cfg = _config(q, v, backward=False)
+    cfg = _config(q, v, backward=False, first=first)
     if T > 0 and B * HQ > 0:
         sliding_window_fwd_kernel[(B * HQ, triton.cdiv(T, cfg["BLOCK_M"]))](
-            q, k, v, o, lse, *_strides(q, k, v, o), T, HQ, HQ // HKV, window, scale, **cfg)
+            q, k, v, o, lse, q if first is None else first, *_strides(q, k, v, o), T, HQ, HQ // HKV, window, scale, **cfg)
     return o, lse
 
 
-def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float):
+def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float, first=None):
     """Gradients (dq, dk, dv) of the forward's o for the upstream do (unit last stride)."""
     B, HQ, T, D = q.shape
     HKV, DV = k.shape[1], v.shape[-1]
@@ -62,9 +64,9 @@ def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float):
     dq = outputs.new_output(B, HQ, T, D, device=q.device, dtype=q.dtype)
     dk = outputs.new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
     dv = outputs.new_output(B, HKV, T, DV, device=q.device, dtype=v.dtype)
-    cfg = _config(q, v, backward=True)
+    cfg = _config(q, v, backward=True, first=first)
     if T > 0 and B * HQ > 0:
-        args = (*_strides(q, k, v, do), T, HQ, HQ // HKV, window, scale)
+        args = (q if first is None else first, *_strides(q, k, v, do), T, HQ, HQ // HKV, window, scale)
         sliding_window_bwd_dq_kernel[(B * HQ, triton.cdiv(T, cfg["BLOCK_M"]))](q, k, v, do, lse, delta, dq, *args, **cfg)
         sliding_window_bwd_dkdv_kernel[(B * HKV, triton.cdiv(T, cfg["BLOCK_N"]))](
             q, k, v, do, lse, delta, dk, dv, *args, **cfg)
