@@ -34,7 +34,8 @@ from nsa_core.ops.rotary import rotary
 from nsa_core.ops.selected_attention import selected_attention
 from nsa_core.ops.seqs import Seqs
 from nsa_core.ops.sliding_window import sliding_window_attention
-from nsa_core.reference.selection import Selection, SelectionRule
+from nsa_core.reference.documents import per_document
+from nsa_core.reference.selection import Selection, SelectionRule, num_scored_blocks
 
 
 @dataclass
@@ -46,6 +47,24 @@ class BranchKeys:
     compressed_v: Tensor
     rotated_k: Tensor
     v: Tensor
+
+
+def packed_seqs(cu_seqlens: Tensor | None, inp: Tensor) -> Seqs | None:
+    """The descriptor of `forward(inp, cu_seqlens=...)`: None without packing, else the validated
+    packed documents of inp (1, total, dim)."""
+    if cu_seqlens is None:
+        return None
+    if inp.shape[0] != 1:
+        raise ValueError(f"cu_seqlens packs documents into one row: input must have batch 1, got {inp.shape[0]}")
+    return Seqs.packed(cu_seqlens, inp.shape[1], device=inp.device)
+
+
+def _document_selection(selection: Selection | None, start: int, end: int) -> Selection | None:
+    """The queries start ... end - 1 of a selection."""
+    if selection is None:
+        return None
+    part = lambda t: None if t is None else t[:, :, start:end]
+    return Selection(part(selection.indices), part(selection.valid), part(selection.probs), part(selection.gates))
 
 
 def _pad_seq(t: Tensor, multiple: int) -> Tensor:
@@ -207,22 +226,24 @@ class SparseAttention(nn.Module):
         return compress_windows(windows_k, windows_v, k_positions=self.k_intrablock_positions,
                                 v_positions=self.v_intrablock_positions, k_net=self.k_compress, v_net=self.v_compress)
 
-    def compress(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Unrotated k, v (b, hk, n, d) -> compressed (b, hk, c, d), c = n // stride."""
+    def compress(self, k: Tensor, v: Tensor, seqs: Seqs | None = None) -> tuple[Tensor, Tensor]:
+        """Unrotated k, v (b, hk, n, d) -> compressed (b, hk, c, d), c = n // stride (packed documents:
+        c slots, each document's compressed tokens from its own windows; model/compression.py)."""
         block, stride = self.config.compress_block_size, self.stride
         if k.shape[-2] < stride:
             empty = k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[-1])
             return empty, empty.clone()
-        return self.compress_windows(compression_windows(k, block, stride), compression_windows(v, block, stride))
+        return self.compress_windows(compression_windows(k, block, stride, seqs), compression_windows(v, block, stride, seqs))
 
     def rotate(self, t: Tensor, positions: Tensor) -> Tensor:
         """Rotary embedding of t (..., n, d) whose tokens sit at `positions` (n,)."""
         return rotary(t, *self.rotary_emb.tables(positions, t.dtype), backend=self.config.backend)
 
-    def keys_of(self, k: Tensor, v: Tensor) -> BranchKeys:
-        """The branches' keys for a whole sequence: unrotated k, v (b, hk, n, d)."""
-        ck, cv = with_memory(self.compress_mem_kv, *self.compress(k, v))
-        return BranchKeys(ck, cv, self.rotate(k, torch.arange(k.shape[-2], device=k.device)), v)
+    def keys_of(self, k: Tensor, v: Tensor, seqs: Seqs | None = None) -> BranchKeys:
+        """The branches' keys for whole sequences (or packed documents, `seqs`): unrotated k, v (b, hk, n, d)."""
+        seqs = Seqs.batch(k.shape[-2]) if seqs is None else seqs
+        ck, cv = with_memory(self.compress_mem_kv, *self.compress(k, v, seqs))
+        return BranchKeys(ck, cv, self.rotate(k, seqs.key_positions(k.device)), v)
 
     # the branches --------------------------------------------------------------------------------
 
@@ -230,37 +251,60 @@ class SparseAttention(nn.Module):
         """Attention over the selected blocks (plus the own block when causal). Rotated q."""
         cfg = self.config
         k, v = keys.rotated_k, keys.v
-        b, _, n, _ = q.shape
+        if not cfg.causal:  # the oracle's padding and empty selections are per sequence: per document
+            if seqs.is_packed:
+                return per_document(lambda s, e: self._fine_not_causal(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                                                                       _document_selection(selection, s, e),
+                                                                       Seqs.batch(e - s)), seqs.spans())
+            return self._fine_not_causal(q, k, v, selection, seqs)
         common = dict(block_size=cfg.selection_block_size, scale=self.scale, backend=cfg.backend)
         if selection is None:
-            if cfg.causal:
-                none = torch.zeros(b, self.kv_heads, n, 0, dtype=torch.long, device=q.device)
-                return selected_attention(q, k, v, none, causal=True, seqs=seqs, **common)
+            none = torch.zeros(q.shape[0], self.kv_heads, q.shape[-2], 0, dtype=torch.long, device=q.device)
+            return selected_attention(q, k, v, none, causal=True, seqs=seqs, **common)
+        return selected_attention(q, k, v, selection.indices, valid=selection.valid, gates=selection.gates,
+                                  causal=True, seqs=seqs, **common)
+
+    def _fine_not_causal(self, q: Tensor, k: Tensor, v: Tensor, selection: Selection | None, seqs: Seqs) -> Tensor:
+        """The non-causal fine branch of one sequence (a row, a packed document alone, or a
+        sequence-parallel shard's queries over the whole sequence's keys)."""
+        cfg = self.config
+        b, _, n, _ = q.shape
+        common = dict(block_size=cfg.selection_block_size, scale=self.scale, backend=cfg.backend, causal=False)
+        num_slots = min(cfg.num_selected_blocks, num_scored_blocks(k.shape[-2] // self.stride, self.stride,
+                                                                   cfg.selection_block_size))
+        if selection is None or num_slots == 0:
             # the oracle attends each query's whole own block, zero padding included
             qp, kp, vp, padded = _pad_keys(q, k, v, seqs, cfg.selection_block_size)
             own = (padded.query_positions(q.device) // cfg.selection_block_size).view(1, 1, -1, 1)
             own = own.expand(b, self.kv_heads, -1, 1)
-            return selected_attention(qp, kp, vp, own, causal=False, seqs=padded, **common)[..., :n, :]
-        valid, gates = selection.valid, selection.gates
-        if not cfg.causal:
-            # a query none of whose slots is valid: the oracle averages the selected blocks' values
-            any_valid = valid.any(dim=-1, keepdim=True)
-            ones = torch.ones_like(selection.probs)
-            gates = torch.where(any_valid, ones if gates is None else gates, torch.zeros_like(ones))
-            valid = valid | ~any_valid
-        return selected_attention(q, k, v, selection.indices, valid=valid, gates=gates, causal=cfg.causal, seqs=seqs,
-                                  **common)
+            return selected_attention(qp, kp, vp, own, seqs=padded, **common)[..., :n, :]
+        # a packed selection has slots for the longest document: this one has num_slots of them
+        indices, valid, probs = (t[..., :num_slots] for t in (selection.indices, selection.valid, selection.probs))
+        gates = None if selection.gates is None else selection.gates[..., :num_slots]
+        # a query none of whose slots is valid: the oracle averages the selected blocks' values
+        any_valid = valid.any(dim=-1, keepdim=True)
+        ones = torch.ones_like(probs)
+        gates = torch.where(any_valid, ones if gates is None else gates, torch.zeros_like(ones))
+        return selected_attention(q, k, v, indices, valid=valid | ~any_valid, gates=gates, seqs=seqs, **common)
 
     def window_branch(self, q: Tensor, keys: BranchKeys, seqs: Seqs) -> Tensor:
         """Sliding-window attention. Rotated q."""
         cfg = self.config
-        window, n = cfg.sliding_window_size, q.shape[-2]
+        window = cfg.sliding_window_size
         common = dict(window=window, scale=self.scale, backend=cfg.backend)
         if cfg.causal:
             return sliding_window_attention(q, keys.rotated_k, keys.v, causal=True, seqs=seqs, **common)
-        # the oracle pads to a multiple of the window and attends the zero keys within reach
-        qp, kp, vp, padded = _pad_keys(q, keys.rotated_k, keys.v, seqs, window)
-        return sliding_window_attention(qp, kp, vp, causal=False, seqs=padded, **common)[..., :n, :]
+
+        def alone(q_: Tensor, k_: Tensor, v_: Tensor, seqs_: Seqs) -> Tensor:
+            # the oracle pads to a multiple of the window and attends the zero keys within reach
+            qp, kp, vp, padded = _pad_keys(q_, k_, v_, seqs_, window)
+            return sliding_window_attention(qp, kp, vp, causal=False, seqs=padded, **common)[..., : q_.shape[-2], :]
+
+        if seqs.is_packed:
+            k, v = keys.rotated_k, keys.v
+            return per_document(lambda s, e: alone(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], Seqs.batch(e - s)),
+                                seqs.spans())
+        return alone(q, keys.rotated_k, keys.v, seqs)
 
     # forward -------------------------------------------------------------------------------------
 
@@ -279,9 +323,11 @@ class SparseAttention(nn.Module):
         gates = self.to_strategy_combine(x_normed)  # (b, h, n, 3)
         return self.combine_heads(combine(compressed, fine, sliding, gates, backend=cfg.backend).flatten(-2))
 
-    def attend_projected(self, x_normed: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Everything after the projections for a whole sequence: q (b, h, n, d), unrotated k, v."""
-        return self.attend(x_normed, q, self.keys_of(k, v), Seqs.batch(q.shape[-2]))
+    def attend_projected(self, x_normed: Tensor, q: Tensor, k: Tensor, v: Tensor, seqs: Seqs | None = None) -> Tensor:
+        """Everything after the projections for whole sequences (or the packed documents `seqs`):
+        q (b, h, n, d), unrotated k, v."""
+        seqs = Seqs.batch(q.shape[-2]) if seqs is None else seqs
+        return self.attend(x_normed, q, self.keys_of(k, v, seqs), seqs)
 
     @torch.no_grad()
     def select(self, inp: Tensor) -> Selection | None:
@@ -299,8 +345,13 @@ class SparseAttention(nn.Module):
                                  dtype=weight.dtype if dtype is None else dtype)
 
     def forward(self, inp: Tensor, cache: NSACache | None = None, return_cache: bool = False, *,
-                lengths: Tensor | None = None, sequence_parallel_group=None):
+                lengths: Tensor | None = None, cu_seqlens: Tensor | None = None, sequence_parallel_group=None):
         """inp (batch, seq, dim) -> (batch, seq, dim); with return_cache also the decoding cache.
+
+        cu_seqlens (num_docs + 1,) int32 / int64 on inp's device: inp (1, total, dim) holds documents one
+        after the other, document i at tokens cu_seqlens[i] ... cu_seqlens[i + 1] - 1 (0 first, never
+        decreasing, total last; empty documents allowed). The output equals running every document
+        alone: no branch lets a token see another document (ops/seqs.py).
 
         With a cache (causal modules only; nsa_core/inference/decode.py): an empty cache takes inp as
         the prompt (its rows right-padded to `lengths` valid tokens, if given) through the parallel
@@ -312,17 +363,20 @@ class SparseAttention(nn.Module):
         r * seq / P ...; the output is its shard (nsa_core/distributed/sequence_parallel.py)."""
         self.check_input(inp)
         if sequence_parallel_group is not None:
-            if cache is not None or return_cache or lengths is not None:
-                raise ValueError("sequence_parallel_group runs the parallel pass: it takes no cache, return_cache or "
-                                 "lengths")
+            if cache is not None or return_cache or lengths is not None or cu_seqlens is not None:
+                raise ValueError("sequence_parallel_group runs the parallel pass over one sequence: it takes no cache, "
+                                 "return_cache, lengths or cu_seqlens")
             return sequence_parallel_forward(self, inp, sequence_parallel_group)
         if cache is not None or return_cache:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens packs documents for the parallel pass; a cache holds whole sequences")
             return run_with_cache(self, inp, cache, return_cache, lengths)
         if lengths is not None:
             raise ValueError("lengths describes a prompt for a cache: pass cache= or return_cache=True with it")
+        seqs = packed_seqs(cu_seqlens, inp)
         x = self.norm(inp)
         q, k, v = self.project(x)
-        return self.attend_projected(x, q, k, v)
+        return self.attend_projected(x, q, k, v, seqs)
 
     def extra_repr(self) -> str:
         c = self.config

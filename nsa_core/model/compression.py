@@ -4,6 +4,11 @@
 one for values mapping (b, hk, c, block, d) windows to (b, hk, c, d) tokens; the learned memory
 tokens go in front. Plain functions over SparseAttention's parameters (whose names are the oracle's).
 
+Packed documents (Seqs with cu_seqlens, batch 1): windows restart at every document (its first window
+left-padded with zeros, never reaching into the previous document); document i's window j goes to
+slot cu_seqlens[i] // stride + j of the T // stride slots (one gather, no host sync); a slot no
+document owns gets a zero window, whose compressed token no query sees.
+
 Dimension legend: b batch, hk kv heads, n tokens, c compressed tokens, d head dim, m memory tokens.
 """
 
@@ -13,10 +18,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nsa_core.ops.seqs import Seqs
 
-def compression_windows(t: Tensor, block: int, stride: int) -> Tensor:
-    """t (b, hk, n, d) -> the n // stride complete windows (b, hk, c, block, d)."""
+
+def _packed_windows(t: Tensor, block: int, stride: int, cu: Tensor) -> Tensor:
+    """t (1, hk, T, d), cu (N + 1,) -> (1, hk, T // stride, block, d)."""
+    slots = torch.arange(t.shape[-2] // stride, device=t.device)
+    first_slot = cu[:-1] // stride  # (N,) never decreasing; a document owning slots is the last one starting there
+    doc = (torch.searchsorted(first_slot, slots, right=True) - 1).clamp(min=0)
+    j = slots - first_slot[doc]
+    owned = j < (cu[doc + 1] - cu[doc]) // stride
+    tokens = cu[doc, None] + (j * stride - (block - stride))[:, None] + torch.arange(block, device=t.device)
+    real = owned[:, None] & (tokens >= cu[doc, None])  # (C, block)
+    windows = t[:, :, tokens.clamp(0, max(t.shape[-2] - 1, 0))]  # (1, hk, C, block, d)
+    return windows * real[..., None].to(t.dtype)
+
+
+def compression_windows(t: Tensor, block: int, stride: int, seqs: Seqs | None = None) -> Tensor:
+    """t (b, hk, n, d) -> the n // stride complete windows (b, hk, c, block, d); packed documents:
+    the windows of every document in its slots (module docstring)."""
     c = t.shape[-2] // stride
+    if seqs is not None and seqs.is_packed:
+        return _packed_windows(t, block, stride, seqs.cu_seqlens.long())
     t = F.pad(t[:, :, : c * stride], (0, 0, block - stride, 0))
     return t.unfold(2, block, stride).transpose(-1, -2)
 

@@ -2,6 +2,10 @@
 
 Same layout as native-sparse-attention-pytorch's Transformer: token embedding, `depth` blocks of
 (pre-normed attention + residual, pre-normed GELU feed-forward + residual), final RMSNorm, logits.
+
+Packed documents (`cu_seqlens`, ids of batch 1): every layer keeps each document to itself (sparse
+layers through their ops, dense layers one SDPA call per document, rotary positions restarting at
+each document), and the loss never predicts a document's first token from the previous document.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from torch import Tensor, nn
 from nsa_core.ops.validation import check_positive_int
 from nsa_core.model.rotary import RotaryEmbedding
 from nsa_core.inference.dense import DenseCache, dense_with_cache
-from nsa_core.model.attention import SparseAttention
+from nsa_core.model.attention import SparseAttention, packed_seqs
+from nsa_core.ops.rotary import rotary
+from nsa_core.ops.seqs import Seqs
+from nsa_core.reference.documents import per_document
 
 DEFAULT_SPARSE_KWARGS = dict(
     sliding_window_size=32, compress_block_size=4, selection_block_size=4, num_selected_blocks=4
@@ -51,16 +58,23 @@ class DenseAttention(nn.Module):
                                    dtype=weight.dtype if dtype is None else dtype)
 
     def forward(self, x: Tensor, cache: DenseCache | None = None, return_cache: bool = False, *,
-                lengths: Tensor | None = None):
+                lengths: Tensor | None = None, cu_seqlens: Tensor | None = None):
+        """x (b, n, dim) -> (b, n, dim); cu_seqlens: x (1, total, dim) holds packed documents, each
+        attending only to itself (one SDPA call per document). With a cache: inference/dense.py."""
         if cache is not None or return_cache:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens packs documents for the parallel pass; a cache holds whole sequences")
             out, cache = dense_with_cache(self, x, cache, lengths)
             return (out, cache) if return_cache else out
+        seqs = packed_seqs(cu_seqlens, x) or Seqs.batch(x.shape[1])
         x = self.norm(x)
         q, k, v = self.project(x)
-        q, k = self.rotary_embed.rotate(q), self.rotary_embed.rotate(k)
+        cos, sin = self.rotary_embed.tables(seqs.query_positions(x.device), q.dtype)
+        q, k = rotary(q, cos, sin, backend="torch"), rotary(k, cos, sin, backend="torch")
         group = self.heads // self.kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        out = per_document(lambda s, e: F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                                                                       is_causal=self.causal), seqs.spans())
         return self.to_out(out.transpose(1, 2).flatten(-2))
 
 
@@ -105,11 +119,15 @@ class Transformer(nn.Module):
         return [attn.new_cache(batch_size, max_seq_len, device=device, dtype=dtype) for attn, _ in self.layers]
 
     def forward(self, ids: Tensor, return_loss: bool = False, cache: list | None = None, return_cache: bool = False,
-                *, lengths: Tensor | None = None, sequence_parallel_group=None):
+                *, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None, sequence_parallel_group=None):
         """ids (b, n) -> logits (b, n, num_tokens); with return_loss the next-token cross entropy.
 
         With `cache` (a list from new_cache or return_cache=True; causal models), an empty cache takes
         ids as the prompt (rows right-padded to `lengths`), a filled one as the next tokens.
+        With `cu_seqlens` (num_docs + 1,), ids (1, total) holds packed documents (SparseAttention.forward
+        gives the rule): the logits equal each document's alone, and with return_loss the mean is
+        over the next-token terms within documents (the last token of one document does not
+        predict the first of the next).
         With `sequence_parallel_group` (sparse attention only), ids is this rank's shard of the
         sequence (b, n / P), rank r holding tokens r * n / P ...: the logits are the shard's; with
         return_loss the shard's inputs are all its tokens, the target of its last token is the next
@@ -123,14 +141,25 @@ class Transformer(nn.Module):
             raise ValueError("cache / return_cache need causal=True")
         if cache is not None and (not isinstance(cache, list) or len(cache) != len(self.layers)):
             raise ValueError(f"cache must be a list of {len(self.layers)} layer caches (from new_cache or return_cache=True)")
+        if cu_seqlens is not None and cached:
+            raise ValueError("cu_seqlens packs documents for the parallel pass; a cache holds whole sequences")
         if sequence_parallel_group is not None:
             if not self.use_sparse_attn:
                 raise ValueError("sequence_parallel_group needs use_sparse_attn=True (dense layers take no shards)")
-            if cached or lengths is not None:
-                raise ValueError("sequence_parallel_group takes no cache / return_cache / lengths")
+            if cached or lengths is not None or cu_seqlens is not None:
+                raise ValueError("sequence_parallel_group takes no cache / return_cache / lengths / cu_seqlens")
             return self._forward_shard(ids, return_loss, sequence_parallel_group)
+        packed = {}
+        if cu_seqlens is not None:
+            packed_seqs(cu_seqlens, ids[..., None])  # validates once, with the argument's name
+            packed = dict(cu_seqlens=cu_seqlens)
         if return_loss:
-            ids, labels = ids[:, :-1], ids[:, 1:]
+            if cu_seqlens is not None:
+                labels = _labels_within_documents(ids, cu_seqlens)
+                packed = dict(cu_seqlens=cu_seqlens.clamp(max=ids.shape[1] - 1))  # the last token is a label only
+            else:
+                labels = ids[:, 1:]
+            ids = ids[:, :-1]
         x = self.token_emb(ids)
         next_cache = []
         for i, (attn, ff) in enumerate(self.layers):
@@ -138,12 +167,12 @@ class Transformer(nn.Module):
                 out, layer_cache = attn(x, cache=None if cache is None else cache[i], return_cache=True, lengths=lengths)
                 next_cache.append(layer_cache)
             else:
-                out = attn(x)
+                out = attn(x, **packed)
             x = x + out
             x = x + ff(x)
         logits = self.to_logits(self.norm(x))
         if return_loss:
-            return F.cross_entropy(logits.transpose(1, 2), labels)
+            return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE)
         return (logits, next_cache) if return_cache else logits
 
     def _forward_shard(self, ids: Tensor, return_loss: bool, group) -> Tensor:
@@ -156,7 +185,7 @@ class Transformer(nn.Module):
         if not return_loss:
             return logits
         labels, num_targets = shard_targets(ids, group)
-        loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="sum")
         return loss / num_targets
 
     @torch.no_grad()
@@ -194,15 +223,26 @@ class Transformer(nn.Module):
         return out[:, prompt.shape[-1]:]
 
 
+IGNORE = -100  # cross-entropy label of a term that does not count
+
+
 def shard_targets(ids: Tensor, group) -> tuple[Tensor, int]:
     """Next-token targets of this rank's shard ids (b, nl): the shard shifted by one, then the next
-    rank's first token (-100, ignored, after the last rank's last token); and the number of targets
-    of the whole sequence, b * (n - 1). One tiny all-gather of every shard's first tokens."""
+    rank's first token (IGNORE after the last rank's last token); and the number of targets of the
+    whole sequence, b * (n - 1). One tiny all-gather of every shard's first tokens."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     firsts = [torch.empty_like(ids[:, :1]) for _ in range(world)]
     dist.all_gather(firsts, ids[:, :1].contiguous(), group=group)
-    after = firsts[rank + 1] if rank + 1 < world else torch.full_like(ids[:, :1], -100)
+    after = firsts[rank + 1] if rank + 1 < world else torch.full_like(ids[:, :1], IGNORE)
     return torch.cat((ids[:, 1:], after), dim=1), ids.shape[0] * (ids.shape[1] * world - 1)
+
+
+def _labels_within_documents(ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """ids (1, total) packed -> next-token labels (1, total - 1), IGNORE where the next token starts a document."""
+    total = ids.shape[1]
+    starts = torch.zeros(total + 1, dtype=torch.bool, device=ids.device)
+    starts[cu_seqlens.long()] = True  # a document of length 0 may start at total: the extra slot takes it
+    return torch.where(starts[1:total], torch.full_like(ids[:, 1:], IGNORE), ids[:, 1:])
 
 
 def _top_k(logits: Tensor, thres: float) -> Tensor:

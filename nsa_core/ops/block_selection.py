@@ -6,7 +6,12 @@ product (reference/pooled_selection.py) and, without use_diff_topk (whose gates 
 gradient), mask + softmax + top-k as one Triton pass (kernels/block_topk.py); with it, PyTorch's
 softmax and top-k on the pooled logits. Over query chunks either way (memory linear in T).
 Reference: reference/selection.py (exact compressed logits, any selection block); selection blocks
-smaller than the stride take it by design.
+smaller than the stride take it by design, and packed documents one document at a time.
+
+Packed documents (`seqs.cu_seqlens`): ck holds T // stride slots (document i's compressed token j at
+slot cu_seqlens[i] // stride + j); blocks are numbered from each document's start; every query gets
+S = min(num_selected, blocks of the longest possible document) slots, those its document lacks
+(it has fewer blocks) marked with index -1, invalid, probability 0.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import use_kernels
-from nsa_core.ops.seqs import Seqs, query_seqs
+from nsa_core.ops.seqs import PACKED_REASON, Seqs, query_seqs
 from nsa_core.ops.validation import check_same_device_dtype
+from nsa_core.reference.documents import compressed_span, per_document
 from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
 from nsa_core.reference.pooled_selection import pooled_block_logits, pooled_block_scores
 from nsa_core.reference.selection import (
@@ -43,6 +49,11 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
     seqs = query_seqs(q, seqs)
     pooled = rule.selection_block_size % rule.stride == 0
     by_design = None if pooled else "selection blocks smaller than the stride are scored on the exact reference path"
+    if seqs.is_packed:
+        if ck.shape[-2] != q.shape[-2] // rule.stride:
+            raise ValueError(f"packed documents need ck with T // stride = {q.shape[-2] // rule.stride} slots, "
+                             f"got {ck.shape[-2]}")
+        by_design = by_design or PACKED_REASON
 
     def unsupported() -> str | None:
         from nsa_core.kernels.limits import dtype_reason
@@ -50,6 +61,8 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
         return dtype_reason(q)
 
     if not use_kernels(backend, q.device, "block_selection", unsupported, by_design=by_design):
+        if seqs.is_packed:
+            return _select_per_document(q, ck, rule, seqs)
         return select_blocks_reference(q, ck, rule, q_offset=seqs.q_offset)
     return _select_pooled(q, ck, rule, seqs)
 
@@ -88,3 +101,31 @@ def _select_pooled(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Se
 
     with torch.set_grad_enabled(needs_grad):
         return join_selection(*map_query_chunks(part, T, chunk, needs_grad))
+
+
+def packed_slots(rule: SelectionRule, total: int) -> int:
+    """Slots per query of a packed selection: min(num_selected, blocks of a document of `total` tokens)."""
+    return min(rule.num_selected, num_scored_blocks(total // rule.stride, rule.stride, rule.selection_block_size))
+
+
+def _select_per_document(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Selection | None:
+    """The packed twin: every document's selection alone, slots it lacks marked -1 / invalid."""
+    S = packed_slots(rule, q.shape[-2])
+    if S == 0:
+        return None
+    heads = ck.shape[1] if rule.share_across_group else q.shape[1]
+
+    def document(start: int, end: int) -> tuple:
+        first, last = compressed_span(start, end, rule.stride)
+        alone = select_blocks_reference(q[:, :, start:end], ck[:, :, first:last], rule)
+        shape = (q.shape[0], heads, end - start, S)
+        fields = [torch.full(shape, -1, dtype=torch.long, device=q.device), torch.zeros(shape, dtype=torch.bool,
+                  device=q.device), q.new_zeros(shape), q.new_zeros(shape) if rule.use_diff_topk else None]
+        if alone is None:
+            return tuple(fields)
+        return tuple(None if pad is None else torch.cat((got, pad[..., got.shape[-1]:]), dim=-1)
+                     for got, pad in zip(selection_fields(alone), fields))
+
+    needs_grad = rule.use_diff_topk and torch.is_grad_enabled() and (q.requires_grad or ck.requires_grad)
+    with torch.set_grad_enabled(needs_grad):
+        return join_selection(*per_document(document, seqs.spans()))

@@ -2,17 +2,21 @@
 
 Kernel path: one SDPA call (flash / cuDNN kernels) through the staircase of kernels/compressed_sdpa.py,
 for plain batches. Reference: reference/compressed_attention.py over query chunks (memory linear in T);
-it also runs decoding steps (queries after cached keys), by design, until the decode kernels.
+it also runs decoding steps (queries after cached keys), by design, until the decode kernels, and
+packed documents one document at a time (reference/documents.py: each query sees the memory tokens and
+its own document's compressed slots).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import use_kernels
 from nsa_core.ops.seqs import Seqs, plain_layout_reason, query_seqs
 from nsa_core.ops.validation import check_positive_int, check_same_device_dtype
 from nsa_core.reference.compressed_attention import compressed_attention_chunked
+from nsa_core.reference.documents import compressed_span, per_document
 
 
 def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, stride: int, causal: bool = True,
@@ -20,16 +24,29 @@ def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, 
     """q (B, HQ, T, D); ck (B, HKV, M + C, D), cv (B, HKV, M + C, Dv) with the M = num_memory memory
     tokens first. Causal: compressed block c (last token (c + 1) * stride - 1) is visible to the query
     at position t when that last token is before t; memory tokens always. Returns (B, HQ, T, Dv).
-    `seqs`: where the queries sit (default: positions 0 ... T - 1)."""
+    `seqs`: where the queries sit (default: positions 0 ... T - 1); packed documents (`seqs.cu_seqlens`):
+    ck / cv hold the memory tokens and then T // stride slots, document i's compressed token j at slot
+    cu_seqlens[i] // stride + j (model/compression.py), and block c of a document is token c of it."""
     check_same_device_dtype(q=q, ck=ck, cv=cv)
     check_positive_int("num_memory", num_memory)
     check_positive_int("stride", stride)
     if ck.shape[-2] < num_memory:
         raise ValueError(f"ck must hold the {num_memory} memory tokens first, got {ck.shape[-2]} tokens")
     seqs = query_seqs(q, seqs)
+    if seqs.is_packed and ck.shape[-2] != num_memory + q.shape[-2] // stride:
+        raise ValueError(f"packed documents need ck with {num_memory} memory tokens and T // stride = "
+                         f"{q.shape[-2] // stride} slots, got {ck.shape[-2]} tokens")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if use_kernels(backend, q.device, "compressed_attention", by_design=plain_layout_reason(seqs)):
         from nsa_core.kernels.compressed_sdpa import compressed_attention_sdpa
 
         return compressed_attention_sdpa(q, ck, cv, num_memory, stride, causal, scale)
+    if seqs.is_packed:
+        def document(start: int, end: int) -> Tensor:
+            first, last = compressed_span(start, end, stride)
+            keys, values = (torch.cat((t[:, :, :num_memory], t[:, :, num_memory + first : num_memory + last]), dim=-2)
+                            for t in (ck, cv))
+            return compressed_attention_chunked(q[:, :, start:end], keys, values, num_memory, stride, causal, scale)
+
+        return per_document(document, seqs.spans())
     return compressed_attention_chunked(q, ck, cv, num_memory, stride, causal, scale, query_offset=seqs.q_offset)

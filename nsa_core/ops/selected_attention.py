@@ -9,6 +9,7 @@ from torch import Tensor
 from nsa_core.ops.dispatch import check_backend_name, use_kernels
 from nsa_core.ops.seqs import Seqs, plain_layout_reason, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
+from nsa_core.reference.documents import per_document
 from nsa_core.reference.selected_attention import selected_attention_reference
 
 
@@ -68,6 +69,9 @@ def selected_attention(
         backend: "torch" (reference), "triton" (kernels; raises where they cannot run) or "auto".
         seqs: where the queries sit among the keys (default: a plain batch, T queries over T keys);
             queries after cached keys (decoding) run on the reference until the decode kernels.
+            Packed documents (`seqs.cu_seqlens`, batch 1): block indices count from the query's
+            document start, blocks are cut at its end, and no key of another document is seen.
+            The kernels take them in one launch, by query (launch.packed_block_table).
 
     A query with no key at all gets a zero output. Returns (B, HQ, T, Dv).
 
@@ -88,9 +92,18 @@ def selected_attention(
 
         return kernel_unsupported_reason(q, k, v, block_size)
 
-    if use_kernels(backend, q.device, "selected_attention", unsupported, by_design=plain_layout_reason(seqs)):
+    if use_kernels(backend, q.device, "selected_attention", unsupported,
+                   by_design=plain_layout_reason(seqs, packed_ok=True)):
         from nsa_core.kernels.selected_attention.autograd import selected_attention_triton
 
-        return selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale, window)
+        return selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale, window,
+                                         seqs.cu_seqlens)
+    if seqs.is_packed:  # the twin: each document alone
+        def document(s: int, e: int) -> Tensor:
+            doc = lambda t: None if t is None else t[:, :, s:e]
+            return selected_attention_reference(doc(q), doc(k), doc(v), doc(indices), block_size, doc(valid),
+                                                doc(gates), causal, scale, window)
+
+        return per_document(document, seqs.spans())
     return selected_attention_reference(q, k, v, indices, block_size, valid, gates, causal, scale, window,
                                         q_offset=seqs.q_offset)

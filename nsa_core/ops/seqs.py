@@ -1,15 +1,19 @@
 """The sequence descriptor every op takes: where the queries sit among the keys.
 
-A plain batch (every row n queries over its own n keys) and a decoding step (q_len new queries
-after `q_offset` cached keys, so k_len = q_offset + q_len) are the same descriptor with different
-values; query i of a row sits at key position q_offset + i. The packing issue adds cumulative
-lengths (`cu_seqlens`) to this class and the sequence-parallel issue a shard's offset; every op
-already takes it, so those become new values here, not new arguments everywhere.
+A plain batch (every row n queries over its own n keys), a decoding step (q_len new queries
+after `q_offset` cached keys, so k_len = q_offset + q_len) and packed documents (one row of
+`total` tokens holding documents one after the other, `cu_seqlens` their cumulative lengths, as in
+flash-attention's varlen functions) are the same descriptor with different values. Query i of a
+plain row sits at key position q_offset + i; a packed token t sits at position t - start(t) of its
+document, and sees only its document's keys. The sequence-parallel issue adds a shard's offset.
+
+Dimension legend: N documents, T tokens of the packed row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -20,6 +24,10 @@ class Seqs:
     q_len: int  # queries per row
     k_len: int  # keys per row
     q_offset: int = 0  # key position of the first query
+    # packed documents (batch 1, queries and keys alike): (N + 1,) int cumulative lengths on the
+    # tensors' device, and the longest document (read once when the descriptor was made)
+    cu_seqlens: Tensor | None = field(default=None, compare=False)
+    max_seqlen: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("q_len", "k_len", "q_offset"):
@@ -31,6 +39,8 @@ class Seqs:
                 f"queries at positions {self.q_offset} ... {self.q_offset + self.q_len - 1} need that many keys, "
                 f"got k_len={self.k_len}"
             )
+        if self.cu_seqlens is not None and not (self.q_offset == 0 and self.q_len == self.k_len):
+            raise ValueError("packed documents (cu_seqlens) take queries over their own keys (no q_offset)")
 
     @classmethod
     def batch(cls, seq_len: int) -> "Seqs":
@@ -42,20 +52,82 @@ class Seqs:
         """num_new queries appended after num_cached keys (decoding, chunked prefill)."""
         return cls(num_new, num_cached + num_new, num_cached)
 
+    @classmethod
+    def packed(cls, cu_seqlens: Tensor, total: int, device: torch.device | str | None = None) -> "Seqs":
+        """Documents packed into one row of `total` tokens: cu_seqlens (N + 1,) int32 / int64, on
+        `device` (the tokens' device), starting at 0, never decreasing, ending at total (empty
+        documents allowed). Validating reads cu_seqlens once (one host sync per descriptor)."""
+        if not isinstance(cu_seqlens, Tensor):
+            raise TypeError(f"cu_seqlens must be an int32 or int64 torch.Tensor, got {type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with num_docs + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        if device is not None and cu_seqlens.device != torch.device(device):
+            raise ValueError(f"cu_seqlens must be on the input's device ({device}), got {cu_seqlens.device}")
+        values = cu_seqlens.tolist()
+        if values[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
+        lengths = [b - a for a, b in zip(values, values[1:])]
+        if min(lengths) < 0:
+            raise ValueError(f"cu_seqlens must never decrease, got {values}")
+        if values[-1] != total:
+            raise ValueError(f"cu_seqlens must end at the total length {total}, got {values[-1]}")
+        return cls(total, total, 0, cu_seqlens=cu_seqlens, max_seqlen=max(lengths))
+
+    @property
+    def is_packed(self) -> bool:
+        return self.cu_seqlens is not None
+
     @property
     def is_plain(self) -> bool:
-        return self.q_offset == 0 and self.q_len == self.k_len
+        """One sequence per row, queries over their own keys (no offset, no packing)."""
+        return self.q_offset == 0 and self.q_len == self.k_len and not self.is_packed
+
+    @property
+    def num_docs(self) -> int:
+        return 1 if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, end) token range of every document (a plain row: one). Reads cu_seqlens on the
+        host: for the reference path and the oracle's per-sequence padding, never for kernels."""
+        if self.cu_seqlens is None:
+            return [(0, self.q_len)]
+        values = self.cu_seqlens.tolist()
+        return list(zip(values[:-1], values[1:]))
+
+    @cached_property
+    def token_doc_start(self) -> Tensor:
+        """Packed only: (T,) int64, the first token of each token's document (on cu_seqlens' device, no sync)."""
+        cu = self.cu_seqlens.long()
+        tokens = torch.arange(self.k_len, device=cu.device)
+        return cu[torch.searchsorted(cu, tokens, right=True) - 1]
 
     def query_positions(self, device: torch.device | str) -> Tensor:
+        """Position of every query within its sequence (a packed token: within its document)."""
+        if self.is_packed:
+            return torch.arange(self.q_len, device=device) - self.token_doc_start.to(device)
         return torch.arange(self.q_offset, self.q_offset + self.q_len, device=device)
 
+    def key_positions(self, device: torch.device | str) -> Tensor:
+        """Position of every key within its sequence (a packed token: within its document)."""
+        if self.is_packed:
+            return self.query_positions(device)
+        return torch.arange(self.k_len, device=device)
+
     def check(self, q: Tensor, k: Tensor) -> None:
-        """q (..., q_len, d) and k (..., k_len, d) must match the descriptor."""
+        """q (..., q_len, d) and k (..., k_len, d) must match the descriptor (packed: batch 1)."""
         if q.shape[-2] != self.q_len or k.shape[-2] != self.k_len:
             raise ValueError(
                 f"seqs describes {self.q_len} queries over {self.k_len} keys, got q with {q.shape[-2]} and "
                 f"k with {k.shape[-2]} tokens"
             )
+        check_packed_batch(self, q)
+
+
+def check_packed_batch(seqs: Seqs, t: Tensor) -> None:
+    if seqs.is_packed and t.ndim >= 3 and t.shape[0] != 1:
+        raise ValueError(f"cu_seqlens packs documents into one row: the batch must be 1, got {t.shape[0]}")
 
 
 def seqs_for(q: Tensor, k: Tensor, seqs: Seqs | None) -> Seqs:
@@ -80,12 +152,17 @@ def query_seqs(q: Tensor, seqs: Seqs | None) -> Seqs:
         raise TypeError(f"seqs must be a nsa_core.ops.Seqs or None, got {type(seqs).__name__}")
     if q.shape[-2] != seqs.q_len:
         raise ValueError(f"seqs describes {seqs.q_len} queries, got q with {q.shape[-2]} tokens")
+    check_packed_batch(seqs, q)
     return seqs
 
 
 LAYOUT_REASON = "the kernels take plain batches (queries over their own keys, no offset)"
+PACKED_REASON = "packed documents (cu_seqlens) run on the reference for this op"
 
 
-def plain_layout_reason(seqs: Seqs) -> str | None:
-    """Why a kernel that takes only plain batches does not take this layout (None if it does)."""
+def plain_layout_reason(seqs: Seqs, packed_ok: bool = False) -> str | None:
+    """Why a kernel that takes only plain batches (and, with packed_ok, packed documents) does not
+    take this layout (None if it does)."""
+    if seqs.is_packed:
+        return None if packed_ok else PACKED_REASON
     return None if seqs.is_plain else LAYOUT_REASON

@@ -8,6 +8,7 @@ from torch import Tensor
 from nsa_core.ops.dispatch import check_backend_name, use_kernels
 from nsa_core.ops.seqs import Seqs, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
+from nsa_core.reference.documents import per_document
 from nsa_core.reference.sliding_window import sliding_window_reference
 
 
@@ -23,7 +24,9 @@ def sliding_window_attention(
     Returns (B, HQ, T, Dv). Kernel path (causal only; fp16, bf16, fp32; D, Dv <= 256): a
     flash-attention band (kernels/sliding_window), forward and backward, for any query offset
     (a sequence-parallel shard, queries after cached keys). The non-causal window runs on the
-    reference by design.
+    reference by design. Packed documents (`seqs.cu_seqlens`, batch 1): a query sees only the keys of
+    its own document (the kernels take them in one launch, each token's document start as the
+    band's lower bound).
     """
     check_qkv(q, k, v, same_length=False)
     seqs = seqs_for(q, k, seqs)
@@ -39,5 +42,9 @@ def sliding_window_attention(
     if use_kernels(backend, q.device, "sliding_window_attention", unsupported, by_design=by_design):
         from nsa_core.kernels.sliding_window.autograd import sliding_window_triton
 
-        return sliding_window_triton(q, k, v, window, scale, seqs.q_offset)
+        first = seqs.token_doc_start if seqs.is_packed else None
+        return sliding_window_triton(q, k, v, window, scale, seqs.q_offset, first)
+    if seqs.is_packed:  # the twin: each document alone
+        return per_document(lambda s, e: sliding_window_reference(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], window,
+                                                                  causal=causal, scale=scale), seqs.spans())
     return sliding_window_reference(q, k, v, window, causal=causal, scale=scale, q_offset=seqs.q_offset)

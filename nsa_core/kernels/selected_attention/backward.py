@@ -39,7 +39,7 @@ def _dq_keys(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_kt, stride_vt, o_
 
 @triton.jit
 def selected_attention_bwd_dq_kernel(
-    q, k, v, do, lse, delta, idx, gates, dq, dgates,
+    q, k, v, do, lse, delta, idx, gates, dq, dgates, table, W,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -47,7 +47,7 @@ def selected_attention_bwd_dq_kernel(
     S: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
-    WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -73,7 +73,8 @@ def selected_attention_bwd_dq_kernel(
 
     p_sel = (i_bh * T + i_t) * S
     for step in range(0, S, SLOTS_PER_STEP):
-        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, i_t, T, S, SLOTS_PER_STEP, BLOCK, BLOCK_N, CAUSAL, HAS_GATES, WINDOW)
+        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, i_t, T, table, W, S, SLOTS_PER_STEP, BLOCK, BLOCK_N, CAUSAL,
+                                           HAS_GATES, WINDOW, PACKED)
         b_dq, b_dgate_col = _dq_keys(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate,
                                      scale, BLOCK_D, BLOCK_DV, D, DV, PRECISION)
         if HAS_GATES:
@@ -81,7 +82,7 @@ def selected_attention_bwd_dq_kernel(
             o_slot = step + tl.arange(0, SLOTS_PER_STEP)
             tl.store(dgates + p_sel + o_slot, b_dgate, mask=o_slot < S)
     if CAUSAL:
-        o_key, m_key, b_gate = own_block_keys(i_t, T, BLOCK, BLOCK_N, WINDOW)
+        o_key, m_key, b_gate = own_block_keys(i_t, T, table, W, BLOCK, BLOCK_N, WINDOW, PACKED)
         b_dq, _ = _dq_keys(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate,
                            scale, BLOCK_D, BLOCK_DV, D, DV, PRECISION)
     tl.store(dq + p_rows + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & (o_d[None, :] < D))
@@ -137,7 +138,7 @@ def _write_dq_rows(dq_part, b_dq_rows, p_partial, p_row, m_row, D: tl.constexpr,
 
 @triton.jit
 def selected_attention_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, entries, offsets, gates, dk, dv, dq_part, dgates,
+    q, k, v, do, lse, delta, entries, offsets, gates, dk, dv, dq_part, dgates, table, W,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -146,6 +147,7 @@ def selected_attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
     DQ_PARTIAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """dK/dV of one key block (and, with DQ_PARTIAL, the dq of the rows that attend it — as partials
     (B, HQ, T, S + 1, D), slot S being the own block, or with DQ_ATOMIC added into a float32
@@ -157,7 +159,8 @@ def selected_attention_bwd_dkdv_kernel(
     HQ = HI * ROWS
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
-    o_key, m_key, b_k, b_v = load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV)
+    o_key, m_key, b_k, b_v = load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV,
+                                            table, W, PACKED)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     o_d = tl.arange(0, BLOCK_D)
@@ -187,7 +190,7 @@ def selected_attention_bwd_dkdv_kernel(
     # 2. the queries of the block itself, all G query heads of this kv head (causal own block)
     if CAUSAL:
         for step in range(0, BLOCK, BLOCK_M // G_P):
-            o_t, m_row, o_hq = own_block_rows(i_blk, step, i_hk, T, G, BLOCK, G_P, BLOCK_M)
+            o_t, m_row, o_hq = own_block_rows(i_blk, step, i_hk, T, G, BLOCK, G_P, BLOCK_M, table, W, PACKED)
             b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
             b_dk, b_dv, b_dq_rows, b_dgate_rows = _accumulate_dkdv(
                 b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,

@@ -2,6 +2,8 @@
 dK/dV kernel of backward.py): the key block, its segment of the CSR entries, and the query rows
 of a step (entries that selected the block, or the block's own queries).
 
+Packed documents (PACKED): blk is a virtual block, whose keys `table` gives (forward.py's docstring).
+
 Naming: o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
 """
 
@@ -10,14 +12,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _block_span(blk, o_n, T, table, W, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+    """Tokens o_n of block blk and their mask (in the block, in the sequence or its document)."""
+    if PACKED:
+        o_tok = tl.load(table + blk + o_n * 0) + o_n
+        return o_tok, (o_n < BLOCK) & (o_tok < tl.load(table + W + blk + o_n * 0))
+    o_tok = blk * BLOCK + o_n
+    return o_tok, (o_n < BLOCK) & (o_tok < T)
+
+
+@triton.jit
 def load_key_block(p_k, p_v, stride_kt, stride_vt, blk, T,
                    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   D: tl.constexpr, DV: tl.constexpr):
+                   D: tl.constexpr, DV: tl.constexpr, table, W, PACKED: tl.constexpr):
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    o_key = blk * BLOCK + o_n
-    m_key = (o_n < BLOCK) & (o_key < T)
+    o_key, m_key = _block_span(blk, o_n, T, table, W, BLOCK, PACKED)
     b_k = tl.load(p_k + o_key[:, None] * stride_kt + o_d[None, :], mask=m_key[:, None] & (o_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
     b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
     return o_key, m_key, b_k, b_v
@@ -47,12 +58,13 @@ def entry_rows(entries, pos, end, T, HI, S: tl.constexpr, ROWS: tl.constexpr, RO
 
 
 @triton.jit
-def own_block_rows(blk, step, i_hk, T, G, BLOCK: tl.constexpr, G_P: tl.constexpr, BLOCK_M: tl.constexpr):
+def own_block_rows(blk, step, i_hk, T, G, BLOCK: tl.constexpr, G_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                   table, W, PACKED: tl.constexpr):
     """Rows of step `step` over the block's own queries: BLOCK_M // G_P tokens x the G query
     heads of kv head i_hk. Returns (token, row mask, query head), each [BLOCK_M]."""
     o_m = tl.arange(0, BLOCK_M)
     o_tt = o_m // G_P
     o_gg = o_m % G_P
-    o_t = blk * BLOCK + step + o_tt
-    m_row = (step + o_tt < BLOCK) & (o_t < T) & (o_gg < G)
+    o_t, m_t = _block_span(blk, step + o_tt, T, table, W, BLOCK, PACKED)
+    m_row = m_t & (o_gg < G)
     return o_t, m_row, i_hk * G + o_gg

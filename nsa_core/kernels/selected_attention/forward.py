@@ -6,6 +6,11 @@ so the tensor cores get a full tile. Each selected key block is loaded once for 
 SLOTS_PER_STEP selected blocks are gathered into one key tile per step (fewer, larger steps);
 the own block (causal) comes last.
 
+Packed documents (PACKED): block ids are virtual blocks, one per (document, block of it), and
+`table` (3, W) int32 gives each virtual block's first key (row 0) and end (row 1), and each token's
+own virtual block (row 2); launch.packed_block_table builds it. Without packing, block j is keys
+j * BLOCK ... cut at T.
+
 Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
 """
 
@@ -14,17 +19,29 @@ import triton.language as tl
 
 
 @triton.jit
-def slot_keys(idx, gates, p_sel, step, t, T,
+def block_keys(blk, m_blk, o_in, T, table, W, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+    """Keys o_in of blocks blk (same shapes) and their mask: in the block and in the sequence."""
+    if PACKED:
+        b_first = tl.load(table + blk, mask=m_blk, other=0)
+        o_key = b_first + o_in
+        m_key = m_blk & (o_in < BLOCK) & (o_key < tl.load(table + W + blk, mask=m_blk, other=0))
+    else:
+        o_key = blk * BLOCK + o_in
+        m_key = m_blk & (o_in < BLOCK) & (o_key < T)
+    return o_key, m_key
+
+
+@triton.jit
+def slot_keys(idx, gates, p_sel, step, t, T, table, W,
               S: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr, WINDOW: tl.constexpr):
+              CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr, WINDOW: tl.constexpr, PACKED: tl.constexpr):
     """Key positions, mask and logit gate of the tile holding slots step ... step + SLOTS_PER_STEP - 1."""
     o_n = tl.arange(0, SLOTS_PER_STEP * BLOCK_N)
     o_slot = step + o_n // BLOCK_N
     o_in = o_n % BLOCK_N
     m_slot = o_slot < S
     b_blk = tl.load(idx + p_sel + o_slot, mask=m_slot, other=-1)  # [N]: the block of each column
-    o_key = b_blk * BLOCK + o_in
-    m_key = m_slot & (b_blk >= 0) & (o_in < BLOCK) & (o_key < T)
+    o_key, m_key = block_keys(b_blk, m_slot & (b_blk >= 0), o_in, T, table, W, BLOCK, PACKED)
     if CAUSAL:
         m_key = m_key & (o_key <= t)
     if WINDOW > 0:
@@ -36,10 +53,15 @@ def slot_keys(idx, gates, p_sel, step, t, T,
 
 
 @triton.jit
-def own_block_keys(t, T, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+def own_block_keys(t, T, table, W, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+                   PACKED: tl.constexpr):
     o_in = tl.arange(0, BLOCK_N)
-    o_key = (t // BLOCK) * BLOCK + o_in
-    m_key = (o_in < BLOCK) & (o_key <= t) & (o_key < T)
+    if PACKED:
+        b_blk = tl.load(table + 2 * W + t + o_in * 0)  # [N]: the token's own virtual block
+        o_key, m_key = block_keys(b_blk, o_in < BLOCK, o_in, T, table, W, BLOCK, PACKED)
+    else:
+        o_key, m_key = block_keys(t // BLOCK, o_in < BLOCK, o_in, T, table, W, BLOCK, PACKED)
+    m_key = m_key & (o_key <= t)
     if WINDOW > 0:
         m_key = m_key & (o_key >= t - WINDOW)
     return o_key, m_key, tl.full([BLOCK_N], 1.0, dtype=tl.float32)
@@ -65,7 +87,7 @@ def _attend_keys(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, o_key, m_
 
 @triton.jit
 def selected_attention_fwd_kernel(
-    q, k, v, idx, gates, o, lse,
+    q, k, v, idx, gates, o, lse, table, W,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -74,7 +96,7 @@ def selected_attention_fwd_kernel(
     S: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
-    WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)  # over (batch, selection head)
@@ -98,11 +120,12 @@ def selected_attention_fwd_kernel(
 
     p_sel = (i_bh * T + i_t) * S  # row of idx / gates, both (B, HI, T, S) contiguous
     for step in range(0, S, SLOTS_PER_STEP):
-        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, i_t, T, S, SLOTS_PER_STEP, BLOCK, BLOCK_N, CAUSAL, HAS_GATES, WINDOW)
+        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, i_t, T, table, W, S, SLOTS_PER_STEP, BLOCK, BLOCK_N, CAUSAL,
+                                           HAS_GATES, WINDOW, PACKED)
         b_m, b_l, b_acc = _attend_keys(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate, scale,
                                        BLOCK_D, BLOCK_DV, D, DV, PRECISION)
     if CAUSAL:
-        o_key, m_key, b_gate = own_block_keys(i_t, T, BLOCK, BLOCK_N, WINDOW)
+        o_key, m_key, b_gate = own_block_keys(i_t, T, table, W, BLOCK, BLOCK_N, WINDOW, PACKED)
         b_m, b_l, b_acc = _attend_keys(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate, scale,
                                        BLOCK_D, BLOCK_DV, D, DV, PRECISION)
 

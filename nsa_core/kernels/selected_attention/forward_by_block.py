@@ -66,7 +66,8 @@ def selected_attention_fwd_by_block_kernel(
     HQ = HI * ROWS
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
-    o_key, m_key, b_k, b_v = load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV)
+    o_key, m_key, b_k, b_v = load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV,
+                                            offsets, 0, False)
 
     # 1. the (query, head set, slot) entries that selected this block
     start, end = segment_bounds(offsets, i_bk * NB + i_blk)
@@ -82,7 +83,7 @@ def selected_attention_fwd_by_block_kernel(
     # 2. the queries of the block itself, all G query heads of this kv head: slot S
     if CAUSAL and i_split == 0:
         for step in range(0, BLOCK, BLOCK_M // G_P):
-            o_t, m_row, o_hq = own_block_rows(i_blk, step, i_hk, T, G, BLOCK, G_P, BLOCK_M)
+            o_t, m_row, o_hq = own_block_rows(i_blk, step, i_hk, T, G, BLOCK, G_P, BLOCK_M, offsets, 0, False)
             b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
             b_o, b_mx, b_l = _partial_rows(b_k, b_v, o_key, m_key, q, i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt,
                                            o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)

@@ -1,6 +1,10 @@
 """Launchers of the selected-attention kernels: checks what the kernels support, allocates
 outputs, picks tiles and grids, builds the CSR index of the dK/dV pass. No host syncs.
 
+Packed documents (batch 1): `packed_block_table` turns document-relative block indices into virtual
+blocks (one per block of each document, at most T // block + N of them) and gives the kernels their
+key ranges; they run by query (the by-block forward does not take them yet), one launch for all.
+
 Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, HI heads of the selection
 (HKV: shared by a group, or HQ), T sequence, S slots, D / DV head dims, NB key blocks.
 """
@@ -106,6 +110,37 @@ def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward:
     return "by_block" if rows <= max_rows and partial_bytes <= PARTIALS_BUDGET_BYTES else "by_query"
 
 
+def packed_block_table(idx: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx (1, HI, T, S) int32 document-relative (-1: invalid), cu_seqlens (N + 1,) -> (virtual block
+    ids of the same shape, -1 where invalid or past the document; table (2 * NVB + T,) int32: the
+    first key of every virtual block, then its end, then each token's own virtual block). Device ops only."""
+    T = idx.shape[2]
+    cu = cu_seqlens.to(device=idx.device, dtype=torch.int64)
+    num_blocks = (cu[1:] - cu[:-1] + block_size - 1) // block_size  # (N,)
+    first_block = torch.cat((cu.new_zeros(1), num_blocks.cumsum(0)))  # (N + 1,) virtual id of each document's block 0
+    nvb = T // block_size + num_blocks.numel()  # sum of ceil(n_i / block) <= T // block + N
+    vblk = torch.arange(nvb, device=idx.device)
+    doc = (torch.searchsorted(first_block[:-1], vblk, right=True) - 1).clamp(min=0)
+    j = vblk - first_block[doc]
+    used = j < num_blocks[doc]
+    first_key = torch.where(used, cu[doc] + j * block_size, 0)
+    end_key = torch.where(used, torch.minimum(first_key + block_size, cu[doc + 1]), 0)
+    tokens = torch.arange(T, device=idx.device)
+    tok_doc = torch.searchsorted(cu, tokens, right=True) - 1
+    own = first_block[tok_doc] + (tokens - cu[tok_doc]) // block_size
+    table = torch.cat((first_key, end_key, own)).to(torch.int32)
+    ok = (idx >= 0) & (idx < num_blocks[tok_doc].view(1, 1, T, 1))
+    virtual = torch.where(ok, idx + first_block[tok_doc].view(1, 1, T, 1).to(idx.dtype), torch.full_like(idx, -1))
+    return virtual.contiguous(), table
+
+
+def _packed(table: torch.Tensor | None, T: int, block_size: int) -> tuple[int, dict]:
+    """Key blocks (the grid of the dK/dV pass) and the kernels' packing arguments."""
+    if table is None:
+        return math.ceil(T / block_size), dict(W=0, PACKED=False)
+    return (table.numel() - T) // 2, dict(W=(table.numel() - T) // 2, PACKED=True)
+
+
 def _csr_index_dtype(idx: torch.Tensor) -> torch.dtype:
     return torch.int32 if idx.numel() < 2**31 else torch.int64
 
@@ -116,22 +151,25 @@ def csr_size(idx: torch.Tensor, num_kv_heads: int, block_size: int) -> tuple[tup
     return (idx.numel(),), (B * num_kv_heads * math.ceil(T / block_size) + 1,), _csr_index_dtype(idx)
 
 
-def selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0):
+def selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
+                                    table: torch.Tensor | None = None):
     """selected_attention_fwd, plus the CSR index (entries, offsets) when the forward built one (by
     block) for the backward to reuse, else two empty tensors."""
-    if choose_scheme(q, k, idx) == "by_block":
+    if table is None and choose_scheme(q, k, idx) == "by_block":
         return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, None)
-    o, lse = selected_attention_fwd(q, k, v, idx, gates, block_size, causal, scale, window, scheme="by_query")
+    o, lse = selected_attention_fwd(q, k, v, idx, gates, block_size, causal, scale, window, scheme="by_query",
+                                    table=table)
     no_csr = [torch.empty(0, device=q.device, dtype=torch.int32) for _ in range(2)]  # two tensors: outputs may not alias
     return o, lse, *no_csr
 
 
 def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
                            slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                           scheme: str | None = None, splits: int | None = None):
+                           scheme: str | None = None, splits: int | None = None, table: torch.Tensor | None = None):
     """q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, DV), idx (B, HI, T, S) int32 with -1 for
-    invalid slots, gates (B, HI, T, S) or None -> o (B, HQ, T, DV), lse (B, HQ, T) float32."""
-    scheme = scheme or choose_scheme(q, k, idx)
+    invalid slots, gates (B, HI, T, S) or None -> o (B, HQ, T, DV), lse (B, HQ, T) float32.
+    table: packed documents (packed_block_table; idx holds virtual blocks), by query only."""
+    scheme = "by_query" if table is not None else scheme or choose_scheme(q, k, idx)
     if scheme == "by_block":
         return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits)[:2]
     B, HQ, T, _ = q.shape
@@ -141,13 +179,14 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
     lse = outputs.new_output(B, HQ, T, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
     grid = (T, B * HI)
+    _, packing = _packed(table, T, block_size)
     selected_attention_fwd_kernel[grid](
-        q, k, v, idx, gates if gates is not None else idx, o, lse,
+        q, k, v, idx, gates if gates is not None else idx, o, lse, idx if table is None else table, packing["W"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         T, HI, scale,
         S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
-        CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window,
+        CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window, PACKED=packing["PACKED"],
         num_warps=num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8), num_stages=num_stages, **tiles,
     )
     return o, lse
@@ -209,7 +248,8 @@ def build_csr(idx: torch.Tensor, num_kv_heads: int, num_blocks: int, rows: int):
 def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
                            csr: tuple[torch.Tensor, torch.Tensor] | None = None, slots_per_step: int | None = None,
                            num_warps: int | None = None, num_stages: int = 2, dkdv_block_m: int | None = None,
-                           dkdv_warps: int | None = None, scheme: str | None = None, dq_atomic: bool | None = None):
+                           dkdv_warps: int | None = None, scheme: str | None = None, dq_atomic: bool | None = None,
+                           table: torch.Tensor | None = None):
     """Gradients (dq, dk, dv, dgates or None) of selected_attention_fwd. By query: a dQ kernel
     walks each query's blocks and a dK/dV kernel each block's queries. By block: the dK/dV
     kernel also computes each (query row, block)'s dq and the gate gradients, and adds the dq
@@ -242,8 +282,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
         dq_part = delta
         dq = outputs.new_output(*q.shape, device=q.device, dtype=q.dtype)
         _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps, num_stages,
-                   rows, rows_p, tiles)
-    num_blocks = math.ceil(T / block_size)
+                   rows, rows_p, tiles, table)
+    num_blocks, packing = _packed(table, T, block_size)
     entries, offsets = csr if csr is not None and csr[0].numel() == idx.numel() else build_csr(idx, HKV, num_blocks, rows)
     dk = outputs.new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
     dv = outputs.new_output(B, HKV, T, v.shape[-1], device=q.device, dtype=v.dtype)
@@ -255,12 +295,12 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     dkdv_stages = 1 if by_block and wide and dkdv_block_m is None else num_stages
     selected_attention_bwd_dkdv_kernel[(num_blocks, B * HKV)](
         q, k, v, do, lse, delta, entries, offsets, gates if gates is not None else lse, dk, dv, dq_part,
-        dgates if dgates is not None else lse,
+        dgates if dgates is not None else lse, offsets if table is None else table, packing["W"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         T, HI, HKV, num_blocks, scale,
         S=S, G=G, ROWS=rows, ROWS_P=entry_rows, G_P=_pow2(G), BLOCK_M=block_m, CAUSAL=causal,
-        HAS_GATES=gates is not None, DQ_PARTIAL=by_block, DQ_ATOMIC=dq_atomic, WINDOW=window,
+        HAS_GATES=gates is not None, DQ_PARTIAL=by_block, DQ_ATOMIC=dq_atomic, WINDOW=window, PACKED=packing["PACKED"],
         num_warps=dkdv_warps or (8 if by_block else warps), num_stages=dkdv_stages, **tiles,
     )
     if by_block and dq_atomic:
@@ -275,14 +315,17 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
 
 
 def _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps, num_stages,
-               rows, rows_p, tiles):
+               rows, rows_p, tiles, table=None):
     B, HQ, T, _ = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
+    _, packing = _packed(table, T, tiles["BLOCK"])
     selected_attention_bwd_dq_kernel[(T, B * HI)](
         q, k, v, do, lse, delta, idx, gates if gates is not None else idx, dq, dgates if dgates is not None else lse,
+        idx if table is None else table, packing["W"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         T, HI, scale,
         S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
-        CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window, num_warps=warps, num_stages=num_stages, **tiles,
+        CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window, PACKED=packing["PACKED"], num_warps=warps,
+        num_stages=num_stages, **tiles,
     )

@@ -2,7 +2,8 @@
 
 TQ queries over TK keys, query row m at key position Q_OFF + m (a plain batch: Q_OFF = 0, TQ = TK;
 a sequence-parallel shard or queries after cached keys: an offset). Query t sees key s when
-0 <= t - s <= window. A flash-attention band: a program holds a tile of
+0 <= t - s <= window, and, with packed documents (PACKED, Q_OFF = 0), s >= first[t], the first token
+of t's document (`first` (T,) int, never decreasing). A flash-attention band: a program holds a tile of
 BLOCK_M queries of one head and walks only the key tiles that reach into its window (about
 (window + BLOCK_M) / BLOCK_N of them), so K/V are read once per query tile, not once per query
 as when the window ran on the selected-block kernels. dK/dV: one program per key tile and kv
@@ -17,10 +18,28 @@ import triton.language as tl
 
 
 @triton.jit
-def _band(o_pm, o_n, T, window):
-    """[M, N] mask: key o_n (of T keys) within the window of the query at key position o_pm."""
+def _band(o_pm, o_n, T, window, b_first):
+    """[M, N] mask: key o_n (of T keys) within the window of the query at key position o_pm, not
+    before its document's first token b_first [M]."""
     dist = o_pm[:, None] - o_n[None, :]
-    return (dist >= 0) & (dist <= window) & (o_n < T)[None, :]
+    return (dist >= 0) & (dist <= window) & (o_n < T)[None, :] & (o_n[None, :] >= b_first[:, None])
+
+
+@triton.jit
+def _doc_first(first, o_m, m_m, PACKED: tl.constexpr):
+    """[M] first token of each query's document (0 unless PACKED)."""
+    if PACKED:
+        return tl.load(first + o_m, mask=m_m, other=0).to(tl.int32)
+    return tl.zeros_like(o_m)
+
+
+@triton.jit
+def _band_start(first, i_m, Q_OFF, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr):
+    """First key tile the query tile i_m reaches: its window, cut at its first query's document start."""
+    lo = tl.maximum(Q_OFF + i_m * BLOCK_M - window, 0)
+    if PACKED:
+        lo = tl.maximum(lo, tl.load(first + i_m * BLOCK_M).to(tl.int32))
+    return lo // BLOCK_N * BLOCK_N
 
 
 @triton.jit
@@ -54,12 +73,12 @@ def _query_tile(q, stride_qb, stride_qh, stride_qt, T, HQ, G, D: tl.constexpr, B
 
 @triton.jit
 def sliding_window_fwd_kernel(
-    q, k, v, o, lse,
+    q, k, v, o, lse, first,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     TQ, TK, Q_OFF, HQ, G, window, scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
     i_b, i_h, i_hk, i_m, o_m, m_m, b_q = _query_tile(q, stride_qb, stride_qh, stride_qt, TQ, HQ, G, D, BLOCK_D, BLOCK_M)
     o_pm = Q_OFF + o_m  # the queries' key positions
@@ -70,12 +89,13 @@ def sliding_window_fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    lo = tl.maximum(Q_OFF + i_m * BLOCK_M - window, 0) // BLOCK_N * BLOCK_N
+    b_first = _doc_first(first, o_m, m_m, PACKED)  # [M]
+    lo = _band_start(first, i_m, Q_OFF, window, BLOCK_M, BLOCK_N, PACKED)
     hi = tl.minimum(Q_OFF + (i_m + 1) * BLOCK_M, TK)
     for start in range(lo, hi, BLOCK_N):
         o_n, b_k, b_v = _key_tile(p_k, p_v, stride_kt, stride_vt, start, TK, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [M, N]
-        b_s = tl.where(_band(o_pm, o_n, TK, window), b_s, float("-inf"))
+        b_s = tl.where(_band(o_pm, o_n, TK, window, b_first), b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
         b_base = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
         b_p = tl.exp(b_s - b_base[:, None])
@@ -92,12 +112,12 @@ def sliding_window_fwd_kernel(
 
 @triton.jit
 def sliding_window_bwd_dq_kernel(
-    q, k, v, do, lse, delta, dq,
+    q, k, v, do, lse, delta, dq, first,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     TQ, TK, Q_OFF, HQ, G, window, scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
     """dq (B, HQ, TQ, D) contiguous; do has o's strides (stride_o*); lse / delta (B, HQ, TQ)."""
     i_b, i_h, i_hk, i_m, o_m, m_m, b_q = _query_tile(q, stride_qb, stride_qh, stride_qt, TQ, HQ, G, D, BLOCK_D, BLOCK_M)
@@ -112,12 +132,13 @@ def sliding_window_bwd_dq_kernel(
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo = tl.maximum(Q_OFF + i_m * BLOCK_M - window, 0) // BLOCK_N * BLOCK_N
+    b_first = _doc_first(first, o_m, m_m, PACKED)  # [M]
+    lo = _band_start(first, i_m, Q_OFF, window, BLOCK_M, BLOCK_N, PACKED)
     hi = tl.minimum(Q_OFF + (i_m + 1) * BLOCK_M, TK)
     for start in range(lo, hi, BLOCK_N):
         o_n, b_k, b_v = _key_tile(p_k, p_v, stride_kt, stride_vt, start, TK, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale
-        b_p = tl.where(_band(o_pm, o_n, TK, window) & m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)  # [M, N]
+        b_p = tl.where(_band(o_pm, o_n, TK, window, b_first) & m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)  # [M, N]
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
@@ -127,12 +148,12 @@ def sliding_window_bwd_dq_kernel(
 
 @triton.jit
 def sliding_window_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, dk, dv,
+    q, k, v, do, lse, delta, dk, dv, first,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     TQ, TK, Q_OFF, HQ, G, window, scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
     """dk (B, HKV, TK, D), dv (B, HKV, TK, DV) contiguous: one program per key tile and kv head,
     summing over the G query heads of the group and the query tiles whose window reaches it
@@ -164,8 +185,9 @@ def sliding_window_bwd_dkdv_kernel(
                            other=0.0)
             b_lse = tl.load(lse + p_row + o_m, mask=m_m, other=0.0)
             b_delta = tl.load(delta + p_row + o_m, mask=m_m, other=0.0)
+            b_first = _doc_first(first, o_m, m_m, PACKED)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [M, N]
-            b_p = tl.where(_band(o_pm, o_n, TK, window) & m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
+            b_p = tl.where(_band(o_pm, o_n, TK, window, b_first) & m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
             b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
             b_ds = b_p * (b_dp - b_delta[:, None])

@@ -1,7 +1,8 @@
 """Launchers of the sliding-window kernels: tiles by head dim, grids, outputs. No host syncs.
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, TQ queries, TK keys (query row m at
-key position q_offset + m), D / DV head dims.
+key position q_offset + m), D / DV head dims. Packed documents: `first` (TQ,) int, the first token of each
+token's document (batch 1, q_offset 0), or None.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return outputs.too_large_reason(contiguous=True, q=q, k=k, v=v, output=o)
 
 
-def _config(q: torch.Tensor, v: torch.Tensor, backward: bool) -> dict:
+def _config(q: torch.Tensor, v: torch.Tensor, backward: bool, first: torch.Tensor | None = None) -> dict:
     """Tiles of 64 queries x 64 keys, 4 warps, forward and backward, for head dims up to 128
     (32 x 32 above). Measured on an H100 at 64k, d 128, window 512 (benchmarks/NOTES.md):
     forward 4.3 ms vs 6.8 with 128 x 64 / 8 warps. A 32-query backward tile was 2.4 ms faster
@@ -35,27 +36,29 @@ def _config(q: torch.Tensor, v: torch.Tensor, backward: bool) -> dict:
     block_d, block_dv = (max(16, triton.next_power_of_2(n)) for n in (q.shape[-1], v.shape[-1]))
     block = 32 if max(block_d, block_dv) > 128 else 64
     return dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_M=block, BLOCK_N=block,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACKED=first is not None, num_warps=4)
 
 
 def _strides(q, k, v, o) -> tuple:
     return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
 
 
-def sliding_window_fwd(q, k, v, window: int, scale: float, q_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sliding_window_fwd(q, k, v, window: int, scale: float, q_offset: int = 0,
+                       first=None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, HQ, TQ, D), k (B, HKV, TK, D), v (B, HKV, TK, DV), unit last strides -> o, lse (B, HQ, TQ) float32."""
     B, HQ, TQ, _ = q.shape
     HKV, TK = k.shape[1], k.shape[2]
     o = outputs.new_output(B, HQ, TQ, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = outputs.new_output(B, HQ, TQ, device=q.device, dtype=torch.float32)
-    cfg = _config(q, v, backward=False)
+    cfg = _config(q, v, backward=False, first=first)
     if TQ > 0 and B * HQ > 0:
         sliding_window_fwd_kernel[(B * HQ, triton.cdiv(TQ, cfg["BLOCK_M"]))](
-            q, k, v, o, lse, *_strides(q, k, v, o), TQ, TK, q_offset, HQ, HQ // HKV, window, scale, **cfg)
+            q, k, v, o, lse, q if first is None else first, *_strides(q, k, v, o), TQ, TK, q_offset, HQ, HQ // HKV,
+            window, scale, **cfg)
     return o, lse
 
 
-def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float, q_offset: int = 0):
+def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float, q_offset: int = 0, first=None):
     """Gradients (dq, dk, dv) of the forward's o for the upstream do (unit last stride)."""
     B, HQ, TQ, D = q.shape
     HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -63,12 +66,11 @@ def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float, q_offset:
     dq = outputs.new_output(B, HQ, TQ, D, device=q.device, dtype=q.dtype)
     dk = outputs.new_output(B, HKV, TK, D, device=q.device, dtype=k.dtype)
     dv = outputs.new_output(B, HKV, TK, DV, device=q.device, dtype=v.dtype)
-    cfg = _config(q, v, backward=True)
+    cfg = _config(q, v, backward=True, first=first)
+    args = (q if first is None else first, *_strides(q, k, v, do), TQ, TK, q_offset, HQ, HQ // HKV, window, scale)
     if TQ > 0 and B * HQ > 0:
-        args = (*_strides(q, k, v, do), TQ, TK, q_offset, HQ, HQ // HKV, window, scale)
         sliding_window_bwd_dq_kernel[(B * HQ, triton.cdiv(TQ, cfg["BLOCK_M"]))](q, k, v, do, lse, delta, dq, *args, **cfg)
     if TK > 0 and B * HQ > 0:  # every key tile writes its rows (zeros where no query reaches it)
         sliding_window_bwd_dkdv_kernel[(B * HKV, triton.cdiv(TK, cfg["BLOCK_N"]))](
-            q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v, do), TQ, TK, q_offset, HQ, HQ // HKV, window, scale,
-            **cfg)
+            q, k, v, do, lse, delta, dk, dv, *args, **cfg)
     return dq, dk, dv

@@ -1,0 +1,115 @@
+"""Packed documents (cu_seqlens) on the kernels, one launch for all documents, against the PyTorch
+twin (each document alone): interpreter on CPU in CI (fp32, tiny shapes, odd and empty documents,
+NaN-poisoned outputs), bf16 on the GPU."""
+
+import pytest
+import torch
+
+from nsa_core.ops import Seqs, selected_attention, sliding_window_attention
+from nsa_core.ops.dispatch import kernel_unavailable_reason
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) is not None,
+                                reason="kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
+
+LENGTHS = [9, 1, 0, 70, 3, 40, 0]
+SHORT_LENGTHS = [9, 1, 0, 27, 3, 17, 0]  # the selected-attention kernels run a program per token: fewer tokens
+
+
+def packed(lengths, device=DEVICE) -> Seqs:
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    return Seqs.packed(cu, sum(lengths), device=device)
+
+
+def qkv(HQ, HKV, T, D, Dv, seed, device=DEVICE, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, h, T, d, generator=gen).to(device, dtype) for h, d in ((HQ, D), (HKV, D), (HKV, Dv))]
+
+
+def run(op, inputs, seed=1, **kwargs):
+    """Output and the gradients of the floating inputs for a random upstream gradient."""
+    leaves = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
+    out = op(*leaves, **kwargs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
+    out.backward(g)
+    return [out.detach()] + [t.grad for t in leaves if t is not None and t.is_floating_point()]
+
+
+def close(a, b, tol=2e-5) -> bool:
+    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("G, window", [(1, 5), (3, 64), (2, 100)])
+def test_window_kernel_packed(G, window, poisoned_outputs):
+    seqs = packed(LENGTHS)
+    inputs = qkv(2 * G, 2, seqs.q_len, 16, 24, seed=window)
+    got = run(sliding_window_attention, inputs, window=window, seqs=seqs, backend="triton")
+    want = run(sliding_window_attention, inputs, window=window, seqs=seqs, backend="torch")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert close(a, b), name
+
+
+def packed_selection(seqs, HI, S, block, causal, seed, with_gates=False):
+    """Document-relative indices / valid / gates (1, HI, T, S): distinct blocks of each query's document
+    (causal: before its own block), some slots invalid."""
+    gen = torch.Generator().manual_seed(seed)
+    T = seqs.q_len
+    pos = seqs.query_positions("cpu")
+    doc_len = torch.zeros(T, dtype=torch.long)
+    for s, e in seqs.spans():
+        doc_len[s:e] = e - s
+    nb = max(1, -(-int(doc_len.max()) // block))
+    scores = torch.rand(1, HI, T, nb, generator=gen)
+    limit = (pos // block) if causal else -(-doc_len // block)
+    scores = scores.masked_fill(torch.arange(nb)[None, :] >= limit[:, None], -1.0)
+    top = scores.topk(min(S, nb), dim=-1)
+    valid = (top.values >= 0) & (torch.rand(top.indices.shape, generator=gen) > 0.15)
+    gates = (torch.rand(top.indices.shape, generator=gen) + 0.5) if with_gates else None
+    move = lambda t: None if t is None else t.to(DEVICE)
+    return move(top.indices), move(valid), move(gates)
+
+
+@pytest.mark.parametrize("G, per_head, block, causal, gates", [
+    (1, False, 16, True, False), (3, False, 8, True, True), (2, True, 16, False, False), (16, False, 4, True, False),
+])
+def test_selected_kernel_packed(G, per_head, block, causal, gates, poisoned_outputs):
+    seqs = packed(SHORT_LENGTHS)
+    HKV = 1 if G == 16 else 2
+    q, k, v = qkv(G * HKV, HKV, seqs.q_len, 16, 16, seed=block + G)
+    indices, valid, gate_values = packed_selection(seqs, G * HKV if per_head else HKV, 3, block, causal, seed=G,
+                                                   with_gates=gates)
+
+    def op(q, k, v, gate_values, backend):
+        return selected_attention(q, k, v, indices, block_size=block, valid=valid, gates=gate_values, causal=causal,
+                                  seqs=seqs, backend=backend)
+
+    got = run(op, [q, k, v, gate_values], backend="triton")
+    want = run(op, [q, k, v, gate_values], backend="torch")
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dgates"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert close(a, b), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("branch", ["window", "selected"])
+def test_packed_kernels_gpu_bf16(branch):
+    """bf16 kernels on packed documents against an fp32 twin: within 3x PyTorch's own bf16 error."""
+    lengths = [1000, 1, 0, 3000, 77, 2048]
+    seqs = packed(lengths, device="cuda")
+    q, k, v = qkv(64, 4, seqs.q_len, 128, 128, seed=0, device="cuda")
+    if branch == "window":
+        op = lambda q, k, v, backend: sliding_window_attention(q, k, v, window=512, seqs=seqs, backend=backend)
+    else:
+        indices, valid, _ = packed_selection(seqs, 4, 16, 64, True, seed=0)
+
+        def op(q, k, v, backend):
+            return selected_attention(q, k, v, indices, block_size=64, valid=valid, seqs=seqs, backend=backend)
+    exact = run(op, [q, k, v], backend="torch")
+    ours = run(op, [t.bfloat16() for t in (q, k, v)], backend="triton")
+    torch_bf16 = run(op, [t.bfloat16() for t in (q, k, v)], backend="torch")
+    for name, a, b, e in zip(("out", "dq", "dk", "dv"), ours, torch_bf16, exact):
+        ours_err = ((a.float() - e).norm() / e.norm()).item()
+        torch_err = ((b.float() - e).norm() / e.norm()).item()
+        assert ours_err <= 3 * torch_err + 1e-6, (name, ours_err, torch_err)
