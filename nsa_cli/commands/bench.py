@@ -12,6 +12,7 @@ from rich.table import Table
 
 from nsa_cli.support.common import UsageError, check_int, cli_errors, console, print_json, resolve_config
 from nsa_cli.support.progress import progress
+from nsa_cli.support.decode_speed import decode_benchmark, generation_tokens_per_s
 from nsa_cli.support.speed import DTYPES, BenchRow, benchmark
 from nsa_core.checkpoint.files import check_destination, write_atomically
 
@@ -42,6 +43,9 @@ def bench(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)."),
     backward: bool = typer.Option(True, "--backward/--no-backward", help="Time forward+backward (default) or forward only."),
     module: bool = typer.Option(False, "--module", help="Time whole modules (projections included)."),
+    decode: bool = typer.Option(False, "--decode/--no-decode", help="Time one decoding step of a layer on its static "
+                                "cache against dense attention with a static KV cache (both CUDA-graphed on GPU), "
+                                "contexts from --seq-len, and generation tokens/s of small Transformers."),
     batch: int = typer.Option(1, "--batch", help="Batch size."),
     device: str = typer.Option("cuda", "--device", help="cuda, or cpu for a small comparison."),
     backend: Optional[str] = typer.Option(None, "--backend", help="auto, torch or triton."),
@@ -62,6 +66,11 @@ def bench(
     if preset is None and config is None:
         preset = defaults["preset"]
     cfg = resolve_config(preset, config, dict(heads=heads, kv_heads=kv_heads, dim_head=dim_head, backend=backend))
+    if decode:
+        if module or csv_path is not None:
+            raise UsageError("--decode times decoding steps: it takes neither --module nor --csv")
+        _bench_decode(cfg, lengths, batch, DTYPES[dtype], device, as_json)
+        return
     with progress("nsa bench", total=2 * len(lengths), enabled=not as_json) as bar:
         rows = benchmark(cfg, lengths, batch=batch, dtype=dtype, backward=backward, module_mode=module, device=device,
                          on_progress=lambda done, total, what: bar.update(done, f"bench: {what}", total))
@@ -78,9 +87,40 @@ def bench(
     what = "fwd+bwd" if backward else "fwd"
     table = Table(title=f"nsa bench ({'module' if module else 'attention'}, {what}, {dtype}, {device}, "
                         f"heads {cfg.heads}/{cfg.num_kv_heads}, d {cfg.dim_head})")
-    for col in ("seq_len", "nsa ms", "dense ms", "speedup", "nsa peak", "dense peak"):
+    for col in ("seq_len", "nsa ms", "dense ms (fastest)", "flash ms", "speedup", "nsa peak", "dense peak"):
         table.add_column(col, justify="right")
     for r in rows:
         peak = lambda g: "-" if g is None else f"{g:.2f} GiB"
-        table.add_row(str(r.seq_len), f"{r.nsa_ms:.3f}", f"{r.dense_ms:.3f}", f"{r.speedup:.2f}x", peak(r.nsa_peak_gib), peak(r.dense_peak_gib))
+        flash = "-" if r.dense_flash_ms is None else f"{r.dense_flash_ms:.3f}"
+        table.add_row(str(r.seq_len), f"{r.nsa_ms:.3f}", f"{r.dense_ms:.3f} ({r.dense_backend})", flash,
+                      f"{r.speedup:.2f}x", peak(r.nsa_peak_gib), peak(r.dense_peak_gib))
     console.print(table)
+
+
+def _bench_decode(cfg, contexts: list[int], batch: int, dtype, device: str, as_json: bool) -> None:
+    if not cfg.causal:
+        raise UsageError("--decode needs a causal configuration")
+    with progress("nsa bench --decode", total=len(contexts) + 2, enabled=not as_json) as bar:
+        rows = decode_benchmark(cfg, contexts, [batch], device=device, dtype=dtype,
+                                on_row=lambda r: bar.advance(1, f"decode: context {r.context} done"))
+        depth, steps = (4, 64) if device == "cuda" else (2, 4)
+        tokens = {}
+        for sparse in (True, False):
+            bar.advance(1, f"decode: generation ({'nsa' if sparse else 'dense'})")
+            tokens["nsa" if sparse else "dense"] = generation_tokens_per_s(
+                cfg, depth=depth, context=max(contexts), batch=batch, steps=steps, device=device, dtype=dtype,
+                sparse=sparse)
+    if as_json:
+        print_json({"config": cfg.to_dict(), "device": device, "batch": batch, "rows": [r.to_dict() for r in rows],
+                    "generation": {"depth": depth, "context": max(contexts), "tokens_per_s": tokens}})
+        return
+    table = Table(title=f"nsa bench --decode ({device}, batch {batch}, heads {cfg.heads}/{cfg.num_kv_heads}, "
+                        f"d {cfg.dim_head}; one layer with its projections)")
+    for col in ("context", "nsa ms", "dense ms", "speedup", "cache MB read nsa / dense"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r.context), f"{r.nsa_ms:.3f}", f"{r.dense_ms:.3f} ({r.dense_backend})", f"{r.speedup:.2f}x",
+                      f"{r.nsa_cache_mb:.1f} / {r.dense_cache_mb:.1f}")
+    console.print(table)
+    console.print(f"generation, {depth}-layer Transformers at context {max(contexts)}: nsa {tokens['nsa']:.0f} tokens/s, "
+                  f"dense {tokens['dense']:.0f} tokens/s ({tokens['nsa'] / tokens['dense']:.2f}x)")

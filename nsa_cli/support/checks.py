@@ -81,7 +81,7 @@ def compression_unreachable(cfg: NSAConfig, seq_len: int) -> bool:
 
 ProgressCallback = Callable[[float, str], None]  # (fraction done in [0, 1], what runs now)
 
-STEPS = ("forward", "backward", "causality", "cached decoding", "kernel path", "gradcheck")
+STEPS = ("forward", "backward", "causality", "cached decoding", "kernel path", "packed documents", "gradcheck")
 
 
 def run_checks(cfg: NSAConfig, seq_len: int, batch: int = 1, device: str = "cpu", dtype: str = "fp32", seed: int = 0,
