@@ -44,11 +44,14 @@ class GraphedStep:
         self.ids = example.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        rings = [cache.save_ring() if hasattr(cache, "save_ring") else None for cache in caches]
         with torch.cuda.stream(stream):  # warm-up outside the graph (kernel compilation, allocator)
             model(self.ids, cache=caches)
-            for cache in caches:  # it wrote one token: take it back (the first replay rewrites it)
+            for cache, ring in zip(caches, rings):  # it wrote one token: take it back (the first replay rewrites it)
                 cache.lengths -= 1
                 cache.filled -= 1
+                if ring is not None:
+                    cache.restore_ring(ring)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

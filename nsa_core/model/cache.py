@@ -161,6 +161,15 @@ class NSACache:
         bigger.filled = self.filled
         self.__dict__.update(bigger.__dict__)
 
+    def save_ring(self) -> tuple[Tensor, Tensor]:
+        """A copy of the compression ring: a step that is run and then taken back (a CUDA graph's
+        warm-up) must leave the ring as it found it; positions and lengths alone do not say it."""
+        return self.ring_keys.clone(), self.ring_values.clone()
+
+    def restore_ring(self, saved: tuple[Tensor, Tensor]) -> None:
+        self.ring_keys.copy_(saved[0])
+        self.ring_values.copy_(saved[1])
+
     # writes (in place, graph-capturable: positions are device tensors) -----------------------------
 
     def write_tokens(self, positions: Tensor, k_rot: Tensor, v: Tensor) -> None:

@@ -44,7 +44,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, dlse):
     q, k, v, o, lse, first = ctx.saved_tensors
     dq, dk, dv = _bwd(do.contiguous(), q, k, v, o, lse, ctx.window, ctx.scale, ctx.q_offset, first)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
