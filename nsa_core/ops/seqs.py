@@ -63,7 +63,7 @@ class Seqs:
             raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
         if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be 1-D with num_docs + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
-        if device is not None and cu_seqlens.device != torch.device(device):
+        if device is not None and not _same_device(cu_seqlens.device, torch.device(device)):
             raise ValueError(f"cu_seqlens must be on the input's device ({device}), got {cu_seqlens.device}")
         values = cu_seqlens.tolist()
         if values[0] != 0:
@@ -166,3 +166,14 @@ def plain_layout_reason(seqs: Seqs, packed_ok: bool = False) -> str | None:
     if seqs.is_packed:
         return None if packed_ok else PACKED_REASON
     return None if seqs.is_plain else LAYOUT_REASON
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 are one device when the current device is 0: compare types, and indices
+    where both are given (an index-less device means the current one)."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else None
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
