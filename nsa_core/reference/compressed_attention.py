@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
+from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size, weighted_values
 
 
 def masked_score(dtype: torch.dtype) -> float:
@@ -57,8 +57,8 @@ def compressed_attention_reference(
         visible = compressed_visibility(query_pos, C, stride)
         visible = torch.cat((torch.ones(T, num_memory, dtype=torch.bool, device=q.device), visible), dim=-1)
         logits = logits.masked_fill(~visible, masked_score(logits.dtype))
-    attn = logits.softmax(dim=-1)
-    out = torch.matmul(attn, cv[:, :, None]).reshape(B, HQ, T, cv.shape[-1])
+    attn = logits.softmax(dim=-1)  # invisible blocks weigh exactly 0 (their logit is finite and tiny)
+    out = weighted_values(attn, cv[:, :, None]).reshape(B, HQ, T, cv.shape[-1])
     scores = logits[..., num_memory:].reshape(B, HQ, T, C)
     return out, scores
 

@@ -15,16 +15,37 @@ from torch.utils.checkpoint import checkpoint
 def masked_softmax(logits: Tensor, allowed: Tensor) -> Tensor:
     """Softmax over the last dim of the allowed entries; a row with none allowed gives zeros."""
     neg = torch.finfo(logits.dtype).min
-    masked = logits.masked_fill(~allowed, neg)
+    masked = logits.masked_fill(~allowed, neg)  # NaN logits of disallowed keys are gone here
     row_max = masked.amax(dim=-1, keepdim=True).detach()
     weights = torch.exp(masked - row_max) * allowed
     denom = weights.sum(dim=-1, keepdim=True)
     return weights / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
+def split_non_finite(v: Tensor) -> tuple[Tensor, Tensor]:
+    """(v with its non-finite rows zeroed, (..., j) mask of those rows)."""
+    bad = ~torch.isfinite(v).all(dim=-1)
+    return v.masked_fill(bad[..., None], 0.0), bad
+
+
+def poison(out: Tensor, reached: Tensor) -> Tensor:
+    """out (..., i, d) with NaN in the rows where `reached` (..., i) is set."""
+    return out.masked_fill(reached[..., None], float("nan"))
+
+
+def weighted_values(weights: Tensor, v: Tensor) -> Tensor:
+    """weights (..., i, j) @ v (..., j, d), where a weight of exactly 0 ignores its value even when that
+    value is NaN or infinite (a masked future token must not reach an earlier query), and a non-zero
+    weight on a non-finite value makes the row NaN."""
+    clean, bad = split_non_finite(v)
+    reached = torch.matmul((weights != 0).to(weights.dtype), bad.to(weights.dtype)[..., None])[..., 0] > 0
+    return poison(torch.matmul(weights, clean), reached)
+
+
 def masked_attention(logits: Tensor, allowed: Tensor, v: Tensor) -> Tensor:
-    """logits, allowed (..., i, j); v (..., j, d) -> (..., i, d). Empty rows give 0."""
-    return torch.matmul(masked_softmax(logits, allowed), v)
+    """logits, allowed (..., i, j); v (..., j, d) -> (..., i, d). Empty rows give 0; a NaN or infinite
+    value or logit of a key a row does not allow never reaches that row."""
+    return weighted_values(masked_softmax(logits, allowed), v)
 
 
 ChunkOutput = Tensor | tuple  # a tensor, or a tuple of tensors (or None) joined element-wise

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from nsa_core.reference.masked_softmax import map_query_chunks, masked_softmax, query_chunk_size
+from nsa_core.reference.masked_softmax import map_query_chunks, masked_softmax, poison, query_chunk_size, split_non_finite
 
 
 def _dedupe(idx: Tensor, valid: Tensor, gates: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -84,7 +84,9 @@ def selected_attention_reference(
         if mult is not None:
             logits = logits * mult.repeat_interleave(BS, dim=-1)[:, :, None]
         weights = masked_softmax(logits, allowed[:, :, None])
-        out = torch.einsum("bhgcl,bhcld->bhgcd", weights, values)
+        values, bad = split_non_finite(values)  # a non-finite value reaches only the rows that weigh it
+        reached = ((weights != 0) & bad[:, :, None]).any(dim=-1)
+        out = poison(torch.einsum("bhgcl,bhcld->bhgcd", weights, values), reached)
         return out.reshape(B, HQ, c, Dv)
 
     per_query = (safe_idx.shape[-1] + 1) * BS * max(D, Dv) // 16
