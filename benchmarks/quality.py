@@ -49,6 +49,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--time-budget-s", type=float, help="stop a model's LM training after this many seconds (0: no limit)")
     ap.add_argument("--retrieval-steps", type=int, help="passkey fine-tuning steps per model (0: evaluate only)")
     ap.add_argument("--retrieval-lengths", help="comma-separated passkey lengths in bytes, e.g. 4096,8192")
+    ap.add_argument("--retrieval-tokens-per-step", type=int, help="bytes per passkey step (samples = this // length)")
+    ap.add_argument("--retrieval-samples-per-bucket", type=int, help="evaluation samples per length and depth bucket")
+    ap.add_argument("--answer-only-loss", action="store_true", help="passkey loss on the answer only (default: "
+                    "also on the needle's repetition of the key)")
     ap.add_argument("--retrieval-time-budget-s", type=float, help="stop passkey fine-tuning after this many seconds (0: no limit)")
     ap.add_argument("--dim", type=int, help="model width")
     ap.add_argument("--depth", type=int, help="number of layers")
@@ -69,12 +73,15 @@ def _int_list(name: str, text: str) -> tuple[int, ...]:
 
 
 def settings_from_arguments(args: argparse.Namespace) -> QualitySettings:
-    names = ("steps", "batch_size", "context", "eval_every", "retrieval_steps", "dim", "depth", "lr", "seed",
+    names = ("steps", "batch_size", "context", "eval_every", "retrieval_steps", "retrieval_tokens_per_step",
+             "retrieval_samples_per_bucket", "dim", "depth", "lr", "seed",
              "device", "precision", "backend", "cpu_threads", "time_budget_s", "retrieval_time_budget_s")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     for name in ("time_budget_s", "retrieval_time_budget_s"):
         if overrides.get(name) == 0:
             overrides[name] = None
+    if args.answer_only_loss:
+        overrides["retrieval_supervise_repeat"] = False
     if args.models is not None:
         overrides["models"] = tuple(args.models.split(","))
     if args.retrieval_lengths is not None:

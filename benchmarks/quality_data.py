@@ -118,9 +118,9 @@ def _sentence_starts(text: str) -> list[int]:
     return [0] + [i + 2 for i in range(len(text) - 1) if text[i:i + 2] == ". "]
 
 
-def passkey_text(length: int, depth: float, key: str) -> str:
+def passkey_text(length: int, depth: float, key: str) -> tuple[str, int]:
     """A sample of exactly length + 1 bytes with the needle at `depth` (0 = start, 1 = end) of the
-    filler, moved back to the nearest sentence start."""
+    filler, moved back to the nearest sentence start -> (text, where the needle starts)."""
     filler_bytes = length + 1 - passkey_overhead(len(key))
     if filler_bytes < 0:
         raise ValueError(f"passkey length {length} is too short: the needle and question alone take "
@@ -128,19 +128,31 @@ def passkey_text(length: int, depth: float, key: str) -> str:
     filler = _filler(filler_bytes)
     starts = _sentence_starts(filler)
     before = starts[bisect.bisect_right(starts, round(depth * filler_bytes)) - 1]
-    return filler[:before] + NEEDLE.format(key=key) + filler[before:] + QUESTION + key
+    return filler[:before] + NEEDLE.format(key=key) + filler[before:] + QUESTION + key, before
+
+
+def repeated_key_offset(digits: int) -> int:
+    """Offset, inside the needle, of the key's second occurrence ("... Remember it. 48213 is ...")."""
+    needle = NEEDLE.format(key="0" * digits)
+    return needle.index("0" * digits, needle.index("0" * digits) + digits)
 
 
 def random_key(rng: random.Random, digits: int) -> str:
     return "".join(rng.choice("0123456789") for _ in range(digits))
 
 
-def passkey_batch(length: int, depths: list[float], digits: int, rng: random.Random) -> tuple[Tensor, Tensor]:
-    """One sample per depth, fresh keys -> (inputs (b, length), labels (b, length)) of bytes;
-    the last `digits` labels of each row are the key."""
-    texts = [passkey_text(length, depth, random_key(rng, digits)) for depth in depths]
-    rows = torch.tensor([list(text.encode("ascii")) for text in texts], dtype=torch.long)
-    return rows[:, :-1], rows[:, 1:]
+def passkey_batch(length: int, depths: list[float], digits: int, rng: random.Random) -> tuple[Tensor, Tensor, Tensor]:
+    """One sample per depth, fresh keys -> inputs (b, length), labels (b, length) of bytes, and
+    key_mask (b, length): True at the labels that are key digits, i.e. the last `digits` (the
+    answer) and the needle's repetition of the key (a local copy)."""
+    samples = [passkey_text(length, depth, random_key(rng, digits)) for depth in depths]
+    rows = torch.tensor([list(text.encode("ascii")) for text, _ in samples], dtype=torch.long)
+    key_mask = torch.zeros(len(samples), length, dtype=torch.bool)
+    key_mask[:, -digits:] = True
+    for row, (_, needle_start) in enumerate(samples):
+        first = needle_start + repeated_key_offset(digits) - 1  # label j predicts byte j + 1
+        key_mask[row, first:first + digits] = True
+    return rows[:, :-1], rows[:, 1:], key_mask
 
 
 def depth_bucket_names(buckets: int) -> list[str]:

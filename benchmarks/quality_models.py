@@ -16,6 +16,11 @@ Every model is: byte embedding -> depth x (x + attention(x), x + feed_forward(x)
 -> logits over 256 bytes. Each attention module norms its own input. The embedding, the
 feed-forwards and the head are initialised from the same seed for every variant, and the
 attention modules from a second seed, so two variants start from identical non-attention weights.
+
+Parameters: all four share the q/k/v and output projections; NSA adds its compression MLPs
+(SparseAttention's default MLP with its hidden width set by `compress_hidden`), intra-block
+positions, memory tokens and branch gates, the window model one gate per head. The counts are
+reported with the results (full preset: NSA about 6% more parameters than dense in all).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class ModelShape:
     compress_stride: int
     selection_block: int
     num_selected: int
-    compress_hidden: int  # hidden width of NSA's compression MLP (default MLP, scaled down)
+    compress_hidden: int  # hidden width of NSA's compression MLP (block * dim_head inputs -> this -> dim_head)
 
 
 class SlidingWindowAttention(nn.Module):

@@ -48,6 +48,7 @@ class QualitySettings:
     retrieval_warmup_steps: int
     retrieval_samples_per_bucket: int
     retrieval_time_budget_s: float | None
+    retrieval_supervise_repeat: bool = True  # also train on the needle's own repetition of the key
     # shared
     models: tuple[str, ...] = VARIANTS
     depth_buckets: int = 5
@@ -76,10 +77,10 @@ class QualitySettings:
 
 FULL = QualitySettings(
     dim=512, depth=6, heads=8, kv_heads=2, dim_head=64, ff_mult=4,
-    window=512, compress_block=32, compress_stride=16, selection_block=64, num_selected=16, compress_hidden=64,
+    window=512, compress_block=32, compress_stride=16, selection_block=64, num_selected=16, compress_hidden=32,
     context=8192, batch_size=8, steps=400, warmup_steps=40, lr=1e-3, eval_every=50, val_rows=16, time_budget_s=150.0,
-    retrieval_lengths=(4096, 8192, 16384, 32768), retrieval_steps=128, retrieval_tokens_per_step=65536,
-    retrieval_lr=5e-4, retrieval_warmup_steps=8, retrieval_samples_per_bucket=20, retrieval_time_budget_s=90.0,
+    retrieval_lengths=(4096, 8192, 16384, 32768), retrieval_steps=200, retrieval_tokens_per_step=65536,
+    retrieval_lr=1e-3, retrieval_warmup_steps=10, retrieval_samples_per_bucket=20, retrieval_time_budget_s=90.0,
 )
 
 # one CPU thread: ops this small gain nothing from more, and a busy machine loses much to
@@ -129,6 +130,8 @@ def validate_settings(s: QualitySettings) -> None:
              "'auto', 'cpu', 'cuda' or 'cuda:N'", s.device)
     _require(s.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", s.precision)
     _require(s.backend in BACKENDS, "backend", f"one of {BACKENDS}", s.backend)
+    _require(isinstance(s.retrieval_supervise_repeat, bool), "retrieval_supervise_repeat", "a bool",
+             s.retrieval_supervise_repeat)
     _require(s.cpu_threads is None or (isinstance(s.cpu_threads, int) and s.cpu_threads >= 1), "cpu_threads",
              "an int >= 1 (or None for torch's default)", s.cpu_threads)
 

@@ -85,21 +85,37 @@ def compile_kernels(model: nn.Module, rows: Tensor, device: torch.device, precis
     return time.perf_counter() - start
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, rows: Tensor, lr: float, s: QualitySettings,
-               device: torch.device, precision: str) -> Tensor:
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, lr: float, grad_clip: float) -> None:
+    """Backward, gradient clipping and one AdamW step at learning rate `lr`."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = next_byte_loss(model, to_device(rows, device), device, precision)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, rows: Tensor, lr: float, s: QualitySettings,
+               device: torch.device, precision: str) -> Tensor:
+    loss = next_byte_loss(model, to_device(rows, device), device, precision)
+    optimizer_step(model, optimizer, loss, lr, s.grad_clip)
     return loss.detach()
+
+
+def record_validation(record: dict, step: int, bits_per_byte: float, tokens_per_step: int,
+                      log: Callable[[str], None]) -> None:
+    record["val_loss"].append(round(bits_per_byte, 5))
+    record["val_step"].append(step)
+    record["val_tokens"].append(step * tokens_per_step)
+    recent = record["train_loss"][-SYNC_EVERY:]
+    train = f"  train {sum(recent) / len(recent):.4f} bpb (last {len(recent)} steps)" if recent else ""
+    log(f"step {step:5d}  val {bits_per_byte:.4f} bpb{train}")
 
 
 def train_language_model(model: nn.Module, corpus: ByteCorpus, s: QualitySettings, device: torch.device,
                          precision: str, log: Callable[[str], None]) -> dict:
-    """Train `model` on the corpus; returns its record (losses in bits per byte, tokens, timing)."""
+    """Train `model` on the corpus; returns its record (losses in bits per byte, tokens, timing).
+    Losses are read back, and the time budget checked, every SYNC_EVERY steps."""
     val_rows = evenly_spaced_rows(corpus.val, s.val_rows, s.context)
     batches = torch.Generator().manual_seed(s.seed)
     optimizer = make_optimizer(model, s.lr, s.weight_decay, device)
@@ -111,18 +127,15 @@ def train_language_model(model: nn.Module, corpus: ByteCorpus, s: QualitySetting
 
     def validate(step: int) -> None:
         bpb = validation_bits_per_byte(model, val_rows, s.batch_size, device, precision)
-        record["val_loss"].append(round(bpb, 5))
-        record["val_step"].append(step)
-        record["val_tokens"].append(step * s.tokens_per_step)
-        log(f"step {step:5d}  val {bpb:.4f} bpb  train {record['train_loss'][-1] if record['train_loss'] else float('nan'):.4f} bpb")
+        record_validation(record, step, bpb, s.tokens_per_step, log)
 
     validate(0)
     train_seconds, pending, step, stopped_by_time = 0.0, [], 0, False
     segment_start = time.perf_counter()
     while step < s.steps and not stopped_by_time:
+        rows = random_rows(corpus.train, s.batch_size, s.context, batches)
         lr = learning_rate(step, s.lr, s.warmup_steps, s.steps, s.min_lr_ratio)
-        pending.append(train_step(model, optimizer, random_rows(corpus.train, s.batch_size, s.context, batches),
-                                  lr, s, device, precision))
+        pending.append(train_step(model, optimizer, rows, lr, s, device, precision))
         step += 1
         if step % SYNC_EVERY and step % s.eval_every and step != s.steps:
             continue

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "benchmarks" / "quality.py"
@@ -93,11 +94,15 @@ def test_passkey_samples_have_the_exact_length_and_end_with_the_key(quality_modu
     from benchmarks.quality_data import NEEDLE, QUESTION, passkey_batch, passkey_text
 
     for length, depth in ((256, 0.0), (300, 0.37), (1024, 1.0)):
-        text = passkey_text(length, depth, "48213")
+        text, needle_start = passkey_text(length, depth, "48213")
         assert len(text) == length + 1 and text.endswith(QUESTION + "48213")
-        assert text.count(NEEDLE.format(key="48213")) == 1
-    inputs, labels = passkey_batch(512, [0.1, 0.9], digits=5, rng=random.Random(0))
-    assert inputs.shape == labels.shape == (2, 512)
-    assert all(chr(b).isdigit() for b in labels[:, -5:].flatten().tolist())
+        assert text.index(NEEDLE.format(key="48213")) == needle_start and text.count("pass key is 48213") == 2
+    inputs, labels, key_mask = passkey_batch(512, [0.1, 0.9], digits=5, rng=random.Random(0))
+    assert inputs.shape == labels.shape == key_mask.shape == (2, 512)
+    assert torch.equal(inputs[:, 1:], labels[:, :-1])
+    assert key_mask.sum().item() == 2 * 2 * 5 and key_mask[:, -5:].all()
+    for row in range(2):
+        key = labels[row, -5:]
+        assert torch.equal(labels[row][key_mask[row]], torch.cat((key, key)))  # the repetition, then the answer
     with pytest.raises(ValueError, match="too short"):
         passkey_text(40, 0.5, "48213")
