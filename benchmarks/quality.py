@@ -6,8 +6,14 @@ Python standard library's sources, then fine-tuned briefly and evaluated on pass
 Writes DIR/results_quality.json ({"settings", "runs", "retrieval", "environment"}) and, with
 matplotlib (the `plot` extra), DIR/results_quality.png; prints a summary table.
 
-    python benchmarks/quality.py --smoke --out /tmp/quality          # tiny, CPU, ~1 minute
-    python benchmarks/quality.py --out benchmarks                    # one H100, ~8 minutes
+    python benchmarks/quality.py --smoke --out /tmp/quality   # tiny, CPU: 30-60 s on 2 cores
+    python benchmarks/quality.py --out benchmarks             # one GPU: sized for ~8 minutes on an H100
+                                                              # (an estimate from the kernel benchmarks)
+
+Each model's record in "runs" also holds its train loss per step, tokens, tokens/s (training
+steps only, synchronized), compile time, peak memory, and for the NSA models the mean gate of
+each branch per layer after language modelling and after the passkey fine-tune (on a text row
+and on a passkey sample): the first place to look when NSA falls short.
 
 Models: see quality_models.py. Data: quality_data.py. Training and timing: quality_training.py.
 Passkey: quality_passkey.py. Settings and presets: quality_settings.py.
@@ -16,6 +22,7 @@ Passkey: quality_passkey.py. Settings and presets: quality_settings.py.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -27,18 +34,19 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/quality.py` from anywhe
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from benchmarks.quality_data import load_stdlib_corpus  # noqa: E402
+from benchmarks.quality_data import load_stdlib_corpus, passkey_batch  # noqa: E402
 from benchmarks.quality_models import branch_gate_means, build_language_model, parameter_counts  # noqa: E402
 from benchmarks.quality_passkey import evaluate_passkey, train_passkey  # noqa: E402
 from benchmarks.quality_report import JSON_NAME, environment, plot, print_summary, write_json  # noqa: E402
 from benchmarks.quality_settings import FULL, SMOKE, QualitySettings, with_overrides  # noqa: E402
-from benchmarks.quality_training import train_language_model  # noqa: E402
+from benchmarks.quality_training import autocast, train_language_model  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)  # a pipe or a CI log: room for the table
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="directory for the JSON and the PNG (created)")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU (the CI run)")
     ap.add_argument("--models", help="comma-separated subset of nsa,dense,window,no_selection")
@@ -46,14 +54,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, help="rows per language-model step")
     ap.add_argument("--context", type=int, help="language-model row length in bytes")
     ap.add_argument("--eval-every", type=int, help="validate every this many steps")
-    ap.add_argument("--time-budget-s", type=float, help="stop a model's LM training after this many seconds (0: no limit)")
+    ap.add_argument("--time-budget-s", type=float,
+                    help="stop a model's LM training after this many seconds (0: no limit)")
     ap.add_argument("--retrieval-steps", type=int, help="passkey fine-tuning steps per model (0: evaluate only)")
     ap.add_argument("--retrieval-lengths", help="comma-separated passkey lengths in bytes, e.g. 4096,8192")
     ap.add_argument("--retrieval-tokens-per-step", type=int, help="bytes per passkey step (samples = this // length)")
     ap.add_argument("--retrieval-samples-per-bucket", type=int, help="evaluation samples per length and depth bucket")
     ap.add_argument("--answer-only-loss", action="store_true", help="passkey loss on the answer only (default: "
                     "also on the needle's repetition of the key)")
-    ap.add_argument("--retrieval-time-budget-s", type=float, help="stop passkey fine-tuning after this many seconds (0: no limit)")
+    ap.add_argument("--retrieval-time-budget-s", type=float,
+                    help="stop passkey fine-tuning after this many seconds (0: no limit)")
     ap.add_argument("--dim", type=int, help="model width")
     ap.add_argument("--depth", type=int, help="number of layers")
     ap.add_argument("--lr", type=float, help="peak learning rate of the language-model training")
@@ -112,10 +122,14 @@ def run_one_model(variant: str, s: QualitySettings, corpus, device: torch.device
     console.print(f"[bold]{variant}[/bold]: {record['params']:,} parameters "
                   f"({record['attention_params']:,} in attention)", highlight=False)
     record.update(train_language_model(model, corpus, s, device, precision, log))
-    gate_probe = corpus.val[: s.context].long()[None].to(device)
-    record["branch_gates_after_lm"] = branch_gate_means(model, gate_probe)
     log(f"{record['tokens']:,} tokens in {record['train_seconds']} s: {record['tokens_per_s']:,.0f} tokens/s")
+    text_probe = corpus.val[: s.context].long()[None]
+    passkey_probe = passkey_batch(s.retrieval_lengths[-1], [0.5], s.key_digits, random.Random(s.seed))[0]
+    with autocast(device, precision):
+        record["branch_gates_after_lm"] = branch_gate_means(model, text_probe.to(device))
     record["retrieval_training"] = train_passkey(model, s, device, precision, log)
+    with autocast(device, precision):
+        record["branch_gates_after_passkey"] = branch_gate_means(model, passkey_probe.to(device))
     retrieval = evaluate_passkey(model, s, device, precision)
     log("passkey accuracy " + ", ".join(f"{n}: {r['accuracy']:.2f}" for n, r in retrieval.items()))
     return record, retrieval

@@ -67,7 +67,8 @@ def to_device(rows: Tensor, device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def validation_bits_per_byte(model: nn.Module, rows: Tensor, batch_size: int, device: torch.device, precision: str) -> float:
+def validation_bits_per_byte(model: nn.Module, rows: Tensor, batch_size: int, device: torch.device,
+                             precision: str) -> float:
     model.eval()
     losses = [next_byte_loss(model, to_device(part, device), device, precision) * part.shape[0]
               for part in rows.split(batch_size)]

@@ -48,10 +48,13 @@ def test_smoke_trains_all_four_models_and_their_loss_goes_down(smoke_run):
 
 def test_smoke_no_selection_model_never_uses_its_selected_branch(smoke_run):
     _, results, _ = smoke_run
-    for layer in results["runs"]["no_selection"]["branch_gates_after_lm"]:
-        assert layer["selected"] == 0.0
-    for layer in results["runs"]["nsa"]["branch_gates_after_lm"]:
-        assert 0.0 < layer["selected"] < 1.0
+    depth = results["settings"]["depth"]
+    for probe in ("branch_gates_after_lm", "branch_gates_after_passkey"):
+        ablation, nsa = results["runs"]["no_selection"][probe], results["runs"]["nsa"][probe]
+        assert len(ablation) == len(nsa) == depth
+        assert all(layer["selected"] == 0.0 for layer in ablation)
+        assert all(0.0 < layer[branch] < 1.0 for layer in nsa for branch in ("compressed", "selected", "sliding"))
+        assert results["runs"]["dense"][probe] is None
 
 
 def test_smoke_reports_retrieval_accuracy_per_length_and_depth(smoke_run):
