@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from nsa_core import SparseAttention, sliding_window_attention
-from nsa_core.rotary import RotaryEmbedding
-from nsa_core.transformer import DenseAttention
+from nsa_core.model.rotary import RotaryEmbedding
+from nsa_core.model.transformer import DenseAttention
 
 VOCAB_SIZE = 256
 VARIANTS = ("nsa", "dense", "window", "no_selection")

@@ -59,6 +59,8 @@ def compress_windows(windows_k: Tensor, windows_v: Tensor, *, k_positions: Tenso
 
 
 def with_memory(memory_kv: Tensor, ck: Tensor, cv: Tensor) -> tuple[Tensor, Tensor]:
-    """memory_kv (2, hk, m, d) in front of ck / cv (b, hk, c, d) -> (b, hk, m + c, d) each."""
-    mem_k, mem_v = (m.expand(ck.shape[0], -1, -1, -1) for m in memory_kv)
+    """memory_kv (2, hk, m, d) in front of ck / cv (b, hk, c, d) -> (b, hk, m + c, d) each. The memory
+    tokens take the compressed tokens' dtype (under autocast a float32 parameter meets bf16
+    activations, as a linear layer's weight does)."""
+    mem_k, mem_v = (m.to(ck.dtype).expand(ck.shape[0], -1, -1, -1) for m in memory_kv)
     return torch.cat((mem_k, ck), dim=-2), torch.cat((mem_v, cv), dim=-2)

@@ -19,11 +19,11 @@ def combine(compressed: Tensor, fine: Tensor, sliding: Tensor, gates: Tensor, *,
         from nsa_core.kernels.limits import dtype_reason
         from nsa_core.kernels.outputs import too_large_reason
 
-        if len({t.dtype for t in (compressed, fine, sliding, gates)}) > 1:
-            return "the kernel takes branches and gates of one dtype"
         return dtype_reason(compressed) or too_large_reason(compressed=compressed, fine=fine, sliding=sliding)
 
-    if use_kernels(backend, compressed.device, "combine", unsupported):
+    mixed = len({t.dtype for t in (compressed, fine, sliding, gates)}) > 1
+    by_design = "branches and gates of different dtypes (autocast) combine on the reference" if mixed else None
+    if use_kernels(backend, compressed.device, "combine", unsupported, by_design=by_design):
         from nsa_core.kernels.combine import combine_triton
 
         return combine_triton(compressed, fine, sliding, gates)

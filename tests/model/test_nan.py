@@ -29,3 +29,15 @@ def test_nan_at_t_leaves_earlier_outputs_alone(config, poison):
     assert torch.equal(out[:, :20], clean[:, :20])
     assert out[:, 20:].isnan().all()
     assert (decoded[:, :20] - out[:, :20]).abs().max() <= 1e-5 and decoded[:, 20:].isnan().all()
+
+
+def test_autocast_bf16_trains():
+    """Under autocast float32 parameters (memory tokens, positions) meet bf16 activations: the module
+    runs forward and backward (a regression: the ops' dtype checks refused the mix)."""
+    attn = randomize_(SparseAttention(dim=64, dim_head=16, heads=6, kv_heads=2, causal=True, **CONFIGS[0]), std=0.2)
+    x = torch.randn(2, 40, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in attn.parameters())
