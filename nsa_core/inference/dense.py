@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nsa_core.model.cache import room_needed
+
 
 @dataclass
 class DenseCache:
@@ -35,12 +37,9 @@ class DenseCache:
                    torch.zeros(batch_size, device=device, dtype=torch.int64), capacity, growable=growable)
 
     def reserve(self, new_tokens: int) -> None:
-        need = self.filled + new_tokens
-        if need <= self.capacity:
+        need = room_needed(self.capacity, self.filled, new_tokens, self.growable)
+        if not need:
             return
-        if not self.growable:
-            raise ValueError(f"cache capacity is max_seq_len={self.capacity} tokens per sequence; {self.filled} are "
-                             f"written and {new_tokens} more do not fit (make it with a larger max_seq_len)")
         capacity = max(need, 2 * self.capacity)
         grow = capacity - self.capacity
         self.keys = F.pad(self.keys, (0, 0, 0, grow))

@@ -32,6 +32,18 @@ from nsa_core.config import NSAConfig
 COMPRESSED_PAGE = 64  # compressed tokens per page of the compressed pool
 
 
+def room_needed(capacity: int, filled: int, new_tokens: int, growable: bool) -> int:
+    """0 when new_tokens more fit; the tokens needed when a growable cache must grow; a ValueError
+    naming the capacity for a fixed one."""
+    need = filled + new_tokens
+    if need <= capacity:
+        return 0
+    if not growable:
+        raise ValueError(f"cache capacity is max_seq_len={capacity} tokens per sequence; {filled} are "
+                         f"written and {new_tokens} more do not fit (make it with a larger max_seq_len)")
+    return need
+
+
 def _identity_table(batch: int, pages: int, device) -> Tensor:
     return torch.arange(batch * pages, device=device, dtype=torch.int32).view(batch, pages)
 
@@ -133,13 +145,9 @@ class NSACache:
     def reserve(self, new_tokens: int) -> None:
         """Make room for new_tokens more per sequence: a growable cache (made by return_cache=True
         without a cache) doubles its capacity; a fixed one (new_cache) raises past its capacity."""
-        need = self.filled + new_tokens
-        if need <= self.capacity:
-            return
-        if not self.growable:
-            raise ValueError(f"cache capacity is max_seq_len={self.capacity} tokens per sequence; {self.filled} are "
-                             f"written and {new_tokens} more do not fit (make it with a larger max_seq_len)")
-        self._grow_to(max(need, 2 * self.capacity))
+        need = room_needed(self.capacity, self.filled, new_tokens, self.growable)
+        if need:
+            self._grow_to(max(need, 2 * self.capacity))
 
     def _grow_to(self, capacity: int) -> None:
         bigger = NSACache.allocate(self.config, self.batch_size, capacity, device=self.device, dtype=self.dtype,
