@@ -18,11 +18,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nsa_cli.support.checks import DTYPES as CHECK_DTYPES
 from nsa_core.config import NSAConfig
 from nsa_core.model.attention import SparseAttention
 from nsa_core.model.transformer import DenseAttention
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {name: dtype for name, dtype in CHECK_DTYPES.items() if name != "fp64"}  # what bench times
 
 
 @dataclass
