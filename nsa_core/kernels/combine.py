@@ -3,7 +3,7 @@
 out[b, n, h, :] = g0 * compressed + g1 * fine + g2 * sliding, written token-major (B, N, H, Dv)
 so the output projection reads it without a permuting copy. Backward in one pass too: the three
 branch gradients and the gate gradients (row dot products, accumulated in float32).
-The PyTorch twin is `SparseAttention.combine`'s addcmul path.
+The PyTorch twin is `nsa_core.reference.combine.combine_reference` (addcmul).
 
 Dimension legend: B batch, H heads, N tokens, D head dim (value dim of the branches).
 """

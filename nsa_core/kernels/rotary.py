@@ -1,6 +1,6 @@
 """Rotary embedding as one Triton pass (forward: rotate; backward: rotate back), with autograd.
 
-The PyTorch twin is `nsa_core.model.rotary.apply_rotary`: it makes float32 copies of the whole input
+The PyTorch twin is `nsa_core.reference.rotary.rotary_reference`: it makes float32 copies of the whole input
 (a 64-head, 64k-token bf16 q is 1 GiB, ~6 GiB in float32); the kernel reads and writes each
 element once. Same arithmetic: pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) in float32
 (float64 for float64 inputs), from the same cos / sin tables.
