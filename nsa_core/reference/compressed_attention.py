@@ -74,7 +74,7 @@ def compressed_attention_chunked(q: Tensor, ck: Tensor, cv: Tensor, num_memory: 
         return compressed_attention_reference(q[:, :, start:end], ck, cv, num_memory, stride, causal, scale,
                                               query_offset=query_offset + start)[0]
 
-    chunk = query_chunk_size(T, ck.shape[-2], HQ, B, budget=1 << 26)
+    chunk = query_chunk_size(T, ck.shape[-2], HQ, B, budget=1 << 24)
     return map_query_chunks(part, T, chunk, needs_grad)
 
 

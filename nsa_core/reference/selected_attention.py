@@ -89,6 +89,6 @@ def selected_attention_reference(
         out = poison(torch.einsum("bhgcl,bhcld->bhgcd", weights, values), reached)
         return out.reshape(B, HQ, c, Dv)
 
-    per_query = (safe_idx.shape[-1] + 1) * BS * max(D, Dv) // 16
-    chunk = query_chunk_size(T, per_query, HI * (G if HI == HKV else 1), B)
+    per_query = (safe_idx.shape[-1] + 1) * BS * max(D, Dv)  # gathered key / value elements per query and head
+    chunk = query_chunk_size(T, per_query, HI, B)
     return map_query_chunks(chunk_fn, T, chunk, needs_grad)

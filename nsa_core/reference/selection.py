@@ -170,7 +170,7 @@ def select_blocks_reference(q: Tensor, ck: Tensor, rule: SelectionRule, q_offset
         )
         return selection_fields(select_top_blocks(logits, rule.num_selected, rule.use_diff_topk))
 
-    chunk = query_chunk_size(T, max(1, ck.shape[-2]), HQ, B, budget=1 << 26)
+    chunk = query_chunk_size(T, max(1, ck.shape[-2]), HQ, B, budget=1 << 24)
     with torch.set_grad_enabled(needs_grad):
         return join_selection(*map_query_chunks(part, T, chunk, needs_grad))
 
