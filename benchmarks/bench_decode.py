@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, ".")
 from nsa_cli.support.decode_speed import (  # noqa: E402
-    _fastest_dense, _graphed, decode_benchmark, fill_cache, generation_tokens_per_s,
+    _graphed, decode_benchmark, fill_cache, generation_tokens_per_s,
 )
 from nsa_cli.support.speed import median_ms  # noqa: E402
 from nsa_core import SparseAttention, get_preset  # noqa: E402

@@ -121,7 +121,7 @@ def main() -> None:
 
     n = args.seq_len
     whole = ms(whole_step(module, n))
-    print(f"\n| P | shard | rank 0 ms | last rank ms | last / rank 0 | last rank x P / whole |")
+    print("\n| P | shard | rank 0 ms | last rank ms | last / rank 0 | last rank x P / whole |")
     print("|---|---|---|---|---|---|")
     print(f"| 1 | {n} | {whole:.1f} | {whole:.1f} | 1.00 | 1.00 |")
     for world in args.ranks:

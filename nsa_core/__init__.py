@@ -11,18 +11,7 @@ from nsa_core.config import PRESETS, NSAConfig, get_preset
 from nsa_core.model import compress_networks
 from nsa_core.model.attention import SparseAttention
 from nsa_core.model.cache import NSACache
-from nsa_core.model.compress_networks import (
-    AttentionPool,
-    BottleneckConvCompress,
-    CompressTransformer,
-    ConvLinearCompress,
-    GELUCompressMLP,
-    GroupedMLP,
-    ResidualGroupedMLP,
-    ScaledAttentionPool,
-    SingleProjection,
-    default_compress_mlp,
-)
+from nsa_core.model.compress_networks import *  # noqa: F401,F403  (the networks; their names: compress_networks.__all__)
 from nsa_core.model.transformer import Transformer
 from nsa_core.ops import selected_attention, sliding_window_attention
 
@@ -42,15 +31,6 @@ __all__ = [
     "from_lucidrains",
     "to_lucidrains",
     "compress_networks",
-    "default_compress_mlp",
-    "ConvLinearCompress",
-    "AttentionPool",
-    "GroupedMLP",
-    "SingleProjection",
-    "CompressTransformer",
-    "GELUCompressMLP",
-    "BottleneckConvCompress",
-    "ScaledAttentionPool",
-    "ResidualGroupedMLP",
+    *compress_networks.__all__,
     "__version__",
 ]

@@ -30,7 +30,6 @@ from nsa_core.reference.selection import (
     VALID_THRESHOLD,
     Selection,
     SelectionRule,
-    join_selection,
     num_scored_blocks,
     select_blocks_reference,
     select_top_blocks,
@@ -100,7 +99,7 @@ def _select_pooled(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Se
             return selection_fields(select_top_blocks(logits, rule.num_selected, rule.use_diff_topk))
 
     with torch.set_grad_enabled(needs_grad):
-        return join_selection(*map_query_chunks(part, T, chunk, needs_grad))
+        return Selection(*map_query_chunks(part, T, chunk, needs_grad))
 
 
 def packed_slots(rule: SelectionRule, total: int) -> int:
@@ -128,4 +127,4 @@ def _select_per_document(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs)
 
     needs_grad = rule.use_diff_topk and torch.is_grad_enabled() and (q.requires_grad or ck.requires_grad)
     with torch.set_grad_enabled(needs_grad):
-        return join_selection(*per_document(document, seqs.spans()))
+        return Selection(*per_document(document, seqs.spans()))

@@ -140,10 +140,6 @@ class SelectionRule:
     scale: float
 
 
-def join_selection(indices: Tensor, valid: Tensor, probs: Tensor, gates: Tensor | None) -> Selection:
-    return Selection(indices=indices, valid=valid, probs=probs, gates=gates)
-
-
 def selection_fields(selection: Selection | None) -> tuple:
     """What a chunk returns to the chunk loop: (indices, valid, probs, gates) or four Nones."""
     if selection is None:
@@ -172,5 +168,5 @@ def select_blocks_reference(q: Tensor, ck: Tensor, rule: SelectionRule, q_offset
 
     chunk = query_chunk_size(T, max(1, ck.shape[-2]), HQ, B, budget=1 << 24)
     with torch.set_grad_enabled(needs_grad):
-        return join_selection(*map_query_chunks(part, T, chunk, needs_grad))
+        return Selection(*map_query_chunks(part, T, chunk, needs_grad))
 
