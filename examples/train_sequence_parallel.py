@@ -92,6 +92,9 @@ def main(argv=None) -> None:
         dist.all_reduce(loss, group=group)
         if rank == 0:
             print(f"step {step:4d}  loss {loss.item():.4f}", flush=True)
+    # Every rank finishes its collectives before any tears the group down: a rank that destroys
+    # gloo's pairs while its peer still waits aborts the peer ("terminate called ...").
+    dist.barrier(group=group)
     dist.destroy_process_group()
 
 

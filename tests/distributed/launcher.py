@@ -27,6 +27,7 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
                             timeout=timedelta(seconds=120))
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears gloo's pairs down while a peer still waits on them
     finally:
         dist.destroy_process_group()
 
