@@ -1,0 +1,256 @@
+"""The two-GPU run of sequence-parallel NSA (issue: two-GPU run), ready for `nvidia-h200-x2`.
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/two_gpu_sequence_parallel.py            # NCCL, bf16
+    torchrun --standalone --nproc-per-node 2 benchmarks/two_gpu_sequence_parallel.py --smoke    # CPU, gloo
+
+1. Correctness: the paper preset (one SparseAttention layer, random weights) on the whole sequence
+   in float32 on one device is the truth. The error of the sharded bf16 run (outputs, input
+   gradients, parameter gradients summed over the ranks) must stay within 2x the error of the
+   single-device bf16 run against the same truth: PyTorch's own bf16 error sets the tolerance.
+2. Fit: the longest sequence whose forward + backward fits on one GPU, and on P GPUs (each rank
+   its shard). A rank tests its memory with the communication replaced by a concatenation with
+   leaf tensors holding the other ranks' keys and values (no collective, so an out-of-memory rank
+   cannot leave its peer waiting); the ranks agree on the answer, then run one real step there.
+3. Scaling at the one-GPU length: forward + backward of the whole sequence on one GPU against the
+   sharded step on P GPUs (the slowest rank); the communication alone (the all-gather of keys and
+   values and the reduce-scatter of their gradients) and each rank's compute alone, to read the
+   communication share and whether compute and communication overlap (today they do not: the
+   all-gather runs before the layer's attention, the reduce-scatter after its backward).
+
+Prints a short table last (rank 0). --smoke: a tiny config, float64 truth, float32 run, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from nsa_core import SparseAttention  # noqa: E402
+from nsa_core.config import get_preset  # noqa: E402
+from nsa_core.distributed.sequence_parallel import gather_sequence, shard_forward  # noqa: E402
+from nsa_core.ops.seqs import Seqs  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check-len", type=int, default=8192, help="whole sequence of the correctness check")
+    p.add_argument("--fit-start", type=int, default=65536)
+    p.add_argument("--fit-step", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=0, help="length of the scaling table (0: the one-GPU fit)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--smoke", action="store_true", help="tiny config on CPU over gloo (checks the script)")
+    return p.parse_args(argv)
+
+
+def make_module(args, device, dtype) -> SparseAttention:
+    torch.manual_seed(0)
+    cfg = get_preset("tiny" if args.smoke else "paper")
+    module = SparseAttention.from_config(cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random weights everywhere: zero inits hide bugs
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if args.smoke else 0.02))
+    return module.to(device, dtype)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+def run_whole(module, x, grad):
+    xx = x.clone().requires_grad_()
+    out = module(xx)
+    out.backward(grad)
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return out.detach(), xx.grad, grads
+
+
+def check_len(args) -> int:
+    return 48 if args.smoke else args.check_len
+
+
+def check(args, device, dtype, truth_dtype, group) -> list[tuple[str, float, float]]:
+    """(quantity, single-device error, sharded error) against the truth_dtype whole-sequence run."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = check_len(args)
+    dim = make_module(args, "cpu", torch.float32).config.dim
+    gen = torch.Generator().manual_seed(2)
+    x, grad = (torch.randn(1, n, dim, generator=gen).to(device) for _ in range(2))
+    truth = run_whole(make_module(args, device, truth_dtype), x.to(truth_dtype), grad.to(truth_dtype))
+    module = make_module(args, device, dtype)
+    single = run_whole(module, x.to(dtype), grad.to(dtype))
+
+    nl = n // world
+    mine = slice(rank * nl, (rank + 1) * nl)
+    xs = x[:, mine].to(dtype).clone().requires_grad_()
+    out = module(xs, sequence_parallel_group=group)
+    out.backward(grad[:, mine].to(dtype))
+    outs = [torch.empty_like(out) for _ in range(world)]
+    dx = [torch.empty_like(xs.grad) for _ in range(world)]
+    dist.all_gather(outs, out.detach().contiguous(), group=group)
+    dist.all_gather(dx, xs.grad.contiguous(), group=group)
+    sharded_grads = {}
+    for name, p in module.named_parameters():
+        g = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        dist.all_reduce(g, group=group)
+        sharded_grads[name] = g
+    rows = [("output", rel_err(single[0], truth[0]), rel_err(torch.cat(outs, 1), truth[0])),
+            ("input gradient", rel_err(single[1], truth[1]), rel_err(torch.cat(dx, 1), truth[1]))]
+    params = [(name, rel_err(single[2][name], expected), rel_err(sharded_grads[name], expected))
+              for name, expected in truth[2].items()]
+    name, s, sh = max(params, key=lambda row: row[2] / max(row[1], 1e-12))  # the closest to failing
+    rows.append((f"parameter gradient, worst of {len(params)} ({name})", s, sh))
+    return rows
+
+
+def whole_step(module, n, device, dtype):
+    x = torch.randn(1, n, module.config.dim, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def run() -> None:
+        module(x).backward(grad)
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+    return run
+
+
+def shard_step(module, n, group, device, dtype, communicate: bool):
+    """This rank's forward + backward of its shard; communicate=False stands the all-gather in by a
+    concatenation with leaves of the other ranks' keys and values (compute and memory alone)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    cfg, nl = module.config, n // world
+    x = torch.randn(1, nl, cfg.dim, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    others = [torch.randn(2, 1, cfg.num_kv_heads, length, cfg.dim_head, device=device, dtype=dtype,
+                          requires_grad=True) for length in (rank * nl, (world - 1 - rank) * nl)]
+    seqs = Seqs(q_len=nl, k_len=n, q_offset=rank * nl)
+
+    def gather(kv):
+        return gather_sequence(kv, group) if communicate else torch.cat((others[0], kv, others[1]), dim=-2)
+
+    def run() -> None:
+        shard_forward(module, x, gather, seqs).backward(grad)
+        for t in (x, *others):
+            t.grad = None
+        module.zero_grad(set_to_none=True)
+    return run
+
+
+def comm_step(module, n, group, device, dtype):
+    """The layer's communication alone: all-gather of the stacked keys and values, reduce-scatter back."""
+    cfg, nl = module.config, n // dist.get_world_size(group)
+    kv = torch.randn(2, 1, cfg.num_kv_heads, nl, cfg.dim_head, device=device, dtype=dtype, requires_grad=True)
+
+    def run() -> None:
+        full = gather_sequence(kv, group)
+        full.backward(torch.ones_like(full))
+        kv.grad = None
+    return run
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def agree(flag: bool, group, device) -> bool:
+    """True only when every rank's flag is."""
+    t = torch.tensor([0 if flag else 1], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item() == 0
+
+
+def seconds(fn, reps: int, group, device) -> float:
+    """Mean seconds per call on this rank after two warm-up calls, the slowest rank's (all ranks start together)."""
+    for _ in range(2):
+        fn()
+    sync(device)
+    dist.barrier(group=group)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    t = torch.tensor([(time.perf_counter() - start) / reps], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item()
+
+
+def fits(fn, device) -> bool:
+    if device.type != "cuda":
+        return True
+    torch.cuda.empty_cache()
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+def longest(make_step, start: int, step: int, group, device) -> int:
+    """The longest multiple of `step` for which make_step(n)() fits on every rank."""
+    good, bad = 0, start
+    while agree(fits(make_step(bad), device), group, device):
+        good, bad = bad, bad * 2
+    while bad - good > step:
+        mid = (good + bad) // 2 // step * step
+        good, bad = (mid, bad) if agree(fits(make_step(mid), device), group, device) else (good, mid)
+    return good
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    use_cuda = torch.cuda.is_available() and not args.smoke
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    group, world, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    dtype, truth_dtype = (torch.bfloat16, torch.float32) if use_cuda else (torch.float32, torch.float64)
+    lines = [f"# {torch.cuda.get_device_name() if use_cuda else 'CPU'} x {world}, torch {torch.__version__}, "
+             f"{'paper preset' if not args.smoke else 'tiny preset'}, one layer, {str(dtype).split('.')[-1]}, batch 1"]
+
+    rows = check(args, device, dtype, truth_dtype, group)
+    ok = all(sharded <= 2 * single + 1e-6 for _, single, sharded in rows)
+    lines += ["", f"correctness at {check_len(args)} tokens: {'PASS' if ok else 'FAIL'}",
+              "| quantity | single-device error | sharded error |", "|---|---|---|"]
+    lines += [f"| {name} | {single:.2e} | {sharded:.2e} |" for name, single, sharded in rows]
+
+    module = make_module(args, device, dtype)
+    if args.smoke:
+        one, many = 64 * world, 64 * world
+    else:
+        one = longest(lambda n: whole_step(module, n, device, dtype), args.fit_start, args.fit_step, group, device)
+        many = longest(lambda n: shard_step(module, n, group, device, dtype, communicate=False),
+                       args.fit_start, args.fit_step * world, group, device)
+        real = agree(fits(shard_step(module, many, group, device, dtype, communicate=True), device), group, device)
+        lines += ["", f"longest sequence, forward + backward: one GPU {one} tokens; {world} GPUs {many} tokens"
+                      f" (a real sharded step there {'fits' if real else 'does NOT fit'})"]
+    n = args.seq_len or one
+    n -= n % world
+    whole = seconds(whole_step(module, n, device, dtype), args.reps, group, device)  # every rank alone, at once
+    sharded = seconds(shard_step(module, n, group, device, dtype, communicate=True), args.reps, group, device)
+    compute = seconds(shard_step(module, n, group, device, dtype, communicate=False), args.reps, group, device)
+    comm = seconds(comm_step(module, n, group, device, dtype), args.reps, group, device)
+    lines += ["", f"scaling at {n} tokens (ms, the slowest rank)",
+              f"| one device | {world} ranks | speed-up | compute alone | communication alone | "
+              "communication share | overlap |", "|---|---|---|---|---|---|---|",
+              f"| {whole * 1e3:.1f} | {sharded * 1e3:.1f} | {whole / sharded:.2f}x | {compute * 1e3:.1f} | "
+              f"{comm * 1e3:.1f} | {comm / sharded:.0%} | {max(0.0, compute + comm - sharded) * 1e3:.1f} ms hidden |"]
+    if rank == 0:
+        print("\n".join(lines), flush=True)
+    dist.barrier(group=group)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
