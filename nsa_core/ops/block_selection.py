@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import use_kernels
-from nsa_core.ops.seqs import PACKED_REASON, Seqs, query_seqs
+from nsa_core.ops.packed_selection import packed_slots, select_packed
+from nsa_core.ops.seqs import Seqs, query_seqs
 from nsa_core.ops.validation import check_same_device_dtype
 from nsa_core.reference.documents import compressed_span, per_document
 from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
@@ -48,11 +49,9 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
     seqs = query_seqs(q, seqs)
     pooled = rule.selection_block_size % rule.stride == 0
     by_design = None if pooled else "selection blocks smaller than the stride are scored on the exact reference path"
-    if seqs.is_packed:
-        if ck.shape[-2] != q.shape[-2] // rule.stride:
-            raise ValueError(f"packed documents need ck with T // stride = {q.shape[-2] // rule.stride} slots, "
-                             f"got {ck.shape[-2]}")
-        by_design = by_design or PACKED_REASON
+    if seqs.is_packed and ck.shape[-2] != q.shape[-2] // rule.stride:
+        raise ValueError(f"packed documents need ck with T // stride = {q.shape[-2] // rule.stride} slots, "
+                         f"got {ck.shape[-2]}")
 
     def unsupported() -> str | None:
         from nsa_core.kernels.limits import dtype_reason
@@ -63,6 +62,8 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
         if seqs.is_packed:
             return _select_per_document(q, ck, rule, seqs)
         return select_blocks_reference(q, ck, rule, q_offset=seqs.q_offset)
+    if seqs.is_packed:
+        return select_packed(q, ck, rule, seqs)
     return _select_pooled(q, ck, rule, seqs)
 
 
@@ -100,11 +101,6 @@ def _select_pooled(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Se
 
     with torch.set_grad_enabled(needs_grad):
         return Selection(*map_query_chunks(part, T, chunk, needs_grad))
-
-
-def packed_slots(rule: SelectionRule, total: int) -> int:
-    """Slots per query of a packed selection: min(num_selected, blocks of a document of `total` tokens)."""
-    return min(rule.num_selected, num_scored_blocks(total // rule.stride, rule.stride, rule.selection_block_size))
 
 
 def _select_per_document(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Selection | None:
