@@ -29,7 +29,7 @@ def pooled_keys(ck: Tensor, ratio: int) -> Tensor:
 def block_scores(q: Tensor, keys: Tensor, *, group_size: int, share_across_group: bool) -> Tensor:
     """Unscaled scores (B, H, T, NB) of q (B, HQ, T, D) against pooled keys (B, HKV, NB, D): the
     group's mean query when the group shares its selection, else every query head."""
-    B, HQ, T, D = q.shape
+    B, _, T, D = q.shape
     HKV = keys.shape[1]
     if share_across_group:
         q = q.view(B, HKV, group_size, T, D).mean(dim=2)

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from nsa_core.ops import Seqs, select_blocks
-from nsa_core.ops.block_selection import _select_per_document
+from nsa_core.ops.block_selection import _select_packed, _select_per_document
 from nsa_core.ops.dispatch import kernel_unavailable_reason
-from nsa_core.ops.packed_selection import select_packed
-from nsa_core.ops.seqs import Seqs as SeqsClass
 from nsa_core.reference.packed_selection import packed_blocks, packed_pooled_keys
 from nsa_core.reference.pooled_selection import pooled_keys
 from nsa_core.reference.selection import SelectionRule
@@ -52,10 +50,10 @@ def native_path(monkeypatch, chunk):
     def refuse(*args, **kwargs):
         raise AssertionError("packed selection looped over documents")
 
-    monkeypatch.setattr(SeqsClass, "spans", refuse)
+    monkeypatch.setattr(Seqs, "spans", refuse)
     monkeypatch.setattr(importlib.import_module("nsa_core.ops.block_selection"), "_select_per_document", refuse)
     if chunk is not None:
-        monkeypatch.setattr(importlib.import_module("nsa_core.ops.packed_selection"), "query_chunk_size",
+        monkeypatch.setattr(importlib.import_module("nsa_core.ops.block_selection"), "query_chunk_size",
                             lambda *args, **kwargs: chunk)
 
 
@@ -122,4 +120,4 @@ def test_no_block_anywhere_is_none():
     seqs = packed([3, 0, 2])
     q, ck = inputs(1, 4, 5, seed=0, dtype=torch.float32)
     rule = SelectionRule(2, 8, 4, 1, True, False, False, True, 0.3)
-    assert select_packed(q, ck, rule, seqs) is None and _select_per_document(q, ck, rule, seqs) is None
+    assert _select_packed(q, ck, rule, seqs) is None and _select_per_document(q, ck, rule, seqs) is None
