@@ -6,12 +6,18 @@ product (reference/pooled_selection.py) and, without use_diff_topk (whose gates 
 gradient), mask + softmax + top-k as one Triton pass (kernels/block_topk.py); with it, PyTorch's
 softmax and top-k on the pooled logits. Over query chunks either way (memory linear in T).
 Reference: reference/selection.py (exact compressed logits, any selection block); selection blocks
-smaller than the stride take it by design, and packed documents one document at a time.
+smaller than the stride take it by design.
 
 Packed documents (`seqs.cu_seqlens`): ck holds T // stride slots (document i's compressed token j at
 slot cu_seqlens[i] // stride + j); blocks are numbered from each document's start; every query gets
 S = min(num_selected, blocks of the longest possible document) slots, those its document lacks
-(it has fewer blocks) marked with index -1, invalid, probability 0.
+(it has fewer blocks) marked with index -1, invalid, probability 0. The kernel path scores all
+documents in one pass (_select_packed): their selection blocks pooled into one row of slots
+(reference/packed_selection.py), each chunk of queries scored against all of them (one matmul, as
+a plain row of T tokens), and the Triton top-k reading each query's own document's window
+(block_topk_packed), or the PyTorch twin on the same layout where a plain row takes it. The
+reference, and selection blocks smaller than the stride (by design), select each document alone
+(_select_per_document, the twin; it reads the document bounds on the host).
 """
 
 from __future__ import annotations
@@ -20,11 +26,17 @@ import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import use_kernels
-from nsa_core.ops.seqs import PACKED_REASON, Seqs, query_seqs
+from nsa_core.ops.seqs import Seqs, query_seqs
 from nsa_core.ops.validation import check_same_device_dtype
 from nsa_core.reference.documents import compressed_span, per_document
 from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
-from nsa_core.reference.pooled_selection import pooled_block_logits, pooled_block_scores
+from nsa_core.reference.packed_selection import (
+    packed_block_logits,
+    packed_blocks,
+    packed_pooled_keys,
+    select_packed_blocks,
+)
+from nsa_core.reference.pooled_selection import block_scores, pooled_block_logits, pooled_block_scores
 from nsa_core.reference.selection import (
     NULL_SLOT_LOGIT,
     VALID_THRESHOLD,
@@ -48,11 +60,9 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
     seqs = query_seqs(q, seqs)
     pooled = rule.selection_block_size % rule.stride == 0
     by_design = None if pooled else "selection blocks smaller than the stride are scored on the exact reference path"
-    if seqs.is_packed:
-        if ck.shape[-2] != q.shape[-2] // rule.stride:
-            raise ValueError(f"packed documents need ck with T // stride = {q.shape[-2] // rule.stride} slots, "
-                             f"got {ck.shape[-2]}")
-        by_design = by_design or PACKED_REASON
+    if seqs.is_packed and ck.shape[-2] != q.shape[-2] // rule.stride:
+        raise ValueError(f"packed documents need ck with T // stride = {q.shape[-2] // rule.stride} slots, "
+                         f"got {ck.shape[-2]}")
 
     def unsupported() -> str | None:
         from nsa_core.kernels.limits import dtype_reason
@@ -63,6 +73,8 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
         if seqs.is_packed:
             return _select_per_document(q, ck, rule, seqs)
         return select_blocks_reference(q, ck, rule, q_offset=seqs.q_offset)
+    if seqs.is_packed:
+        return _select_packed(q, ck, rule, seqs)
     return _select_pooled(q, ck, rule, seqs)
 
 
@@ -105,6 +117,48 @@ def _select_pooled(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Se
 def packed_slots(rule: SelectionRule, total: int) -> int:
     """Slots per query of a packed selection: min(num_selected, blocks of a document of `total` tokens)."""
     return min(rule.num_selected, num_scored_blocks(total // rule.stride, rule.stride, rule.selection_block_size))
+
+
+def _select_packed(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Selection | None:
+    """q (1, HQ, T, D), ck (1, HKV, C, D) of packed documents (selection blocks a multiple of the
+    stride) -> Selection (1, H, T, S), indices numbered from each document's start; None when S = 0."""
+    B, HQ, T, _ = q.shape
+    S = packed_slots(rule, T)
+    if S == 0:
+        return None
+    longest = T if seqs.max_seqlen is None else seqs.max_seqlen  # a descriptor made by hand may lack it
+    blocks = packed_blocks(seqs.cu_seqlens, T, longest, rule.stride, rule.selection_block_size)
+    heads = ck.shape[1] if rule.share_across_group else HQ
+    chunk = query_chunk_size(T, max(1, ck.shape[-2]), heads, B, budget=1 << 27)
+    needs_grad = rule.use_diff_topk and torch.is_grad_enabled() and (q.requires_grad or ck.requires_grad)
+    with torch.set_grad_enabled(needs_grad):
+        keys = packed_pooled_keys(ck, blocks)  # (B, HKV, P, D), pooled once for every chunk
+    grouping = dict(group_size=rule.group_size, share_across_group=rule.share_across_group)
+    from nsa_core.kernels.block_topk import MAX_BLOCKS
+    from nsa_core.kernels.limits import dtype_reason
+
+    if not rule.use_diff_topk and blocks.width <= MAX_BLOCKS and dtype_reason(q) is None:
+        from nsa_core.kernels.block_topk import block_topk_packed
+
+        def part(start: int, end: int) -> tuple:
+            scores = block_scores(q[:, :, start:end], keys, **grouping)
+            indices, valid, probs = block_topk_packed(
+                scores, S, positions=blocks.positions[start:end], first_slot=blocks.first_slot[start:end],
+                num_blocks=blocks.num_blocks[start:end], width=blocks.width, scale=rule.scale,
+                selection_block_size=rule.selection_block_size, causal=rule.causal,
+                mask_own=rule.selection_block_size != rule.stride, null_logit=NULL_SLOT_LOGIT,
+                threshold=VALID_THRESHOLD,
+            )
+            return indices, valid, probs, None
+    else:
+        def part(start: int, end: int) -> tuple:
+            scores = block_scores(q[:, :, start:end], keys, **grouping)
+            logits = packed_block_logits(scores, blocks, start, end, scale=rule.scale, stride=rule.stride,
+                                         selection_block_size=rule.selection_block_size, causal=rule.causal)
+            return select_packed_blocks(logits, blocks.num_blocks[start:end], S, rule.use_diff_topk)
+
+    with torch.set_grad_enabled(needs_grad):
+        return Selection(*map_query_chunks(part, T, chunk, needs_grad))
 
 
 def _select_per_document(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Selection | None:

@@ -18,19 +18,32 @@ from torch import Tensor
 from nsa_core.reference.compressed_attention import masked_score, position_column
 
 
+def pooled_keys(ck: Tensor, ratio: int) -> Tensor:
+    """ck (B, HKV, C, D) -> (B, HKV, C // ratio, D): the mean of every `ratio` consecutive compressed
+    keys (an incomplete trailing group dropped)."""
+    B, HKV, C, D = ck.shape
+    nb = C // ratio
+    return ck[:, :, : nb * ratio].view(B, HKV, nb, ratio, D).mean(dim=3)
+
+
+def block_scores(q: Tensor, keys: Tensor, *, group_size: int, share_across_group: bool) -> Tensor:
+    """Unscaled scores (B, H, T, NB) of q (B, HQ, T, D) against pooled keys (B, HKV, NB, D): the
+    group's mean query when the group shares its selection, else every query head."""
+    B, _, T, D = q.shape
+    HKV = keys.shape[1]
+    if share_across_group:
+        q = q.view(B, HKV, group_size, T, D).mean(dim=2)
+    else:
+        keys = keys.repeat_interleave(group_size, dim=1)
+    return torch.matmul(q, keys.transpose(-1, -2))
+
+
 def pooled_block_scores(q: Tensor, ck: Tensor, *, group_size: int, share_across_group: bool, stride: int,
                         selection_block_size: int) -> Tensor:
     """Unscaled, unmasked block scores (B, H, T, NB): (mean of the group's q) . (mean of the
     r = selection / stride compressed keys of each block). q (B, HQ, T, D), ck (B, HKV, C, D)."""
-    B, HQ, T, D = q.shape
-    HKV, C = ck.shape[1], ck.shape[2]
-    ratio = selection_block_size // stride
-    nb = C // ratio
-    q_sel = q.view(B, HKV, group_size, T, D).mean(dim=2) if share_across_group else q
-    keys = ck[:, :, : nb * ratio].view(B, HKV, nb, ratio, D).mean(dim=3)
-    if not share_across_group:
-        keys = keys.repeat_interleave(group_size, dim=1)
-    return torch.matmul(q_sel, keys.transpose(-1, -2))
+    keys = pooled_keys(ck, selection_block_size // stride)
+    return block_scores(q, keys, group_size=group_size, share_across_group=share_across_group)
 
 
 def mask_block_logits(logits: Tensor, *, query_pos: Tensor, stride: int, selection_block_size: int,

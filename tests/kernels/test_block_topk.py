@@ -46,3 +46,49 @@ def test_block_topk_equals_twin(dtype, causal, NB, k, first_pos, mask_own):
     assert torch.equal(valid, want[1])
     assert torch.equal(torch.where(valid, idx, -1), torch.where(want[1], want[0], -1))
     torch.testing.assert_close(probs, want[2], rtol=2e-7 if dtype == torch.float32 else 2 ** -6, atol=1e-7)  # bf16: the CPU twin rounds twice
+
+
+def packed_case(lengths, sel, seed, dtype):
+    """Coarse random scores (1, 3, T, P) over the pooled slots of documents `lengths`, and their layout."""
+    from nsa_core.reference.packed_selection import packed_blocks
+
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    T = int(cu[-1])
+    blocks = packed_blocks(cu.to(DEVICE), T, max(lengths), stride=sel // 2, selection_block_size=sel)
+    gen = torch.Generator().manual_seed(seed)
+    scores = (torch.randint(-6, 7, (1, 3, T, T // sel), generator=gen) * 0.5).to(dtype).to(DEVICE)
+    return cu.tolist(), blocks, scores
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths, k", [([9, 1, 0, 70, 3, 40, 0, 24], 3), ([33, 0, 8, 2, 57], 16)])
+def test_block_topk_packed_equals_each_document(dtype, causal, lengths, k):
+    """Packed rows read their own document's window of pooled slots: each document's rows equal the
+    plain twin on that document's blocks alone, slots past its blocks -1 / invalid / 0; a chunk of
+    queries that starts mid-document reads its slice of the per-query tensors."""
+    from nsa_core.kernels.block_topk import block_topk_packed
+
+    sel, scale = 8, 0.37
+    cu, blocks, scores = packed_case(lengths, sel, seed=k, dtype=dtype)
+    start, end = 5, len(blocks.positions) - 3  # one chunk of queries
+    got = block_topk_packed(scores[:, :, start:end], k, positions=blocks.positions[start:end],
+                            first_slot=blocks.first_slot[start:end], num_blocks=blocks.num_blocks[start:end],
+                            width=blocks.width, scale=scale, selection_block_size=sel, causal=causal, mask_own=True,
+                            null_logit=NULL_SLOT_LOGIT, threshold=VALID_THRESHOLD)
+    for a, b in zip(cu, cu[1:]):
+        first, nb = a // sel, (b - a) // sel
+        m = min(k, nb)  # the document's slots
+        rows = slice(max(a, start) - start, max(min(b, end) - start, 0))
+        if rows.stop <= rows.start:
+            continue
+        idx, valid, probs = (t[:, :, rows] for t in got)
+        assert torch.equal(idx[..., m:], torch.full_like(idx[..., m:], -1))
+        assert not valid[..., m:].any() and not probs[..., m:].any()
+        if m == 0:
+            continue
+        doc_scores = scores[:, :, max(a, start):min(b, end), first:first + nb]
+        want = twin(doc_scores, m, scale, max(a, start) - a, sel, sel // 2, causal)
+        assert torch.equal(idx[..., :m], want[0]) and torch.equal(valid[..., :m], want[1])
+        torch.testing.assert_close(probs[..., :m], want[2], rtol=2e-7 if dtype == torch.float32 else 2 ** -6,
+                                   atol=1e-7)

@@ -113,3 +113,37 @@ def test_packed_kernels_gpu_bf16(branch):
         ours_err = ((a.float() - e).norm() / e.norm()).item()
         torch_err = ((b.float() - e).norm() / e.norm()).item()
         assert ours_err <= 3 * torch_err + 1e-6, (name, ours_err, torch_err)
+
+
+def test_module_packed_selection_on_kernels(monkeypatch):
+    """SparseAttention on the kernels (fp32): packed documents equal each document alone on the
+    PyTorch path (output and every gradient), the block scoring of all documents in one launch
+    (block_topk_packed), never one document at a time."""
+    from helpers import randomize_, rel_err
+    from nsa_core import SparseAttention
+    from nsa_core.kernels import block_topk
+    from nsa_core.ops import block_selection
+
+    kwargs = dict(dim=16, dim_head=8, heads=4, kv_heads=2, sliding_window_size=4, compress_block_size=8,
+                  compress_block_sliding_stride=4, selection_block_size=8, num_selected_blocks=2, causal=True,
+                  query_heads_share_selected_kv=True)
+    reference = randomize_(SparseAttention(backend="torch", **kwargs), std=0.3).to(DEVICE)
+    module = SparseAttention(backend="triton", **kwargs).to(DEVICE)
+    module.load_state_dict(reference.state_dict())
+    seqs = packed([9, 1, 0, 22, 3, 0, 12])  # the interpreter runs the selected attention by token: few tokens
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, seqs.q_len, 16, generator=gen).to(DEVICE).requires_grad_()
+    g = torch.randn(x.shape, generator=gen).to(DEVICE)
+    alone = torch.cat([reference(x[:, s:e]) for s, e in seqs.spans() if e > s], dim=1)
+    want = [alone] + list(torch.autograd.grad(alone, [x] + list(reference.parameters()), g, allow_unused=True))
+    calls = []
+    kernel = block_topk.block_topk_packed
+    monkeypatch.setattr(block_topk, "block_topk_packed", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(block_selection, "_select_per_document", None)  # the per-document twin must not run
+    out = module(x, cu_seqlens=seqs.cu_seqlens)
+    got = [out] + list(torch.autograd.grad(out, [x] + list(module.parameters()), g, allow_unused=True))
+    assert calls
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if b is not None and b.abs().max() > 0:
+            assert rel_err(a, b) < 1e-4
