@@ -104,7 +104,11 @@ OFFSET_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", OFFSET_CASES)
+@pytest.mark.parametrize("scheme, case", [
+    *((scheme, "shard") for scheme in ("by_query", "by_block", "by_block_atomic")),
+    ("by_query", "keys_after"), ("by_block", "keys_after"), ("by_query", "group16_window"),
+    ("by_block_atomic", "group16_window"), ("by_query", "decode_step"), ("by_block", "decode_step"),
+], indirect=["scheme"])
 def test_kernel_query_offset(scheme, case, poisoned_outputs):
     """Query i at key position q_offset + i (causal limit, window, own block); dK / dV over every key."""
     problem = offset_problem(seed=len(case), device=DEVICE, **OFFSET_CASES[case])
@@ -162,6 +166,16 @@ def test_triton_backend_refuses_unsupported():
 def test_kernel_gpu_real_sizes(G, dtype):
     problem = random_problem(G=G, HKV=4, T=2048 + 77, D=128, Dv=128, S=16, block=64, with_gates=True, seed=G, device="cuda")
     check_against_reference(problem, dtype, factor=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_kernel_gpu_query_offset(G):
+    """The last of 4 shards of 4172 tokens (its offset 3129 cuts a block of 64), the scheme the launcher picks."""
+    problem = offset_problem(T=4172, q_offset=3129, q_len=1043, G=G, HKV=4, D=128, Dv=128, S=16, block=64,
+                             with_gates=True, seed=G, device="cuda")
+    check_against_reference(problem, torch.bfloat16, factor=3)
 
 
 @pytest.mark.gpu
