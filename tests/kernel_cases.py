@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from nsa_core.ops.seqs import Seqs
+
 
 def random_problem(*, B=1, HKV=2, G=2, T=37, D=32, Dv=16, S=3, block=16, causal=True, per_head=False,
                    with_gates=False, dtype=torch.float32, device="cpu", seed=0):
@@ -32,3 +34,13 @@ def random_problem(*, B=1, HKV=2, G=2, T=37, D=32, Dv=16, S=3, block=16, causal=
     move = lambda t: None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     return dict(q=move(q), k=move(k), v=move(v), indices=idx.to(device), valid=valid.to(device), gates=move(gates),
                 block_size=block, causal=causal)
+
+
+def offset_problem(*, q_offset, q_len, T, window=None, **kwargs):
+    """random_problem over T keys keeping only the queries q_offset ... q_offset + q_len - 1 and their
+    selections, placed by problem["seqs"] (a sequence-parallel shard, or a decoding step)."""
+    problem = random_problem(T=T, **kwargs)
+    cut = lambda t: None if t is None else t[:, :, q_offset : q_offset + q_len]
+    problem.update({name: cut(problem[name]) for name in ("q", "indices", "valid", "gates")})
+    problem.update(seqs=Seqs(q_len, T, q_offset), window=window)
+    return problem

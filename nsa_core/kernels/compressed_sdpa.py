@@ -8,21 +8,34 @@ tokens and compressed blocks 0 .. j-1, exactly the blocks whose last token is be
 stride tokens of a row go into the heads, so one SDPA call (GQA included) does the branch,
 forward and backward. The PyTorch twin is `reference.compressed_attention`.
 
+Queries after other keys (q_offset > 0: a sequence-parallel shard): the query at position p is
+global row floor(p / stride); the front of q is padded by q_offset mod stride so that rows start
+at stride boundaries, and the first row is global row R0 = q_offset // stride. Row r must see the M
+memory tokens and blocks 0 .. R0 + r - 1: with the keys cut to the M + R0 + L - 1 that the last of
+the L rows sees, a lower-right aligned causal mask (torch.nn.attention.bias.causal_lower_right,
+flash or memory-efficient kernels) is exactly that staircase, in one call. Rows past the last
+compressed block (global row > C, possible near the end of the sequence) see every key: their
+queries take one plain SDPA call after the staircase.
+
 Dimension legend: B batch, HQ query heads, HKV kv heads, T queries, M memory tokens,
-C compressed blocks, D / Dv head dims.
+C compressed blocks, D / Dv head dims, L rows of the staircase, R0 the global row of its first.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.backends.cuda import SDPAParams, can_use_flash_attention
+from torch.nn.attention.bias import causal_lower_right
 
 
 def compressed_attention_sdpa(q: Tensor, ck_all: Tensor, cv_all: Tensor, num_memory: int, stride: int, causal: bool,
-                              scale: float) -> Tensor:
-    """q (B, HQ, T, D), ck_all / cv_all (B, HKV, M + C, D) memory first -> (B, HQ, T, Dv).
+                              scale: float, q_offset: int = 0) -> Tensor:
+    """q (B, HQ, T, D), ck_all / cv_all (B, HKV, M + C, D) memory first -> (B, HQ, T, Dv); query i
+    at position q_offset + i (only causal attention depends on it).
 
     Causal: the tokens of a row go into the heads as (B, rows, stride * HQ, D), head s * HQ + h:
     a plain reshape of q's (B, T, HQ, D) memory order (no permuting copy), passed to SDPA as a
@@ -33,6 +46,8 @@ def compressed_attention_sdpa(q: Tensor, ck_all: Tensor, cv_all: Tensor, num_mem
     HKV = ck_all.shape[1]
     if not causal:
         return F.scaled_dot_product_attention(q, ck_all, cv_all, scale=scale, enable_gqa=HQ != HKV)
+    if q_offset > 0:
+        return _offset_staircase(q, ck_all, cv_all, num_memory, stride, scale, q_offset)
     rows = math.ceil(T / stride)
     qt = q.transpose(1, 2)  # (B, T, HQ, D)
     if rows * stride != T:
@@ -45,3 +60,39 @@ def compressed_attention_sdpa(q: Tensor, ck_all: Tensor, cv_all: Tensor, num_mem
                                          enable_gqa=HQ != HKV)  # (B, stride * HQ, M - 1 + rows, Dv)
     out = out[:, :, num_memory - 1 :].transpose(1, 2)  # (B, rows, stride * HQ, Dv)
     return out.reshape(B, rows * stride, HQ, out.shape[-1])[:, :T].transpose(1, 2)
+
+
+def _offset_staircase(q: Tensor, ck_all: Tensor, cv_all: Tensor, num_memory: int, stride: int, scale: float,
+                      q_offset: int) -> Tensor:
+    """Causal compressed attention of queries at positions q_offset ... q_offset + T - 1: the
+    staircase of rows R0 ... (lower-right causal SDPA), then the queries that see every key."""
+    B, HQ, T, D = q.shape
+    HKV, C = ck_all.shape[1], ck_all.shape[2] - num_memory
+    pad, first_row = q_offset % stride, q_offset // stride
+    # the queries before (C + 1) * stride see min(p // stride, C) blocks on the staircase; later ones all C
+    stair = min(T, max(0, (C + 1) * stride - q_offset))
+    parts = []
+    if stair > 0:
+        rows = math.ceil((pad + stair) / stride)
+        qt = F.pad(q[:, :, :stair].transpose(1, 2), (0, 0, 0, 0, pad, rows * stride - pad - stair))  # (B, rows * stride, HQ, D)
+        qs = qt.reshape(B, rows, stride * HQ, D).transpose(1, 2)  # (B, stride * HQ, L, D), head s * HQ + h
+        visible = num_memory + first_row + rows - 1  # keys the last row sees (<= M + C)
+        keys, values = (t[:, :, :visible].repeat(1, stride, 1, 1) for t in (ck_all, cv_all))  # head s * HKV + hk
+        out = _lower_right_sdpa(qs, keys, values, scale)  # (B, stride * HQ, L, Dv)
+        out = out.transpose(1, 2).reshape(B, rows * stride, HQ, out.shape[-1])[:, pad : pad + stair]
+        parts.append(out.transpose(1, 2))
+    if stair < T or not parts:
+        parts.append(F.scaled_dot_product_attention(q[:, :, stair:], ck_all, cv_all, scale=scale, enable_gqa=HQ != HKV))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _lower_right_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal SDPA aligned to the lower right (row r of L sees keys 0 ... S - L + r). Flash takes
+    grouped kv heads as they are; the memory-efficient kernel that the lower-right mask otherwise
+    runs on does not, so the kv heads are repeated for it (compressed keys: small)."""
+    grouped = q.shape[1] != k.shape[1]
+    if grouped and not can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, True)):
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        grouped = False
+    mask = causal_lower_right(q.shape[-2], k.shape[-2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=grouped)

@@ -1,10 +1,11 @@
 """compressed_attention: queries attend to the memory tokens and the compressed keys (validation + dispatch).
 
 Kernel path: one SDPA call (flash / cuDNN kernels) through the staircase of kernels/compressed_sdpa.py,
-for plain batches. Reference: reference/compressed_attention.py over query chunks (memory linear in T);
-it also runs decoding steps (queries after cached keys), by design, until the decode kernels, and
-packed documents one document at a time (reference/documents.py: each query sees the memory tokens and
-its own document's compressed slots).
+for plain batches and for queries after other keys (a sequence-parallel shard, queries after cached
+keys: a lower-right aligned staircase, plus one plain call for queries past the last compressed block).
+Reference: reference/compressed_attention.py over query chunks (memory linear in T); it also runs
+packed documents, by design, one document at a time (reference/documents.py: each query sees the memory
+tokens and its own document's compressed slots).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import use_kernels
-from nsa_core.ops.seqs import Seqs, plain_layout_reason, query_seqs
+from nsa_core.ops.seqs import PACKED_REASON, Seqs, query_seqs
 from nsa_core.ops.validation import check_positive_int, check_same_device_dtype
 from nsa_core.reference.compressed_attention import compressed_attention_chunked
 from nsa_core.reference.documents import compressed_span, per_document
@@ -24,7 +25,7 @@ def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, 
     """q (B, HQ, T, D); ck (B, HKV, M + C, D), cv (B, HKV, M + C, Dv) with the M = num_memory memory
     tokens first. Causal: compressed block c (last token (c + 1) * stride - 1) is visible to the query
     at position t when that last token is before t; memory tokens always. Returns (B, HQ, T, Dv).
-    `seqs`: where the queries sit (default: positions 0 ... T - 1); packed documents (`seqs.cu_seqlens`):
+    `seqs`: where the queries sit (default: positions 0 ... T - 1; query i at q_offset + i); packed documents (`seqs.cu_seqlens`):
     ck / cv hold the memory tokens and then T // stride slots, document i's compressed token j at slot
     cu_seqlens[i] // stride + j (model/compression.py), and block c of a document is token c of it."""
     check_same_device_dtype(q=q, ck=ck, cv=cv)
@@ -37,10 +38,10 @@ def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, 
         raise ValueError(f"packed documents need ck with {num_memory} memory tokens and T // stride = "
                          f"{q.shape[-2] // stride} slots, got {ck.shape[-2]} tokens")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if use_kernels(backend, q.device, "compressed_attention", by_design=plain_layout_reason(seqs)):
+    if use_kernels(backend, q.device, "compressed_attention", by_design=PACKED_REASON if seqs.is_packed else None):
         from nsa_core.kernels.compressed_sdpa import compressed_attention_sdpa
 
-        return compressed_attention_sdpa(q, ck, cv, num_memory, stride, causal, scale)
+        return compressed_attention_sdpa(q, ck, cv, num_memory, stride, causal, scale, seqs.q_offset)
     if seqs.is_packed:
         def document(start: int, end: int) -> Tensor:
             first, last = compressed_span(start, end, stride)

@@ -1,5 +1,6 @@
 """selected_attention: the public op of NSA's fine branch (validation + dispatch).
-Kernels: kernels/selected_attention (plain batches); reference: reference/selected_attention.py."""
+Kernels: kernels/selected_attention (every layout: plain batches, queries after other keys, packed
+documents); reference: reference/selected_attention.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import check_backend_name, use_kernels
-from nsa_core.ops.seqs import Seqs, plain_layout_reason, seqs_for
+from nsa_core.ops.seqs import Seqs, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.documents import per_document
 from nsa_core.reference.selected_attention import selected_attention_reference
@@ -52,9 +53,10 @@ def selected_attention(
     """Attention of each query to the key blocks it selected.
 
     Args:
-        q: (B, HQ, T, D); k: (B, HKV, T, D); v: (B, HKV, T, Dv); HQ = G x HKV for any G >= 1.
+        q: (B, HQ, T, D); k: (B, HKV, N, D); v: (B, HKV, N, Dv); HQ = G x HKV for any G >= 1; N = T
+            unless `seqs` places the queries among more keys.
         indices: (B, HKV or HQ, T, S) integer: the S key blocks each query selected; block j holds
-            keys j*block_size ... (j+1)*block_size - 1, cut at T. With HQ heads every query head
+            keys j*block_size ... (j+1)*block_size - 1, cut at N. With HQ heads every query head
             has its own selection, with HKV heads the G query heads of a group share it.
         valid: same shape, bool (None = all valid): which slots are real. Within one query's valid
             slots a block appears at most once.
@@ -67,8 +69,10 @@ def selected_attention(
         window: if given, keys more than `window` positions before the query are masked too
             (the sliding window is this op with the blocks before the own block selected).
         backend: "torch" (reference), "triton" (kernels; raises where they cannot run) or "auto".
-        seqs: where the queries sit among the keys (default: a plain batch, T queries over T keys);
-            queries after cached keys (decoding) run on the reference until the decode kernels.
+        seqs: where the queries sit among the keys (default: a plain batch, T queries over T keys).
+            Queries after other keys (`seqs.q_offset`: a sequence-parallel shard over the gathered
+            keys, queries after cached keys): query i sits at key position q_offset + i, for its
+            causal limit, its window and its own block; the kernels take the offset (both schemes).
             Packed documents (`seqs.cu_seqlens`, batch 1): block indices count from the query's
             document start, blocks are cut at its end, and no key of another document is seen.
             The kernels take them in one launch, by query (launch.packed_block_table).
@@ -92,12 +96,11 @@ def selected_attention(
 
         return kernel_unsupported_reason(q, k, v, block_size)
 
-    if use_kernels(backend, q.device, "selected_attention", unsupported,
-                   by_design=plain_layout_reason(seqs, packed_ok=True)):
+    if use_kernels(backend, q.device, "selected_attention", unsupported):
         from nsa_core.kernels.selected_attention.autograd import selected_attention_triton
 
         return selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale, window,
-                                         seqs.cu_seqlens)
+                                         seqs.cu_seqlens, seqs.q_offset)
     if seqs.is_packed:  # the twin: each document alone
         def document(s: int, e: int) -> Tensor:
             doc = lambda t: None if t is None else t[:, :, s:e]

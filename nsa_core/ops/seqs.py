@@ -5,7 +5,8 @@ after `q_offset` cached keys, so k_len = q_offset + q_len) and packed documents 
 `total` tokens holding documents one after the other, `cu_seqlens` their cumulative lengths, as in
 flash-attention's varlen functions) are the same descriptor with different values. Query i of a
 plain row sits at key position q_offset + i; a packed token t sits at position t - start(t) of its
-document, and sees only its document's keys. The sequence-parallel issue adds a shard's offset.
+document, and sees only its document's keys. A sequence-parallel shard is queries after other keys
+(q_offset = its first token, k_len = the whole sequence).
 
 Dimension legend: N documents, T tokens of the packed row.
 """
@@ -156,16 +157,7 @@ def query_seqs(q: Tensor, seqs: Seqs | None) -> Seqs:
     return seqs
 
 
-LAYOUT_REASON = "the kernels take plain batches (queries over their own keys, no offset)"
 PACKED_REASON = "packed documents (cu_seqlens) run on the reference for this op"
-
-
-def plain_layout_reason(seqs: Seqs, packed_ok: bool = False) -> str | None:
-    """Why a kernel that takes only plain batches (and, with packed_ok, packed documents) does not
-    take this layout (None if it does)."""
-    if seqs.is_packed:
-        return None if packed_ok else PACKED_REASON
-    return None if seqs.is_plain else LAYOUT_REASON
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -7,7 +7,7 @@ must stay within a small multiple of PyTorch's own error at the same dtype."""
 import pytest
 import torch
 
-from kernel_cases import random_problem
+from kernel_cases import offset_problem, random_problem
 from nsa_core import selected_attention
 from nsa_core.ops.dispatch import kernel_unavailable_reason
 
@@ -46,7 +46,8 @@ def run(problem, backend, dtype=None, grad_seed=1):
             t = t.detach().to(dtype or t.dtype).requires_grad_()
         tensors[name] = t
     out = selected_attention(tensors["q"], tensors["k"], tensors["v"], problem["indices"], block_size=problem["block_size"],
-                             valid=problem["valid"], gates=tensors["gates"], causal=problem["causal"], backend=backend)
+                             valid=problem["valid"], gates=tensors["gates"], causal=problem["causal"], backend=backend,
+                             window=problem.get("window"), seqs=problem.get("seqs"))
     gen = torch.Generator(device=out.device).manual_seed(grad_seed)
     grad = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32).to(out.dtype)
     inputs = [t for t in tensors.values() if t is not None]
@@ -92,6 +93,26 @@ def test_kernel_short_sequences(scheme, poisoned_outputs):
     for T in (1, 2, 17):
         problem = random_problem(G=2, T=T, S=2, seed=T, device=DEVICE)
         check_against_reference(problem, torch.float32, factor=4)
+
+
+# queries after other keys: (keys, first query, queries) and the rest of the problem
+OFFSET_CASES = {
+    "shard": dict(T=35, q_offset=19, q_len=16, G=3, with_gates=True),  # the offset cuts a block of 16
+    "keys_after": dict(T=45, q_offset=21, q_len=9, G=2, per_head=True, causal=False, window=7),
+    "group16_window": dict(T=37, q_offset=33, q_len=4, G=16, HKV=1, window=6, block=8, S=2),
+    "decode_step": dict(T=37, q_offset=36, q_len=1, G=3, S=2),  # Seqs.step(1, 36)
+}
+
+
+@pytest.mark.parametrize("scheme, case", [
+    *((scheme, "shard") for scheme in ("by_query", "by_block", "by_block_atomic")),
+    ("by_query", "keys_after"), ("by_block", "keys_after"), ("by_query", "group16_window"),
+    ("by_block_atomic", "group16_window"), ("by_query", "decode_step"), ("by_block", "decode_step"),
+], indirect=["scheme"])
+def test_kernel_query_offset(scheme, case, poisoned_outputs):
+    """Query i at key position q_offset + i (causal limit, window, own block); dK / dV over every key."""
+    problem = offset_problem(seed=len(case), device=DEVICE, **OFFSET_CASES[case])
+    check_against_reference(problem, torch.float32, factor=4)
 
 
 def test_kernel_query_without_keys_is_zero(scheme, poisoned_outputs):
@@ -145,6 +166,16 @@ def test_triton_backend_refuses_unsupported():
 def test_kernel_gpu_real_sizes(G, dtype):
     problem = random_problem(G=G, HKV=4, T=2048 + 77, D=128, Dv=128, S=16, block=64, with_gates=True, seed=G, device="cuda")
     check_against_reference(problem, dtype, factor=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_kernel_gpu_query_offset(G):
+    """The last of 4 shards of 4172 tokens (its offset 3129 cuts a block of 64), the scheme the launcher picks."""
+    problem = offset_problem(T=4172, q_offset=3129, q_len=1043, G=G, HKV=4, D=128, Dv=128, S=16, block=64,
+                             with_gates=True, seed=G, device="cuda")
+    check_against_reference(problem, torch.bfloat16, factor=3)
 
 
 @pytest.mark.gpu

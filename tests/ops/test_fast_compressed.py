@@ -8,8 +8,9 @@ import torch
 
 from helpers import output_and_grads, randomize_, rel_err
 from nsa_core import SparseAttention
+from nsa_core.kernels import compressed_sdpa
 from nsa_core.kernels.compressed_sdpa import compressed_attention_sdpa
-from nsa_core.reference.compressed_attention import compressed_attention_reference
+from nsa_core.reference.compressed_attention import compressed_attention_chunked, compressed_attention_reference
 
 
 @pytest.mark.parametrize("causal, memory", [(True, 1), (True, 3), (False, 1), (False, 3)])
@@ -22,6 +23,46 @@ def test_staircase_sdpa_equals_reference(causal, memory, T):
     cv = torch.randn(2, HKV, memory + C, 6, dtype=torch.float64, generator=gen)
     expected, _ = compressed_attention_reference(q, ck, cv, memory, stride, causal, 0.3)
     torch.testing.assert_close(compressed_attention_sdpa(q, ck, cv, memory, stride, causal, 0.3), expected)
+
+
+@pytest.mark.parametrize("stride, C", [(4, 9), (3, 4), (1, 6)])  # C < (last position) / stride: queries past the staircase
+@pytest.mark.parametrize("offset, T", [(6, 13), (21, 16), (40, 3)])
+@pytest.mark.parametrize("G, memory, flash", [(1, 1, False), (3, 2, False), (3, 2, True), (16, 1, True)])
+def test_offset_staircase_equals_reference(monkeypatch, stride, C, offset, T, G, memory, flash):
+    """Queries at positions offset ... offset + T - 1 (a shard): output and gradients in float64.
+    flash: grouped kv heads passed as they are (as to the flash kernel), not repeated."""
+    if flash:
+        monkeypatch.setattr(compressed_sdpa, "can_use_flash_attention", lambda params: True)
+    gen = torch.Generator().manual_seed(offset * 100 + T)
+    HKV = 2 if G < 16 else 1
+    q = torch.randn(2, G * HKV, T, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    ck = torch.randn(2, HKV, memory + C, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    cv = torch.randn(2, HKV, memory + C, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    expected = compressed_attention_chunked(q, ck, cv, memory, stride, True, 0.3, query_offset=offset)
+    got = compressed_attention_sdpa(q, ck, cv, memory, stride, True, 0.3, q_offset=offset)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, (q, ck, cv), g), torch.autograd.grad(expected, (q, ck, cv), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # flash (GQA as is) / memory-efficient (kv repeated)
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_offset_staircase_gpu(dtype, G):
+    """A shard at offset 6147 (not a multiple of the stride 16) of 8192 tokens, within 3x the reference's own error."""
+    gen = torch.Generator().manual_seed(G)
+    HKV, T, offset, stride, memory = 4, 2045, 6147, 16, 1
+    C = (offset + T - 32) // stride + 1  # windows of 32 every 16: the last queries see every block
+    q = torch.randn(1, G * HKV, T, 64, generator=gen, dtype=torch.float64).cuda()
+    ck, cv = (torch.randn(1, HKV, memory + C, 64, generator=gen, dtype=torch.float64).cuda() for _ in range(2))
+    exact = compressed_attention_chunked(q, ck, cv, memory, stride, True, 0.125, query_offset=offset)
+    low = [t.to(dtype) for t in (q, ck, cv)]
+    same_dtype = compressed_attention_chunked(*low, memory, stride, True, 0.125, query_offset=offset)
+    got = compressed_attention_sdpa(*low, memory, stride, True, 0.125, q_offset=offset)
+    limit = 3 * (same_dtype.double() - exact).abs().max().item() + 1e-5
+    assert (got.double() - exact).abs().max().item() <= limit
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -40,3 +81,41 @@ def test_module_fast_path_equals_exact(monkeypatch, causal, share, diff, sel, me
     assert rel_err(fast_out, exact_out) < 1e-10
     for a, b in zip(fast_grads, exact_grads):
         assert rel_err(a, b) < 1e-8
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("compress_block", [8, 16])  # 16: the last queries see every compressed block
+def test_shard_fast_path_equals_exact(monkeypatch, rank, compress_block):
+    """A sequence-parallel shard (rank of 3, offsets 23 and 46: not multiples of the stride) through
+    both ops' kernel paths equals their PyTorch paths: output, and gradients of the shard, of the other
+    ranks' keys and values and of the parameters."""
+    from nsa_core.distributed.sequence_parallel import shard_forward
+    from nsa_core.ops.seqs import Seqs
+
+    kwargs = dict(dim=32, dim_head=8, heads=6, kv_heads=2, sliding_window_size=5, compress_block_size=compress_block,
+                  compress_block_sliding_stride=4, selection_block_size=8, num_selected_blocks=3, causal=True,
+                  num_compressed_mem_kv=2)
+    attn = randomize_(SparseAttention(**kwargs), std=0.3).double()
+    gen = torch.Generator().manual_seed(rank)
+    n, nl = 69, 23
+    x = torch.randn(2, nl, 32, dtype=torch.float64, generator=gen)
+    before, after = (torch.randn(2, 2, 2, length, 8, dtype=torch.float64, generator=gen) for length in
+                     (rank * nl, n - (rank + 1) * nl))
+    grad = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, before, after)]
+        out = shard_forward(attn, leaves[0], lambda kv: torch.cat((leaves[1], kv, leaves[2]), dim=-2),
+                            Seqs(nl, n, rank * nl))
+        params = [p for p in attn.parameters() if p.requires_grad]
+        return out, torch.autograd.grad(out, leaves + params, grad, allow_unused=True)
+
+    exact_out, exact_grads = run()
+    for op in ("compressed_attention", "block_selection"):
+        monkeypatch.setattr(importlib.import_module(f"nsa_core.ops.{op}"), "use_kernels", lambda *a, **k: True)
+    fast_out, fast_grads = run()
+    assert rel_err(fast_out, exact_out) < 1e-10
+    for a, b in zip(fast_grads, exact_grads):
+        assert (a is None) == (b is None)
+        if b is not None and b.numel() and b.abs().max() > 0:
+            assert rel_err(a, b) < 1e-8

@@ -10,13 +10,22 @@ torch.use_deterministic_algorithms is off).
   also computes the rows' dq over its block, stored as partials that sum_dq_partials_kernel
   adds up (deterministic) or added atomically into a float32 buffer.
 
+TQ queries over TK keys, query i at key position Q_OFF + i (forward.py's docstring): dq, do, lse and
+the selection have TQ rows, dK / dV all TK keys.
+
 Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
 """
 
 import triton
 import triton.language as tl
 
-from nsa_core.kernels.selected_attention.by_block import entry_rows, load_key_block, own_block_rows, segment_bounds
+from nsa_core.kernels.selected_attention.by_block import (
+    entry_rows,
+    load_key_block,
+    own_block_rows,
+    own_block_steps,
+    segment_bounds,
+)
 from nsa_core.kernels.selected_attention.forward import own_block_keys, slot_keys
 
 
@@ -43,7 +52,7 @@ def selected_attention_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
-    T, HI, scale,
+    TQ, TK, Q_OFF, HI, scale,
     S: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
@@ -59,22 +68,23 @@ def selected_attention_bwd_dq_kernel(
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_r = o_r < ROWS
-    # q and dq share q's layout; do is contiguous (B, HQ, T, DV); lse, delta (B, HQ, T)
+    # q and dq share q's layout; do is contiguous (B, HQ, TQ, DV); lse, delta (B, HQ, TQ)
     p_rows = i_b * stride_qb + (i_hq0 + o_r)[:, None] * stride_qh + i_t * stride_qt
     b_q = tl.load(q + p_rows + o_d[None, :], mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)  # [ROWS_P, BLOCK_D]
-    p_do_rows = i_b * (HI * ROWS * T * DV) + (i_hq0 + o_r)[:, None] * (T * DV) + i_t * DV
+    p_do_rows = i_b * (HI * ROWS * TQ * DV) + (i_hq0 + o_r)[:, None] * (TQ * DV) + i_t * DV
     b_do = tl.load(do + p_do_rows + o_dv[None, :], mask=m_r[:, None] & (o_dv[None, :] < DV), other=0.0)  # [ROWS_P, BLOCK_DV]
-    p_stat = (i_b * (HI * ROWS) + i_hq0 + o_r) * T + i_t
+    p_stat = (i_b * (HI * ROWS) + i_hq0 + o_r) * TQ + i_t
     b_lse = tl.load(lse + p_stat, mask=m_r, other=float("inf"))
     b_delta = tl.load(delta + p_stat, mask=m_r, other=0.0)
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
     b_dq = tl.zeros([ROWS_P, BLOCK_D], dtype=tl.float32)
 
-    p_sel = (i_bh * T + i_t) * S
+    t_pos = Q_OFF + i_t  # the query's key position
+    p_sel = (i_bh * TQ + i_t) * S
     for step in range(0, S, SLOTS_PER_STEP):
-        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, i_t, T, table, W, S, SLOTS_PER_STEP, BLOCK, BLOCK_N, CAUSAL,
-                                           HAS_GATES, WINDOW, PACKED)
+        o_key, m_key, b_gate = slot_keys(idx, gates, p_sel, step, t_pos, TK, table, W, S, SLOTS_PER_STEP, BLOCK, BLOCK_N,
+                                         CAUSAL, HAS_GATES, WINDOW, PACKED)
         b_dq, b_dgate_col = _dq_keys(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate,
                                      scale, BLOCK_D, BLOCK_DV, D, DV, PRECISION)
         if HAS_GATES:
@@ -82,7 +92,7 @@ def selected_attention_bwd_dq_kernel(
             o_slot = step + tl.arange(0, SLOTS_PER_STEP)
             tl.store(dgates + p_sel + o_slot, b_dgate, mask=o_slot < S)
     if CAUSAL:
-        o_key, m_key, b_gate = own_block_keys(i_t, T, table, W, BLOCK, BLOCK_N, WINDOW, PACKED)
+        o_key, m_key, b_gate = own_block_keys(t_pos, TK, table, W, BLOCK, BLOCK_N, WINDOW, PACKED)
         b_dq, _ = _dq_keys(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_kt, stride_vt, o_key, m_key, b_gate,
                            scale, BLOCK_D, BLOCK_DV, D, DV, PRECISION)
     tl.store(dq + p_rows + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & (o_d[None, :] < D))
@@ -91,12 +101,12 @@ def selected_attention_bwd_dq_kernel(
 @triton.jit
 def _accumulate_dkdv(
     b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
-    p_qrow, p_dorow, p_stat, o_t, b_gate, m_row, scale,
+    p_qrow, p_dorow, p_stat, o_pos, b_gate, m_row, scale,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, DQ_PARTIAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dK/dV of one key block from M query rows; with DQ_PARTIAL also those rows' dq over this
-    block [M, BLOCK_D] and their gate gradient sum_keys(ds * qk) * scale [M]."""
+    """dK/dV of one key block from M query rows (at key positions o_pos); with DQ_PARTIAL also those
+    rows' dq over this block [M, BLOCK_D] and their gate gradient sum_keys(ds * qk) * scale [M]."""
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     b_q = tl.load(q + p_qrow[:, None] + o_d[None, :], mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [M, BLOCK_D]
@@ -105,9 +115,9 @@ def _accumulate_dkdv(
     b_delta = tl.load(delta + p_stat, mask=m_row, other=0.0)
     m = m_row[:, None] & m_key[None, :]
     if CAUSAL:
-        m = m & (o_key[None, :] <= o_t[:, None])
+        m = m & (o_key[None, :] <= o_pos[:, None])
     if WINDOW > 0:
-        m = m & (o_key[None, :] >= o_t[:, None] - WINDOW)
+        m = m & (o_key[None, :] >= o_pos[:, None] - WINDOW)
     b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [M, BLOCK_N]
     b_p = tl.where(m, tl.exp(b_qk * (scale * b_gate)[:, None] - b_lse[:, None]), 0.0)
     b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DV]
@@ -127,7 +137,7 @@ def _accumulate_dkdv(
 def _write_dq_rows(dq_part, b_dq_rows, p_partial, p_row, m_row, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    DQ_ATOMIC: tl.constexpr):
     """Rows' dq over one key block [M, BLOCK_D]: stored as the (row, slot) partial, or (DQ_ATOMIC)
-    added atomically into a float32 (B, HQ, T, D) accumulator."""
+    added atomically into a float32 (B, HQ, TQ, D) accumulator."""
     o_d = tl.arange(0, BLOCK_D)
     m = m_row[:, None] & (o_d[None, :] < D)
     if DQ_ATOMIC:
@@ -142,7 +152,7 @@ def selected_attention_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
-    T, HI, HKV, NB, scale,
+    TQ, TK, Q_OFF, HI, HKV, NB, scale,
     S: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, G_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
@@ -150,8 +160,8 @@ def selected_attention_bwd_dkdv_kernel(
     PACKED: tl.constexpr,
 ):
     """dK/dV of one key block (and, with DQ_PARTIAL, the dq of the rows that attend it — as partials
-    (B, HQ, T, S + 1, D), slot S being the own block, or with DQ_ATOMIC added into a float32
-    (B, HQ, T, D) buffer — plus the gate gradients of its entries)."""
+    (B, HQ, TQ, S + 1, D), slot S being the own block, or with DQ_ATOMIC added into a float32
+    (B, HQ, TQ, D) buffer — plus the gate gradients of its entries)."""
     i_blk = tl.program_id(0)
     i_bk = tl.program_id(1)  # over (batch, kv head)
     i_b = (i_bk // HKV).to(tl.int64)
@@ -159,8 +169,8 @@ def selected_attention_bwd_dkdv_kernel(
     HQ = HI * ROWS
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
-    o_key, m_key, b_k, b_v = load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV,
-                                            table, W, PACKED)
+    o_key, m_key, b_k, b_v = load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, TK, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D,
+                                            DV, table, W, PACKED)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     o_d = tl.arange(0, BLOCK_D)
@@ -169,17 +179,17 @@ def selected_attention_bwd_dkdv_kernel(
     ENTRIES_PER_STEP: tl.constexpr = BLOCK_M // ROWS_P
     start, end = segment_bounds(offsets, i_bk * NB + i_blk)
     for pos in range(start, end, ENTRIES_PER_STEP):  # a for loop: Triton pipelines its loads
-        lin, m_row, o_t, o_hq, o_s = entry_rows(entries, pos, end, T, HI, S, ROWS, ROWS_P, BLOCK_M)
+        lin, m_row, o_t, o_hq, o_s = entry_rows(entries, pos, end, TQ, HI, S, ROWS, ROWS_P, BLOCK_M)
         b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if HAS_GATES:
             b_gate = tl.load(gates + lin, mask=m_row, other=0.0).to(tl.float32)
         b_dk, b_dv, b_dq_rows, b_dgate_rows = _accumulate_dkdv(
             b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
-            i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt, i_b * (HQ * T * DV) + o_hq * (T * DV) + o_t * DV,
-            (i_b * HQ + o_hq) * T + o_t, o_t, b_gate, m_row, scale,
+            i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt, i_b * (HQ * TQ * DV) + o_hq * (TQ * DV) + o_t * DV,
+            (i_b * HQ + o_hq) * TQ + o_t, Q_OFF + o_t, b_gate, m_row, scale,
             BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, WINDOW, PRECISION)
         if DQ_PARTIAL:
-            _write_dq_rows(dq_part, b_dq_rows, ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + o_s, (i_b * HQ + o_hq) * T + o_t,
+            _write_dq_rows(dq_part, b_dq_rows, ((i_b * HQ + o_hq) * TQ + o_t) * (S + 1) + o_s, (i_b * HQ + o_hq) * TQ + o_t,
                            m_row, D, BLOCK_D, DQ_ATOMIC)
             if HAS_GATES:
                 b_dgate = tl.sum(tl.reshape(b_dgate_rows, (ENTRIES_PER_STEP, ROWS_P)), axis=1)
@@ -189,21 +199,22 @@ def selected_attention_bwd_dkdv_kernel(
 
     # 2. the queries of the block itself, all G query heads of this kv head (causal own block)
     if CAUSAL:
-        for step in range(0, BLOCK, BLOCK_M // G_P):
-            o_t, m_row, o_hq = own_block_rows(i_blk, step, i_hk, T, G, BLOCK, G_P, BLOCK_M, table, W, PACKED)
+        lo, hi = own_block_steps(i_blk, TQ, Q_OFF, BLOCK, PACKED)
+        for step in range(lo, hi, BLOCK_M // G_P):
+            o_t, o_pos, m_row, o_hq = own_block_rows(i_blk, step, i_hk, TQ, TK, Q_OFF, G, BLOCK, G_P, BLOCK_M, table, W, PACKED)
             b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
             b_dk, b_dv, b_dq_rows, b_dgate_rows = _accumulate_dkdv(
                 b_dk, b_dv, b_k, b_v, o_key, m_key, q, do, lse, delta,
-                i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt, i_b * (HQ * T * DV) + o_hq * (T * DV) + o_t * DV,
-                (i_b * HQ + o_hq) * T + o_t, o_t, b_gate, m_row, scale,
+                i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt, i_b * (HQ * TQ * DV) + o_hq * (TQ * DV) + o_t * DV,
+                (i_b * HQ + o_hq) * TQ + o_t, o_pos, b_gate, m_row, scale,
                 BLOCK_D, BLOCK_DV, D, DV, CAUSAL, DQ_PARTIAL, WINDOW, PRECISION)
             if DQ_PARTIAL:
-                _write_dq_rows(dq_part, b_dq_rows, ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + S, (i_b * HQ + o_hq) * T + o_t,
+                _write_dq_rows(dq_part, b_dq_rows, ((i_b * HQ + o_hq) * TQ + o_t) * (S + 1) + S, (i_b * HQ + o_hq) * TQ + o_t,
                                m_row, D, BLOCK_D, DQ_ATOMIC)
 
     o_dv = tl.arange(0, BLOCK_DV)
-    p_dk = dk + ((i_b * HKV + i_hk) * T + o_key[:, None]) * D + o_d[None, :]
-    p_dv = dv + ((i_b * HKV + i_hk) * T + o_key[:, None]) * DV + o_dv[None, :]
+    p_dk = dk + ((i_b * HKV + i_hk) * TK + o_key[:, None]) * D + o_d[None, :]
+    p_dv = dv + ((i_b * HKV + i_hk) * TK + o_key[:, None]) * DV + o_dv[None, :]
     tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_key[:, None] & (o_d[None, :] < D))
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_key[:, None] & (o_dv[None, :] < DV))
 
@@ -212,10 +223,10 @@ def selected_attention_bwd_dkdv_kernel(
 def sum_dq_partials_kernel(
     dq_part, idx, dq,
     stride_qb, stride_qh, stride_qt,
-    T, HQ, HI,
+    TQ, HQ, HI,
     S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
 ):
-    """BLOCK_T tokens of one query head: dq = sum of the (query row, slot) partials (B, HQ, T, S + 1, D)
+    """BLOCK_T tokens of one query head: dq = sum of the (query row, slot) partials (B, HQ, TQ, S + 1, D)
     over its valid slots (and the own block's, slot S, when causal), written in dq's dtype. Slots
     nothing wrote (invalid) are never read: one pass over the partials."""
     i_tb = tl.program_id(0)
@@ -225,10 +236,10 @@ def sum_dq_partials_kernel(
     i_hs = i_hq // (HQ // HI)  # selection head of this query head
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
-    m_t = o_t < T
+    m_t = o_t < TQ
     m_d = o_d[None, :] < D
-    p_sel = ((i_b * HI + i_hs) * T + o_t) * S  # [BLOCK_T]
-    p_part = (i_bh.to(tl.int64) * T + o_t) * (S + 1)  # [BLOCK_T]; partials pass 2**31 elements
+    p_sel = ((i_b * HI + i_hs) * TQ + o_t) * S  # [BLOCK_T]
+    p_part = (i_bh.to(tl.int64) * TQ + o_t) * (S + 1)  # [BLOCK_T]; partials pass 2**31 elements
     b_dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for s in tl.static_range(S):
         m_slot = m_t & (tl.load(idx + p_sel + s, mask=m_t, other=-1) >= 0)

@@ -7,6 +7,7 @@ launch.py), then the queries of the block itself (the causal own block, slot S).
 it writes a partial result (no two programs write the same entry, so the entries of a block
 chosen by many queries can be dealt to several programs): the softmax-normalised output over this block's keys, the row max
 and the row sum. launch.py merges the S + 1 partials of each query.
+TQ queries over TK keys, query i at key position Q_OFF + i (forward.py's docstring).
 
 Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
 """
@@ -14,19 +15,25 @@ Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in th
 import triton
 import triton.language as tl
 
-from nsa_core.kernels.selected_attention.by_block import entry_rows, load_key_block, own_block_rows, segment_bounds
+from nsa_core.kernels.selected_attention.by_block import (
+    entry_rows,
+    load_key_block,
+    own_block_rows,
+    own_block_steps,
+    segment_bounds,
+)
 
 
 @triton.jit
-def _partial_rows(b_k, b_v, o_key, m_key, q, p_qrow, o_t, b_gate, m_row, scale,
+def _partial_rows(b_k, b_v, o_key, m_key, q, p_qrow, o_pos, b_gate, m_row, scale,
                   BLOCK_D: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     b_q = tl.load(q + p_qrow[:, None] + o_d[None, :], mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [M, BLOCK_D]
     m = m_row[:, None] & m_key[None, :]
     if CAUSAL:
-        m = m & (o_key[None, :] <= o_t[:, None])
+        m = m & (o_key[None, :] <= o_pos[:, None])
     if WINDOW > 0:
-        m = m & (o_key[None, :] >= o_t[:, None] - WINDOW)
+        m = m & (o_key[None, :] >= o_pos[:, None] - WINDOW)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * (scale * b_gate)[:, None]  # [M, BLOCK_N]
     b_s = tl.where(m, b_s, float("-inf"))
     b_m = tl.max(b_s, axis=1)  # [M]
@@ -51,7 +58,7 @@ def selected_attention_fwd_by_block_kernel(
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
-    T, HI, HKV, NB, scale, NUM_SPLITS,
+    TQ, TK, Q_OFF, HI, HKV, NB, scale, NUM_SPLITS,
     S: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, G_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
@@ -66,38 +73,41 @@ def selected_attention_fwd_by_block_kernel(
     HQ = HI * ROWS
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
-    o_key, m_key, b_k, b_v = load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, T, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV,
-                                            offsets, 0, False)
+    o_key, m_key, b_k, b_v = load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, TK, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D,
+                                            DV, offsets, 0, False)
 
     # 1. the (query, head set, slot) entries that selected this block
     start, end = segment_bounds(offsets, i_bk * NB + i_blk)
     for pos in range(start + i_split * STEP, end, STEP * NUM_SPLITS):  # a for loop: Triton pipelines its loads
-        lin, m_row, o_t, o_hq, o_s = entry_rows(entries, pos, end, T, HI, S, ROWS, ROWS_P, BLOCK_M)
+        lin, m_row, o_t, o_hq, o_s = entry_rows(entries, pos, end, TQ, HI, S, ROWS, ROWS_P, BLOCK_M)
         b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if HAS_GATES:
             b_gate = tl.load(gates + lin, mask=m_row, other=0.0).to(tl.float32)
         b_o, b_mx, b_l = _partial_rows(b_k, b_v, o_key, m_key, q, i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt,
-                                       o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)
-        _store_partials(o_part, m_part, l_part, b_o, b_mx, b_l, ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + o_s, m_row, BLOCK_DV, DV)
+                                       Q_OFF + o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)
+        _store_partials(o_part, m_part, l_part, b_o, b_mx, b_l, ((i_b * HQ + o_hq) * TQ + o_t) * (S + 1) + o_s, m_row, BLOCK_DV,
+                        DV)
 
     # 2. the queries of the block itself, all G query heads of this kv head: slot S
     if CAUSAL and i_split == 0:
-        for step in range(0, BLOCK, BLOCK_M // G_P):
-            o_t, m_row, o_hq = own_block_rows(i_blk, step, i_hk, T, G, BLOCK, G_P, BLOCK_M, offsets, 0, False)
+        lo, hi = own_block_steps(i_blk, TQ, Q_OFF, BLOCK, False)
+        for step in range(lo, hi, BLOCK_M // G_P):
+            o_t, o_pos, m_row, o_hq = own_block_rows(i_blk, step, i_hk, TQ, TK, Q_OFF, G, BLOCK, G_P, BLOCK_M, offsets, 0, False)
             b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
             b_o, b_mx, b_l = _partial_rows(b_k, b_v, o_key, m_key, q, i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt,
-                                           o_t, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)
-            _store_partials(o_part, m_part, l_part, b_o, b_mx, b_l, ((i_b * HQ + o_hq) * T + o_t) * (S + 1) + S, m_row, BLOCK_DV, DV)
+                                           o_pos, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)
+            _store_partials(o_part, m_part, l_part, b_o, b_mx, b_l, ((i_b * HQ + o_hq) * TQ + o_t) * (S + 1) + S, m_row,
+                            BLOCK_DV, DV)
 
 
 @triton.jit
 def merge_partials_kernel(
     o_part, m_part, l_part, idx, o, lse,
     stride_ob, stride_oh, stride_ot,
-    T, HQ, HI, G,
+    TQ, HQ, HI, G,
     S: tl.constexpr, SP: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
 ):
-    """One query row (token t, query head): merge its S + 1 partials into the output and lse."""
+    """One query row (query t, query head): merge its S + 1 partials into the output and lse."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)  # over (batch, query head)
     i_b = (i_bh // HQ).to(tl.int64)
@@ -105,11 +115,11 @@ def merge_partials_kernel(
     i_hs = i_hq // (HQ // HI)  # selection head of this query head
     o_s = tl.arange(0, SP)
     o_dv = tl.arange(0, BLOCK_DV)
-    b_blk = tl.load(idx + ((i_b * HI + i_hs) * T + i_t) * S + o_s, mask=o_s < S, other=-1)
+    b_blk = tl.load(idx + ((i_b * HI + i_hs) * TQ + i_t) * S + o_s, mask=o_s < S, other=-1)
     m_slot = (b_blk >= 0) & (o_s < S)
     if CAUSAL:
         m_slot = m_slot | (o_s == S)
-    p_row = (i_bh.to(tl.int64) * T + i_t) * (S + 1)  # partial tensors pass 2**31 elements
+    p_row = (i_bh.to(tl.int64) * TQ + i_t) * (S + 1)  # partial tensors pass 2**31 elements
     b_m = tl.load(m_part + p_row + o_s, mask=m_slot, other=float("-inf"))
     b_l = tl.load(l_part + p_row + o_s, mask=m_slot, other=0.0)
     m_slot = m_slot & (b_l > 0)
@@ -121,4 +131,4 @@ def merge_partials_kernel(
     b_op = tl.load(o_part + (p_row + o_s)[:, None] * DV + o_dv[None, :], mask=m_slot[:, None] & (o_dv[None, :] < DV), other=0.0)
     b_out = tl.sum(b_op.to(tl.float32) * b_w[:, None], axis=0) / tl.where(b_sum > 0, b_sum, 1.0)  # [BLOCK_DV]
     tl.store(o + i_b * stride_ob + i_hq * stride_oh + i_t * stride_ot + o_dv, b_out.to(o.dtype.element_ty), mask=o_dv < DV)
-    tl.store(lse + i_bh * T + i_t, tl.where(b_sum > 0, b_base + tl.log(tl.where(b_sum > 0, b_sum, 1.0)), float("inf")))
+    tl.store(lse + i_bh * TQ + i_t, tl.where(b_sum > 0, b_base + tl.log(tl.where(b_sum > 0, b_sum, 1.0)), float("inf")))

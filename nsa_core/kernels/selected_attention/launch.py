@@ -1,12 +1,15 @@
 """Launchers of the selected-attention kernels: checks what the kernels support, allocates
 outputs, picks tiles and grids, builds the CSR index of the dK/dV pass. No host syncs.
 
+Queries after other keys (a sequence-parallel shard, queries after cached keys): TQ queries over TK
+keys, query i at key position q_offset + i; both schemes take the offset, dK / dV cover all TK keys.
 Packed documents (batch 1): `packed_block_table` turns document-relative block indices into virtual
 blocks (one per block of each document, at most T // block + N of them) and gives the kernels their
 key ranges; they run by query (the by-block forward does not take them yet), one launch for all.
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, HI heads of the selection
-(HKV: shared by a group, or HQ), T sequence, S slots, D / DV head dims, NB key blocks.
+(HKV: shared by a group, or HQ), TQ queries, TK keys (T: both, a plain batch), S slots, D / DV head
+dims, NB key blocks.
 """
 
 from __future__ import annotations
@@ -134,57 +137,58 @@ def packed_block_table(idx: torch.Tensor, cu_seqlens: torch.Tensor, block_size: 
     return virtual.contiguous(), table
 
 
-def _packed(table: torch.Tensor | None, T: int, block_size: int) -> tuple[int, dict]:
+def _packed(table: torch.Tensor | None, TK: int, block_size: int) -> tuple[int, dict]:
     """Key blocks (the grid of the dK/dV pass) and the kernels' packing arguments."""
     if table is None:
-        return math.ceil(T / block_size), dict(W=0, PACKED=False)
-    return (table.numel() - T) // 2, dict(W=(table.numel() - T) // 2, PACKED=True)
+        return math.ceil(TK / block_size), dict(W=0, PACKED=False)
+    return (table.numel() - TK) // 2, dict(W=(table.numel() - TK) // 2, PACKED=True)
 
 
 def _csr_index_dtype(idx: torch.Tensor) -> torch.dtype:
     return torch.int32 if idx.numel() < 2**31 else torch.int64
 
 
-def csr_size(idx: torch.Tensor, num_kv_heads: int, block_size: int) -> tuple[tuple[int], tuple[int], torch.dtype]:
-    """Shapes and dtype of build_csr's (entries, offsets) for idx (B, HI, T, S)."""
-    B, _, T, _ = idx.shape
-    return (idx.numel(),), (B * num_kv_heads * math.ceil(T / block_size) + 1,), _csr_index_dtype(idx)
+def csr_size(idx: torch.Tensor, num_kv_heads: int, block_size: int, num_keys: int) -> tuple[tuple[int], tuple[int], torch.dtype]:
+    """Shapes and dtype of build_csr's (entries, offsets) for idx (B, HI, TQ, S) over num_keys keys."""
+    return (idx.numel(),), (idx.shape[0] * num_kv_heads * math.ceil(num_keys / block_size) + 1,), _csr_index_dtype(idx)
 
 
 def selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
-                                    table: torch.Tensor | None = None):
+                                    table: torch.Tensor | None = None, q_offset: int = 0):
     """selected_attention_fwd, plus the CSR index (entries, offsets) when the forward built one (by
     block) for the backward to reuse, else two empty tensors."""
     if table is None and choose_scheme(q, k, idx) == "by_block":
-        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, None)
+        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, None, q_offset=q_offset)
     o, lse = selected_attention_fwd(q, k, v, idx, gates, block_size, causal, scale, window, scheme="by_query",
-                                    table=table)
+                                    table=table, q_offset=q_offset)
     no_csr = [torch.empty(0, device=q.device, dtype=torch.int32) for _ in range(2)]  # two tensors: outputs may not alias
     return o, lse, *no_csr
 
 
 def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
                            slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                           scheme: str | None = None, splits: int | None = None, table: torch.Tensor | None = None):
-    """q (B, HQ, T, D), k (B, HKV, T, D), v (B, HKV, T, DV), idx (B, HI, T, S) int32 with -1 for
-    invalid slots, gates (B, HI, T, S) or None -> o (B, HQ, T, DV), lse (B, HQ, T) float32.
+                           scheme: str | None = None, splits: int | None = None, table: torch.Tensor | None = None,
+                           q_offset: int = 0):
+    """q (B, HQ, TQ, D), k (B, HKV, TK, D), v (B, HKV, TK, DV), idx (B, HI, TQ, S) int32 with -1 for
+    invalid slots, gates (B, HI, TQ, S) or None -> o (B, HQ, TQ, DV), lse (B, HQ, TQ) float32.
+    Query i sits at key position q_offset + i (q_offset + TQ <= TK).
     table: packed documents (packed_block_table; idx holds virtual blocks), by query only."""
     scheme = "by_query" if table is not None else scheme or choose_scheme(q, k, idx)
     if scheme == "by_block":
-        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits)[:2]
-    B, HQ, T, _ = q.shape
-    HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
+        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits, q_offset=q_offset)[:2]
+    B, HQ, TQ, _ = q.shape
+    HKV, TK, HI, S = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1]
     rows, rows_p = _rows(HQ, HKV, HI)
-    o = outputs.new_output(B, HQ, T, v.shape[-1], device=q.device, dtype=q.dtype)
-    lse = outputs.new_output(B, HQ, T, device=q.device, dtype=torch.float32)
+    o = outputs.new_output(B, HQ, TQ, v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = outputs.new_output(B, HQ, TQ, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
-    grid = (T, B * HI)
-    _, packing = _packed(table, T, block_size)
+    grid = (TQ, B * HI)
+    _, packing = _packed(table, TK, block_size)
     selected_attention_fwd_kernel[grid](
         q, k, v, idx, gates if gates is not None else idx, o, lse, idx if table is None else table, packing["W"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, HI, scale,
+        TQ, TK, q_offset, HI, scale,
         S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
         CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window, PACKED=packing["PACKED"],
         num_warps=num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8), num_stages=num_stages, **tiles,
@@ -193,39 +197,39 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
 
 
 def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits=None, block_m=128,
-                  num_stages=2):
+                  num_stages=2, q_offset=0):
     """Tiles of 128 entry rows, 4 warps, 2 stages: measured on an H100 at 64k (benchmarks/NOTES.md),
     G=1 2.07 ms vs 2.80 with 64 rows, G=4 7.48 vs 9.21; 8 warps or 3 stages were slower."""
-    B, HQ, T, _ = q.shape
-    HKV, HI, S, DV = k.shape[1], idx.shape[1], idx.shape[-1], v.shape[-1]
+    B, HQ, TQ, _ = q.shape
+    HKV, TK, HI, S, DV = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1], v.shape[-1]
     G = HQ // HKV
     rows, _ = _rows(HQ, HKV, HI)
-    num_blocks = math.ceil(T / block_size)
+    num_blocks = math.ceil(TK / block_size)
     entries, offsets = build_csr(idx, HKV, num_blocks, rows)
-    o_part = outputs.new_output(B, HQ, T, S + 1, DV, device=q.device, dtype=q.dtype)
-    m_part = outputs.new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
-    l_part = outputs.new_output(B, HQ, T, S + 1, device=q.device, dtype=torch.float32)
+    o_part = outputs.new_output(B, HQ, TQ, S + 1, DV, device=q.device, dtype=q.dtype)
+    m_part = outputs.new_output(B, HQ, TQ, S + 1, device=q.device, dtype=torch.float32)
+    l_part = outputs.new_output(B, HQ, TQ, S + 1, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
     splits = splits or BY_BLOCK_FWD_SPLITS or max(1, min(4, BY_BLOCK_FWD_PROGRAMS // (num_blocks * B * HKV)))
     selected_attention_fwd_by_block_kernel[(num_blocks, B * HKV, splits)](
         q, k, v, entries, offsets, gates if gates is not None else m_part, o_part, m_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        T, HI, HKV, num_blocks, scale, splits,
+        TQ, TK, q_offset, HI, HKV, num_blocks, scale, splits,
         S=S, G=G, ROWS=rows, ROWS_P=_pow2(rows), G_P=_pow2(G), BLOCK_M=max(block_m, _pow2(G)), CAUSAL=causal,
         HAS_GATES=gates is not None, WINDOW=window, num_warps=num_warps or 4, num_stages=num_stages, **tiles,
     )
-    o = outputs.new_output(B, HQ, T, DV, device=q.device, dtype=q.dtype)
-    lse = outputs.new_output(B, HQ, T, device=q.device, dtype=torch.float32)
-    merge_partials_kernel[(T, B * HQ)](
-        o_part, m_part, l_part, idx, o, lse, o.stride(0), o.stride(1), o.stride(2), T, HQ, HI, G,
+    o = outputs.new_output(B, HQ, TQ, DV, device=q.device, dtype=q.dtype)
+    lse = outputs.new_output(B, HQ, TQ, device=q.device, dtype=torch.float32)
+    merge_partials_kernel[(TQ, B * HQ)](
+        o_part, m_part, l_part, idx, o, lse, o.stride(0), o.stride(1), o.stride(2), TQ, HQ, HI, G,
         S=S, SP=_pow2(S + 1), DV=DV, BLOCK_DV=tiles["BLOCK_DV"], CAUSAL=causal, num_warps=1,
     )
     return o, lse, entries, offsets
 
 
 def build_csr(idx: torch.Tensor, num_kv_heads: int, num_blocks: int, rows: int):
-    """Entries of idx (B, HI, T, S) grouped by (batch, kv head, key block): (entries, offsets).
+    """Entries of idx (B, HI, TQ, S) grouped by (batch, kv head, key block): (entries, offsets).
 
     entries: linear indices into idx, sorted by group (stable); offsets (B * HKV * NB + 1,):
     group g's entries are entries[offsets[g]:offsets[g + 1]]. Invalid slots (-1) are dropped
@@ -249,7 +253,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
                            csr: tuple[torch.Tensor, torch.Tensor] | None = None, slots_per_step: int | None = None,
                            num_warps: int | None = None, num_stages: int = 2, dkdv_block_m: int | None = None,
                            dkdv_warps: int | None = None, scheme: str | None = None, dq_atomic: bool | None = None,
-                           table: torch.Tensor | None = None):
+                           table: torch.Tensor | None = None, q_offset: int = 0):
     """Gradients (dq, dk, dv, dgates or None) of selected_attention_fwd. By query: a dQ kernel
     walks each query's blocks and a dK/dV kernel each block's queries. By block: the dK/dV
     kernel also computes each (query row, block)'s dq and the gate gradients, and adds the dq
@@ -261,12 +265,12 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     warps x 1 stage when a head dim exceeds 128."""
     scheme = scheme or choose_scheme(q, k, idx, backward=True)
     dq_atomic = not deterministic() if dq_atomic is None else dq_atomic
-    B, HQ, T, D = q.shape
-    HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
+    B, HQ, TQ, D = q.shape
+    HKV, TK, HI, S = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1]
     G = HQ // HKV
     rows, rows_p = _rows(HQ, HKV, HI)
     do = do.contiguous()
-    delta = row_dot(do, o.contiguous())  # (B, HQ, T) float32
+    delta = row_dot(do, o.contiguous())  # (B, HQ, TQ) float32
     by_block = scheme == "by_block"
     dgates = None
     if gates is not None:  # by block, only valid slots are written: the others stay zero
@@ -275,18 +279,18 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     tiles = _tiles(q, v, block_size)
     warps = num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8)
     if by_block and dq_atomic:
-        dq_part = torch.zeros(B, HQ, T, D, device=q.device, dtype=torch.float32)
+        dq_part = torch.zeros(B, HQ, TQ, D, device=q.device, dtype=torch.float32)
     elif by_block:
-        dq_part = outputs.new_output(B, HQ, T, S + 1, D, device=q.device, dtype=torch.float32)
+        dq_part = outputs.new_output(B, HQ, TQ, S + 1, D, device=q.device, dtype=torch.float32)
     else:
         dq_part = delta
         dq = outputs.new_output(*q.shape, device=q.device, dtype=q.dtype)
         _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps, num_stages,
-                   rows, rows_p, tiles, table)
-    num_blocks, packing = _packed(table, T, block_size)
+                   rows, rows_p, tiles, table, q_offset)
+    num_blocks, packing = _packed(table, TK, block_size)
     entries, offsets = csr if csr is not None and csr[0].numel() == idx.numel() else build_csr(idx, HKV, num_blocks, rows)
-    dk = outputs.new_output(B, HKV, T, D, device=q.device, dtype=k.dtype)
-    dv = outputs.new_output(B, HKV, T, v.shape[-1], device=q.device, dtype=v.dtype)
+    dk = outputs.new_output(B, HKV, TK, D, device=q.device, dtype=k.dtype)
+    dv = outputs.new_output(B, HKV, TK, v.shape[-1], device=q.device, dtype=v.dtype)
     entry_rows = _pow2(rows)
     # shared memory bounds the by-block tiles (with dq rows) at 256 dims: measured on an H100, D = DV = 256
     # fits 32 rows (8 warps, 1 stage: the fastest there), not 64 with 2 stages
@@ -298,7 +302,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
         dgates if dgates is not None else lse, offsets if table is None else table, packing["W"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        T, HI, HKV, num_blocks, scale,
+        TQ, TK, q_offset, HI, HKV, num_blocks, scale,
         S=S, G=G, ROWS=rows, ROWS_P=entry_rows, G_P=_pow2(G), BLOCK_M=block_m, CAUSAL=causal,
         HAS_GATES=gates is not None, DQ_PARTIAL=by_block, DQ_ATOMIC=dq_atomic, WINDOW=window, PACKED=packing["PACKED"],
         num_warps=dkdv_warps or (8 if by_block else warps), num_stages=dkdv_stages, **tiles,
@@ -307,24 +311,24 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
         dq = dq_part.to(q.dtype)
     elif by_block:
         dq = outputs.new_output(*q.shape, device=q.device, dtype=q.dtype)
-        sum_dq_partials_kernel[(triton.cdiv(T, SUM_DQ_TOKENS), B * HQ)](
-            dq_part, idx, dq, dq.stride(0), dq.stride(1), dq.stride(2), T, HQ, HI,
+        sum_dq_partials_kernel[(triton.cdiv(TQ, SUM_DQ_TOKENS), B * HQ)](
+            dq_part, idx, dq, dq.stride(0), dq.stride(1), dq.stride(2), TQ, HQ, HI,
             S=S, D=D, BLOCK_D=tiles["BLOCK_D"], BLOCK_T=SUM_DQ_TOKENS, CAUSAL=causal, num_warps=4,
         )
     return dq, dk, dv, dgates
 
 
 def _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps, num_stages,
-               rows, rows_p, tiles, table=None):
-    B, HQ, T, _ = q.shape
-    HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
-    _, packing = _packed(table, T, tiles["BLOCK"])
-    selected_attention_bwd_dq_kernel[(T, B * HI)](
+               rows, rows_p, tiles, table=None, q_offset=0):
+    B, HQ, TQ, _ = q.shape
+    HKV, TK, HI, S = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1]
+    _, packing = _packed(table, TK, tiles["BLOCK"])
+    selected_attention_bwd_dq_kernel[(TQ, B * HI)](
         q, k, v, do, lse, delta, idx, gates if gates is not None else idx, dq, dgates if dgates is not None else lse,
         idx if table is None else table, packing["W"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        T, HI, scale,
+        TQ, TK, q_offset, HI, scale,
         S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
         CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window, PACKED=packing["PACKED"], num_warps=warps,
         num_stages=num_stages, **tiles,
