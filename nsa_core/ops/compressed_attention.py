@@ -1,10 +1,11 @@
 """compressed_attention: queries attend to the memory tokens and the compressed keys (validation + dispatch).
 
-Kernel path: one SDPA call (flash / cuDNN kernels) through the staircase of kernels/compressed_sdpa.py,
-for plain batches. Reference: reference/compressed_attention.py over query chunks (memory linear in T);
-it also runs decoding steps (queries after cached keys), by design, until the decode kernels, and
-packed documents one document at a time (reference/documents.py: each query sees the memory tokens and
-its own document's compressed slots).
+Kernel path: plain batches take one SDPA call (flash / cuDNN kernels) through the staircase of
+kernels/compressed_sdpa.py; packed documents take one FlexAttention call for all documents
+(kernels/compressed_flex.py: each query sees the memory tokens and an interval of its own document's
+compressed slots). Reference: reference/compressed_attention.py over query chunks (memory linear in T);
+it also runs decoding steps (queries after cached keys), by design, until the decode kernels, and is
+the twin of the packed path, one document at a time (reference/documents.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,20 @@ def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, 
         raise ValueError(f"packed documents need ck with {num_memory} memory tokens and T // stride = "
                          f"{q.shape[-2] // stride} slots, got {ck.shape[-2]} tokens")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if use_kernels(backend, q.device, "compressed_attention", by_design=plain_layout_reason(seqs)):
+
+    def unsupported() -> str | None:
+        if not seqs.is_packed:
+            return None
+        from nsa_core.kernels.flex_intervals import flex_unsupported_reason
+
+        return flex_unsupported_reason(q, ck, cv)
+
+    if use_kernels(backend, q.device, "compressed_attention", unsupported,
+                   by_design=plain_layout_reason(seqs, packed_ok=True)):
+        if seqs.is_packed:
+            from nsa_core.kernels.compressed_flex import compressed_attention_flex
+
+            return compressed_attention_flex(q, ck, cv, seqs.cu_seqlens, num_memory, stride, causal, scale)
         from nsa_core.kernels.compressed_sdpa import compressed_attention_sdpa
 
         return compressed_attention_sdpa(q, ck, cv, num_memory, stride, causal, scale)
