@@ -35,6 +35,9 @@ def flex_unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
         return reason
     if q.device.type == "cuda" and min(q.shape[-1], v.shape[-1]) < 16:
         return f"FlexAttention on CUDA takes head dims >= 16, got D={q.shape[-1]}, Dv={v.shape[-1]}"
+    group = q.shape[1] // k.shape[1]
+    if q.device.type == "cuda" and q.shape[-2] < TILE and group & (group - 1):
+        return f"FlexAttention's kernel for fewer than {TILE} queries takes power-of-two query groups, got {group}"
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return "FlexAttention has no backward on CPU"
     return None

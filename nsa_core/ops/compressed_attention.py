@@ -27,7 +27,9 @@ def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, 
     at position t when that last token is before t; memory tokens always. Returns (B, HQ, T, Dv).
     `seqs`: where the queries sit (default: positions 0 ... T - 1); packed documents (`seqs.cu_seqlens`):
     ck / cv hold the memory tokens and then T // stride slots, document i's compressed token j at slot
-    cu_seqlens[i] // stride + j (model/compression.py), and block c of a document is token c of it."""
+    cu_seqlens[i] // stride + j (model/compression.py), and block c of a document is token c of it.
+    Kernel path for packed documents (fp16, bf16, fp32): one FlexAttention call; on CPU it has no
+    backward, so CPU inputs needing gradients are unsupported there (backend="triton" raises)."""
     check_same_device_dtype(q=q, ck=ck, cv=cv)
     check_positive_int("num_memory", num_memory)
     check_positive_int("stride", stride)
