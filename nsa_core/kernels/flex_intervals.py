@@ -81,6 +81,8 @@ def flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    if q.device.type == "cpu" and not torch.is_grad_enabled():  # flex refuses CPU leaves needing gradients
+        q, k, v = q.detach(), k.detach(), v.detach()
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
