@@ -7,9 +7,12 @@ keys meet the prefix or the hull of its queries' intervals, and full (no mask_mo
 of the tile sees every key of it. Nothing of size queries x keys is ever made (the tiles are
 (T / 128) x (K / 128) booleans) and nothing is read on the host.
 
-On CUDA the call is `torch.compile`d flex_attention (compiled once per shape, `dynamic=False`); on
-CPU FlexAttention runs eagerly, forward only (PyTorch has no CPU backward for it): a CPU call that
-needs gradients is an unsupported input (`flex_unsupported_reason`).
+On CUDA the call is `torch.compile(flex_attention)`, as torch's docs have it: the first row length
+compiles a static kernel, a second one a dynamic-shape kernel that serves every later length (with
+`dynamic=False` every length would recompile, and past torch's recompile limit flex would fall back
+to its eager form, which materializes the scores). On CPU FlexAttention runs eagerly, forward only
+(PyTorch has no CPU backward for it): a CPU call that needs gradients is an unsupported input
+(`flex_unsupported_reason`).
 
 Dimension legend: B batch (1 for packed rows), HQ query heads, HKV kv heads, T queries,
 K keys (P prefix keys first), D / Dv head dims, NQ / NK query / key tiles of TILE tokens.
@@ -100,7 +103,7 @@ def _compiled_flex() -> Callable:
     if _COMPILED is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED = torch.compile(flex_attention, dynamic=False)
+        _COMPILED = torch.compile(flex_attention)
     return _COMPILED
 
 
