@@ -4,8 +4,9 @@ Same layout as native-sparse-attention-pytorch's Transformer: token embedding, `
 (pre-normed attention + residual, pre-normed GELU feed-forward + residual), final RMSNorm, logits.
 
 Packed documents (`cu_seqlens`, ids of batch 1): every layer keeps each document to itself (sparse
-layers through their ops, dense layers one SDPA call per document, rotary positions restarting at
-each document), and the loss never predicts a document's first token from the previous document.
+layers through their ops, dense layers through ops/document_attention.py, one FlexAttention call on
+CUDA; rotary positions restart at each document), and the loss never predicts a document's first
+token from the previous document.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from nsa_core.ops.validation import check_positive_int
 from nsa_core.model.rotary import RotaryEmbedding
 from nsa_core.inference.dense import DenseCache, dense_with_cache
 from nsa_core.model.attention import SparseAttention, packed_seqs
+from nsa_core.ops.document_attention import document_attention
 from nsa_core.ops.rotary import rotary
 from nsa_core.ops.seqs import Seqs
-from nsa_core.reference.documents import per_document
 
 DEFAULT_SPARSE_KWARGS = dict(
     sliding_window_size=32, compress_block_size=4, selection_block_size=4, num_selected_blocks=4
@@ -60,7 +61,8 @@ class DenseAttention(nn.Module):
     def forward(self, x: Tensor, cache: DenseCache | None = None, return_cache: bool = False, *,
                 lengths: Tensor | None = None, cu_seqlens: Tensor | None = None):
         """x (b, n, dim) -> (b, n, dim); cu_seqlens: x (1, total, dim) holds packed documents, each
-        attending only to itself (one SDPA call per document). With a cache: inference/dense.py."""
+        attending only to itself (ops/document_attention.py: one FlexAttention call on CUDA, one SDPA
+        call per document elsewhere). With a cache: inference/dense.py."""
         if cache is not None or return_cache:
             if cu_seqlens is not None:
                 raise ValueError("cu_seqlens packs documents for the parallel pass; a cache holds whole sequences")
@@ -71,10 +73,12 @@ class DenseAttention(nn.Module):
         q, k, v = self.project(x)
         cos, sin = self.rotary_embed.tables(seqs.query_positions(x.device), q.dtype)
         q, k = rotary(q, cos, sin, backend="torch"), rotary(k, cos, sin, backend="torch")
-        group = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = per_document(lambda s, e: F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
-                                                                       is_causal=self.causal), seqs.spans())
+        if seqs.is_packed:
+            out = document_attention(q, k, v, causal=self.causal, seqs=seqs)
+        else:
+            group = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.to_out(out.transpose(1, 2).flatten(-2))
 
 

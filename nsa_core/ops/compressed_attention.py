@@ -1,11 +1,12 @@
 """compressed_attention: queries attend to the memory tokens and the compressed keys (validation + dispatch).
 
-Kernel path: one SDPA call (flash / cuDNN kernels) through the staircase of kernels/compressed_sdpa.py,
-for plain batches and for queries after other keys (a sequence-parallel shard, queries after cached
-keys: a lower-right aligned staircase, plus one plain call for queries past the last compressed block).
-Reference: reference/compressed_attention.py over query chunks (memory linear in T); it also runs
-packed documents, by design, one document at a time (reference/documents.py: each query sees the memory
-tokens and its own document's compressed slots).
+Kernel path: plain batches and queries after other keys (a sequence-parallel shard, queries after
+cached keys) take one SDPA call (flash / cuDNN kernels) through the staircase of kernels/compressed_sdpa.py
+(with an offset: a lower-right aligned staircase, plus one plain call for queries past the last
+compressed block); packed documents take one FlexAttention call for all documents
+(kernels/compressed_flex.py: each query sees the memory tokens and an interval of its own document's
+compressed slots). Reference: reference/compressed_attention.py over query chunks (memory linear in T);
+it is the twin of the packed path one document at a time (reference/documents.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import use_kernels
-from nsa_core.ops.seqs import PACKED_REASON, Seqs, query_seqs
+from nsa_core.ops.seqs import Seqs, query_seqs
 from nsa_core.ops.validation import check_positive_int, check_same_device_dtype
 from nsa_core.reference.compressed_attention import compressed_attention_chunked
 from nsa_core.reference.documents import compressed_span, per_document
@@ -27,7 +28,9 @@ def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, 
     at position t when that last token is before t; memory tokens always. Returns (B, HQ, T, Dv).
     `seqs`: where the queries sit (default: positions 0 ... T - 1; query i at q_offset + i); packed documents (`seqs.cu_seqlens`):
     ck / cv hold the memory tokens and then T // stride slots, document i's compressed token j at slot
-    cu_seqlens[i] // stride + j (model/compression.py), and block c of a document is token c of it."""
+    cu_seqlens[i] // stride + j (model/compression.py), and block c of a document is token c of it.
+    Kernel path for packed documents (fp16, bf16, fp32): one FlexAttention call; on CPU it has no
+    backward, so CPU inputs needing gradients are unsupported there (backend="triton" raises)."""
     check_same_device_dtype(q=q, ck=ck, cv=cv)
     check_positive_int("num_memory", num_memory)
     check_positive_int("stride", stride)
@@ -38,7 +41,19 @@ def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, 
         raise ValueError(f"packed documents need ck with {num_memory} memory tokens and T // stride = "
                          f"{q.shape[-2] // stride} slots, got {ck.shape[-2]} tokens")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if use_kernels(backend, q.device, "compressed_attention", by_design=PACKED_REASON if seqs.is_packed else None):
+
+    def unsupported() -> str | None:
+        if not seqs.is_packed:
+            return None
+        from nsa_core.kernels.flex_intervals import flex_unsupported_reason
+
+        return flex_unsupported_reason(q, ck, cv)
+
+    if use_kernels(backend, q.device, "compressed_attention", unsupported):
+        if seqs.is_packed:
+            from nsa_core.kernels.compressed_flex import compressed_attention_flex
+
+            return compressed_attention_flex(q, ck, cv, seqs.cu_seqlens, num_memory, stride, causal, scale)
         from nsa_core.kernels.compressed_sdpa import compressed_attention_sdpa
 
         return compressed_attention_sdpa(q, ck, cv, num_memory, stride, causal, scale, seqs.q_offset)

@@ -3,6 +3,8 @@
 and not, over odd lengths (1, no multiple of any block or stride, shorter than a compression block,
 empty documents); invalid cu_seqlens are ValueError / TypeError naming the argument."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -118,6 +120,63 @@ def test_transformer_packed_equals_separate(use_sparse_attn, causal):
         terms = [(model(d, return_loss=True) * (d.shape[1] - 1)) for d in docs if d.shape[1] > 1]
         want = sum(terms) / sum(d.shape[1] - 1 for d in docs)
         assert abs(loss.item() - want.item()) < 1e-10
+
+
+@pytest.mark.parametrize("use_sparse_attn", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_transformer_packed_on_flex_equals_separate(use_sparse_attn, causal, monkeypatch):
+    """The dense layers and the compressed branch on FlexAttention (forced on CPU, where it runs eagerly
+    and forward only): logits equal each document alone."""
+    from nsa_core.kernels import flex_intervals
+
+    calls = []
+    real = flex_intervals.flex
+    monkeypatch.setattr(flex_intervals, "flex", lambda *a: calls.append(1) or real(*a))
+    for op in ("compressed_attention", "document_attention"):
+        monkeypatch.setattr(importlib.import_module(f"nsa_core.ops.{op}"), "use_kernels", lambda *a, **k: True)
+    torch.manual_seed(0)
+    model = Transformer(num_tokens=50, dim=32, depth=2, dim_head=8, heads=6, kv_heads=2, causal=causal,
+                        use_sparse_attn=use_sparse_attn,
+                        sparse_attn_kwargs=dict(sliding_window_size=4, compress_block_size=8,
+                                                compress_block_sliding_stride=4, selection_block_size=4,
+                                                num_selected_blocks=2, num_compressed_mem_kv=2, backend="torch"))
+    model = randomize_(model, std=0.3).double()
+    cu = cumulative([7, 1, 0, 12, 3, 30], torch.int64)
+    ids = torch.randint(0, 50, (1, int(cu[-1])))
+    with torch.no_grad():
+        logits = model(ids, cu_seqlens=cu)
+        alone = torch.cat([model(ids[:, s:e]) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()) if e > s], dim=1)
+    assert len(calls) == 2
+    assert rel_err(logits, alone) < 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_transformer_packed_gpu_train_step():
+    """Dense and sparse Transformers, packed, on the GPU in fp32: the loss and every gradient with the dense
+    layers and the compressed branch on compiled FlexAttention equal those with both on the per-document twin."""
+    lengths = [700, 1, 0, 1500, 77, 300]
+    cu = cumulative(lengths, torch.int64).cuda()
+    kwargs = dict(sliding_window_size=64, compress_block_size=32, compress_block_sliding_stride=16,
+                  selection_block_size=64, num_selected_blocks=4)
+    for use_sparse_attn in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(num_tokens=256, dim=256, depth=2, dim_head=64, heads=8, kv_heads=2,
+                            use_sparse_attn=use_sparse_attn, sparse_attn_kwargs=kwargs).cuda()
+        ids = torch.randint(0, 256, (1, sum(lengths)), device="cuda")
+        results = []
+        for on_twin in (False, True):
+            with pytest.MonkeyPatch.context() as patch:
+                if on_twin:
+                    for op in ("compressed_attention", "document_attention"):
+                        patch.setattr(importlib.import_module(f"nsa_core.ops.{op}"), "use_kernels", lambda *a, **k: False)
+                model.zero_grad(set_to_none=True)
+                loss = model(ids, return_loss=True, cu_seqlens=cu)
+                loss.backward()
+            results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        (loss_flex, grad_flex), (loss_twin, grad_twin) = results
+        assert abs(loss_flex - loss_twin) < 1e-4 * abs(loss_twin)
+        assert ((grad_flex - grad_twin).norm() / grad_twin.norm()).item() < 2e-3
 
 
 @pytest.mark.gpu
