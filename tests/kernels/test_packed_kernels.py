@@ -122,6 +122,8 @@ def test_module_packed_selection_on_kernels(monkeypatch):
     from helpers import randomize_, rel_err
     from nsa_core import SparseAttention
     from nsa_core.kernels import block_topk
+    import importlib
+
     from nsa_core.ops import block_selection
 
     kwargs = dict(dim=16, dim_head=8, heads=4, kv_heads=2, sliding_window_size=4, compress_block_size=8,
@@ -140,6 +142,9 @@ def test_module_packed_selection_on_kernels(monkeypatch):
     kernel = block_topk.block_topk_packed
     monkeypatch.setattr(block_topk, "block_topk_packed", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     monkeypatch.setattr(block_selection, "_select_per_document", None)  # the per-document twin must not run
+    # the compressed branch's packed kernel (FlexAttention) has no CPU backward: its twin runs here
+    monkeypatch.setattr(importlib.import_module("nsa_core.ops.compressed_attention"), "use_kernels",
+                        lambda *a, **k: False)
     out = module(x, cu_seqlens=seqs.cu_seqlens)
     got = [out] + list(torch.autograd.grad(out, [x] + list(module.parameters()), g, allow_unused=True))
     assert calls
