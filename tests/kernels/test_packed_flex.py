@@ -7,6 +7,8 @@ every visible key and marks full only all-visible tiles (checked against the den
 the mask_mod under a plain masked SDPA gives the twin's gradients, and one slow test runs the compiled
 CPU kernel (which does use the block mask). On the GPU: the compiled kernel, forward and backward."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,6 +170,7 @@ def test_ops_take_flex_for_packed_documents(causal, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_cpu_kernel_uses_the_block_mask():
     """torch.compile'd FlexAttention on CPU skips the tiles the block mask leaves out: equal to the twin."""
     from nsa_core.kernels import flex_intervals
