@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nsa_core import SparseAttention  # noqa: E402
 from nsa_core.config import get_preset  # noqa: E402
 from nsa_core.distributed.sequence_parallel import gather_sequence, shard_forward  # noqa: E402
+from nsa_core.kernels.outputs import MAX_PER_BATCH_EXTENT  # noqa: E402
 from nsa_core.ops.seqs import Seqs  # noqa: E402
 
 
@@ -196,15 +197,37 @@ def fits(fn, device) -> bool:
         torch.cuda.empty_cache()
 
 
-def longest(make_step, start: int, step: int, group, device) -> int:
-    """The longest multiple of `step` for which make_step(n)() fits on every rank."""
-    good, bad = 0, start
+def kernel_cap(cfg, ranks: int) -> int:
+    """The longest whole sequence whose per-rank queries the kernels' 32-bit offsets take (a query
+    tensor spans heads x tokens x dim_head elements): beyond it every branch falls back to the
+    PyTorch reference, which is not what a user would run."""
+    return MAX_PER_BATCH_EXTENT // (cfg.heads * cfg.dim_head) * ranks
+
+
+def peak_gib(fn, device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def longest(make_step, start: int, step: int, cap: int, group, device) -> tuple[int, bool]:
+    """The longest multiple of `step` up to `cap` for which make_step(n)() fits on every rank, and
+    whether memory (True) or the cap (False) stopped it."""
+    cap -= cap % step
+    good, bad = 0, min(start, cap)
     while agree(fits(make_step(bad), device), group, device):
-        good, bad = bad, bad * 2
+        good = bad
+        if bad == cap:
+            return cap, False
+        bad = min(bad * 2, cap)
     while bad - good > step:
         mid = (good + bad) // 2 // step * step
         good, bad = (mid, bad) if agree(fits(make_step(mid), device), group, device) else (good, mid)
-    return good
+    return good, True
 
 
 def main(argv=None) -> None:
@@ -216,38 +239,44 @@ def main(argv=None) -> None:
     group, world, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     dtype, truth_dtype = (torch.bfloat16, torch.float32) if use_cuda else (torch.float32, torch.float64)
-    lines = [f"# {torch.cuda.get_device_name() if use_cuda else 'CPU'} x {world}, torch {torch.__version__}, "
-             f"{'paper preset' if not args.smoke else 'tiny preset'}, one layer, {str(dtype).split('.')[-1]}, batch 1"]
+    def say(*lines: str) -> None:  # rank 0 prints as it goes: a run cut short still shows its first tables
+        if rank == 0:
+            print("\n".join(lines), flush=True)
+
+    say(f"# {torch.cuda.get_device_name() if use_cuda else 'CPU'} x {world}, torch {torch.__version__}, "
+        f"{'paper preset' if not args.smoke else 'tiny preset'}, one layer, {str(dtype).split('.')[-1]}, batch 1")
 
     rows = check(args, device, dtype, truth_dtype, group)
     ok = all(sharded <= 2 * single + 1e-6 for _, single, sharded in rows)
-    lines += ["", f"correctness at {check_len(args)} tokens: {'PASS' if ok else 'FAIL'}",
-              "| quantity | single-device error | sharded error |", "|---|---|---|"]
-    lines += [f"| {name} | {single:.2e} | {sharded:.2e} |" for name, single, sharded in rows]
+    say("", f"correctness at {check_len(args)} tokens: {'PASS' if ok else 'FAIL'}",
+        "| quantity | single-device error | sharded error |", "|---|---|---|",
+        *[f"| {name} | {single:.2e} | {sharded:.2e} |" for name, single, sharded in rows])
 
     module = make_module(args, device, dtype)
     if args.smoke:
         one, many = 64 * world, 64 * world
     else:
-        one = longest(lambda n: whole_step(module, n, device, dtype), args.fit_start, args.fit_step, group, device)
-        many = longest(lambda n: shard_step(module, n, group, device, dtype, communicate=False),
-                       args.fit_start, args.fit_step * world, group, device)
+        cfg = module.config
+        one, one_mem = longest(lambda n: whole_step(module, n, device, dtype), args.fit_start, args.fit_step,
+                               kernel_cap(cfg, 1), group, device)
+        many, many_mem = longest(lambda n: shard_step(module, n, group, device, dtype, communicate=False),
+                                 args.fit_start, args.fit_step * world, kernel_cap(cfg, world), group, device)
         real = agree(fits(shard_step(module, many, group, device, dtype, communicate=True), device), group, device)
-        lines += ["", f"longest sequence, forward + backward: one GPU {one} tokens; {world} GPUs {many} tokens"
-                      f" (a real sharded step there {'fits' if real else 'does NOT fit'})"]
+        why = {True: "memory", False: "the kernels' 32-bit offsets"}
+        say("", f"longest sequence, forward + backward: one GPU {one} tokens (limited by {why[one_mem]}, peak "
+                f"{peak_gib(whole_step(module, one, device, dtype), device):.1f} GiB); {world} GPUs {many} tokens "
+                f"(limited by {why[many_mem]}; a real sharded step there {'fits' if real else 'does NOT fit'})")
     n = args.seq_len or one
     n -= n % world
     whole = seconds(whole_step(module, n, device, dtype), args.reps, group, device)  # every rank alone, at once
     sharded = seconds(shard_step(module, n, group, device, dtype, communicate=True), args.reps, group, device)
     compute = seconds(shard_step(module, n, group, device, dtype, communicate=False), args.reps, group, device)
     comm = seconds(comm_step(module, n, group, device, dtype), args.reps, group, device)
-    lines += ["", f"scaling at {n} tokens (ms, the slowest rank)",
-              f"| one device | {world} ranks | speed-up | compute alone | communication alone | "
-              "communication share | overlap |", "|---|---|---|---|---|---|---|",
-              f"| {whole * 1e3:.1f} | {sharded * 1e3:.1f} | {whole / sharded:.2f}x | {compute * 1e3:.1f} | "
-              f"{comm * 1e3:.1f} | {comm / sharded:.0%} | {max(0.0, compute + comm - sharded) * 1e3:.1f} ms hidden |"]
-    if rank == 0:
-        print("\n".join(lines), flush=True)
+    say("", f"scaling at {n} tokens (ms, the slowest rank)",
+        f"| one device | {world} ranks | speed-up | compute alone | communication alone | "
+        "communication share | overlap |", "|---|---|---|---|---|---|---|",
+        f"| {whole * 1e3:.1f} | {sharded * 1e3:.1f} | {whole / sharded:.2f}x | {compute * 1e3:.1f} | "
+        f"{comm * 1e3:.1f} | {comm / sharded:.0%} | {max(0.0, compute + comm - sharded) * 1e3:.1f} ms hidden |")
     dist.barrier(group=group)
     dist.destroy_process_group()
 
