@@ -88,6 +88,18 @@ def test_kernel_block_and_head_dims(scheme, block, D, Dv, poisoned_outputs):
     check_against_reference(problem, torch.float32, factor=4)
 
 
+@pytest.mark.parametrize("block, sub", [(48, 16), (64, 32)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_split_blocks(scheme, block, sub, causal, monkeypatch, poisoned_outputs):
+    """Blocks whose key tile does not fit shared memory run as sub-blocks (split_blocks.py): each
+    slot becomes block / sub slots with its gate, the own block's earlier sub-blocks extra slots."""
+    from nsa_core.kernels.selected_attention import tiles
+
+    monkeypatch.setattr(tiles, "kernel_block", lambda D, DV, block_size, dtype: sub)
+    problem = random_problem(G=2, T=150, block=block, S=2, causal=causal, with_gates=True, seed=block, device=DEVICE)
+    check_against_reference(problem, torch.float32, factor=4)
+
+
 def test_kernel_short_sequences(scheme, poisoned_outputs):
     for T in (1, 2, 17):
         problem = random_problem(G=2, T=T, S=2, seed=T, device=DEVICE)

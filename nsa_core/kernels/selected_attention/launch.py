@@ -67,8 +67,8 @@ def _tiles(q: torch.Tensor, v: torch.Tensor, block_size: int) -> dict:
     return tile_rules.key_tiles(q.shape[-1], v.shape[-1], block_size, q.dtype)
 
 
-def _slots_per_step(S: int, block_n: int, override: int | None) -> int:
-    return tile_rules.slots_per_step(S, block_n) if override is None else override
+def _slots_per_step(S: int, tiles: dict, override: int | None) -> int:
+    return tile_rules.slots_per_step(S, tiles) if override is None else override
 
 
 def deterministic() -> bool:
@@ -77,13 +77,15 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward: bool = False) -> str:
+def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward: bool = False,
+                  tiles: dict | None = None) -> str:
     """"by_query" (a program per query token and head set, loading its selected blocks) or
     "by_block" (a program per key block, walking the queries that selected it; forward partial
     results, and in the deterministic backward dq partials, go through memory).
 
     Measured on an H100 (benchmarks/RESULTS.md): by block wins the forward up to 4 query rows per
-    selection, the backward up to 8 (atomic dq) or 4 (dq partials). Partials must fit the budget."""
+    selection, the backward up to 8 (atomic dq) or 4 (dq partials). Partials must fit the budget,
+    and the by-block tiles (tiles: the kernels' key tiles, _tiles) shared memory (tiles.by_block_fits)."""
     B, HQ, T, D = q.shape
     rows, _ = _rows(HQ, k.shape[1], idx.shape[1])
     slots = idx.shape[-1] + 1
@@ -93,6 +95,8 @@ def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward:
         partial_bytes, max_rows = B * HQ * T * slots * D * 4, BY_BLOCK_MAX_ROWS_BWD_DETERMINISTIC
     else:
         partial_bytes, max_rows = 0, BY_BLOCK_MAX_ROWS_BWD
+    if tiles is not None and not tile_rules.by_block_fits(tiles, backward):
+        return "by_query"
     return "by_block" if rows <= max_rows and partial_bytes <= PARTIALS_BUDGET_BYTES else "by_query"
 
 
@@ -141,7 +145,7 @@ def selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size: int, causal
                                     table: torch.Tensor | None = None):
     """selected_attention_fwd, plus the CSR index (entries, offsets) when the forward built one (by
     block) for the backward to reuse, else two empty tensors."""
-    if table is None and choose_scheme(q, k, idx) == "by_block":
+    if table is None and choose_scheme(q, k, idx, tiles=_tiles(q, v, block_size)) == "by_block":
         return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, None)
     o, lse = selected_attention_fwd(q, k, v, idx, gates, block_size, causal, scale, window, scheme="by_query",
                                     table=table)
@@ -156,7 +160,7 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
     invalid slots, gates (B, HI, T, S) or None -> o (B, HQ, T, DV), lse (B, HQ, T) float32.
     table: packed documents (packed_block_table; idx holds virtual blocks), by query only.
     Tiles, warps and stages: tiles.py's rules; slots_per_step, num_warps, num_stages override them."""
-    scheme = "by_query" if table is not None else scheme or choose_scheme(q, k, idx)
+    scheme = "by_query" if table is not None else scheme or choose_scheme(q, k, idx, tiles=_tiles(q, v, block_size))
     if scheme == "by_block":
         return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits,
                              num_stages=num_stages)[:2]
@@ -174,7 +178,7 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         T, HI, scale,
-        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
+        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles, slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
         CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window, PACKED=packing["PACKED"],
         num_warps=num_warps or launch_cfg["num_warps"], num_stages=num_stages or launch_cfg["num_stages"], **tiles,
     )
@@ -249,7 +253,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
 
     Tiles, warps and stages: tiles.by_query (dQ) and tiles.dkdv; num_warps (dQ, and dK/dV by query),
     num_stages (both), dkdv_block_m and dkdv_warps override them."""
-    scheme = scheme or choose_scheme(q, k, idx, backward=True)
+    scheme = scheme or choose_scheme(q, k, idx, backward=True, tiles=_tiles(q, v, block_size))
     dq_atomic = not deterministic() if dq_atomic is None else dq_atomic
     B, HQ, T, D = q.shape
     HKV, HI, S = k.shape[1], idx.shape[1], idx.shape[-1]
@@ -314,7 +318,7 @@ def _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, w
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         T, HI, scale,
-        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
+        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles, slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
         CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window, PACKED=packing["PACKED"], num_warps=warps,
         num_stages=num_stages, **tiles,
     )
