@@ -5,6 +5,14 @@ Packed documents (batch 1): `packed_block_table` turns document-relative block i
 blocks (one per block of each document, at most T // block + N of them) and gives the kernels their
 key ranges; they run by query (the by-block forward does not take them yet), one launch for all.
 
+Tiles, warps and stages come from tiles.py (pure functions of shapes and dtype, checked ahead of time
+for an H100 by benchmarks/smem_sweep.py and tests/kernels/test_smem.py). Shared memory rule (227 KiB a
+block on an H100, checked by Triton only at launch): a key tile (keys x padded head dims x element
+size) of at most 128 KiB, a larger block run as sub-blocks (autograd splits the selection:
+split_blocks.py); dK/dV by query 32 rows with a 128 KiB key tile; by block only where its tiles fit
+(choose_scheme: forward key tile + 128 rows <= 192 KiB, 1 stage above 64 KiB; backward key tiles up
+to 64 KiB), else by query. Measured tiles that fit are kept.
+
 Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, HI heads of the selection
 (HKV: shared by a group, or HQ), T sequence, S slots, D / DV head dims, NB key blocks.
 """

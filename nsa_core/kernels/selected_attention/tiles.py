@@ -82,8 +82,13 @@ def slots_per_step(S: int, tiles: dict) -> int:
 
 
 def by_query(tiles: dict) -> dict:
-    """Warps and stages of the by-query forward and dQ kernels."""
-    return dict(num_warps=4 if tiles["BLOCK_D"] <= 128 else 8, num_stages=2)
+    """Warps and stages of the by-query forward and dQ kernels (and the by-query dK/dV's warps): 4
+    warps up to 128 dims (measured in bf16), 8 above, and 8 in float32: its dots run on FMAs, whose
+    operands and accumulators spill from 4 warps' registers (ptxas for sm_90, D 128, block 64: forward
+    5 KB and dQ 27 KB of spill stores with 4 warps, none with 8; dK/dV 134 KB vs 59 KB), and ptxas
+    takes minutes over it (cold compile of the paper shape in float32: 97 s with 4 warps; NOTES.md)."""
+    wide = tiles["BLOCK_D"] > 128 or tiles["PRECISION"] == "ieee"
+    return dict(num_warps=8 if wide else 4, num_stages=2)
 
 
 def by_block_fits(tiles: dict, backward: bool) -> bool:
