@@ -31,9 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.kernel_launches import Config, ci_corners, corners, launches, support_matrix  # noqa: E402
 from nsa_core.kernels.aot import SM90_SHARED_LIMIT, compile_launch, lowered_metadata, prepare  # noqa: E402
 
-# What the sweep accepts: 8 KiB under the limit Triton checks on an H100, for the differences
-# between the Triton compiling here and the device's (measured: see benchmarks/NOTES.md)
-SHARED_BUDGET = SM90_SHARED_LIMIT - 8 * 1024
+# What the sweep accepts: the limit Triton checks at launch on an H100. No margin under it: the
+# figure is exact for one Triton version (the allocation is deterministic, the launch compares the
+# same number), while versions differ by far more than a margin would cover (D 256, block 128, by
+# query dK/dV: 279552 B in Triton 3.6, 197632 in 3.9); sweep with the device's version (PYTHONPATH)
+# and the local one. Launches within TIGHT of the limit are listed (the paper shape's measured
+# by-block dK/dV, 231936 B in 3.6, is one).
+SHARED_BUDGET = SM90_SHARED_LIMIT
+TIGHT = 8 * 1024
 VALUE_ONLY = {"D", "DV", "BLOCK", "G", "ROWS", "S", "K", "SEL", "PAGE", "PAIRS"}
 
 _JOBS: list = []  # (prepared) for the forked workers
@@ -171,6 +176,7 @@ def main() -> None:
 
 def report(rows: list[dict], budget: int, seconds: float) -> None:
     over = [r for r in rows if r.get("shared", 0) > budget]
+    tight = [r for r in rows if budget - TIGHT < r.get("shared", 0) <= budget]
     errors = [r for r in rows if "error" in r]
     worst: dict[str, dict] = {}
     for r in rows:
@@ -181,7 +187,7 @@ def report(rows: list[dict], budget: int, seconds: float) -> None:
     print(f"{'kernel':40s} {'max shared':>10s}  warps stages  at")
     for name, r in sorted(worst.items()):
         print(f"{name:40s} {r['shared']:10d}  {r['warps']:5d} {r['stages']:6d}  {r['config']} / {r['scheme']}")
-    for title, items in (("over the budget", over), ("compile errors", errors)):
+    for title, items in (("over the budget", over), (f"within {TIGHT} B of it", tight), ("compile errors", errors)):
         if items:
             print(f"\n{title}:")
             for r in sorted(items, key=lambda r: -r.get("shared", 0)):

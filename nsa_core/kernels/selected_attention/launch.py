@@ -11,7 +11,7 @@ block on an H100, checked by Triton only at launch): a key tile (keys x padded h
 size) of at most 128 KiB, a larger block run as sub-blocks (autograd splits the selection:
 split_blocks.py); dK/dV by query 32 rows with a 128 KiB key tile; by block only where its tiles fit
 (choose_scheme: forward key tile + 128 rows <= 192 KiB, 1 stage above 64 KiB; backward key tiles up
-to 64 KiB), else by query. Measured tiles that fit are kept.
+to 64 KiB, 1 stage at 64 KiB in 16 bits), else by query. Measured tiles that fit are kept.
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, HI heads of the selection
 (HKV: shared by a group, or HQ), T sequence, S slots, D / DV head dims, NB key blocks.

@@ -5,14 +5,15 @@ memory (benchmarks/smem_sweep.py, tests/kernels/test_smem.py).
 Shared memory (an H100 gives a block 227 KiB; Triton checks only at launch) grows with the bytes
 of a key tile, keys x (BLOCK_D + BLOCK_DV) x element size, and of a tile of query rows. Where the
 measured tiles fit, the measured choices stay; elsewhere (wide heads, float32), compiled for sm_90
-with Triton 3.6 and 3.9 (benchmarks/smem_sweep.py; budget 224 KiB; NOTES.md):
+with Triton 3.6 and 3.9 (benchmarks/smem_sweep.py; NOTES.md):
 - by query (forward, dQ): key tiles of at most 128 KiB, 128 keys or fewer (float32 above 128 dims:
   64). A block larger than that runs as sub-blocks (kernel_block: the op splits the selection,
   split_blocks.py);
 - dK/dV by query: 32 query rows, not 64, with a 128 KiB key tile;
 - by block (key tile held by the program): forward when the key tile and 128 query rows take at
-  most 192 KiB, 1 stage with a 128 KiB key tile; backward with key tiles up to 64 KiB, 64 rows
-  where 128 rows of q and dO would take more than 64 KiB (float32, 128 dims). Otherwise by query.
+  most 192 KiB, 1 stage with a 128 KiB key tile; backward with key tiles up to 64 KiB (1 stage at
+  64 KiB in 16 bits), 64 rows where 128 rows of q and dO would take more than 64 KiB (float32, 128
+  dims). Otherwise by query.
 
 Dimension legend: D / DV head dims, G query heads per kv head, rows query heads per program row
 set (G when heads share the selection, else 1), S slots.
@@ -112,11 +113,16 @@ def dkdv(tiles: dict, G: int, rows: int, by_block: bool) -> dict:
     (benchmarks/NOTES.md): by query 64 rows x 4 warps (8 above 128 dims); by block 128 rows x 8
     warps (G=4: 11.8 ms vs 15.9 with 4 warps, 19.3 with 64 rows), 32 rows x 8 warps x 1 stage when a
     head dim exceeds 128 (D = DV = 256 fits 32 rows, not 64 with 2 stages). Shared memory: by query
-    32 rows with a 128 KiB key tile; by block 64 rows where 128 would pass MAX_BY_BLOCK_BWD_ROWS."""
+    32 rows with a 128 KiB key tile; by block 64 rows where 128 would pass MAX_BY_BLOCK_BWD_ROWS, and
+    1 stage with a 64 KiB key tile in 16 bits (D 128, block 128: 264704 B with 2 stages in Triton 3.6,
+    163840 with 1; 128 rows kept, 64 rows measured 1.6x slower at block 64)."""
     wide = max(tiles["BLOCK_D"], tiles["BLOCK_DV"]) > 128
+    stages = 2
     if by_block:
         block_m = 32 if wide else 128 if 128 * _row_bytes(tiles) <= MAX_BY_BLOCK_BWD_ROWS else 64
+        if wide or (tiles["PRECISION"] != "ieee" and _key_tile(tiles) >= MAX_BY_BLOCK_BWD_KEY_TILE):
+            stages = 1
     else:
         block_m = 64 if _key_tile(tiles) < MAX_KEY_TILE else 32
     warps = 8 if by_block else by_query(tiles)["num_warps"]
-    return dict(BLOCK_M=max(block_m, pow2(rows), pow2(G)), num_warps=warps, num_stages=1 if by_block and wide else 2)
+    return dict(BLOCK_M=max(block_m, pow2(rows), pow2(G)), num_warps=warps, num_stages=stages)
