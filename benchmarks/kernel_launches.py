@@ -188,6 +188,7 @@ def corners() -> list[Config]:
         replace(defect, G=4, gates=True),  # by-block forward with a 128 KiB key tile, 1 stage
         replace(defect, block=64, G=4, gates=True),  # by-block backward, wide heads (32 rows, 1 stage)
         replace(defect, dtype="fp32", G=16, gates=True),  # float32 at 256 dims: 64-key sub-blocks
+        replace(defect, D=128, DV=128, G=4, gates=True),  # by-block backward with a 64 KiB key tile, 1 stage
         Config("window", 256, 256, "fp32", G=16),
         Config("decode", 256, 256, "fp32", block=128, G=16),
         Config("misc", 256, 256, "fp32", block=16384),
@@ -198,6 +199,7 @@ def ci_corners() -> list[Config]:
     """The corners a CI test compiles in under a minute on 2 CPU cores: the defect, the by-block
     kernels' largest key tiles in bf16, float32's 64-key forward at 256 dims (the slow float32
     backward and window compiles are left to --corners)."""
-    defect, _, bwd_by_block, fp32 = corners()[:4]
-    return [defect, replace(corners()[1], schemes=("fwd by block",)),
-            replace(bwd_by_block, schemes=("bwd by block (atomic dq)",)), replace(fp32, schemes=("fwd by query",))]
+    defect, fwd_by_block, bwd_by_block, fp32, bwd_by_block_128 = corners()[:5]
+    return [defect, replace(fwd_by_block, schemes=("fwd by block",)),
+            replace(bwd_by_block, schemes=("bwd by block (atomic dq)",)), replace(fp32, schemes=("fwd by query",)),
+            replace(bwd_by_block_128, schemes=("bwd by block (atomic dq)",))]
