@@ -1,4 +1,4 @@
-"""Random inputs for the selected-attention kernel tests."""
+"""Random inputs for the selected-attention kernel tests, and their comparison with the reference."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from nsa_core import selected_attention
 from nsa_core.ops.seqs import Seqs
 
 
@@ -44,3 +45,35 @@ def offset_problem(*, q_offset, q_len, T, window=None, **kwargs):
     problem.update({name: cut(problem[name]) for name in ("q", "indices", "valid", "gates")})
     problem.update(seqs=Seqs(q_len, T, q_offset), window=window)
     return problem
+
+
+def run(problem, backend, dtype=None, grad_seed=1):
+    """Output and gradients (q, k, v, gates) of selected_attention on copies of the problem."""
+    tensors = {}
+    for name in ("q", "k", "v", "gates"):
+        t = problem[name]
+        if t is not None:
+            t = t.detach().to(dtype or t.dtype).requires_grad_()
+        tensors[name] = t
+    out = selected_attention(tensors["q"], tensors["k"], tensors["v"], problem["indices"], block_size=problem["block_size"],
+                             valid=problem["valid"], gates=tensors["gates"], causal=problem["causal"], backend=backend,
+                             window=problem.get("window"), seqs=problem.get("seqs"))
+    gen = torch.Generator(device=out.device).manual_seed(grad_seed)
+    grad = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32).to(out.dtype)
+    inputs = [t for t in tensors.values() if t is not None]
+    grads = torch.autograd.grad(out, inputs, grad)
+    return [out, *grads]
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_against_reference(problem, dtype, factor):
+    exact = run(problem, "torch", torch.float64)
+    torch_same_dtype = run(problem, "torch", dtype)
+    kernel = run(problem, "triton", dtype)
+    for name, e, t, k in zip(("out", "dq", "dk", "dv", "dgates"), exact, torch_same_dtype, kernel):
+        assert torch.isfinite(k).all(), f"{name} has NaN/inf (an element the kernel did not write?)"
+        limit = factor * max_err(t, e) + 1e-6 * max(1.0, e.abs().max().item())
+        assert max_err(k, e) <= limit, f"{name}: kernel error {max_err(k, e):.2e} > {limit:.2e}"

@@ -91,6 +91,27 @@ def test_selected_kernel_packed(G, per_head, block, causal, gates, poisoned_outp
         assert close(a, b), name
 
 
+def test_selected_kernel_packed_split_blocks(monkeypatch, poisoned_outputs):
+    """Blocks run as sub-blocks (a key tile too large for shared memory: split_blocks.py) on packed
+    documents: each token's own sub-blocks come from its document-relative position."""
+    from nsa_core.kernels.selected_attention import tiles
+
+    monkeypatch.setattr(tiles, "kernel_block", lambda D, DV, block, dtype: block // 3)
+    seqs = packed(SHORT_LENGTHS)
+    q, k, v = qkv(4, 2, seqs.q_len, 16, 16, seed=5)
+    indices, valid, gate_values = packed_selection(seqs, 2, 2, 12, True, seed=5, with_gates=True)
+
+    def op(q, k, v, gate_values, backend):
+        return selected_attention(q, k, v, indices, block_size=12, valid=valid, gates=gate_values, seqs=seqs,
+                                  backend=backend)
+
+    got = run(op, [q, k, v, gate_values], backend="triton")
+    want = run(op, [q, k, v, gate_values], backend="torch")
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dgates"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert close(a, b), name
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("branch", ["window", "selected"])

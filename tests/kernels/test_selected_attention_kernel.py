@@ -7,7 +7,7 @@ must stay within a small multiple of PyTorch's own error at the same dtype."""
 import pytest
 import torch
 
-from kernel_cases import offset_problem, random_problem
+from kernel_cases import check_against_reference, offset_problem, random_problem, run
 from nsa_core import selected_attention
 from nsa_core.ops.dispatch import kernel_unavailable_reason
 
@@ -37,38 +37,6 @@ def deterministic_algorithms():
     torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
-def run(problem, backend, dtype=None, grad_seed=1):
-    """Output and gradients (q, k, v, gates) of selected_attention on copies of the problem."""
-    tensors = {}
-    for name in ("q", "k", "v", "gates"):
-        t = problem[name]
-        if t is not None:
-            t = t.detach().to(dtype or t.dtype).requires_grad_()
-        tensors[name] = t
-    out = selected_attention(tensors["q"], tensors["k"], tensors["v"], problem["indices"], block_size=problem["block_size"],
-                             valid=problem["valid"], gates=tensors["gates"], causal=problem["causal"], backend=backend,
-                             window=problem.get("window"), seqs=problem.get("seqs"))
-    gen = torch.Generator(device=out.device).manual_seed(grad_seed)
-    grad = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32).to(out.dtype)
-    inputs = [t for t in tensors.values() if t is not None]
-    grads = torch.autograd.grad(out, inputs, grad)
-    return [out, *grads]
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def check_against_reference(problem, dtype, factor):
-    exact = run(problem, "torch", torch.float64)
-    torch_same_dtype = run(problem, "torch", dtype)
-    kernel = run(problem, "triton", dtype)
-    for name, e, t, k in zip(("out", "dq", "dk", "dv", "dgates"), exact, torch_same_dtype, kernel):
-        assert torch.isfinite(k).all(), f"{name} has NaN/inf (an element the kernel did not write?)"
-        limit = factor * max_err(t, e) + 1e-6 * max(1.0, e.abs().max().item())
-        assert max_err(k, e) <= limit, f"{name}: kernel error {max_err(k, e):.2e} > {limit:.2e}"
-
-
 @pytest.mark.parametrize("G", [1, 3, 4, 16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_kernel_matches_reference(scheme, G, causal, poisoned_outputs):
@@ -86,6 +54,27 @@ def test_kernel_per_head_selection(scheme, G, poisoned_outputs):
 def test_kernel_block_and_head_dims(scheme, block, D, Dv, poisoned_outputs):
     """Block sizes that are not powers of two or below 16, head dims that are not powers of two."""
     problem = random_problem(G=2, T=70, D=D, Dv=Dv, block=block, S=2, seed=block, device=DEVICE)
+    check_against_reference(problem, torch.float32, factor=4)
+
+
+@pytest.mark.parametrize("block, sub", [(48, 16), (64, 32)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_split_blocks(scheme, block, sub, causal, monkeypatch, poisoned_outputs):
+    """Blocks whose key tile does not fit shared memory run as sub-blocks (split_blocks.py): each
+    slot becomes block / sub slots with its gate, the own block's earlier sub-blocks extra slots."""
+    from nsa_core.kernels.selected_attention import tiles
+
+    monkeypatch.setattr(tiles, "kernel_block", lambda D, DV, block_size, dtype: sub)
+    problem = random_problem(G=2, T=150, block=block, S=2, causal=causal, with_gates=True, seed=block, device=DEVICE)
+    check_against_reference(problem, torch.float32, factor=4)
+
+
+def test_kernel_split_blocks_with_query_offset(monkeypatch, poisoned_outputs):
+    """Sub-blocks of a shard: the own block's earlier sub-blocks are counted from the key position."""
+    from nsa_core.kernels.selected_attention import tiles
+
+    monkeypatch.setattr(tiles, "kernel_block", lambda D, DV, block_size, dtype: 16)
+    problem = offset_problem(T=101, q_offset=53, q_len=29, G=3, block=32, S=2, with_gates=True, seed=5, device=DEVICE)
     check_against_reference(problem, torch.float32, factor=4)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nsa_core.kernels.selected_attention import launch
+from nsa_core.kernels.selected_attention import launch, split_blocks, tiles
 from nsa_core.kernels.selected_attention.launch import selected_attention_bwd, selected_attention_fwd_with_csr
 
 
@@ -23,7 +23,8 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, gates: Tensor | None, blo
 @_fwd.register_fake
 def _fwd_fake(q, k, v, idx, gates, block_size, causal, scale, window, table=None, q_offset=0):
     B, HQ, T, _ = q.shape
-    if table is None and launch.choose_scheme(q, k, idx) == "by_block":  # looked up at call time: tests replace it
+    key_tiles = tiles.key_tiles(q.shape[-1], v.shape[-1], block_size, q.dtype)
+    if table is None and launch.choose_scheme(q, k, idx, tiles=key_tiles) == "by_block":  # looked up at call time: tests replace it
         entries_shape, offsets_shape, index_dtype = launch.csr_size(idx, k.shape[1], block_size, k.shape[2])
         entries, offsets = idx.new_empty(entries_shape, dtype=index_dtype), idx.new_empty(offsets_shape, dtype=index_dtype)
     else:
@@ -72,11 +73,18 @@ def selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal
                               cu_seqlens=None, q_offset=0) -> Tensor:
     """Kernel path of nsa_core.selected_attention (inputs already validated). cu_seqlens: packed
     documents (batch 1), indices counted from each query's document start. q_offset: query i sits at
-    key position q_offset + i (q (B, HQ, TQ, D) over k (B, HKV, TK, D), q_offset + TQ <= TK)."""
+    key position q_offset + i (q (B, HQ, TQ, D) over k (B, HKV, TK, D), q_offset + TQ <= TK). Blocks
+    whose key tile does not fit shared memory run as smaller blocks (tiles.kernel_block, split_blocks)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     idx = indices.to(torch.int32)
     if valid is not None:
         idx = torch.where(valid, idx, torch.full_like(idx, -1))
+    sub_block = tiles.kernel_block(q.shape[-1], v.shape[-1], int(block_size), q.dtype)
+    if sub_block != block_size:
+        positions = split_blocks.token_positions(q.shape[2], q.device, cu_seqlens) + int(q_offset)  # key positions
+        idx, gates = split_blocks.split_selection(idx, gates, int(block_size), sub_block, bool(causal), positions,
+                                                  k.shape[2])
+        block_size = sub_block
     table = None
     if cu_seqlens is not None:
         idx, table = launch.packed_block_table(idx, cu_seqlens, int(block_size))

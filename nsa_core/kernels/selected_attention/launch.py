@@ -7,6 +7,14 @@ Packed documents (batch 1): `packed_block_table` turns document-relative block i
 blocks (one per block of each document, at most T // block + N of them) and gives the kernels their
 key ranges; they run by query (the by-block forward does not take them yet), one launch for all.
 
+Tiles, warps and stages come from tiles.py (pure functions of shapes and dtype, checked ahead of time
+for an H100 by benchmarks/smem_sweep.py and tests/kernels/test_smem.py). Shared memory rule (227 KiB a
+block on an H100, checked by Triton only at launch): a key tile (keys x padded head dims x element
+size) of at most 128 KiB, a larger block run as sub-blocks (autograd splits the selection:
+split_blocks.py); dK/dV by query 32 rows with a 128 KiB key tile; by block only where its tiles fit
+(choose_scheme: forward key tile + 128 rows <= 192 KiB, 1 stage above 64 KiB; backward key tiles up
+to 64 KiB, 1 stage at 64 KiB in 16 bits), else by query. Measured tiles that fit are kept.
+
 Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, HI heads of the selection
 (HKV: shared by a group, or HQ), TQ queries, TK keys (T: both, a plain batch), S slots, D / DV head
 dims, NB key blocks.
@@ -22,7 +30,7 @@ import triton
 from nsa_core.kernels import outputs
 from nsa_core.kernels.limits import MAX_BLOCK_SIZE, dtype_reason, head_dim_reason
 from nsa_core.kernels.row_dot import row_dot
-
+from nsa_core.kernels.selected_attention import tiles as tile_rules
 from nsa_core.kernels.selected_attention.backward import (
     selected_attention_bwd_dkdv_kernel,
     selected_attention_bwd_dq_kernel,
@@ -62,30 +70,16 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return outputs.too_large_reason(contiguous=True, q=q, k=k, v=v, output=o)
 
 
-def _pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, triton.next_power_of_2(n))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+_pow2 = tile_rules.pow2
+_rows = tile_rules.rows
 
 
 def _tiles(q: torch.Tensor, v: torch.Tensor, block_size: int) -> dict:
-    return dict(BLOCK=block_size, BLOCK_N=_pow2(block_size, 16), D=q.shape[-1], DV=v.shape[-1],
-                BLOCK_D=_pow2(q.shape[-1], 16), BLOCK_DV=_pow2(v.shape[-1], 16), PRECISION=_precision(q.dtype))
+    return tile_rules.key_tiles(q.shape[-1], v.shape[-1], block_size, q.dtype)
 
 
-def _slots_per_step(S: int, block_n: int, override: int | None) -> int:
-    """Selected blocks gathered into one key tile: tiles of about 128 keys."""
-    if override is not None:
-        return override
-    return max(1, min(_pow2(S), 128 // block_n))
-
-
-def _rows(HQ: int, HKV: int, HI: int) -> tuple[int, int]:
-    """Query heads per program row set: the group when heads share the selection, else one."""
-    rows = HQ // HKV if HI == HKV else 1
-    return rows, _pow2(rows, 16)
+def _slots_per_step(S: int, tiles: dict, override: int | None) -> int:
+    return tile_rules.slots_per_step(S, tiles) if override is None else override
 
 
 def deterministic() -> bool:
@@ -94,13 +88,15 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward: bool = False) -> str:
+def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward: bool = False,
+                  tiles: dict | None = None) -> str:
     """"by_query" (a program per query token and head set, loading its selected blocks) or
     "by_block" (a program per key block, walking the queries that selected it; forward partial
     results, and in the deterministic backward dq partials, go through memory).
 
     Measured on an H100 (benchmarks/RESULTS.md): by block wins the forward up to 4 query rows per
-    selection, the backward up to 8 (atomic dq) or 4 (dq partials). Partials must fit the budget."""
+    selection, the backward up to 8 (atomic dq) or 4 (dq partials). Partials must fit the budget,
+    and the by-block tiles (tiles: the kernels' key tiles, _tiles) shared memory (tiles.by_block_fits)."""
     B, HQ, T, D = q.shape
     rows, _ = _rows(HQ, k.shape[1], idx.shape[1])
     slots = idx.shape[-1] + 1
@@ -110,6 +106,8 @@ def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward:
         partial_bytes, max_rows = B * HQ * T * slots * D * 4, BY_BLOCK_MAX_ROWS_BWD_DETERMINISTIC
     else:
         partial_bytes, max_rows = 0, BY_BLOCK_MAX_ROWS_BWD
+    if tiles is not None and not tile_rules.by_block_fits(tiles, backward):
+        return "by_query"
     return "by_block" if rows <= max_rows and partial_bytes <= PARTIALS_BUDGET_BYTES else "by_query"
 
 
@@ -157,7 +155,7 @@ def selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size: int, causal
                                     table: torch.Tensor | None = None, q_offset: int = 0):
     """selected_attention_fwd, plus the CSR index (entries, offsets) when the forward built one (by
     block) for the backward to reuse, else two empty tensors."""
-    if table is None and choose_scheme(q, k, idx) == "by_block":
+    if table is None and choose_scheme(q, k, idx, tiles=_tiles(q, v, block_size)) == "by_block":
         return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, None, q_offset=q_offset)
     o, lse = selected_attention_fwd(q, k, v, idx, gates, block_size, causal, scale, window, scheme="by_query",
                                     table=table, q_offset=q_offset)
@@ -166,22 +164,25 @@ def selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size: int, causal
 
 
 def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
-                           slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+                           slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                            scheme: str | None = None, splits: int | None = None, table: torch.Tensor | None = None,
                            q_offset: int = 0):
     """q (B, HQ, TQ, D), k (B, HKV, TK, D), v (B, HKV, TK, DV), idx (B, HI, TQ, S) int32 with -1 for
     invalid slots, gates (B, HI, TQ, S) or None -> o (B, HQ, TQ, DV), lse (B, HQ, TQ) float32.
     Query i sits at key position q_offset + i (q_offset + TQ <= TK).
-    table: packed documents (packed_block_table; idx holds virtual blocks), by query only."""
-    scheme = "by_query" if table is not None else scheme or choose_scheme(q, k, idx)
+    table: packed documents (packed_block_table; idx holds virtual blocks), by query only.
+    Tiles, warps and stages: tiles.py's rules; slots_per_step, num_warps, num_stages override them."""
+    scheme = "by_query" if table is not None else scheme or choose_scheme(q, k, idx, tiles=_tiles(q, v, block_size))
     if scheme == "by_block":
-        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits, q_offset=q_offset)[:2]
+        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits,
+                             num_stages=num_stages, q_offset=q_offset)[:2]
     B, HQ, TQ, _ = q.shape
     HKV, TK, HI, S = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1]
     rows, rows_p = _rows(HQ, HKV, HI)
     o = outputs.new_output(B, HQ, TQ, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = outputs.new_output(B, HQ, TQ, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
+    launch_cfg = tile_rules.by_query(tiles)
     grid = (TQ, B * HI)
     _, packing = _packed(table, TK, block_size)
     selected_attention_fwd_kernel[grid](
@@ -189,17 +190,16 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         TQ, TK, q_offset, HI, scale,
-        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
+        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles, slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
         CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window, PACKED=packing["PACKED"],
-        num_warps=num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8), num_stages=num_stages, **tiles,
+        num_warps=num_warps or launch_cfg["num_warps"], num_stages=num_stages or launch_cfg["num_stages"], **tiles,
     )
     return o, lse
 
 
-def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits=None, block_m=128,
-                  num_stages=2, q_offset=0):
-    """Tiles of 128 entry rows, 4 warps, 2 stages: measured on an H100 at 64k (benchmarks/NOTES.md),
-    G=1 2.07 ms vs 2.80 with 64 rows, G=4 7.48 vs 9.21; 8 warps or 3 stages were slower."""
+def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits=None, block_m=None,
+                  num_stages=None, q_offset=0):
+    """Entry rows per step, warps, stages: tiles.fwd_by_block (block_m, num_warps, num_stages override it)."""
     B, HQ, TQ, _ = q.shape
     HKV, TK, HI, S, DV = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1], v.shape[-1]
     G = HQ // HKV
@@ -210,14 +210,17 @@ def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_wa
     m_part = outputs.new_output(B, HQ, TQ, S + 1, device=q.device, dtype=torch.float32)
     l_part = outputs.new_output(B, HQ, TQ, S + 1, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
+    cfg = tile_rules.fwd_by_block(tiles, G)
+    block_m = max(block_m, _pow2(G)) if block_m else cfg["BLOCK_M"]
     splits = splits or BY_BLOCK_FWD_SPLITS or max(1, min(4, BY_BLOCK_FWD_PROGRAMS // (num_blocks * B * HKV)))
     selected_attention_fwd_by_block_kernel[(num_blocks, B * HKV, splits)](
         q, k, v, entries, offsets, gates if gates is not None else m_part, o_part, m_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         TQ, TK, q_offset, HI, HKV, num_blocks, scale, splits,
-        S=S, G=G, ROWS=rows, ROWS_P=_pow2(rows), G_P=_pow2(G), BLOCK_M=max(block_m, _pow2(G)), CAUSAL=causal,
-        HAS_GATES=gates is not None, WINDOW=window, num_warps=num_warps or 4, num_stages=num_stages, **tiles,
+        S=S, G=G, ROWS=rows, ROWS_P=_pow2(rows), G_P=_pow2(G), BLOCK_M=block_m, CAUSAL=causal,
+        HAS_GATES=gates is not None, WINDOW=window, num_warps=num_warps or cfg["num_warps"],
+        num_stages=num_stages or cfg["num_stages"], **tiles,
     )
     o = outputs.new_output(B, HQ, TQ, DV, device=q.device, dtype=q.dtype)
     lse = outputs.new_output(B, HQ, TQ, device=q.device, dtype=torch.float32)
@@ -251,7 +254,7 @@ def build_csr(idx: torch.Tensor, num_kv_heads: int, num_blocks: int, rows: int):
 
 def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
                            csr: tuple[torch.Tensor, torch.Tensor] | None = None, slots_per_step: int | None = None,
-                           num_warps: int | None = None, num_stages: int = 2, dkdv_block_m: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None, dkdv_block_m: int | None = None,
                            dkdv_warps: int | None = None, scheme: str | None = None, dq_atomic: bool | None = None,
                            table: torch.Tensor | None = None, q_offset: int = 0):
     """Gradients (dq, dk, dv, dgates or None) of selected_attention_fwd. By query: a dQ kernel
@@ -260,10 +263,9 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     atomically into a float32 accumulator (dq_atomic, the default unless deterministic()) or
     writes it as a partial that a second pass sums. csr: the forward's (entries, offsets), if any.
 
-    dK/dV tiles, measured on an H100 at 64k (benchmarks/NOTES.md): by query 64 rows x 4 warps; by
-    block 128 rows x 8 warps (G=4: 11.8 ms vs 15.9 with 4 warps, 19.3 with 64 rows), 32 rows x 8
-    warps x 1 stage when a head dim exceeds 128."""
-    scheme = scheme or choose_scheme(q, k, idx, backward=True)
+    Tiles, warps and stages: tiles.by_query (dQ) and tiles.dkdv; num_warps (dQ, and dK/dV by query),
+    num_stages (both), dkdv_block_m and dkdv_warps override them."""
+    scheme = scheme or choose_scheme(q, k, idx, backward=True, tiles=_tiles(q, v, block_size))
     dq_atomic = not deterministic() if dq_atomic is None else dq_atomic
     B, HQ, TQ, D = q.shape
     HKV, TK, HI, S = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1]
@@ -277,7 +279,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
         dgates = torch.zeros(idx.shape, device=q.device, dtype=torch.float32) if by_block else \
             outputs.new_output(*idx.shape, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
-    warps = num_warps or (4 if tiles["BLOCK_D"] <= 128 else 8)
+    dq_cfg = tile_rules.by_query(tiles)
+    warps = num_warps or dq_cfg["num_warps"]
     if by_block and dq_atomic:
         dq_part = torch.zeros(B, HQ, TQ, D, device=q.device, dtype=torch.float32)
     elif by_block:
@@ -285,18 +288,15 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     else:
         dq_part = delta
         dq = outputs.new_output(*q.shape, device=q.device, dtype=q.dtype)
-        _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps, num_stages,
-                   rows, rows_p, tiles, table, q_offset)
+        _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps,
+                   num_stages or dq_cfg["num_stages"], rows, rows_p, tiles, table, q_offset)
     num_blocks, packing = _packed(table, TK, block_size)
     entries, offsets = csr if csr is not None and csr[0].numel() == idx.numel() else build_csr(idx, HKV, num_blocks, rows)
     dk = outputs.new_output(B, HKV, TK, D, device=q.device, dtype=k.dtype)
     dv = outputs.new_output(B, HKV, TK, v.shape[-1], device=q.device, dtype=v.dtype)
     entry_rows = _pow2(rows)
-    # shared memory bounds the by-block tiles (with dq rows) at 256 dims: measured on an H100, D = DV = 256
-    # fits 32 rows (8 warps, 1 stage: the fastest there), not 64 with 2 stages
-    wide = max(tiles["BLOCK_D"], tiles["BLOCK_DV"]) > 128
-    block_m = max(dkdv_block_m or (64 if not by_block else 32 if wide else 128), entry_rows, _pow2(G))
-    dkdv_stages = 1 if by_block and wide and dkdv_block_m is None else num_stages
+    dkdv_cfg = tile_rules.dkdv(tiles, G, rows, by_block)
+    block_m = max(dkdv_block_m, entry_rows, _pow2(G)) if dkdv_block_m else dkdv_cfg["BLOCK_M"]
     selected_attention_bwd_dkdv_kernel[(num_blocks, B * HKV)](
         q, k, v, do, lse, delta, entries, offsets, gates if gates is not None else lse, dk, dv, dq_part,
         dgates if dgates is not None else lse, offsets if table is None else table, packing["W"],
@@ -305,7 +305,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
         TQ, TK, q_offset, HI, HKV, num_blocks, scale,
         S=S, G=G, ROWS=rows, ROWS_P=entry_rows, G_P=_pow2(G), BLOCK_M=block_m, CAUSAL=causal,
         HAS_GATES=gates is not None, DQ_PARTIAL=by_block, DQ_ATOMIC=dq_atomic, WINDOW=window, PACKED=packing["PACKED"],
-        num_warps=dkdv_warps or (8 if by_block else warps), num_stages=dkdv_stages, **tiles,
+        num_warps=dkdv_warps or (dkdv_cfg["num_warps"] if by_block or num_warps is None else num_warps),
+        num_stages=num_stages or dkdv_cfg["num_stages"], **tiles,
     )
     if by_block and dq_atomic:
         dq = dq_part.to(q.dtype)
@@ -329,7 +330,7 @@ def _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, w
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         TQ, TK, q_offset, HI, scale,
-        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles["BLOCK_N"], slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
+        S=S, SLOTS_PER_STEP=_slots_per_step(S, tiles, slots_per_step), G=HQ // HKV, ROWS=rows, ROWS_P=rows_p,
         CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window, PACKED=packing["PACKED"], num_warps=warps,
         num_stages=num_stages, **tiles,
     )

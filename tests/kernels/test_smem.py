@@ -1,0 +1,45 @@
+"""Shared memory of the kernels, compiled ahead of time for an H100 (sm_90) on any machine (no GPU):
+at the corners of the documented support (benchmarks/kernel_launches.ci_corners: the reported
+defect, issue 18, and the largest tiles the rules give the by-block kernels and float32), every
+launch the launchers make stays within the budget (benchmarks/smem_sweep.py). The whole support
+matrix: `python benchmarks/smem_sweep.py` (hours); the GPU run: test_selected_attention_matrix.py.
+
+Runs the sweep in a subprocess without TRITON_INTERPRET (conftest.py sets it on machines without
+CUDA, and interpreted kernels cannot be compiled); skipped without Triton's NVIDIA backend."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def nvidia_backend_reason() -> str | None:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except Exception as e:  # noqa: BLE001
+        return f"Triton's NVIDIA backend or its ptxas is unavailable: {e}"
+    return None if os.path.exists(ptxas) else f"no ptxas at {ptxas}"
+
+
+@pytest.mark.skipif(nvidia_backend_reason() is not None, reason=str(nvidia_backend_reason()))
+def test_corners_fit_shared_memory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "smem_sweep.py"), "--ci",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {r["config"] for r in rows} >= {"selected D256 bf16 blk128 G8 S16 causal"}, "the reported defect is checked"
+    failed = [r for r in rows if "error" in r]
+    assert not failed, failed
+    over = [f"{r['kernel']} {r['shared']} B: {r['config']} / {r['scheme']}" for r in rows if r["shared"] > result["budget"]]
+    assert not over, f"over {result['budget']} B of shared memory: {over}"
