@@ -96,6 +96,8 @@ def to_sequence_order(gathered: Tensor, world: int, layout: str = "contiguous", 
     check_layout(layout)
     if layout == "contiguous":
         return gathered
+    if gathered.shape[dim] % (2 * world):
+        raise ValueError(f"balanced shards of {world} ranks hold 2 x {world} equal chunks: got {gathered.shape[dim]} tokens")
     chunk = gathered.shape[dim] // (2 * world)
     # sequence chunk j < P is the first half of rank j's shard, chunk j >= P the second of rank 2P - 1 - j
     slots = [2 * j if j < world else 2 * (2 * world - 1 - j) + 1 for j in range(2 * world)]
