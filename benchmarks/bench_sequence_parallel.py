@@ -3,14 +3,18 @@ forward + backward).
 
 1. The longest sequence whose forward + backward fits on this GPU (whole sequence, no parallelism):
    doubling from --start, then bisecting between the last fit and the first failure (multiples of --step).
-2. One rank's compute at P = 2, 4, 8 for the first and the last rank, against the whole sequence.
+2. One rank's compute at P = 2, 4, 8 in each shard layout (--layouts), against the whole sequence.
    A rank runs exactly what it runs under torch.distributed (nsa_core/distributed/sequence_parallel.py's
    `shard_forward`), with the all-gather replaced by a concatenation with leaf tensors holding the
    other ranks' keys and values (whose gradients stand for the reduce-scatter): compute only, no
-   communication. Rank 0's queries see few keys; the last rank's see all of them (the causal
-   compressed branch grows with the position): the ratio is the compute imbalance.
+   communication. Contiguous shards: rank 0's queries see few keys, the last rank's all of them (the
+   causal compressed branch grows with the position), so rank 0 and the last rank are timed, the
+   extremes. Balanced shards (rank r: chunks r and 2P - 1 - r of 2P): every rank is timed. The
+   slowest over the fastest rank is the compute imbalance; the slowest rank x P over the whole
+   sequence is how far the slowest rank's compute is from perfect scaling.
 
-    python benchmarks/bench_sequence_parallel.py [--seq-len 131072] [--ranks 2 4 8] [--skip-fit]
+    python benchmarks/bench_sequence_parallel.py [--seq-len 131072] [--ranks 2 4 8] [--layouts ...] [--skip-fit]
+    python benchmarks/bench_sequence_parallel.py --smoke      # tiny preset on the CPU, float32 (checks the script)
 
 Prints a table; run by the lead on the one-GPU machine (the results go to benchmarks/NOTES.md).
 """
@@ -18,27 +22,36 @@ Prints a table; run by the lead on the one-GPU machine (the results go to benchm
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 import torch
-import triton.testing
 
-sys.path.insert(0, ".")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from nsa_core import SparseAttention  # noqa: E402
 from nsa_core.config import get_preset  # noqa: E402
-from nsa_core.distributed.sequence_parallel import shard_forward  # noqa: E402
-from nsa_core.ops.seqs import Seqs  # noqa: E402
+from nsa_core.distributed import LAYOUTS, shard_spans  # noqa: E402
+from nsa_core.distributed.sequence_parallel import place_shard, shard_forward, shard_gaps, shard_seqs  # noqa: E402
 
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
 
 
-def make_module() -> SparseAttention:
+def make_module(smoke: bool = False) -> SparseAttention:
     torch.manual_seed(0)
-    return SparseAttention.from_config(get_preset("paper")).to(DEVICE, DTYPE)
+    return SparseAttention.from_config(get_preset("tiny" if smoke else "paper")).to(DEVICE, DTYPE)
 
 
 def ms(fn) -> float:
+    if DEVICE == "cpu":  # --smoke: a plain clock
+        fn()
+        start = time.perf_counter()
+        for _ in range(2):
+            fn()
+        return (time.perf_counter() - start) / 2 * 1e3
+    import triton.testing
+
     return float(triton.testing.do_bench(fn, warmup=3, rep=20, return_mode="median"))
 
 
@@ -54,25 +67,43 @@ def whole_step(module: SparseAttention, n: int):
     return run
 
 
-def shard_step(module: SparseAttention, n: int, world: int, rank: int):
+def shard_step(module: SparseAttention, n: int, world: int, rank: int, layout: str = "contiguous"):
     """Forward + backward of rank `rank` of `world`: its shard's queries over the whole sequence's keys."""
     cfg = module.config
-    nl = n // world
-    x = torch.randn(1, nl, cfg.dim, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    spans = shard_spans(n, world, rank, layout)
+    x = torch.randn(1, n // world, cfg.dim, device=DEVICE, dtype=DTYPE, requires_grad=True)
     grad = torch.randn_like(x)
-    before, after = (torch.randn(2, 1, cfg.num_kv_heads, length, cfg.dim_head, device=DEVICE, dtype=DTYPE,
-                                 requires_grad=True) for length in (rank * nl, (world - 1 - rank) * nl))
-    seqs = Seqs(q_len=nl, k_len=n, q_offset=rank * nl)
+    others = [torch.randn(2, 1, cfg.num_kv_heads, e - s, cfg.dim_head, device=DEVICE, dtype=DTYPE, requires_grad=True)
+              for s, e in shard_gaps(spans, n)]
+    seqs = shard_seqs(n, world, rank, layout)
 
     def gather(kv: torch.Tensor) -> torch.Tensor:  # (2, 1, hk, nl, d) -> (2, 1, hk, n, d), as the all-gather
-        return torch.cat((before, kv, after), dim=-2)
+        return place_shard(kv, spans, others)
 
     def run() -> None:
         shard_forward(module, x, gather, seqs).backward(grad)
-        for t in (x, before, after):
+        for t in (x, *others):
             t.grad = None
         module.zero_grad(set_to_none=True)
     return run
+
+
+def ranks_timed(world: int, layout: str) -> list[int]:
+    """Contiguous: rank 0 and the last (the extremes); balanced: every rank."""
+    return sorted({0, world - 1}) if layout == "contiguous" else list(range(world))
+
+
+def balance_row(module: SparseAttention, n: int, world: int, layout: str, whole: float) -> str:
+    """One table row: the fastest and the slowest timed rank of `layout` at P = world."""
+    pieces = 2 if layout == "balanced" else 1
+    if n % (pieces * world):
+        return f"| {layout} | {world} | {n} is not divisible by {pieces * world} | | | | | |"
+    ranks = ranks_timed(world, layout)
+    times = {rank: ms(shard_step(module, n, world, rank, layout)) for rank in ranks}
+    slow, fast = max(times, key=times.get), min(times, key=times.get)
+    which = "0, last" if layout == "contiguous" else "all"
+    return (f"| {layout} | {world} | {n // world} | {which} | {times[fast]:.1f} (rank {fast}) | "
+            f"{times[slow]:.1f} (rank {slow}) | {times[slow] / times[fast]:.2f} | {times[slow] * world / whole:.2f} |")
 
 
 def fits(module: SparseAttention, n: int) -> bool:
@@ -102,18 +133,25 @@ def longest_fit(module: SparseAttention, start: int, step: int) -> tuple[int, fl
     return good, torch.cuda.max_memory_allocated() / 2**30
 
 
-def main() -> None:
+def main(argv=None) -> list[str]:
+    global DTYPE, DEVICE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", type=int, default=131072, help="whole sequence of the compute-balance table")
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="shard layouts to time")
     p.add_argument("--start", type=int, default=65536, help="first length of the fit search")
     p.add_argument("--step", type=int, default=16384, help="resolution of the fit search")
     p.add_argument("--skip-fit", action="store_true")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
-    module = make_module()
-    print(f"# {torch.cuda.get_device_name()}, paper preset, one layer, bf16, batch 1, forward + backward")
+    p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, float32, 128 tokens, no fit search")
+    args = p.parse_args(argv)
+    if args.smoke:
+        DTYPE, DEVICE = torch.float32, "cpu"
+        args.seq_len, args.skip_fit = 128, True
+    elif not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --smoke)")
+    module = make_module(args.smoke)
+    where = "CPU (smoke), tiny preset" if args.smoke else f"{torch.cuda.get_device_name()}, paper preset"
+    print(f"# {where}, one layer, {str(DTYPE).split('.')[-1]}, batch 1, forward + backward")
 
     if not args.skip_fit:
         n, gib = longest_fit(module, args.start, args.step)
@@ -121,17 +159,16 @@ def main() -> None:
 
     n = args.seq_len
     whole = ms(whole_step(module, n))
-    print("\n| P | shard | rank 0 ms | last rank ms | last / rank 0 | last rank x P / whole |")
-    print("|---|---|---|---|---|---|")
-    print(f"| 1 | {n} | {whole:.1f} | {whole:.1f} | 1.00 | 1.00 |")
-    for world in args.ranks:
-        if n % world:
-            print(f"| {world} | {n} is not divisible by {world} | | | | |")
-            continue
-        first = ms(shard_step(module, n, world, 0))
-        last = ms(shard_step(module, n, world, world - 1))
-        print(f"| {world} | {n // world} | {first:.1f} | {last:.1f} | {last / first:.2f} | {last * world / whole:.2f} |")
-    print("\n(last rank x P / whole: 1.00 = perfect scaling of the slowest rank's compute, communication excluded)")
+    rows = ["| layout | P | shard | ranks timed | fastest ms | slowest ms | slowest / fastest | slowest x P / whole |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| (one GPU) | 1 | {n} | | {whole:.1f} | {whole:.1f} | 1.00 | 1.00 |"]
+    print("", *rows, sep="\n", flush=True)
+    for layout in dict.fromkeys(args.layouts):
+        for world in args.ranks:
+            rows.append(balance_row(module, n, world, layout, whole))
+            print(rows[-1], flush=True)
+    print("\n(slowest x P / whole: 1.00 = perfect scaling of the slowest rank's compute, communication excluded)")
+    return rows
 
 
 if __name__ == "__main__":

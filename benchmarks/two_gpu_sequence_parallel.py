@@ -3,19 +3,26 @@
     torchrun --standalone --nproc-per-node 2 benchmarks/two_gpu_sequence_parallel.py            # NCCL, bf16
     torchrun --standalone --nproc-per-node 2 benchmarks/two_gpu_sequence_parallel.py --smoke    # CPU, gloo
 
-1. Correctness: the paper preset (one SparseAttention layer, random weights) on the whole sequence
-   in float32 on one device is the truth. The error of the sharded bf16 run (outputs, input
-   gradients, parameter gradients summed over the ranks) must stay within 2x the error of the
-   single-device bf16 run against the same truth: PyTorch's own bf16 error sets the tolerance.
+Every shard layout of --layouts is measured (default both: "contiguous", rank r holding tokens
+r n/P ...; "balanced", rank r holding chunks r and 2P-1-r of 2P: equal compressed-branch work).
+
+1. Correctness, per layout: the paper preset (one SparseAttention layer, random weights) on the whole
+   sequence in float32 on one device is the truth. The error of the sharded bf16 run (outputs put
+   back in sequence order, input gradients, parameter gradients summed over the ranks) must stay
+   within 2x the error of the single-device bf16 run against the same truth: PyTorch's own bf16
+   error sets the tolerance.
 2. Fit: the longest sequence whose forward + backward fits on one GPU, and on P GPUs (each rank
    its shard). A rank tests its memory with the communication replaced by a concatenation with
    leaf tensors holding the other ranks' keys and values (no collective, so an out-of-memory rank
-   cannot leave its peer waiting); the ranks agree on the answer, then run one real step there.
-3. Scaling at the one-GPU length: forward + backward of the whole sequence on one GPU against the
-   sharded step on P GPUs (the slowest rank); the communication alone (the all-gather of keys and
-   values and the reduce-scatter of their gradients) and each rank's compute alone, to read the
-   communication share and whether compute and communication overlap (today they do not: the
-   all-gather runs before the layer's attention, the reduce-scatter after its backward).
+   cannot leave its peer waiting); the ranks agree on the answer, then run one real step there
+   (the search uses the first layout of --layouts; the real step runs in each).
+3. Scaling at the one-GPU length, a row per layout: forward + backward of the whole sequence on one
+   GPU against the sharded step on P GPUs (the slowest rank); the communication alone (the
+   all-gather of keys and values, balanced: put in sequence order, and the reduce-scatter of their
+   gradients) and each rank's compute alone (the slowest rank, and the fastest over the slowest:
+   the balance), to read the communication share and whether compute and communication overlap
+   (today they do not: the all-gather runs before the layer's attention, the reduce-scatter after
+   its backward).
 
 Prints a short table last (rank 0). --smoke: a tiny config, float64 truth, float32 run, gloo on CPU.
 """
@@ -33,9 +40,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from nsa_core import SparseAttention  # noqa: E402
 from nsa_core.config import get_preset  # noqa: E402
-from nsa_core.distributed.sequence_parallel import gather_sequence, shard_forward  # noqa: E402
+from nsa_core.distributed import LAYOUTS, gather_sequence, shard_sequence, shard_spans, unshard_sequence  # noqa: E402
+from nsa_core.distributed.sequence_parallel import place_shard, shard_forward, shard_gaps, shard_seqs  # noqa: E402
 from nsa_core.kernels.outputs import MAX_PER_BATCH_EXTENT  # noqa: E402
-from nsa_core.ops.seqs import Seqs  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fit-step", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=0, help="length of the scaling table (0: the one-GPU fit)")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="shard layouts to measure")
     p.add_argument("--smoke", action="store_true", help="tiny config on CPU over gloo (checks the script)")
     return p.parse_args(argv)
 
@@ -77,9 +85,9 @@ def check_len(args) -> int:
     return 48 if args.smoke else args.check_len
 
 
-def check(args, device, dtype, truth_dtype, group) -> list[tuple[str, float, float]]:
-    """(quantity, single-device error, sharded error) against the truth_dtype whole-sequence run."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+def check(args, device, dtype, truth_dtype, group, layouts) -> dict[str, list[tuple[str, float, float]]]:
+    """Per layout: (quantity, single-device error, sharded error) against the truth_dtype whole-sequence run."""
+    world = dist.get_world_size(group)
     n = check_len(args)
     dim = make_module(args, "cpu", torch.float32).config.dim
     gen = torch.Generator().manual_seed(2)
@@ -88,27 +96,29 @@ def check(args, device, dtype, truth_dtype, group) -> list[tuple[str, float, flo
     module = make_module(args, device, dtype)
     single = run_whole(module, x.to(dtype), grad.to(dtype))
 
-    nl = n // world
-    mine = slice(rank * nl, (rank + 1) * nl)
-    xs = x[:, mine].to(dtype).clone().requires_grad_()
-    out = module(xs, sequence_parallel_group=group)
-    out.backward(grad[:, mine].to(dtype))
-    outs = [torch.empty_like(out) for _ in range(world)]
-    dx = [torch.empty_like(xs.grad) for _ in range(world)]
-    dist.all_gather(outs, out.detach().contiguous(), group=group)
-    dist.all_gather(dx, xs.grad.contiguous(), group=group)
-    sharded_grads = {}
-    for name, p in module.named_parameters():
-        g = torch.zeros_like(p) if p.grad is None else p.grad.clone()
-        dist.all_reduce(g, group=group)
-        sharded_grads[name] = g
-    rows = [("output", rel_err(single[0], truth[0]), rel_err(torch.cat(outs, 1), truth[0])),
-            ("input gradient", rel_err(single[1], truth[1]), rel_err(torch.cat(dx, 1), truth[1]))]
-    params = [(name, rel_err(single[2][name], expected), rel_err(sharded_grads[name], expected))
-              for name, expected in truth[2].items()]
-    name, s, sh = max(params, key=lambda row: row[2] / max(row[1], 1e-12))  # the closest to failing
-    rows.append((f"parameter gradient, worst of {len(params)} ({name})", s, sh))
-    return rows
+    results = {}
+    for layout in layouts:
+        xs = shard_sequence(x, group, layout).to(dtype).clone().requires_grad_()
+        out = module(xs, sequence_parallel_group=group, sequence_parallel_layout=layout)
+        out.backward(shard_sequence(grad, group, layout).to(dtype))
+        outs = [torch.empty_like(out) for _ in range(world)]
+        dx = [torch.empty_like(xs.grad) for _ in range(world)]
+        dist.all_gather(outs, out.detach().contiguous(), group=group)
+        dist.all_gather(dx, xs.grad.contiguous(), group=group)
+        sharded_grads = {}
+        for name, p in module.named_parameters():
+            g = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            dist.all_reduce(g, group=group)
+            sharded_grads[name] = g
+        module.zero_grad(set_to_none=True)
+        rows = [("output", rel_err(single[0], truth[0]), rel_err(unshard_sequence(outs, layout), truth[0])),
+                ("input gradient", rel_err(single[1], truth[1]), rel_err(unshard_sequence(dx, layout), truth[1]))]
+        params = [(name, rel_err(single[2][name], expected), rel_err(sharded_grads[name], expected))
+                  for name, expected in truth[2].items()]
+        name, s, sh = max(params, key=lambda row: row[2] / max(row[1], 1e-12))  # the closest to failing
+        rows.append((f"parameter gradient, worst of {len(params)} ({name})", s, sh))
+        results[layout] = rows
+    return results
 
 
 def whole_step(module, n, device, dtype):
@@ -122,19 +132,20 @@ def whole_step(module, n, device, dtype):
     return run
 
 
-def shard_step(module, n, group, device, dtype, communicate: bool):
+def shard_step(module, n, group, device, dtype, communicate: bool, layout: str = "contiguous"):
     """This rank's forward + backward of its shard; communicate=False stands the all-gather in by a
     concatenation with leaves of the other ranks' keys and values (compute and memory alone)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     cfg, nl = module.config, n // world
+    spans = shard_spans(n, world, rank, layout)
     x = torch.randn(1, nl, cfg.dim, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
-    others = [torch.randn(2, 1, cfg.num_kv_heads, length, cfg.dim_head, device=device, dtype=dtype,
-                          requires_grad=True) for length in (rank * nl, (world - 1 - rank) * nl)]
-    seqs = Seqs(q_len=nl, k_len=n, q_offset=rank * nl)
+    others = [torch.randn(2, 1, cfg.num_kv_heads, e - s, cfg.dim_head, device=device, dtype=dtype,
+                          requires_grad=True) for s, e in shard_gaps(spans, n)]
+    seqs = shard_seqs(n, world, rank, layout)
 
     def gather(kv):
-        return gather_sequence(kv, group) if communicate else torch.cat((others[0], kv, others[1]), dim=-2)
+        return gather_sequence(kv, group, layout) if communicate else place_shard(kv, spans, others)
 
     def run() -> None:
         shard_forward(module, x, gather, seqs).backward(grad)
@@ -144,13 +155,14 @@ def shard_step(module, n, group, device, dtype, communicate: bool):
     return run
 
 
-def comm_step(module, n, group, device, dtype):
-    """The layer's communication alone: all-gather of the stacked keys and values, reduce-scatter back."""
+def comm_step(module, n, group, device, dtype, layout: str = "contiguous"):
+    """The layer's communication alone: all-gather of the stacked keys and values (in sequence
+    order), reduce-scatter back."""
     cfg, nl = module.config, n // dist.get_world_size(group)
     kv = torch.randn(2, 1, cfg.num_kv_heads, nl, cfg.dim_head, device=device, dtype=dtype, requires_grad=True)
 
     def run() -> None:
-        full = gather_sequence(kv, group)
+        full = gather_sequence(kv, group, layout)
         full.backward(torch.ones_like(full))
         kv.grad = None
     return run
@@ -168,8 +180,9 @@ def agree(flag: bool, group, device) -> bool:
     return t.item() == 0
 
 
-def seconds(fn, reps: int, group, device) -> float:
-    """Mean seconds per call on this rank after two warm-up calls, the slowest rank's (all ranks start together)."""
+def seconds(fn, reps: int, group, device, fastest: bool = False):
+    """Mean seconds per call on this rank after two warm-up calls, the slowest rank's (all ranks start
+    together); with fastest, (the slowest rank's, the fastest rank's)."""
     for _ in range(2):
         fn()
     sync(device)
@@ -178,9 +191,13 @@ def seconds(fn, reps: int, group, device) -> float:
     for _ in range(reps):
         fn()
     sync(device)
-    t = torch.tensor([(time.perf_counter() - start) / reps], device=device, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.item()
+    mine = (time.perf_counter() - start) / reps
+    slow, fast = (torch.tensor([mine], device=device, dtype=torch.float64) for _ in range(2))
+    dist.all_reduce(slow, op=dist.ReduceOp.MAX, group=group)
+    if not fastest:
+        return slow.item()
+    dist.all_reduce(fast, op=dist.ReduceOp.MIN, group=group)
+    return slow.item(), fast.item()
 
 
 def fits(fn, device) -> bool:
@@ -246,37 +263,45 @@ def main(argv=None) -> None:
     say(f"# {torch.cuda.get_device_name() if use_cuda else 'CPU'} x {world}, torch {torch.__version__}, "
         f"{'paper preset' if not args.smoke else 'tiny preset'}, one layer, {str(dtype).split('.')[-1]}, batch 1")
 
-    rows = check(args, device, dtype, truth_dtype, group)
-    ok = all(sharded <= 2 * single + 1e-6 for _, single, sharded in rows)
-    say("", f"correctness at {check_len(args)} tokens: {'PASS' if ok else 'FAIL'}",
-        "| quantity | single-device error | sharded error |", "|---|---|---|",
-        *[f"| {name} | {single:.2e} | {sharded:.2e} |" for name, single, sharded in rows])
+    layouts = list(dict.fromkeys(args.layouts))
+    for layout, rows in check(args, device, dtype, truth_dtype, group, layouts).items():
+        ok = all(sharded <= 2 * single + 1e-6 for _, single, sharded in rows)
+        say("", f"correctness at {check_len(args)} tokens, {layout} layout: {'PASS' if ok else 'FAIL'}",
+            "| quantity | single-device error | sharded error |", "|---|---|---|",
+            *[f"| {name} | {single:.2e} | {sharded:.2e} |" for name, single, sharded in rows])
 
     module = make_module(args, device, dtype)
+    multiple = 2 * world if "balanced" in layouts else world  # balanced: 2P chunks
     if args.smoke:
         one, many = 64 * world, 64 * world
     else:
         cfg = module.config
         one, one_mem = longest(lambda n: whole_step(module, n, device, dtype), args.fit_start, args.fit_step,
                                kernel_cap(cfg, 1), group, device)
-        many, many_mem = longest(lambda n: shard_step(module, n, group, device, dtype, communicate=False),
-                                 args.fit_start, args.fit_step * world, kernel_cap(cfg, world), group, device)
-        real = agree(fits(shard_step(module, many, group, device, dtype, communicate=True), device), group, device)
+        many, many_mem = longest(lambda n: shard_step(module, n, group, device, dtype, False, layouts[0]),
+                                 args.fit_start, args.fit_step * multiple, kernel_cap(cfg, world), group, device)
+        real = {layout: agree(fits(shard_step(module, many, group, device, dtype, True, layout), device), group, device)
+                for layout in layouts}
         why = {True: "memory", False: "the kernels' 32-bit offsets"}
         say("", f"longest sequence, forward + backward: one GPU {one} tokens (limited by {why[one_mem]}, peak "
                 f"{peak_gib(whole_step(module, one, device, dtype), device):.1f} GiB); {world} GPUs {many} tokens "
-                f"(limited by {why[many_mem]}; a real sharded step there {'fits' if real else 'does NOT fit'})")
+                f"({layouts[0]} layout, limited by {why[many_mem]}; a real sharded step there: "
+                + ", ".join(f"{layout} {'fits' if ok else 'does NOT fit'}" for layout, ok in real.items()) + ")")
     n = args.seq_len or one
-    n -= n % world
+    n -= n % multiple
     whole = seconds(whole_step(module, n, device, dtype), args.reps, group, device)  # every rank alone, at once
-    sharded = seconds(shard_step(module, n, group, device, dtype, communicate=True), args.reps, group, device)
-    compute = seconds(shard_step(module, n, group, device, dtype, communicate=False), args.reps, group, device)
-    comm = seconds(comm_step(module, n, group, device, dtype), args.reps, group, device)
-    say("", f"scaling at {n} tokens (ms, the slowest rank)",
-        f"| one device | {world} ranks | speed-up | compute alone | communication alone | "
-        "communication share | overlap |", "|---|---|---|---|---|---|---|",
-        f"| {whole * 1e3:.1f} | {sharded * 1e3:.1f} | {whole / sharded:.2f}x | {compute * 1e3:.1f} | "
-        f"{comm * 1e3:.1f} | {comm / sharded:.0%} | {max(0.0, compute + comm - sharded) * 1e3:.1f} ms hidden |")
+    say("", f"scaling at {n} tokens (ms, the slowest rank; compute balance: the fastest rank's compute over the "
+            "slowest's)",
+        f"| layout | one device | {world} ranks | speed-up | compute alone | compute balance | communication alone | "
+        "communication share | overlap |", "|---|---|---|---|---|---|---|---|---|")
+    for layout in layouts:
+        sharded = seconds(shard_step(module, n, group, device, dtype, True, layout), args.reps, group, device)
+        compute, fastest = seconds(shard_step(module, n, group, device, dtype, False, layout), args.reps, group,
+                                   device, fastest=True)
+        comm = seconds(comm_step(module, n, group, device, dtype, layout), args.reps, group, device)
+        say(f"| {layout} | {whole * 1e3:.1f} | {sharded * 1e3:.1f} | {whole / sharded:.2f}x | {compute * 1e3:.1f} | "
+            f"{fastest / compute:.2f} | {comm * 1e3:.1f} | {comm / sharded:.0%} | "
+            f"{max(0.0, compute + comm - sharded) * 1e3:.1f} ms hidden |")
     dist.barrier(group=group)
     dist.destroy_process_group()
 

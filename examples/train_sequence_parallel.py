@@ -4,9 +4,12 @@
     torchrun --standalone --nproc-per-node 8 examples/train_sequence_parallel.py --seq-len 65536 --dim 512
 
 One group of P ranks does both: FSDP2 (`fully_shard`) shards the parameters over it, and every
-sequence is split over it, rank r holding tokens r * n / P ... (r + 1) * n / P - 1 of each row (every
-rank reads the same batch and keeps its shard). Each sparse attention layer all-gathers the keys and
-values of the whole sequence (nsa_core/distributed/sequence_parallel.py); everything else is per token.
+sequence is split over it (every rank reads the same batch and keeps its shard,
+nsa_core.distributed.shard_sequence). --layout balanced (the default): the sequence is cut into 2P
+chunks and rank r holds chunks r and 2P - 1 - r, so every rank does the same work (the causal
+compressed branch costs more for later tokens); --layout contiguous: rank r holds tokens
+r * n / P ... (r + 1) * n / P - 1. Each sparse attention layer all-gathers the keys and values of the
+whole sequence (nsa_core/distributed/sequence_parallel.py); everything else is per token.
 CUDA devices use NCCL, CPUs gloo. The data is synthetic and learnable: every row repeats one of a
 few fixed random motifs, so the loss falls within a few steps.
 
@@ -24,13 +27,17 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from nsa_core.distributed import LAYOUTS, shard_sequence
 from nsa_core.model.transformer import Transformer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seq-len", type=int, default=256, help="whole sequence; divisible by the number of ranks")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="whole sequence; divisible by the number of ranks (balanced: by twice that)")
+    p.add_argument("--layout", choices=LAYOUTS, default="balanced",
+                   help="how the sequence is split: balanced (equal work per rank) or contiguous")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--num-tokens", type=int, default=64)
     p.add_argument("--motif", type=int, default=12, help="length of the motif every row repeats")
@@ -61,8 +68,9 @@ def main(argv=None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    if args.seq_len % world:
-        raise ValueError(f"--seq-len {args.seq_len} must be divisible by the {world} ranks")
+    multiple = 2 * world if args.layout == "balanced" else world
+    if args.seq_len % multiple:
+        raise ValueError(f"--seq-len {args.seq_len} must be divisible by {multiple} ({world} ranks, {args.layout} layout)")
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     mesh = init_device_mesh(device.type, (world,))
     group = mesh.get_group()
@@ -80,11 +88,9 @@ def main(argv=None) -> None:
     fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
-    shard = args.seq_len // world
-    mine = slice(rank * shard, (rank + 1) * shard)
     for step in range(args.steps):
-        ids = batch(args, step, device)[:, mine]
-        share = model(ids, return_loss=True, sequence_parallel_group=group)
+        ids = shard_sequence(batch(args, step, device), group, args.layout)  # this rank's shard of every row
+        share = model(ids, return_loss=True, sequence_parallel_group=group, sequence_parallel_layout=args.layout)
         (share * world).backward()  # FSDP averages over the ranks; the shares sum
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,1 +1,16 @@
-"""Sequence parallelism over torch.distributed, built on the ops' sequence descriptor."""
+"""Sequence parallelism over torch.distributed, built on the ops' sequence descriptor.
+
+Public: the shard layouts (LAYOUTS: "contiguous", "balanced"), `shard_sequence` (this rank's shard of
+a whole tensor), `unshard_sequence` (the whole sequence from every rank's shard), `shard_spans` (the
+token ranges a rank holds) and `gather_sequence` (the all-gather with autograd, in sequence order).
+"""
+
+from nsa_core.distributed.sequence_parallel import (
+    LAYOUTS,
+    gather_sequence,
+    shard_sequence,
+    shard_spans,
+    unshard_sequence,
+)
+
+__all__ = ["LAYOUTS", "gather_sequence", "shard_sequence", "shard_spans", "unshard_sequence"]

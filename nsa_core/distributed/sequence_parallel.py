@@ -1,27 +1,39 @@
 """Sequence-parallel SparseAttention over a torch.distributed process group (NCCL on GPUs, gloo on CPU).
 
-Each of the P ranks of the group holds a contiguous shard of the sequence: rank r holds tokens
-r * n/P ... (r + 1) * n/P - 1 of every row, all shards the same length. A rank:
+Each of the P ranks of the group holds a shard of the sequence, all shards the same length nl = n/P,
+in one of two layouts (`sequence_parallel_layout`):
+- "contiguous" (the default): rank r holds tokens r * nl ... (r + 1) * nl - 1 of every row;
+- "balanced" (zigzag): the sequence is cut into 2P chunks of n / 2P tokens, and rank r holds chunk r
+  then chunk 2P - 1 - r (its shard is their concatenation, in that order; n must divide by 2P).
+Why balanced: per query, NSA's selected and window branches cost the same everywhere, but the causal
+compressed branch grows with the position (a query attends every compressed block before it), so
+the last contiguous shard carries most of it (at 229k tokens on 2 ranks, ~3/4) and the other ranks
+wait for it. Chunk r (early, cheap) plus chunk 2P - 1 - r (late, costly) gives every rank the same
+work: the positions of a rank's queries sum to the same total on every rank.
+
+A rank:
 1. norms and projects its own shard: q (its queries only), k and v (its tokens only);
 2. all-gathers the unrotated keys and values of the whole sequence (one collective per layer, with
-   autograd: the backward pass reduce-scatters the key / value gradients back to their owners);
+   autograd: the backward pass reduce-scatters the key / value gradients back to their owners) and,
+   balanced, puts the gathered chunks in sequence order (one concatenation of views; autograd hands
+   the reduce-scatter each rank's gradient in its shard's order);
 3. builds the branches' keys from the gathered sequence exactly as one device does (compression of
    all n / stride windows with the replicated compression networks, so windows that straddle shard
    boundaries need nothing special; rotary on every key);
-4. runs `SparseAttention.attend` for its queries, described by the sequence descriptor
-   `Seqs(q_len=n/P, k_len=n, q_offset=r * n/P)`: the ops see a shard as queries after other keys.
-The shards of the outputs put together equal the single-device output; each rank's input gradient
-is its shard of the single-device input gradient; parameter gradients summed over the ranks (the
-reduction of FSDP / DDP, which average: see the README) equal the single-device gradients.
+4. runs `SparseAttention.attend` for each contiguous piece of its queries (contiguous: one, balanced:
+   two), described by the sequence descriptor `Seqs(q_len=piece, k_len=n, q_offset=piece start)`:
+   the ops see a piece as queries after other keys.
+The shards of the outputs put back in sequence order (`unshard_sequence`) equal the single-device
+output; each rank's input gradient is its shard of the single-device input gradient; parameter
+gradients summed over the ranks (the reduction of FSDP / DDP, which average: see the README) equal
+the single-device gradients. `shard_sequence` cuts a rank's shard out of a whole tensor.
 
 Why all-gather of keys and values rather than Ulysses' all-to-all over heads: with GQA the keys and
 values are small (2 * kv_heads / heads of q, k, v and the output: 1/17 at the paper's 64 / 4 heads),
 any P works (Ulysses needs P <= kv heads or replicated kv heads), and the selected blocks of a query
 may sit anywhere before it, so a rank needs every key anyway. A rank receives about 2 * n * hk * d
 elements per layer whatever P, Ulysses about (2 h + 2 hk) * n * d / P: less traffic up to P ~ 17 at
-64 / 4 heads. Per query, NSA's selected and window branches cost the same everywhere; the causal
-compressed branch grows with the position, so later shards carry more of it.
-benchmarks/NOTES.md has the numbers.
+64 / 4 heads. benchmarks/NOTES.md has the numbers.
 
 Dimension legend: b batch, n whole sequence, nl = n / P tokens of a shard, h query heads, hk kv heads,
 d head dim, P ranks of the group.
@@ -29,11 +41,88 @@ d head dim, P ranks of the group.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from nsa_core.ops.seqs import Seqs
+
+LAYOUTS = ("contiguous", "balanced")
+
+
+def check_layout(layout, group=None, *, needs_group: bool = False) -> None:
+    """layout must be one of LAYOUTS; a layout other than the default needs a group (when needs_group)."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"sequence_parallel_layout must be one of {LAYOUTS}, got {layout!r}")
+    if needs_group and group is None and layout != "contiguous":
+        raise ValueError(f"sequence_parallel_layout={layout!r} needs a sequence_parallel_group (it describes shards)")
+
+
+def _pieces_per_shard(layout: str) -> int:
+    return 2 if layout == "balanced" else 1
+
+
+def shard_spans(seq_len: int, world: int, rank: int, layout: str = "contiguous") -> list[tuple[int, int]]:
+    """The token ranges [start, end) of the whole sequence (seq_len tokens) that rank `rank` of `world`
+    holds, in the order of its shard: contiguous [(r nl, (r + 1) nl)], balanced chunk r then chunk
+    2P - 1 - r (both ascending)."""
+    check_layout(layout)
+    pieces = _pieces_per_shard(layout)
+    if seq_len % (pieces * world):
+        need = f"2 x the {world} ranks = {2 * world}" if pieces == 2 else f"the {world} ranks"
+        raise ValueError(f"sequence_parallel_layout={layout!r}: the sequence length ({seq_len}) must be divisible by "
+                         f"{need}" + (" (every shard an even number of tokens)" if pieces == 2 else ""))
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in 0 ... {world - 1}, got {rank}")
+    chunk = seq_len // (pieces * world)
+    chunks = [rank] if pieces == 1 else [rank, 2 * world - 1 - rank]
+    return [(c * chunk, (c + 1) * chunk) for c in chunks]
+
+
+def shard_sequence(x: Tensor, group, layout: str = "contiguous", dim: int = 1) -> Tensor:
+    """This rank's shard of the whole tensor x along `dim` (the sequence; 1 for (b, n, ...) inputs,
+    ids and targets): what to pass to forward(..., sequence_parallel_group=group,
+    sequence_parallel_layout=layout)."""
+    spans = shard_spans(x.shape[dim], dist.get_world_size(group), dist.get_rank(group), layout)
+    parts = [x.narrow(dim, s, e - s) for s, e in spans]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def to_sequence_order(gathered: Tensor, world: int, layout: str = "contiguous", dim: int = 1) -> Tensor:
+    """The world shards concatenated along `dim` in rank order -> the whole sequence in its order
+    (contiguous: the same tensor; balanced: the 2P chunks reordered, one concatenation of views)."""
+    check_layout(layout)
+    if layout == "contiguous":
+        return gathered
+    if gathered.shape[dim] % (2 * world):
+        raise ValueError(f"balanced shards of {world} ranks hold 2 x {world} equal chunks: got {gathered.shape[dim]} tokens")
+    chunk = gathered.shape[dim] // (2 * world)
+    # sequence chunk j < P is the first half of rank j's shard, chunk j >= P the second of rank 2P - 1 - j
+    slots = [2 * j if j < world else 2 * (2 * world - 1 - j) + 1 for j in range(2 * world)]
+    return torch.cat([gathered.narrow(dim, s * chunk, chunk) for s in slots], dim=dim)
+
+
+def shard_gaps(spans: list[tuple[int, int]], seq_len: int) -> list[tuple[int, int]]:
+    """The token ranges a rank does not hold: before, between and after its ascending `spans`
+    (len(spans) + 1 ranges, some possibly empty)."""
+    edges = [0, *[t for span in spans for t in span], seq_len]
+    return list(zip(edges[0::2], edges[1::2]))
+
+
+def place_shard(shard: Tensor, spans: list[tuple[int, int]], others: Sequence[Tensor], dim: int = -2) -> Tensor:
+    """A rank's shard (its spans' tokens along `dim`, in shard order) put between `others`, the
+    tokens of its gaps (one tensor per range of `shard_gaps`) -> the whole sequence: a stand-in for
+    the all-gather with which one device runs one rank's computation (benchmarks, tests)."""
+    pieces = shard.split([e - s for s, e in spans], dim=dim)
+    return torch.cat([t for pair in zip(others, pieces) for t in pair] + [others[-1]], dim=dim)
+
+
+def unshard_sequence(shards: Sequence[Tensor], layout: str = "contiguous", dim: int = 1) -> Tensor:
+    """Every rank's shard (a list in rank order, as dist.all_gather fills it) -> the whole sequence
+    along `dim`: the inverse of shard_sequence."""
+    return to_sequence_order(torch.cat(list(shards), dim=dim), len(shards), layout, dim)
 
 
 def check_group(group, inp: Tensor) -> None:
@@ -97,31 +186,48 @@ class _GatherSequence(torch.autograd.Function):
         return mine.movedim(0, -2), None
 
 
-def gather_sequence(t: Tensor, group) -> Tensor:
-    """t (..., nl, d) of this rank -> (..., n, d): the shards of all ranks in rank order, with autograd
-    (the backward pass sums the gradients of every rank's copy and hands each rank its shard's)."""
-    return _GatherSequence.apply(t, group)
+def gather_sequence(t: Tensor, group, layout: str = "contiguous") -> Tensor:
+    """t (..., nl, d) of this rank -> (..., n, d): the whole sequence in its order (the shards of all
+    ranks in rank order, balanced: their chunks reordered), with autograd (the backward pass sums the
+    gradients of every rank's copy and hands each rank its shard's, in the shard's order)."""
+    return to_sequence_order(_GatherSequence.apply(t, group), dist.get_world_size(group), layout, dim=-2)
 
 
-def shard_seqs(shard_len: int, group) -> Seqs:
-    """The descriptor of this rank's queries among the gathered keys."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    return Seqs(q_len=shard_len, k_len=shard_len * world, q_offset=rank * shard_len)
+def shard_seqs(seq_len: int, world: int, rank: int, layout: str = "contiguous") -> list[Seqs]:
+    """The descriptors of rank `rank`'s pieces of queries among the seq_len gathered keys, in its
+    shard's order (contiguous: one piece, balanced: two)."""
+    return [Seqs(q_len=e - s, k_len=seq_len, q_offset=s) for s, e in shard_spans(seq_len, world, rank, layout)]
 
 
-def sequence_parallel_forward(module, inp: Tensor, group) -> Tensor:
+def sequence_parallel_forward(module, inp: Tensor, group, layout: str = "contiguous") -> Tensor:
     """SparseAttention's forward for this rank's shard inp (b, nl, dim) -> its shard of the output (b, nl, dim)."""
+    check_layout(layout)
     check_group(group, inp)
-    check_shard_shapes(inp, group)
-    return shard_forward(module, inp, lambda kv: gather_sequence(kv, group), shard_seqs(inp.shape[1], group))
+    check_shard_shapes(inp, group)  # every rank the same shard length: the checks below agree on all ranks
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    seqs = shard_seqs(inp.shape[1] * world, world, rank, layout)
+    return shard_forward(module, inp, lambda kv: gather_sequence(kv, group, layout), seqs)
 
 
-def shard_forward(module, inp: Tensor, gather, seqs: Seqs) -> Tensor:
+def shard_forward(module, inp: Tensor, gather, seqs: Seqs | Sequence[Seqs]) -> Tensor:
     """One rank's computation: `gather` maps this shard's stacked keys and values (2, b, hk, nl, d) to
-    the whole sequence's (2, b, hk, n, d) (the collective; benchmarks pass a stand-in to time one
-    rank's compute on one GPU); `seqs` places the shard's queries among the n keys."""
+    the whole sequence's (2, b, hk, n, d) in sequence order (the collective; benchmarks pass a
+    stand-in to time one rank's compute on one GPU); `seqs` places the shard's queries among the n
+    keys: one descriptor, or one per contiguous piece of the shard in its order (their q_len summing
+    to nl; `shard_seqs` makes them). The keys are built once; `attend` runs once per piece."""
+    pieces = [seqs] if isinstance(seqs, Seqs) else list(seqs)
+    if sum(s.q_len for s in pieces) != inp.shape[1]:
+        raise ValueError(f"the pieces' descriptors hold {sum(s.q_len for s in pieces)} queries, "
+                         f"the shard {inp.shape[1]} tokens")
     x = module.norm(inp)
     q, k, v = module.project(x)  # q (b, h, nl, d), k / v (b, hk, nl, d)
     kv = gather(torch.stack((k, v)))  # (2, b, hk, n, d): one collective for both
     keys = module.keys_of(kv[0], kv[1])
-    return module.attend(x, q, keys, seqs)
+    if len(pieces) == 1:
+        return module.attend(x, q, keys, pieces[0])
+    outs, start = [], 0
+    for piece in pieces:
+        end = start + piece.q_len
+        outs.append(module.attend(x[:, start:end], q[:, :, start:end], keys, piece))
+        start = end
+    return torch.cat(outs, dim=1)

@@ -25,7 +25,7 @@ from nsa_core.model.compress_networks import default_compress_mlp
 from nsa_core.model.cache import NSACache
 from nsa_core.model.compression import compress_windows, compression_windows, with_memory
 from nsa_core.model.rotary import RotaryEmbedding
-from nsa_core.distributed.sequence_parallel import sequence_parallel_forward
+from nsa_core.distributed.sequence_parallel import check_layout, sequence_parallel_forward
 from nsa_core.inference.decode import run_with_cache
 from nsa_core.ops.block_selection import select_blocks
 from nsa_core.ops.combine import combine
@@ -345,7 +345,8 @@ class SparseAttention(nn.Module):
                                  dtype=weight.dtype if dtype is None else dtype)
 
     def forward(self, inp: Tensor, cache: NSACache | None = None, return_cache: bool = False, *,
-                lengths: Tensor | None = None, cu_seqlens: Tensor | None = None, sequence_parallel_group=None):
+                lengths: Tensor | None = None, cu_seqlens: Tensor | None = None, sequence_parallel_group=None,
+                sequence_parallel_layout: str = "contiguous"):
         """inp (batch, seq, dim) -> (batch, seq, dim); with return_cache also the decoding cache.
 
         cu_seqlens (num_docs + 1,) int32 / int64 on inp's device: inp (1, total, dim) holds documents one
@@ -359,14 +360,18 @@ class SparseAttention(nn.Module):
         cache makes one that grows as needed.
 
         With `sequence_parallel_group` (a torch.distributed ProcessGroup of P ranks), inp is this
-        rank's contiguous shard of the sequence, (batch, seq / P, dim), rank r holding tokens
-        r * seq / P ...; the output is its shard (nsa_core/distributed/sequence_parallel.py)."""
+        rank's shard of the sequence, (batch, seq / P, dim), and the output is its shard
+        (nsa_core/distributed/sequence_parallel.py). `sequence_parallel_layout`: "contiguous", rank r
+        holding tokens r * seq / P ...; or "balanced", the sequence cut into 2P chunks and rank r
+        holding chunk r then chunk 2P - 1 - r (equal work on every rank; seq divisible by 2P).
+        nsa_core.distributed.shard_sequence / unshard_sequence cut and reassemble shards."""
         self.check_input(inp)
+        check_layout(sequence_parallel_layout, sequence_parallel_group, needs_group=True)
         if sequence_parallel_group is not None:
             if cache is not None or return_cache or lengths is not None or cu_seqlens is not None:
                 raise ValueError("sequence_parallel_group runs the parallel pass over one sequence: it takes no cache, "
                                  "return_cache, lengths or cu_seqlens")
-            return sequence_parallel_forward(self, inp, sequence_parallel_group)
+            return sequence_parallel_forward(self, inp, sequence_parallel_group, sequence_parallel_layout)
         if cache is not None or return_cache:
             if cu_seqlens is not None:
                 raise ValueError("cu_seqlens packs documents for the parallel pass; a cache holds whole sequences")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nsa_core.distributed.sequence_parallel import check_layout, shard_spans, unshard_sequence
 from nsa_core.ops.validation import check_positive_int
 from nsa_core.model.rotary import RotaryEmbedding
 from nsa_core.inference.dense import DenseCache, dense_with_cache
@@ -123,7 +124,8 @@ class Transformer(nn.Module):
         return [attn.new_cache(batch_size, max_seq_len, device=device, dtype=dtype) for attn, _ in self.layers]
 
     def forward(self, ids: Tensor, return_loss: bool = False, cache: list | None = None, return_cache: bool = False,
-                *, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None, sequence_parallel_group=None):
+                *, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None, sequence_parallel_group=None,
+                sequence_parallel_layout: str = "contiguous"):
         """ids (b, n) -> logits (b, n, num_tokens); with return_loss the next-token cross entropy.
 
         With `cache` (a list from new_cache or return_cache=True; causal models), an empty cache takes
@@ -133,11 +135,14 @@ class Transformer(nn.Module):
         over the next-token terms within documents (the last token of one document does not
         predict the first of the next).
         With `sequence_parallel_group` (sparse attention only), ids is this rank's shard of the
-        sequence (b, n / P), rank r holding tokens r * n / P ...: the logits are the shard's; with
-        return_loss the shard's inputs are all its tokens, the target of its last token is the next
-        shard's first token, and the loss returned is this rank's share (its summed cross entropy
-        over the b * (n - 1) targets of the whole sequence): summed over the ranks it is the mean
-        loss of the whole sequence, and so are the gradients (FSDP / DDP average them: scale by P)."""
+        sequence (b, n / P) in `sequence_parallel_layout` ("contiguous": rank r holding tokens
+        r * n / P ...; "balanced": chunks r and 2P - 1 - r of 2P; SparseAttention.forward and
+        nsa_core.distributed.shard_sequence): the logits are the shard's; with return_loss the shard's
+        inputs are all its tokens, the target of each contiguous piece's last token is the first
+        token of the next piece in sequence order, and the loss returned is this rank's share (its
+        summed cross entropy over the b * (n - 1) targets of the whole sequence): summed over the
+        ranks it is the mean loss of the whole sequence, and so are the gradients (FSDP / DDP
+        average them: scale by P)."""
         if ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"ids must be an integer tensor of shape (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
         cached = cache is not None or return_cache
@@ -147,12 +152,13 @@ class Transformer(nn.Module):
             raise ValueError(f"cache must be a list of {len(self.layers)} layer caches (from new_cache or return_cache=True)")
         if cu_seqlens is not None and cached:
             raise ValueError("cu_seqlens packs documents for the parallel pass; a cache holds whole sequences")
+        check_layout(sequence_parallel_layout, sequence_parallel_group, needs_group=True)
         if sequence_parallel_group is not None:
             if not self.use_sparse_attn:
                 raise ValueError("sequence_parallel_group needs use_sparse_attn=True (dense layers take no shards)")
             if cached or lengths is not None or cu_seqlens is not None:
                 raise ValueError("sequence_parallel_group takes no cache / return_cache / lengths / cu_seqlens")
-            return self._forward_shard(ids, return_loss, sequence_parallel_group)
+            return self._forward_shard(ids, return_loss, sequence_parallel_group, sequence_parallel_layout)
         packed = {}
         if cu_seqlens is not None:
             packed_seqs(cu_seqlens, ids[..., None])  # validates once, with the argument's name
@@ -179,16 +185,16 @@ class Transformer(nn.Module):
             return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE)
         return (logits, next_cache) if return_cache else logits
 
-    def _forward_shard(self, ids: Tensor, return_loss: bool, group) -> Tensor:
-        """forward for this rank's shard ids (b, nl) of a sequence split over `group`."""
+    def _forward_shard(self, ids: Tensor, return_loss: bool, group, layout: str) -> Tensor:
+        """forward for this rank's shard ids (b, nl) of a sequence split over `group` in `layout`."""
         x = self.token_emb(ids)
         for attn, ff in self.layers:
-            x = x + attn(x, sequence_parallel_group=group)
+            x = x + attn(x, sequence_parallel_group=group, sequence_parallel_layout=layout)
             x = x + ff(x)
         logits = self.to_logits(self.norm(x))
         if not return_loss:
             return logits
-        labels, num_targets = shard_targets(ids, group)
+        labels, num_targets = shard_targets(ids, group, layout)
         loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="sum")
         return loss / num_targets
 
@@ -230,15 +236,24 @@ class Transformer(nn.Module):
 IGNORE = -100  # cross-entropy label of a term that does not count
 
 
-def shard_targets(ids: Tensor, group) -> tuple[Tensor, int]:
-    """Next-token targets of this rank's shard ids (b, nl): the shard shifted by one, then the next
-    rank's first token (IGNORE after the last rank's last token); and the number of targets of the
-    whole sequence, b * (n - 1). One tiny all-gather of every shard's first tokens."""
+def shard_targets(ids: Tensor, group, layout: str = "contiguous") -> tuple[Tensor, int]:
+    """Next-token targets of this rank's shard ids (b, nl): each contiguous piece of the shard (one,
+    balanced two) shifted by one, then the first token of the piece that follows it in sequence
+    order (IGNORE after the sequence's last token); and the number of targets of the whole
+    sequence, b * (n - 1). One tiny all-gather of every piece's first token."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    firsts = [torch.empty_like(ids[:, :1]) for _ in range(world)]
-    dist.all_gather(firsts, ids[:, :1].contiguous(), group=group)
-    after = firsts[rank + 1] if rank + 1 < world else torch.full_like(ids[:, :1], IGNORE)
-    return torch.cat((ids[:, 1:], after), dim=1), ids.shape[0] * (ids.shape[1] * world - 1)
+    n = ids.shape[1] * world
+    spans = shard_spans(n, world, rank, layout)
+    piece = spans[0][1] - spans[0][0]
+    firsts = [torch.empty_like(ids[:, ::piece]) for _ in range(world)]  # (b, pieces) per rank
+    dist.all_gather(firsts, ids[:, ::piece].contiguous(), group=group)
+    heads = unshard_sequence(firsts, layout, dim=1)  # (b, 2P or P): every piece's first token, in sequence order
+    labels = []
+    for i, (start, _) in enumerate(spans):
+        following = start // piece + 1  # the piece after this one in sequence order
+        after = heads[:, following : following + 1] if following < heads.shape[1] else torch.full_like(ids[:, :1], IGNORE)
+        labels += [ids[:, i * piece + 1 : (i + 1) * piece], after]
+    return torch.cat(labels, dim=1), ids.shape[0] * (n - 1)
 
 
 def _labels_within_documents(ids: Tensor, cu_seqlens: Tensor) -> Tensor:

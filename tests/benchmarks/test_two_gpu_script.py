@@ -1,4 +1,5 @@
-"""The two-GPU sequence-parallel script runs end to end on 2 CPU ranks (gloo, --smoke) and passes its check."""
+"""The two-GPU sequence-parallel script runs end to end on 2 CPU ranks (gloo, --smoke) and passes its check
+in both shard layouts."""
 
 from __future__ import annotations
 
@@ -18,5 +19,7 @@ def test_two_gpu_script_smoke_on_two_cpu_ranks():
            str(ROOT / "benchmarks" / "two_gpu_sequence_parallel.py"), "--smoke", "--reps", "1"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "correctness at 48 tokens: PASS" in done.stdout, done.stdout
-    assert "| one device | 2 ranks | speed-up |" in done.stdout, done.stdout
+    for layout in ("contiguous", "balanced"):
+        assert f"correctness at 48 tokens, {layout} layout: PASS" in done.stdout, done.stdout
+        assert f"\n| {layout} | " in done.stdout, done.stdout  # its row of the scaling table
+    assert "| layout | one device | 2 ranks | speed-up |" in done.stdout, done.stdout

@@ -1,8 +1,10 @@
-"""Sequence-parallel SparseAttention over gloo equals the single process (float64, CPU).
+"""Sequence-parallel SparseAttention over gloo equals the single process (float64, CPU), in both
+shard layouts (contiguous and balanced).
 
-Every case runs inside one spawned group (spawns are the slow part): each rank builds the same
-module and inputs, runs the whole sequence alone and its shard with the group, and compares its
-output shard, its input-gradient shard and the parameter gradients summed over the ranks.
+Every case of a layout runs inside one spawned group (spawns are the slow part): each rank builds the
+same module and inputs, runs the whole sequence alone and its shard with the group, and compares its
+output shard (and the outputs of all ranks put back in sequence order), its input-gradient shard and
+the parameter gradients summed over the ranks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch.distributed as dist
 
 from helpers import forward_backward, randomize_, rel_err
 from launcher import run_ranks
+from nsa_core.distributed import LAYOUTS, shard_sequence, shard_spans, unshard_sequence
 from nsa_core.model.attention import SparseAttention
 from nsa_core.model.transformer import Transformer
 
@@ -25,7 +28,7 @@ BASE = dict(dim=16, dim_head=8, sliding_window_size=5, compress_block_size=4, co
 SPARSE_KWARGS = {k: v for k, v in BASE.items() if k not in ("dim", "dim_head")}
 
 # G = heads / kv_heads of 1, 3 and 16; kv heads 1 and 2 are fewer than 4 ranks; shards of 6 tokens
-# cut compression windows (4 every 2), selection blocks and windows (5) apart.
+# (balanced: two chunks of 3) cut compression windows (4 every 2), selection blocks and windows (5) apart.
 CASES = [
     dict(heads=2, kv_heads=2),
     dict(heads=6, kv_heads=2, compress_block_sliding_stride=4, selection_block_size=8, use_diff_topk=True),
@@ -41,21 +44,26 @@ def _module(case: dict, causal: bool) -> SparseAttention:
     return randomize_(module, std=0.4, seed=1)
 
 
-def _check_case(rank: int, world: int, group, case: dict, causal: bool) -> None:
+def _check_case(group, case: dict, causal: bool, layout: str) -> None:
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     module = _module(case, causal)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, SEQ_LEN, BASE["dim"], generator=gen, dtype=torch.float64)
     grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     out_full, dx_full, grads_full = forward_backward(module, x, grad_out)
 
-    shard = SEQ_LEN // world
-    mine = slice(rank * shard, (rank + 1) * shard)
-    xs = x[:, mine].clone().requires_grad_()
-    out = module(xs, sequence_parallel_group=group)
-    out.backward(grad_out[:, mine])
-    what = f"case {case} causal={causal} rank {rank}/{world}"
-    assert rel_err(out.detach(), out_full[:, mine]) < TOL, f"output, {what}"
-    assert rel_err(xs.grad, dx_full[:, mine]) < TOL, f"input gradient, {what}"
+    def mine(t):
+        return shard_sequence(t, group, layout)
+
+    xs = mine(x).clone().requires_grad_()
+    out = module(xs, sequence_parallel_group=group, sequence_parallel_layout=layout)
+    out.backward(mine(grad_out))
+    what = f"case {case} causal={causal} {layout} rank {rank}/{world}"
+    assert rel_err(out.detach(), mine(out_full)) < TOL, f"output, {what}"
+    outs = [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(outs, out.detach().contiguous(), group=group)
+    assert rel_err(unshard_sequence(outs, layout), out_full) < TOL, f"reassembled output, {what}"
+    assert rel_err(xs.grad, mine(dx_full)) < TOL, f"input gradient, {what}"
     for name, p in module.named_parameters():
         grad = torch.zeros_like(p) if p.grad is None else p.grad
         dist.all_reduce(grad, group=group)
@@ -64,7 +72,7 @@ def _check_case(rank: int, world: int, group, case: dict, causal: bool) -> None:
     module.zero_grad(set_to_none=True)
 
 
-def _equivalence(rank: int, world: int) -> None:
+def _equivalence(rank: int, world: int, layout: str) -> None:
     groups = [dist.group.WORLD]
     if world == 4:  # two groups of 2 inside the world: group-local ranks and offsets
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -72,36 +80,36 @@ def _equivalence(rank: int, world: int) -> None:
     for group in groups:
         for causal in (True, False):
             for case in CASES:
-                _check_case(dist.get_rank(group), dist.get_world_size(group), group, case, causal)
+                _check_case(group, case, causal, layout)
 
 
-def _transformer(rank: int, world: int) -> None:
+def _transformer(rank: int, world: int, layout: str) -> None:
     """Logits of the shards, the summed loss shares and gradients equal the whole sequence's."""
     group = dist.group.WORLD
-    shard = SEQ_LEN // world
-    mine = slice(rank * shard, (rank + 1) * shard)
     ids = torch.randint(0, 50, (2, SEQ_LEN), generator=torch.Generator().manual_seed(3))
+    sp = dict(sequence_parallel_group=group, sequence_parallel_layout=layout)
     for causal in (True, False):
         torch.manual_seed(0)
         model = Transformer(num_tokens=50, dim=16, depth=2, dim_head=8, heads=4, kv_heads=2, use_sparse_attn=True,
                             causal=causal, sparse_attn_kwargs=SPARSE_KWARGS).double()
         randomize_(model, std=0.3, seed=4)
-        logits = model(ids[:, mine], sequence_parallel_group=group)
-        assert rel_err(logits.detach(), model(ids)[:, mine].detach()) < TOL, f"logits, causal={causal}"
+        logits = model(shard_sequence(ids, group, layout), **sp)
+        expected_logits = shard_sequence(model(ids), group, layout)
+        assert rel_err(logits.detach(), expected_logits.detach()) < TOL, f"logits, causal={causal} {layout}"
         if not causal:  # the single-process loss drops the last token from the inputs: equal only when causal
             continue
         loss = model(ids, return_loss=True)
         loss.backward()
         expected = {name: p.grad.clone() for name, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
-        share = model(ids[:, mine], return_loss=True, sequence_parallel_group=group)
+        share = model(shard_sequence(ids, group, layout), return_loss=True, **sp)
         share.backward()
         total = share.detach().clone()
         dist.all_reduce(total)
-        assert rel_err(total, loss.detach()) < TOL, "summed loss shares"
+        assert rel_err(total, loss.detach()) < TOL, f"summed loss shares, {layout}"
         for name, p in model.named_parameters():
             dist.all_reduce(p.grad)
-            assert rel_err(p.grad, expected[name]) < TOL, f"gradient of {name} (Transformer)"
+            assert rel_err(p.grad, expected[name]) < TOL, f"gradient of {name} (Transformer, {layout})"
 
 
 def _misuse(rank: int, world: int) -> None:
@@ -121,24 +129,66 @@ def _misuse(rank: int, world: int) -> None:
     dense = Transformer(num_tokens=50, dim=16, depth=1, dim_head=8, heads=2)
     with pytest.raises(ValueError, match="use_sparse_attn"):
         dense(torch.zeros(1, 6, dtype=torch.long), sequence_parallel_group=group)
+    # layouts: an unknown one; balanced shards of an odd length (the same on every rank: none hangs)
+    module = _module(CASES[0], causal=True)
+    with pytest.raises(ValueError, match=r"sequence_parallel_layout must be one of \('contiguous', 'balanced'\)"):
+        module(torch.randn(1, 6, BASE["dim"], dtype=torch.float64), sequence_parallel_group=group,
+               sequence_parallel_layout="zigzag")
+    with pytest.raises(ValueError, match=f"divisible by 2 x the {world} ranks"):
+        module(torch.randn(1, 7, BASE["dim"], dtype=torch.float64), sequence_parallel_group=group,
+               sequence_parallel_layout="balanced")
+    with pytest.raises(ValueError, match=f"divisible by 2 x the {world} ranks"):
+        shard_sequence(torch.zeros(1, 6 * world + 2), group, "balanced")
+    with pytest.raises(ValueError, match="sequence_parallel_layout must be one of"):
+        dense(torch.zeros(1, 6, dtype=torch.long), sequence_parallel_group=group, sequence_parallel_layout="Balanced")
 
 
-def _transformer_and_misuse(rank: int, world: int) -> None:
-    _transformer(rank, world)
-    _misuse(rank, world)
+def _transformer_and_misuse(rank: int, world: int, layout: str) -> None:
+    _transformer(rank, world, layout)
+    if layout == "contiguous":
+        _misuse(rank, world)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [2, 4])
-def test_sequence_parallel_equals_single_process(world):
-    run_ranks(_equivalence, world)
+def test_sequence_parallel_equals_single_process(world, layout):
+    run_ranks(_equivalence, world, layout)
 
 
-def test_transformer_shards_and_misuse():
-    """The Transformer's shards and loss shares (2 ranks); misuse errors. One spawn for both."""
-    run_ranks(_transformer_and_misuse, 2)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_transformer_shards_and_misuse(layout):
+    """The Transformer's shards and loss shares (2 ranks); misuse errors. One spawn per layout."""
+    run_ranks(_transformer_and_misuse, 2, layout)
 
 
 def test_needs_an_initialized_group():
     module = _module(CASES[0], causal=True)
     with pytest.raises(ValueError, match="init_process_group"):
         module(torch.randn(1, 6, BASE["dim"], dtype=torch.float64), sequence_parallel_group=object())
+
+
+def test_layout_misuse_without_a_group():
+    module = _module(CASES[0], causal=True)
+    x = torch.randn(1, 6, BASE["dim"], dtype=torch.float64)
+    with pytest.raises(ValueError, match="sequence_parallel_layout must be one of"):
+        module(x, sequence_parallel_layout="zigzag")
+    with pytest.raises(ValueError, match="needs a sequence_parallel_group"):
+        module(x, sequence_parallel_layout="balanced")
+    model = Transformer(num_tokens=50, dim=16, depth=1, dim_head=8, heads=2, use_sparse_attn=True,
+                        sparse_attn_kwargs=SPARSE_KWARGS)
+    with pytest.raises(ValueError, match="needs a sequence_parallel_group"):
+        model(torch.zeros(1, 6, dtype=torch.long), sequence_parallel_layout="balanced")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_spans_cover_the_sequence_and_unshard_inverts(world):
+    """Balanced: rank r holds chunks r and 2P - 1 - r; the shards put back give the sequence."""
+    n = 8 * world
+    x = torch.arange(n).view(1, n)
+    for layout in LAYOUTS:
+        spans = [shard_spans(n, world, r, layout) for r in range(world)]
+        assert sorted(s for rank_spans in spans for s in rank_spans) == \
+            [(i * n // (len(spans[0]) * world), (i + 1) * n // (len(spans[0]) * world)) for i in range(len(spans[0]) * world)]
+        shards = [torch.cat([x[:, s:e] for s, e in rank_spans], dim=1) for rank_spans in spans]
+        assert torch.equal(unshard_sequence(shards, layout), x)
+    assert [shard_spans(n, world, r, "balanced") for r in range(world)][0] == [(0, 4), (n - 4, n)]
