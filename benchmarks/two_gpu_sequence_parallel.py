@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-len", type=int, default=8192, help="whole sequence of the correctness check")
     p.add_argument("--fit-start", type=int, default=65536)
     p.add_argument("--fit-step", type=int, default=16384)
-    p.add_argument("--seq-len", type=int, default=0, help="length of the scaling table (0: the one-GPU fit)")
+    p.add_argument("--seq-len", type=int, default=0, help="length of the scaling table; 0: search the longest that fits on one GPU and on all, then time the one-GPU length")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="shard layouts to measure")
     p.add_argument("--smoke", action="store_true", help="tiny config on CPU over gloo (checks the script)")
@@ -256,6 +256,7 @@ def main(argv=None) -> None:
     group, world, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     dtype, truth_dtype = (torch.bfloat16, torch.float32) if use_cuda else (torch.float32, torch.float64)
+
     def say(*lines: str) -> None:  # rank 0 prints as it goes: a run cut short still shows its first tables
         if rank == 0:
             print("\n".join(lines), flush=True)
@@ -272,8 +273,8 @@ def main(argv=None) -> None:
 
     module = make_module(args, device, dtype)
     multiple = 2 * world if "balanced" in layouts else world  # balanced: 2P chunks
-    if args.smoke:
-        one, many = 64 * world, 64 * world
+    if args.smoke or args.seq_len:  # the scaling table alone, at the given length
+        one = 64 * world
     else:
         cfg = module.config
         one, one_mem = longest(lambda n: whole_step(module, n, device, dtype), args.fit_start, args.fit_step,
