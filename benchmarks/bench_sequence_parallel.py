@@ -2,7 +2,8 @@
 forward + backward).
 
 1. The longest sequence whose forward + backward fits on this GPU (whole sequence, no parallelism):
-   doubling from --start, then bisecting between the last fit and the first failure (multiples of --step).
+   doubling from --start, then bisecting between the last fit and the first failure (multiples of --step),
+   up to the length the kernels' 32-bit offsets take (sequence_parallel_steps.kernel_cap).
 2. One rank's compute at P = 2, 4, 8 in each shard layout (--layouts), against the whole sequence.
    A rank runs exactly what it runs under torch.distributed (nsa_core/distributed/sequence_parallel.py's
    `shard_forward`), with the all-gather replaced by a concatenation with leaf tensors holding the
@@ -31,8 +32,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from nsa_core import SparseAttention  # noqa: E402
 from nsa_core.config import get_preset  # noqa: E402
-from nsa_core.distributed import LAYOUTS, shard_spans  # noqa: E402
-from nsa_core.distributed.sequence_parallel import place_shard, shard_forward, shard_gaps, shard_seqs  # noqa: E402
+from nsa_core.distributed import LAYOUTS  # noqa: E402
+from benchmarks import sequence_parallel_steps as steps  # noqa: E402
 
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -56,36 +57,11 @@ def ms(fn) -> float:
 
 
 def whole_step(module: SparseAttention, n: int):
-    """Forward + backward of the whole sequence (b = 1)."""
-    x = torch.randn(1, n, module.config.dim, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    grad = torch.randn_like(x)
-
-    def run() -> None:
-        module(x).backward(grad)
-        x.grad = None
-        module.zero_grad(set_to_none=True)
-    return run
+    return steps.whole_step(module, n, DEVICE, DTYPE)
 
 
 def shard_step(module: SparseAttention, n: int, world: int, rank: int, layout: str = "contiguous"):
-    """Forward + backward of rank `rank` of `world`: its shard's queries over the whole sequence's keys."""
-    cfg = module.config
-    spans = shard_spans(n, world, rank, layout)
-    x = torch.randn(1, n // world, cfg.dim, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    grad = torch.randn_like(x)
-    others = [torch.randn(2, 1, cfg.num_kv_heads, e - s, cfg.dim_head, device=DEVICE, dtype=DTYPE, requires_grad=True)
-              for s, e in shard_gaps(spans, n)]
-    seqs = shard_seqs(n, world, rank, layout)
-
-    def gather(kv: torch.Tensor) -> torch.Tensor:  # (2, 1, hk, nl, d) -> (2, 1, hk, n, d), as the all-gather
-        return place_shard(kv, spans, others)
-
-    def run() -> None:
-        shard_forward(module, x, gather, seqs).backward(grad)
-        for t in (x, *others):
-            t.grad = None
-        module.zero_grad(set_to_none=True)
-    return run
+    return steps.shard_step(module, n, world, rank, layout, DEVICE, DTYPE)
 
 
 def ranks_timed(world: int, layout: str) -> list[int]:
@@ -104,33 +80,6 @@ def balance_row(module: SparseAttention, n: int, world: int, layout: str, whole:
     which = "0, last" if layout == "contiguous" else "all"
     return (f"| {layout} | {world} | {n // world} | {which} | {times[fast]:.1f} (rank {fast}) | "
             f"{times[slow]:.1f} (rank {slow}) | {times[slow] / times[fast]:.2f} | {times[slow] * world / whole:.2f} |")
-
-
-def fits(module: SparseAttention, n: int) -> bool:
-    torch.cuda.empty_cache()
-    try:
-        whole_step(module, n)()
-        torch.cuda.synchronize()
-        return True
-    except torch.OutOfMemoryError:
-        return False
-    finally:
-        torch.cuda.empty_cache()
-
-
-def longest_fit(module: SparseAttention, start: int, step: int) -> tuple[int, float]:
-    """The longest multiple of `step` that fits, and its peak memory (GiB)."""
-    good, bad = 0, start
-    while fits(module, bad):
-        good, bad = bad, bad * 2
-    while bad - good > step:
-        mid = (good + bad) // 2 // step * step
-        good, bad = (mid, bad) if fits(module, mid) else (good, mid)
-    if good == 0:
-        return 0, 0.0
-    torch.cuda.reset_peak_memory_stats()
-    fits(module, good)
-    return good, torch.cuda.max_memory_allocated() / 2**30
 
 
 def main(argv=None) -> list[str]:
@@ -154,8 +103,11 @@ def main(argv=None) -> list[str]:
     print(f"# {where}, one layer, {str(DTYPE).split('.')[-1]}, batch 1, forward + backward")
 
     if not args.skip_fit:
-        n, gib = longest_fit(module, args.start, args.step)
-        print(f"longest whole sequence that fits: {n} tokens (peak {gib:.1f} GiB)")
+        n, by_memory = steps.longest(lambda n: steps.fits(whole_step(module, n), DEVICE), args.start, args.step,
+                                     steps.kernel_cap(module.config, 1))
+        gib = steps.peak_gib(whole_step(module, n), DEVICE) if n else 0.0
+        limit = "memory" if by_memory else "the kernels' 32-bit offsets"
+        print(f"longest whole sequence that fits: {n} tokens (limited by {limit}; peak {gib:.1f} GiB)")
 
     n = args.seq_len
     whole = ms(whole_step(module, n))

@@ -40,9 +40,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from nsa_core import SparseAttention  # noqa: E402
 from nsa_core.config import get_preset  # noqa: E402
-from nsa_core.distributed import LAYOUTS, gather_sequence, shard_sequence, shard_spans, unshard_sequence  # noqa: E402
-from nsa_core.distributed.sequence_parallel import place_shard, shard_forward, shard_gaps, shard_seqs  # noqa: E402
-from nsa_core.kernels.outputs import MAX_PER_BATCH_EXTENT  # noqa: E402
+from nsa_core.distributed import LAYOUTS, gather_sequence, shard_sequence, unshard_sequence  # noqa: E402
+from benchmarks import sequence_parallel_steps as steps  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -121,38 +120,11 @@ def check(args, device, dtype, truth_dtype, group, layouts) -> dict[str, list[tu
     return results
 
 
-def whole_step(module, n, device, dtype):
-    x = torch.randn(1, n, module.config.dim, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn_like(x)
-
-    def run() -> None:
-        module(x).backward(grad)
-        x.grad = None
-        module.zero_grad(set_to_none=True)
-    return run
-
-
 def shard_step(module, n, group, device, dtype, communicate: bool, layout: str = "contiguous"):
     """This rank's forward + backward of its shard; communicate=False stands the all-gather in by a
     concatenation with leaves of the other ranks' keys and values (compute and memory alone)."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    cfg, nl = module.config, n // world
-    spans = shard_spans(n, world, rank, layout)
-    x = torch.randn(1, nl, cfg.dim, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn_like(x)
-    others = [torch.randn(2, 1, cfg.num_kv_heads, e - s, cfg.dim_head, device=device, dtype=dtype,
-                          requires_grad=True) for s, e in shard_gaps(spans, n)]
-    seqs = shard_seqs(n, world, rank, layout)
-
-    def gather(kv):
-        return gather_sequence(kv, group, layout) if communicate else place_shard(kv, spans, others)
-
-    def run() -> None:
-        shard_forward(module, x, gather, seqs).backward(grad)
-        for t in (x, *others):
-            t.grad = None
-        module.zero_grad(set_to_none=True)
-    return run
+    gather = (lambda kv: gather_sequence(kv, group, layout)) if communicate else None
+    return steps.shard_step(module, n, dist.get_world_size(group), dist.get_rank(group), layout, device, dtype, gather)
 
 
 def comm_step(module, n, group, device, dtype, layout: str = "contiguous"):
@@ -200,51 +172,9 @@ def seconds(fn, reps: int, group, device, fastest: bool = False):
     return slow.item(), fast.item()
 
 
-def fits(fn, device) -> bool:
-    if device.type != "cuda":
-        return True
-    torch.cuda.empty_cache()
-    try:
-        fn()
-        torch.cuda.synchronize()
-        return True
-    except torch.OutOfMemoryError:
-        return False
-    finally:
-        torch.cuda.empty_cache()
-
-
-def kernel_cap(cfg, ranks: int) -> int:
-    """The longest whole sequence whose per-rank queries the kernels' 32-bit offsets take (a query
-    tensor spans heads x tokens x dim_head elements): beyond it every branch falls back to the
-    PyTorch reference, which is not what a user would run."""
-    return MAX_PER_BATCH_EXTENT // (cfg.heads * cfg.dim_head) * ranks
-
-
-def peak_gib(fn, device) -> float:
-    if device.type != "cuda":
-        return 0.0
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
-
-
 def longest(make_step, start: int, step: int, cap: int, group, device) -> tuple[int, bool]:
-    """The longest multiple of `step` up to `cap` for which make_step(n)() fits on every rank, and
-    whether memory (True) or the cap (False) stopped it."""
-    cap -= cap % step
-    good, bad = 0, min(start, cap)
-    while agree(fits(make_step(bad), device), group, device):
-        good = bad
-        if bad == cap:
-            return cap, False
-        bad = min(bad * 2, cap)
-    while bad - good > step:
-        mid = (good + bad) // 2 // step * step
-        good, bad = (mid, bad) if agree(fits(make_step(mid), device), group, device) else (good, mid)
-    return good, True
+    """steps.longest where a length fits only when make_step(n)() fits on every rank."""
+    return steps.longest(lambda n: agree(steps.fits(make_step(n), device), group, device), start, step, cap)
 
 
 def main(argv=None) -> None:
@@ -277,20 +207,20 @@ def main(argv=None) -> None:
         one = 64 * world
     else:
         cfg = module.config
-        one, one_mem = longest(lambda n: whole_step(module, n, device, dtype), args.fit_start, args.fit_step,
-                               kernel_cap(cfg, 1), group, device)
+        one, one_mem = longest(lambda n: steps.whole_step(module, n, device, dtype), args.fit_start, args.fit_step,
+                               steps.kernel_cap(cfg, 1), group, device)
         many, many_mem = longest(lambda n: shard_step(module, n, group, device, dtype, False, layouts[0]),
-                                 args.fit_start, args.fit_step * multiple, kernel_cap(cfg, world), group, device)
-        real = {layout: agree(fits(shard_step(module, many, group, device, dtype, True, layout), device), group, device)
+                                 args.fit_start, args.fit_step * multiple, steps.kernel_cap(cfg, world), group, device)
+        real = {layout: agree(steps.fits(shard_step(module, many, group, device, dtype, True, layout), device), group, device)
                 for layout in layouts}
         why = {True: "memory", False: "the kernels' 32-bit offsets"}
         say("", f"longest sequence, forward + backward: one GPU {one} tokens (limited by {why[one_mem]}, peak "
-                f"{peak_gib(whole_step(module, one, device, dtype), device):.1f} GiB); {world} GPUs {many} tokens "
+                f"{steps.peak_gib(steps.whole_step(module, one, device, dtype), device):.1f} GiB); {world} GPUs {many} tokens "
                 f"({layouts[0]} layout, limited by {why[many_mem]}; a real sharded step there: "
                 + ", ".join(f"{layout} {'fits' if ok else 'does NOT fit'}" for layout, ok in real.items()) + ")")
     n = args.seq_len or one
     n -= n % multiple
-    whole = seconds(whole_step(module, n, device, dtype), args.reps, group, device)  # every rank alone, at once
+    whole = seconds(steps.whole_step(module, n, device, dtype), args.reps, group, device)  # every rank alone, at once
     say("", f"scaling at {n} tokens (ms, the slowest rank; compute balance: the fastest rank's compute over the "
             "slowest's)",
         f"| layout | one device | {world} ranks | speed-up | compute alone | compute balance | communication alone | "
