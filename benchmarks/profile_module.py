@@ -2,6 +2,11 @@
 then a kernel-level profile of one forward+backward. Paper preset, bf16, batch 1.
 
     python benchmarks/profile_module.py --seq-len 65536 [--kv-heads 4 --heads 64] [--top 30]
+    python benchmarks/profile_module.py --packed    # kernel profiles: one packed row vs its documents alone
+
+--packed: the row is packed from documents of 1k-16k tokens (bench_packed.py's lengths, seed 0); the
+kernel-level profile of one packed forward+backward is printed beside that of the same documents run
+one call each (where a packed path costs more than its documents alone).
 """
 
 from __future__ import annotations
@@ -45,7 +50,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--forward-only", action="store_true", help="profile a forward (default: forward+backward)")
     ap.add_argument("--host", action="store_true", help="also record host (CPU) time per op: where launches go")
+    ap.add_argument("--packed", action="store_true", help="profile a packed row against its documents alone")
     args = ap.parse_args()
+    if args.packed:
+        return profile_packed(args)
     cfg = get_preset("paper").replace(heads=args.heads, kv_heads=args.kv_heads)
     dev, dt = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
@@ -108,6 +116,41 @@ def main() -> None:
         host_ms = (time.perf_counter() - start) * 100  # per call, without waiting for the GPU
         torch.cuda.synchronize()
         print(f"host time per call (launch only, GPU not awaited): {host_ms:.2f} ms")
+
+
+def kernel_table(run, top: int) -> str:
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+
+
+def profile_packed(args) -> None:
+    from benchmarks.bench_packed import cumulative, document_lengths, nsa_paths, projected
+
+    cfg = get_preset("paper").replace(heads=args.heads, kv_heads=args.kv_heads)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    nsa = SparseAttention.from_config(cfg).to(dev, dt)
+    lengths = document_lengths(args.seq_len, 1024, 16384, seed=0)
+    cu = cumulative(lengths, dev)
+    seqs = Seqs.packed(cu, args.seq_len, dev)
+    leaves = projected(nsa, args.seq_len, dev, dt, grad=True)
+    (packed, packed_leaves), (per_doc, doc_leaves) = nsa_paths(nsa, leaves, seqs.spans(), seqs)
+
+    def as_one(fn):
+        def out():
+            outs = fn()
+            return torch.cat(outs, dim=1) if isinstance(outs, list) else outs
+        return out
+
+    print(f"T={args.seq_len} documents {lengths} {torch.cuda.get_device_name()}")
+    for name, fn, inputs in (("packed", as_one(packed), packed_leaves), ("per document", as_one(per_doc), doc_leaves)):
+        step = fwd_bwd(fn, *inputs)
+        print(f"\n== {name}: fwd+bwd {ms(step):.2f} ms", flush=True)
+        print(kernel_table(step, args.top), flush=True)
 
 
 if __name__ == "__main__":

@@ -46,25 +46,35 @@ def flex_unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     return None
 
 
-def interval_mask_mod(lo: Tensor, hi: Tensor, num_prefix: int) -> Callable:
-    """mask_mod: key kv is visible to query q when kv < num_prefix or lo[q] <= kv < hi[q]."""
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx < num_prefix) | ((kv_idx >= lo[q_idx]) & (kv_idx < hi[q_idx]))
+def interval_mask_mod(lo: Tensor, hi: Tensor, num_prefix: int, tokens_per_row: int = 1,
+                      heads: int = 1) -> Callable:
+    """mask_mod: key kv is visible to query token t when kv < num_prefix or lo[t] <= kv < hi[t].
+    tokens_per_row r > 1: the row layout (see `row_layout`), query row q_idx of head h holds token
+    q_idx * r + h // heads; lo / hi must then cover every row's r tokens (padded, seeing nothing)."""
+    if tokens_per_row == 1:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx < num_prefix) | ((kv_idx >= lo[q_idx]) & (kv_idx < hi[q_idx]))
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            token = q_idx * tokens_per_row + h // heads
+            return (kv_idx < num_prefix) | ((kv_idx >= lo[token]) & (kv_idx < hi[token]))
 
     return mask_mod
 
 
-def interval_block_mask(lo: Tensor, hi: Tensor, num_prefix: int, kv_len: int):
-    """The BlockMask of `interval_mask_mod(lo, hi, num_prefix)` for lo, hi (T,) int over kv_len keys.
-    Conservative where it must be: a tile is full only when all its TILE queries exist and see all
-    its TILE keys (torch's own rule for ragged ends)."""
+def interval_block_mask(lo: Tensor, hi: Tensor, num_prefix: int, kv_len: int, tokens_per_row: int = 1,
+                        heads: int = 1):
+    """The BlockMask of `interval_mask_mod(lo, hi, num_prefix, tokens_per_row, heads)` for lo, hi (T,)
+    int over kv_len keys (one mask for all heads: a tile of TILE rows covers their TILE * r tokens).
+    Conservative where it must be: a tile is full only when all its tokens exist and see all its
+    TILE keys (torch's own rule for ragged ends)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    T, device = lo.shape[0], lo.device
-    nq, nk = -(-T // TILE), -(-kv_len // TILE)
-    lo, hi = _pad_to_tiles(lo, hi, nq * TILE, kv_len)
-    lo_t, hi_t = lo.view(nq, TILE), hi.view(nq, TILE)
+    T, device, r = lo.shape[0], lo.device, tokens_per_row
+    rows = -(-T // r)
+    nq, nk = -(-rows // TILE), -(-kv_len // TILE)
+    lo, hi = _pad_to_tiles(lo, hi, nq * TILE * r, kv_len)
+    lo_t, hi_t = lo.view(nq, TILE * r), hi.view(nq, TILE * r)
     empty = lo_t >= hi_t  # padded queries are empty intervals too
     hull_lo = torch.where(empty, kv_len, lo_t).amin(-1, keepdim=True)  # (NQ, 1)
     hull_hi = torch.where(empty, 0, hi_t).amax(-1, keepdim=True)
@@ -72,11 +82,12 @@ def interval_block_mask(lo: Tensor, hi: Tensor, num_prefix: int, kv_len: int):
     k1 = k0 + TILE
     touched = (k0 < num_prefix) | ((k0 < hull_hi) & (k1 > hull_lo))  # (NQ, NK)
     full = (k1 <= num_prefix) | ((k0 >= lo_t.amax(-1, keepdim=True)) & (k1 <= hi_t.amin(-1, keepdim=True)))
-    full = full & (k1 <= kv_len) & (torch.arange(1, nq + 1, device=device) * TILE <= T)[:, None]
+    full = full & (k1 <= kv_len) & (torch.arange(1, nq + 1, device=device) * TILE * r <= T)[:, None]
     partial = touched & ~full
     counts, indices = zip(*(_ordered(flags) for flags in (partial, full)))
     return BlockMask.from_kv_blocks(counts[0], indices[0], counts[1], indices[1], BLOCK_SIZE=TILE,
-                                    mask_mod=interval_mask_mod(lo, hi, num_prefix), seq_lengths=(T, kv_len))
+                                    mask_mod=interval_mask_mod(lo, hi, num_prefix, r, heads),
+                                    seq_lengths=(rows, kv_len))
 
 
 def flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:

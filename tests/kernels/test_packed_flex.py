@@ -89,6 +89,54 @@ def test_compressed_mask_mod_gradients_equal_twin(causal, G, M, stride):
         assert rel(a, b) < 1e-12, name
 
 
+def dense_flex(q, k, v, block_mask, scale):
+    """FlexAttention's semantics with the block mask's mask_mod as a dense mask under SDPA (CPU, with a
+    backward): what the GPU kernel computes, forward and backward."""
+    mask = create_mask(block_mask.mask_mod, None, q.shape[1], q.shape[-2], k.shape[-2], device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("G, M, stride", [(1, 1, 4), (3, 2, 3), (2, 1, 16)])
+def test_compressed_row_layout_gradients_equal_twin(causal, G, M, stride, monkeypatch):
+    """The row layout (stride tokens per row in the heads, keys repeated) with its mask_mod: output and
+    gradients of q, ck, cv equal the twin's (documents of 1 token, empty ones, none a stride multiple)."""
+    from nsa_core.kernels import flex_intervals
+
+    monkeypatch.setattr(flex_intervals, "flex", dense_flex)
+    q, ck, cv = inputs(LENGTHS, 2 * G, 2, M, stride, Dv=12, seed=G + stride)
+    cu = cumulative(LENGTHS)
+    got = grads_of(lambda q, ck, cv: compressed_attention_flex(q, ck, cv, cu, M, stride, causal, 0.3), [q, ck, cv])
+    want = grads_of(lambda q, ck, cv: compressed_twin(q, ck, cv, cu, M, stride, causal, 0.3), [q, ck, cv])
+    for name, a, b in zip(("out", "dq", "dck", "dcv"), got, want):
+        assert rel(a, b) < 1e-12, name
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths", [LONG, [1000], [128 * 16 + 3, 5]])
+def test_row_layout_block_masks_cover_the_mask(causal, lengths):
+    """Row layout: every key a row's tokens see lies in a listed tile, full tiles are all-visible."""
+    cu, T, HQ = cumulative(lengths), sum(lengths), 3
+    for stride, M in ((4, 1), (16, 1), (3, 130)):
+        lo, hi = compressed_intervals(cu, T, M, stride, causal)
+        kv_len = M + T // stride
+        block_mask = interval_block_mask(lo, hi, M, kv_len, tokens_per_row=stride, heads=HQ)
+        rows = -(-T // stride)
+        dense = create_mask(block_mask.mask_mod, None, stride * HQ, rows, kv_len, device="cpu")[0].any(0)
+        nq, nk = -(-rows // TILE), -(-kv_len // TILE)
+        padded = F.pad(dense, (0, nk * TILE - kv_len, 0, nq * TILE - rows)).view(nq, TILE, nk, TILE)
+        needed = padded.any(3).any(1)
+        every = create_mask(block_mask.mask_mod, None, stride * HQ, rows, kv_len, device="cpu")[0].all(0)
+        all_seen = F.pad(every, (0, nk * TILE - kv_len, 0, nq * TILE - rows)).view(nq, TILE, nk, TILE).all(3).all(1)
+        partial = _tiles(block_mask.kv_num_blocks, block_mask.kv_indices, nk)
+        full = _tiles(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, nk)
+        assert not (partial & full).any()
+        assert not (needed & ~(partial | full)).any()
+        assert not (full & ~all_seen).any()
+        if lengths == [1000] and causal and stride == 16:  # 63 rows: one tile, never full (rows missing)
+            assert not full.any()
+
+
 def check_block_mask(lo, hi, num_prefix, kv_len):
     """Every visible key lies in a listed tile; full tiles are complete and all-visible; none listed twice."""
     T = lo.shape[0]
