@@ -143,15 +143,10 @@ class AttentionOutput(nn.Module):
         return self.nsa.attend_projected(xn, q, k, v)
 
 
-def kernel_backend(dev) -> str:
-    """'triton' where kernels run (so a fallback raises instead of timing the reference), else 'torch'."""
-    return "triton" if kernel_unavailable_reason(dev) is None else "torch"
-
-
-def timed_backend(dev) -> str:
-    """The backend of the timed modules: the kernels on CUDA, the reference on the CPU (where Triton's
-    interpreter, as the tests run it, would take minutes; the check still runs the kernels there)."""
-    return kernel_backend(dev) if dev.type == "cuda" else "torch"
+def kernel_backend(dev, timed: bool = True) -> str:
+    """'triton' where kernels run (so a fallback raises instead of timing the reference), else 'torch'.
+    Timed modules on the CPU take the reference: Triton's interpreter (as the tests run) takes minutes."""
+    return "triton" if kernel_unavailable_reason(dev) is None and (dev.type == "cuda" or not timed) else "torch"
 
 
 def random_leaves(cfg: NSAConfig, T: int, dev, dt, seed: int) -> list[torch.Tensor]:
@@ -179,9 +174,10 @@ def check_kernels(cfg: NSAConfig, T: int, dev, dt) -> dict:
         out.backward(grad.to(dev, dtype))
         return [out.detach()] + [t.grad for t in inputs]
 
-    exact, reference, kernels = run(torch.float32, "torch"), run(dt, "torch"), run(dt, kernel_backend(dev))
+    path = kernel_backend(dev, timed=False)
+    exact, reference, kernels = run(torch.float32, "torch"), run(dt, "torch"), run(dt, path)
     names = ("out", "dxn", "dq", "dk", "dv")
-    result = {"seq_len": T, "kernel_path": kernel_backend(dev)}
+    result = {"seq_len": T, "kernel_path": path}
     for name, ours, ref, ex in zip(names, kernels, reference, exact):
         result[f"{name}_kernels"], result[f"{name}_reference"] = rel(ours, ex), rel(ref, ex)
     result["ok"] = all(result[f"{n}_kernels"] <= (2 if n == "out" else 3) * result[f"{n}_reference"] + 1e-3
@@ -299,7 +295,7 @@ def attention_ratios(row: dict) -> dict:
 def attention_section(args, base: NSAConfig, dev, dt, flash_nsa) -> dict:
     results = {}
     for group in args.groups:
-        cfg = base.replace(heads=group * base.num_kv_heads, backend=timed_backend(dev))
+        cfg = base.replace(heads=group * base.num_kv_heads, backend=kernel_backend(dev))
         print(f"attention G={group} ({cfg.heads} q / {cfg.num_kv_heads} kv heads): kernels against the float32 "
               f"reference at T={args.check_len} ...", flush=True)
         check = {}
@@ -377,7 +373,7 @@ def measure_step(model_kwargs: dict, sparse: bool, ids, backend, graphed: bool, 
 def step_section(args, base: NSAConfig, dev, dt) -> dict:
     model_kwargs = dict(SMOKE_STEP_MODEL if args.smoke else STEP_MODEL)
     model_kwargs["sparse_attn_kwargs"] = {name: getattr(base, name) for name in SPARSE_ARGS}
-    model_kwargs["sparse_attn_kwargs"]["backend"] = timed_backend(dev)
+    model_kwargs["sparse_attn_kwargs"]["backend"] = kernel_backend(dev)
     rows = {}
     for tokens, batch in args.step_shapes:
         gen = torch.Generator().manual_seed(0)
@@ -434,7 +430,8 @@ def compile_time(preset: str, seq_len: int, device: str, timeout_s: int = 540) -
     Inductor caches are new empty folders: what the first call of a new configuration pays."""
     caches = {name: tempfile.mkdtemp(prefix=f"nsa-cold-{name.lower()}-") for name in
               ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
-    env = {**os.environ, **caches, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, **caches, "PYTHONPATH": path}
     result = {"preset": preset, "seq_len": seq_len, "device": device, "limit_s": COMPILE_LIMIT_S}
     try:
         child = subprocess.run([sys.executable, "-c", COMPILE_CHILD, preset, str(seq_len), device], env=env, cwd=ROOT,
@@ -557,6 +554,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="write the results as JSON here (after every section)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: preset tiny, fp32, T 128, steps 64x2")
     args = ap.parse_args(argv)
+    if args.check_len < 1:
+        ap.error(f"--check-len must be a positive int, got {args.check_len}")
     if args.smoke:
         dev, dt, base = torch.device("cpu"), torch.float32, get_preset("tiny")
         args.seq_lens, args.groups, args.check_len, args.step_shapes = [128], [2], 64, [(64, 2)]
@@ -576,7 +575,9 @@ def main(argv=None) -> dict:
                "flash_nsa": "timed (mean compression, window: ours)" if not isinstance(flash_nsa, str)
                else f"not run: {flash_nsa}",
                "notes": ["fwd: forward with autograd recording; fwd+bwd: forward and backward; medians (ms)",
-                         "attention: q, k, v -> output, no output projection (nsa: an identity in its place)",
+                         "attention: q, k, v -> output, no output projection; nsa: attend_projected with an "
+                         "identity for its projection (compression MLP and gate linear inside; the projection "
+                         "alone: 'output projection alone' in the JSON)",
                          "nsa graphed: torch.cuda.make_graphed_callables (forward and backward)",
                          "flash-nsa: HFNSACore varlen, mean compression, its window branch replaced by ours",
                          "step: ids of tokens + 1 per row (the model sees `tokens`); AdamW lr 1e-4"]}
