@@ -27,21 +27,21 @@ flash-nsa on the device: copy /work/shared/peers/flash_nsa into a git-ignored fo
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import random
 import sys
 import time
-import types
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, ".")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.peers import flash_nsa_core, import_flash_nsa  # noqa: E402
 from nsa_cli.support.speed import _step, median_ms  # noqa: E402
 from nsa_core import SparseAttention, get_preset  # noqa: E402
-from nsa_core.ops import Seqs, document_attention, sliding_window_attention  # noqa: E402
+from nsa_core.ops import Seqs, document_attention  # noqa: E402
 
 
 def document_lengths(total: int, shortest: int, longest: int, seed: int) -> list[int]:
@@ -105,46 +105,6 @@ def dense_paths(nsa, leaves, spans, seqs, causal):
         flex = lambda: out_proj(document_attention_flex(q, k, v, seqs.cu_seqlens, causal, q.shape[-1] ** -0.5))
     paths["dense FlexAttention document mask"] = flex
     return {name: (fn, [q, k, v]) for name, fn in paths.items()}
-
-
-def import_flash_nsa(peers: str | None):
-    """flash_nsa, or why not. Stubs what it imports but never uses here (pkg_resources' parse_version,
-    pandas for its own timing table), as the peers' README says."""
-    if peers:
-        sys.path.insert(0, peers)
-    stubs = {"pkg_resources": lambda m: setattr(m, "parse_version", importlib.import_module("packaging.version").parse),
-             "pandas": lambda m: setattr(m, "Series", dict)}
-    for name, fill in stubs.items():
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            module = types.ModuleType(name)
-            fill(module)
-            sys.modules[name] = module
-    try:
-        return importlib.import_module("flash_nsa")
-    except Exception as error:  # any failure to import a peer is a row that says why
-        return f"{type(error).__name__}: {error}"
-
-
-def flash_nsa_path(flash_nsa, cfg, leaves, seqs):
-    """(d) HFNSACore on the packed row (T, heads, D) with its window branch replaced by ours."""
-    _, q, k, v = leaves
-    core = flash_nsa.HFNSACore(flash_nsa.NSAConfig(
-        head_dim=cfg.dim_head, num_heads=cfg.heads, num_kv_heads=cfg.num_kv_heads, kernel_size=cfg.compress_block_size,
-        stride=cfg.stride, block_size=cfg.selection_block_size, top_n=cfg.num_selected_blocks,
-        window_size=cfg.sliding_window_size, cmp_k_method="linear", cmp_v_method="linear")).to(q.device, q.dtype)
-
-    def our_window(q_, k_, v_, sm_scale=None):
-        heads_first = [t.transpose(0, 1)[None] for t in (q_, k_, v_)]
-        out = sliding_window_attention(*heads_first, window=cfg.sliding_window_size, scale=sm_scale, seqs=seqs)
-        return out[0].transpose(0, 1).contiguous()
-
-    importlib.import_module("flash_nsa.modules.hf_level_nsa").swa_varlen_func = our_window
-    grad = q.requires_grad
-    tq, tk, tv = (t[0].transpose(0, 1).detach().contiguous().requires_grad_(grad) for t in (q, k, v))
-    gates = torch.randn(tq.shape[0], cfg.heads, 3, device=q.device, dtype=q.dtype, requires_grad=grad)
-    return (lambda: core(tq, tk, tv, gates, seqs.cu_seqlens)), [tq, tk, tv, gates]
 
 
 def timed(fn, leaves, backward: bool, dev) -> tuple[float, float]:
@@ -232,14 +192,14 @@ def main(argv=None) -> dict:
     for backward in (False, True):
         leaves = projected(nsa, args.seq_len, dev, dt, grad=backward)
         (packed, packed_leaves), (per_doc, doc_leaves) = nsa_paths(nsa, leaves, spans, seqs)
-        xn, q = leaves[0], leaves[1]
+        xn = leaves[0]
         o = torch.randn(1, args.seq_len, cfg.heads * cfg.dim_head, device=dev, dtype=dt, requires_grad=backward)
         paths = {"NSA packed (one call)": (packed, packed_leaves), "NSA per-document calls (sum)": (per_doc, doc_leaves),
                  "NSA projections (gates, output)": (lambda: nsa.combine_heads(o) + nsa.to_strategy_combine(xn).sum(),
                                                      [xn, o])}
         paths.update(dense_paths(nsa, leaves, spans, seqs, cfg.causal))
         if not isinstance(flash_nsa, str):
-            paths["flash-nsa varlen (window: ours)"] = flash_nsa_path(flash_nsa, cfg, leaves, seqs)
+            paths["flash-nsa varlen (window: ours)"] = flash_nsa_core(flash_nsa, cfg, *leaves[1:], seqs)
         for name, (fn, fn_leaves) in paths.items():
             key = "fwd_bwd" if backward else "fwd"
             if backward and dev.type == "cpu" and "Flex" in name:
