@@ -90,8 +90,12 @@ def main() -> None:
     for name, fn in steps.items():
         with torch.no_grad():
             f = ms(fn)
-        fb = ms(fwd_bwd(fn, xn, q, k, v, q_rot, k_rot, ck_all, cv_all))
-        print(f"{name:28s} {f:9.2f} {fb:11.2f}", flush=True)
+        out = fn()
+        if (out[0] if isinstance(out, tuple) else out).requires_grad:
+            fb = f"{ms(fwd_bwd(fn, xn, q, k, v, q_rot, k_rot, ck_all, cv_all)):11.2f}"
+        else:  # no gradient flows through this step (the hard top-k selection): the forward is all of it
+            fb = f"{'(no bwd)':>11s}"
+        print(f"{name:28s} {f:9.2f} {fb}", flush=True)
 
     run = fwd_bwd(steps["attend (all)"], xn, q, k, v)
     if args.forward_only:

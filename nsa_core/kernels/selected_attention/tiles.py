@@ -103,8 +103,14 @@ def by_block_fits(tiles: dict, backward: bool) -> bool:
 def fwd_by_block(tiles: dict, G: int) -> dict:
     """Entry rows per step, warps and stages of the by-block forward: 128 rows, 4 warps, 2 stages,
     measured on an H100 at 64k (benchmarks/NOTES.md): G=1 2.07 ms vs 2.80 with 64 rows, G=4 7.48
-    vs 9.21; 8 warps or 3 stages were slower. 1 stage with a key tile over 64 KiB (shared memory)."""
+    vs 9.21; 8 warps or 3 stages were slower. 1 stage with a key tile over 64 KiB (shared memory).
+    Float32 (dots on FMAs): 64 rows, 8 warps. With 128 rows x 4 warps ptxas did not finish in 10
+    minutes for sm_90 at D 80 (padded to 128), block 128 (the support matrix's fp32-80-80-128-4 on the
+    H100, and on this project's CPU); 64 rows x 8 warps compile in 20 s there, 128 rows x 8 warps
+    took over 2.5 minutes."""
     stages = 2 if _key_tile(tiles) <= 64 * KiB else 1
+    if tiles["PRECISION"] == "ieee":
+        return dict(BLOCK_M=max(64, pow2(G)), num_warps=8, num_stages=stages)
     return dict(BLOCK_M=max(128, pow2(G)), num_warps=4, num_stages=stages)
 
 
