@@ -77,3 +77,22 @@ def test_shard_triton_equals_torch(layout, world, rank):
     for name, grad in grads_r.items():
         if grad is not None and grad.abs().max() > 0:
             assert rel_err(grads_k[name], grad) < 1e-4, name
+
+
+def test_module_compiles_fullgraph_on_the_kernels():
+    """torch.compile(fullgraph=True) traces the whole module with the kernels' custom ops (no graph
+    break: no host sync, no data-dependent Python), forward and backward equal to eager."""
+    kwargs = dict(dim=32, dim_head=16, heads=6, kv_heads=2, sliding_window_size=5, compress_block_size=16,
+                  compress_block_sliding_stride=8, selection_block_size=16, num_selected_blocks=2)
+    attn = randomize_(SparseAttention(backend="triton", **kwargs), std=0.2).to(DEVICE)
+    x = torch.randn(1, 53, 32, device=DEVICE)
+    g = torch.randn_like(x)
+    out_e, x_grad_e, grads_e = forward_backward(attn, x, g)
+    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
+    out_c, x_grad_c, grads_c = forward_backward(compiled, x, g)
+    torch._dynamo.reset()
+    grads_c = {name.removeprefix("_orig_mod."): grad for name, grad in grads_c.items()}
+    assert torch.equal(out_c, out_e)
+    assert torch.equal(x_grad_c, x_grad_e)
+    for name, grad in grads_e.items():
+        assert (grad is None) == (grads_c[name] is None) and (grad is None or torch.equal(grads_c[name], grad)), name
