@@ -16,7 +16,7 @@ s * HQ + h of row j holding token j * stride + s, and the keys are repeated per 
 row sees advance by one slot per row, the causal shape FlexAttention's kernels are fast on; with
 the T tokens as T query rows instead, the backward's dK / dV kernel had only (M + C) / 128 x HKV
 programs, each sweeping G heads x T / 128 query tiles: 57 ms of a 64k packed row's 182 ms
-forward+backward on the H100, against 7 ms for the same documents' staircases on cuDNN SDPA.
+forward+backward on the H100, against ~9 ms of backward for the same documents' staircases on cuDNN SDPA.
 
 Dimension legend: HQ query heads, HKV kv heads, T tokens of the packed row, N documents,
 M memory tokens, C = T // stride compressed slots, R = ceil(T / stride) rows, D / Dv head dims.

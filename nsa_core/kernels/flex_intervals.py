@@ -49,7 +49,7 @@ def flex_unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
 def interval_mask_mod(lo: Tensor, hi: Tensor, num_prefix: int, tokens_per_row: int = 1,
                       heads: int = 1) -> Callable:
     """mask_mod: key kv is visible to query token t when kv < num_prefix or lo[t] <= kv < hi[t].
-    tokens_per_row r > 1: the row layout (see `row_layout`), query row q_idx of head h holds token
+    tokens_per_row r > 1: the row layout of kernels/compressed_flex.py, query row q_idx of head h holds token
     q_idx * r + h // heads; lo / hi must then cover every row's r tokens (padded, seeing nothing)."""
     if tokens_per_row == 1:
         def mask_mod(b, h, q_idx, kv_idx):

@@ -104,10 +104,10 @@ def fwd_by_block(tiles: dict, G: int) -> dict:
     """Entry rows per step, warps and stages of the by-block forward: 128 rows, 4 warps, 2 stages,
     measured on an H100 at 64k (benchmarks/NOTES.md): G=1 2.07 ms vs 2.80 with 64 rows, G=4 7.48
     vs 9.21; 8 warps or 3 stages were slower. 1 stage with a key tile over 64 KiB (shared memory).
-    Float32 (dots on FMAs): 64 rows, 8 warps. With 128 rows x 4 warps ptxas did not finish in 10
-    minutes for sm_90 at D 80 (padded to 128), block 128 (the support matrix's fp32-80-80-128-4 on the
-    H100, and on this project's CPU); 64 rows x 8 warps compile in 20 s there, 128 rows x 8 warps
-    took over 2.5 minutes."""
+    Float32 (dots on FMAs): 64 rows, 8 warps. With 128 rows x 4 warps the compile for sm_90 at D 80 (padded to
+    128), block 128 did not finish: the support matrix's fp32-80-80-128-4 ran over 170 s on the H100
+    before its time limit, and ptxas over 3 minutes on this project's 2-core CPU before it was
+    stopped; there 64 rows x 8 warps compile in 20 s, 128 rows x 8 warps took over 2.5 minutes."""
     stages = 2 if _key_tile(tiles) <= 64 * KiB else 1
     if tiles["PRECISION"] == "ieee":
         return dict(BLOCK_M=max(64, pow2(G)), num_warps=8, num_stages=stages)
