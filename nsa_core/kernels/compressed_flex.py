@@ -55,7 +55,8 @@ def compressed_attention_flex(q: Tensor, ck_all: Tensor, cv_all: Tensor, cu_seql
         qt = F.pad(qt, (0, 0, 0, 0, 0, rows * stride - T))
     q_rows = qt.reshape(1, rows, stride * HQ, D).transpose(1, 2)  # (1, stride * HQ, R, D)
     keys, values = (t.repeat(1, stride, 1, 1) for t in (ck_all, cv_all))  # (1, stride * HKV, M + C, D)
-    block_mask = flex_intervals.interval_block_mask(lo, hi, num_memory, ck_all.shape[-2], tokens_per_row=stride, heads=HQ)
+    block_mask = flex_intervals.interval_block_mask(lo, hi, num_memory, ck_all.shape[-2], tokens_per_row=stride,
+                                                    heads=HQ)
     out = flex_intervals.flex(q_rows, keys, values, block_mask, scale)  # (1, stride * HQ, R, Dv)
     out = out.transpose(1, 2).reshape(1, rows * stride, HQ, -1)[:, :T]
     return out.transpose(1, 2)
