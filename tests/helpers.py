@@ -15,6 +15,16 @@ def randomize_(module: nn.Module, std: float = 0.5, seed: int = 0) -> nn.Module:
     return module
 
 
+def reference_and_kernel_modules(std: float, device, **kwargs):
+    """SparseAttention(**kwargs) twice with the same random weights: on the PyTorch path and on the kernels."""
+    from nsa_core import SparseAttention
+
+    reference = randomize_(SparseAttention(backend="torch", **kwargs), std=std).to(device)
+    kernels = SparseAttention(backend="triton", **kwargs).to(device)
+    kernels.load_state_dict(reference.state_dict())
+    return reference, kernels
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()

@@ -1,22 +1,12 @@
-"""benchmarks/bench_packed.py --smoke on the CPU: the whole script runs (correctness check, every path
+"""benchmarks/bench.py --smoke on the CPU: the whole script runs (correctness check, every path
 that runs on a CPU timed, the table, the JSON), and packed equals per-document."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_packed.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_packed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import bench_packed as bench
 
 
 def test_smoke_run_writes_results(tmp_path, capsys):
-    bench = load()
     out = tmp_path / "results_packed.json"
     results = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
@@ -32,7 +22,6 @@ def test_smoke_run_writes_results(tmp_path, capsys):
 
 
 def test_document_lengths_fill_the_row():
-    bench = load()
     lengths = bench.document_lengths(65536, 1024, 16384, seed=0)
     assert sum(lengths) == 65536 and all(1 <= n <= 16384 for n in lengths)
     assert all(n >= 1024 for n in lengths[:-1])

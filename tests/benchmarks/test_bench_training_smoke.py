@@ -1,28 +1,18 @@
-"""benchmarks/bench_training.py --smoke on the CPU: every section that runs on a CPU (attention, the
+"""benchmarks/bench.py --smoke on the CPU: every section that runs on a CPU (attention, the
 training step) times its paths, the CUDA-only ones say why not, the tables print and the JSON holds it
 all; the attention path without output projection is attend_projected less that projection; the cold
 compile-time child process runs (tiny preset on the CPU)."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_training.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_training", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import bench_training as bench
 
 
 def test_smoke_run_writes_results(tmp_path, capsys):
-    bench = load()
     out = tmp_path / "results_training.json"
     results = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
@@ -48,12 +38,11 @@ def test_smoke_run_writes_results(tmp_path, capsys):
 
 
 def test_sections_run_alone():
-    results = load().main(["--smoke", "--sections", "step"])
+    results = bench.main(["--smoke", "--sections", "step"])
     assert "step" in results and "attention" not in results and "compile" not in results
 
 
 def test_attention_output_is_attend_projected_before_the_output_projection():
-    bench = load()
     cfg = bench.get_preset("tiny")
     torch.manual_seed(0)
     nsa = bench.SparseAttention.from_config(cfg)
@@ -64,7 +53,6 @@ def test_attention_output_is_attend_projected_before_the_output_projection():
 
 
 def test_bad_arguments_are_refused():
-    bench = load()
     for argv in (["--step-shapes", "512by32"], ["--seq-lens", "4096,x"], ["--sections", "attention,speed"]):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(["--smoke", *argv])
@@ -72,6 +60,6 @@ def test_bad_arguments_are_refused():
 
 
 def test_compile_time_child_runs():
-    result = load().compile_time("tiny", 64, "cpu")
+    result = bench.compile_time("tiny", 64, "cpu")
     assert "error" not in result, result
     assert result["first_call_s"] > 0 and result["second_call_s"] > 0 and result["within_limit"]

@@ -4,7 +4,7 @@ at a time, several at once, ragged prompt batches, the kernel path; and the cach
 import pytest
 import torch
 
-from helpers import randomize_
+from helpers import randomize_, reference_and_kernel_modules
 from nsa_core import NSACache, SparseAttention
 from nsa_core.ops.dispatch import kernel_unavailable_reason
 
@@ -141,9 +141,7 @@ def test_decoding_on_kernels_equals_parallel_reference(share):
     kwargs = dict(dim=48, dim_head=16, heads=6, kv_heads=2, sliding_window_size=20, compress_block_size=16,
                   compress_block_sliding_stride=8, selection_block_size=16, num_selected_blocks=2, causal=True,
                   query_heads_share_selected_kv=share)
-    ref = randomize_(SparseAttention(backend="torch", **kwargs), std=0.2).to(device)
-    ker = SparseAttention(backend="triton", **kwargs).to(device)
-    ker.load_state_dict(ref.state_dict())
+    ref, ker = reference_and_kernel_modules(0.2, device, **kwargs)
     x = torch.randn(2, 70, 48, device=device)
     with torch.no_grad():
         parallel = ref(x)

@@ -140,8 +140,7 @@ def test_module_packed_selection_on_kernels(monkeypatch):
     """SparseAttention on the kernels (fp32): packed documents equal each document alone on the
     PyTorch path (output and every gradient), the block scoring of all documents in one launch
     (block_topk_packed), never one document at a time."""
-    from helpers import randomize_, rel_err
-    from nsa_core import SparseAttention
+    from helpers import reference_and_kernel_modules, rel_err
     from nsa_core.kernels import block_topk
     import importlib
 
@@ -150,9 +149,7 @@ def test_module_packed_selection_on_kernels(monkeypatch):
     kwargs = dict(dim=16, dim_head=8, heads=4, kv_heads=2, sliding_window_size=4, compress_block_size=8,
                   compress_block_sliding_stride=4, selection_block_size=8, num_selected_blocks=2, causal=True,
                   query_heads_share_selected_kv=True)
-    reference = randomize_(SparseAttention(backend="torch", **kwargs), std=0.3).to(DEVICE)
-    module = SparseAttention(backend="triton", **kwargs).to(DEVICE)
-    module.load_state_dict(reference.state_dict())
+    reference, module = reference_and_kernel_modules(0.3, DEVICE, **kwargs)
     seqs = packed([9, 1, 0, 22, 3, 0, 12])  # the interpreter runs the selected attention by token: few tokens
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, seqs.q_len, 16, generator=gen).to(DEVICE).requires_grad_()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import forward_backward, randomize_, rel_err
+from helpers import forward_backward, randomize_, reference_and_kernel_modules, rel_err
 from nsa_core import SparseAttention
 from nsa_core.ops.dispatch import kernel_unavailable_reason
 
@@ -18,9 +18,7 @@ def test_module_triton_equals_torch(causal, share, diff):
     kwargs = dict(dim=32, dim_head=16, heads=6, kv_heads=2, sliding_window_size=5, compress_block_size=16,
                   compress_block_sliding_stride=8, selection_block_size=16, num_selected_blocks=2, causal=causal,
                   query_heads_share_selected_kv=share, use_diff_topk=diff)
-    ref = randomize_(SparseAttention(backend="torch", **kwargs), std=0.2).to(DEVICE)
-    ker = SparseAttention(backend="triton", **kwargs).to(DEVICE)
-    ker.load_state_dict(ref.state_dict())
+    ref, ker = reference_and_kernel_modules(0.2, DEVICE, **kwargs)
     x = torch.randn(2, 53, 32, device=DEVICE)
     g = torch.randn_like(x)  # the output has the input's shape
     out_r, xr_grad, grads_r = forward_backward(ref, x, g)
@@ -52,9 +50,7 @@ def test_shard_triton_equals_torch(layout, world, rank):
 
     kwargs = dict(dim=32, dim_head=16, heads=6, kv_heads=2, sliding_window_size=5, compress_block_size=16,
                   compress_block_sliding_stride=8, selection_block_size=16, num_selected_blocks=2, causal=True)
-    ref = randomize_(SparseAttention(backend="torch", **kwargs), std=0.2).to(DEVICE)
-    ker = SparseAttention(backend="triton", **kwargs).to(DEVICE)
-    ker.load_state_dict(ref.state_dict())
+    ref, ker = reference_and_kernel_modules(0.2, DEVICE, **kwargs)
     n = 54
     spans = shard_spans(n, world, rank, layout)
     gen = torch.Generator().manual_seed(0)
