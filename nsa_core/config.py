@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 BACKENDS = ("auto", "torch", "triton")
+# the oracle's initial gate biases (compressed, selected, sliding): sigmoid 0.12 / 0.12 / 0.88
+DEFAULT_GATE_BIASES = (-2.0, -2.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,18 @@ class NSAConfig:
 
     `compress_block_sliding_stride=None` means `compress_block_size` (no overlap between
     compression windows). `kv_heads=None` means `heads` (no grouped-query sharing).
+
+    The paper's options (defaults: native-sparse-attention-pytorch 0.2.3's behaviour):
+    - `independent_kv`: each branch (compressed, selected, sliding window) reads its own key and
+      value projection (paper section 3.3.3), instead of one shared by the three. Without it the
+      window's gradients shape the keys the long-range branches must learn from
+      (benchmarks/NOTES.md, "Does NSA learn retrieval?").
+    - `gate_biases`: the initial biases of the branch gates (compressed, selected, sliding) of the
+      default gate network (a Linear with zero weights, then a sigmoid).
+    - `num_forced_initial_blocks` / `num_forced_local_blocks` (causal only): blocks every query
+      selects whatever their scores: the first blocks of the sequence, and the blocks just before
+      the query's own block (which is always attended in addition). They count toward
+      `num_selected_blocks`; the top-scored blocks fill the other slots.
     """
 
     dim: int
@@ -41,8 +55,15 @@ class NSAConfig:
     compress_mlp_expand_factor: float = 1.0
     compress_block_sliding_stride: int | None = None
     backend: str = "auto"
+    # the paper's design choices (arXiv 2502.11089); the defaults are the oracle's
+    independent_kv: bool = False
+    gate_biases: tuple[float, float, float] = DEFAULT_GATE_BIASES
+    num_forced_initial_blocks: int = 0
+    num_forced_local_blocks: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.gate_biases, list):  # JSON has no tuples
+            object.__setattr__(self, "gate_biases", tuple(self.gate_biases))
         validate_config(self)
 
     # derived values -------------------------------------------------------------------
@@ -153,6 +174,20 @@ def validate_config(cfg: NSAConfig) -> None:
         raise ValueError(f"compress_mlp_expand_factor must be a finite number > 0, got {factor!r}")
     if int(factor * cfg.compress_block_size * cfg.dim_head) < 1:
         raise ValueError("compress_mlp_expand_factor is too small: the compression MLP would have no hidden units")
+    _check_bool("independent_kv", cfg.independent_kv)
+    biases = cfg.gate_biases
+    if (not isinstance(biases, tuple) or len(biases) != 3
+            or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) for b in biases)):
+        raise ValueError(f"gate_biases must be 3 finite numbers (compressed, selected, sliding), got {biases!r}")
+    _check_int("num_forced_initial_blocks", cfg.num_forced_initial_blocks, 0)
+    _check_int("num_forced_local_blocks", cfg.num_forced_local_blocks, 0)
+    forced = cfg.num_forced_initial_blocks + cfg.num_forced_local_blocks
+    if forced and not cfg.causal:
+        raise ValueError("num_forced_initial_blocks / num_forced_local_blocks need causal=True (the local blocks "
+                         "are the ones before the query's own block)")
+    if forced > cfg.num_selected_blocks:
+        raise ValueError(f"forced blocks count toward num_selected_blocks: num_forced_initial_blocks + "
+                         f"num_forced_local_blocks = {forced} > num_selected_blocks = {cfg.num_selected_blocks}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
     if cfg.num_selected_blocks == 0:
@@ -180,6 +215,10 @@ def _register_presets() -> None:
         PRESETS["paper"] = NSAConfig(
             dim=2048, dim_head=128, heads=64, kv_heads=4, sliding_window_size=512, compress_block_size=32,
             compress_block_sliding_stride=16, selection_block_size=64, num_selected_blocks=16, causal=True,
+        )
+        # the paper's shape with the paper's design: what we recommend for training from scratch
+        PRESETS["paper_scratch"] = PRESETS["paper"].replace(
+            independent_kv=True, gate_biases=(0.0, 0.0, 0.0), num_forced_initial_blocks=1, num_forced_local_blocks=2,
         )
 
 

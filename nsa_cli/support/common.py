@@ -110,6 +110,14 @@ def coerce_field(name: str, raw: str) -> Any:
             return int(text)
         except ValueError:
             raise UsageError(f"{_option(name)} must be an integer, got {raw!r}") from None
+    if kind.startswith("tuple"):  # gate_biases: numbers separated by commas
+        try:
+            values = tuple(float(part) for part in text.split(","))
+        except ValueError:
+            raise UsageError(f"{_option(name)} must be numbers separated by commas (e.g. 0,0,0), got {raw!r}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise UsageError(f"{_option(name)} must be finite numbers, got {raw!r}")
+        return values
     if kind.startswith("float"):
         try:
             value = float(text)

@@ -54,10 +54,23 @@ def to_lucidrains(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k: v.clone() for k, v in state_dict.items()}
 
 
+def check_oracle_can_run(cfg: NSAConfig) -> None:
+    """A ValueError when cfg uses a paper option native-sparse-attention-pytorch 0.2.3 does not have."""
+    beyond = [name for name, value in (("independent_kv", cfg.independent_kv),
+                                       ("num_forced_initial_blocks", cfg.num_forced_initial_blocks),
+                                       ("num_forced_local_blocks", cfg.num_forced_local_blocks)) if value]
+    if beyond:
+        raise ValueError(f"native-sparse-attention-pytorch has no {', '.join(beyond)}: a module using "
+                         f"{'it' if len(beyond) == 1 else 'them'} cannot be converted to or from its format")
+
+
 def infer_config(state_dict: dict[str, torch.Tensor], **given: Any) -> NSAConfig:
     """Recover the constructor arguments from the shapes; `given` supplies the ones shapes cannot
     tell (causal, sliding_window_size, compress_block_sliding_stride, selection_block_size,
     num_selected_blocks) and may override any other."""
+    for name in ("independent_kv", "num_forced_initial_blocks", "num_forced_local_blocks"):
+        if given.get(name):
+            raise ValueError(f"native-sparse-attention-pytorch has no {name}: a checkpoint of it cannot take one")
     _check_state_dict(state_dict)
     kv_heads, block, dim_head = state_dict["k_intrablock_positions"].shape
     qkv_out, dim = state_dict["to_qkv.weight"].shape
@@ -113,6 +126,8 @@ def convert_from_lucidrains(src: str | Path, dst: str | Path, given: dict, overw
 def convert_to_lucidrains(src: str | Path, dst: str | Path, overwrite: bool = False) -> int:
     """nsa safetensors -> a state dict (.pt) native-sparse-attention-pytorch loads strictly."""
     check_destination(dst, overwrite)
-    state = to_lucidrains(load_safetensors(src).state_dict())
+    module = load_safetensors(src)
+    check_oracle_can_run(module.config)
+    state = to_lucidrains(module.state_dict())
     write_atomically(dst, lambda f: torch.save(state, f), overwrite=overwrite)
     return len(state)

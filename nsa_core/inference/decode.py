@@ -87,7 +87,7 @@ def prefill(attn, inp: Tensor, cache: NSACache, lengths: Tensor | None) -> Tenso
     out = attn.attend(x, q, keys, Seqs.batch(n))
     with torch.no_grad():
         positions = torch.arange(n, device=inp.device).expand(B, n)
-        cache.write_tokens(positions, keys.rotated_k, v)
+        cache.write_tokens(positions, keys.rotated_k, keys.v, keys.window_k, keys.window_v)
         slots = torch.arange(keys.compressed_k.shape[2], device=inp.device).expand(B, -1)
         cache.write_compressed(slots, keys.compressed_k, keys.compressed_v)
         if cache.pooled_keys is not None:
@@ -97,7 +97,7 @@ def prefill(attn, inp: Tensor, cache: NSACache, lengths: Tensor | None) -> Tenso
             cache.pooled_keys[:, :, :nb] = ck[:, :, : nb * ratio].unflatten(2, (nb, ratio)).mean(dim=3)
         ring = cfg.compress_block_size
         ring_pos = lengths[:, None] - ring + torch.arange(ring, device=inp.device)  # (B, R)
-        for buffer, source in ((cache.ring_keys, k), (cache.ring_values, v)):
+        for buffer, source in zip((cache.ring_keys, cache.ring_values), attn.branch_kv(k, v)[0]):
             gathered = source.gather(2, ring_pos.clamp(min=0)[:, None, :, None].expand(-1, source.shape[1], -1,
                                                                                         source.shape[-1]))
             buffer.copy_(torch.where((ring_pos >= 0)[:, None, :, None], gathered, torch.zeros_like(gathered)))
@@ -118,9 +118,10 @@ def decode_step(attn, inp: Tensor, cache: NSACache) -> Tensor:
     cos, sin = attn.rotary_emb.tables(positions.flatten(), q.dtype)
     cos, sin = (t.view(B, 1, K, -1) for t in (cos, sin))
     q_rot = rotary(q, cos, sin, backend=cfg.backend)
-    k_rot = rotary(k, cos, sin, backend=cfg.backend)
-    cache.write_tokens(positions, k_rot, v)
-    _append_compressed(attn, cache, positions, k, v)
+    (kc, vc), (ks, vs), (kw, vw) = attn.branch_kv(k, v)
+    window = (rotary(kw, cos, sin, backend=cfg.backend), vw) if cfg.independent_kv else (None, None)
+    cache.write_tokens(positions, rotary(ks, cos, sin, backend=cfg.backend), vs, *window)
+    _append_compressed(attn, cache, positions, kc, vc)
 
     compressed = _compressed_branch(attn, cache, q, positions)
     selection = _select(attn, cache, q, positions)
@@ -193,7 +194,7 @@ def _select(attn, cache: NSACache, q: Tensor, positions: Tensor) -> Selection | 
         logits = block_importance(scores, group_size=rule.group_size, share_across_group=rule.share_across_group,
                                   stride=rule.stride, selection_block_size=rule.selection_block_size,
                                   interpolated=rule.interpolated, causal=True, query_pos=positions)
-    return select_top_blocks(logits, rule.num_selected, use_diff_topk=False)
+    return select_top_blocks(logits, rule.num_selected, use_diff_topk=False, forced=rule.forced(positions))
 
 
 def _selected_branch(attn, cache: NSACache, q_rot: Tensor, positions: Tensor, selection: Selection | None) -> Tensor:
@@ -219,5 +220,5 @@ def _window_branch(attn, cache: NSACache, q_rot: Tensor, positions: Tensor) -> T
     valid = blocks <= (positions // page)[:, None, :, None]
     blocks = torch.minimum(blocks, (positions // page)[:, None, :, None]).expand(B, attn.kv_heads, K, count)
     valid = valid.expand(B, attn.kv_heads, K, count)
-    return decode_attention(q_rot, cache.k_pages, cache.v_pages, cache.block_table, blocks, valid, positions,
+    return decode_attention(q_rot, *cache.window_pages(), cache.block_table, blocks, valid, positions,
                             positions - window, scale=attn.scale, backend=attn.config.backend)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from nsa_core.config import NSAConfig
+from nsa_core.config import DEFAULT_GATE_BIASES, NSAConfig
 from nsa_core.model.compress_networks import default_compress_mlp
 from nsa_core.model.cache import NSACache
 from nsa_core.model.compression import compress_windows, compression_windows, with_memory
@@ -41,12 +41,27 @@ from nsa_core.reference.selection import Selection, SelectionRule, num_scored_bl
 @dataclass
 class BranchKeys:
     """What the branches read: compressed keys / values with the memory tokens first (b, hk, m + c, d),
-    and the rotated keys and the values of every token the queries may see (b, hk, s, d)."""
+    the selected branch's rotated keys and values of every token the queries may see (b, hk, s, d),
+    and the window's (the same tensors unless the module has independent_kv)."""
 
     compressed_k: Tensor
     compressed_v: Tensor
     rotated_k: Tensor
     v: Tensor
+    window_k: Tensor | None = None
+    window_v: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.window_k is None:
+            self.window_k, self.window_v = self.rotated_k, self.v
+
+
+def split_branches(k: Tensor, v: Tensor, independent: bool) -> tuple[tuple[Tensor, Tensor], ...]:
+    """k, v (b, branches * hk, n, d) from SparseAttention.project -> ((k, v) of the compressed, the
+    selected and the window branch): one pair three times when the branches share keys."""
+    if not independent:
+        return ((k, v),) * 3
+    return tuple(zip(k.chunk(3, dim=1), v.chunk(3, dim=1)))
 
 
 def packed_seqs(cu_seqlens: Tensor | None, inp: Tensor) -> Seqs | None:
@@ -110,6 +125,10 @@ class SparseAttention(nn.Module):
         strategy_combine_mlp: nn.Module | None = None,
         compress_block_sliding_stride: int | None = None,
         backend: str = "auto",
+        independent_kv: bool = False,
+        gate_biases: tuple[float, float, float] = DEFAULT_GATE_BIASES,
+        num_forced_initial_blocks: int = 0,
+        num_forced_local_blocks: int = 0,
     ):
         super().__init__()
         if not isinstance(use_triton_kernel, bool):
@@ -127,6 +146,8 @@ class SparseAttention(nn.Module):
             interpolated_importance_score=interpolated_importance_score,
             compress_mlp_expand_factor=compress_mlp_expand_factor,
             compress_block_sliding_stride=compress_block_sliding_stride, backend=backend,
+            independent_kv=independent_kv, gate_biases=gate_biases, num_forced_initial_blocks=num_forced_initial_blocks,
+            num_forced_local_blocks=num_forced_local_blocks,
         )
         for name, module in (("compress_mlp", compress_mlp), ("strategy_combine_mlp", strategy_combine_mlp)):
             if module is not None and not isinstance(module, nn.Module):
@@ -136,7 +157,8 @@ class SparseAttention(nn.Module):
 
         self.norm = nn.RMSNorm(dim) if norm else nn.Identity()
         self.rotary_emb = RotaryEmbedding(dim_head)
-        self.to_qkv = nn.Linear(dim, (heads + 2 * kv_heads) * dim_head, bias=False)
+        # q, then k and v: one pair, or with independent_kv one pair per branch (compressed, selected, window)
+        self.to_qkv = nn.Linear(dim, (heads + 2 * self.kv_branches * kv_heads) * dim_head, bias=False)
 
         self.compress_mem_kv = nn.Parameter(torch.zeros(2, kv_heads, num_compressed_mem_kv, dim_head))
         self.k_intrablock_positions = nn.Parameter(torch.zeros(kv_heads, compress_block_size, dim_head))
@@ -150,7 +172,7 @@ class SparseAttention(nn.Module):
             strategy_combine_mlp = nn.Linear(dim, 3 * heads)
             nn.init.zeros_(strategy_combine_mlp.weight)
             with torch.no_grad():
-                strategy_combine_mlp.bias.copy_(torch.tensor([-2.0, -2.0, 2.0] * heads))
+                strategy_combine_mlp.bias.copy_(torch.tensor(list(cfg.gate_biases) * heads))
         self.to_strategy_combine = nn.Sequential(
             strategy_combine_mlp, nn.Sigmoid(), Rearrange("b n (h s) -> b h n s", h=heads)
         )
@@ -183,6 +205,11 @@ class SparseAttention(nn.Module):
         return self.config.dim_head
 
     @property
+    def kv_branches(self) -> int:
+        """Key / value projections: 3 with independent_kv (one per branch), else 1."""
+        return 3 if self.config.independent_kv else 1
+
+    @property
     def stride(self) -> int:
         return self.config.stride
 
@@ -197,7 +224,7 @@ class SparseAttention(nn.Module):
             num_selected=cfg.num_selected_blocks, selection_block_size=cfg.selection_block_size, stride=cfg.stride,
             group_size=cfg.group_size, share_across_group=cfg.query_heads_share_selected_kv,
             interpolated=cfg.interpolated_importance_score, use_diff_topk=cfg.use_diff_topk, causal=cfg.causal,
-            scale=self.scale,
+            scale=self.scale, forced_initial=cfg.num_forced_initial_blocks, forced_local=cfg.num_forced_local_blocks,
         )
 
     # pieces ------------------------------------------------------------------------------------
@@ -216,10 +243,16 @@ class SparseAttention(nn.Module):
             raise ValueError("input must hold at least one token (seq >= 1)")
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Normed input (b, n, dim) -> q (b, h, n, d), k and v (b, hk, n, d)."""
-        d, h, hk = self.dim_head, self.heads, self.kv_heads
+        """Normed input (b, n, dim) -> q (b, h, n, d), k and v (b, branches * hk, n, d): with
+        independent_kv the compressed, selected and window branches' heads one after the other
+        (split_branches takes them apart)."""
+        d, h, hk = self.dim_head, self.heads, self.kv_heads * self.kv_branches
         q, k, v = self.to_qkv(x).split((h * d, hk * d, hk * d), dim=-1)
         return tuple(t.unflatten(-1, (-1, d)).transpose(1, 2) for t in (q, k, v))
+
+    def branch_kv(self, k: Tensor, v: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
+        """project's k, v -> the (k, v) of the compressed, selected and window branches."""
+        return split_branches(k, v, self.config.independent_kv)
 
     def compress_windows(self, windows_k: Tensor, windows_v: Tensor) -> tuple[Tensor, Tensor]:
         """Windows (b, hk, c, compress_block_size, d) -> compressed tokens (b, hk, c, d)."""
@@ -240,10 +273,16 @@ class SparseAttention(nn.Module):
         return rotary(t, *self.rotary_emb.tables(positions, t.dtype), backend=self.config.backend)
 
     def keys_of(self, k: Tensor, v: Tensor, seqs: Seqs | None = None) -> BranchKeys:
-        """The branches' keys for whole sequences (or packed documents, `seqs`): unrotated k, v (b, hk, n, d)."""
+        """The branches' keys for whole sequences (or packed documents, `seqs`): unrotated k, v
+        (b, branches * hk, n, d) as project gives them."""
         seqs = Seqs.batch(k.shape[-2]) if seqs is None else seqs
-        ck, cv = with_memory(self.compress_mem_kv, *self.compress(k, v, seqs))
-        return BranchKeys(ck, cv, self.rotate(k, seqs.key_positions(k.device)), v)
+        (kc, vc), (ks, vs), (kw, vw) = self.branch_kv(k, v)
+        ck, cv = with_memory(self.compress_mem_kv, *self.compress(kc, vc, seqs))
+        positions = seqs.key_positions(k.device)
+        rotated = self.rotate(ks, positions)
+        if not self.config.independent_kv:
+            return BranchKeys(ck, cv, rotated, vs)
+        return BranchKeys(ck, cv, rotated, vs, self.rotate(kw, positions), vw)
 
     # the branches --------------------------------------------------------------------------------
 
@@ -293,18 +332,18 @@ class SparseAttention(nn.Module):
         window = cfg.sliding_window_size
         common = dict(window=window, scale=self.scale, backend=cfg.backend)
         if cfg.causal:
-            return sliding_window_attention(q, keys.rotated_k, keys.v, causal=True, seqs=seqs, **common)
+            return sliding_window_attention(q, keys.window_k, keys.window_v, causal=True, seqs=seqs, **common)
 
         def alone(q_: Tensor, k_: Tensor, v_: Tensor, seqs_: Seqs) -> Tensor:
             # the oracle pads to a multiple of the window and attends the zero keys within reach
             qp, kp, vp, padded = _pad_keys(q_, k_, v_, seqs_, window)
             return sliding_window_attention(qp, kp, vp, causal=False, seqs=padded, **common)[..., : q_.shape[-2], :]
 
+        k, v = keys.window_k, keys.window_v
         if seqs.is_packed:
-            k, v = keys.rotated_k, keys.v
             return per_document(lambda s, e: alone(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], Seqs.batch(e - s)),
                                 seqs.spans())
-        return alone(q, keys.rotated_k, keys.v, seqs)
+        return alone(q, k, v, seqs)
 
     # forward -------------------------------------------------------------------------------------
 
@@ -334,7 +373,7 @@ class SparseAttention(nn.Module):
         """The block selection of every query of inp (b, n, dim): indices / valid (b, H, n, S), or None."""
         self.check_input(inp)
         q, k, v = self.project(self.norm(inp))
-        ck, _ = self.compress(k, v)
+        ck, _ = self.compress(*self.branch_kv(k, v)[0])
         return select_blocks(q, ck, self.selection_rule, backend=self.config.backend)
 
     def new_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> NSACache:

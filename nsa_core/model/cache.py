@@ -16,6 +16,8 @@ What it holds, and why (B batch, HKV kv heads, D / Dv head dims):
   pooled block scores' keys) when selection blocks are a multiple of the stride; last slot scratch;
 - ring_keys / ring_values (B, HKV, R, D), R = compress_block_size: the last R tokens, unrotated
   (zeros before the sequence start): every window a new token completes is in them;
+- window_k_pages / window_v_pages (as k_pages), with independent_kv only: the window branch's own
+  rotated keys and values (its pages are read through the same block table);
 - lengths (B,) int64 on the device: tokens written per sequence; `filled` on the host: the
   longest a sequence can be so far (capacity checks without reading the device).
 """
@@ -64,6 +66,8 @@ class NSACache:
     lengths: Tensor
     filled: int = 0
     growable: bool = False
+    window_k_pages: Tensor | None = None
+    window_v_pages: Tensor | None = None
 
     # construction ---------------------------------------------------------------------------------
 
@@ -86,6 +90,10 @@ class NSACache:
         if page % config.stride == 0:
             pooled = torch.zeros(batch_size, hk, capacity // page + 1, d, **zeros)
         ring = config.compress_block_size
+        window = {}
+        if config.independent_kv:
+            window = {name: torch.zeros(batch_size * pages, hk, page, d, **zeros)
+                      for name in ("window_k_pages", "window_v_pages")}
         return cls(
             config=config, capacity=capacity,
             k_pages=torch.zeros(batch_size * pages, hk, page, d, **zeros),
@@ -98,7 +106,7 @@ class NSACache:
             ring_keys=torch.zeros(batch_size, hk, ring, d, **zeros),
             ring_values=torch.zeros(batch_size, hk, ring, d, **zeros),
             lengths=torch.zeros(batch_size, device=device, dtype=torch.int64),
-            growable=growable,
+            growable=growable, **window,
         )
 
     # facts ----------------------------------------------------------------------------------------
@@ -153,8 +161,10 @@ class NSACache:
         bigger = NSACache.allocate(self.config, self.batch_size, capacity, device=self.device, dtype=self.dtype,
                                    growable=True)
         b, hk = self.batch_size, self.config.num_kv_heads
-        for name in ("k_pages", "v_pages", "ck_pages", "cv_pages"):
+        for name in ("k_pages", "v_pages", "ck_pages", "cv_pages", "window_k_pages", "window_v_pages"):
             old, new = getattr(self, name), getattr(bigger, name)
+            if old is None:
+                continue
             per_row = old.shape[0] // b
             new.view(b, -1, *new.shape[1:])[:, :per_row] = old.view(b, per_row, *old.shape[1:])
         # the old scratch slot lies inside the bigger pool's real slots: clear it
@@ -180,12 +190,26 @@ class NSACache:
 
     # writes (in place, graph-capturable: positions are device tensors) -----------------------------
 
-    def write_tokens(self, positions: Tensor, k_rot: Tensor, v: Tensor) -> None:
-        """Rotated keys k_rot and values v (B, HKV, K, D) of the tokens at positions (B, K)."""
+    def write_tokens(self, positions: Tensor, k_rot: Tensor, v: Tensor, window_k_rot: Tensor | None = None,
+                     window_v: Tensor | None = None) -> None:
+        """Rotated keys k_rot and values v (B, HKV, K, D) of the tokens at positions (B, K); with
+        independent_kv also the window branch's (window_k_rot, window_v)."""
         page = self.page_size
         physical = self.block_table.gather(1, positions // page)
-        self.k_pages[physical, :, positions % page] = k_rot.transpose(1, 2).to(self.dtype)
-        self.v_pages[physical, :, positions % page] = v.transpose(1, 2).to(self.dtype)
+        pairs = [(self.k_pages, k_rot), (self.v_pages, v)]
+        if self.window_k_pages is not None:
+            if window_k_rot is None or window_v is None:
+                raise ValueError("this cache holds the window branch's own keys (independent_kv): pass window_k_rot "
+                                 "and window_v")
+            pairs += [(self.window_k_pages, window_k_rot), (self.window_v_pages, window_v)]
+        for pages, t in pairs:
+            pages[physical, :, positions % page] = t.transpose(1, 2).to(self.dtype)
+
+    def window_pages(self) -> tuple[Tensor, Tensor]:
+        """The pages the window branch reads: its own with independent_kv, else the shared ones."""
+        if self.window_k_pages is None:
+            return self.k_pages, self.v_pages
+        return self.window_k_pages, self.window_v_pages
 
     def write_compressed(self, slots: Tensor, ck: Tensor, cv: Tensor) -> None:
         """Compressed keys / values (B, HKV, K, D) into logical compressed slots (B, K)."""

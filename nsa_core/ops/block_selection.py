@@ -3,8 +3,9 @@
 
 Kernel path, for selection blocks a multiple of the stride: block scores pooled before the dot
 product (reference/pooled_selection.py) and, without use_diff_topk (whose gates need the softmax's
-gradient), mask + softmax + top-k as one Triton pass (kernels/block_topk.py); with it, PyTorch's
-softmax and top-k on the pooled logits. Over query chunks either way (memory linear in T).
+gradient), mask + softmax + top-k as one Triton pass (kernels/block_topk.py); with it, or with
+forced blocks, PyTorch's softmax and top-k on the pooled logits (packed documents with forced
+blocks: each document alone). Over query chunks either way (memory linear in T).
 Reference: reference/selection.py (exact compressed logits, any selection block); selection blocks
 smaller than the stride take it by design.
 
@@ -74,6 +75,8 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
             return _select_per_document(q, ck, rule, seqs)
         return select_blocks_reference(q, ck, rule, q_offset=seqs.q_offset)
     if seqs.is_packed:
+        if rule.has_forced_blocks:  # forced blocks count from each document's start: one document at a time
+            return _select_per_document(q, ck, rule, seqs)
         return _select_packed(q, ck, rule, seqs)
     return _select_pooled(q, ck, rule, seqs)
 
@@ -92,7 +95,7 @@ def _select_pooled(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Se
     from nsa_core.kernels.block_topk import MAX_BLOCKS
     from nsa_core.kernels.limits import dtype_reason
 
-    if not rule.use_diff_topk and num_blocks <= MAX_BLOCKS and dtype_reason(q) is None:
+    if not rule.use_diff_topk and not rule.has_forced_blocks and num_blocks <= MAX_BLOCKS and dtype_reason(q) is None:
         from nsa_core.kernels.block_topk import block_topk
 
         def part(start: int, end: int) -> tuple:
@@ -108,7 +111,8 @@ def _select_pooled(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Se
             pos = torch.arange(seqs.q_offset + start, seqs.q_offset + end, device=q.device)
             logits = pooled_block_logits(q[:, :, start:end], ck, causal=rule.causal, scale=rule.scale, query_pos=pos,
                                          **pooling)
-            return selection_fields(select_top_blocks(logits, rule.num_selected, rule.use_diff_topk))
+            return selection_fields(select_top_blocks(logits, rule.num_selected, rule.use_diff_topk,
+                                                      forced=rule.forced(pos)))
 
     with torch.set_grad_enabled(needs_grad):
         return Selection(*map_query_chunks(part, T, chunk, needs_grad))

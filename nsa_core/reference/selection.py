@@ -13,6 +13,10 @@ for selection blocks smaller than the compression stride:
 3. when selection block != stride, a query's own block gets -finfo.max;
 4. softmax with a null slot of logit -1000 in front, top-n (ties: lowest block index first);
    a slot whose probability is <= 1e-10 is invalid.
+   With forced blocks (the paper's "1 initial block and 2 local blocks"; causal only), the first
+   slots hold the forced blocks that exist (initial blocks 0 .. I - 1 and the L blocks just before
+   the query's own block, each once), whatever their probability; top-(n - I - L) over the other
+   blocks fills the rest.
 
 `select_blocks_reference` runs these steps from the queries and compressed keys over chunks of
 queries (memory linear in T).
@@ -111,16 +115,53 @@ def top_indices_lowest_first(probs: Tensor, k: int) -> Tensor:
     return key.topk(k, dim=-1).indices
 
 
-def select_top_blocks(block_logits: Tensor, num_selected: int, use_diff_topk: bool) -> Selection | None:
-    """Softmax with a null slot, top-n. None when nothing can be selected."""
-    k = min(num_selected, block_logits.shape[-1])
+def forced_blocks(query_pos: Tensor, selection_block_size: int, initial: int, local: int) -> tuple[Tensor, Tensor]:
+    """The forced blocks of queries at query_pos (T,) or (B, T): indices and validity (..., T, I + L)
+    (a block exists when it lies before the query's own block; a local block that is also an
+    initial one is marked invalid, so each block is attended once)."""
+    own = (query_pos // selection_block_size)[..., None]
+    first = torch.arange(initial, device=query_pos.device)
+    before = own - 1 - torch.arange(local, device=query_pos.device)
+    indices = torch.cat((first.expand(own.shape[:-1] + (initial,)), before), dim=-1)
+    valid = torch.cat((first < own, (before >= 0) & (before >= initial)), dim=-1)
+    return indices.clamp(min=0), valid
+
+
+def _is_forced(num_blocks: int, query_pos: Tensor, selection_block_size: int, initial: int, local: int) -> Tensor:
+    """(..., T, NB) bool: the blocks a query is made to select."""
+    own = (query_pos // selection_block_size)[..., None]
+    blocks = torch.arange(num_blocks, device=query_pos.device)
+    return ((blocks < initial) | (blocks >= own - local)) & (blocks < own)
+
+
+def select_top_blocks(block_logits: Tensor, num_selected: int, use_diff_topk: bool, *,
+                      forced: tuple[int, int, int, Tensor] | None = None) -> Selection | None:
+    """Softmax with a null slot, top-n. None when nothing can be selected.
+    forced: (selection_block_size, initial, local, query_pos) when blocks are forced (module docstring)."""
+    nb = block_logits.shape[-1]
+    k = min(num_selected, nb)
     if k == 0:
         return None
     null = torch.full_like(block_logits[..., :1], NULL_SLOT_LOGIT)
     probs = torch.cat((null, block_logits), dim=-1).softmax(dim=-1)[..., 1:]
-    indices = top_indices_lowest_first(probs, k)
-    values = probs.gather(-1, indices)
-    valid = values > VALID_THRESHOLD
+    if forced is None or forced[1] + forced[2] == 0:
+        indices = top_indices_lowest_first(probs, k)
+        values = probs.gather(-1, indices)
+        valid = values > VALID_THRESHOLD
+    else:
+        sel, initial, local, query_pos = forced
+        if query_pos.ndim == 2:  # per row (B, T): broadcast over the heads
+            query_pos = query_pos[:, None]
+        forced_idx, forced_valid = forced_blocks(query_pos, sel, initial, local)
+        shape = probs.shape[:-1]
+        forced_idx, forced_valid = forced_idx.expand(shape + forced_idx.shape[-1:]), forced_valid.expand(
+            shape + forced_valid.shape[-1:])
+        # the other slots rank the unforced blocks; one that is forced counts 0 there (never twice)
+        unforced = probs.masked_fill(_is_forced(nb, query_pos, sel, initial, local), 0.0)
+        rest = top_indices_lowest_first(unforced, max(k - initial - local, 0))
+        indices = torch.cat((forced_idx, rest), dim=-1)
+        values = torch.cat((probs.gather(-1, forced_idx), unforced.gather(-1, rest)), dim=-1)
+        valid = torch.cat((forced_valid, values[..., initial + local:] > VALID_THRESHOLD), dim=-1)
     gates = values + (1.0 - values).detach() if use_diff_topk else None
     return Selection(indices=indices, valid=valid, probs=values, gates=gates)
 
@@ -138,6 +179,18 @@ class SelectionRule:
     use_diff_topk: bool
     causal: bool
     scale: float
+    forced_initial: int = 0
+    forced_local: int = 0
+
+    @property
+    def has_forced_blocks(self) -> bool:
+        return self.forced_initial + self.forced_local > 0
+
+    def forced(self, query_pos: Tensor) -> tuple[int, int, int, Tensor] | None:
+        """select_top_blocks' `forced` argument for queries at query_pos, or None."""
+        if not self.has_forced_blocks:
+            return None
+        return (self.selection_block_size, self.forced_initial, self.forced_local, query_pos)
 
 
 def selection_fields(selection: Selection | None) -> tuple:
@@ -164,7 +217,8 @@ def select_blocks_reference(q: Tensor, ck: Tensor, rule: SelectionRule, q_offset
             selection_block_size=rule.selection_block_size, interpolated=rule.interpolated, causal=rule.causal,
             query_pos=pos,
         )
-        return selection_fields(select_top_blocks(logits, rule.num_selected, rule.use_diff_topk))
+        return selection_fields(select_top_blocks(logits, rule.num_selected, rule.use_diff_topk,
+                                                  forced=rule.forced(pos)))
 
     chunk = query_chunk_size(T, max(1, ck.shape[-2]), HQ, B, budget=1 << 24)
     with torch.set_grad_enabled(needs_grad):
