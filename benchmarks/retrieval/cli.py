@@ -140,6 +140,34 @@ def log(message: str) -> None:
     console.print(f"  {message}", highlight=False)
 
 
+def run_one(s: BenchmarkSettings, task, length: int, name: str, variant, lr: float, seed: int, out: Path,
+            device: torch.device, precision: str, env: dict, resume: bool) -> None:
+    """Train one run, its JSON rewritten after every evaluation; skipped when a finished JSON of the
+    same configuration is in `out` (resume)."""
+    run_id = f"{task.name}-{length}-{name}-lr{lr:g}-seed{seed}"
+    ts = train_settings(s, task, length, lr, seed)
+    config = {"shape": s.to_dict()["shape"], "train": ts.to_dict(), "task": vars(task).copy(),
+              "variant": variant.to_dict(), "precision": precision, "backend": s.backend, "compile": s.compile}
+    path = run_path(out, run_id)
+    if resume and path.exists():
+        done = json.loads(path.read_text())
+        if done.get("status") == "finished" and done.get("config") == config:
+            console.print(f"[dim]{run_id}: finished earlier, kept[/dim]", highlight=False)
+            return
+    console.print(f"[bold]{run_id}[/bold]", highlight=False)
+    model = build_model(variant, s.shape, task.vocab_size, length, seed, s.backend).to(device)
+    step_model = torch.compile(model) if s.compile else model
+    run = {"id": run_id, "task": {"name": task.name, "length": length, "chance": task.chance,
+                                  "vocab_size": task.vocab_size},
+           "model": name, "lr": lr, "seed": seed, "config": config, "environment": env,
+           "params": sum(p.numel() for p in model.parameters()),
+           "attention_params": sum(p.numel() for p in model.attentions.parameters())}
+    record = train_run(model, task, ts, device, precision, on_eval=lambda r: write_run(out, {**run, **r}), log=log,
+                       step_model=step_model)
+    log(f"{record['steps']} steps in {record['wall_seconds']} s ({record['stopped']}); "
+        f"steps to 0.9 / 0.95: {record['steps_to']['0.9']} / {record['steps_to']['0.95']}")
+
+
 def run_all(s: BenchmarkSettings, out: Path, resume: bool) -> None:
     device, precision = resolve_device(s)
     if s.cpu_threads is not None:
@@ -153,31 +181,7 @@ def run_all(s: BenchmarkSettings, out: Path, resume: bool) -> None:
             for name, variant in chosen.items():
                 for lr in s.lrs:
                     for seed in s.seeds:
-                        run_id = f"{task.name}-{length}-{name}-lr{lr:g}-seed{seed}"
-                        ts = train_settings(s, task, length, lr, seed)
-                        config = {"shape": s.to_dict()["shape"], "train": ts.to_dict(), "task": vars(task).copy(),
-                                  "variant": variant.to_dict(), "precision": precision, "backend": s.backend,
-                                  "compile": s.compile}
-                        path = run_path(out, run_id)
-                        if resume and path.exists():
-                            done = json.loads(path.read_text())
-                            if done.get("status") == "finished" and done.get("config") == config:
-                                console.print(f"[dim]{run_id}: finished earlier, kept[/dim]", highlight=False)
-                                continue
-                        console.print(f"[bold]{run_id}[/bold]", highlight=False)
-                        model = build_model(variant, s.shape, task.vocab_size, length, seed, s.backend).to(device)
-                        step_model = torch.compile(model) if s.compile else model
-                        run = {"id": run_id, "task": {"name": task.name, "length": length, "chance": task.chance,
-                                                      "vocab_size": task.vocab_size},
-                               "model": name, "lr": lr, "seed": seed, "config": config, "environment": env,
-                               "params": sum(p.numel() for p in model.parameters()),
-                               "attention_params": sum(p.numel() for p in model.attentions.parameters())}
-                        record = train_run(model, task, ts, device, precision,
-                                           on_eval=lambda r, run=run: write_run(out, {**run, **r}), log=log,
-                                           step_model=step_model)
-                        log(f"{record['steps']} steps in {record['wall_seconds']} s ({record['stopped']}); "
-                            f"steps to 0.9 / 0.95: {record['steps_to']['0.9']} / {record['steps_to']['0.95']}")
-                        del model, step_model
+                        run_one(s, task, length, name, variant, lr, seed, out, device, precision, env, resume)
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
 
