@@ -2,15 +2,14 @@
 
 - `nsa`: `SparseAttention` (compression + selection + sliding window, gated), causal.
 - `dense`: full causal attention (`DenseAttention`: rotary, GQA, flash SDPA).
-- `window`: NSA's sliding-window branch alone (`SlidingWindowAttention` below: the same norm,
-  fused q/k/v projection, interleaved rotary, causal window, per-head sigmoid gate initialised
-  as SparseAttention's sliding gate, and output projection).
-- `no_selection`: `SparseAttention` whose selected-branch gate is held at exactly 0
-  (`GateWithoutSelection`): compression + window only, the selected branch adds nothing to the
-  output and receives no gradient. The branch is still computed (and discarded), so this
-  model's tokens/s is not a speed figure for a compression + window design. This ablation is
-  used rather than `num_selected_blocks=0`, which still lets each query attend its own
-  selection block (a second local branch), and is therefore not "no selection".
+- `window`: NSA's sliding-window branch alone (`SlidingWindowAttention`).
+- `no_selection`: `SparseAttention` whose selected-branch gate is held at exactly 0 (`BranchGate`
+  with the selected branch off): compression + window only, the selected branch adds nothing to
+  the output and receives no gradient. The branch is still computed (and discarded), so this
+  model's tokens/s is not a speed figure for a compression + window design.
+
+The layers, the model shape and the gate are benchmarks/attention_layers.py's (shared with the
+retrieval benchmark, benchmarks/retrieval/).
 
 Every model is: byte embedding -> depth x (x + attention(x), x + feed_forward(x)) -> RMSNorm
 -> logits over 256 bytes. Each attention module norms its own input. The embedding, the
@@ -26,89 +25,26 @@ reported with the results (full preset: NSA about 6% more parameters than dense 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from nsa_core import SparseAttention, sliding_window_attention
-from nsa_core.model.rotary import RotaryEmbedding
+from benchmarks.attention_layers import (
+    BRANCHES,
+    BranchGate,
+    ModelShape,
+    SlidingWindowAttention,
+    feed_forward,
+    sparse_attention,
+)
+from nsa_core import SparseAttention
 from nsa_core.model.transformer import DenseAttention
+
+__all__ = ["VARIANTS", "BRANCHES", "ModelShape", "ByteLanguageModel", "make_attention", "build_language_model",
+           "parameter_counts", "branch_gate_means"]
 
 VOCAB_SIZE = 256
 VARIANTS = ("nsa", "dense", "window", "no_selection")
-
-# SparseAttention's strategy gate: one logit per head and branch, branches in this order
-BRANCHES = ("compressed", "selected", "sliding")
-SELECTED_BRANCH = BRANCHES.index("selected")
-INITIAL_GATE_BIASES = (-2.0, -2.0, 2.0)  # SparseAttention's default: favour the sliding window
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """Sizes shared by every variant, and NSA's block geometry (used by nsa and no_selection;
-    `window` is also the window of the window-only model)."""
-
-    dim: int
-    depth: int
-    heads: int
-    kv_heads: int
-    dim_head: int
-    ff_mult: int
-    window: int
-    compress_block: int
-    compress_stride: int
-    selection_block: int
-    num_selected: int
-    compress_hidden: int  # hidden width of NSA's compression MLP (block * dim_head inputs -> this -> dim_head)
-
-
-class SlidingWindowAttention(nn.Module):
-    """NSA's sliding-window branch as a module of its own: norm, fused q/k/v projection,
-    interleaved rotary, causal window attention, a sigmoid gate per head, output projection."""
-
-    def __init__(self, dim: int, dim_head: int, heads: int, kv_heads: int, window: int, backend: str = "auto"):
-        super().__init__()
-        self.heads, self.kv_heads, self.dim_head, self.window, self.backend = heads, kv_heads, dim_head, window, backend
-        self.norm = nn.RMSNorm(dim)
-        self.qkv_split = (heads * dim_head, kv_heads * dim_head, kv_heads * dim_head)
-        self.to_qkv = nn.Linear(dim, sum(self.qkv_split), bias=False)
-        self.rotary_emb = RotaryEmbedding(dim_head)
-        self.to_gate = nn.Linear(dim, heads)
-        nn.init.zeros_(self.to_gate.weight)
-        nn.init.constant_(self.to_gate.bias, INITIAL_GATE_BIASES[-1])
-        self.combine_heads = nn.Linear(heads * dim_head, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x (b, n, dim) -> (b, n, dim)."""
-        x = self.norm(x)
-        q, k, v = (t.unflatten(-1, (-1, self.dim_head)).transpose(1, 2) for t in self.to_qkv(x).split(self.qkv_split, -1))
-        q, k = (self.rotary_emb.rotate(t, backend=self.backend) for t in (q, k))
-        out = sliding_window_attention(q, k, v, window=self.window, causal=True, scale=self.dim_head ** -0.5,
-                                       backend=self.backend)  # (b, h, n, d)
-        gate = self.to_gate(x).sigmoid().transpose(1, 2).unsqueeze(-1)  # (b, h, n, 1)
-        return self.combine_heads((out * gate).transpose(1, 2).flatten(-2))
-
-
-class GateWithoutSelection(nn.Module):
-    """SparseAttention's strategy gate (Linear dim -> 3 * heads, initialised as the default one)
-    with the selected branch's logit held at -inf: its sigmoid is exactly 0."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, len(BRANCHES) * heads)
-        nn.init.zeros_(self.linear.weight)
-        with torch.no_grad():
-            self.linear.bias.copy_(torch.tensor(INITIAL_GATE_BIASES * heads))
-        is_selected = torch.arange(len(BRANCHES) * heads) % len(BRANCHES) == SELECTED_BRANCH
-        self.register_buffer("is_selected", is_selected, persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear(x).masked_fill(self.is_selected, float("-inf"))
-
-
-def feed_forward(dim: int, mult: int) -> nn.Sequential:
-    return nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
 
 
 class ByteLanguageModel(nn.Module):
@@ -147,7 +83,7 @@ def make_attention(variant: str, shape: ModelShape, backend: str = "auto") -> nn
     if variant == "nsa":
         return sparse_attention(shape, backend)
     if variant == "no_selection":
-        return sparse_attention(shape, backend, strategy_combine_mlp=GateWithoutSelection(shape.dim, shape.heads))
+        return sparse_attention(shape, backend, strategy_combine_mlp=BranchGate(shape.dim, shape.heads, off=("selected",)))
     if variant == "dense":
         return DenseAttention(shape.dim, dim_head=shape.dim_head, heads=shape.heads, kv_heads=shape.kv_heads, causal=True)
     if variant == "window":
