@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nsa_core.inference.lengths import prompt_lengths
 from nsa_core.model.cache import COMPRESSED_PAGE, NSACache
 from nsa_core.ops.combine import combine
 from nsa_core.ops.decode_attention import decode_attention
@@ -60,15 +61,6 @@ def _projection_dtype(attn, inp: Tensor) -> torch.dtype:
     return attn.to_qkv.weight.dtype
 
 
-def _check_lengths(lengths: Tensor | None, batch: int, n: int, device: torch.device) -> Tensor:
-    if lengths is None:
-        return torch.full((batch,), n, device=device, dtype=torch.int64)
-    if not isinstance(lengths, Tensor) or lengths.dtype not in (torch.int32, torch.int64) or lengths.shape != (batch,):
-        raise ValueError(f"lengths must be an integer tensor of shape (batch={batch},), got "
-                         f"{getattr(lengths, 'dtype', type(lengths).__name__)} {tuple(getattr(lengths, 'shape', ()))}")
-    return lengths.to(device=device, dtype=torch.int64)
-
-
 def _check_dtype(cache: NSACache, k: Tensor) -> None:
     if k.dtype != cache.dtype:
         raise ValueError(f"cache holds {cache.dtype}, the module's keys are {k.dtype}")
@@ -78,7 +70,7 @@ def prefill(attn, inp: Tensor, cache: NSACache, lengths: Tensor | None) -> Tenso
     """The parallel pass over the prompt inp (B, n, dim), written into the empty cache."""
     cfg = attn.config
     B, n, _ = inp.shape
-    lengths = _check_lengths(lengths, B, n, inp.device)
+    lengths = prompt_lengths(lengths, B, n, inp.device)
     cache.reserve(n)
     x = attn.norm(inp)
     q, k, v = attn.project(x)

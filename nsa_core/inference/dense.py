@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nsa_core.inference.lengths import prompt_lengths
 from nsa_core.model.cache import room_needed
 
 
@@ -63,6 +64,8 @@ def dense_with_cache(attn, x: Tensor, cache: DenseCache | None, lengths: Tensor 
     prefill = cache.filled == 0
     if not prefill and lengths is not None:
         raise ValueError("lengths describes a prompt: pass it with an empty cache (the first call)")
+    if prefill:
+        lengths = prompt_lengths(lengths, B, K, x.device)
     cache.reserve(K)
     start = torch.zeros_like(cache.lengths) if prefill else cache.lengths
     positions = start[:, None] + torch.arange(K, device=x.device)  # (B, K)
@@ -76,7 +79,7 @@ def dense_with_cache(attn, x: Tensor, cache: DenseCache | None, lengths: Tensor 
     cache.values[batch, :, positions] = v.transpose(1, 2).to(cache.values.dtype)
     if prefill:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=attn.heads != attn.kv_heads)
-        cache.lengths.copy_(torch.full_like(cache.lengths, K) if lengths is None else lengths.to(cache.lengths))
+        cache.lengths.copy_(lengths)
     else:
         visible = torch.arange(cache.capacity, device=x.device) <= positions[..., None]  # (B, K, N)
         out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible[:, None],

@@ -10,29 +10,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nsa_core.inference.lengths import prompt_lengths
+from nsa_core.inference.sampling import check_sampling, sample
 
-def _check(prompt: Tensor, max_new_tokens: int, temperature: float, top_k: int | None, vocab: int) -> None:
+
+def _check(prompt: Tensor, max_new_tokens: int) -> None:
     if not isinstance(prompt, Tensor) or prompt.ndim != 2 or prompt.dtype not in (torch.int32, torch.int64):
         raise ValueError("prompt must be an integer tensor of shape (batch, seq)")
+    if prompt.shape[0] < 1 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must hold at least one row and one token, got shape {tuple(prompt.shape)}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab):
-        raise ValueError(f"top_k must be None or an int in 1..{vocab}, got {top_k!r}")
-
-
-def sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
-    """logits (B, V) -> next tokens (B, 1): argmax at temperature 0, else a draw from
-    softmax(logits / temperature) restricted to the top_k likeliest (Gumbel-max)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(min=1e-20)).clamp(min=1e-20))
-    return (logits + gumbel).argmax(dim=-1, keepdim=True)
 
 
 class GraphedStep:
@@ -71,14 +59,15 @@ class GraphedStep:
 
 @torch.no_grad()
 def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             lengths: Tensor | None = None, cuda_graph: bool | None = None) -> Tensor:
+             top_p: float | None = None, lengths: Tensor | None = None, cuda_graph: bool | None = None) -> Tensor:
     """See Transformer.generate."""
-    _check(prompt, max_new_tokens, temperature, top_k, model.to_logits.out_features)
+    _check(prompt, max_new_tokens)
+    check_sampling(temperature, top_k, top_p, model.to_logits.out_features)
     B, n = prompt.shape
+    lengths = prompt_lengths(lengths, B, n, prompt.device)  # checked here, before the caches are allocated
     caches = model.new_cache(B, n + max_new_tokens, device=prompt.device)
     logits = model(prompt, cache=caches, lengths=lengths)
-    last = (torch.full((B,), n, device=prompt.device) if lengths is None else lengths.to(prompt.device)) - 1
-    token = sample(logits[torch.arange(B, device=prompt.device), last], temperature, top_k)
+    token = sample(logits[torch.arange(B, device=prompt.device), lengths - 1], temperature, top_k, top_p)
     tokens = [token]
     use_graph = prompt.is_cuda if cuda_graph is None else cuda_graph
     if use_graph and max_new_tokens > 1:
@@ -89,6 +78,6 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
         def step(ids: Tensor) -> Tensor:
             return model(ids, cache=caches)[:, -1]
     for _ in range(max_new_tokens - 1):
-        token = sample(step(token), temperature, top_k)
+        token = sample(step(token), temperature, top_k, top_p)
         tokens.append(token)
     return torch.cat(tokens, dim=1)

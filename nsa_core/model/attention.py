@@ -239,6 +239,8 @@ class SparseAttention(nn.Module):
             raise ValueError(f"input last dim must be dim={dim}, got {inp.shape[-1]}")
         if not inp.dtype.is_floating_point:
             raise TypeError(f"input must be a floating tensor, got {inp.dtype}")
+        if inp.shape[0] < 1:
+            raise ValueError(f"input must hold at least one sequence (batch >= 1), got shape {tuple(inp.shape)}")
         if inp.shape[1] < 1:
             raise ValueError("input must hold at least one token (seq >= 1)")
 

@@ -145,6 +145,8 @@ class Transformer(nn.Module):
         average them: scale by P)."""
         if ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"ids must be an integer tensor of shape (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
+        if ids.shape[0] < 1:
+            raise ValueError(f"ids must hold at least one sequence (batch >= 1), got shape {tuple(ids.shape)}")
         cached = cache is not None or return_cache
         if cached and not self.causal:
             raise ValueError("cache / return_cache need causal=True")
@@ -200,22 +202,32 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                 lengths: Tensor | None = None, cuda_graph: bool | None = None) -> Tensor:
+                 top_p: float | None = None, lengths: Tensor | None = None, cuda_graph: bool | None = None) -> Tensor:
         """Continue every row of prompt (b, n) by max_new_tokens tokens -> (b, max_new_tokens).
-        temperature 0: greedy; top_k: sample among the k likeliest. `lengths`: each row's valid
-        prompt tokens (right-padded rows). On the static cache; on CUDA the decoding step runs as
-        a CUDA graph (cuda_graph=None: on CUDA)."""
+        temperature 0: greedy; else each token is drawn from softmax(logits / temperature) within the
+        top_k likeliest and the smallest set reaching probability top_p (nsa_core/inference/sampling.py).
+        `lengths`: each row's valid prompt tokens, 1..n (right-padded rows). On the static cache; on
+        CUDA the decoding step runs as a CUDA graph (cuda_graph=None: on CUDA)."""
         from nsa_core.inference.generate import generate
 
-        return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, lengths=lengths,
-                        cuda_graph=cuda_graph)
+        return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        lengths=lengths, cuda_graph=cuda_graph)
 
     @torch.no_grad()
     def sample(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9, use_cache_kv: bool = False) -> Tensor:
-        """Continue `prompt` (b, n) up to `seq_len` tokens in all; returns the new tokens only.
-        temperature <= 0 is greedy. use_cache_kv decodes one token at a time against the cache."""
+        """Continue `prompt` (b, n) up to `seq_len` tokens in all; returns the new tokens only (the
+        native-sparse-attention-pytorch API). temperature <= 0 is greedy; else a draw among the
+        ceil((1 - filter_thres) * num_tokens) likeliest tokens. use_cache_kv decodes one token at a
+        time against the cache."""
+        from nsa_core.inference.sampling import sample
+
         if use_cache_kv and not self.causal:
             raise ValueError("use_cache_kv needs causal=True")
+        if isinstance(filter_thres, bool) or not isinstance(filter_thres, (int, float)) or not 0 <= filter_thres < 1:
+            raise ValueError(f"filter_thres must be a number in [0, 1), got {filter_thres!r}")
+        vocab = self.to_logits.out_features
+        top_k = min(vocab, max(1, math.ceil((1 - filter_thres) * vocab)))
+        temperature = 0.0 if isinstance(temperature, (int, float)) and temperature <= 0 else temperature  # greedy
         out = prompt.clone()
         cache = None
         for _ in range(max(0, seq_len - prompt.shape[-1])):
@@ -224,12 +236,7 @@ class Transformer(nn.Module):
                 logits, cache = self.forward(step_ids, cache=cache, return_cache=True)
             else:
                 logits = self.forward(out)
-            logits = logits[:, -1]
-            if temperature <= 0:
-                sample = logits.argmax(dim=-1, keepdim=True)
-            else:
-                sample = _gumbel_sample(_top_k(logits, filter_thres), temperature)
-            out = torch.cat((out, sample), dim=-1)
+            out = torch.cat((out, sample(logits[:, -1], temperature, top_k)), dim=-1)
         return out[:, prompt.shape[-1]:]
 
 
@@ -262,14 +269,3 @@ def _labels_within_documents(ids: Tensor, cu_seqlens: Tensor) -> Tensor:
     starts = torch.zeros(total + 1, dtype=torch.bool, device=ids.device)
     starts[cu_seqlens.long()] = True  # a document of length 0 may start at total: the extra slot takes it
     return torch.where(starts[1:total], torch.full_like(ids[:, 1:], IGNORE), ids[:, 1:])
-
-
-def _top_k(logits: Tensor, thres: float) -> Tensor:
-    k = math.ceil((1 - thres) * logits.shape[-1])
-    values, indices = logits.topk(k, dim=-1)
-    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
-
-
-def _gumbel_sample(logits: Tensor, temperature: float) -> Tensor:
-    noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(min=1e-20)).clamp(min=1e-20))
-    return (logits / temperature + noise).argmax(dim=-1, keepdim=True)
