@@ -13,6 +13,8 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from nsa_core.limits import MAX_CONFIG_BYTES, MAX_SIZE, SIZE_RULE, check_elements, parse_json
+
 BACKENDS = ("auto", "torch", "triton")
 # the oracle's initial gate biases (compressed, selected, sliding): sigmoid 0.12 / 0.12 / 0.88
 DEFAULT_GATE_BIASES = (-2.0, -2.0, 2.0)
@@ -106,11 +108,7 @@ class NSAConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "NSAConfig":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, "config", MAX_CONFIG_BYTES))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
@@ -120,6 +118,8 @@ class NSAConfig:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"config file {str(path)!r} is {path.stat().st_size:,} bytes; at most {MAX_CONFIG_BYTES:,} are read")
         return cls.from_json(path.read_text())
 
     def replace(self, **changes: Any) -> "NSAConfig":
@@ -135,6 +135,8 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    if value > MAX_SIZE:
+        raise ValueError(f"{name} must be at most {SIZE_RULE}, got {value}")
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -190,12 +192,24 @@ def validate_config(cfg: NSAConfig) -> None:
                          f"num_forced_local_blocks = {forced} > num_selected_blocks = {cfg.num_selected_blocks}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
+    _check_tensor_sizes(cfg)
     if cfg.num_selected_blocks == 0:
         warnings.warn(
             "num_selected_blocks=0: the selection branch attends only to each query's own block "
             "(useful for ablations only)",
             stacklevel=3,
         )
+
+
+def _check_tensor_sizes(cfg: NSAConfig) -> None:
+    """Bounds: the largest tensors a module of this config holds each within MAX_ELEMENTS (sizes that
+    the library can allocate and index), so that a config that validates also builds."""
+    d, hk = cfg.dim_head, cfg.num_kv_heads
+    window = cfg.compress_block_size * d
+    check_elements("to_qkv.weight (dim x (heads + 2 kv_heads) x dim_head)", cfg.dim * (cfg.heads + 2 * hk) * d)
+    check_elements("the compression MLP's first weight ((compress_block_size x dim_head)^2 x compress_mlp_expand_factor)",
+                   window * int(cfg.compress_mlp_expand_factor * window))
+    check_elements("compress_mem_kv (2 x kv_heads x num_compressed_mem_kv x dim_head)", 2 * hk * cfg.num_compressed_mem_kv * d)
 
 
 PRESETS: dict[str, NSAConfig] = {}

@@ -1,7 +1,7 @@
 """safetensors files of SparseAttention weights with the NSAConfig in the metadata: the format,
 saving (atomic, serialized into our own temporary file), reading and checking a file completely
-(header offsets against the file size, every tensor's bytes, names and shapes against the
-config), and loading.
+(header offsets against the file size, every tensor's bytes, names, shapes and dtypes against
+the config), and loading, which checks the header against the config before building anything.
 
 Metadata (string values only): "format" = "nsa", "nsa_version", "nsa_config" (the config as
 JSON) and "compress_mlp" ("default" or the class name of a custom network, which
@@ -14,7 +14,6 @@ whose tensors do not match it.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from safetensors.torch import save as serialize
 from nsa_core.checkpoint.files import check_input_file, write_atomically, write_chunks
 from nsa_core.checkpoint.state import load_strictly, summarize, tensor_mismatches
 from nsa_core.config import NSAConfig
+from nsa_core.limits import parse_json
 from nsa_core.model.attention import SparseAttention
 
 FORMAT = "nsa"
@@ -36,6 +36,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 COMPRESSION_PREFIXES = ("k_compress.", "v_compress.")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def _compress_mlp_kind(module: SparseAttention) -> str:
@@ -97,15 +98,15 @@ def _read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict], int
         if header_len > size - 8:
             raise ValueError(f"{name} is truncated or not a safetensors file: its header needs {header_len} bytes, "
                              f"the file has {size - 8} after the length field")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{name} is not a safetensors file (header is not JSON)") from None
+        try:  # every value kept below is type-checked, which bounds the nesting of what we use
+            header = parse_json(f.read(header_len), "header", MAX_HEADER_BYTES, max_depth=None)
+        except ValueError as err:
+            raise ValueError(f"{name} is not a safetensors file ({err})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{name} is not a safetensors file (header is not an object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{name} has a malformed header: __metadata__ is not an object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{name} has a malformed header: __metadata__ is not an object of strings")
     tensors = {}
     for tensor, info in header.items():
         try:
@@ -196,17 +197,43 @@ def expected_tensors(cfg: NSAConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in module.state_dict().items()}
 
 
-def check_against_config(metadata: dict[str, str], tensors: dict[str, dict]) -> tuple[dict | None, list[str], list[str]]:
-    """(config dict or None, findings, notes). Findings: no or an invalid config, tensors the
-    config does not expect, misses or shapes otherwise. Notes: what was not checked."""
-    try:
-        cfg = config_from_metadata(metadata, "the file")
-    except ValueError as err:
-        return None, [str(err)], []
+def dtype_findings(tensors: dict[str, dict]) -> list[str]:
+    """What breaks the format's dtype rule: every tensor floating (F16, BF16, F32, F64) and all of one
+    dtype, as save_safetensors writes a module (integers of the same bytes would load as ~1e9 weights)."""
+    findings = []
+    for dtype in sorted(({info["dtype"] for info in tensors.values()} - set(FLOAT_DTYPES)) & set(DTYPE_BYTES)):
+        names = sorted(t for t, info in tensors.items() if info["dtype"] == dtype)
+        listed = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        findings.append(f"{len(names)} tensor(s) are {dtype} ({listed}); an nsa file holds floating tensors "
+                        f"({', '.join(FLOAT_DTYPES)})")
+    counts = {}
+    for info in tensors.values():
+        if info["dtype"] in FLOAT_DTYPES:
+            counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
+    if len(counts) > 1:
+        mix = ", ".join(f"{dtype} x {n}" for dtype, n in sorted(counts.items(), key=lambda item: -item[1]))
+        findings.append(f"tensors mix dtypes ({mix}); a module's tensors share one")
+    return findings
+
+
+def tensor_findings(cfg: NSAConfig, metadata: dict[str, str], tensors: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """(findings, notes) of the header's tensors against the config, from the header alone (nothing
+    is allocated): dtypes, then tensors the config does not expect, misses and shapes."""
     custom = metadata.get("compress_mlp", "default") != "default"
     notes = [f"custom compression network {metadata['compress_mlp']}: its tensors are not checked"] if custom else []
     found = {name: info["shape"] for name, info in tensors.items()}
     findings = tensor_mismatches(expected_tensors(cfg), found, COMPRESSION_PREFIXES if custom else ())
+    return dtype_findings(tensors) + findings, notes
+
+
+def check_against_config(metadata: dict[str, str], tensors: dict[str, dict]) -> tuple[dict | None, list[str], list[str]]:
+    """(config dict or None, findings, notes). Findings: no or an invalid config, tensors the
+    config does not expect, misses, shapes or dtypes otherwise. Notes: what was not checked."""
+    try:
+        cfg = config_from_metadata(metadata, "the file")
+    except ValueError as err:
+        return None, [str(err)], []
+    findings, notes = tensor_findings(cfg, metadata, tensors)
     return cfg.to_dict(), findings, notes
 
 
@@ -236,12 +263,17 @@ def inspect_file(path: str | Path) -> FileReport:
 
 def load_safetensors(path: str | Path, device: str | torch.device = "cpu", **modules) -> SparseAttention:
     """Rebuild the module from the embedded config and load the weights (strict).
-    A custom compression network must be passed again as `compress_mlp=`."""
-    metadata, _ = check_file(path)
+    A custom compression network must be passed again as `compress_mlp=`. The header is checked
+    against the config (every expected tensor present with its shape, floating dtypes) before the
+    module is built."""
+    metadata, tensors = check_file(path)
     cfg = config_from_metadata(metadata, repr(str(path)))
     kind = metadata.get("compress_mlp", "default")
     if kind != "default" and "compress_mlp" not in modules:
         raise ValueError(f"file was saved with a custom compression network ({kind}); pass compress_mlp= to load it")
+    findings, _ = tensor_findings(cfg, metadata, tensors)
+    if findings:
+        raise ValueError(f"{str(path)!r} cannot be loaded: weights do not match the config: {summarize(findings)}")
     module = SparseAttention.from_config(cfg, **modules)
     load_strictly(module, read_tensors(path, device), repr(str(path)))
     return module.to(device)
