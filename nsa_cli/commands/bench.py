@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from nsa_cli.support.common import UsageError, check_int, cli_errors, console, print_json, resolve_config
+from nsa_cli.support.common import UsageError, check_input_size, check_int, cli_errors, console, print_json, resolve_config
 from nsa_cli.support.progress import progress
 from nsa_cli.support.decode_speed import decode_benchmark, generation_tokens_per_s
 from nsa_cli.support.speed import DTYPES, BenchRow, benchmark
@@ -29,6 +29,8 @@ def _parse_lengths(text: str) -> list[int]:
         raise UsageError(f"--seq-len must be comma-separated integers (8192,16384 or 8k,16k), got {text!r}") from None
     if not lengths or min(lengths) < 1:
         raise UsageError(f"--seq-len must list positive lengths, got {text!r}")
+    for n in lengths:
+        check_int("--seq-len", n)
     return lengths
 
 
@@ -66,6 +68,7 @@ def bench(
     if preset is None and config is None:
         preset = defaults["preset"]
     cfg = resolve_config(preset, config, dict(heads=heads, kv_heads=kv_heads, dim_head=dim_head, backend=backend))
+    check_input_size(cfg, batch, max(lengths))
     if decode:
         if module or csv_path is not None:
             raise UsageError("--decode times decoding steps: it takes neither --module nor --csv")

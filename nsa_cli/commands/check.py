@@ -9,7 +9,9 @@ import typer
 from rich.table import Table
 
 from nsa_cli.support.checks import run_checks
-from nsa_cli.support.common import check_int, cli_errors, console, print_json, resolve_config
+from nsa_cli.support.common import (
+    check_input_size, check_int, check_seed, cli_errors, console, print_json, resolve_config,
+)
 from nsa_cli.support.progress import progress
 
 @cli_errors
@@ -29,7 +31,9 @@ def check(
     """Run shape, finiteness, gradient, causality, decoding, kernel and gradcheck checks."""
     check_int("--seq-len", seq_len)
     check_int("--batch", batch)
+    check_seed(seed)
     cfg = resolve_config(preset, config, dict(kv_heads=kv_heads, heads=heads, causal=causal))
+    check_input_size(cfg, batch, seq_len)
     with progress("nsa check", total=1.0, enabled=not as_json) as bar:
         results = run_checks(cfg, seq_len, batch=batch, device=device, dtype=dtype, seed=seed,
                              on_progress=lambda done, what: bar.update(done, f"check: {what}"))

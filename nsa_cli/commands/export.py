@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-from nsa_cli.support.common import check_output_path, cli_errors, console, human_bytes, print_json, resolve_config
+from nsa_cli.support.common import (
+    check_output_path, check_seed, cli_errors, console, human_bytes, print_json, resolve_config,
+)
 from nsa_cli.support.inputs import build_module
 from nsa_cli.support.progress import progress
 from nsa_core.checkpoint.files import check_input_file
@@ -25,6 +27,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Write the module's weights with its config in the safetensors metadata (atomically)."""
+    check_seed(seed)
     check_output_path(output, force)
     if weights is not None:
         check_input_file(weights, "weights file")

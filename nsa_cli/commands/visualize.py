@@ -13,7 +13,8 @@ from rich.text import Text
 
 from nsa_cli.support.analysis import SelectionGrid, downscale_grid, grid_categories, random_input, selection_grid
 from nsa_cli.support.common import (
-    UsageError, check_int, check_output_path, cli_errors, console, err_console, print_json, resolve_config,
+    UsageError, check_input_size, check_int, check_output_path, check_seed, cli_errors, console, err_console, print_json,
+    resolve_config,
 )
 from nsa_cli.support.inputs import build_module, load_input_file
 from nsa_core.checkpoint.files import check_input_file, write_atomically
@@ -94,6 +95,7 @@ def visualize_selection(
     check_int("--seq-len", seq_len)
     check_int("--head", head, minimum=0)
     check_int("--batch", batch_index, minimum=0)
+    check_seed(seed)
     for option, path in (("weights file", weights), ("input file", input_file)):
         if path is not None:
             check_input_file(path, option)
@@ -113,6 +115,7 @@ def visualize_selection(
     if input_file is not None:
         inp = load_input_file(input_file, cfg.dim)
     else:
+        check_input_size(cfg, batch_index + 1, seq_len)
         inp = random_input(cfg.dim, seq_len, batch=max(1, batch_index + 1), seed=seed)
     grid = selection_grid(module, inp, head=head, batch_index=batch_index)
     title = (f"selection of head {head}, batch {batch_index}: seq {inp.shape[1]}, blocks of {cfg.selection_block_size}, "

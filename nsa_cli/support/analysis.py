@@ -55,23 +55,44 @@ class BranchCost:
     activation_bytes: float  # what the forward keeps per layer (outputs and softmax statistics)
 
 
+def _sum_floor_div(T: int, s: int) -> int:
+    """sum of t // s over t in 0..T-1."""
+    q, r = divmod(T, s)
+    return s * q * (q - 1) // 2 + r * q
+
+
+def _sum_mod(T: int, s: int) -> int:
+    """sum of t % s over t in 0..T-1."""
+    q, r = divmod(T, s)
+    return q * s * (s - 1) // 2 + r * (r - 1) // 2
+
+
+def _sum_above(T: int, a: int) -> int:
+    """sum of max(t - a, 0) over t in 0..T-1."""
+    if a < 0:
+        return T * (T - 1) // 2 - a * T
+    n = max(0, T - 1 - a)
+    return n * (n + 1) // 2
+
+
 def branch_costs(cfg: NSAConfig, seq_len: int, batch: int = 1, bytes_per_element: int = 2) -> list[BranchCost]:
-    """Forward FLOPs of attention (QK^T and PV, 4 * d per query-key pair per head) per branch."""
+    """Forward FLOPs of attention (QK^T and PV, 4 * d per query-key pair per head) per branch, in
+    closed form (exact integer sums over the T queries: no tensor of size T)."""
     check_positive_int("seq_len", seq_len)
-    T, H, d, stride = seq_len, cfg.heads, cfg.dim_head, cfg.stride
+    T, H, d, stride, w = seq_len, cfg.heads, cfg.dim_head, cfg.stride, cfg.sliding_window_size
     C = T // stride
     M = cfg.num_compressed_mem_kv
     per_pair = 4 * d * H * batch
-    t = torch.arange(T, dtype=torch.float64)
-    if cfg.causal:
-        compressed_keys = M + (t // stride).clamp(max=C).mean().item()
+    if cfg.causal:  # query t sees compressed blocks t // stride (<= C), keys t - w .. t, its own block's t % sel + 1
+        compressed_keys = M + _sum_floor_div(T, stride) / T
         dense_keys = (T + 1) / 2
-        window_keys = (t.clamp(max=cfg.sliding_window_size) + 1).mean().item()
-        own = (t % cfg.selection_block_size + 1).mean().item()
-    else:
+        window_keys = (T * (T - 1) // 2 - _sum_above(T, w) + T) / T
+        own = (_sum_mod(T, cfg.selection_block_size) + T) / T
+    else:  # query t sees keys max(t - w, 0) .. min(t + w, T - 1)
         compressed_keys = M + C
         dense_keys = T
-        window_keys = ((t + cfg.sliding_window_size).clamp(max=T - 1) - (t - cfg.sliding_window_size).clamp(min=0) + 1).mean().item()
+        reach_right = T * (T - 1) // 2 + w * T - _sum_above(T, T - 1 - w)
+        window_keys = (reach_right - _sum_above(T, w) + T) / T
         own = 0.0
     nb = num_scored_blocks(C, stride, cfg.selection_block_size)
     selected_keys = min(cfg.num_selected_blocks, nb) * cfg.selection_block_size + own

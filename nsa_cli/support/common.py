@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 
 from nsa_core.checkpoint.files import check_destination, check_input_file
 from nsa_core.config import NSAConfig, get_preset
+from nsa_core.limits import MAX_CONFIG_BYTES, MAX_SIZE, check_elements
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -77,11 +78,32 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def check_int(option: str, value: int, minimum: int = 1) -> int:
-    """A command-line integer checked before any work: a UsageError naming the option otherwise."""
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+
+
+def check_int(option: str, value: int, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+    """A command-line integer checked before any work, within what the library runs (sizes: at most
+    2**31 - 1, nsa_core.limits): a UsageError naming the option otherwise."""
     if value < minimum:
         raise UsageError(f"{option} must be an integer >= {minimum}, got {value}")
+    if value > maximum:
+        raise UsageError(f"{option} must be at most {maximum}, got {value}")
     return value
+
+
+def check_seed(value: int) -> int:
+    return check_int("--seed", value, minimum=0, maximum=MAX_SEED)
+
+
+def check_input_size(cfg: NSAConfig, batch: int, seq_len: int) -> None:
+    """Before allocating a (batch, seq_len, dim) input: it and its q/k/v projection within the
+    library's tensor bound, or a UsageError naming the options."""
+    width = max(cfg.dim, (cfg.heads + 2 * cfg.num_kv_heads) * cfg.dim_head)
+    try:
+        check_elements(f"an input of --batch {batch} x --seq-len {seq_len} (x {width}: the config's widest activation)",
+                       batch * seq_len * width)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(NSAConfig)}
@@ -97,6 +119,17 @@ def config_options_help() -> str:
     return ", ".join(f"{_option(n)}/--no-{_option(n)[2:]}" if n in _BOOL_FIELDS else _option(n) for n in _FIELD_TYPES)
 
 
+def _shown(raw: str) -> str:
+    return repr(raw) if len(raw) <= 40 else repr(raw[:40]) + f"... ({len(raw)} characters)"
+
+
+def _within_sizes(name: str, value: Any) -> Any:
+    """An integer config option at most the library's size bound, named as the option."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_SIZE:
+        raise UsageError(f"{_option(name)} must be at most {MAX_SIZE} (2**31 - 1), got {value}")
+    return value
+
+
 def coerce_field(name: str, raw: str) -> Any:
     """A (non-boolean) config field's value from its command-line text."""
     if name not in _FIELD_TYPES:
@@ -107,22 +140,23 @@ def coerce_field(name: str, raw: str) -> Any:
         return None
     if kind.startswith("int"):
         try:
-            return int(text)
+            value = int(text)
         except ValueError:
-            raise UsageError(f"{_option(name)} must be an integer, got {raw!r}") from None
+            raise UsageError(f"{_option(name)} must be an integer, got {_shown(raw)}") from None
+        return _within_sizes(name, value)
     if kind.startswith("tuple"):  # gate_biases: numbers separated by commas
         try:
             values = tuple(float(part) for part in text.split(","))
         except ValueError:
-            raise UsageError(f"{_option(name)} must be numbers separated by commas (e.g. 0,0,0), got {raw!r}") from None
+            raise UsageError(f"{_option(name)} must be numbers separated by commas (e.g. 0,0,0), got {_shown(raw)}") from None
         if not all(math.isfinite(v) for v in values):
-            raise UsageError(f"{_option(name)} must be finite numbers, got {raw!r}")
+            raise UsageError(f"{_option(name)} must be finite numbers, got {_shown(raw)}")
         return values
     if kind.startswith("float"):
         try:
             value = float(text)
         except ValueError:
-            raise UsageError(f"{_option(name)} must be a number, got {raw!r}") from None
+            raise UsageError(f"{_option(name)} must be a number, got {_shown(raw)}") from None
         if not math.isfinite(value):
             raise UsageError(f"{_option(name)} must be a finite number, got {raw!r}")
         return value
@@ -164,6 +198,8 @@ def parse_field_options(args: list[str]) -> dict[str, Any]:
 def load_config_file(path: Path) -> NSAConfig:
     """A config JSON file, or a UsageError naming the file and what is wrong with it."""
     check_input_file(path, "config file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UsageError(f"config file {str(path)!r} is {path.stat().st_size:,} bytes; at most {MAX_CONFIG_BYTES:,} are read")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -181,7 +217,7 @@ def resolve_config(preset: str | None, config_file: Path | None, overrides: dict
         cfg = load_config_file(config_file)
     else:
         cfg = get_preset(preset or default_preset)
-    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    changes = {k: _within_sizes(k, v) for k, v in (overrides or {}).items() if v is not None}
     return cfg.replace(**changes) if changes else cfg
 
 

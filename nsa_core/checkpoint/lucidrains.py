@@ -26,6 +26,21 @@ INFERENCE_NDIMS = {"to_qkv.weight": 2, "compress_mem_kv": 4, "k_intrablock_posit
 NOT_INFERABLE = ("causal", "sliding_window_size", "compress_block_sliding_stride", "selection_block_size", "num_selected_blocks")
 
 
+def oracle_cannot_build(arguments: dict) -> str | None:
+    """Why native-sparse-attention-pytorch 0.2.3 cannot build a module of these constructor arguments
+    (so no checkpoint of it has them), or None. Arguments not (yet) known are not judged."""
+    if arguments.get("interpolated_importance_score") is True:
+        return ("native-sparse-attention-pytorch 0.2.3 has no interpolated_importance_score: its checkpoints "
+                "convert with interpolated_importance_score off")
+    sel = arguments.get("selection_block_size")
+    stride = arguments.get("compress_block_sliding_stride") or arguments.get("compress_block_size")
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (sel, stride))
+    if ints and sel % stride:
+        return (f"native-sparse-attention-pytorch 0.2.3 needs selection_block_size to be a multiple of the compression "
+                f"stride, so none of its checkpoints has selection_block_size {sel} with stride {stride}")
+    return None
+
+
 def _check_state_dict(state_dict: dict) -> None:
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError("checkpoint must be a state dict (a dict of tensors), as saved by torch.save(module.state_dict())")
@@ -90,6 +105,9 @@ def infer_config(state_dict: dict[str, torch.Tensor], **given: Any) -> NSAConfig
     if missing:
         raise ValueError(f"the checkpoint cannot tell {missing}: give them (CLI: --{missing[0].replace('_', '-')} ...)")
     inferred.update(given)
+    reason = oracle_cannot_build(inferred)
+    if reason:
+        raise ValueError(reason)
     try:
         return NSAConfig(**inferred)
     except (ValueError, TypeError) as err:
@@ -114,6 +132,9 @@ def convert_from_lucidrains(src: str | Path, dst: str | Path, given: dict, overw
     was inferred, and the module (the CLI compares it with the oracle where that package is installed).
     on_progress(bytes written, total) follows the write."""
     check_destination(dst, overwrite)
+    reason = oracle_cannot_build(given)  # before reading the checkpoint, where the arguments tell already
+    if reason:
+        raise ValueError(reason)
     state = load_state_dict_file(src)
     cfg = infer_config(state, **given)
     module = SparseAttention.from_config(cfg)
