@@ -22,6 +22,7 @@ from nsa_core.distributed.sequence_parallel import check_layout, shard_spans, un
 from nsa_core.ops.validation import check_positive_int
 from nsa_core.model.rotary import RotaryEmbedding
 from nsa_core.inference.dense import DenseCache, dense_with_cache
+from nsa_core.inference.sampling import sample
 from nsa_core.model.attention import SparseAttention, packed_seqs
 from nsa_core.ops.document_attention import document_attention
 from nsa_core.ops.rotary import rotary
@@ -219,8 +220,6 @@ class Transformer(nn.Module):
         native-sparse-attention-pytorch API). temperature <= 0 is greedy; else a draw among the
         ceil((1 - filter_thres) * num_tokens) likeliest tokens. use_cache_kv decodes one token at a
         time against the cache."""
-        from nsa_core.inference.sampling import sample
-
         if use_cache_kv and not self.causal:
             raise ValueError("use_cache_kv needs causal=True")
         if isinstance(filter_thres, bool) or not isinstance(filter_thres, (int, float)) or not 0 <= filter_thres < 1:
