@@ -67,6 +67,9 @@ class OracleComparison:
 
 
 def _not_comparable(cfg: NSAConfig) -> str:
+    if cfg.selection_block_size > PROBE_TOKENS:
+        return (f"selection blocks of {cfg.selection_block_size} tokens are longer than the "
+                f"{PROBE_TOKENS}-token probe the comparison can afford")
     if cfg.selection_block_size < cfg.stride:
         return "its 0.2.3 has no selection blocks smaller than the compression stride"
     if cfg.interpolated_importance_score:
