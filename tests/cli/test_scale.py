@@ -182,3 +182,20 @@ def test_version_and_flags_in_help():
     assert result.exit_code == 0 and result.stdout.startswith("nsa ")
     text = run("bench", "--help").stdout
     assert "--backward" in text and "<bool>" not in text
+
+
+def test_inspect_streams_large_headers_with_findings_first(tmp_path):
+    import struct
+
+    from nsa_cli.commands import inspect_cmd
+
+    n = inspect_cmd.TABLE_ROWS + 7
+    header = {f"t{i:05d}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(n)}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * (4 * n))
+    result = run("inspect", path)
+    assert result.exit_code == 1  # no embedded config: a finding
+    assert result.stderr.startswith("finding: ")
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{path}: {n:,} tensors" and lines[2].startswith("t00000") and f"t{n - 1:05d}" in lines[n + 1]
