@@ -1,15 +1,17 @@
-"""The `nsa` Typer app: registers the commands, and makes command-line parsing errors one line
-on stderr with exit code 2, like every other user error (nsa_cli.support.common.cli_errors)."""
+"""The `nsa` Typer app: registers the commands, `--version`, flags shown as flags in help (no
+`<bool>` type column), and makes command-line parsing errors one line on stderr with exit code 2,
+like every other user error (nsa_cli.support.common.cli_errors)."""
 
 from __future__ import annotations
 
 import sys
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from nsa_cli.commands import bench, check, config_cmd, convert, env, export, inspect_cmd, visualize
-from nsa_cli.support.common import err_console
+from nsa_cli.support.common import console, err_console
+from nsa_core import __version__
 
 try:  # typer >= 0.20 vendors click
     from typer._click.exceptions import ClickException
@@ -45,6 +47,29 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+_display_type = TyperOption.display_type_rich
+
+
+def _flag_without_type(self, ctx):
+    """A flag takes no value: help shows `--json`, not `--json <bool>`."""
+    return None if self.is_flag else _display_type(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_without_type
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"nsa {__version__}", markup=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Show the version and exit.")) -> None:
+    """Native Sparse Attention: configurations, checks, selection pictures, safetensors export/inspect, conversion, benchmarks."""
+
+
 app.add_typer(config_cmd.app, name="config")
 app.command("check")(check.check)
 app.command("visualize-selection")(visualize.visualize_selection)

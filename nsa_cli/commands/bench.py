@@ -10,11 +10,13 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from nsa_cli.support.common import UsageError, check_input_size, check_int, cli_errors, console, print_json, resolve_config
+from nsa_cli.support.common import (
+    UsageError, check_input_size, check_int, cli_errors, console, err_console, print_json, resolve_config,
+)
 from nsa_cli.support.progress import progress
 from nsa_cli.support.decode_speed import decode_benchmark, generation_tokens_per_s
 from nsa_cli.support.speed import DTYPES, BenchRow, benchmark
-from nsa_core.checkpoint.files import check_destination, write_atomically
+from nsa_cli.support.outputs import check_output
 
 # what runs when nothing is said: the paper's shape on a GPU; a quick look on the CPU
 DEFAULTS = {"cuda": dict(seq_len="8192,16384", preset="paper", dtype="bf16"),
@@ -52,7 +54,7 @@ def bench(
     device: str = typer.Option("cuda", "--device", help="cuda, or cpu for a small comparison."),
     backend: Optional[str] = typer.Option(None, "--backend", help="auto, torch or triton."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows to this CSV file (replaced if it exists)."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows to this CSV file (replaced if it exists; - for stdout)."),
 ) -> None:
     """Time NSA against dense SDPA: medians after warm-up, peak memory, speedup."""
     if device not in DEFAULTS:
@@ -63,8 +65,9 @@ def bench(
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     lengths = _parse_lengths(seq_len or defaults["seq_len"])
     check_int("--batch", batch)
-    if csv_path is not None:
-        check_destination(csv_path, overwrite=True)
+    destination = None if csv_path is None else check_output(csv_path, True, option="--csv", stream=True, needs_force=False)
+    if destination is not None and destination.path is None and as_json:
+        raise UsageError("--csv - writes the rows to stdout; --json would print into it (drop one of them)")
     if preset is None and config is None:
         preset = defaults["preset"]
     cfg = resolve_config(preset, config, dict(heads=heads, kv_heads=kv_heads, dim_head=dim_head, backend=backend))
@@ -77,12 +80,14 @@ def bench(
     with progress("nsa bench", total=2 * len(lengths), enabled=not as_json) as bar:
         rows = benchmark(cfg, lengths, batch=batch, dtype=dtype, backward=backward, module_mode=module, device=device,
                          on_progress=lambda done, total, what: bar.update(done, f"bench: {what}", total))
-    if csv_path is not None:
+    if destination is not None:
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=list(BenchRow.__dataclass_fields__))
         writer.writeheader()
         writer.writerows(r.to_dict() for r in rows)
-        write_atomically(csv_path, lambda f: f.write(text.getvalue().encode()), overwrite=True)
+        destination.write_bytes(text.getvalue().encode())
+        if not as_json and not destination.stream:
+            err_console.print(f"wrote {destination.name}", markup=False, soft_wrap=True)
     if as_json:
         print_json({"config": cfg.to_dict(), "dtype": dtype, "backward": backward, "module": module, "device": device,
                     "rows": [r.to_dict() for r in rows]})

@@ -9,11 +9,11 @@ from rich.table import Table
 
 from nsa_cli.support.analysis import branch_costs, parameter_counts_for_config
 from nsa_cli.support.common import (
-    UsageError, check_int, check_output_path, cli_errors, config_options_help, console, human_bytes, human_count,
-    load_config_file, parse_field_options, print_json,
+    UsageError, check_int, cli_errors, config_options_help, console, human_bytes, human_count,
+    err_console, load_config_file, parse_field_options, print_json,
 )
+from nsa_cli.support.outputs import check_output
 from nsa_core import PRESETS, NSAConfig
-from nsa_core.checkpoint.files import write_atomically
 
 app = typer.Typer(help="List presets, show a configuration's costs, write a config file.", no_args_is_help=True)
 
@@ -88,7 +88,7 @@ def show(
 @cli_errors
 def create(
     ctx: typer.Context,
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the config JSON."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the config JSON (- for stdout)."),
     preset: str = typer.Option("seeds", "--preset", help="The preset to start from."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -97,14 +97,15 @@ def create(
     changes = parse_field_options(list(ctx.args))
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    destination = check_output(output, force, stream=True)
+    if destination.path is None and as_json:
+        raise UsageError("-o - writes the config to stdout; --json would print into it (drop one of them)")
     cfg = PRESETS[preset].replace(**changes)
-    check_output_path(output, force)
-    text = cfg.to_json() + "\n"
-    write_atomically(output, lambda f: f.write(text.encode()), overwrite=force)
+    destination.write_bytes((cfg.to_json() + "\n").encode())
     if as_json:
-        print_json({"output": str(output), "config": cfg.to_dict()})
-    else:
-        console.print(f"wrote {output}")
+        print_json({"output": destination.name, "config": cfg.to_dict()})
+    elif destination.path is not None:
+        err_console.print(f"wrote {output}", markup=False, soft_wrap=True)
 
 
 create.__doc__ += f"\n\nConfig options: {config_options_help()}."

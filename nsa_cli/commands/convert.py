@@ -8,10 +8,10 @@ from typing import Optional
 import typer
 
 from nsa_cli.support.common import (
-    UsageError, check_output_path, cli_errors, config_options_help, console, load_config_file, parse_field_options,
-    print_json,
+    UsageError, cli_errors, config_options_help, console, err_console, load_config_file, parse_field_options, print_json,
 )
 from nsa_cli.support.inputs import compare_with_oracle
+from nsa_cli.support.outputs import check_output, same_file
 from nsa_cli.support.progress import progress
 from nsa_core.checkpoint.files import check_input_file
 from nsa_core.checkpoint.lucidrains import convert_from_lucidrains, convert_to_lucidrains
@@ -35,36 +35,39 @@ def convert(
     if (from_format or to_format) != "lucidrains":
         raise UsageError(f"the only checkpoint format known is 'lucidrains', got {from_format or to_format!r}")
     check_input_file(src, "checkpoint")
-    check_output_path(dst, force)
+    if same_file(src, dst):
+        raise UsageError(f"SRC and DST are the same file ({str(src)!r}); give another DST")
+    destination = check_output(dst, force, option="DST")
     if to_format:
         if ctx.args or config is not None:
             raise UsageError("config options apply to --from lucidrains only (an nsa file holds its config)")
         with progress("nsa convert", total=None, enabled=not as_json) as bar:
             bar.update(what=f"convert: {src.name} -> {dst.name}")
-            n = convert_to_lucidrains(src, dst, overwrite=force)
+            n = convert_to_lucidrains(src, destination.path, overwrite=True)
         if as_json:
             print_json({"output": str(dst), "to": "lucidrains", "tensors": n})
         else:
-            console.print(f"wrote {dst}: {n} tensors (load with native_sparse_attention_pytorch.SparseAttention(...).load_state_dict)")
+            err_console.print(f"wrote {dst}: {n} tensors (load with native_sparse_attention_pytorch.SparseAttention(...)"
+                              ".load_state_dict)", markup=False, soft_wrap=True)
         return
     given = parse_field_options(list(ctx.args))
     if config is not None:
         given = {**load_config_file(config).to_dict(), **given}
     with progress("nsa convert", total=None, enabled=not as_json) as bar:
         bar.update(what=f"convert: reading {src.name}")
-        report = convert_from_lucidrains(src, dst, given, overwrite=force,
+        report = convert_from_lucidrains(src, destination.path, given, overwrite=True,
                                          on_progress=lambda done, total: bar.update(done, f"convert: writing {dst.name}", total))
         bar.update(what="convert: comparing with native-sparse-attention-pytorch")
-        error = compare_with_oracle(report["module"], report["state"])
+        oracle = compare_with_oracle(report["module"], report["state"])
     if as_json:
         print_json({"output": str(dst), "from": "lucidrains", "config": report["config"], "inferred": report["inferred"],
-                    "oracle_relative_error": error})
+                    "oracle_relative_error": oracle.relative_error, "oracle_probe_tokens": oracle.probe_tokens,
+                    "oracle_not_compared": oracle.reason or None})
         return
-    console.print(f"wrote {dst}: config inferred {report['inferred']}, loads into nsa SparseAttention (strict)")
-    if error is None:
-        console.print("native-sparse-attention-pytorch is not installed: outputs not compared")
-    else:
-        console.print(f"output vs native-sparse-attention-pytorch on a random input: relative error {error:.2e}")
+    inferred = ", ".join(f"{k}={v}" for k, v in report["inferred"].items())
+    err_console.print(f"wrote {dst}: loads into nsa SparseAttention (strict)", markup=False, soft_wrap=True)
+    console.print(f"inferred from the shapes: {inferred}", markup=False, soft_wrap=True)
+    console.print(oracle.line(), markup=False, soft_wrap=True)
 
 
 convert.__doc__ += f"\n\nConfig options: {config_options_help()}."

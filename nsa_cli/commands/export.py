@@ -7,10 +7,9 @@ from typing import Optional
 
 import typer
 
-from nsa_cli.support.common import (
-    check_output_path, check_seed, cli_errors, console, human_bytes, print_json, resolve_config,
-)
+from nsa_cli.support.common import check_seed, cli_errors, err_console, human_bytes, print_json, resolve_config
 from nsa_cli.support.inputs import build_module
+from nsa_cli.support.outputs import check_output
 from nsa_cli.support.progress import progress
 from nsa_core.checkpoint.files import check_input_file
 from nsa_core.checkpoint.safetensors import save_safetensors
@@ -28,17 +27,17 @@ def export(
 ) -> None:
     """Write the module's weights with its config in the safetensors metadata (atomically)."""
     check_seed(seed)
-    check_output_path(output, force)
+    destination = check_output(output, force)
     if weights is not None:
         check_input_file(weights, "weights file")
     cfg = resolve_config(preset, config)
     with progress("nsa export", total=None, enabled=not as_json) as bar:
         bar.update(what="export: building the module")
         module = build_module(cfg, weights=weights, seed=seed)
-        size = save_safetensors(module, output, overwrite=force,
+        size = save_safetensors(module, destination.path, overwrite=True,
                                 on_progress=lambda done, total: bar.update(done, f"export: writing {output.name}", total))
     n = sum(p.numel() for p in module.parameters())
     if as_json:
         print_json({"output": str(output), "parameters": n, "bytes": size, "config": cfg.to_dict()})
     else:
-        console.print(f"wrote {output}: {n:,} parameters, {human_bytes(size)}")
+        err_console.print(f"wrote {output}: {n:,} parameters, {human_bytes(size)}", markup=False, soft_wrap=True)

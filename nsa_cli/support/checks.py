@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from nsa_cli.support.decode_check import NAME as DECODE_CHECK, compare_decoding
 from nsa_core.config import NSAConfig
 from nsa_core.ops.dispatch import kernel_unavailable_reason
 from nsa_core.ops.validation import check_positive_int
@@ -135,20 +136,11 @@ def run_checks(cfg: NSAConfig, seq_len: int, batch: int = 1, device: str = "cpu"
 
         step("cached decoding")
         if cfg.causal:
-            parallel = module(x.detach())
-            prefill = max(1, seq_len // 3)
-            out_t, cache = module(x.detach()[:, :prefill], return_cache=True)
-            outs = [out_t]
-            for t in range(prefill, seq_len):
-                if (t - prefill) % 16 == 0:
-                    step("cached decoding", (t - prefill) / max(1, seq_len - prefill))
-                out_t, cache = module(x.detach()[:, t : t + 1], cache=cache, return_cache=True)
-                outs.append(out_t)
-            err = (torch.cat(outs, dim=1) - parallel).abs().max().item()
-            limit = tol * max(1.0, parallel.abs().max().item())
-            results.append(CheckResult("cached decoding equals parallel", err <= limit, f"max abs error {err:.1e}", figures={"max_abs_error": err}))
+            found = compare_decoding(module, x.detach(), out.detach(), tol,
+                                     on_step=lambda within: step("cached decoding", within))
+            results.append(CheckResult(DECODE_CHECK, found.passed, found.value, detail=found.detail, figures=found.figures))
         else:
-            results.append(CheckResult("cached decoding equals parallel", True, "skipped", skipped=True, detail="needs causal=True"))
+            results.append(CheckResult(DECODE_CHECK, True, "skipped", skipped=True, detail="needs causal=True"))
 
     step("kernel path")
     results.append(_kernel_check(module, x.detach(), tol))

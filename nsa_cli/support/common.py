@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from safetensors import SafetensorError
 
-from nsa_core.checkpoint.files import check_destination, check_input_file
+from nsa_core.checkpoint.files import check_input_file
 from nsa_core.config import NSAConfig, get_preset
 from nsa_core.limits import MAX_CONFIG_BYTES, MAX_SIZE, check_elements
 
@@ -219,14 +219,6 @@ def resolve_config(preset: str | None, config_file: Path | None, overrides: dict
         cfg = get_preset(preset or default_preset)
     changes = {k: _within_sizes(k, v) for k, v in (overrides or {}).items() if v is not None}
     return cfg.replace(**changes) if changes else cfg
-
-
-def check_output_path(path: Path, force: bool) -> None:
-    """Before any work: the output can be written (not an existing file without --force, not a
-    directory, in an existing writable folder)."""
-    if path.exists() and not path.is_dir() and not force:
-        raise UsageError(f"output file {str(path)!r} exists; pass --force to overwrite it")
-    check_destination(path, overwrite=True)
 
 
 def human_count(n: float) -> str:

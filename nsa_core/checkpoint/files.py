@@ -3,7 +3,9 @@ atomic writes: one temporary file of ours beside the destination, renamed over i
 
 The temporary file is named after the destination (`.NAME.nsa-tmp`), so there is never more than
 one per destination: a stale one left by a killed process (SIGKILL) is removed by the next write
-to that destination. SIGINT and SIGTERM during a write remove it and then take their usual
+to that destination. A writer holds an flock on its temporary file until the rename: a second
+writer to the same destination meanwhile fails with a BlockingIOError naming it (it never removes
+or renames the first one's file), and writers one after another both succeed. SIGINT and SIGTERM during a write remove it and then take their usual
 course (the previous handlers are restored and the signal is raised again). The file gets the
 mode the umask gives, like any file the process creates.
 """
@@ -101,16 +103,17 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], overwr
     OSError naming the destination when the file system refuses (full, read-only, permissions)."""
     path = check_destination(path, overwrite)
     tmp = temporary_path(path)
-    state = {"signal": None, "cleaning_up": False, "written": False}
+    state = {"signal": None, "cleaning_up": False, "written": False, "owns_temporary": False}
     previous = _install_handlers(state)
     try:
-        _write_and_replace(path, tmp, write)
+        _write_and_replace(path, tmp, write, state)
         state["written"] = True
     except _Interrupted:
         pass  # the signal takes its course below, once the previous handlers are back
     finally:
         state["cleaning_up"] = True
-        tmp.unlink(missing_ok=True)  # gone already after a successful rename
+        if state["owns_temporary"]:  # never another writer's
+            tmp.unlink(missing_ok=True)
         _restore(previous)
     if state["signal"] is not None:
         signal.raise_signal(state["signal"])  # KeyboardInterrupt, or the process ends as it would have
@@ -120,15 +123,65 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], overwr
         raise InterruptedError(errno.EINTR, f"writing {str(path)!r} was interrupted by {name}")
 
 
-def _write_and_replace(path: Path, tmp: Path, write: Callable[[BinaryIO], None]) -> None:
+def _open_temporary(path: Path, tmp: Path) -> int:
+    """Create `tmp` exclusively and lock it (flock) for this writer. A temporary file left by a
+    killed writer holds no lock: it is removed and created afresh. One whose lock is held belongs
+    to a writer still running: a BlockingIOError naming the destination (never its file taken)."""
+    for _ in range(8):
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            try:
+                stale = os.open(tmp, os.O_WRONLY)
+            except FileNotFoundError:
+                continue  # its writer renamed it just now: try again
+            try:
+                if not _try_lock(stale):
+                    raise BlockingIOError(errno.EAGAIN, f"another process is writing {str(path)!r} now "
+                                          f"(it holds {tmp.name}); try again when it is done")
+                if _same_inode(stale, tmp):
+                    tmp.unlink(missing_ok=True)  # stale, from a killed write
+            finally:
+                os.close(stale)
+            continue
+        if _try_lock(fd):
+            return fd
+        os.close(fd)  # locked in the instant between its creation and our lock: another writer's
+        raise BlockingIOError(errno.EAGAIN, f"another process is writing {str(path)!r} now; try again when it is done")
+    raise BlockingIOError(errno.EAGAIN, f"other processes keep writing {str(path)!r}; try again when they are done")
+
+
+def _same_inode(fd: int, path: Path) -> bool:
     try:
-        tmp.unlink(missing_ok=True)  # stale, from a killed write
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): the exclusive create is the only guard
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _write_and_replace(path: Path, tmp: Path, write: Callable[[BinaryIO], None], state: dict) -> None:
+    try:
+        fd = _open_temporary(path, tmp)
+        state["owns_temporary"] = True
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # while still locked: no other writer takes the file before it is in place
+            state["owns_temporary"] = False  # the name may be another writer's from now on
+    except BlockingIOError:
+        raise
     except OSError as err:
         raise type(err)(err.errno, f"cannot write {str(path)!r}: {err.strerror or err}") from err
     _fsync_directory(path.parent)

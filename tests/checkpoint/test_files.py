@@ -187,3 +187,35 @@ def test_inspect_checks_names_and_shapes_against_the_config(tmp_path):
     assert "invalid config" in inspect_file(path).findings[0]
     save_file({"x": torch.zeros(1)}, path)
     assert "no 'nsa_config' metadata" in inspect_file(path).findings[0]
+
+
+def test_concurrent_writers_to_one_destination(tmp_path):
+    """A second writer while the first is mid-write fails with a clear message and leaves the first
+    one's temporary file alone; the first completes; a writer after it succeeds."""
+    import threading
+
+    dst = tmp_path / "c.bin"
+    started, release, errors = threading.Event(), threading.Event(), []
+
+    def slow(f):
+        f.write(b"first")
+        started.set()
+        release.wait(5)
+
+    def first():
+        try:
+            write_atomically(dst, slow)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(5)
+    with pytest.raises(BlockingIOError, match="another process is writing"):
+        write_atomically(dst, lambda f: f.write(b"second"), overwrite=True)
+    assert temporary_path(dst).exists()  # still the first writer's
+    release.set()
+    thread.join(5)
+    assert not errors and dst.read_bytes() == b"first"
+    write_atomically(dst, lambda f: f.write(b"third"), overwrite=True)
+    assert dst.read_bytes() == b"third" and not temporary_path(dst).exists()

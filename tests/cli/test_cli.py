@@ -123,7 +123,7 @@ def test_visualize_selection(tmp_path):
     assert "legend" in shown.output and "own block" in shown.output
     data = json.loads(run("visualize-selection", "--seq-len", 40, "--json").stdout)
     assert data["selected_key_blocks_per_query_block"]["0"] == []
-    assert len(data["query_counts"]) == 5
+    assert len(data["queries_per_selected_key_block"]) == 5 and data["output"] is None
     svg = tmp_path / "s.svg"
     assert run("visualize-selection", "-o", svg).exit_code == 0 and svg.read_text().startswith("<svg")
     html = tmp_path / "s.html"

@@ -61,8 +61,8 @@ def terminal_stderr(monkeypatch):
 
 def test_progress_goes_to_stderr_not_stdout_and_not_with_json(tmp_path, terminal_stderr):
     result = run("export", "--preset", "tiny", "-o", tmp_path / "a.safetensors")
-    assert result.exit_code == 0 and result.stdout.startswith("wrote ") and "export:" not in result.stdout
-    assert "export:" in terminal_stderr.getvalue()
+    assert result.exit_code == 0 and result.stdout == "" and "export:" in terminal_stderr.getvalue()
+    assert result.stderr.startswith("wrote ")  # messages on stderr, results on stdout
     terminal_stderr.truncate(0)
     terminal_stderr.seek(0)
     result = run("export", "--preset", "tiny", "-o", tmp_path / "b.safetensors", "--json")

@@ -1,0 +1,94 @@
+"""`nsa check`'s decoding comparison (nsa_cli/support/decode_check.py): a healthy module passes, a
+selection flipped at a near-tie is reported and passes, and planted decoding bugs (a wrong
+position, a stale cache entry, a missing block) fail."""
+
+import pytest
+import torch
+
+from nsa_cli.support.checks import randomize_parameters
+from nsa_cli.support.decode_check import compare_decoding, decoded_span
+from nsa_core import SparseAttention
+from nsa_core.inference import decode
+from nsa_core.model.cache import NSACache
+
+N = 45  # odd; prefill 15, 30 tokens decoded
+
+
+def module_and_input(seed=0, x=None):
+    torch.manual_seed(seed)
+    # 6 query heads over 2 kv heads: a group of 3
+    attn = SparseAttention(dim=24, dim_head=8, heads=6, kv_heads=2, sliding_window_size=4, compress_block_size=4,
+                           selection_block_size=4, num_selected_blocks=2, causal=True, backend="torch")
+    randomize_parameters(attn, seed, std=0.3)
+    x = torch.randn(2, N, 24) if x is None else x
+    with torch.no_grad():
+        return attn, x, attn(x)
+
+
+def compare(attn, x, parallel):
+    with torch.no_grad():
+        return compare_decoding(attn, x, parallel, tol=1e-5)
+
+
+def test_decoded_span_is_bounded():
+    assert decoded_span(120) == (40, 80)
+    assert decoded_span(1) == (1, 0)
+    assert decoded_span(32768) == (32768 - 128, 128)
+
+
+def test_healthy_module_passes_and_says_what_it_compared():
+    found = compare(*module_and_input())
+    assert found.passed, found
+    assert found.figures["flipped_positions"] == 0 and found.figures["max_abs_error"] < 1e-5
+    assert "tokens 15-44 decoded one by one after a 15-token prefill" in found.detail
+
+
+def test_a_flip_at_a_near_tie_is_reported_not_failed(monkeypatch):
+    """Every compressed block equal (the input repeats with the block's period): all block scores
+    tie exactly. A perturbation of the decode path's scores at rounding size then flips picks."""
+    pattern = torch.randn(1, 4, 24)
+    x = pattern.repeat(2, 12, 1)[:, :N]
+    attn, x, parallel = module_and_input(x=x)
+    original = decode.select_top_blocks
+
+    def rounding_noise(logits, num_selected, use_diff_topk):
+        noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)) * 1e-7
+        return original(logits + noise * logits.abs().clamp(max=10), num_selected, use_diff_topk)
+
+    monkeypatch.setattr(decode, "select_top_blocks", rounding_noise)
+    found = compare(attn, x, parallel)
+    assert found.figures["disagreeing_positions"] > 0, found  # the picks did flip
+    assert found.passed and found.figures["flipped_positions"] == found.figures["disagreeing_positions"]
+    assert found.figures["largest_margin"] == 0.0 and "near-tie" in found.detail
+
+
+def test_wrong_position_fails(monkeypatch):
+    original = decode._window_branch
+    monkeypatch.setattr(decode, "_window_branch", lambda attn, cache, q, positions: original(attn, cache, q, positions - 1))
+    found = compare(*module_and_input())
+    assert not found.passed and "not a near-tie" in found.detail, found
+
+
+def test_stale_cache_entry_fails(monkeypatch):
+    original = NSACache.write_tokens
+
+    def skip_steps(self, positions, k_rot, v):
+        if positions.shape[1] > 1:  # the prefill writes; single steps leave stale entries
+            original(self, positions, k_rot, v)
+
+    monkeypatch.setattr(NSACache, "write_tokens", skip_steps)
+    found = compare(*module_and_input())
+    assert not found.passed and found.figures["disagreeing_positions"] > 0, found
+
+
+def test_missing_block_fails(monkeypatch):
+    original = decode._select
+
+    def drop_last(*args):
+        selection = original(*args)
+        selection.valid[..., -1] = False
+        return selection
+
+    monkeypatch.setattr(decode, "_select", drop_last)
+    found = compare(*module_and_input())
+    assert not found.passed, found
