@@ -124,17 +124,13 @@ def weight_files(src: Path) -> list[Path]:
 
 
 def read_weights(src: str | Path) -> dict[str, Tensor]:
-    """Every tensor of the folder's safetensors files (one-line ValueError for a damaged file)."""
-    from safetensors import SafetensorError, safe_open
+    """Every tensor of the folder's safetensors files, each file checked against its header first
+    (a damaged or truncated file: a one-line ValueError naming it)."""
+    from nsa_core.checkpoint.safetensors import read_tensors
 
     tensors: dict[str, Tensor] = {}
     for path in weight_files(Path(src)):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    tensors[name] = f.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise ValueError(f"{path} is not a readable safetensors file: {str(err).splitlines()[0]}") from None
+        tensors.update(read_tensors(path))
     return tensors
 
 
@@ -273,10 +269,24 @@ def convert_dense(src: str | Path, dst: str | Path, *, overwrite: bool = False, 
 
 
 def read_weights_names(src: str | Path) -> list[str]:
-    from safetensors import safe_open
+    """The tensor names of the folder's safetensors files (headers only)."""
+    from nsa_core.checkpoint.safetensors import read_header
 
-    names: list[str] = []
-    for path in weight_files(Path(src)):
-        with safe_open(str(path), framework="pt") as f:
-            names += list(f.keys())
-    return names
+    return [name for path in weight_files(Path(src)) for name in read_header(path)[1]]
+
+
+@torch.no_grad()
+def compare_with_dense(src: str | Path, model, seq_len: int | None = None, seed: int = 0) -> float:
+    """max |converted - dense| / max |dense| of the logits, both in float32, on random tokens of a
+    sequence the window covers (seq_len None: min(sliding_window_size + 1, 64)). Loads the dense model
+    with transformers (AutoModelForCausalLM, from the local folder)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    nsa = copy.deepcopy(model).float().eval()
+    n = seq_len or min(model.config.sliding_window_size + 1, 64)
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
+    want, got = dense(ids).logits, nsa(ids).logits
+    return ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
