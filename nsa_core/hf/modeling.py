@@ -212,7 +212,8 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch=None) -> Tensor:
     """logits (b, n, V) predict labels (b, n) shifted by one; IGNORE terms do not count."""
-    shifted = logits[:, :-1].flatten(0, 1).float()
+    shifted = logits[:, :-1].flatten(0, 1)
+    shifted = shifted.to(torch.promote_types(shifted.dtype, torch.float32))  # half precision: the loss in float32
     targets = labels[:, 1:].flatten()
     if num_items_in_batch is None:
         return F.cross_entropy(shifted, targets, ignore_index=IGNORE)
