@@ -219,9 +219,8 @@ def dense_to_nsa(src: str | Path, *, dtype: torch.dtype | None = None, **options
     from nsa_core.hf.modeling import NSAForCausalLM
 
     src = Path(src)
-    cfg = read_dense_config(src)
+    config = nsa_config_for(read_dense_config(src), **options)
     tensors = read_weights(src)
-    config = nsa_config_for(cfg, **options)
     state, used = mapped_state(tensors, config)
     unexpected = sorted(set(tensors) - set(used))
     if unexpected:
