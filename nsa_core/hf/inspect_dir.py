@@ -36,7 +36,8 @@ def inspect_model_dir(path: str | Path) -> FileReport:
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise ValueError(f"folder {str(path)!r} has no config.json (not a Hugging Face model folder)")
+        raise ValueError(f"{str(path)!r} is a directory without config.json: give a .safetensors file or a "
+                         "Hugging Face model folder")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

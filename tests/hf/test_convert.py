@@ -182,3 +182,9 @@ def test_cli_convert_and_inspect(tmp_path):
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --from hf takes the source's --heads")
     wrong = runner.invoke(app, ["convert", str(tmp_path), str(tmp_path / "y"), "--from", "hf"])
     assert wrong.exit_code == 2 and "no config.json" in wrong.stderr
+    empty = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert empty.exit_code == 2 and "is a directory without config.json" in empty.stderr
+    shard = dst / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    damaged = runner.invoke(app, ["inspect", str(dst), "--json"])
+    assert damaged.exit_code == 1 and "truncated" in " ".join(json.loads(damaged.stdout)["findings"])
