@@ -65,8 +65,11 @@ def _check_2d(name: str, t: Tensor | None, shape: tuple[int, int]) -> None:
 
 def token_layout(shape: tuple[int, int], attention_mask: Tensor | None, position_ids: Tensor | None,
                  device: torch.device) -> TokenLayout:
-    """The layout of a (b, n) batch (module docstring). Reads the mask and positions on the host once."""
+    """The layout of a (b, n) batch (module docstring). Reads the mask and positions on the host once
+    (when there are any)."""
     b, n = shape
+    if attention_mask is None and position_ids is None:
+        return TokenLayout(shape)  # a plain batch, without reading anything on the host
     _check_2d("attention_mask", attention_mask, shape)
     if position_ids is not None and position_ids.ndim == 2 and position_ids.shape[0] == 1 and b > 1:
         position_ids = position_ids.expand(b, n)
