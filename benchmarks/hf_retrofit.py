@@ -44,7 +44,7 @@ def dense_llama(hidden: int, layers: int):
     return LlamaForCausalLM(config)
 
 
-def train(model, stream, steps: int, batch: int, context: int, lr: float, seed: int) -> list[float]:
+def train(model, stream, steps: int, batch: int, context: int, lr: float, seed: int, what: str = "") -> list[float]:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -57,6 +57,8 @@ def train(model, stream, steps: int, batch: int, context: int, lr: float, seed: 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
+        if len(losses) % 25 == 0:
+            sys.stderr.write(f"{what} step {len(losses)}/{steps}: loss {loss.item():.3f}\n")
     return losses
 
 
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     val = evenly_spaced_rows(corpus.val, args.val_rows, args.context)
     start = time.time()
     dense = dense_llama(args.hidden, args.layers)
-    dense_curve = train(dense, corpus.train, args.dense_steps, args.batch, args.context, args.lr, seed=1)
+    dense_curve = train(dense, corpus.train, args.dense_steps, args.batch, args.context, args.lr, seed=1, what="dense")
     nsa_options = dict(sliding_window_size=args.window, compress_block_size=16, compress_block_sliding_stride=8,
                        selection_block_size=16, num_selected_blocks=2)
     with tempfile.TemporaryDirectory() as folder:
@@ -106,8 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         "within_window": {"dense": val_loss(dense, short), "converted": val_loss(nsa, short)},
         "before": {"dense": val_loss(dense, val), "converted": val_loss(nsa, val)},
     }
-    train(dense, corpus.train, args.continue_steps, args.batch, args.context, args.lr, seed=2)
-    train(nsa, corpus.train, args.continue_steps, args.batch, args.context, args.lr, seed=2)
+    train(dense, corpus.train, args.continue_steps, args.batch, args.context, args.lr, seed=2, what="dense, continued")
+    train(nsa, corpus.train, args.continue_steps, args.batch, args.context, args.lr, seed=2, what="converted, continued")
     result["after"] = {"dense": val_loss(dense, val), "converted": val_loss(nsa, val)}
     gates = torch.stack([layer.self_attn.to_strategy_combine[0].bias.detach().view(-1, 3).mean(0)
                          for layer in nsa.model.layers])
