@@ -1,4 +1,5 @@
-"""`nsa convert`: native-sparse-attention-pytorch checkpoints to nsa safetensors and back."""
+"""`nsa convert`: native-sparse-attention-pytorch checkpoints to nsa safetensors and back; Hugging Face dense
+Llama-family folders to NSA model folders (--from hf, commands/convert_hf.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import typer
 from nsa_cli.support.common import (
     UsageError, cli_errors, config_options_help, console, err_console, load_config_file, parse_field_options, print_json,
 )
+from nsa_cli.commands.convert_hf import HELP as HF_HELP
+from nsa_cli.commands.convert_hf import convert_from_hf
 from nsa_cli.support.inputs import compare_with_oracle
 from nsa_cli.support.outputs import check_output, same_file
 from nsa_cli.support.progress import progress
@@ -22,7 +25,7 @@ def convert(
     ctx: typer.Context,
     src: Path = typer.Argument(..., help="Source checkpoint."),
     dst: Path = typer.Argument(..., help="Destination file."),
-    from_format: Optional[str] = typer.Option(None, "--from", help="lucidrains: SRC is a native-sparse-attention-pytorch state dict (.pt)."),
+    from_format: Optional[str] = typer.Option(None, "--from", help="lucidrains: SRC is a native-sparse-attention-pytorch state dict (.pt); hf: SRC is a Hugging Face Llama / Mistral / Qwen2 folder, DST the NSA model folder."),
     to_format: Optional[str] = typer.Option(None, "--to", help="lucidrains: SRC is an nsa .safetensors, DST a state dict (.pt)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config JSON giving the arguments the shapes cannot tell."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing DST."),
@@ -31,9 +34,13 @@ def convert(
     """Convert a checkpoint; constructor arguments the shapes cannot tell come from --config or options
     named after them (--causal/--no-causal --sliding-window-size 64 --compress-block-sliding-stride 16 ...)."""
     if (from_format is None) == (to_format is None):
-        raise UsageError("give exactly one of --from lucidrains or --to lucidrains")
+        raise UsageError("give exactly one of --from lucidrains / --from hf or --to lucidrains")
+    if from_format == "hf":
+        if config is not None:
+            raise UsageError("--from hf reads the source's config.json; give NSA options instead of --config")
+        return convert_from_hf(src, dst, list(ctx.args), force, as_json)
     if (from_format or to_format) != "lucidrains":
-        raise UsageError(f"the only checkpoint format known is 'lucidrains', got {from_format or to_format!r}")
+        raise UsageError(f"checkpoint formats known: --from lucidrains, --from hf, --to lucidrains; got {from_format or to_format!r}")
     check_input_file(src, "checkpoint")
     if same_file(src, dst):
         raise UsageError(f"SRC and DST are the same file ({str(src)!r}); give another DST")
@@ -70,4 +77,4 @@ def convert(
     console.print(oracle.line(), markup=False, soft_wrap=True)
 
 
-convert.__doc__ += f"\n\nConfig options: {config_options_help()}."
+convert.__doc__ += f"\n\nConfig options: {config_options_help()}.\n\n{HF_HELP}."

@@ -1,5 +1,5 @@
-"""`nsa inspect`: a safetensors file checked completely: every finding (shown first, on stderr), its
-tensors (a table, or streamed plain lines for large headers), its config."""
+"""`nsa inspect`: a safetensors file (or a Hugging Face model folder) checked completely: every finding
+(shown first, on stderr), its tensors (a table, or streamed plain lines for large headers), its config."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from nsa_cli.support.common import cli_errors, console, err_console, human_bytes, print_json
+from nsa_cli.support.common import UsageError, cli_errors, console, err_console, human_bytes, print_json
 from nsa_core.checkpoint.safetensors import inspect_file
 
 
@@ -34,15 +34,24 @@ def _stream_listing(title: str, tensors: dict) -> None:
         sys.stdout.flush()
 
 
+def inspect_folder(path: Path):
+    try:
+        from nsa_core.hf.inspect_dir import inspect_model_dir
+    except ImportError as err:
+        raise UsageError(f"inspecting a model folder needs transformers: pip install 'nsa[hf]' ({err})") from None
+    return inspect_model_dir(path)
+
+
 @cli_errors
 def inspect(
-    path: Path = typer.Argument(..., help="A .safetensors file."),
+    path: Path = typer.Argument(..., help="A .safetensors file, or a Hugging Face model folder (NSA or dense Llama-family)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show tensors (shape, dtype, bytes), the embedded config and the parameter total; check the
     header against the file size, every tensor's bytes, and names and shapes against the config.
-    Exit 1 on any finding (what would keep the file from loading)."""
-    report = inspect_file(path)
+    Exit 1 on any finding (what would keep the file from loading). A folder: its config.json and every
+    shard, an NSA model's tensors against its config (nsa_core.hf.inspect_dir)."""
+    report = inspect_folder(path) if path.is_dir() else inspect_file(path)
     total = sum(math.prod(info["shape"]) for info in report.tensors.values())
     if as_json:
         print_json({"passed": report.passed, "findings": report.findings, "notes": report.notes, "config": report.config,
