@@ -12,7 +12,7 @@ import torch
 
 from nsa_cli.support.checks import max_relative_error
 from nsa_core.checkpoint.files import check_input_file
-from nsa_core.checkpoint.lucidrains import load_state_dict_file
+from nsa_core.checkpoint.lucidrains import load_state_dict_file, oracle_arguments
 from nsa_core.checkpoint.safetensors import read_tensors
 from nsa_core.checkpoint.state import load_strictly
 from nsa_core.config import NSAConfig
@@ -89,8 +89,7 @@ def compare_with_oracle(module: SparseAttention, state: dict) -> OracleCompariso
         import native_sparse_attention_pytorch as oracle
     except ImportError:
         return OracleComparison(None, n, "it is not installed")
-    kwargs = {k: v for k, v in cfg.to_dict().items() if k not in ("backend", "interpolated_importance_score")}
-    kwargs["compress_block_sliding_stride"] = cfg.stride
+    kwargs = oracle_arguments(cfg)
     x = torch.randn(1, n, cfg.dim, generator=torch.Generator().manual_seed(0))
     captured = io.StringIO()
     try:

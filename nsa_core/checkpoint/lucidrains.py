@@ -69,6 +69,20 @@ def to_lucidrains(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k: v.clone() for k, v in state_dict.items()}
 
 
+# NSAConfig fields that native-sparse-attention-pytorch 0.2.3's constructor does not take
+NOT_ORACLE_ARGUMENTS = ("backend", "interpolated_importance_score", "independent_kv", "gate_biases",
+                        "num_forced_initial_blocks", "num_forced_local_blocks")
+
+
+def oracle_arguments(cfg: NSAConfig) -> dict[str, Any]:
+    """The constructor arguments of the oracle's SparseAttention equal to ours of cfg (gate_biases
+    only initialise weights, which a checkpoint carries); check_oracle_can_run first."""
+    check_oracle_can_run(cfg)
+    kwargs = {k: v for k, v in cfg.to_dict().items() if k not in NOT_ORACLE_ARGUMENTS}
+    kwargs["compress_block_sliding_stride"] = cfg.stride
+    return kwargs
+
+
 def check_oracle_can_run(cfg: NSAConfig) -> None:
     """A ValueError when cfg uses a paper option native-sparse-attention-pytorch 0.2.3 does not have."""
     beyond = [name for name, value in (("independent_kv", cfg.independent_kv),
