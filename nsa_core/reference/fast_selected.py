@@ -2,7 +2,7 @@
 
 Queries are cut into chunks of c. A chunk's keys are the union of the blocks its queries name
 (their valid slots, plus the own block when causal): found by sorting the chunk's c x S' block
-ids, gathered once per chunk, and attended under a (c x union keys) mask saying which query
+ids, their blocks copied once per chunk, and attended under a (c x union keys) mask saying which query
 named which block (with the causal cut, the window and the sequence end). All chunks of a group
 go through one batched masked SDPA call; time and memory linear in T. When the blocks are few
 (short sequences) the union is every block, i.e. dense attention under a block mask.
@@ -92,6 +92,9 @@ def selected_attention_fast(
     k, v, bad = clean_keys(k, v)
     if HI != HKV:  # every query head selects: keys per query head
         k, v, bad = (t.repeat_interleave(HQ // HKV, dim=1) for t in (k, v, bad))
+    # keys and values as rows of whole blocks (zero keys pad the last one; masked, being past N)
+    k_blocks, v_blocks = (F.pad(t, (0, 0, 0, num_blocks * BS - N)).reshape(B * HI * num_blocks, -1) for t in (k, v))
+    heads = torch.arange(B * HI, device=dev).view(B, HI, 1, 1)
     # per block: does it hold a non-finite key; per position: non-finite keys before it
     bad_block = F.pad(bad, (0, num_blocks * BS - N)).view(B, HI, num_blocks, BS).any(dim=-1)
     bad_before = F.pad(bad.cumsum(dim=-1), (1, 0))  # (B, HI, N + 1)
@@ -140,8 +143,9 @@ def selected_attention_fast(
             reached = reached | own_bad.view(B, HI, nc, c)
         else:
             reached = seen_bad.any(dim=-1)
-        kc = k.gather(2, gather[..., None].expand(-1, -1, -1, D)).view(B * HI * nc, 1, K, D)
-        vc = v.gather(2, gather[..., None].expand(-1, -1, -1, Dv)).view(B * HI * nc, 1, K, Dv)
+        rows_of = (heads * num_blocks + union.clamp(min=0)).flatten()  # whole blocks: contiguous rows
+        kc = k_blocks.index_select(0, rows_of).view(B * HI * nc, 1, K, D)
+        vc = v_blocks.index_select(0, rows_of).view(B * HI * nc, 1, K, Dv)
         qc = F.pad(qg[..., start:end, :], (0, 0, 0, pad)).view(B, HI, GI, nc, c, D).transpose(2, 3)
         rowwise = lambda t: t.reshape(B * HI * nc, 1, c, *t.shape[4:])
         chunk_empty = False
