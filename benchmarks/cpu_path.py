@@ -32,7 +32,7 @@ def loop_reference():
     ops = {name: importlib.import_module(f"nsa_core.ops.{name}") for name in
            ("selected_attention", "sliding_window", "compressed_attention")}
     saved = [(ops["selected_attention"], "_torch_path"), (ops["sliding_window"], "sliding_window_fast"),
-             (ops["compressed_attention"], "compressed_attention_fast")]
+             (ops["compressed_attention"], "_torch_path")]
     old = [getattr(m, n) for m, n in saved]
 
     def selected(q, k, v, indices, block_size, valid, gates, causal, scale, window, q_offset=0):
