@@ -5,8 +5,11 @@ cached keys) take one SDPA call (flash / cuDNN kernels) through the staircase of
 (with an offset: a lower-right aligned staircase, plus one plain call for queries past the last
 compressed block); packed documents take one FlexAttention call for all documents
 (kernels/compressed_flex.py: each query sees the memory tokens and an interval of its own document's
-compressed slots). Reference: reference/compressed_attention.py over query chunks (memory linear in T);
-it is the twin of the packed path one document at a time (reference/documents.py).
+compressed slots). PyTorch: reference/fast_compressed.py (masked SDPA over a few query chunks, memory
+linear in T) for calls of at least FAST_MIN_SCORES score elements, smaller ones on the loop reference
+reference/compressed_attention.py (its twin; as fast there, and its float32 gradients are closer to
+float64's: see benchmarks/NOTES.md, CPU path); packed documents one document at a time
+(reference/documents.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,20 @@ from nsa_core.ops.dispatch import use_kernels
 from nsa_core.ops.seqs import Seqs, query_seqs
 from nsa_core.ops.validation import check_positive_int, check_same_device_dtype
 from nsa_core.reference.compressed_attention import compressed_attention_chunked
+from nsa_core.reference.fast_compressed import compressed_attention_fast
 from nsa_core.reference.documents import compressed_span, per_document
+
+
+FAST_MIN_SCORES = 1 << 18  # B x HQ x T x (M + C): below it the loop reference runs
+
+
+def _torch_path(q: Tensor, ck: Tensor, cv: Tensor, num_memory: int, stride: int, causal: bool, scale: float,
+                query_offset: int = 0) -> Tensor:
+    """The PyTorch side: the fast path for calls of FAST_MIN_SCORES score elements or more."""
+    B, HQ, T, _ = q.shape
+    small = B * HQ * T * ck.shape[-2] < FAST_MIN_SCORES
+    run = compressed_attention_chunked if small else compressed_attention_fast
+    return run(q, ck, cv, num_memory, stride, causal, scale, query_offset)
 
 
 def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, stride: int, causal: bool = True,
@@ -62,7 +78,7 @@ def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, 
             first, last = compressed_span(start, end, stride)
             keys, values = (torch.cat((t[:, :, :num_memory], t[:, :, num_memory + first : num_memory + last]), dim=-2)
                             for t in (ck, cv))
-            return compressed_attention_chunked(q[:, :, start:end], keys, values, num_memory, stride, causal, scale)
+            return _torch_path(q[:, :, start:end], keys, values, num_memory, stride, causal, scale)
 
         return per_document(document, seqs.spans())
-    return compressed_attention_chunked(q, ck, cv, num_memory, stride, causal, scale, query_offset=seqs.q_offset)
+    return _torch_path(q, ck, cv, num_memory, stride, causal, scale, seqs.q_offset)

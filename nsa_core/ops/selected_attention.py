@@ -1,6 +1,8 @@
 """selected_attention: the public op of NSA's fine branch (validation + dispatch).
 Kernels: kernels/selected_attention (every layout: plain batches, queries after other keys, packed
-documents); reference: reference/selected_attention.py."""
+documents). PyTorch: the fast path reference/fast_selected.py (masked SDPA over each query chunk's
+union of blocks) wherever its gates allow (_torch_path's rule), else the loop reference
+reference/selected_attention.py, the twin both are tested against."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from nsa_core.ops.dispatch import check_backend_name, use_kernels
 from nsa_core.ops.seqs import Seqs, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.documents import per_document
+from nsa_core.reference.fast_selected import fast_selected_reason, row_factors, selected_attention_fast
 from nsa_core.reference.selected_attention import selected_attention_reference
 
 
@@ -104,9 +107,24 @@ def selected_attention(
     if seqs.is_packed:  # the twin: each document alone
         def document(s: int, e: int) -> Tensor:
             doc = lambda t: None if t is None else t[:, :, s:e]
-            return selected_attention_reference(doc(q), doc(k), doc(v), doc(indices), block_size, doc(valid),
-                                                doc(gates), causal, scale, window)
+            return _torch_path(doc(q), doc(k), doc(v), doc(indices), block_size, doc(valid), doc(gates), causal,
+                               scale, window)
 
         return per_document(document, seqs.spans())
+    return _torch_path(q, k, v, indices, block_size, valid, gates, causal, scale, window, seqs.q_offset)
+
+
+def _torch_path(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, block_size: int, valid: Tensor | None,
+                gates: Tensor | None, causal: bool, scale: float | None, window: int | None,
+                q_offset: int = 0) -> Tensor:
+    """The PyTorch side: the fast path for every input but gates it cannot fold into the queries
+    (differentiable ones, or ones differing between a query's blocks: use_diff_topk), which take
+    the loop reference. Checking the gates reads them on the host (CPU tensors: free)."""
+    factors = None
+    if gates is not None and fast_selected_reason(gates) is None:
+        every = torch.ones_like(indices, dtype=torch.bool) if valid is None else valid
+        factors = row_factors(indices, every, gates.to(q.dtype), causal)
+    if gates is None or factors is not None:
+        return selected_attention_fast(q, k, v, indices, block_size, valid, factors, causal, scale, window, q_offset)
     return selected_attention_reference(q, k, v, indices, block_size, valid, gates, causal, scale, window,
-                                        q_offset=seqs.q_offset)
+                                        q_offset=q_offset)

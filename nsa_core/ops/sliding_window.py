@@ -1,5 +1,6 @@
 """sliding_window_attention: the public op (validation + dispatch).
-Kernels: kernels/sliding_window (causal, any query offset); reference: reference/sliding_window.py."""
+Kernels: kernels/sliding_window (causal, any query offset); PyTorch: the fast path reference/fast_window.py
+(one batched masked SDPA over query chunks), the twin of the loop reference reference/sliding_window.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from nsa_core.ops.dispatch import check_backend_name, use_kernels
 from nsa_core.ops.seqs import Seqs, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.documents import per_document
-from nsa_core.reference.sliding_window import sliding_window_reference
+from nsa_core.reference.fast_window import sliding_window_fast
 
 
 def sliding_window_attention(
@@ -45,6 +46,6 @@ def sliding_window_attention(
         first = seqs.token_doc_start if seqs.is_packed else None
         return sliding_window_triton(q, k, v, window, scale, seqs.q_offset, first)
     if seqs.is_packed:  # the twin: each document alone
-        return per_document(lambda s, e: sliding_window_reference(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], window,
+        return per_document(lambda s, e: sliding_window_fast(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], window,
                                                                   causal=causal, scale=scale), seqs.spans())
-    return sliding_window_reference(q, k, v, window, causal=causal, scale=scale, q_offset=seqs.q_offset)
+    return sliding_window_fast(q, k, v, window, causal=causal, scale=scale, q_offset=seqs.q_offset)
