@@ -67,17 +67,6 @@ class ByteLanguageModel(nn.Module):
         return self.to_logits(self.norm(x))
 
 
-def sparse_attention(shape: ModelShape, backend: str, **modules: nn.Module) -> SparseAttention:
-    return SparseAttention(
-        dim=shape.dim, dim_head=shape.dim_head, heads=shape.heads, kv_heads=shape.kv_heads, causal=True,
-        sliding_window_size=shape.window, compress_block_size=shape.compress_block,
-        compress_block_sliding_stride=shape.compress_stride, selection_block_size=shape.selection_block,
-        num_selected_blocks=shape.num_selected,
-        compress_mlp_expand_factor=shape.compress_hidden / (shape.compress_block * shape.dim_head),
-        backend=backend, **modules,
-    )
-
-
 def make_attention(variant: str, shape: ModelShape, backend: str = "auto") -> nn.Module:
     """One attention layer of `variant` (one of VARIANTS)."""
     if variant == "nsa":

@@ -206,7 +206,9 @@ def _check_tensor_sizes(cfg: NSAConfig) -> None:
     the library can allocate and index), so that a config that validates also builds."""
     d, hk = cfg.dim_head, cfg.num_kv_heads
     window = cfg.compress_block_size * d
-    check_elements("to_qkv.weight (dim x (heads + 2 kv_heads) x dim_head)", cfg.dim * (cfg.heads + 2 * hk) * d)
+    pairs = 3 if cfg.independent_kv else 1  # key / value projections: one per branch with independent_kv
+    check_elements("to_qkv.weight (dim x (heads + 2 kv_heads per key/value pair) x dim_head)",
+                   cfg.dim * (cfg.heads + 2 * pairs * hk) * d)
     check_elements("the compression MLP's first weight ((compress_block_size x dim_head)^2 x compress_mlp_expand_factor)",
                    window * int(cfg.compress_mlp_expand_factor * window))
     check_elements("compress_mem_kv (2 x kv_heads x num_compressed_mem_kv x dim_head)", 2 * hk * cfg.num_compressed_mem_kv * d)

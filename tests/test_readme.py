@@ -22,7 +22,8 @@ def test_readme_has_the_examples_this_test_runs():
     assert len(runnable) >= 2 and "SparseAttention(" in runnable[0] and "generate(" in runnable[1]
 
 
-def test_readme_examples_run_as_written():
+def test_readme_examples_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the blocks that save models write into the current folder
     torch.manual_seed(0)
     namespace: dict = {}
     for block in python_blocks():

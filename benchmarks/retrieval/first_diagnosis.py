@@ -201,7 +201,6 @@ def main(argv=None):
                         with torch.no_grad(), torch.autocast(dev, torch.bfloat16, enabled=dev == "cuda"):
                             acc = (m(x).argmax(-1) == y).float().mean().item()
                         hr = hitrate(m, x, vp) if "nsa" in name else None
-                        gates = None
                         curve.append(dict(step=step, acc=acc, loss=loss.item(), hit=hr))
                 r = dict(name=name, lr=lr, seed=seed, seq=args.seq, curve=curve, final=curve[-1]["acc"],
                          best=max(c["acc"] for c in curve), time=time.time() - t0)

@@ -98,7 +98,7 @@ def check_seed(value: int) -> int:
 def check_input_size(cfg: NSAConfig, batch: int, seq_len: int) -> None:
     """Before allocating a (batch, seq_len, dim) input: it and its q/k/v projection within the
     library's tensor bound, or a UsageError naming the options."""
-    width = max(cfg.dim, (cfg.heads + 2 * cfg.num_kv_heads) * cfg.dim_head)
+    width = max(cfg.dim, (cfg.heads + 2 * (3 if cfg.independent_kv else 1) * cfg.num_kv_heads) * cfg.dim_head)
     try:
         check_elements(f"an input of --batch {batch} x --seq-len {seq_len} (x {width}: the config's widest activation)",
                        batch * seq_len * width)

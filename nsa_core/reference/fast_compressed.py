@@ -22,7 +22,7 @@ CHUNKS = 8  # query chunks of the causal staircase: the computed keys are ~ (1 +
 def compressed_attention_fast(q: Tensor, ck: Tensor, cv: Tensor, num_memory: int, stride: int, causal: bool = True,
                               scale: float | None = None, query_offset: int = 0, budget: int = 1 << 24) -> Tensor:
     B, HQ, T, D = q.shape
-    HKV, MC, Dv = ck.shape[1], ck.shape[2], cv.shape[-1]
+    HKV, MC = ck.shape[1], ck.shape[2]
     G, C, M = HQ // HKV, MC - num_memory, num_memory
     scale = D ** -0.5 if scale is None else scale
     ck, cv, bad = clean_keys(ck, cv)
@@ -34,7 +34,6 @@ def compressed_attention_fast(q: Tensor, ck: Tensor, cv: Tensor, num_memory: int
     parts = []
     for start in range(0, T, chunk):
         end = min(T, start + chunk)
-        c = end - start
         pos = torch.arange(query_offset + start, query_offset + end, device=q.device)  # (c,)
         qc = q[:, :, start:end]  # (B, HQ, c, D): the kv heads are shared by SDPA (GQA), the mask by every head
         if causal:

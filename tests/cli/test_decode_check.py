@@ -2,7 +2,6 @@
 selection flipped at a near-tie is reported and passes, and planted decoding bugs (a wrong
 position, a stale cache entry, a missing block) fail."""
 
-import pytest
 import torch
 
 from nsa_cli.support.checks import randomize_parameters
@@ -51,9 +50,9 @@ def test_a_flip_at_a_near_tie_is_reported_not_failed(monkeypatch):
     attn, x, parallel = module_and_input(x=x)
     original = decode.select_top_blocks
 
-    def rounding_noise(logits, num_selected, use_diff_topk):
+    def rounding_noise(logits, num_selected, use_diff_topk, **options):
         noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)) * 1e-7
-        return original(logits + noise * logits.abs().clamp(max=10), num_selected, use_diff_topk)
+        return original(logits + noise * logits.abs().clamp(max=10), num_selected, use_diff_topk, **options)
 
     monkeypatch.setattr(decode, "select_top_blocks", rounding_noise)
     found = compare(attn, x, parallel)
@@ -72,9 +71,9 @@ def test_wrong_position_fails(monkeypatch):
 def test_stale_cache_entry_fails(monkeypatch):
     original = NSACache.write_tokens
 
-    def skip_steps(self, positions, k_rot, v):
+    def skip_steps(self, positions, *tokens):
         if positions.shape[1] > 1:  # the prefill writes; single steps leave stale entries
-            original(self, positions, k_rot, v)
+            original(self, positions, *tokens)
 
     monkeypatch.setattr(NSACache, "write_tokens", skip_steps)
     found = compare(*module_and_input())

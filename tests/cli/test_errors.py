@@ -8,26 +8,9 @@ import os
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from nsa_cli.main import app
+from cli_support import assert_one_line_error, run
 from nsa_core import SparseAttention, get_preset
-
-runner = CliRunner()
-ENV = {"COLUMNS": "120", "NO_COLOR": "1"}
-
-
-def run(*args):
-    return runner.invoke(app, list(map(str, args)), env=ENV)
-
-
-def assert_one_line_error(result, *words):
-    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -9,29 +9,13 @@ import os
 import pytest
 import torch
 from rich.console import Console
-from typer.testing import CliRunner
 
+from cli_support import assert_one_line_error as one_line_error, run
 from nsa_cli.commands import visualize
-from nsa_cli.main import app
 from nsa_cli.support import inputs
 from nsa_cli.support.outputs import check_output
 from nsa_cli.support.selection_picture import selection_picture
 from nsa_core import SparseAttention, get_preset
-
-runner = CliRunner()
-ENV = {"COLUMNS": "120", "NO_COLOR": "1"}
-
-
-def run(*args):
-    return runner.invoke(app, list(map(str, args)), env=ENV)
-
-
-def one_line_error(result, *words):
-    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture

@@ -48,10 +48,11 @@ def test_independent_kv_with_equal_projections_equals_shared():
     assert rel_err(ind(x), shared(x)) < 1e-12
 
 
-@pytest.mark.parametrize("branch, changes", [(0, {"compressed", "selected"}), (1, {"selected"}), (2, {"window"})])
-def test_each_branch_reads_its_own_keys(branch, changes):
+@pytest.mark.parametrize("branch, changes, may_change", [(0, {"compressed"}, {"selected"}), (1, {"selected"}, set()),
+                                                      (2, {"window"}, set())])
+def test_each_branch_reads_its_own_keys(branch, changes, may_change):
     """Perturbing one branch's key projection changes that branch's output alone (the compressed
-    keys also score the blocks, so they move the selected branch too)."""
+    keys also score the blocks, so they may move the selected branch too)."""
     attn = module(independent_kv=True)
     x = torch.randn(1, 29, 24, dtype=torch.float64)
 
@@ -75,7 +76,8 @@ def test_each_branch_reads_its_own_keys(branch, changes):
     after = branches(attn)
     for name in ("compressed", "selected", "window"):
         differs = not torch.equal(before[name], after[name])
-        assert differs == (name in changes), name
+        if name not in may_change:
+            assert differs == (name in changes), name
 
 
 def test_independent_kv_decoding_equals_parallel():
