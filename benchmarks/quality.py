@@ -34,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/quality.py` from anywhe
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from benchmarks import devices  # noqa: E402
 from benchmarks.quality_data import load_stdlib_corpus, passkey_batch  # noqa: E402
 from benchmarks.quality_models import branch_gate_means, build_language_model, parameter_counts  # noqa: E402
 from benchmarks.quality_passkey import evaluate_passkey, train_passkey  # noqa: E402
@@ -100,15 +101,7 @@ def settings_from_arguments(args: argparse.Namespace) -> QualitySettings:
 
 
 def resolve_device(s: QualitySettings) -> tuple[torch.device, str]:
-    """The torch device and the precision ("bf16" or "fp32") to run with."""
-    if s.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(s.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device must be available: {s.device!r} was asked for and CUDA is not available")
-    precision = s.precision if s.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return device, precision
+    return devices.resolve_device(s.device, s.precision)
 
 
 def log(message: str) -> None:

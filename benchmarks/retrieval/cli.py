@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from benchmarks import devices
 from benchmarks.quality_report import environment
 from benchmarks.retrieval.models import DEFAULT_MODELS, build_model
 from benchmarks.retrieval.report import load_runs, plot, print_table, run_path, summarize, write_run, write_summary
@@ -129,11 +130,7 @@ def settings_from_arguments(args: argparse.Namespace) -> BenchmarkSettings:
 
 
 def resolve_device(s: BenchmarkSettings) -> tuple[torch.device, str]:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device must be available: {s.device!r} was asked for and CUDA is not available")
-    precision = s.precision if s.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return device, precision
+    return devices.resolve_device(s.device, s.precision)
 
 
 def log(message: str) -> None:
