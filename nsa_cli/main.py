@@ -47,15 +47,21 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-_display_type = TyperOption.display_type_rich
+def _hide_flag_types() -> None:
+    """A flag takes no value: help shows `--json`, not `--json <bool>`. Typer versions that show
+    option types through `display_type_rich` get it patched; older ones show no type for flags
+    and have no such method, so there is nothing to patch."""
+    display_type = getattr(TyperOption, "display_type_rich", None)
+    if display_type is None:
+        return
+
+    def flag_without_type(self, ctx):
+        return None if self.is_flag else display_type(self, ctx)
+
+    TyperOption.display_type_rich = flag_without_type
 
 
-def _flag_without_type(self, ctx):
-    """A flag takes no value: help shows `--json`, not `--json <bool>`."""
-    return None if self.is_flag else _display_type(self, ctx)
-
-
-TyperOption.display_type_rich = _flag_without_type
+_hide_flag_types()
 
 
 def _print_version(value: bool) -> None:
