@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_core.kernels.grid import split_pid
+
 from nsa_core.kernels import outputs
 
 BLOCK_TOKENS = 32
@@ -26,8 +28,8 @@ def _load_tile(C, F, S, GATES, N, H,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's tokens of one (batch, head): the three gates [N, 1] and the branch tiles
     [N, BLOCK_D], in float32, with the indices both kernels need."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: (B, H, N, D) passes 2**31 elements at batch 4 x 64k
+    pid_n, pid_bh = split_pid(tl.cdiv(N, BLOCK_N))
+    pid_bh = pid_bh.to(tl.int64)  # 64-bit offsets: (B, H, N, D) passes 2**31 elements at batch 4 x 64k
     b, h = pid_bh // H, pid_bh % H
     tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
@@ -99,7 +101,7 @@ def _combine_fwd(c: torch.Tensor, f: torch.Tensor, s: torch.Tensor, gates: torch
     c, f, s = (_unit_last(t) for t in (c, f, s))
     out = outputs.new_output(B, N, H, D, device=c.device, dtype=c.dtype)
     strides = _strides(c, f, s, gates, out)
-    grid = (triton.cdiv(N, BLOCK_TOKENS), B * H)
+    grid = (triton.cdiv(N, BLOCK_TOKENS) * B * H,)  # split back by split_pid
     if N > 0 and B * H > 0:
         combine_fwd_kernel[grid](c, f, s, gates, out, N, H, *strides, D=D, BLOCK_D=triton.next_power_of_2(D),
                                  BLOCK_N=BLOCK_TOKENS)
@@ -120,7 +122,7 @@ def _combine_bwd(dout: torch.Tensor, c: torch.Tensor, f: torch.Tensor, s: torch.
     dc, df, ds = (outputs.new_output(B, H, N, D, device=c.device, dtype=t.dtype) for t in (c, f, s))
     dgates = outputs.new_output(B, H, N, 3, device=c.device, dtype=gates.dtype)
     strides = _strides(c, f, s, gates, dout)
-    grid = (triton.cdiv(N, BLOCK_TOKENS), B * H)
+    grid = (triton.cdiv(N, BLOCK_TOKENS) * B * H,)  # split back by split_pid
     if N > 0 and B * H > 0:
         combine_bwd_kernel[grid](c, f, s, gates, dout, dc, df, ds, dgates, N, H, *strides, D=D,
                                  BLOCK_D=triton.next_power_of_2(D), BLOCK_N=BLOCK_TOKENS)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_core.kernels.grid import split_pid
+
 from nsa_core.kernels import outputs
 
 BLOCK_TOKENS = 16
@@ -31,8 +33,8 @@ def rotary_kernel(
     """One program per (token block, batch), looping over the heads: the cos / sin rows are read
     once, x and out move as whole contiguous rows (pairs split in registers). Pairs past PAIRS
     (and the odd last feature) get cos 1, sin 0: they pass through."""
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a batch of 64-head, 64k-token tensors passes 2**31 elements
+    pid_n, b = split_pid(tl.cdiv(N, BLOCK_N))
+    b = b.to(tl.int64)  # 64-bit offsets: a batch of 64-head, 64k-token tensors passes 2**31 elements
     tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     pairs = tl.arange(0, BLOCK_D // 2)
     dims = tl.arange(0, BLOCK_D)
@@ -63,7 +65,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     B, H = x4.shape[0], x4.shape[1]
     out = outputs.new_output(B, H, N, D, device=x.device, dtype=x.dtype)
     if N > 0 and B * H > 0:
-        rotary_kernel[(triton.cdiv(N, BLOCK_TOKENS), B)](
+        rotary_kernel[(triton.cdiv(N, BLOCK_TOKENS) * B,)](
             x4, cos, sin, out, N, H,
             x4.stride(0), x4.stride(1), x4.stride(2), out.stride(0), out.stride(1), out.stride(2),
             PAIRS=P, D=D, BLOCK_D=max(2, triton.next_power_of_2(D)), BLOCK_N=BLOCK_TOKENS, INVERSE=inverse,

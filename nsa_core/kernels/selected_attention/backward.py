@@ -19,6 +19,8 @@ Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in th
 import triton
 import triton.language as tl
 
+from nsa_core.kernels.grid import split_pid
+
 from nsa_core.kernels.selected_attention.by_block import (
     entry_rows,
     load_key_block,
@@ -58,8 +60,7 @@ def selected_attention_bwd_dq_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
     WINDOW: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_t, i_bh = split_pid(TQ)  # over queries, then (batch, selection head)
     i_b = (i_bh // HI).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements
     i_hs = i_bh % HI
     i_hq0 = i_hs * ROWS
@@ -162,8 +163,7 @@ def selected_attention_bwd_dkdv_kernel(
     """dK/dV of one key block (and, with DQ_PARTIAL, the dq of the rows that attend it — as partials
     (B, HQ, TQ, S + 1, D), slot S being the own block, or with DQ_ATOMIC added into a float32
     (B, HQ, TQ, D) buffer — plus the gate gradients of its entries)."""
-    i_blk = tl.program_id(0)
-    i_bk = tl.program_id(1)  # over (batch, kv head)
+    i_blk, i_bk = split_pid(NB)  # over key blocks, then (batch, kv head)
     i_b = (i_bk // HKV).to(tl.int64)
     i_hk = i_bk % HKV
     HQ = HI * ROWS
@@ -229,8 +229,7 @@ def sum_dq_partials_kernel(
     """BLOCK_T tokens of one query head: dq = sum of the (query row, slot) partials (B, HQ, TQ, S + 1, D)
     over its valid slots (and the own block's, slot S, when causal), written in dq's dtype. Slots
     nothing wrote (invalid) are never read: one pass over the partials."""
-    i_tb = tl.program_id(0)
-    i_bh = tl.program_id(1)  # over (batch, query head)
+    i_tb, i_bh = split_pid(tl.cdiv(TQ, BLOCK_T))  # over token blocks, then (batch, query head)
     i_b = (i_bh // HQ).to(tl.int64)
     i_hq = i_bh % HQ
     i_hs = i_hq // (HQ // HI)  # selection head of this query head

@@ -21,6 +21,8 @@ Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in th
 import triton
 import triton.language as tl
 
+from nsa_core.kernels.grid import split_pid
+
 
 @triton.jit
 def block_keys(blk, m_blk, o_in, TK, table, W, BLOCK: tl.constexpr, PACKED: tl.constexpr):
@@ -104,8 +106,7 @@ def selected_attention_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
     WINDOW: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
-    i_t = tl.program_id(0)  # the query; at key position Q_OFF + i_t
-    i_bh = tl.program_id(1)  # over (batch, selection head)
+    i_t, i_bh = split_pid(TQ)  # the query (at key position Q_OFF + i_t), then (batch, selection head)
     i_b = (i_bh // HI).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements
     i_hs = i_bh % HI
     i_hq0 = i_hs * ROWS  # first query head of this program

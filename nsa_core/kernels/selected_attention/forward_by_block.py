@@ -15,6 +15,8 @@ Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in th
 import triton
 import triton.language as tl
 
+from nsa_core.kernels.grid import split_pid
+
 from nsa_core.kernels.selected_attention.by_block import (
     entry_rows,
     load_key_block,
@@ -64,9 +66,8 @@ def selected_attention_fwd_by_block_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
     WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    i_blk = tl.program_id(0)
-    i_bk = tl.program_id(1)  # over (batch, kv head)
-    i_split = tl.program_id(2)  # the block's entries are dealt to NUM_SPLITS programs, step by step
+    i_blk, i_bk = split_pid(NB)  # over key blocks, then (batch, kv head)
+    i_split = tl.program_id(1)  # the block's entries are dealt to NUM_SPLITS programs, step by step
     STEP: tl.constexpr = BLOCK_M // ROWS_P
     i_b = (i_bk // HKV).to(tl.int64)
     i_hk = i_bk % HKV
@@ -108,8 +109,7 @@ def merge_partials_kernel(
     S: tl.constexpr, SP: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     """One query row (query t, query head): merge its S + 1 partials into the output and lse."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1)  # over (batch, query head)
+    i_t, i_bh = split_pid(TQ)  # over queries, then (batch, query head)
     i_b = (i_bh // HQ).to(tl.int64)
     i_hq = i_bh % HQ
     i_hs = i_hq // (HQ // HI)  # selection head of this query head

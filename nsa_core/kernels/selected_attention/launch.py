@@ -183,7 +183,7 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
     lse = outputs.new_output(B, HQ, TQ, device=q.device, dtype=torch.float32)
     tiles = _tiles(q, v, block_size)
     launch_cfg = tile_rules.by_query(tiles)
-    grid = (TQ, B * HI)
+    grid = (TQ * B * HI,)  # split back by split_pid: any batch x heads
     _, packing = _packed(table, TK, block_size)
     selected_attention_fwd_kernel[grid](
         q, k, v, idx, gates if gates is not None else idx, o, lse, idx if table is None else table, packing["W"],
@@ -213,7 +213,7 @@ def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_wa
     cfg = tile_rules.fwd_by_block(tiles, G)
     block_m = max(block_m, _pow2(G)) if block_m else cfg["BLOCK_M"]
     splits = splits or BY_BLOCK_FWD_SPLITS or max(1, min(4, BY_BLOCK_FWD_PROGRAMS // (num_blocks * B * HKV)))
-    selected_attention_fwd_by_block_kernel[(num_blocks, B * HKV, splits)](
+    selected_attention_fwd_by_block_kernel[(num_blocks * B * HKV, splits)](
         q, k, v, entries, offsets, gates if gates is not None else m_part, o_part, m_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -224,7 +224,7 @@ def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_wa
     )
     o = outputs.new_output(B, HQ, TQ, DV, device=q.device, dtype=q.dtype)
     lse = outputs.new_output(B, HQ, TQ, device=q.device, dtype=torch.float32)
-    merge_partials_kernel[(TQ, B * HQ)](
+    merge_partials_kernel[(TQ * B * HQ,)](
         o_part, m_part, l_part, idx, o, lse, o.stride(0), o.stride(1), o.stride(2), TQ, HQ, HI, G,
         S=S, SP=_pow2(S + 1), DV=DV, BLOCK_DV=tiles["BLOCK_DV"], CAUSAL=causal, num_warps=1,
     )
@@ -297,7 +297,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     entry_rows = _pow2(rows)
     dkdv_cfg = tile_rules.dkdv(tiles, G, rows, by_block)
     block_m = max(dkdv_block_m, entry_rows, _pow2(G)) if dkdv_block_m else dkdv_cfg["BLOCK_M"]
-    selected_attention_bwd_dkdv_kernel[(num_blocks, B * HKV)](
+    selected_attention_bwd_dkdv_kernel[(num_blocks * B * HKV,)](
         q, k, v, do, lse, delta, entries, offsets, gates if gates is not None else lse, dk, dv, dq_part,
         dgates if dgates is not None else lse, offsets if table is None else table, packing["W"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -312,7 +312,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
         dq = dq_part.to(q.dtype)
     elif by_block:
         dq = outputs.new_output(*q.shape, device=q.device, dtype=q.dtype)
-        sum_dq_partials_kernel[(triton.cdiv(TQ, SUM_DQ_TOKENS), B * HQ)](
+        sum_dq_partials_kernel[(triton.cdiv(TQ, SUM_DQ_TOKENS) * B * HQ,)](
             dq_part, idx, dq, dq.stride(0), dq.stride(1), dq.stride(2), TQ, HQ, HI,
             S=S, D=D, BLOCK_D=tiles["BLOCK_D"], BLOCK_T=SUM_DQ_TOKENS, CAUSAL=causal, num_warps=4,
         )
@@ -324,7 +324,7 @@ def _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, w
     B, HQ, TQ, _ = q.shape
     HKV, TK, HI, S = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1]
     _, packing = _packed(table, TK, tiles["BLOCK"])
-    selected_attention_bwd_dq_kernel[(TQ, B * HI)](
+    selected_attention_bwd_dq_kernel[(TQ * B * HI,)](
         q, k, v, do, lse, delta, idx, gates if gates is not None else idx, dq, dgates if dgates is not None else lse,
         idx if table is None else table, packing["W"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
