@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from nsa_core import SparseAttention, sliding_window_attention
 from nsa_core.model.rotary import RotaryEmbedding
+from nsa_core.ops.seqs import Seqs
 
 # SparseAttention's strategy gate: one logit per head and branch, branches in this order
 BRANCHES = ("compressed", "selected", "sliding")
@@ -66,13 +67,15 @@ class SlidingWindowAttention(nn.Module):
         nn.init.constant_(self.to_gate.bias, gate_bias)
         self.combine_heads = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (b, n, dim) -> (b, n, dim)."""
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        """x (b, n, dim) -> (b, n, dim); cu_seqlens: x (1, total, dim) holds packed documents, each
+        attended alone (as SparseAttention.forward takes them)."""
+        seqs = None if cu_seqlens is None else Seqs.packed(cu_seqlens, x.shape[1], device=x.device)
         x = self.norm(x)
         q, k, v = (t.unflatten(-1, (-1, self.dim_head)).transpose(1, 2) for t in self.to_qkv(x).split(self.qkv_split, -1))
         q, k = (self.rotary_emb.rotate(t, backend=self.backend) for t in (q, k))
         out = sliding_window_attention(q, k, v, window=self.window, causal=True, scale=self.dim_head ** -0.5,
-                                       backend=self.backend)  # (b, h, n, d)
+                                       backend=self.backend, seqs=seqs)  # (b, h, n, d)
         gate = self.to_gate(x).sigmoid().transpose(1, 2).unsqueeze(-1)  # (b, h, n, 1)
         return self.combine_heads((out * gate).transpose(1, 2).flatten(-2))
 

@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.lm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""The command line of the language-model comparison: parse, train every (model, learning rate,
+seed) in turn, write each run's JSON as it goes, then the summary, the table and the picture.
+
+A run whose finished JSON is already in --out with the same configuration is not run again, so one
+10-minute command can train one run and the next command the next (`--models dense --seeds 0`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from benchmarks import devices
+from benchmarks.lm.corpus import load_corpus
+from benchmarks.lm.models import build_model, parameter_counts
+from benchmarks.lm.report import load_runs, plot, print_table, run_id, run_path, summarize, write_run, write_summary
+from benchmarks.lm.settings import FULL, SMOKE, LMSettings, with_overrides
+from benchmarks.lm.training import train_run
+from benchmarks.quality_report import environment
+
+console = Console(width=None if sys.stdout.isatty() else 180)
+
+USAGE = """examples:
+  python -m benchmarks.lm --smoke --out /tmp/lm                       # CPU, seconds (the CI run)
+  python -m benchmarks.lm --out runs/lm --models nsa --seeds 0        # one run per 10-minute command
+  python -m benchmarks.lm --out runs/lm --report-only                 # table + PNG from the JSONs
+"""
+INT_ARGUMENTS = ("context", "batch", "steps", "warmup_steps", "eval_every", "val_rows", "capped_context",
+                 "corpus_max_bytes", "cpu_threads", "dim", "depth", "heads", "kv_heads", "dim_head", "ff_mult",
+                 "window", "compress_block", "compress_stride", "selection_block", "num_selected", "compress_hidden")
+FLOAT_ARGUMENTS = ("time_budget_s", "val_fraction")
+TEXT_ARGUMENTS = ("corpus", "device", "precision", "backend")
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.lm", description=sys.modules["benchmarks.lm"].__doc__,
+                                 epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="directory for runs/*.json, the summary and the PNG")
+    ap.add_argument("--smoke", action="store_true", help="everything tiny on the CPU (the CI run)")
+    ap.add_argument("--report-only", action="store_true", help="no training: the table and PNG of --out's runs")
+    ap.add_argument("--no-resume", action="store_true", help="run again even where a finished JSON exists")
+    ap.add_argument("--models", help="comma-separated among dense,window,nsa,no_selection")
+    ap.add_argument("--seeds", help="comma-separated seeds")
+    ap.add_argument("--lrs", help="comma-separated peak learning rates")
+    ap.add_argument("--buckets", help="position bucket edges, e.g. 0,512,2048,8192")
+    ap.add_argument("--nsa-options", metavar="JSON", help="SparseAttention options of the nsa and no_selection models "
+                    "(default: the paper_scratch options)")
+    for name in INT_ARGUMENTS:
+        ap.add_argument("--" + name.replace("_", "-"), type=int)
+    for name in FLOAT_ARGUMENTS:
+        ap.add_argument("--" + name.replace("_", "-"), type=float)
+    for name in TEXT_ARGUMENTS:
+        ap.add_argument("--" + name.replace("_", "-"))
+    return ap.parse_args(argv)
+
+
+def _numbers(name: str, text: str, kind):
+    try:
+        return tuple(kind(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def settings_from_arguments(args: argparse.Namespace) -> LMSettings:
+    overrides = {n: getattr(args, n) for n in INT_ARGUMENTS + FLOAT_ARGUMENTS + TEXT_ARGUMENTS
+                 if getattr(args, n) is not None}
+    if overrides.get("time_budget_s") == 0:
+        overrides["time_budget_s"] = None
+    if args.models is not None:
+        overrides["models"] = tuple(args.models.split(","))
+    if args.seeds is not None:
+        overrides["seeds"] = _numbers("seeds", args.seeds, int)
+    if args.lrs is not None:
+        overrides["lrs"] = _numbers("lrs", args.lrs, float)
+    if args.buckets is not None:
+        overrides["buckets"] = _numbers("buckets", args.buckets, int)
+    if args.nsa_options is not None:
+        try:
+            overrides["nsa_options"] = json.loads(args.nsa_options)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"nsa_options must be JSON: {err}") from None
+    return with_overrides(SMOKE if args.smoke else FULL, **overrides)
+
+
+def log(message: str) -> None:
+    console.print(f"  {message}", highlight=False)
+
+
+def run_one(s: LMSettings, corpus, model_name: str, lr: float, seed: int, out: Path, device: torch.device,
+            precision: str, env: dict, resume: bool) -> None:
+    identifier = run_id(model_name, lr, seed)
+    # what this run depends on, as its JSON holds it (tuples become lists)
+    config = json.loads(json.dumps({**s.to_dict(), "models": None, "lrs": None, "seeds": None}))
+    path = run_path(out, identifier)
+    if resume and path.exists():
+        done = json.loads(path.read_text())
+        if done.get("status") == "finished" and done.get("config") == config:
+            console.print(f"[dim]{identifier}: finished earlier, kept[/dim]", highlight=False)
+            return
+    console.print(f"[bold]{identifier}[/bold]", highlight=False)
+    model = build_model(model_name, s.shape, seed, s.nsa_options, s.backend).to(device)
+    run = {"id": identifier, "model": model_name, "lr": lr, "seed": seed, "config": config, "environment": env,
+           "corpus": corpus.description, "status": "running", **parameter_counts(model)}
+    record = train_run(model, corpus, s, lr, seed, device, precision, log,
+                       on_eval=lambda partial: write_run(out, {**run, **partial}))
+    run.update(record, status="finished")
+    write_run(out, run)
+    log(f"{record['tokens']:,} tokens in {record['train_seconds']} s ({record['tokens_per_s']:,.0f} tokens/s); "
+        f"final {record['final']['full']['bpb']:.4f} bpb")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def report(out: Path) -> dict:
+    summary = summarize(load_runs(out))
+    print_table(summary, console)
+    write_summary(summary, out)
+    picture = plot(load_runs(out), out)
+    console.print(f"{len(load_runs(out))} runs in {out}" + (f"; picture {picture}" if picture else
+                  "; no PNG (pip install 'nsa[plot]')"), highlight=False)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    try:
+        settings = settings_from_arguments(args)
+        device, precision = devices.resolve_device(settings.device, settings.precision)
+    except ValueError as err:
+        console.print(f"error: {err}", highlight=False, soft_wrap=True)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if not args.report_only:
+        if settings.cpu_threads is not None:
+            torch.set_num_threads(settings.cpu_threads)
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        corpus = load_corpus(settings.corpus, settings.val_fraction, settings.corpus_max_bytes)
+        console.print(f"corpus {settings.corpus}: {corpus.description['files']:,} files, "
+                      f"{corpus.description['train_bytes']:,} train / {corpus.description['val_bytes']:,} validation "
+                      f"bytes; {settings.tokens_per_step:,} tokens per step", highlight=False)
+        env = environment(device, precision)
+        for model_name in settings.models:
+            for lr in settings.lrs:
+                for seed in settings.seeds:
+                    run_one(settings, corpus, model_name, lr, seed, args.out, device, precision, env,
+                            resume=not args.no_resume)
+    report(args.out)
+    console.print(f"done in {time.perf_counter() - start:.0f} s", highlight=False)
+    return 0

@@ -1,0 +1,141 @@
+"""Outputs of the language-model comparison: one JSON per run (rewritten after every validation),
+and from all runs in a directory the summary, its table and the picture.
+
+Per model, the best learning rate is the one with the lowest mean final bits per byte over seeds.
+"At equal tokens" reads every model's validation curve at the fewest tokens any model's run
+reached; "at equal time" at the shortest training time any model's run took (linear
+interpolation between validations).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+RUNS_DIR = "runs"
+SUMMARY_NAME = "summary_lm.json"
+PNG_NAME = "results_lm.png"
+
+
+def run_id(model: str, lr: float, seed: int) -> str:
+    return f"{model}-lr{lr:g}-seed{seed}"
+
+
+def run_path(out: Path, identifier: str) -> Path:
+    return out / RUNS_DIR / f"{identifier}.json"
+
+
+def write_run(out: Path, run: dict) -> Path:
+    """Atomically (write, then rename): a killed process never leaves half a file."""
+    path = run_path(out, run["id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(run, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_runs(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / RUNS_DIR).glob("*.json"))]
+
+
+def curve_at(points: list[dict], key: str, x: float) -> float | None:
+    """bits per byte of a validation curve at `key` (tokens or seconds) = x, interpolated; None past its end."""
+    for a, b in zip(points, points[1:]):
+        if a[key] <= x <= b[key]:
+            t = 0.0 if b[key] == a[key] else (x - a[key]) / (b[key] - a[key])
+            return a["bpb"] + t * (b["bpb"] - a["bpb"])
+    return points[-1]["bpb"] if points and points[-1][key] == x else None
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(runs: list[dict]) -> dict:
+    finished = [r for r in runs if r.get("status") == "finished"]
+    by_model: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in finished:
+        by_model[r["model"]][r["lr"]].append(r)
+    best = {m: min(rates.values(), key=lambda rs: _mean([r["final"]["full"]["bpb"] for r in rs]))
+            for m, rates in by_model.items()}
+    chosen = [r for rs in best.values() for r in rs]
+    equal_tokens = min((r["val"][-1]["tokens"] for r in chosen), default=None)
+    equal_seconds = min((r["val"][-1]["seconds"] for r in chosen), default=None)
+    rows = []
+    for model, rs in best.items():
+        final = [r["final"] for r in rs]
+        names = list(final[0]["full"]["buckets"])
+        rows.append({
+            "model": model, "lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs], "params": rs[0]["params"],
+            "tokens": [r["tokens"] for r in rs], "tokens_per_s": _mean([r["tokens_per_s"] for r in rs]),
+            "bpb": [round(f["full"]["bpb"], 4) for f in final],
+            "buckets": {n: _mean([f["full"]["buckets"][n] for f in final]) for n in names},
+            "capped_minus_full": {n: _mean([f["capped_minus_full"][n] for f in final]) for n in names},
+            "bpb_at_equal_tokens": _mean([curve_at(r["val"], "tokens", equal_tokens) for r in rs]),
+            "bpb_at_equal_time": _mean([curve_at(r["val"], "seconds", equal_seconds) for r in rs]),
+        })
+    return {"equal_tokens": equal_tokens, "equal_seconds": equal_seconds, "rows": rows}
+
+
+def _fmt(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_table(summary: dict, console: Console) -> None:
+    rows = summary["rows"]
+    if not rows:
+        console.print("no finished runs")
+        return
+    names = list(rows[0]["buckets"])
+    table = Table(title="Language models on packed documents (best learning rate per model; bits per byte)")
+    for column in ("model", "lr", "params", "tokens/s", "bpb (per seed)", *[f"pos {n}" for n in names],
+                   f"capped - full, {names[-1]}", "at equal tokens", "at equal time"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        table.add_row(r["model"], f"{r['lr']:g}", f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s'] / 1e3:,.0f}k",
+                      ", ".join(f"{b:.3f}" for b in r["bpb"]), *[_fmt(r["buckets"][n]) for n in names],
+                      _fmt(r["capped_minus_full"][names[-1]], 4), _fmt(r["bpb_at_equal_tokens"]),
+                      _fmt(r["bpb_at_equal_time"]))
+    console.print(table)
+    console.print(f"equal tokens: {summary['equal_tokens']:,}; equal time: {summary['equal_seconds']} s of training; "
+                  "positions: bytes of the token's own document before it", highlight=False)
+
+
+def write_summary(summary: dict, out: Path) -> Path:
+    path = out / SUMMARY_NAME
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return path
+
+
+def plot(runs: list[dict], out: Path) -> Path | None:
+    """Validation bits per byte against tokens and against training seconds, one line per run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in (r for r in runs if r.get("val")):
+        label = f"{r['model']} lr {r['lr']:g} seed {r['seed']}"
+        points = r["val"][1:] or r["val"]
+        axes[0].plot([p["tokens"] / 1e6 for p in points], [p["bpb"] for p in points], label=label)
+        axes[1].plot([p["seconds"] for p in points], [p["bpb"] for p in points], label=label)
+    for ax, xlabel in zip(axes, ("training tokens (millions)", "training seconds")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation bits per byte")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / PNG_NAME
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,126 @@
+"""The language-model comparison (benchmarks/lm): packing and positions, document isolation of
+every model, the bucketed and capped evaluation, the report's equal-tokens / equal-time reading,
+the corpus split, and the smoke run end to end with resume."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.lm.cli import main
+from benchmarks.lm.corpus import IGNORE, SEPARATOR, load_corpus, pack
+from benchmarks.lm.evaluation import NATS_TO_BITS, summarize_losses
+from benchmarks.lm.models import VARIANTS, build_model
+from benchmarks.lm.report import curve_at, summarize
+from benchmarks.lm.settings import SMOKE
+
+
+def test_pack_marks_documents_labels_and_positions():
+    rows = torch.tensor([[5, 6, SEPARATOR, 7, 8, 9], [1, SEPARATOR, SEPARATOR, 2, 3, 4]])
+    batch = pack(rows)
+    assert batch.inputs.tolist() == [[5, 6, 0, 7, 8, 1, 0, 0, 2, 3]]
+    # a document starts each row and after each separator (an empty one between two separators)
+    assert batch.cu_seqlens.tolist() == [0, 3, 5, 7, 8, 10] and batch.cu_seqlens.dtype == torch.int32
+    # the label of a separator is the next document's first byte: not scored
+    assert batch.labels.tolist() == [[6, 0, IGNORE, 8, 9, 0, IGNORE, IGNORE, 3, 4]]
+    assert batch.positions.tolist() == [[0, 1, 2, 0, 1, 0, 1, 0, 0, 1]]
+
+
+def test_pack_with_a_cap_cuts_documents_and_keeps_the_labels():
+    rows = torch.tensor([[1, 2, 3, 4, 5, 6, 7, SEPARATOR, 8, 9, 10]])
+    full, capped = pack(rows), pack(rows, cap=3)
+    assert full.cu_seqlens.tolist() == [0, 8, 10]
+    assert capped.cu_seqlens.tolist() == [0, 3, 6, 8, 10]
+    assert torch.equal(capped.labels, full.labels) and torch.equal(capped.inputs, full.inputs)
+    assert capped.positions.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 0, 1]]
+    with pytest.raises(ValueError, match="cap"):
+        pack(rows, cap=0)
+    with pytest.raises(ValueError, match="rows"):
+        pack(torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_model_keeps_packed_documents_apart(variant):
+    """The logits of a document packed after another equal its logits alone (random weights)."""
+    torch.manual_seed(0)
+    model = build_model(variant, SMOKE.shape, seed=3, options=dict(SMOKE.nsa_options), backend="torch").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # gates and zero-initialised weights away from their start
+    a, b = torch.randint(1, 256, (1, 37)), torch.randint(1, 256, (1, 50))
+    with torch.no_grad():
+        alone_a = model(a, torch.tensor([0, 37], dtype=torch.int32))
+        alone_b = model(b, torch.tensor([0, 50], dtype=torch.int32))
+        packed = model(torch.cat((a, b), 1), torch.tensor([0, 37, 87], dtype=torch.int32))
+    torch.testing.assert_close(packed[:, :37], alone_a, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(packed[:, 37:], alone_b, atol=2e-5, rtol=2e-5)
+
+
+def test_losses_are_summarized_by_position_bucket():
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    scored = torch.tensor([True, True, False, True, True])
+    positions = torch.tensor([0, 3, 4, 9, 20])
+    out = summarize_losses(losses, scored, positions, (0, 4, 10, 16))
+    assert math.isclose(out["bpb"], (1 + 2 + 4 + 5) / 4 * NATS_TO_BITS)
+    assert math.isclose(out["buckets"]["0-4"], 1.5 * NATS_TO_BITS)
+    assert math.isclose(out["buckets"]["4-10"], 4 * NATS_TO_BITS)  # the unscored label at position 4 left out
+    assert out["buckets"]["10-16"] is None  # position 20 lies past the last edge
+    assert out["bucket_labels"] == {"0-4": 2, "4-10": 1, "10-16": 0}
+
+
+def _run(model, seed, points, tokens_per_s=1.0):
+    final = {"full": {"bpb": points[-1][2], "buckets": {"0-8": 1.0}}, "capped_minus_full": {"0-8": 0.1}}
+    return {"status": "finished", "model": model, "lr": 1e-3, "seed": seed, "params": 10, "tokens": points[-1][0],
+            "tokens_per_s": tokens_per_s, "final": final,
+            "val": [{"tokens": t, "seconds": s, "bpb": b} for t, s, b in points]}
+
+
+def test_report_reads_curves_at_equal_tokens_and_equal_time():
+    assert curve_at([{"tokens": 0, "bpb": 8.0}, {"tokens": 10, "bpb": 4.0}], "tokens", 5) == 6.0
+    assert curve_at([{"tokens": 0, "bpb": 8.0}, {"tokens": 10, "bpb": 4.0}], "tokens", 11) is None
+    fast = _run("window", 0, [(0, 0, 8.0), (100, 10, 3.0)])
+    slow = _run("nsa", 0, [(0, 0, 8.0), (50, 10, 4.0), (100, 20, 2.0)])
+    rows = {r["model"]: r for r in summarize([fast, slow])["rows"]}
+    assert rows["nsa"]["bpb_at_equal_tokens"] == 2.0 and rows["window"]["bpb_at_equal_tokens"] == 3.0
+    assert rows["nsa"]["bpb_at_equal_time"] == 4.0 and rows["window"]["bpb_at_equal_time"] == 3.0
+
+
+def test_corpus_split_is_by_file_and_drops_duplicates(tmp_path):
+    for i in range(40):
+        (tmp_path / f"m{i:02d}.py").write_text(f"x = {i}\n" * 5)
+    (tmp_path / "copy.py").write_text("x = 3\n" * 5)  # the same bytes as m03.py
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "skip.py").write_text("skipped = True\n")
+    corpus = load_corpus("stdlib", 0.3, roots=[tmp_path])
+    d = corpus.description
+    assert d["files"] == 40 and d["duplicate_files_dropped"] == 1
+    assert d["train_bytes"] + d["val_bytes"] == sum(len(f"x = {i}\n" * 5) + 1 for i in range(40))
+    assert 0 < d["val_bytes"] < d["train_bytes"]
+    assert int((corpus.train == SEPARATOR).sum() + (corpus.val == SEPARATOR).sum()) == 40
+    again = load_corpus("stdlib", 0.3, roots=[tmp_path])
+    assert torch.equal(again.val, corpus.val) and again.description["sha256"] == d["sha256"]
+    with pytest.raises(ValueError, match="corpus"):
+        load_corpus("nowhere", 0.3)
+
+
+def test_smoke_run_writes_every_run_and_resumes(tmp_path, capsys):
+    args = ["--smoke", "--out", str(tmp_path), "--models", "dense,nsa", "--steps", "2", "--eval-every", "1"]
+    assert main(args) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
+    assert runs == ["dense-lr0.003-seed0.json", "nsa-lr0.003-seed0.json"]
+    run = json.loads((tmp_path / "runs" / runs[1]).read_text())
+    assert run["status"] == "finished" and run["steps"] == 2 and [p["step"] for p in run["val"]] == [0, 1, 2]
+    assert set(run["final"]["capped_minus_full"]) == {"0-32", "32-64", "64-128"}
+    summary = json.loads((tmp_path / "summary_lm.json").read_text())
+    assert {r["model"] for r in summary["rows"]} == {"dense", "nsa"}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished earlier, kept") == 2
+
+
+@pytest.mark.parametrize("bad, message", [(["--models", "dense,rnn"], "models"), (["--buckets", "5,10"], "buckets"),
+                                          (["--nsa-options", "{"], "nsa_options"), (["--lrs", "x"], "lrs")])
+def test_bad_settings_exit_2_naming_the_setting(tmp_path, capsys, bad, message):
+    assert main(["--smoke", "--out", str(tmp_path), *bad]) == 2
+    assert message in capsys.readouterr().out
