@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from nsa_core import SparseAttention, sliding_window_attention
 from nsa_core.model.rotary import RotaryEmbedding
+from nsa_core.ops.rotary import rotary
 
 # SparseAttention's strategy gate: one logit per head and branch, branches in this order
 BRANCHES = ("compressed", "selected", "sliding")
@@ -70,7 +71,8 @@ class SlidingWindowAttention(nn.Module):
         """x (b, n, dim) -> (b, n, dim)."""
         x = self.norm(x)
         q, k, v = (t.unflatten(-1, (-1, self.dim_head)).transpose(1, 2) for t in self.to_qkv(x).split(self.qkv_split, -1))
-        q, k = (self.rotary_emb.rotate(t, backend=self.backend) for t in (q, k))
+        cos, sin = self.rotary_emb.tables(torch.arange(x.shape[1], device=x.device), q.dtype)
+        q, k = (rotary(t, cos, sin, backend=self.backend) for t in (q, k))
         out = sliding_window_attention(q, k, v, window=self.window, causal=True, scale=self.dim_head ** -0.5,
                                        backend=self.backend)  # (b, h, n, d)
         gate = self.to_gate(x).sigmoid().transpose(1, 2).unsqueeze(-1)  # (b, h, n, 1)

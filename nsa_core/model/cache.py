@@ -135,11 +135,6 @@ class NSACache:
     def dtype(self) -> torch.dtype:
         return self.k_pages.dtype
 
-    @property
-    def seq_len(self) -> int:
-        """The longest sequence's length (host-side: no device read)."""
-        return self.filled
-
     def check_for(self, config: NSAConfig, inp: Tensor) -> None:
         """A ValueError saying what does not fit when this cache cannot serve `inp` of this module."""
         if self.config != config:
