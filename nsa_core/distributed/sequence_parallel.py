@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nsa_core.ops.seqs import Seqs
+from nsa_core.seqs import Seqs
 
 LAYOUTS = ("contiguous", "balanced")
 

@@ -26,10 +26,11 @@ from nsa_core.model.cache import COMPRESSED_PAGE, NSACache
 from nsa_core.ops.combine import combine
 from nsa_core.ops.decode_attention import decode_attention
 from nsa_core.ops.rotary import rotary
-from nsa_core.ops.seqs import Seqs
+from nsa_core.seqs import Seqs
 from nsa_core.reference.compressed_attention import compressed_scores
 from nsa_core.reference.pooled_selection import mask_block_logits
-from nsa_core.reference.selection import Selection, block_importance, select_top_blocks
+from nsa_core.reference.selection import block_importance, select_top_blocks
+from nsa_core.selection import Selection
 
 DEFAULT_HEADROOM = 1024  # tokens a cache made by return_cache=True leaves free after its prompt
 

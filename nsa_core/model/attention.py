@@ -32,10 +32,11 @@ from nsa_core.ops.combine import combine
 from nsa_core.ops.compressed_attention import compressed_attention
 from nsa_core.ops.rotary import rotary
 from nsa_core.ops.selected_attention import selected_attention
-from nsa_core.ops.seqs import Seqs
+from nsa_core.seqs import Seqs
 from nsa_core.ops.sliding_window import sliding_window_attention
 from nsa_core.reference.documents import per_document
-from nsa_core.reference.selection import Selection, SelectionRule, num_scored_blocks
+from nsa_core.reference.selection import num_scored_blocks
+from nsa_core.selection import Selection, SelectionRule
 
 
 @dataclass
@@ -393,7 +394,7 @@ class SparseAttention(nn.Module):
         cu_seqlens (num_docs + 1,) int32 / int64 on inp's device: inp (1, total, dim) holds documents one
         after the other, document i at tokens cu_seqlens[i] ... cu_seqlens[i + 1] - 1 (0 first, never
         decreasing, total last; empty documents allowed). The output equals running every document
-        alone: no branch lets a token see another document (ops/seqs.py).
+        alone: no branch lets a token see another document (nsa_core/seqs.py).
 
         With a cache (causal modules only; nsa_core/inference/decode.py): an empty cache takes inp as
         the prompt (its rows right-padded to `lengths` valid tokens, if given) through the parallel

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from nsa_core.config import NSAConfig
+from nsa_core.selection import pooled_scoring
 
 COMPRESSED_PAGE = 64  # compressed tokens per page of the compressed pool
 
@@ -87,7 +88,7 @@ class NSACache:
         cpages = -(-slots // COMPRESSED_PAGE)
         zeros = dict(device=device, dtype=dtype)
         pooled = None
-        if page % config.stride == 0:
+        if pooled_scoring(page, config.stride):
             pooled = torch.zeros(batch_size, hk, capacity // page + 1, d, **zeros)
         ring = config.compress_block_size
         window = {}

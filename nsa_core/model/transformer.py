@@ -26,7 +26,7 @@ from nsa_core.inference.sampling import sample
 from nsa_core.model.attention import SparseAttention, packed_seqs
 from nsa_core.ops.document_attention import document_attention
 from nsa_core.ops.rotary import rotary
-from nsa_core.ops.seqs import Seqs
+from nsa_core.seqs import Seqs
 
 DEFAULT_SPARSE_KWARGS = dict(
     sliding_window_size=32, compress_block_size=4, selection_block_size=4, num_selected_blocks=4

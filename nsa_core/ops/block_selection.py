@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import use_kernels
-from nsa_core.ops.seqs import Seqs, query_seqs
+from nsa_core.seqs import Seqs, query_seqs
 from nsa_core.ops.validation import check_same_device_dtype
 from nsa_core.reference.documents import compressed_span, per_document
 from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
@@ -41,13 +41,12 @@ from nsa_core.reference.pooled_selection import block_scores, pooled_block_logit
 from nsa_core.reference.selection import (
     NULL_SLOT_LOGIT,
     VALID_THRESHOLD,
-    Selection,
-    SelectionRule,
     num_scored_blocks,
     select_blocks_reference,
     select_top_blocks,
     selection_fields,
 )
+from nsa_core.selection import Selection, SelectionRule
 
 
 def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | None = None,
@@ -59,8 +58,7 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
     if not isinstance(rule, SelectionRule):
         raise TypeError(f"rule must be a SelectionRule, got {type(rule).__name__}")
     seqs = query_seqs(q, seqs)
-    pooled = rule.selection_block_size % rule.stride == 0
-    by_design = None if pooled else "selection blocks smaller than the stride are scored on the exact reference path"
+    by_design = None if rule.pooled else "selection blocks smaller than the stride are scored on the exact reference path"
     if seqs.is_packed and ck.shape[-2] != q.shape[-2] // rule.stride:
         raise ValueError(f"packed documents need ck with T // stride = {q.shape[-2] // rule.stride} slots, "
                          f"got {ck.shape[-2]}")

@@ -11,7 +11,7 @@ from helpers import randomize_, rel_err
 from nsa_core import NSAConfig, SparseAttention
 from nsa_core.config import get_preset
 from nsa_core.ops.dispatch import kernel_unavailable_reason
-from nsa_core.ops.seqs import Seqs
+from nsa_core.seqs import Seqs
 from nsa_core.reference.selection import forced_blocks
 
 BASE = dict(dim=24, dim_head=8, heads=6, kv_heads=2, sliding_window_size=5, compress_block_size=8,
