@@ -25,7 +25,8 @@ from nsa_core.model.compress_networks import default_compress_mlp
 from nsa_core.model.cache import NSACache
 from nsa_core.model.compression import compress_windows, compression_windows, with_memory
 from nsa_core.model.rotary import RotaryEmbedding
-from nsa_core.distributed.sequence_parallel import check_layout, sequence_parallel_forward
+from nsa_core.distributed.sequence_parallel import check_layout
+from nsa_core.model.sequence_parallel import sequence_parallel_forward
 from nsa_core.inference.decode import run_with_cache
 from nsa_core.ops.block_selection import select_blocks
 from nsa_core.ops.combine import combine
@@ -403,7 +404,7 @@ class SparseAttention(nn.Module):
 
         With `sequence_parallel_group` (a torch.distributed ProcessGroup of P ranks), inp is this
         rank's shard of the sequence, (batch, seq / P, dim), and the output is its shard
-        (nsa_core/distributed/sequence_parallel.py). `sequence_parallel_layout`: "contiguous", rank r
+        (model/sequence_parallel.py). `sequence_parallel_layout`: "contiguous", rank r
         holding tokens r * seq / P ...; or "balanced", the sequence cut into 2P chunks and rank r
         holding chunk r then chunk 2P - 1 - r (equal work on every rank; seq divisible by 2P).
         nsa_core.distributed.shard_sequence / unshard_sequence cut and reassemble shards."""

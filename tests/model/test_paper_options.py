@@ -118,7 +118,8 @@ def test_independent_kv_packed_equals_separate():
 
 @pytest.mark.parametrize("layout", ["contiguous", "balanced"])
 def test_independent_kv_shards_equal_whole(layout):
-    from nsa_core.distributed.sequence_parallel import shard_forward, shard_seqs, shard_spans
+    from nsa_core.distributed import shard_spans
+    from nsa_core.model.sequence_parallel import shard_forward, shard_seqs
 
     attn = module(independent_kv=True, num_forced_initial_blocks=1, num_forced_local_blocks=1)
     world, n = 2, 40
