@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from nsa_core import SparseAttention, sliding_window_attention
 from nsa_core.model.rotary import RotaryEmbedding
-from nsa_core.ops.seqs import Seqs
+from nsa_core.ops.rotary import rotary
+from nsa_core.seqs import Seqs
 
 # SparseAttention's strategy gate: one logit per head and branch, branches in this order
 BRANCHES = ("compressed", "selected", "sliding")
@@ -73,7 +74,8 @@ class SlidingWindowAttention(nn.Module):
         seqs = None if cu_seqlens is None else Seqs.packed(cu_seqlens, x.shape[1], device=x.device)
         x = self.norm(x)
         q, k, v = (t.unflatten(-1, (-1, self.dim_head)).transpose(1, 2) for t in self.to_qkv(x).split(self.qkv_split, -1))
-        q, k = (self.rotary_emb.rotate(t, backend=self.backend) for t in (q, k))
+        cos, sin = self.rotary_emb.tables(torch.arange(x.shape[1], device=x.device), q.dtype)
+        q, k = (rotary(t, cos, sin, backend=self.backend) for t in (q, k))
         out = sliding_window_attention(q, k, v, window=self.window, causal=True, scale=self.dim_head ** -0.5,
                                        backend=self.backend, seqs=seqs)  # (b, h, n, d)
         gate = self.to_gate(x).sigmoid().transpose(1, 2).unsqueeze(-1)  # (b, h, n, 1)

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, ".")
 from nsa_cli.support.decode_speed import (  # noqa: E402
-    _graphed, decode_benchmark, fill_cache, generation_tokens_per_s,
+    _graphed, decode_benchmark, generation_tokens_per_s,
 )
 from nsa_cli.support.speed import median_ms  # noqa: E402
 from nsa_core import SparseAttention, get_preset  # noqa: E402
@@ -91,7 +91,7 @@ def profile_step(cfg, context, batch, dev, dtype) -> None:
 
     nsa = SparseAttention.from_config(cfg).to(dev, dtype)
     cache = nsa.new_cache(batch, context + 8)
-    fill_cache(cache, context)
+    cache.fill_random(context)
     x = torch.randn(batch, 1, cfg.dim, device=dev, dtype=dtype)
     with torch.no_grad():
         for _ in range(3):

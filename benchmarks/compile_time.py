@@ -24,7 +24,7 @@ os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="nsa-cold-cache-")  # b
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
-from nsa_core.kernels.aot import captured_launches, compile_launch, prepare  # noqa: E402
+from tools.aot import captured_launches, compile_launch, prepare  # noqa: E402
 from nsa_core.kernels.selected_attention import launch  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,6 +1,6 @@
 """The documented support matrix as kernel launches: each configuration (kernel family, head dims,
 block, group, dtype, causal, ...) runs the real launchers on meta tensors inside
-nsa_core.kernels.aot.captured_launches, so the recorded launches carry exactly the tiles, warps and
+tools.aot.captured_launches, so the recorded launches carry exactly the tiles, warps and
 stages the launchers choose. Used by smem_sweep.py and compile_time.py.
 
 Every selected-attention scheme the launchers can pick for the shape is launched: by query always
@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from nsa_core.kernels.aot import Launch, captured_launches
+from tools.aot import Launch, captured_launches
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 T = 640  # sequence length of the launches: only its specialization (multiple of 16) reaches the kernels

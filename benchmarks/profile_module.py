@@ -24,7 +24,7 @@ from nsa_core.model.attention import BranchKeys  # noqa
 from nsa_core.ops.block_selection import select_blocks  # noqa
 from nsa_core.ops.combine import combine  # noqa
 from nsa_core.ops.compressed_attention import compressed_attention  # noqa
-from nsa_core.ops.seqs import Seqs  # noqa: E402
+from nsa_core.seqs import Seqs  # noqa: E402
 from nsa_core.config import get_preset  # noqa: E402
 
 

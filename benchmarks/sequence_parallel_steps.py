@@ -16,7 +16,7 @@ import torch
 
 from nsa_core import SparseAttention
 from nsa_core.distributed import shard_spans
-from nsa_core.distributed.sequence_parallel import place_shard, shard_forward, shard_gaps, shard_seqs
+from nsa_core.model.sequence_parallel import place_shard, shard_forward, shard_gaps, shard_seqs
 from nsa_core.kernels.outputs import MAX_PER_BATCH_EXTENT
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.kernel_launches import Config, ci_corners, corners, launches, support_matrix  # noqa: E402
-from nsa_core.kernels.aot import SM90_SHARED_LIMIT, compile_launch, lowered_metadata, prepare  # noqa: E402
+from tools.aot import SM90_SHARED_LIMIT, compile_launch, lowered_metadata, prepare  # noqa: E402
 
 # What the sweep accepts: the limit Triton checks at launch on an H100. No margin under it: the
 # figure is exact for one Triton version (the allocation is deterministic, the launch compares the

@@ -2,7 +2,8 @@
 
 Public names only. The tree reads as the architecture (see the README's "How the code is laid out"):
 config -> model (nn.Modules) -> ops (validate, decide kernels or reference once) -> kernels | reference;
-checkpoint (safetensors, lucidrains conversion); inference and distributed build on the ops.
+checkpoint (safetensors, lucidrains conversion); the model's passes (cached, sequence-parallel,
+generation) sit beside its modules; distributed holds the shard layouts and collectives.
 """
 
 from nsa_core.checkpoint.lucidrains import from_lucidrains, to_lucidrains
@@ -15,7 +16,7 @@ from nsa_core.model.compress_networks import *  # noqa: F401,F403  (the networks
 from nsa_core.model.transformer import Transformer
 from nsa_core.ops import selected_attention, sliding_window_attention
 
-__version__ = "0.1.0"
+from nsa_core.version import __version__
 
 __all__ = [
     "SparseAttention",

@@ -46,3 +46,11 @@ def output_and_grads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Te
     """Output of module(x) and the gradients of sum(output) for x and every parameter that got one."""
     out, x_grad, grads = forward_backward(module, x)
     return out, [x_grad] + [g for g in grads.values() if g is not None]
+
+
+def rotate(emb, t: torch.Tensor, offset: int = 0, backend: str = "torch") -> torch.Tensor:
+    """Rotate t (..., n, d) with the RotaryEmbedding emb as if its tokens sat at offset ... offset + n - 1."""
+    from nsa_core.ops.rotary import rotary
+
+    positions = torch.arange(offset, offset + t.shape[-2], device=t.device)
+    return rotary(t, *emb.tables(positions, t.dtype), backend=backend)

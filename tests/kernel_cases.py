@@ -7,7 +7,7 @@ import math
 import torch
 
 from nsa_core import selected_attention
-from nsa_core.ops.seqs import Seqs
+from nsa_core.seqs import Seqs
 
 
 def random_problem(*, B=1, HKV=2, G=2, T=37, D=32, Dv=16, S=3, block=16, causal=True, per_head=False,

@@ -34,6 +34,6 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch):
     assert namespace["step"].shape == (2, 1, 512) and namespace["more"].shape == (2, 4, 512)
     tokens = namespace["tokens"]
     # the generation snippet runs and has its shape; that its samples are right is
-    # tests/inference' business (sampling is fixed and tested there, issue 24)
+    # tests/inference' business (test_sampling.py)
     assert tokens.shape == (2, 64) and tokens.dtype == torch.long
     assert int(tokens.min()) >= 0 and int(tokens.max()) < 256

@@ -87,7 +87,7 @@ def make_attn(name, dim):
 
 from nsa_core.model.attention import BranchKeys
 from nsa_core.model.compression import with_memory
-from nsa_core.ops.seqs import Seqs
+from nsa_core.seqs import Seqs
 class IndepSA(SparseAttention):
     def __init__(self, mode, **kw):
         super().__init__(**kw)

@@ -21,9 +21,13 @@ import torch.nn.functional as F
 
 from nsa_cli.support.speed import median_ms
 from nsa_core.config import NSAConfig
+from nsa_core.cuda_graph import capture
 from nsa_core.model.attention import SparseAttention
 from nsa_core.model.cache import NSACache
-from nsa_core.model.transformer import DenseAttention, Transformer
+from nsa_core.model.dense import DenseAttention
+from nsa_core.model.generation import GraphedStep
+from nsa_core.model.transformer import Transformer
+from nsa_core.sampling import sample
 
 
 @dataclass
@@ -41,17 +45,6 @@ class DecodeRow:
         return asdict(self)
 
 
-def fill_cache(cache: NSACache, context: int) -> None:
-    """Random keys, values and compressed tokens for `context` tokens per sequence, as if prefilled
-    (drawn on the cache's device from torch's seeded generator)."""
-    for t in (cache.k_pages, cache.v_pages, cache.ck_pages, cache.cv_pages, cache.ring_keys, cache.ring_values):
-        t.normal_()
-    if cache.pooled_keys is not None:
-        cache.pooled_keys.normal_()
-    cache.lengths.fill_(context)
-    cache.filled = context
-
-
 def nsa_bytes_per_step(cfg: NSAConfig, context: int, batch: int, element: int) -> float:
     """Cache bytes a step reads: compressed keys/values, the selected blocks and the own block, the
     window, the pooled keys (keys and values, kv heads, head dim)."""
@@ -66,14 +59,7 @@ def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[
     """fn captured in a CUDA graph (after a warm-up) on CUDA; fn itself elsewhere."""
     if device.type != "cuda":
         return fn
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = capture(fn)
 
     def replay() -> torch.Tensor:
         graph.replay()
@@ -89,8 +75,7 @@ def _nsa_step(nsa: SparseAttention, cache: NSACache, x: torch.Tensor, compile: b
 
     def step() -> torch.Tensor:
         out = forward()
-        cache.lengths -= x.shape[1]  # stay at the context: every replay decodes the same position
-        cache.filled -= x.shape[1]
+        cache.rewind(x.shape[1])  # stay at the context: every replay decodes the same position
         return out
 
     return step
@@ -146,7 +131,7 @@ def decode_benchmark(cfg: NSAConfig, contexts: list[int], batches: list[int], *,
         for batch in batches:
             x = torch.randn(batch, 1, cfg.dim, device=dev, dtype=dtype)
             cache = nsa.new_cache(batch, context + 1)
-            fill_cache(cache, context)
+            cache.fill_random(context)
             with torch.no_grad():
                 nsa_ms = median_ms(_graphed(_nsa_step(nsa, cache, x, compile), dev), dev)
             del cache
@@ -167,8 +152,6 @@ def generation_tokens_per_s(cfg: NSAConfig, *, depth: int, context: int, batch: 
                             dtype: torch.dtype, sparse: bool, seed: int = 0) -> float:
     """Tokens/s of the decode loop (steps tokens per sequence) of a depth-layer Transformer whose caches
     hold `context` random tokens, the step CUDA-graphed on GPU."""
-    from nsa_core.inference.generate import GraphedStep, sample
-
     dev = torch.device(device)
     torch.manual_seed(seed)
     kwargs = {k: v for k, v in cfg.to_dict().items()
@@ -178,13 +161,7 @@ def generation_tokens_per_s(cfg: NSAConfig, *, depth: int, context: int, batch: 
                         kv_heads=cfg.num_kv_heads, use_sparse_attn=sparse, sparse_attn_kwargs=kwargs).to(dev, dtype).eval()
     caches = model.new_cache(batch, context + steps + 2)
     for cache in caches:
-        if isinstance(cache, NSACache):
-            fill_cache(cache, context)
-        else:
-            cache.keys.normal_()
-            cache.values.normal_()
-            cache.lengths.fill_(context)
-            cache.filled = context
+        cache.fill_random(context)
     token = torch.randint(0, 256, (batch, 1), device=dev)
     with torch.no_grad():
         step = GraphedStep(model, caches, token) if dev.type == "cuda" else (lambda ids: model(ids, cache=caches)[:, -1])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from nsa_cli.support.checks import DTYPES as CHECK_DTYPES
 from nsa_core.config import NSAConfig
 from nsa_core.model.attention import SparseAttention
-from nsa_core.model.transformer import DenseAttention
+from nsa_core.model.dense import DenseAttention
 
 DTYPES = {name: dtype for name, dtype in CHECK_DTYPES.items() if name != "fp64"}  # what bench times
 

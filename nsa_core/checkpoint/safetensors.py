@@ -30,6 +30,7 @@ from nsa_core.checkpoint.state import load_strictly, summarize, tensor_mismatche
 from nsa_core.config import NSAConfig
 from nsa_core.limits import parse_json
 from nsa_core.model.attention import SparseAttention
+from nsa_core.version import __version__
 
 FORMAT = "nsa"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -58,8 +59,6 @@ def save_safetensors(module: SparseAttention, path: str | Path, overwrite: bool 
     Returns the file's size in bytes."""
     if not isinstance(module, SparseAttention):
         raise TypeError(f"module must be a SparseAttention, got {type(module).__name__}")
-    from nsa_core import __version__
-
     metadata = {
         "format": FORMAT,
         "nsa_version": __version__,

@@ -1,4 +1,5 @@
-"""Sequence parallelism over torch.distributed, built on the ops' sequence descriptor.
+"""Sequence parallelism's shard layouts and collectives over torch.distributed (no module: the pass is
+model/sequence_parallel.py).
 
 Public: the shard layouts (LAYOUTS: "contiguous", "balanced"), `shard_sequence` (this rank's shard of
 a whole tensor), `unshard_sequence` (the whole sequence from every rank's shard), `shard_spans` (the

@@ -19,7 +19,7 @@ from transformers.activations import ACT2FN
 from nsa_core.hf.configuration import NSALMConfig
 from nsa_core.hf.rope import rotary_frequencies
 from nsa_core.model.attention import SparseAttention
-from nsa_core.model.transformer import DenseAttention
+from nsa_core.model.dense import DenseAttention
 
 
 class RMSNorm(nn.Module):

@@ -1,2 +1,4 @@
-"""nn.Modules of NSA with no path decisions: SparseAttention (a straight line of op calls), the key
-and value compression, the decoding cache, rotary tables, compression networks, the Transformer."""
+"""nn.Modules of NSA speaking only to the ops, and the passes beside the module they run: SparseAttention
+(a straight line of op calls), its cached and sequence-parallel passes, the key and value compression,
+the decoding caches, rotary tables, compression networks, DenseAttention, the Transformer and its
+generation."""

@@ -3,8 +3,9 @@
 Same constructor, parameter names and numbers as native-sparse-attention-pytorch 0.2.3 (its
 pure-PyTorch path), plus the seed-era options it dropped (see reference/selection.py). `attend`
 is a straight line of op calls (nsa_core.ops): each op decides once whether its kernels or its
-PyTorch reference run. Calls with a cache go through inference/decode.py: a prefill runs `attend`,
-decoding steps run the paged decode ops over the static cache (model/cache.py).
+PyTorch reference run. `forward` picks the pass (model/modes.py): the parallel pass here, the cached
+pass (model/decode.py: a prefill runs `attend`, decoding steps run the paged decode ops over the
+static cache, model/cache.py), or the sequence-parallel pass (model/sequence_parallel.py).
 
 Dimension legend: b batch, n queries, s keys, h query heads, hk kv heads, d head dim,
 c compressed tokens, m memory tokens.
@@ -16,7 +17,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
@@ -25,17 +25,18 @@ from nsa_core.model.compress_networks import default_compress_mlp
 from nsa_core.model.cache import NSACache
 from nsa_core.model.compression import compress_windows, compression_windows, with_memory
 from nsa_core.model.rotary import RotaryEmbedding
-from nsa_core.distributed.sequence_parallel import check_layout, sequence_parallel_forward
-from nsa_core.inference.decode import run_with_cache
+from nsa_core.model.decode import run_with_cache
+from nsa_core.model.modes import CACHED, SHARDED, forward_mode, packed_seqs
+from nsa_core.model.sequence_parallel import sequence_parallel_forward
 from nsa_core.ops.block_selection import select_blocks
 from nsa_core.ops.combine import combine
 from nsa_core.ops.compressed_attention import compressed_attention
+from nsa_core.ops.oracle_padding import padded_selected_attention, padded_window_attention
 from nsa_core.ops.rotary import rotary
 from nsa_core.ops.selected_attention import selected_attention
-from nsa_core.ops.seqs import Seqs
 from nsa_core.ops.sliding_window import sliding_window_attention
-from nsa_core.reference.documents import per_document
-from nsa_core.reference.selection import Selection, SelectionRule, num_scored_blocks
+from nsa_core.selection import Selection, SelectionRule
+from nsa_core.seqs import Seqs
 
 
 @dataclass
@@ -62,41 +63,6 @@ def split_branches(k: Tensor, v: Tensor, independent: bool) -> tuple[tuple[Tenso
     if not independent:
         return ((k, v),) * 3
     return tuple(zip(k.chunk(3, dim=1), v.chunk(3, dim=1)))
-
-
-def packed_seqs(cu_seqlens: Tensor | None, inp: Tensor) -> Seqs | None:
-    """The descriptor of `forward(inp, cu_seqlens=...)`: None without packing, else the validated
-    packed documents of inp (1, total, dim)."""
-    if cu_seqlens is None:
-        return None
-    if inp.shape[0] != 1:
-        raise ValueError(f"cu_seqlens packs documents into one row: input must have batch 1, got {inp.shape[0]}")
-    return Seqs.packed(cu_seqlens, inp.shape[1], device=inp.device)
-
-
-def _document_selection(selection: Selection | None, start: int, end: int) -> Selection | None:
-    """The queries start ... end - 1 of a selection."""
-    if selection is None:
-        return None
-    part = lambda t: None if t is None else t[:, :, start:end]
-    return Selection(part(selection.indices), part(selection.valid), part(selection.probs), part(selection.gates))
-
-
-def _pad_seq(t: Tensor, multiple: int) -> Tensor:
-    """Zero-pad dim -2 up to a multiple (the oracle's padding, whose zero keys it attends)."""
-    remainder = -t.shape[-2] % multiple
-    return F.pad(t, (0, 0, 0, remainder)) if remainder else t
-
-
-def _pad_keys(q: Tensor, k: Tensor, v: Tensor, seqs: Seqs, multiple: int) -> tuple[Tensor, Tensor, Tensor, Seqs]:
-    """The oracle's non-causal padding of the whole key sequence to a multiple: zero keys appended.
-    A plain batch pads its queries too (and stays plain); queries among other keys (a sequence-parallel
-    shard) keep theirs and see the longer keys. Returns (q, k, v, their descriptor)."""
-    if seqs.is_plain:
-        qp, kp, vp = (_pad_seq(t, multiple) for t in (q, k, v))
-        return qp, kp, vp, Seqs.batch(qp.shape[-2])
-    kp, vp = _pad_seq(k, multiple), _pad_seq(v, multiple)
-    return q, kp, vp, Seqs(seqs.q_len, kp.shape[-2], seqs.q_offset)
 
 
 class SparseAttention(nn.Module):
@@ -292,60 +258,23 @@ class SparseAttention(nn.Module):
         """Attention over the selected blocks (plus the own block when causal). Rotated q."""
         cfg = self.config
         k, v = keys.rotated_k, keys.v
-        if not cfg.causal:  # the oracle's padding and empty selections are per sequence: per document
-            if seqs.is_packed:
-                return per_document(lambda s, e: self._fine_not_causal(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
-                                                                       _document_selection(selection, s, e),
-                                                                       Seqs.batch(e - s)), seqs.spans())
-            return self._fine_not_causal(q, k, v, selection, seqs)
         common = dict(block_size=cfg.selection_block_size, scale=self.scale, backend=cfg.backend)
+        if not cfg.causal:  # the oracle's padding and empty selections, per sequence
+            return padded_selected_attention(q, k, v, selection, num_selected=cfg.num_selected_blocks,
+                                             stride=self.stride, seqs=seqs, **common)
         if selection is None:
             none = torch.zeros(q.shape[0], self.kv_heads, q.shape[-2], 0, dtype=torch.long, device=q.device)
             return selected_attention(q, k, v, none, causal=True, seqs=seqs, **common)
         return selected_attention(q, k, v, selection.indices, valid=selection.valid, gates=selection.gates,
                                   causal=True, seqs=seqs, **common)
 
-    def _fine_not_causal(self, q: Tensor, k: Tensor, v: Tensor, selection: Selection | None, seqs: Seqs) -> Tensor:
-        """The non-causal fine branch of one sequence (a row, a packed document alone, or a
-        sequence-parallel shard's queries over the whole sequence's keys)."""
-        cfg = self.config
-        b, _, n, _ = q.shape
-        common = dict(block_size=cfg.selection_block_size, scale=self.scale, backend=cfg.backend, causal=False)
-        num_slots = min(cfg.num_selected_blocks, num_scored_blocks(k.shape[-2] // self.stride, self.stride,
-                                                                   cfg.selection_block_size))
-        if selection is None or num_slots == 0:
-            # the oracle attends each query's whole own block, zero padding included
-            qp, kp, vp, padded = _pad_keys(q, k, v, seqs, cfg.selection_block_size)
-            own = (padded.query_positions(q.device) // cfg.selection_block_size).view(1, 1, -1, 1)
-            own = own.expand(b, self.kv_heads, -1, 1)
-            return selected_attention(qp, kp, vp, own, seqs=padded, **common)[..., :n, :]
-        # a packed selection has slots for the longest document: this one has num_slots of them
-        indices, valid, probs = (t[..., :num_slots] for t in (selection.indices, selection.valid, selection.probs))
-        gates = None if selection.gates is None else selection.gates[..., :num_slots]
-        # a query none of whose slots is valid: the oracle averages the selected blocks' values
-        any_valid = valid.any(dim=-1, keepdim=True)
-        ones = torch.ones_like(probs)
-        gates = torch.where(any_valid, ones if gates is None else gates, torch.zeros_like(ones))
-        return selected_attention(q, k, v, indices, valid=valid | ~any_valid, gates=gates, seqs=seqs, **common)
-
     def window_branch(self, q: Tensor, keys: BranchKeys, seqs: Seqs) -> Tensor:
         """Sliding-window attention. Rotated q."""
         cfg = self.config
-        window = cfg.sliding_window_size
-        common = dict(window=window, scale=self.scale, backend=cfg.backend)
+        common = dict(window=cfg.sliding_window_size, scale=self.scale, seqs=seqs, backend=cfg.backend)
         if cfg.causal:
-            return sliding_window_attention(q, keys.window_k, keys.window_v, causal=True, seqs=seqs, **common)
-
-        def alone(q_: Tensor, k_: Tensor, v_: Tensor, seqs_: Seqs) -> Tensor:
-            # the oracle pads to a multiple of the window and attends the zero keys within reach
-            qp, kp, vp, padded = _pad_keys(q_, k_, v_, seqs_, window)
-            return sliding_window_attention(qp, kp, vp, causal=False, seqs=padded, **common)[..., : q_.shape[-2], :]
-
-        k, v = keys.window_k, keys.window_v
-        if seqs.is_packed:
-            return per_document(lambda s, e: alone(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], Seqs.batch(e - s)),
-                                seqs.spans())
-        return alone(q, k, v, seqs)
+            return sliding_window_attention(q, keys.window_k, keys.window_v, causal=True, **common)
+        return padded_window_attention(q, keys.window_k, keys.window_v, **common)  # the oracle's padding
 
     # forward -------------------------------------------------------------------------------------
 
@@ -393,32 +322,26 @@ class SparseAttention(nn.Module):
         cu_seqlens (num_docs + 1,) int32 / int64 on inp's device: inp (1, total, dim) holds documents one
         after the other, document i at tokens cu_seqlens[i] ... cu_seqlens[i + 1] - 1 (0 first, never
         decreasing, total last; empty documents allowed). The output equals running every document
-        alone: no branch lets a token see another document (ops/seqs.py).
+        alone: no branch lets a token see another document (nsa_core/seqs.py).
 
-        With a cache (causal modules only; nsa_core/inference/decode.py): an empty cache takes inp as
+        With a cache (causal modules only; model/decode.py): an empty cache takes inp as
         the prompt (its rows right-padded to `lengths` valid tokens, if given) through the parallel
         pass; a filled one takes inp as the next tokens of every sequence. return_cache without a
         cache makes one that grows as needed.
 
         With `sequence_parallel_group` (a torch.distributed ProcessGroup of P ranks), inp is this
         rank's shard of the sequence, (batch, seq / P, dim), and the output is its shard
-        (nsa_core/distributed/sequence_parallel.py). `sequence_parallel_layout`: "contiguous", rank r
+        (model/sequence_parallel.py). `sequence_parallel_layout`: "contiguous", rank r
         holding tokens r * seq / P ...; or "balanced", the sequence cut into 2P chunks and rank r
         holding chunk r then chunk 2P - 1 - r (equal work on every rank; seq divisible by 2P).
         nsa_core.distributed.shard_sequence / unshard_sequence cut and reassemble shards."""
         self.check_input(inp)
-        check_layout(sequence_parallel_layout, sequence_parallel_group, needs_group=True)
-        if sequence_parallel_group is not None:
-            if cache is not None or return_cache or lengths is not None or cu_seqlens is not None:
-                raise ValueError("sequence_parallel_group runs the parallel pass over one sequence: it takes no cache, "
-                                 "return_cache, lengths or cu_seqlens")
+        mode = forward_mode(cache=cache, return_cache=return_cache, lengths=lengths, cu_seqlens=cu_seqlens,
+                            causal=self.config.causal, group=sequence_parallel_group, layout=sequence_parallel_layout)
+        if mode == SHARDED:
             return sequence_parallel_forward(self, inp, sequence_parallel_group, sequence_parallel_layout)
-        if cache is not None or return_cache:
-            if cu_seqlens is not None:
-                raise ValueError("cu_seqlens packs documents for the parallel pass; a cache holds whole sequences")
+        if mode == CACHED:
             return run_with_cache(self, inp, cache, return_cache, lengths)
-        if lengths is not None:
-            raise ValueError("lengths describes a prompt for a cache: pass cache= or return_cache=True with it")
         seqs = packed_seqs(cu_seqlens, inp)
         x = self.norm(inp)
         q, k, v = self.project(x)

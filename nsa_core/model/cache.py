@@ -20,6 +20,10 @@ What it holds, and why (B batch, HKV kv heads, D / Dv head dims):
   rotated keys and values (its pages are read through the same block table);
 - lengths (B,) int64 on the device: tokens written per sequence; `filled` on the host: the
   longest a sequence can be so far (capacity checks without reading the device).
+
+StepCache is what this cache and the dense layers' (model/dense.py) share: the counts that a prefill
+starts and a step advances, taken back, saved and restored through methods (generation's CUDA
+graph, the decode timing), never edited from outside.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import torch
 from torch import Tensor
 
 from nsa_core.config import NSAConfig
+from nsa_core.selection import pooled_scoring
 
 COMPRESSED_PAGE = 64  # compressed tokens per page of the compressed pool
+DEFAULT_HEADROOM = 1024  # tokens a cache made by return_cache=True leaves free after its prompt
 
 
 def room_needed(capacity: int, filled: int, new_tokens: int, growable: bool) -> int:
@@ -46,12 +52,89 @@ def room_needed(capacity: int, filled: int, new_tokens: int, growable: bool) -> 
     return need
 
 
+@dataclass
+class CacheState:
+    """A cache's counts and the step state that positions do not say (a snapshot)."""
+
+    lengths: Tensor
+    filled: int
+    tensors: tuple[Tensor, ...]
+
+
+class StepCache:
+    """The counts of a static decoding cache: `lengths` (B,) on the device, `filled` on the host, and
+    the capacity they grow into (subclasses hold them as fields)."""
+
+    def _step_state(self) -> tuple[Tensor, ...]:
+        """Tensors a step overwrites that its positions do not say (rewriting them is not enough to
+        take a step back)."""
+        return ()
+
+    def _buffers(self) -> tuple[Tensor, ...]:
+        """Every token buffer (what fill_random fills)."""
+        raise NotImplementedError
+
+    def _grow_to(self, capacity: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing written yet: the next call is a prefill."""
+        return self.filled == 0
+
+    def reserve(self, new_tokens: int) -> None:
+        """Make room for new_tokens more per sequence: a growable cache (made by return_cache=True
+        without a cache) doubles its capacity; a fixed one (new_cache) raises past its capacity."""
+        need = room_needed(self.capacity, self.filled, new_tokens, self.growable)
+        if need:
+            self._grow_to(max(need, 2 * self.capacity))
+
+    def begin(self, lengths: Tensor, n: int) -> None:
+        """A prefill of rows of n tokens, `lengths` (B,) of them valid, was written."""
+        self.lengths.copy_(lengths)
+        self.filled = n
+
+    def advance(self, n: int) -> None:
+        """A step wrote n more tokens to every sequence."""
+        self.lengths += n
+        self.filled += n
+
+    def rewind(self, n: int) -> None:
+        """Take the last n tokens of every sequence back (their entries are overwritten by the next
+        writes; the step state is not restored: use snapshot / restore for that)."""
+        self.lengths -= n
+        self.filled -= n
+
+    def count_replayed(self, n: int) -> None:
+        """A CUDA graph of a step writing n tokens was replayed: its device work moved `lengths`; the
+        host-side count follows."""
+        self.filled += n
+
+    def snapshot(self) -> CacheState:
+        return CacheState(self.lengths.clone(), self.filled, tuple(t.clone() for t in self._step_state()))
+
+    def restore(self, state: CacheState) -> None:
+        """Back to a snapshot, in place (a captured CUDA graph keeps reading the same tensors)."""
+        self.lengths.copy_(state.lengths)
+        self.filled = state.filled
+        for t, saved in zip(self._step_state(), state.tensors):
+            t.copy_(saved)
+
+    def fill_random(self, context: int) -> None:
+        """Random contents (torch's seeded generator, on the cache's device) for `context` tokens per
+        sequence, as if prefilled: for timing steps without the cost of a real prefill."""
+        for t in self._buffers():
+            t.normal_()
+        self.lengths.fill_(context)
+        self.filled = context
+
+
 def _identity_table(batch: int, pages: int, device) -> Tensor:
     return torch.arange(batch * pages, device=device, dtype=torch.int32).view(batch, pages)
 
 
 @dataclass
-class NSACache:
+class NSACache(StepCache):
     config: NSAConfig
     capacity: int
     k_pages: Tensor
@@ -87,7 +170,7 @@ class NSACache:
         cpages = -(-slots // COMPRESSED_PAGE)
         zeros = dict(device=device, dtype=dtype)
         pooled = None
-        if page % config.stride == 0:
+        if pooled_scoring(page, config.stride):
             pooled = torch.zeros(batch_size, hk, capacity // page + 1, d, **zeros)
         ring = config.compress_block_size
         window = {}
@@ -135,11 +218,6 @@ class NSACache:
     def dtype(self) -> torch.dtype:
         return self.k_pages.dtype
 
-    @property
-    def seq_len(self) -> int:
-        """The longest sequence's length (host-side: no device read)."""
-        return self.filled
-
     def check_for(self, config: NSAConfig, inp: Tensor) -> None:
         """A ValueError saying what does not fit when this cache cannot serve `inp` of this module."""
         if self.config != config:
@@ -149,13 +227,6 @@ class NSACache:
             raise ValueError(f"cache holds batch size {self.batch_size}, the input has {inp.shape[0]}")
         if inp.device != self.device:
             raise ValueError(f"cache is on {self.device}, the input on {inp.device}")
-
-    def reserve(self, new_tokens: int) -> None:
-        """Make room for new_tokens more per sequence: a growable cache (made by return_cache=True
-        without a cache) doubles its capacity; a fixed one (new_cache) raises past its capacity."""
-        need = room_needed(self.capacity, self.filled, new_tokens, self.growable)
-        if need:
-            self._grow_to(max(need, 2 * self.capacity))
 
     def _grow_to(self, capacity: int) -> None:
         bigger = NSACache.allocate(self.config, self.batch_size, capacity, device=self.device, dtype=self.dtype,
@@ -179,14 +250,13 @@ class NSACache:
         bigger.filled = self.filled
         self.__dict__.update(bigger.__dict__)
 
-    def save_ring(self) -> tuple[Tensor, Tensor]:
-        """A copy of the compression ring: a step that is run and then taken back (a CUDA graph's
-        warm-up) must leave the ring as it found it; positions and lengths alone do not say it."""
-        return self.ring_keys.clone(), self.ring_values.clone()
+    def _step_state(self) -> tuple[Tensor, ...]:
+        return self.ring_keys, self.ring_values  # the compression ring: positions alone do not say it
 
-    def restore_ring(self, saved: tuple[Tensor, Tensor]) -> None:
-        self.ring_keys.copy_(saved[0])
-        self.ring_values.copy_(saved[1])
+    def _buffers(self) -> tuple[Tensor, ...]:
+        optional = (self.pooled_keys, self.window_k_pages, self.window_v_pages)
+        return (self.k_pages, self.v_pages, self.ck_pages, self.cv_pages, self.ring_keys, self.ring_values,
+                *(t for t in optional if t is not None))
 
     # writes (in place, graph-capturable: positions are device tensors) -----------------------------
 
@@ -221,3 +291,13 @@ class NSACache:
         """Compressed keys at logical slots (B, N) -> (B, HKV, N, D)."""
         physical = self.compressed_table.gather(1, slots // COMPRESSED_PAGE)
         return self.ck_pages[physical, :, slots % COMPRESSED_PAGE].transpose(1, 2)
+
+    def selection_keys(self) -> Tensor:
+        """The keys a step's selection scores (ops/step_selection.py): the pooled keys (B, HKV, NB, D)
+        when blocks are scored pooled, else the compressed keys of the whole capacity without the memory
+        tokens (B, HKV, capacity // stride, D)."""
+        if self.pooled_keys is not None:
+            return self.pooled_keys[:, :, :-1]
+        mem, stride = self.config.num_compressed_mem_kv, self.config.stride
+        slots = mem + torch.arange(self.capacity // stride, device=self.device).expand(self.batch_size, -1)
+        return self.read_compressed_keys(slots)

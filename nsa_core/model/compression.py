@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nsa_core.ops.seqs import Seqs
+from nsa_core.seqs import Seqs
 
 
 def _packed_windows(t: Tensor, block: int, stride: int, cu: Tensor) -> Tensor:

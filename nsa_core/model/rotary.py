@@ -26,10 +26,3 @@ class RotaryEmbedding(nn.Module):
         """cos, sin (n, pairs) of the tokens at `positions`, for inputs of `dtype`."""
         angles = self.pair_angles(positions, torch.promote_types(dtype, torch.float32))
         return angles.cos(), angles.sin()
-
-    def rotate(self, t: Tensor, offset: int = 0, backend: str = "torch") -> Tensor:
-        """Rotate t (..., n, d) as if its tokens sat at positions offset ... offset + n - 1."""
-        from nsa_core.ops.rotary import rotary
-
-        positions = torch.arange(offset, offset + t.shape[-2], device=t.device)
-        return rotary(t, *self.tables(positions, t.dtype), backend=backend)

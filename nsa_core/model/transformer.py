@@ -18,70 +18,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nsa_core.distributed.sequence_parallel import check_layout, shard_spans, unshard_sequence
+from nsa_core.distributed.sequence_parallel import shard_spans, unshard_sequence
+from nsa_core.model.attention import SparseAttention
+from nsa_core.model.dense import DenseAttention
+from nsa_core.model.generation import generate
+from nsa_core.model.modes import CACHED, SHARDED, forward_mode, packed_seqs
 from nsa_core.ops.validation import check_positive_int
-from nsa_core.model.rotary import RotaryEmbedding
-from nsa_core.inference.dense import DenseCache, dense_with_cache
-from nsa_core.inference.sampling import sample
-from nsa_core.model.attention import SparseAttention, packed_seqs
-from nsa_core.ops.document_attention import document_attention
-from nsa_core.ops.rotary import rotary
-from nsa_core.ops.seqs import Seqs
+from nsa_core.sampling import sample
 
 DEFAULT_SPARSE_KWARGS = dict(
     sliding_window_size=32, compress_block_size=4, selection_block_size=4, num_selected_blocks=4
 )
-
-
-class DenseAttention(nn.Module):
-    """Full causal (or bidirectional) attention with rotary embeddings and GQA."""
-
-    def __init__(self, dim: int, dim_head: int = 64, heads: int = 8, causal: bool = True, kv_heads: int | None = None):
-        super().__init__()
-        kv_heads = heads if kv_heads is None else kv_heads
-        if heads % kv_heads != 0:
-            raise ValueError(f"kv_heads must divide heads, got heads={heads}, kv_heads={kv_heads}")
-        self.heads, self.kv_heads, self.dim_head, self.causal = heads, kv_heads, dim_head, causal
-        self.norm = nn.RMSNorm(dim)
-        self.rotary_embed = RotaryEmbedding(dim_head)
-        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
-        self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=False)
-        self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
-
-    def project(self, x_normed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(b, n, dim) -> q (b, h, n, d), k and v (b, hk, n, d)."""
-        return tuple(proj(x_normed).unflatten(-1, (-1, self.dim_head)).transpose(1, 2)
-                     for proj in (self.to_q, self.to_k, self.to_v))
-
-    def new_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> DenseCache:
-        weight = self.to_q.weight
-        return DenseCache.allocate(batch_size, max_seq_len, self.kv_heads, self.dim_head,
-                                   device=weight.device if device is None else device,
-                                   dtype=weight.dtype if dtype is None else dtype)
-
-    def forward(self, x: Tensor, cache: DenseCache | None = None, return_cache: bool = False, *,
-                lengths: Tensor | None = None, cu_seqlens: Tensor | None = None):
-        """x (b, n, dim) -> (b, n, dim); cu_seqlens: x (1, total, dim) holds packed documents, each
-        attending only to itself (ops/document_attention.py: one FlexAttention call on CUDA, one SDPA
-        call per document elsewhere). With a cache: inference/dense.py."""
-        if cache is not None or return_cache:
-            if cu_seqlens is not None:
-                raise ValueError("cu_seqlens packs documents for the parallel pass; a cache holds whole sequences")
-            out, cache = dense_with_cache(self, x, cache, lengths)
-            return (out, cache) if return_cache else out
-        seqs = packed_seqs(cu_seqlens, x) or Seqs.batch(x.shape[1])
-        x = self.norm(x)
-        q, k, v = self.project(x)
-        cos, sin = self.rotary_embed.tables(seqs.query_positions(x.device), q.dtype)
-        q, k = rotary(q, cos, sin, backend="torch"), rotary(k, cos, sin, backend="torch")
-        if seqs.is_packed:
-            out = document_attention(q, k, v, causal=self.causal, seqs=seqs)
-        else:
-            group = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.to_out(out.transpose(1, 2).flatten(-2))
 
 
 def FeedForward(dim: int, expansion_factor: float = 4.0) -> nn.Sequential:
@@ -148,19 +95,14 @@ class Transformer(nn.Module):
             raise ValueError(f"ids must be an integer tensor of shape (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
         if ids.shape[0] < 1:
             raise ValueError(f"ids must hold at least one sequence (batch >= 1), got shape {tuple(ids.shape)}")
-        cached = cache is not None or return_cache
-        if cached and not self.causal:
-            raise ValueError("cache / return_cache need causal=True")
+        mode = forward_mode(cache=cache, return_cache=return_cache, lengths=lengths, cu_seqlens=cu_seqlens,
+                            causal=self.causal, group=sequence_parallel_group, layout=sequence_parallel_layout)
+        cached = mode == CACHED
         if cache is not None and (not isinstance(cache, list) or len(cache) != len(self.layers)):
             raise ValueError(f"cache must be a list of {len(self.layers)} layer caches (from new_cache or return_cache=True)")
-        if cu_seqlens is not None and cached:
-            raise ValueError("cu_seqlens packs documents for the parallel pass; a cache holds whole sequences")
-        check_layout(sequence_parallel_layout, sequence_parallel_group, needs_group=True)
-        if sequence_parallel_group is not None:
+        if mode == SHARDED:
             if not self.use_sparse_attn:
                 raise ValueError("sequence_parallel_group needs use_sparse_attn=True (dense layers take no shards)")
-            if cached or lengths is not None or cu_seqlens is not None:
-                raise ValueError("sequence_parallel_group takes no cache / return_cache / lengths / cu_seqlens")
             return self._forward_shard(ids, return_loss, sequence_parallel_group, sequence_parallel_layout)
         packed = {}
         if cu_seqlens is not None:
@@ -206,11 +148,9 @@ class Transformer(nn.Module):
                  top_p: float | None = None, lengths: Tensor | None = None, cuda_graph: bool | None = None) -> Tensor:
         """Continue every row of prompt (b, n) by max_new_tokens tokens -> (b, max_new_tokens).
         temperature 0: greedy; else each token is drawn from softmax(logits / temperature) within the
-        top_k likeliest and the smallest set reaching probability top_p (nsa_core/inference/sampling.py).
+        top_k likeliest and the smallest set reaching probability top_p (nsa_core/sampling.py).
         `lengths`: each row's valid prompt tokens, 1..n (right-padded rows). On the static cache; on
-        CUDA the decoding step runs as a CUDA graph (cuda_graph=None: on CUDA)."""
-        from nsa_core.inference.generate import generate
-
+        CUDA the decoding step runs as a CUDA graph (cuda_graph=None: on CUDA): model/generation.py."""
         return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         lengths=lengths, cuda_graph=cuda_graph)
 

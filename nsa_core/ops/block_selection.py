@@ -2,10 +2,12 @@
 (validation + dispatch). The rule is reference/selection.py's.
 
 Kernel path, for selection blocks a multiple of the stride: block scores pooled before the dot
-product (reference/pooled_selection.py) and, without use_diff_topk (whose gates need the softmax's
-gradient), mask + softmax + top-k as one Triton pass (kernels/block_topk.py); with it, or with
+product (reference/pooled_selection.py) and mask + softmax + top-k as one Triton pass
+(kernels/block_topk.py); by design, with use_diff_topk (whose gates need the softmax's gradient) or
 forced blocks, PyTorch's softmax and top-k on the pooled logits (packed documents with forced
-blocks: each document alone). Over query chunks either way (memory linear in T).
+blocks: each document alone). Whether the Triton top-k runs is dispatch.py's rule like every kernel
+(_topk_kernel): more blocks than it holds raise with backend="triton" and fall back, with a
+warning, with "auto". Over query chunks either way (memory linear in T).
 Reference: reference/selection.py (exact compressed logits, any selection block); selection blocks
 smaller than the stride take it by design.
 
@@ -26,8 +28,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nsa_core.ops import dispatch
 from nsa_core.ops.dispatch import use_kernels
-from nsa_core.ops.seqs import Seqs, query_seqs
+from nsa_core.seqs import Seqs, query_seqs
 from nsa_core.ops.validation import check_same_device_dtype
 from nsa_core.reference.documents import compressed_span, per_document
 from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
@@ -41,13 +44,12 @@ from nsa_core.reference.pooled_selection import block_scores, pooled_block_logit
 from nsa_core.reference.selection import (
     NULL_SLOT_LOGIT,
     VALID_THRESHOLD,
-    Selection,
-    SelectionRule,
     num_scored_blocks,
     select_blocks_reference,
     select_top_blocks,
     selection_fields,
 )
+from nsa_core.selection import Selection, SelectionRule
 
 
 def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | None = None,
@@ -59,8 +61,7 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
     if not isinstance(rule, SelectionRule):
         raise TypeError(f"rule must be a SelectionRule, got {type(rule).__name__}")
     seqs = query_seqs(q, seqs)
-    pooled = rule.selection_block_size % rule.stride == 0
-    by_design = None if pooled else "selection blocks smaller than the stride are scored on the exact reference path"
+    by_design = None if rule.pooled else "selection blocks smaller than the stride are scored on the exact reference path"
     if seqs.is_packed and ck.shape[-2] != q.shape[-2] // rule.stride:
         raise ValueError(f"packed documents need ck with T // stride = {q.shape[-2] // rule.stride} slots, "
                          f"got {ck.shape[-2]}")
@@ -77,11 +78,31 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
     if seqs.is_packed:
         if rule.has_forced_blocks:  # forced blocks count from each document's start: one document at a time
             return _select_per_document(q, ck, rule, seqs)
-        return _select_packed(q, ck, rule, seqs)
-    return _select_pooled(q, ck, rule, seqs)
+        return _select_packed(q, ck, rule, seqs, backend)
+    return _select_pooled(q, ck, rule, seqs, backend)
 
 
-def _select_pooled(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Selection | None:
+def _topk_kernel(rule: SelectionRule, num_blocks: int, backend: str, q: Tensor) -> bool:
+    """Whether the kernel path's top-k runs in the Triton pass (dispatch.py's rule, asked of the
+    top-k on its own: the scoring before it is the op's kernel path either way)."""
+    by_design = None
+    if rule.use_diff_topk:
+        by_design = "use_diff_topk's gates need the softmax's gradient: PyTorch's top-k on the pooled logits"
+    elif rule.has_forced_blocks:
+        by_design = "forced blocks take PyTorch's top-k on the pooled logits"
+
+    def unsupported() -> str | None:
+        from nsa_core.kernels.block_topk import MAX_BLOCKS
+        from nsa_core.kernels.limits import dtype_reason
+
+        if num_blocks > MAX_BLOCKS:
+            return f"the top-k kernel holds at most {MAX_BLOCKS} blocks per query, got {num_blocks}"
+        return dtype_reason(q)
+
+    return dispatch.use_kernels(backend, q.device, "block_selection top-k", unsupported, by_design=by_design)
+
+
+def _select_pooled(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs, backend: str = "auto") -> Selection | None:
     B, HQ, T, _ = q.shape
     num_blocks = num_scored_blocks(ck.shape[-2], rule.stride, rule.selection_block_size)
     k = min(rule.num_selected, num_blocks)
@@ -92,10 +113,7 @@ def _select_pooled(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Se
     needs_grad = rule.use_diff_topk and torch.is_grad_enabled() and (q.requires_grad or ck.requires_grad)
     pooling = dict(group_size=rule.group_size, share_across_group=rule.share_across_group, stride=rule.stride,
                    selection_block_size=rule.selection_block_size)
-    from nsa_core.kernels.block_topk import MAX_BLOCKS
-    from nsa_core.kernels.limits import dtype_reason
-
-    if not rule.use_diff_topk and not rule.has_forced_blocks and num_blocks <= MAX_BLOCKS and dtype_reason(q) is None:
+    if _topk_kernel(rule, num_blocks, backend, q):
         from nsa_core.kernels.block_topk import block_topk
 
         def part(start: int, end: int) -> tuple:
@@ -123,7 +141,7 @@ def packed_slots(rule: SelectionRule, total: int) -> int:
     return min(rule.num_selected, num_scored_blocks(total // rule.stride, rule.stride, rule.selection_block_size))
 
 
-def _select_packed(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Selection | None:
+def _select_packed(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs, backend: str = "auto") -> Selection | None:
     """q (1, HQ, T, D), ck (1, HKV, C, D) of packed documents (selection blocks a multiple of the
     stride) -> Selection (1, H, T, S), indices numbered from each document's start; None when S = 0."""
     B, HQ, T, _ = q.shape
@@ -138,10 +156,7 @@ def _select_packed(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Se
     with torch.set_grad_enabled(needs_grad):
         keys = packed_pooled_keys(ck, blocks)  # (B, HKV, P, D), pooled once for every chunk
     grouping = dict(group_size=rule.group_size, share_across_group=rule.share_across_group)
-    from nsa_core.kernels.block_topk import MAX_BLOCKS
-    from nsa_core.kernels.limits import dtype_reason
-
-    if not rule.use_diff_topk and blocks.width <= MAX_BLOCKS and dtype_reason(q) is None:
+    if _topk_kernel(rule, blocks.width, backend, q):
         from nsa_core.kernels.block_topk import block_topk_packed
 
         def part(start: int, end: int) -> tuple:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import use_kernels
-from nsa_core.ops.seqs import Seqs, query_seqs
+from nsa_core.seqs import Seqs, query_seqs
 from nsa_core.ops.validation import check_positive_int, check_same_device_dtype
 from nsa_core.reference.compressed_attention import compressed_attention_chunked
 from nsa_core.reference.fast_compressed import compressed_attention_fast

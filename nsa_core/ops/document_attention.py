@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nsa_core.ops.dispatch import check_backend_name, use_kernels
-from nsa_core.ops.seqs import Seqs, seqs_for
+from nsa_core.seqs import Seqs, seqs_for
 from nsa_core.ops.validation import check_qkv
 from nsa_core.reference.documents import per_document
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from nsa_core.ops.dispatch import check_backend_name, use_kernels
-from nsa_core.ops.seqs import Seqs, seqs_for
+from nsa_core.seqs import Seqs, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
 from nsa_core.reference.documents import per_document
 from nsa_core.reference.fast_window import sliding_window_fast

@@ -27,24 +27,15 @@ C compressed blocks, NB selection blocks that can be scored, S selected slots, D
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from nsa_core.reference.compressed_attention import compressed_scores, masked_score, position_column
 from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
+from nsa_core.selection import Selection, SelectionRule
 
 NULL_SLOT_LOGIT = -1e3
 VALID_THRESHOLD = 1e-10
-
-
-@dataclass
-class Selection:
-    indices: Tensor  # (B, H, T, S) int64
-    valid: Tensor  # (B, H, T, S) bool
-    probs: Tensor  # (B, H, T, S): the importance of each selected block
-    gates: Tensor | None  # (B, H, T, S): straight-through gates (1 forward) with use_diff_topk
 
 
 def linear_upsample(x: Tensor, factor: int) -> Tensor:
@@ -164,33 +155,6 @@ def select_top_blocks(block_logits: Tensor, num_selected: int, use_diff_topk: bo
         valid = torch.cat((forced_valid, values[..., initial + local:] > VALID_THRESHOLD), dim=-1)
     gates = values + (1.0 - values).detach() if use_diff_topk else None
     return Selection(indices=indices, valid=valid, probs=values, gates=gates)
-
-
-@dataclass(frozen=True)
-class SelectionRule:
-    """How blocks are scored and chosen (the selection's part of NSAConfig)."""
-
-    num_selected: int
-    selection_block_size: int
-    stride: int
-    group_size: int
-    share_across_group: bool
-    interpolated: bool
-    use_diff_topk: bool
-    causal: bool
-    scale: float
-    forced_initial: int = 0
-    forced_local: int = 0
-
-    @property
-    def has_forced_blocks(self) -> bool:
-        return self.forced_initial + self.forced_local > 0
-
-    def forced(self, query_pos: Tensor) -> tuple[int, int, int, Tensor] | None:
-        """select_top_blocks' `forced` argument for queries at query_pos, or None."""
-        if not self.has_forced_blocks:
-            return None
-        return (self.selection_block_size, self.forced_initial, self.forced_local, query_pos)
 
 
 def selection_fields(selection: Selection | None) -> tuple:

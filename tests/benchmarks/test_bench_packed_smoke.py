@@ -1,4 +1,4 @@
-"""benchmarks/bench.py --smoke on the CPU: the whole script runs (correctness check, every path
+"""benchmarks/bench_packed.py --smoke on the CPU: the whole script runs (correctness check, every path
 that runs on a CPU timed, the table, the JSON), and packed equals per-document."""
 
 import json

@@ -1,4 +1,4 @@
-"""benchmarks/bench.py --smoke on the CPU: every section that runs on a CPU (attention, the
+"""benchmarks/bench_training.py --smoke on the CPU: every section that runs on a CPU (attention, the
 training step) times its paths, the CUDA-only ones say why not, the tables print and the JSON holds it
 all; the attention path without output projection is attend_projected less that projection; the cold
 compile-time child process runs (tiny preset on the CPU)."""

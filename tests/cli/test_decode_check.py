@@ -7,7 +7,8 @@ import torch
 from nsa_cli.support.checks import randomize_parameters
 from nsa_cli.support.decode_check import compare_decoding, decoded_span
 from nsa_core import SparseAttention
-from nsa_core.inference import decode
+from nsa_core.model import decode
+from nsa_core.reference import step_selection
 from nsa_core.model.cache import NSACache
 
 N = 45  # odd; prefill 15, 30 tokens decoded
@@ -48,13 +49,13 @@ def test_a_flip_at_a_near_tie_is_reported_not_failed(monkeypatch):
     pattern = torch.randn(1, 4, 24)
     x = pattern.repeat(2, 12, 1)[:, :N]
     attn, x, parallel = module_and_input(x=x)
-    original = decode.select_top_blocks
+    original = step_selection.select_top_blocks
 
     def rounding_noise(logits, num_selected, use_diff_topk, **options):
         noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)) * 1e-7
         return original(logits + noise * logits.abs().clamp(max=10), num_selected, use_diff_topk, **options)
 
-    monkeypatch.setattr(decode, "select_top_blocks", rounding_noise)
+    monkeypatch.setattr(step_selection, "select_top_blocks", rounding_noise)
     found = compare(attn, x, parallel)
     assert found.figures["disagreeing_positions"] > 0, found  # the picks did flip
     assert found.passed and found.figures["flipped_positions"] == found.figures["disagreeing_positions"]

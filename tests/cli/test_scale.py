@@ -1,4 +1,4 @@
-"""The CLI at scale and on special files (issue 32): output paths checked before any work (`-`,
+"""The CLI at scale and on special files: output paths checked before any work (`-`,
 devices, FIFOs, dangling symlinks, source == destination), visualize-selection's checks, picture
 resolution and ASCII fallback, convert's bounded and silent oracle comparison, --version, help."""
 

@@ -48,7 +48,7 @@ def test_decoding_equals_parallel(config, prefill):
             outs.append(out)
     decoded = torch.cat(outs, dim=1)
     assert rel(decoded, parallel) <= 2e-5
-    assert isinstance(cache, NSACache) and cache.seq_len == x.shape[1]
+    assert isinstance(cache, NSACache) and cache.filled == x.shape[1]
     assert cache.lengths.tolist() == [x.shape[1]] * 2
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nsa_core import Transformer
-from nsa_core.inference.sampling import filter_logits, sample
+from nsa_core.sampling import filter_logits, sample
 
 DRAWS = 40_000
 LOGITS = torch.tensor([1.3, -0.4, 2.1, 0.0, 0.7, -1.9, 1.1])  # distinct, none dominant

@@ -89,7 +89,7 @@ OFFSET_CASES = {
     "shard": dict(T=35, q_offset=19, q_len=16, G=3, with_gates=True),  # the offset cuts a block of 16
     "keys_after": dict(T=45, q_offset=21, q_len=9, G=2, per_head=True, causal=False, window=7),
     "group16_window": dict(T=37, q_offset=33, q_len=4, G=16, HKV=1, window=6, block=8, S=2),
-    "decode_step": dict(T=37, q_offset=36, q_len=1, G=3, S=2),  # Seqs.step(1, 36)
+    "decode_step": dict(T=37, q_offset=36, q_len=1, G=3, S=2),  # one query after 36 cached keys
 }
 
 

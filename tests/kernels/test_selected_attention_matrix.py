@@ -1,5 +1,5 @@
 """The selected-attention kernels over the documented support (head dims up to 256, blocks up to
-128, fp32 / fp16 / bf16, issue 18) on the GPU, forward and backward against the float64 reference
+128, fp32 / fp16 / bf16) on the GPU, forward and backward against the float64 reference
 at small sequences: no promised shape may fail to launch (shared memory: tiles.py's rules, checked
 ahead of time by tests/kernels/test_smem.py), and each is as accurate as PyTorch at its dtype.
 

@@ -48,7 +48,7 @@ def test_window_kernel_matches_reference(T, window, G, poisoned_outputs):
 def test_window_kernel_with_query_offset(TQ, TK, offset, window, G, poisoned_outputs):
     """TQ queries at key positions offset ... over TK keys (a sequence-parallel shard, queries after
     cached keys, or queries before later keys): keys no query sees get zero gradients."""
-    from nsa_core.ops.seqs import Seqs
+    from nsa_core.seqs import Seqs
 
     gen = torch.Generator().manual_seed(TQ + TK + offset)
     q = torch.randn(2, 2 * G, TQ, 32, generator=gen).to(DEVICE)
@@ -99,7 +99,7 @@ def test_window_kernel_gpu_bf16(G, window, shard):
     q, k, v = problem(1, 4 * G, 4, 4096 + 77, 128, 128, seed=G, device="cuda")
     seqs = None
     if shard is not None:
-        from nsa_core.ops.seqs import Seqs
+        from nsa_core.seqs import Seqs
 
         n = q.shape[2] // 4
         q, k, v, seqs = q[:, :, shard * n:(shard + 1) * n], k[:, :, :4 * n], v[:, :, :4 * n], Seqs(n, 4 * n, shard * n)

@@ -1,6 +1,6 @@
 """Shared memory of the kernels, compiled ahead of time for an H100 (sm_90) on any machine (no GPU):
-at the corners of the documented support (benchmarks/kernel_launches.ci_corners: the reported
-defect, issue 18, and the largest tiles the rules give the by-block kernels and float32), every
+at the corners of the documented support (benchmarks/kernel_launches.ci_corners: a shape at the
+shared-memory limit, and the largest tiles the rules give the by-block kernels and float32), every
 launch the launchers make stays within the budget (benchmarks/smem_sweep.py). The whole support
 matrix: `python benchmarks/smem_sweep.py` (hours); the GPU run: test_selected_attention_matrix.py.
 

@@ -46,7 +46,8 @@ def test_shard_triton_equals_torch(layout, world, rank):
     path: output and gradients of the shard, of the other ranks' keys and values, and of the
     parameters. Contiguous: the last of 3 (offset 36); balanced: rank 1 of 3, chunks 1 and 4 (offsets
     9 and 36, not multiples of any block), attend once per chunk on slices of q; batch 2."""
-    from nsa_core.distributed.sequence_parallel import place_shard, shard_forward, shard_gaps, shard_seqs, shard_spans
+    from nsa_core.distributed import shard_spans
+    from nsa_core.model.sequence_parallel import place_shard, shard_forward, shard_gaps, shard_seqs
 
     kwargs = dict(dim=32, dim_head=16, heads=6, kv_heads=2, sliding_window_size=5, compress_block_size=16,
                   compress_block_sliding_stride=8, selection_block_size=16, num_selected_blocks=2, causal=True)

@@ -11,7 +11,7 @@ from helpers import randomize_, rel_err
 from nsa_core import NSAConfig, SparseAttention
 from nsa_core.config import get_preset
 from nsa_core.ops.dispatch import kernel_unavailable_reason
-from nsa_core.ops.seqs import Seqs
+from nsa_core.seqs import Seqs
 from nsa_core.reference.selection import forced_blocks
 
 BASE = dict(dim=24, dim_head=8, heads=6, kv_heads=2, sliding_window_size=5, compress_block_size=8,
@@ -118,7 +118,8 @@ def test_independent_kv_packed_equals_separate():
 
 @pytest.mark.parametrize("layout", ["contiguous", "balanced"])
 def test_independent_kv_shards_equal_whole(layout):
-    from nsa_core.distributed.sequence_parallel import shard_forward, shard_seqs, shard_spans
+    from nsa_core.distributed import shard_spans
+    from nsa_core.model.sequence_parallel import shard_forward, shard_seqs
 
     attn = module(independent_kv=True, num_forced_initial_blocks=1, num_forced_local_blocks=1)
     world, n = 2, 40

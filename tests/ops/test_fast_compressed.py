@@ -89,8 +89,8 @@ def test_shard_fast_path_equals_exact(monkeypatch, rank, compress_block):
     """A sequence-parallel shard (rank of 3, offsets 23 and 46: not multiples of the stride) through
     both ops' kernel paths equals their PyTorch paths: output, and gradients of the shard, of the other
     ranks' keys and values and of the parameters."""
-    from nsa_core.distributed.sequence_parallel import shard_forward
-    from nsa_core.ops.seqs import Seqs
+    from nsa_core.model.sequence_parallel import shard_forward
+    from nsa_core.seqs import Seqs
 
     kwargs = dict(dim=32, dim_head=8, heads=6, kv_heads=2, sliding_window_size=5, compress_block_size=compress_block,
                   compress_block_sliding_stride=4, selection_block_size=8, num_selected_blocks=3, causal=True,

@@ -14,7 +14,7 @@ from nsa_core.ops.block_selection import _select_packed, _select_per_document
 from nsa_core.ops.dispatch import kernel_unavailable_reason
 from nsa_core.reference.packed_selection import packed_blocks, packed_pooled_keys
 from nsa_core.reference.pooled_selection import pooled_keys
-from nsa_core.reference.selection import SelectionRule
+from nsa_core.selection import SelectionRule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENGTHS = [9, 1, 0, 70, 3, 40, 0, 17]  # stride 4, selection 8: 1 and 3 hold no compressed token, 9 one block

@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from nsa_core.ops.seqs import Seqs
+from nsa_core.seqs import Seqs
 from nsa_core.reference import fast_selected, fast_window
 from nsa_core.reference.compressed_attention import compressed_attention_chunked
 from nsa_core.reference.fast_compressed import compressed_attention_fast

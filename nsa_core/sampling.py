@@ -1,7 +1,8 @@
 """The library's one sampler: next tokens from last-position logits, greedy at temperature 0, else a
 draw from softmax(logits / temperature) restricted to the top_k likeliest tokens and to the
-smallest set whose probability reaches top_p (nucleus). Transformer.generate and Transformer.sample
-both draw through `sample`; `check_sampling` validates their arguments once, before any work.
+smallest set whose probability reaches top_p (nucleus). Transformer.generate, Transformer.sample and
+the decode timing all draw through `sample`; `check_sampling` validates their arguments once, before
+any work.
 
 The draw is the exponential race (equivalent to Gumbel-max): argmax(logits - log(E)) with
 E ~ Exp(1) per token, no host synchronisation, so it can follow a CUDA-graphed decoding step.

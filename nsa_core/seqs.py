@@ -49,11 +49,6 @@ class Seqs:
         return cls(seq_len, seq_len, 0)
 
     @classmethod
-    def step(cls, num_new: int, num_cached: int) -> "Seqs":
-        """num_new queries appended after num_cached keys (decoding, chunked prefill)."""
-        return cls(num_new, num_cached + num_new, num_cached)
-
-    @classmethod
     def packed(cls, cu_seqlens: Tensor, total: int, device: torch.device | str | None = None) -> "Seqs":
         """Documents packed into one row of `total` tokens: cu_seqlens (N + 1,) int32 / int64, on
         `device` (the tokens' device), starting at 0, never decreasing, ending at total (empty
@@ -84,10 +79,6 @@ class Seqs:
     def is_plain(self) -> bool:
         """One sequence per row, queries over their own keys (no offset, no packing)."""
         return self.q_offset == 0 and self.q_len == self.k_len and not self.is_packed
-
-    @property
-    def num_docs(self) -> int:
-        return 1 if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
 
     def spans(self) -> list[tuple[int, int]]:
         """(start, end) token range of every document (a plain row: one). Reads cu_seqlens on the
@@ -155,9 +146,6 @@ def query_seqs(q: Tensor, seqs: Seqs | None) -> Seqs:
         raise ValueError(f"seqs describes {seqs.q_len} queries, got q with {q.shape[-2]} tokens")
     check_packed_batch(seqs, q)
     return seqs
-
-
-PACKED_REASON = "packed documents (cu_seqlens) run on the reference for this op"
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

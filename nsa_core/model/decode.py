@@ -1,4 +1,5 @@
-"""Prefill into the static cache and decoding steps of a causal SparseAttention.
+"""The cached pass of a causal SparseAttention: prefill into the static cache (model/cache.py) and
+decoding steps over it.
 
 - Prefill (the cache is empty): the prompt (B, n, dim) runs through the parallel pass (the
   kernels), then its rotated keys, values, compressed keys, pooled keys and compression ring are
@@ -9,8 +10,10 @@
   (K > 1: speculative verification or chunked prefill), token i of row b at position
   lengths[b] + i. Everything a step writes or reads is addressed by device tensors computed from
   `lengths`: static shapes, no host synchronisation, capturable in a CUDA graph. The three branches
-  run on `decode_attention` (paged split-K kernels) over page lists built here; the scoring of the
-  selection and the gated combine are small PyTorch operations.
+  run on `decode_attention` (paged split-K kernels) over page lists built here, the selection on
+  `select_step_blocks` (the parallel pass's scoring rule over the cache's keys), the gated combine
+  on `combine`. The branches' page lists differ from the parallel pass's descriptors, so a step is its
+  own op sequence (the same ops, the same order as `SparseAttention.attend`).
 
 Dimension legend: B batch, K new tokens per sequence, H query heads, HKV kv heads, G = H / HKV,
 HI heads of the selection, D head dim, R compression block, NB selection blocks in the capacity.
@@ -18,27 +21,28 @@ HI heads of the selection, D head dim, R compression block, NB selection blocks 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from nsa_core.inference.lengths import prompt_lengths
-from nsa_core.model.cache import COMPRESSED_PAGE, NSACache
+from nsa_core.model.cache import COMPRESSED_PAGE, DEFAULT_HEADROOM, NSACache
+from nsa_core.model.lengths import check_step_lengths, prompt_lengths
 from nsa_core.ops.combine import combine
 from nsa_core.ops.decode_attention import decode_attention
 from nsa_core.ops.rotary import rotary
-from nsa_core.ops.seqs import Seqs
-from nsa_core.reference.compressed_attention import compressed_scores
-from nsa_core.reference.pooled_selection import mask_block_logits
-from nsa_core.reference.selection import Selection, block_importance, select_top_blocks
+from nsa_core.ops.step_selection import select_step_blocks
+from nsa_core.seqs import Seqs
+from nsa_core.selection import Selection
 
-DEFAULT_HEADROOM = 1024  # tokens a cache made by return_cache=True leaves free after its prompt
+if TYPE_CHECKING:
+    from nsa_core.model.attention import SparseAttention
 
 
-def run_with_cache(attn, inp: Tensor, cache: NSACache | None, return_cache: bool, lengths: Tensor | None):
-    """The forward of a module called with a cache (or asked for one)."""
+def run_with_cache(attn: SparseAttention, inp: Tensor, cache: NSACache | None, return_cache: bool,
+                   lengths: Tensor | None):
+    """The forward of a causal module called with a cache (or asked for one)."""
     cfg = attn.config
-    if not cfg.causal:
-        raise ValueError("cache / return_cache need a causal module (causal=True)")
     if cache is None:
         n = inp.shape[1]
         cache = NSACache.allocate(cfg, inp.shape[0], max(2 * n, n + DEFAULT_HEADROOM), device=inp.device,
@@ -46,16 +50,12 @@ def run_with_cache(attn, inp: Tensor, cache: NSACache | None, return_cache: bool
     elif not isinstance(cache, NSACache):
         raise TypeError(f"cache must be an NSACache (from new_cache or return_cache=True), got {type(cache).__name__}")
     cache.check_for(cfg, inp)
-    if cache.filled == 0:
-        out = prefill(attn, inp, cache, lengths)
-    else:
-        if lengths is not None:
-            raise ValueError("lengths describes a prompt: pass it with an empty cache (the first call)")
-        out = decode_step(attn, inp, cache)
+    check_step_lengths(cache.is_empty, lengths)
+    out = prefill(attn, inp, cache, lengths) if cache.is_empty else decode_step(attn, inp, cache)
     return (out, cache) if return_cache else out
 
 
-def _projection_dtype(attn, inp: Tensor) -> torch.dtype:
+def _projection_dtype(attn: SparseAttention, inp: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(inp.device.type):
         return torch.get_autocast_dtype(inp.device.type)
     return attn.to_qkv.weight.dtype
@@ -66,7 +66,7 @@ def _check_dtype(cache: NSACache, k: Tensor) -> None:
         raise ValueError(f"cache holds {cache.dtype}, the module's keys are {k.dtype}")
 
 
-def prefill(attn, inp: Tensor, cache: NSACache, lengths: Tensor | None) -> Tensor:
+def prefill(attn: SparseAttention, inp: Tensor, cache: NSACache, lengths: Tensor | None) -> Tensor:
     """The parallel pass over the prompt inp (B, n, dim), written into the empty cache."""
     cfg = attn.config
     B, n, _ = inp.shape
@@ -93,12 +93,11 @@ def prefill(attn, inp: Tensor, cache: NSACache, lengths: Tensor | None) -> Tenso
             gathered = source.gather(2, ring_pos.clamp(min=0)[:, None, :, None].expand(-1, source.shape[1], -1,
                                                                                         source.shape[-1]))
             buffer.copy_(torch.where((ring_pos >= 0)[:, None, :, None], gathered, torch.zeros_like(gathered)))
-        cache.lengths.copy_(lengths)
-    cache.filled = n
+        cache.begin(lengths, n)
     return out
 
 
-def decode_step(attn, inp: Tensor, cache: NSACache) -> Tensor:
+def decode_step(attn: SparseAttention, inp: Tensor, cache: NSACache) -> Tensor:
     """The next K tokens inp (B, K, dim) of every sequence -> their outputs (B, K, dim)."""
     cfg = attn.config
     B, K, _ = inp.shape
@@ -121,12 +120,11 @@ def decode_step(attn, inp: Tensor, cache: NSACache) -> Tensor:
     sliding = _window_branch(attn, cache, q_rot, positions)
     gates = attn.to_strategy_combine(x)  # (B, H, K, 3)
     out = attn.combine_heads(combine(compressed, fine, sliding, gates, backend=cfg.backend).flatten(-2))
-    cache.lengths += K
-    cache.filled += K
+    cache.advance(K)
     return out
 
 
-def _append_compressed(attn, cache: NSACache, positions: Tensor, k: Tensor, v: Tensor) -> None:
+def _append_compressed(attn: SparseAttention, cache: NSACache, positions: Tensor, k: Tensor, v: Tensor) -> None:
     """Compress the window ending at each new token; complete ones go to their slot, the others to
     the scratch slot. Then the ring keeps the last R tokens, and completed selection blocks get
     their pooled key."""
@@ -154,7 +152,7 @@ def _append_compressed(attn, cache: NSACache, positions: Tensor, k: Tensor, v: T
     cache.pooled_keys[batch, :, target] = pooled.transpose(1, 2)
 
 
-def _compressed_branch(attn, cache: NSACache, q: Tensor, positions: Tensor) -> Tensor:
+def _compressed_branch(attn: SparseAttention, cache: NSACache, q: Tensor, positions: Tensor) -> Tensor:
     """Memory tokens and the compressed blocks completed before each query."""
     cfg = attn.config
     B, _, K, _ = q.shape
@@ -166,30 +164,12 @@ def _compressed_branch(attn, cache: NSACache, q: Tensor, positions: Tensor) -> T
                             scale=attn.scale, backend=cfg.backend)
 
 
-def _select(attn, cache: NSACache, q: Tensor, positions: Tensor) -> Selection | None:
-    """The selection of each new query, as the parallel pass makes it (pooled scores when selection
-    blocks are a multiple of the stride, else the exact compressed logits)."""
-    rule = attn.selection_rule
-    B, H, K, D = q.shape
-    if cache.pooled_keys is not None:
-        keys = cache.pooled_keys[:, :, :-1]  # (B, HKV, NB, D)
-        if rule.share_across_group:
-            q_sel = q.view(B, keys.shape[1], rule.group_size, K, D).mean(dim=2)
-        else:
-            q_sel, keys = q, keys.repeat_interleave(rule.group_size, dim=1)
-        logits = mask_block_logits(torch.matmul(q_sel, keys.transpose(-1, -2)) * rule.scale, query_pos=positions,
-                                   stride=rule.stride, selection_block_size=rule.selection_block_size, causal=True)
-    else:
-        mem = attn.config.num_compressed_mem_kv
-        slots = mem + torch.arange(cache.capacity // rule.stride, device=q.device).expand(B, -1)
-        scores = compressed_scores(q, cache.read_compressed_keys(slots), rule.stride, True, rule.scale, positions)
-        logits = block_importance(scores, group_size=rule.group_size, share_across_group=rule.share_across_group,
-                                  stride=rule.stride, selection_block_size=rule.selection_block_size,
-                                  interpolated=rule.interpolated, causal=True, query_pos=positions)
-    return select_top_blocks(logits, rule.num_selected, use_diff_topk=False, forced=rule.forced(positions))
+def _select(attn: SparseAttention, cache: NSACache, q: Tensor, positions: Tensor) -> Selection | None:
+    """The selection of each new query, as the parallel pass makes it."""
+    return select_step_blocks(q, cache.selection_keys(), attn.selection_rule, positions)
 
 
-def _selected_branch(attn, cache: NSACache, q_rot: Tensor, positions: Tensor, selection: Selection | None) -> Tensor:
+def _selected_branch(attn: SparseAttention, cache: NSACache, q_rot: Tensor, positions: Tensor, selection: Selection | None) -> Tensor:
     """The selected blocks and each query's own block, keys up to the query."""
     B, _, K, _ = q_rot.shape
     heads = attn.kv_heads if selection is None else selection.indices.shape[1]
@@ -202,7 +182,7 @@ def _selected_branch(attn, cache: NSACache, q_rot: Tensor, positions: Tensor, se
                             scale=attn.scale, backend=attn.config.backend)
 
 
-def _window_branch(attn, cache: NSACache, q_rot: Tensor, positions: Tensor) -> Tensor:
+def _window_branch(attn: SparseAttention, cache: NSACache, q_rot: Tensor, positions: Tensor) -> Tensor:
     """Keys positions - window ... positions."""
     window, page = attn.config.sliding_window_size, cache.page_size
     B, _, K, _ = q_rot.shape

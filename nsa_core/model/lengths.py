@@ -1,5 +1,6 @@
-"""The valid lengths of a batch of right-padded prompts, checked once at prefill (the NSA and dense
-caches and generation share the rule): an integer tensor (batch,), every value in 1..prompt length.
+"""The decoding input checks that the NSA and dense caches and generation share: the valid lengths of a
+batch of right-padded prompts, checked once at prefill (an integer tensor (batch,), every value in
+1..prompt length), and `lengths` refused after the prefill.
 
 Checking the values reads them on the host: one synchronisation per prefill, never in a decoding step.
 """
@@ -23,3 +24,9 @@ def prompt_lengths(lengths: Tensor | None, batch: int, n: int, device: torch.dev
         raise ValueError(f"lengths must be in 1..{n} (each row's valid prompt tokens, at most the prompt's length), "
                          f"got values from {low} to {high}")
     return lengths.to(device=device, dtype=torch.int64)
+
+
+def check_step_lengths(prefill: bool, lengths: Tensor | None) -> None:
+    """lengths describes a prompt: a ValueError when it comes with a cache that already holds tokens."""
+    if not prefill and lengths is not None:
+        raise ValueError("lengths describes a prompt: pass it with an empty cache (the first call)")

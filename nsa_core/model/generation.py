@@ -1,6 +1,8 @@
-"""Generation: prefill the prompt into static caches, then one decoding step per new token; on CUDA
-the step is captured once in a CUDA graph and replayed (static input buffer, caches written in
-place, positions read from the caches' device-side lengths).
+"""The Transformer's generation pass (Transformer.generate): prefill the prompt into static caches,
+then one decoding step per new token, each drawn by the sampler (nsa_core/sampling.py); on CUDA the
+step is captured once in a CUDA graph (nsa_core/cuda_graph.py) and replayed (static input buffer,
+caches written in place, positions read from the caches' device-side lengths). The caches are moved
+only through their API (model/cache.py's StepCache).
 
 Dimension legend: B batch, n prompt tokens, V vocabulary.
 """
@@ -10,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nsa_core.inference.lengths import prompt_lengths
-from nsa_core.inference.sampling import check_sampling, sample
+from nsa_core.cuda_graph import capture
+from nsa_core.model.lengths import prompt_lengths
+from nsa_core.sampling import check_sampling, sample
 
 
 def _check(prompt: Tensor, max_new_tokens: int) -> None:
@@ -30,22 +33,14 @@ class GraphedStep:
     def __init__(self, model, caches: list, example: Tensor):
         self.model, self.caches = model, caches
         self.ids = example.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        rings = [cache.save_ring() if hasattr(cache, "save_ring") else None for cache in caches]
-        with torch.cuda.stream(stream):  # warm-up outside the graph (kernel compilation, allocator)
-            model(self.ids, cache=caches)
-            for cache, ring in zip(caches, rings):  # it wrote one token: take it back (the first replay rewrites it)
-                cache.lengths -= 1
-                cache.filled -= 1
-                if ring is not None:
-                    cache.restore_ring(ring)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.ids, cache=caches)[:, -1]
-        for cache in caches:  # the capture ran the host code once and the device code not at all
-            cache.filled -= 1
+        saved = [cache.snapshot() for cache in caches]
+
+        def restore() -> None:  # the warm-up wrote one token (the first replay rewrites it) and the
+            for cache, state in zip(caches, saved):  # capture counted one on the host: take them back
+                cache.restore(state)
+
+        self.graph, self.logits = capture(lambda: model(self.ids, cache=caches)[:, -1], after_warmup=restore)
+        restore()
 
     def __call__(self, ids: Tensor) -> Tensor:
         for cache in self.caches:
@@ -53,7 +48,7 @@ class GraphedStep:
         self.ids.copy_(ids)
         self.graph.replay()
         for cache in self.caches:
-            cache.filled += 1
+            cache.count_replayed(1)
         return self.logits
 
 

@@ -1,0 +1,59 @@
+"""What a block selection is and how it is made, shared by the ops, the reference, the model and the
+decoding cache: `Selection` (the chosen blocks of every query) and `SelectionRule` (the selection's
+part of NSAConfig), with the one rule of how blocks are scored (`pooled_scoring`).
+
+Dimension legend: B batch, H heads of the selection (kv heads or query heads), T queries, S selected slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+def pooled_scoring(selection_block_size: int, stride: int) -> bool:
+    """Whether blocks are scored from pooled keys (the mean of each selection block's compressed keys,
+    before the dot product): when selection blocks are a multiple of the stride. Otherwise the exact
+    compressed logits are brought to block resolution (reference/selection.py)."""
+    return selection_block_size % stride == 0
+
+
+@dataclass
+class Selection:
+    indices: Tensor  # (B, H, T, S) int64
+    valid: Tensor  # (B, H, T, S) bool
+    probs: Tensor  # (B, H, T, S): the importance of each selected block
+    gates: Tensor | None  # (B, H, T, S): straight-through gates (1 forward) with use_diff_topk
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How blocks are scored and chosen (the selection's part of NSAConfig)."""
+
+    num_selected: int
+    selection_block_size: int
+    stride: int
+    group_size: int
+    share_across_group: bool
+    interpolated: bool
+    use_diff_topk: bool
+    causal: bool
+    scale: float
+    forced_initial: int = 0
+    forced_local: int = 0
+
+    @property
+    def has_forced_blocks(self) -> bool:
+        return self.forced_initial + self.forced_local > 0
+
+    @property
+    def pooled(self) -> bool:
+        """Blocks scored from pooled keys (pooled_scoring)."""
+        return pooled_scoring(self.selection_block_size, self.stride)
+
+    def forced(self, query_pos: Tensor) -> tuple[int, int, int, Tensor] | None:
+        """select_top_blocks' `forced` argument for queries at query_pos, or None."""
+        if not self.has_forced_blocks:
+            return None
+        return (self.selection_block_size, self.forced_initial, self.forced_local, query_pos)
