@@ -18,6 +18,7 @@ from nsa_core.limits import MAX_CONFIG_BYTES, MAX_SIZE, SIZE_RULE, check_element
 BACKENDS = ("auto", "torch", "triton")
 # the oracle's initial gate biases (compressed, selected, sliding): sigmoid 0.12 / 0.12 / 0.88
 DEFAULT_GATE_BIASES = (-2.0, -2.0, 2.0)
+IMPORTANCE_SCORES = ("mean_logits", "summed_probs")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class NSAConfig:
       selects whatever their scores: the first blocks of the sequence, and the blocks just before
       the query's own block (which is always attended in addition). They count toward
       `num_selected_blocks`; the top-scored blocks fill the other slots.
+    - `importance_score`: how a selection block is scored from the compressed attention.
+      "mean_logits" (the oracle's): the compressed logits averaged over the heads of a group and over
+      the compressed blocks of a selection block. "summed_probs" (paper eq. 8-10): the compressed
+      attention's probabilities (softmax over the visible compressed blocks) summed over every
+      compressed block that overlaps the selection block and over the heads of a group.
     """
 
     dim: int
@@ -62,6 +68,7 @@ class NSAConfig:
     gate_biases: tuple[float, float, float] = DEFAULT_GATE_BIASES
     num_forced_initial_blocks: int = 0
     num_forced_local_blocks: int = 0
+    importance_score: str = "mean_logits"
 
     def __post_init__(self) -> None:
         if isinstance(self.gate_biases, list):  # JSON has no tuples
@@ -192,6 +199,8 @@ def validate_config(cfg: NSAConfig) -> None:
                          f"num_forced_local_blocks = {forced} > num_selected_blocks = {cfg.num_selected_blocks}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
+    if cfg.importance_score not in IMPORTANCE_SCORES:
+        raise ValueError(f"importance_score must be one of {IMPORTANCE_SCORES}, got {cfg.importance_score!r}")
     _check_tensor_sizes(cfg)
     if cfg.num_selected_blocks == 0:
         warnings.warn(

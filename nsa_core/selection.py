@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from torch import Tensor
 
 
-def pooled_scoring(selection_block_size: int, stride: int) -> bool:
+def pooled_scoring(selection_block_size: int, stride: int, importance: str = "mean_logits") -> bool:
     """Whether blocks are scored from pooled keys (the mean of each selection block's compressed keys,
-    before the dot product): when selection blocks are a multiple of the stride. Otherwise the exact
-    compressed logits are brought to block resolution (reference/selection.py)."""
-    return selection_block_size % stride == 0
+    before the dot product): when selection blocks are a multiple of the stride and the score is the
+    mean of logits (linear in the keys). Otherwise the exact compressed logits are brought to block
+    resolution (reference/selection.py)."""
+    return selection_block_size % stride == 0 and importance == "mean_logits"
 
 
 @dataclass
@@ -42,6 +43,8 @@ class SelectionRule:
     scale: float
     forced_initial: int = 0
     forced_local: int = 0
+    importance: str = "mean_logits"  # NSAConfig.importance_score
+    compress_block: int = 0  # compression window (tokens); "summed_probs" needs it for the overlaps
 
     @property
     def has_forced_blocks(self) -> bool:
@@ -50,7 +53,7 @@ class SelectionRule:
     @property
     def pooled(self) -> bool:
         """Blocks scored from pooled keys (pooled_scoring)."""
-        return pooled_scoring(self.selection_block_size, self.stride)
+        return pooled_scoring(self.selection_block_size, self.stride, self.importance)
 
     def forced(self, query_pos: Tensor) -> tuple[int, int, int, Tensor] | None:
         """select_top_blocks' `forced` argument for queries at query_pos, or None."""

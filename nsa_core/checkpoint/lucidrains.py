@@ -71,7 +71,7 @@ def to_lucidrains(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 # NSAConfig fields that native-sparse-attention-pytorch 0.2.3's constructor does not take
 NOT_ORACLE_ARGUMENTS = ("backend", "interpolated_importance_score", "independent_kv", "gate_biases",
-                        "num_forced_initial_blocks", "num_forced_local_blocks")
+                        "num_forced_initial_blocks", "num_forced_local_blocks", "importance_score")
 
 
 def oracle_arguments(cfg: NSAConfig) -> dict[str, Any]:
@@ -87,7 +87,9 @@ def check_oracle_can_run(cfg: NSAConfig) -> None:
     """A ValueError when cfg uses a paper option native-sparse-attention-pytorch 0.2.3 does not have."""
     beyond = [name for name, value in (("independent_kv", cfg.independent_kv),
                                        ("num_forced_initial_blocks", cfg.num_forced_initial_blocks),
-                                       ("num_forced_local_blocks", cfg.num_forced_local_blocks)) if value]
+                                       ("num_forced_local_blocks", cfg.num_forced_local_blocks),
+                                       ("importance_score='summed_probs'", cfg.importance_score != "mean_logits"))
+              if value]
     if beyond:
         raise ValueError(f"native-sparse-attention-pytorch has no {', '.join(beyond)}: a module using "
                          f"{'it' if len(beyond) == 1 else 'them'} cannot be converted to or from its format")
@@ -97,6 +99,9 @@ def infer_config(state_dict: dict[str, torch.Tensor], **given: Any) -> NSAConfig
     """Recover the constructor arguments from the shapes; `given` supplies the ones shapes cannot
     tell (causal, sliding_window_size, compress_block_sliding_stride, selection_block_size,
     num_selected_blocks) and may override any other."""
+    if given.get("importance_score", "mean_logits") != "mean_logits":
+        raise ValueError("native-sparse-attention-pytorch scores blocks by mean logits only: importance_score "
+                         f"must be 'mean_logits' for its checkpoints, got {given['importance_score']!r}")
     for name in ("independent_kv", "num_forced_initial_blocks", "num_forced_local_blocks"):
         if given.get(name):
             raise ValueError(f"native-sparse-attention-pytorch has no {name}: a checkpoint of it cannot take one")

@@ -57,6 +57,7 @@ class NSALMConfig(PretrainedConfig):
         use_diff_topk: bool = False,
         query_heads_share_selected_kv: bool = True,
         interpolated_importance_score: bool = False,
+        importance_score: str = "mean_logits",
         compress_mlp_expand_factor: float = 1.0,
         backend: str = "auto",
         combine_gate: str = "sigmoid",
@@ -93,6 +94,7 @@ class NSALMConfig(PretrainedConfig):
         self.use_diff_topk = use_diff_topk
         self.query_heads_share_selected_kv = query_heads_share_selected_kv
         self.interpolated_importance_score = interpolated_importance_score
+        self.importance_score = importance_score
         self.compress_mlp_expand_factor = compress_mlp_expand_factor
         self.backend = backend
         self.combine_gate = combine_gate
@@ -134,7 +136,7 @@ class NSALMConfig(PretrainedConfig):
                 causal=True, norm=False, use_diff_topk=self.use_diff_topk,
                 query_heads_share_selected_kv=self.query_heads_share_selected_kv,
                 interpolated_importance_score=self.interpolated_importance_score,
-                compress_mlp_expand_factor=self.compress_mlp_expand_factor,
+                importance_score=self.importance_score, compress_mlp_expand_factor=self.compress_mlp_expand_factor,
                 compress_block_sliding_stride=self.compress_block_sliding_stride, backend=self.backend,
             )
 

@@ -95,6 +95,7 @@ class SparseAttention(nn.Module):
         gate_biases: tuple[float, float, float] = DEFAULT_GATE_BIASES,
         num_forced_initial_blocks: int = 0,
         num_forced_local_blocks: int = 0,
+        importance_score: str = "mean_logits",
     ):
         super().__init__()
         if not isinstance(use_triton_kernel, bool):
@@ -113,7 +114,7 @@ class SparseAttention(nn.Module):
             compress_mlp_expand_factor=compress_mlp_expand_factor,
             compress_block_sliding_stride=compress_block_sliding_stride, backend=backend,
             independent_kv=independent_kv, gate_biases=gate_biases, num_forced_initial_blocks=num_forced_initial_blocks,
-            num_forced_local_blocks=num_forced_local_blocks,
+            num_forced_local_blocks=num_forced_local_blocks, importance_score=importance_score,
         )
         for name, module in (("compress_mlp", compress_mlp), ("strategy_combine_mlp", strategy_combine_mlp)):
             if module is not None and not isinstance(module, nn.Module):
@@ -191,6 +192,7 @@ class SparseAttention(nn.Module):
             group_size=cfg.group_size, share_across_group=cfg.query_heads_share_selected_kv,
             interpolated=cfg.interpolated_importance_score, use_diff_topk=cfg.use_diff_topk, causal=cfg.causal,
             scale=self.scale, forced_initial=cfg.num_forced_initial_blocks, forced_local=cfg.num_forced_local_blocks,
+            importance=cfg.importance_score, compress_block=cfg.compress_block_size,
         )
 
     # pieces ------------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ class NSACache(StepCache):
         cpages = -(-slots // COMPRESSED_PAGE)
         zeros = dict(device=device, dtype=dtype)
         pooled = None
-        if pooled_scoring(page, config.stride):
+        if pooled_scoring(page, config.stride, config.importance_score):
             pooled = torch.zeros(batch_size, hk, capacity // page + 1, d, **zeros)
         ring = config.compress_block_size
         window = {}

@@ -61,7 +61,11 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
     if not isinstance(rule, SelectionRule):
         raise TypeError(f"rule must be a SelectionRule, got {type(rule).__name__}")
     seqs = query_seqs(q, seqs)
-    by_design = None if rule.pooled else "selection blocks smaller than the stride are scored on the exact reference path"
+    by_design = None
+    if rule.importance == "summed_probs":
+        by_design = "the summed-probability importance score is computed on the exact reference path"
+    elif not rule.pooled:
+        by_design = "selection blocks smaller than the stride are scored on the exact reference path"
     if seqs.is_packed and ck.shape[-2] != q.shape[-2] // rule.stride:
         raise ValueError(f"packed documents need ck with T // stride = {q.shape[-2] // rule.stride} slots, "
                          f"got {ck.shape[-2]}")

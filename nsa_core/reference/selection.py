@@ -18,6 +18,11 @@ for selection blocks smaller than the compression stride:
    the query's own block, each once), whatever their probability; top-(n - I - L) over the other
    blocks fills the rest.
 
+With importance "summed_probs" (the paper's eq. 8-10) steps 1-3 are instead: the softmax of each
+head's compressed logits over its visible blocks; for each selection block the sum of the
+probabilities of the compressed blocks that overlap it (summed_block_probs); the sum over the heads
+of a group; the query's own block excluded; step 4 then ranks the logarithms of these sums.
+
 `select_blocks_reference` runs these steps from the queries and compressed keys over chunks of
 queries (memory linear in T).
 
@@ -36,6 +41,7 @@ from nsa_core.selection import Selection, SelectionRule
 
 NULL_SLOT_LOGIT = -1e3
 VALID_THRESHOLD = 1e-10
+TINY_PROBABILITY = 1e-30
 
 
 def linear_upsample(x: Tensor, factor: int) -> Tensor:
@@ -66,9 +72,17 @@ def block_importance(
     interpolated: bool,
     causal: bool,
     query_pos: Tensor,  # (T,), or per row (B, T)
+    importance: str = "mean_logits",
+    compress_block: int = 0,
 ) -> Tensor:
-    """Returns (B, H, T, NB) block logits before the softmax."""
+    """Returns (B, H, T, NB) block logits before the softmax. With importance "summed_probs" they are
+    the logarithms of the summed probabilities (summed_block_probs): the softmax over blocks then gives
+    those probabilities normalised, and a block no visible compressed block overlaps gets -inf."""
     B, HQ, T, C = scores.shape
+    if importance == "summed_probs":
+        return _summed_importance(scores, group_size=group_size, share_across_group=share_across_group,
+                                  stride=stride, selection_block_size=selection_block_size,
+                                  compress_block=compress_block, query_pos=query_pos)
     if share_across_group:
         scores = scores.view(B, HQ // group_size, group_size, T, C).mean(dim=2)
     sel = selection_block_size
@@ -92,6 +106,57 @@ def block_importance(
         own = position_column(query_pos // sel) == torch.arange(scores.shape[-1], device=scores.device)
         scores = scores.masked_fill(own, -torch.finfo(scores.dtype).max)
     return scores
+
+
+def overlapping_compressed_blocks(num_blocks: int, num_compressed: int, compress_block: int, stride: int,
+                                  selection_block_size: int, device=None) -> tuple[Tensor, Tensor]:
+    """For each selection block j (tokens j * sel ... (j + 1) * sel - 1), the compressed blocks that
+    overlap it: compressed block c covers tokens (c + 1) * stride - compress_block ... (c + 1) * stride - 1
+    (model/compression.py). -> (indices (NB, W) int64, valid (NB, W) bool), W the most any block has."""
+    sel, length, d = selection_block_size, compress_block, stride
+    j = torch.arange(num_blocks, device=device)
+    first = (j * sel) // d  # (c + 1) * d > j * sel
+    last = ((j + 1) * sel + length + d - 1) // d - 2  # (c + 1) * d - length < (j + 1) * sel
+    width = max(1, -(-(sel + length) // d) + 1)
+    indices = first[:, None] + torch.arange(width, device=device)
+    valid = (indices <= last[:, None]) & (indices < num_compressed)
+    return indices.clamp(max=max(num_compressed - 1, 0)), valid
+
+
+def summed_block_probs(scores: Tensor, *, compress_block: int, stride: int, selection_block_size: int) -> Tensor:
+    """Paper eq. 8-9: scores (B, H, T, C) compressed logits (invisible entries masked) -> (B, H, T, NB)
+    in float32 (float64 for float64 scores): the compressed attention's probabilities (softmax over the visible compressed blocks;
+    0 where none is visible) summed over the compressed blocks that overlap each selection block
+    (each counted once)."""
+    C = scores.shape[-1]
+    nb = num_scored_blocks(C, stride, selection_block_size)
+    visible = scores != masked_score(scores.dtype)
+    logits = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with nothing visible: all 0
+    indices, valid = overlapping_compressed_blocks(nb, C, compress_block, stride, selection_block_size, scores.device)
+    if C == 0 or nb == 0:
+        return probs.new_zeros(*probs.shape[:-1], nb)
+    gathered = probs[..., indices.flatten()].unflatten(-1, indices.shape)  # (B, H, T, NB, W)
+    return (gathered * valid).sum(dim=-1)
+
+
+def _summed_importance(scores: Tensor, *, group_size: int, share_across_group: bool, stride: int,
+                       selection_block_size: int, compress_block: int, query_pos: Tensor) -> Tensor:
+    """Paper eq. 10 over eq. 8-9: the log of the summed probabilities, summed over the heads of a group
+    when the group shares its selection, the query's own block excluded (as block_importance does)."""
+    if compress_block < 1:
+        raise ValueError(f"importance 'summed_probs' needs the compression block size, got {compress_block!r}")
+    B, HQ, T, _ = scores.shape
+    probs = summed_block_probs(scores, compress_block=compress_block, stride=stride,
+                               selection_block_size=selection_block_size)
+    if share_across_group:
+        probs = probs.view(B, HQ // group_size, group_size, T, probs.shape[-1]).sum(dim=2)
+    # log of 0 is -inf; clamped first so that use_diff_topk's backward through the log never divides by 0
+    logits = probs.clamp_min(TINY_PROBABILITY).log().masked_fill(probs == 0, float("-inf")).to(scores.dtype)
+    if logits.shape[-1] > 0:
+        own = position_column(query_pos // selection_block_size) == torch.arange(logits.shape[-1], device=scores.device)
+        logits = logits.masked_fill(own, float("-inf"))
+    return logits
 
 
 def top_indices_lowest_first(probs: Tensor, k: int) -> Tensor:
@@ -179,7 +244,7 @@ def select_blocks_reference(q: Tensor, ck: Tensor, rule: SelectionRule, q_offset
         logits = block_importance(
             scores, group_size=rule.group_size, share_across_group=rule.share_across_group, stride=rule.stride,
             selection_block_size=rule.selection_block_size, interpolated=rule.interpolated, causal=rule.causal,
-            query_pos=pos,
+            query_pos=pos, importance=rule.importance, compress_block=rule.compress_block,
         )
         return selection_fields(select_top_blocks(logits, rule.num_selected, rule.use_diff_topk,
                                                   forced=rule.forced(pos)))

@@ -33,5 +33,6 @@ def select_step_blocks_reference(q: Tensor, keys: Tensor, rule: SelectionRule, p
         scores = compressed_scores(q, keys, rule.stride, True, rule.scale, positions)
         logits = block_importance(scores, group_size=rule.group_size, share_across_group=rule.share_across_group,
                                   stride=rule.stride, selection_block_size=rule.selection_block_size,
-                                  interpolated=rule.interpolated, causal=True, query_pos=positions)
+                                  interpolated=rule.interpolated, causal=True, query_pos=positions,
+                                  importance=rule.importance, compress_block=rule.compress_block)
     return select_top_blocks(logits, rule.num_selected, use_diff_topk=False, forced=rule.forced(positions))
