@@ -6,23 +6,20 @@
 2. By-block forward for G = 1 and 4: time of the CSR build alone and of the whole pass, with
    entry tiles of 32 / 64 / 128 rows and 4 / 8 warps.
 
-    python benchmarks/bench_selection_floor.py --seq-len 65536
+    python -m benchmarks.kernels.selection_floor --seq-len 65536
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
-sys.path.insert(0, ".")
-sys.path.insert(0, "benchmarks")
-from bench_selected_attention import BLOCK, D, HKV, S, random_indices  # noqa: E402
-from nsa_core.kernels.selected_attention import launch  # noqa: E402
+from benchmarks.kernels.protocol import BLOCK, D, HKV, S, kernel_indices
+from benchmarks.timing import median_ms
+from nsa_core.kernels.selected_attention import launch
 
 
 @triton.jit
@@ -47,7 +44,7 @@ def gather_only_kernel(k, v, idx, out, T, S: tl.constexpr, BLOCK: tl.constexpr, 
 
 
 def ms(fn) -> float:
-    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    return median_ms(fn, warmup_ms=10, rep_ms=50)
 
 
 def main() -> None:
@@ -56,8 +53,7 @@ def main() -> None:
     T = ap.parse_args().seq_len
     torch.manual_seed(0)
     k, v = (torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    idx, valid = random_indices(T, HKV)
-    idx32 = torch.where(valid, idx, -1).to(torch.int32).contiguous()
+    idx32 = kernel_indices(T, HKV)
     out = torch.empty(1, HKV, T, D, device="cuda", dtype=torch.float32)
     floor = ms(lambda: gather_only_kernel[(T, HKV)](k, v, idx32, out, T, S=S, BLOCK=BLOCK, D=D, num_warps=4))
     q16 = torch.randn(1, 16 * HKV, T, D, device="cuda", dtype=torch.bfloat16)
@@ -73,15 +69,16 @@ def main() -> None:
         print(f"G={G}: CSR build {csr:.2f} ms")
         for block_m, warps, stages in ((64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2)):
             try:
-                t = ms(lambda: launch._fwd_by_block(q, k, v, idx32, None, BLOCK, True, scale, 0, warps, None, block_m,
-                                                    stages))
+                t = ms(lambda: launch.selected_attention_fwd(q, k, v, idx32, None, BLOCK, True, scale, scheme="by_block",
+                                                             num_warps=warps, block_m=block_m, num_stages=stages))
             except triton.runtime.errors.OutOfResources:
                 t = float("nan")
             print(f"G={G} by-block forward, {block_m}-row tiles, {warps} warps, {stages} stages: {t:.2f} ms", flush=True)
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            launch._fwd_by_block(q, k, v, idx32, None, BLOCK, True, scale, 0, 4, None, 128)
+            launch.selected_attention_fwd(q, k, v, idx32, None, BLOCK, True, scale, scheme="by_block", num_warps=4,
+                                          block_m=128)
             torch.cuda.synchronize()
         for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
             print(f"   G={G} kernel {e.key[:60]:60s} {e.device_time_total / 1e3:.3f} ms")

@@ -1,12 +1,13 @@
 """Selected-block attention on the GPU: our Triton kernels against dense SDPA (flash) and
-fla-core's parallel_nsa (selection only, given indices), in one run (issue 3).
+fla-core's parallel_nsa (selection only, given indices), in one run.
 
 Protocol (../shared/BENCHMARKS.md): bf16, batch 1, 4 kv heads, head dim 128, selection block 64,
 16 selected blocks per query drawn at random among the blocks before its own (causal), query
 groups G = 16 (64 query heads), 4 and 1. Ours also attends each query's own block (NSA's causal
 rule); fla's protocol does not. Medians of triton.testing.do_bench; peak memory per call.
 
-    python benchmarks/bench_selected_attention.py --seq-lens 8192,65536 --groups 16,4,1 --out results.json
+    python -m benchmarks.kernels.selected_attention --seq-lens 8192,65536 --groups 16,4,1 \
+        --out benchmarks/results/kernels/selected_attention.json
 """
 
 from __future__ import annotations
@@ -14,49 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, ".")
-from nsa_core import selected_attention  # noqa: E402
-from nsa_core.kernels.selected_attention import launch  # noqa: E402
-
-HKV, D, BLOCK, S = 4, 128, 64, 16
-
-
-def random_indices(T: int, heads: int, device="cuda", seed=0):
-    """S distinct random blocks strictly before each query's own block; slots past the available count are invalid."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    nb = math.ceil(T / BLOCK)
-    own = torch.arange(T, device=device)[:, None] // BLOCK
-    scores = torch.rand(1, heads, T, nb, device=device, generator=gen)
-    scores = scores.masked_fill(torch.arange(nb, device=device)[None, :] >= own, -1.0)
-    top = scores.topk(S, dim=-1)
-    del scores
-    return top.indices, top.values >= 0
+from benchmarks.kernels.protocol import BLOCK, HKV, D, S, kernel_indices, random_indices, rel
+from benchmarks.timing import median_ms, peak_gib, with_backward
+from nsa_core import selected_attention
+from nsa_core.kernels.selected_attention import launch
 
 
 def bench(fn, backward_of=None):
-    def run():
-        out = fn()
-        if backward_of is not None:
-            out.backward(backward_of(out))
-    ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**30
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    """(median ms, GiB above the start at the peak) of fn, followed by the backward of its output with
+    backward_of(output) when given."""
+    run = with_backward(fn, backward_of is not None, grad=backward_of)
+    return median_ms(run), peak_gib(run)[1]
 
 
 def check(G: int, T: int) -> dict:
@@ -168,13 +143,12 @@ def main():
         q = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-        idx, valid = random_indices(T, HKV)
-        idx32 = torch.where(valid, idx, -1).to(torch.int32).contiguous()
+        idx32 = kernel_indices(T, HKV)
         scale = D ** -0.5
         for spec in filter(None, args.variants.split(";")):
             sps, warps, stages = (int(x) for x in spec.split(":"))
             try:
-                ms = triton.testing.do_bench(lambda: launch.selected_attention_fwd(q, k, v, idx32, None, BLOCK, True, scale, slots_per_step=sps, num_warps=warps, num_stages=stages), warmup=25, rep=100, return_mode="median")
+                ms = median_ms(lambda: launch.selected_attention_fwd(q, k, v, idx32, None, BLOCK, True, scale, slots_per_step=sps, num_warps=warps, num_stages=stages))
             except Exception as err:
                 ms = f"failed: {type(err).__name__}"
             variants.append({"kind": "fwd", "spec": spec, "ms": ms})
@@ -184,7 +158,7 @@ def main():
         for spec in filter(None, args.bwd_variants.split(";")):
             sps, warps, stages, bm = (int(x) for x in spec.split(":"))
             try:
-                ms = triton.testing.do_bench(lambda: launch.selected_attention_bwd(do, q, k, v, o, lse, idx32, None, BLOCK, True, scale, slots_per_step=sps, num_warps=warps, num_stages=stages, dkdv_block_m=bm), warmup=25, rep=100, return_mode="median")
+                ms = median_ms(lambda: launch.selected_attention_bwd(do, q, k, v, o, lse, idx32, None, BLOCK, True, scale, slots_per_step=sps, num_warps=warps, num_stages=stages, dkdv_block_m=bm))
             except Exception as err:
                 ms = f"failed: {type(err).__name__}"
             variants.append({"kind": "bwd", "spec": spec, "ms": ms})

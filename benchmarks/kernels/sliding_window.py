@@ -3,24 +3,22 @@ earlier path (the selected-block kernels with the 8 preceding blocks selected an
 and dense SDPA, with a sweep of tile configurations. Paper shape: bf16, 4 kv heads, d 128,
 window 512.
 
-    python benchmarks/bench_sliding_window.py --seq-len 65536 --groups 16,4
+    python -m benchmarks.kernels.sliding_window --seq-len 65536 --groups 16,4
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, ".")
-from nsa_core import selected_attention, sliding_window_attention  # noqa: E402
-from nsa_core.kernels.sliding_window import launch  # noqa: E402
+from benchmarks.timing import median_ms, with_backward
+from nsa_core import selected_attention, sliding_window_attention
+from nsa_core.kernels.sliding_window import launch
 
 HKV, D, WINDOW = 4, 128, 512
 CONFIGS = {  # (fwd BLOCK_M, BLOCK_N, warps, stages), (bwd BLOCK_M, BLOCK_N, warps, stages); first = launch's choice
@@ -44,11 +42,7 @@ def by_selection(q, k, v):
 
 
 def timed(fn, backward):
-    def run():
-        out = fn()
-        if backward:
-            out.backward(torch.ones_like(out))
-    return triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
+    return median_ms(with_backward(fn, backward, grad=torch.ones_like), warmup_ms=10, rep_ms=50)
 
 
 def main() -> None:
@@ -56,7 +50,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=65536)
     ap.add_argument("--groups", default="16,4")
     args = ap.parse_args()
-    original = launch._config
+    original = launch.tile_config
     for G in (int(g) for g in args.groups.split(",")):
         T = args.seq_len
         gen = torch.Generator(device="cuda").manual_seed(G)
@@ -74,20 +68,20 @@ def main() -> None:
         rows.append(("selected-block kernels + window mask", timed(lambda: by_selection(q, k, v), False),
                      timed(lambda: by_selection(q, k, v), True)))
         for name, (fwd, bwd) in CONFIGS.items():
-            def config(qq, vv, backward, fwd=fwd, bwd=bwd):
-                cfg = original(qq, vv, backward)
+            def config(qq, vv, backward, first=None, fwd=fwd, bwd=bwd):
+                cfg = original(qq, vv, backward, first)
                 bm, bn, warps, stages = bwd if backward else fwd
                 cfg.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
                 if stages:
                     cfg["num_stages"] = stages
                 return cfg
-            launch._config = config
+            launch.tile_config = config
             fn = lambda: sliding_window_attention(q, k, v, window=WINDOW, backend="triton")  # noqa: E731
             try:
                 rows.append((f"band kernels {name}", timed(fn, False), timed(fn, True)))
             except triton.runtime.errors.OutOfResources:
                 rows.append((f"band kernels {name}", float("nan"), float("nan")))
-        launch._config = original
+        launch.tile_config = original
         print(f"G={G} (HQ={HKV * G}) T={T}")
         print(f"{'path':44s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}")
         for name, f, fb in rows:

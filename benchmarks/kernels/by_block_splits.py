@@ -1,17 +1,15 @@
 """By-block forward: time against the number of programs sharing a key block's entries.
 
-    python benchmarks/bench_by_block_splits.py --seq-len 65536 --groups 4,1 --splits 1,2,4,8
+    python -m benchmarks.kernels.by_block_splits --seq-len 65536 --groups 4,1 --splits 1,2,4,8
 """
 
 import argparse
-import sys
 
 import torch
-import triton.testing
 
-sys.path.insert(0, ".")
-from benchmarks.bench_selected_attention import BLOCK, D, HKV, random_indices  # noqa: E402
-from nsa_core.kernels.selected_attention import launch  # noqa: E402
+from benchmarks.kernels.protocol import BLOCK, D, HKV, kernel_indices
+from benchmarks.timing import median_ms
+from nsa_core.kernels.selected_attention import launch
 
 
 def main():
@@ -25,14 +23,13 @@ def main():
         q = torch.randn(1, HKV * G, T, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-        idx, valid = random_indices(T, HKV)
-        idx32 = torch.where(valid, idx, -1).to(torch.int32).contiguous()
+        idx32 = kernel_indices(T, HKV)
         ref = None
         for splits in (int(s) for s in args.splits.split(",")):
             fn = lambda: launch.selected_attention_fwd(q, k, v, idx32, None, BLOCK, True, D ** -0.5, scheme="by_block", splits=splits)
             out = fn()[0]
             ref = out if ref is None else ref
-            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            ms = median_ms(fn)
             print(f"G={G} T={T} splits={splits}: {ms:.3f} ms, equal to splits=1: {torch.equal(out, ref)}", flush=True)
 
 

@@ -1,4 +1,4 @@
-"""How much the blocks that neighbouring queries select overlap in a trained NSA model (issue 18).
+"""How much the blocks that neighbouring queries select overlap in a trained NSA model.
 
 A selection kernel whose program serves a tile of m consecutive queries (one kv head) can load each
 distinct selected K/V block once for the whole tile; with random selections the tile's queries share
@@ -15,8 +15,9 @@ select the same blocks). Reported for the trained model, the same model at initi
 uniformly random selections of the same number of blocks among each query's visible blocks (what
 the kernel benchmarks use).
 
-    python benchmarks/selection_overlap.py [--minutes 5] [--context 1024] [--out FILE]
-    python benchmarks/selection_overlap.py --smoke     # seconds: a few steps of a tiny model
+    python -m benchmarks.kernels.selection_overlap [--minutes 5] [--context 1024]
+        [--out benchmarks/results/kernels/selection_overlap.json]
+    python -m benchmarks.kernels.selection_overlap --smoke     # seconds: a few steps of a tiny model
 
 Dimension legend: B rows, H selection heads (kv heads), T queries, S selected slots, NB blocks.
 """
@@ -25,20 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from torch import Tensor
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from benchmarks.quality_data import evenly_spaced_rows, load_stdlib_corpus, random_rows  # noqa: E402
-from benchmarks.quality_models import ModelShape, build_language_model  # noqa: E402
-from benchmarks.quality_training import learning_rate, make_optimizer, next_byte_loss, optimizer_step  # noqa: E402
+from benchmarks.quality_data import evenly_spaced_rows, load_stdlib_corpus, random_rows
+from benchmarks.quality_models import ModelShape, build_language_model
+from benchmarks.quality_training import learning_rate, make_optimizer, next_byte_loss, optimizer_step
 
 TILES = (1, 16, 64, 128)
 SHAPE = ModelShape(dim=128, depth=2, heads=4, kv_heads=1, dim_head=32, ff_mult=4, window=64, compress_block=16,

@@ -2,26 +2,25 @@
 each query's blocks + CSR dK/dV kernel), by block with float32 dq partials merged in one pass,
 by block with dq added atomically (not deterministic). Each variant is checked against the first
 variant's gradients (auto), timed (median), and profiled kernel by kernel. Random-index protocol of
-bench_selected_attention.py (paper shape: bf16, 4 kv heads, head dim 128, 16 blocks of 64).
+protocol.py (paper shape: bf16, 4 kv heads, head dim 128, 16 blocks of 64).
 
-    python benchmarks/bench_selection_backward.py --seq-len 65536 --groups 16,4,1 --out results.json
+    python -m benchmarks.kernels.selection_backward --seq-len 65536 --groups 16,4,1 \
+        --out benchmarks/results/kernels/selection_backward.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 
 import torch
 import triton
-import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, ".")
-from benchmarks.bench_selected_attention import BLOCK, HKV, D, random_indices, rel  # noqa: E402
-from nsa_core.kernels.selected_attention import launch  # noqa: E402
+from benchmarks.kernels.protocol import BLOCK, HKV, D, kernel_indices, rel
+from benchmarks.timing import median_ms, peak_gib
+from nsa_core.kernels.selected_attention import launch
 
 VARIANTS = {  # launch keyword arguments; "sum_tokens": tokens per program of the dq-partials merge
     "auto": dict(),
@@ -57,21 +56,20 @@ def run_group(G: int, T: int, variants: list[str]) -> list[dict]:
     HQ, S = G * HKV, 16
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, h, T, D, device="cuda", generator=gen, dtype=torch.bfloat16) for h in (HQ, HKV, HKV))
-    idx, valid = random_indices(T, HKV)
-    idx = torch.where(valid, idx.to(torch.int32), -1).contiguous()
+    idx = kernel_indices(T, HKV)
     scale = D**-0.5
     o, lse = launch.selected_attention_fwd(q, k, v, idx, None, BLOCK, True, scale)
-    fwd_ms = triton.testing.do_bench(lambda: launch.selected_attention_fwd(q, k, v, idx, None, BLOCK, True, scale),
-                                     warmup=10, rep=50, return_mode="median")
+    fwd_ms = median_ms(lambda: launch.selected_attention_fwd(q, k, v, idx, None, BLOCK, True, scale),
+                       warmup_ms=10, rep_ms=50)
     do = torch.randn_like(o)
     rows, ref = [], None
     if G <= launch.BY_BLOCK_MAX_ROWS_FWD:
         for block_m, warps, stages in FWD_TILES:
-            fn = lambda: launch._fwd_by_block(q, k, v, idx, None, BLOCK, True, scale, 0, warps, block_m=block_m,  # noqa: E731
-                                              num_stages=stages)
+            fn = lambda: launch.selected_attention_fwd(q, k, v, idx, None, BLOCK, True, scale, scheme="by_block",  # noqa: E731
+                                                       num_warps=warps, block_m=block_m, num_stages=stages)
             try:
                 same = torch.equal(fn()[0], o)
-                ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+                ms = median_ms(fn, warmup_ms=10, rep_ms=50)
             except triton.runtime.errors.OutOfResources:
                 continue
             print(json.dumps(dict(G=G, T=T, fwd_tile=[block_m, warps, stages], ms=ms, equal_to_default=same,
@@ -97,13 +95,8 @@ def run_group(G: int, T: int, variants: list[str]) -> list[dict]:
         rerun = bwd()
         identical = all(torch.equal(a, b) for a, b in zip(grads[:3], rerun[:3]))
         del grads, rerun
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        bwd()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        ms = triton.testing.do_bench(bwd, warmup=5, rep=40, return_mode="median")
+        peak = peak_gib(bwd)[1]
+        ms = median_ms(bwd, warmup_ms=5, rep_ms=40)
         rows.append(dict(G=G, T=T, variant=name, fwd_ms=fwd_ms, bwd_ms=ms, fwdbwd_ms=fwd_ms + ms, peak_gib=peak,
                          identical_reruns=identical, rel_vs_first=err, kernels=kernel_times(bwd)))
         print(json.dumps(rows[-1]), flush=True)
