@@ -1,4 +1,4 @@
-"""Packed documents (issue 14) on the GPU: one row of 64k tokens packed from documents of 1k-16k tokens
+"""Packed documents on the GPU: one row of 64k tokens packed from documents of 1k-16k tokens
 (fixed seed), the paper preset (64 query / 4 kv heads, d 128, compression 32/16, 16 blocks of 64,
 window 512), bf16, causal. Forward and forward+backward of:
   (a) NSA attention on the packed row in one call (everything after the q/k/v projections, as
@@ -14,12 +14,12 @@ window 512), bf16, causal. Forward and forward+backward of:
 Correctness first: packed against per-document outputs and input gradients on a small shape, in the
 timed dtype (a float32 check compiled every kernel a second time, and with FlexAttention's compile
 it did not finish in 9 minutes on an H200 with a cold cache; --skip-check leaves it out).
-Medians of triton.testing.do_bench on CUDA (nsa_cli/support/speed.py); the first call of each path
+Medians of triton.testing.do_bench on CUDA (benchmarks/timing.py); the first call of each path
 (FlexAttention compiles there) is timed on its own.
 
-python benchmarks/bench_packed.py [--seq-len 65536] [--min-doc 1024] [--max-doc 16384] [--seed 0]
-                                  [--peers DIR] [--out benchmarks/results_packed.json]
-python benchmarks/bench_packed.py --smoke     # a tiny CPU run of the whole script (preset tiny, fp32)
+python -m benchmarks.module.packed [--seq-len 65536] [--min-doc 1024] [--max-doc 16384] [--seed 0]
+                                   [--peers DIR] [--out benchmarks/results/module/packed.json]
+python -m benchmarks.module.packed --smoke     # a tiny CPU run of the whole script (preset tiny, fp32)
 flash-nsa on the device: copy /work/shared/peers/flash_nsa into a git-ignored folder of the checkout
 (e.g. .peers/flash_nsa), carry it, and pass --peers .peers (see the peers' README).
 """
@@ -29,19 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
-import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.peers import flash_nsa_core, import_flash_nsa  # noqa: E402
-from nsa_cli.support.speed import _step, median_ms  # noqa: E402
-from nsa_core import SparseAttention, get_preset  # noqa: E402
-from nsa_core.ops import Seqs, document_attention  # noqa: E402
+from benchmarks.module.peers import flash_nsa_core, import_flash_nsa
+from benchmarks.timing import first_call_s, median_ms, with_backward
+from nsa_core import SparseAttention, get_preset
+from nsa_core.ops import Seqs, document_attention
 
 
 def document_lengths(total: int, shortest: int, longest: int, seed: int) -> list[int]:
@@ -113,12 +109,8 @@ def timed(fn, leaves, backward: bool, dev) -> tuple[float, float]:
         out = fn()
         return torch.cat([o.flatten() for o in out]) if isinstance(out, list) else out
 
-    step = _step(once, backward, leaves)
-    start = time.perf_counter()
-    step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, median_ms(step, dev)
+    step = with_backward(once, backward, leaves)
+    return first_call_s(step, dev), median_ms(step, dev)
 
 
 def check_correctness(cfg, dev, dt, lengths) -> dict:
@@ -153,7 +145,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--min-doc", type=int, default=1024)
     ap.add_argument("--max-doc", type=int, default=16384)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--peers", default=None, help="folder holding flash_nsa/ (put on sys.path)")
+    ap.add_argument("--peers", default=None, help="folder holding flash_nsa/ (imported from there)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--skip-check", action="store_true", help="no correctness check before timing")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: preset tiny, fp32, a 128-token row")

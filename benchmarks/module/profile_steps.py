@@ -1,10 +1,10 @@
 """Where the time of NSA attention goes (GPU): each step of SparseAttention.attend timed alone,
 then a kernel-level profile of one forward+backward. Paper preset, bf16, batch 1.
 
-    python benchmarks/profile_module.py --seq-len 65536 [--kv-heads 4 --heads 64] [--top 30]
-    python benchmarks/profile_module.py --packed    # kernel profiles: one packed row vs its documents alone
+    python -m benchmarks.module.profile_steps --seq-len 65536 [--kv-heads 4 --heads 64] [--top 30]
+    python -m benchmarks.module.profile_steps --packed    # kernel profiles: one packed row vs its documents alone
 
---packed: the row is packed from documents of 1k-16k tokens (bench_packed.py's lengths, seed 0); the
+--packed: the row is packed from documents of 1k-16k tokens (packed.py's lengths, seed 0); the
 kernel-level profile of one packed forward+backward is printed beside that of the same documents run
 one call each (where a packed path costs more than its documents alone).
 """
@@ -12,34 +12,29 @@ one call each (where a packed path costs more than its documents alone).
 from __future__ import annotations
 
 import argparse
-import sys
+import time
 
 import torch
-import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, ".")
-from nsa_core import SparseAttention  # noqa
-from nsa_core.model.attention import BranchKeys  # noqa
-from nsa_core.ops.block_selection import select_blocks  # noqa
-from nsa_core.ops.combine import combine  # noqa
-from nsa_core.ops.compressed_attention import compressed_attention  # noqa
-from nsa_core.ops.seqs import Seqs  # noqa: E402
-from nsa_core.config import get_preset  # noqa: E402
+from benchmarks.module.packed import cumulative, document_lengths, nsa_paths, projected
+from benchmarks.timing import median_ms, with_backward
+from nsa_core import SparseAttention
+from nsa_core.config import get_preset
+from nsa_core.model.attention import BranchKeys
+from nsa_core.ops.block_selection import select_blocks
+from nsa_core.ops.combine import combine
+from nsa_core.ops.compressed_attention import compressed_attention
+from nsa_core.ops.seqs import Seqs
 
 
 def ms(fn) -> float:
-    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    return median_ms(fn, warmup_ms=10, rep_ms=50)
 
 
 def fwd_bwd(fn, *inputs):
-    def run():
-        out = fn()
-        out = out[0] if isinstance(out, tuple) else out
-        out.backward(torch.randn_like(out))
-        for t in inputs:
-            t.grad = None
-    return run
+    """fn, then the backward of its output (a tuple's first) with a random gradient; inputs' grads cleared."""
+    return with_backward(fn, True, inputs, grad=torch.randn_like)
 
 
 def main() -> None:
@@ -111,8 +106,6 @@ def main() -> None:
     sort_by = "self_cpu_time_total" if args.host else "cuda_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top, max_name_column_width=70))
     if args.host:
-        import time
-
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(10):
@@ -132,8 +125,6 @@ def kernel_table(run, top: int) -> str:
 
 
 def profile_packed(args) -> None:
-    from benchmarks.bench_packed import cumulative, document_lengths, nsa_paths, projected
-
     cfg = get_preset("paper").replace(heads=args.heads, kv_heads=args.kv_heads)
     dev, dt = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)

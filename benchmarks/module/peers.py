@@ -10,8 +10,10 @@ Shapes as flash-nsa takes them: q (T, HQ, D), k and v (T, HKV, D), gate logits (
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import torch
 
@@ -20,10 +22,9 @@ from nsa_core.ops import Seqs, sliding_window_attention
 
 
 def import_flash_nsa(peers: str | None):
-    """flash_nsa, or why not. Stubs what it imports but never uses here (pkg_resources' parse_version,
-    pandas for its own timing table), as the peers' README says."""
-    if peers:
-        sys.path.insert(0, peers)
+    """flash_nsa (from the folder `peers` when given, else wherever Python finds it), or why not. Stubs
+    what it imports but never uses here (pkg_resources' parse_version, pandas for its own timing
+    table), as the peers' README says."""
     stubs = {"pkg_resources": lambda m: setattr(m, "parse_version", importlib.import_module("packaging.version").parse),
              "pandas": lambda m: setattr(m, "Series", dict)}
     for name, fill in stubs.items():
@@ -34,9 +35,25 @@ def import_flash_nsa(peers: str | None):
             fill(module)
             sys.modules[name] = module
     try:
-        return importlib.import_module("flash_nsa")
+        return import_package("flash_nsa", Path(peers) / "flash_nsa") if peers else importlib.import_module("flash_nsa")
     except Exception as error:  # any failure to import a peer is a row that says why
         return f"{type(error).__name__}: {error}"
+
+
+def import_package(name: str, folder: Path) -> types.ModuleType:
+    """The package `name` imported from `folder` (its __init__.py; its submodules found beside it),
+    registered in sys.modules under that name."""
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    if spec is None or not (folder / "__init__.py").is_file():
+        raise ImportError(f"no package {name} in {folder}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def use_our_window(window: int, seqs: Seqs) -> None:
