@@ -3,7 +3,7 @@ forward + backward).
 
 1. The longest sequence whose forward + backward fits on this GPU (whole sequence, no parallelism):
    doubling from --start, then bisecting between the last fit and the first failure (multiples of --step),
-   up to the length the kernels' 32-bit offsets take (sequence_parallel_steps.kernel_cap).
+   up to the length the kernels' 32-bit offsets take (steps.kernel_cap).
 2. One rank's compute at P = 2, 4, 8 in each shard layout (--layouts), against the whole sequence.
    A rank runs exactly what it runs under torch.distributed (nsa_core/distributed/sequence_parallel.py's
    `shard_forward`), with the all-gather replaced by a concatenation with leaf tensors holding the
@@ -14,8 +14,8 @@ forward + backward).
    slowest over the fastest rank is the compute imbalance; the slowest rank x P over the whole
    sequence is how far the slowest rank's compute is from perfect scaling.
 
-    python benchmarks/bench_sequence_parallel.py [--seq-len 131072] [--ranks 2 4 8] [--layouts ...] [--skip-fit]
-    python benchmarks/bench_sequence_parallel.py --smoke      # tiny preset on the CPU, float32 (checks the script)
+    python -m benchmarks.distributed.one_gpu [--seq-len 131072] [--ranks 2 4 8] [--layouts ...] [--skip-fit]
+    python -m benchmarks.distributed.one_gpu --smoke      # tiny preset on the CPU, float32 (checks the script)
 
 Prints a table; run by the lead on the one-GPU machine (the results go to benchmarks/NOTES.md).
 """
@@ -23,17 +23,14 @@ Prints a table; run by the lead on the one-GPU machine (the results go to benchm
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nsa_core import SparseAttention  # noqa: E402
-from nsa_core.config import get_preset  # noqa: E402
-from nsa_core.distributed import LAYOUTS  # noqa: E402
-from benchmarks import sequence_parallel_steps as steps  # noqa: E402
+from benchmarks.distributed import steps
+from benchmarks.timing import median_ms
+from nsa_core import SparseAttention
+from nsa_core.config import get_preset
+from nsa_core.distributed import LAYOUTS
 
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -45,15 +42,8 @@ def make_module(smoke: bool = False) -> SparseAttention:
 
 
 def ms(fn) -> float:
-    if DEVICE == "cpu":  # --smoke: a plain clock
-        fn()
-        start = time.perf_counter()
-        for _ in range(2):
-            fn()
-        return (time.perf_counter() - start) / 2 * 1e3
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=3, rep=20, return_mode="median"))
+    """Median ms: do_bench with 3 ms of warm-up and 20 of repeats; --smoke (CPU): one warm-up, two runs."""
+    return median_ms(fn, DEVICE, warmup_ms=3, rep_ms=20, cpu_warmup=1, cpu_reps=2)
 
 
 def whole_step(module: SparseAttention, n: int):

@@ -1,4 +1,4 @@
-"""Retrofit measured (issue 27): a small dense Llama trained here, converted into NSA
+"""Retrofit measured: a small dense Llama trained here, converted into NSA
 (nsa_core.hf.convert_dense), then trained on; its validation loss against the dense original's.
 
 Data: the byte corpus of the quality comparison (the standard library's sources,
@@ -11,8 +11,10 @@ benchmarks/quality_data.py), bytes as tokens. Steps:
    window + 1 both are equal: reported too), and of both after `--continue-steps` more steps each on
    the same batches (AdamW, same learning rate).
 
-    python benchmarks/hf_retrofit.py [--dense-steps 300] [--continue-steps 150] [--out FILE]
-    python benchmarks/hf_retrofit.py --smoke     # seconds: a few steps of a tinier model
+    python -m benchmarks.hf.retrofit [--dense-steps 300] [--continue-steps 150] [--out FILE]
+    python -m benchmarks.hf.retrofit --smoke     # seconds: a few steps of a tinier model
+
+Writes benchmarks/results/hf/retrofit.json by default (a --smoke run only where --out says).
 """
 
 from __future__ import annotations
@@ -25,13 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import torch  # noqa: E402
+from benchmarks.quality_data import evenly_spaced_rows, load_stdlib_corpus, random_rows
 
-from benchmarks.quality_data import evenly_spaced_rows, load_stdlib_corpus, random_rows  # noqa: E402
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "hf" / "retrofit.json"
 
 
 def dense_llama(hidden: int, layers: int):
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--val-rows", type=int, default=64)
-    p.add_argument("--out", type=Path, default=Path(__file__).with_name("results_hf_retrofit.json"))
+    p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:

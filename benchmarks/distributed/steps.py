@@ -1,5 +1,5 @@
 """The steps and the fit search that the sequence-parallel benchmarks share
-(bench_sequence_parallel.py on one GPU, two_gpu_sequence_parallel.py on several): a whole sequence's
+(one_gpu.py on one GPU, two_gpus.py on several): a whole sequence's
 forward + backward, one rank's forward + backward of its shard, whether a step fits in memory, and
 the longest length that fits, capped where the kernels' 32-bit offsets end.
 
@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from benchmarks import timing
 from nsa_core import SparseAttention
 from nsa_core.distributed import shard_spans
 from nsa_core.distributed.sequence_parallel import place_shard, shard_forward, shard_gaps, shard_seqs
@@ -62,7 +63,7 @@ def fits(step: Callable[[], None], device) -> bool:
     torch.cuda.empty_cache()
     try:
         step()
-        torch.cuda.synchronize()
+        timing.synchronize(device)
         return True
     except torch.OutOfMemoryError:
         return False
@@ -75,10 +76,7 @@ def peak_gib(step: Callable[[], None], device) -> float:
     if torch.device(device).type != "cuda":
         return 0.0
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+    return timing.peak_gib(step, device)[0]
 
 
 def kernel_cap(cfg, ranks: int) -> int:

@@ -1,26 +1,41 @@
-"""Decoding on the GPU (issue 13): correctness of prefill + decode against the parallel pass in bf16,
+"""Decoding on the GPU: correctness of prefill + decode against the parallel pass in bf16,
 then one decode step of a paper-preset layer against dense attention with a static cache (both
 CUDA-graphed, the fastest SDPA backend), the attention alone (the step minus its projections),
 generation tokens/s of 4-layer Transformers, and prefill against the parallel forward.
 
-python benchmarks/bench_decode.py [--contexts 8192,32768,65536] [--batches 1,16] [--json out.json]
+python -m benchmarks.decode.speed [--contexts 8192,32768,65536] [--batches 1,16]
+    [--json benchmarks/results/decode/decode.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
-sys.path.insert(0, ".")
-from nsa_cli.support.decode_speed import (  # noqa: E402
-    _graphed, decode_benchmark, fill_cache, generation_tokens_per_s,
-)
-from nsa_cli.support.speed import median_ms  # noqa: E402
-from nsa_core import SparseAttention, get_preset  # noqa: E402
-from nsa_core.model.transformer import DenseAttention  # noqa: E402
+from benchmarks.timing import median_ms
+from nsa_cli.support.decode_speed import decode_benchmark, fill_cache, generation_tokens_per_s
+from nsa_core import SparseAttention, get_preset
+from nsa_core.model.transformer import DenseAttention
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph after one warm-up call on a side stream -> its replay (returning the
+    captured output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
 
 
 def rel(a, b) -> float:
@@ -70,7 +85,7 @@ def projections_only_ms(cfg, batch, dev, dtype) -> tuple[float, float]:
         return dense.to_q(xn), dense.to_k(xn), dense.to_v(xn), dense.to_out(o)
 
     with torch.no_grad():
-        return median_ms(_graphed(nsa_proj, dev), dev), median_ms(_graphed(dense_proj, dev), dev)
+        return median_ms(graphed(nsa_proj), dev), median_ms(graphed(dense_proj), dev)
 
 
 def prefill_vs_forward(cfg, context, dev, dtype) -> tuple[float, float]:

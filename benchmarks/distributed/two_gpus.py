@@ -1,7 +1,7 @@
-"""The two-GPU run of sequence-parallel NSA (issue: two-GPU run), ready for `nvidia-h200-x2`.
+"""The two-GPU run of sequence-parallel NSA, ready for `nvidia-h200-x2`.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/two_gpu_sequence_parallel.py            # NCCL, bf16
-    torchrun --standalone --nproc-per-node 2 benchmarks/two_gpu_sequence_parallel.py --smoke    # CPU, gloo
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.distributed.two_gpus            # NCCL, bf16
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.distributed.two_gpus --smoke    # CPU, gloo
 
 Every shard layout of --layouts is measured (default both: "contiguous", rank r holding tokens
 r n/P ...; "balanced", rank r holding chunks r and 2P-1-r of 2P: equal compressed-branch work).
@@ -31,17 +31,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nsa_core import SparseAttention  # noqa: E402
-from nsa_core.config import get_preset  # noqa: E402
-from nsa_core.distributed import LAYOUTS, gather_sequence, shard_sequence, unshard_sequence  # noqa: E402
-from benchmarks import sequence_parallel_steps as steps  # noqa: E402
+from benchmarks.distributed import steps
+from benchmarks.timing import synchronize
+from nsa_core import SparseAttention
+from nsa_core.config import get_preset
+from nsa_core.distributed import LAYOUTS, gather_sequence, shard_sequence, unshard_sequence
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -140,11 +139,6 @@ def comm_step(module, n, group, device, dtype, layout: str = "contiguous"):
     return run
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def agree(flag: bool, group, device) -> bool:
     """True only when every rank's flag is."""
     t = torch.tensor([0 if flag else 1], device=device)
@@ -157,12 +151,12 @@ def seconds(fn, reps: int, group, device, fastest: bool = False):
     together); with fastest, (the slowest rank's, the fastest rank's)."""
     for _ in range(2):
         fn()
-    sync(device)
+    synchronize(device)
     dist.barrier(group=group)
     start = time.perf_counter()
     for _ in range(reps):
         fn()
-    sync(device)
+    synchronize(device)
     mine = (time.perf_counter() - start) / reps
     slow, fast = (torch.tensor([mine], device=device, dtype=torch.float64) for _ in range(2))
     dist.all_reduce(slow, op=dist.ReduceOp.MAX, group=group)

@@ -1,4 +1,4 @@
-"""The PyTorch path on a CPU (issue 24): a tiny NSA layer's forward + backward on the fast path
+"""The PyTorch path on a CPU: a tiny NSA layer's forward + backward on the fast path
 (reference/fast_*.py, what backend="auto" / "torch" runs on CPU tensors), on the loop reference
 (the exact twin, as before the fast path), and dense causal attention of the same size.
 
@@ -6,8 +6,8 @@ The layer: batch 32 x 256 tokens, dim 64, 2 query heads / 1 kv head of 32, windo
 16 / stride 8, selection blocks of 16 (4 or 16 selected), causal. Dense attention: SDPA on
 q, k, v of (32, 2, 256, 32). Times are the best of `--repeats` runs after one warm-up.
 
-    python benchmarks/cpu_path.py [--selected 4 16] [--threads 2] [--repeats 3] [--no-loop]
-    python benchmarks/cpu_path.py --smoke     # seconds: tiny sizes
+    python -m benchmarks.cpu.fast_path [--selected 4 16] [--threads 2] [--repeats 3] [--no-loop]
+    python -m benchmarks.cpu.fast_path --smoke     # seconds: tiny sizes
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import fastest_s
 from nsa_core import SparseAttention
 from nsa_core.reference.compressed_attention import compressed_attention_chunked
 from nsa_core.reference.selected_attention import selected_attention_reference
@@ -48,16 +48,6 @@ def loop_reference():
             setattr(m, n, fn)
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure(selected: int, batch: int = 32, seq_len: int = 256, repeats: int = 3, loop: bool = True) -> dict:
     """Seconds of one forward + backward: the NSA layer (fast path, loop reference) and dense SDPA."""
     torch.manual_seed(0)
@@ -73,10 +63,10 @@ def measure(selected: int, batch: int = 32, seq_len: int = 256, repeats: int = 3
     def dense():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-    result = {"selected": selected, "fast": best_time(nsa, repeats), "dense": best_time(dense, repeats)}
+    result = {"selected": selected, "fast": fastest_s(nsa, repeats), "dense": fastest_s(dense, repeats)}
     if loop:
         with loop_reference():
-            result["loop"] = best_time(nsa, repeats)
+            result["loop"] = fastest_s(nsa, repeats)
     return result
 
 
