@@ -10,10 +10,10 @@ that only bound masks or index arithmetic (VALUE_ONLY: the head dims' true sizes
 the group's, the rows'), and fp16 counts as bf16. `--validate N` compiles N launches that differ
 from their representative and reports any difference in shared memory.
 
-    python benchmarks/smem_sweep.py                     # the support matrix (hours on 2 CPU cores)
-    python benchmarks/smem_sweep.py --corners        # every kernel's largest tiles (minutes)
-    python benchmarks/smem_sweep.py --ci --json out.json  # the CI test's (tests/kernels/test_smem.py)
-    python benchmarks/smem_sweep.py --dims 128,256 --blocks 64,128 --families selected
+    python -m tools.smem_sweep                      # the support matrix (hours on 2 CPU cores)
+    python -m tools.smem_sweep --corners            # every kernel's largest tiles (minutes)
+    python -m tools.smem_sweep --ci --json out.json # the CI test's (tests/kernels/test_smem.py)
+    python -m tools.smem_sweep --dims 128,256 --blocks 64,128 --families selected
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.kernel_launches import Config, ci_corners, corners, launches, support_matrix  # noqa: E402
-from nsa_core.kernels.aot import SM90_SHARED_LIMIT, compile_launch, lowered_metadata, prepare  # noqa: E402
+from nsa_core.kernels.aot import SM90_SHARED_LIMIT, compile_launch, lowered_metadata, prepare
+from tools.kernel_launches import Config, ci_corners, corners, launches, support_matrix
 
 # What the sweep accepts: the limit Triton checks at launch on an H100. No margin under it: the
 # figure is exact for one Triton version (the allocation is deterministic, the launch compares the

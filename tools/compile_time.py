@@ -1,27 +1,24 @@
 """Cold compile time of one selected-attention configuration (forward and backward, one dtype), and
 how many kernel variants (specializations) its calls compile, with what multiplies them.
 
-The launches are recorded from the launchers on meta tensors (kernel_launches.py) and compiled for
+The launches are recorded from the launchers on meta tensors (nsa_core.kernels.aot) and compiled for
 an H100 (sm_90) into a fresh, empty Triton cache: what the first call of a new configuration pays
 (on this machine's CPU; no GPU needed). The paper shape by default: D 128, block 64, G 16, bf16.
 
-    python benchmarks/compile_time.py --dim 128 --block 64 --group 16 --dtype bf16
-    python benchmarks/compile_time.py --variants   # distinct specializations over varied calls
+    python -m tools.compile_time --dim 128 --block 64 --group 16 --dtype bf16
+    python -m tools.compile_time --variants   # distinct specializations over varied calls
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="nsa-cold-cache-")  # before Triton reads it
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from nsa_core.kernels.aot import captured_launches, compile_launch, prepare  # noqa: E402
