@@ -1,10 +1,10 @@
-"""benchmarks/hf_retrofit.py: a smoke run (a few steps of a tiny model) reports every figure."""
+"""benchmarks.hf.retrofit: a smoke run (a few steps of a tiny model) reports every figure."""
 
 import pytest
 
 pytest.importorskip("transformers")
 
-from benchmarks.hf_retrofit import main  # noqa: E402
+from benchmarks.hf.retrofit import main  # noqa: E402
 
 
 def test_smoke_run(tmp_path):

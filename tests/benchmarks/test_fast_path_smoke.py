@@ -1,10 +1,10 @@
-"""benchmarks/cpu_path.py: a smoke run, and the loop-reference switch really runs the loop reference."""
+"""benchmarks.cpu.fast_path: a smoke run, and the loop-reference switch really runs the loop reference."""
 
 import importlib
 
 import torch
 
-from benchmarks.cpu_path import loop_reference, main
+from benchmarks.cpu.fast_path import loop_reference, main
 from nsa_core.reference.fast_window import sliding_window_fast
 
 

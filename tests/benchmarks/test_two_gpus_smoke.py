@@ -1,4 +1,4 @@
-"""The two-GPU sequence-parallel script runs end to end on 2 CPU ranks (gloo, --smoke) and passes its check
+"""python -m benchmarks.distributed.two_gpus runs end to end on 2 CPU ranks (gloo, --smoke) and passes its check
 in both shard layouts."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ def test_two_gpu_script_smoke_on_two_cpu_ranks():
                OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "benchmarks" / "two_gpu_sequence_parallel.py"), "--smoke", "--reps", "1"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+           "-m", "benchmarks.distributed.two_gpus", "--smoke", "--reps", "1"]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for layout in ("contiguous", "balanced"):
         assert f"correctness at 48 tokens, {layout} layout: PASS" in done.stdout, done.stdout

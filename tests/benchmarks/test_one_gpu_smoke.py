@@ -1,16 +1,10 @@
-"""benchmarks/bench_sequence_parallel.py --smoke on the CPU: the compute-balance table of both shard
+"""python -m benchmarks.distributed.one_gpu --smoke on the CPU: the compute-balance table of both shard
 layouts at P = 2, 4, 8 (contiguous: rank 0 and the last timed; balanced: every rank)."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sequence_parallel.py"
+from benchmarks.distributed import one_gpu as bench
 
 
 def test_smoke_prints_a_row_per_layout_and_p(capsys):
-    spec = importlib.util.spec_from_file_location("bench_sequence_parallel", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     rows = bench.main(["--smoke"])
     for layout, which in (("contiguous", "0, last"), ("balanced", "all")):
         for world in (2, 4, 8):

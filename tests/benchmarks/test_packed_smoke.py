@@ -1,13 +1,13 @@
-"""benchmarks/bench.py --smoke on the CPU: the whole script runs (correctness check, every path
+"""python -m benchmarks.module.packed --smoke on the CPU: the whole script runs (correctness check, every path
 that runs on a CPU timed, the table, the JSON), and packed equals per-document."""
 
 import json
 
-from benchmarks import bench_packed as bench
+from benchmarks.module import packed as bench
 
 
 def test_smoke_run_writes_results(tmp_path, capsys):
-    out = tmp_path / "results_packed.json"
+    out = tmp_path / "packed.json"
     results = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert max(results["correctness"].values()) < 1e-5

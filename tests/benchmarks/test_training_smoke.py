@@ -1,4 +1,4 @@
-"""benchmarks/bench.py --smoke on the CPU: every section that runs on a CPU (attention, the
+"""python -m benchmarks.module.training --smoke on the CPU: every section that runs on a CPU (attention, the
 training step) times its paths, the CUDA-only ones say why not, the tables print and the JSON holds it
 all; the attention path without output projection is attend_projected less that projection; the cold
 compile-time child process runs (tiny preset on the CPU)."""
@@ -9,11 +9,14 @@ import os
 import pytest
 import torch
 
-from benchmarks import bench_training as bench
+from benchmarks.module import training as bench
+from benchmarks.module.cold_compile import compile_time
+from benchmarks.module.training_attention import AttentionOutput, random_leaves
+from nsa_core import SparseAttention, get_preset
 
 
 def test_smoke_run_writes_results(tmp_path, capsys):
-    out = tmp_path / "results_training.json"
+    out = tmp_path / "training.json"
     results = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert results["device"] == "cpu" and results["torch"] == torch.__version__
@@ -43,11 +46,11 @@ def test_sections_run_alone():
 
 
 def test_attention_output_is_attend_projected_before_the_output_projection():
-    cfg = bench.get_preset("tiny")
+    cfg = get_preset("tiny")
     torch.manual_seed(0)
-    nsa = bench.SparseAttention.from_config(cfg)
-    leaves = bench.random_leaves(cfg, 40, torch.device("cpu"), torch.float32, seed=0)
-    core = bench.AttentionOutput(nsa)
+    nsa = SparseAttention.from_config(cfg)
+    leaves = random_leaves(cfg, 40, torch.device("cpu"), torch.float32, seed=0)
+    core = AttentionOutput(nsa)
     assert isinstance(nsa.combine_heads, torch.nn.Linear)  # the module itself keeps its projection
     torch.testing.assert_close(nsa.combine_heads(core(*leaves)), nsa.attend_projected(*leaves), rtol=1e-5, atol=1e-6)
 
@@ -60,6 +63,6 @@ def test_bad_arguments_are_refused():
 
 
 def test_compile_time_child_runs():
-    result = bench.compile_time("tiny", 64, "cpu")
+    result = compile_time("tiny", 64, "cpu")
     assert "error" not in result, result
     assert result["first_call_s"] > 0 and result["second_call_s"] > 0 and result["within_limit"]
