@@ -1,6 +1,7 @@
 """The tree's rules, checked on the source: kernels import nothing of nsa_core outside kernels/, the
 reference imports neither triton nor the kernels, nsa_core never imports nsa_cli and never prints,
-every file opens with a docstring and stays under 600 lines."""
+every file opens with a docstring and stays under 600 lines; benchmarks/ is a package run with
+`python -m`: none of its files edits sys.path or uses a private name of nsa_cli or nsa_core.kernels."""
 
 import ast
 from pathlib import Path
@@ -45,3 +46,67 @@ def test_file_rules(path):
         assert not bad, f"{module} (reference) imports {bad}"
     if module.startswith("nsa_core.model"):
         assert not [m for m in imports if m.startswith("nsa_core.kernels")], f"{module} (model) calls kernels directly"
+
+
+BENCHMARKS = sorted((ROOT / "benchmarks").rglob("*.py"))
+# being rewritten elsewhere: the quality comparison still puts the tree on sys.path itself
+SYS_PATH_PENDING = {"benchmarks/quality.py"}
+PRIVATE_FROM = ("nsa_cli", "nsa_core.kernels")
+
+
+def edits_sys_path(tree: ast.AST) -> bool:
+    """sys.path.insert / append / extend / remove, or an assignment to sys.path."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(ast.unparse(t) == "sys.path" for t in targets):
+                return True
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                ast.unparse(node.func.value) == "sys.path" and node.func.attr in ("insert", "append", "extend", "remove"):
+            return True
+    return False
+
+
+def private_uses(tree: ast.AST) -> list[str]:
+    """Private names (a leading underscore) taken from nsa_cli or nsa_core.kernels: imported by name
+    (`from nsa_cli.x import _y`, `import nsa_core.kernels._y`), or read off a module imported from
+    there (`launch._fwd`, `combine._kernel`)."""
+    found, modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PRIVATE_FROM):
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"{node.module}.{alias.name}")
+                modules.add(alias.asname or alias.name)  # a name imported from there may be a module
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith(PRIVATE_FROM):
+                    found += [alias.name] if any(p.startswith("_") for p in alias.name.split(".")) else []
+                    modules.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = ast.unparse(node.value)
+            if owner in modules or owner.startswith(PRIVATE_FROM):
+                found.append(f"{owner}.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_benchmark_rules(path):
+    """No script reaches for the tree by hand (they run as `python -m benchmarks...` from the root),
+    and none leans on what nsa_cli or the kernels keep private."""
+    name = str(path.relative_to(ROOT))
+    tree = ast.parse(path.read_text())
+    if name not in SYS_PATH_PENDING:
+        assert not edits_sys_path(tree), f"{name} edits sys.path"
+    assert not private_uses(tree), f"{name} uses private names {private_uses(tree)}"
+
+
+def test_benchmark_rules_catch_what_they_name():
+    bad = ast.parse("import sys\nsys.path.insert(0, '.')\nfrom nsa_cli.support.speed import _step\n"
+                    "from nsa_core.kernels.selected_attention import launch\nlaunch._fwd_by_block()\n")
+    assert edits_sys_path(bad)
+    assert private_uses(bad) == ["nsa_cli.support.speed._step", "launch._fwd_by_block"]
+    fine = ast.parse("from nsa_core.kernels.selected_attention import launch\nlaunch.selected_attention_fwd()\n"
+                     "import os\nos._exit\n")
+    assert not edits_sys_path(fine) and not private_uses(fine)
