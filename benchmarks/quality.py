@@ -6,8 +6,8 @@ Python standard library's sources, then fine-tuned briefly and evaluated on pass
 Writes DIR/results_quality.json ({"settings", "runs", "retrieval", "environment"}) and, with
 matplotlib (the `plot` extra), DIR/results_quality.png; prints a summary table.
 
-    python benchmarks/quality.py --smoke --out /tmp/quality   # tiny, CPU: 30-60 s on 2 cores
-    python benchmarks/quality.py --out benchmarks             # one GPU: sized for ~8 minutes on an H100
+    python -m benchmarks.quality --smoke --out /tmp/quality   # tiny, CPU: 30-60 s on 2 cores
+    python -m benchmarks.quality --out benchmarks             # one GPU: sized for ~8 minutes on an H100
                                                               # (an estimate from the kernel benchmarks)
 
 Each model's record in "runs" also holds its train loss per step, tokens, tokens/s (training
@@ -27,20 +27,16 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python benchmarks/quality.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from rich.console import Console
 
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-from benchmarks import devices  # noqa: E402
-from benchmarks.quality_data import load_stdlib_corpus, passkey_batch  # noqa: E402
-from benchmarks.quality_models import branch_gate_means, build_language_model, parameter_counts  # noqa: E402
-from benchmarks.quality_passkey import evaluate_passkey, train_passkey  # noqa: E402
-from benchmarks.quality_report import JSON_NAME, environment, plot, print_summary, write_json  # noqa: E402
-from benchmarks.quality_settings import FULL, SMOKE, QualitySettings, with_overrides  # noqa: E402
-from benchmarks.quality_training import autocast, train_language_model  # noqa: E402
+from benchmarks import devices
+from benchmarks.quality_data import load_stdlib_corpus, passkey_batch
+from benchmarks.quality_models import branch_gate_means, build_language_model, parameter_counts
+from benchmarks.quality_passkey import evaluate_passkey, train_passkey
+from benchmarks.quality_report import JSON_NAME, environment, plot, print_summary, write_json
+from benchmarks.quality_settings import FULL, SMOKE, QualitySettings, with_overrides
+from benchmarks.quality_training import autocast, train_language_model
 
 console = Console(width=None if sys.stdout.isatty() else 150)  # a pipe or a CI log: room for the table
 

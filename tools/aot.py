@@ -5,7 +5,7 @@ no GPU, nothing allocated) instead of running them; `compile_launch` compiles on
 (sm_90 by default) exactly as Triton would at that launch: the same specialization of its
 arguments, constexprs, num_warps and num_stages. The compiled kernel's metadata gives the shared
 memory it needs (`metadata.shared`), which Triton checks against the device's limit only at launch.
-Used by benchmarks/smem_sweep.py and its tests. Needs Triton's JIT (not TRITON_INTERPRET=1) and
+Used by tools/smem_sweep.py and its tests. Needs Triton's JIT (not TRITON_INTERPRET=1) and
 its NVIDIA backend (ptxas).
 """
 

@@ -17,13 +17,12 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = REPO_ROOT / "benchmarks" / "quality.py"
 VARIANTS = ("nsa", "dense", "window", "no_selection")
 SMOKE_TIMEOUT_S = 600  # a hang fails instead of blocking CI; the run itself takes about a minute
 
 
 def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO_ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "benchmarks.quality", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 

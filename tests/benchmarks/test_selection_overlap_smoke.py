@@ -1,8 +1,8 @@
-"""benchmarks/selection_overlap.py: the load-fraction measure on hand-made selections, and a smoke run."""
+"""benchmarks.kernels.selection_overlap: the load-fraction measure on hand-made selections, and a smoke run."""
 
 import torch
 
-from benchmarks.selection_overlap import load_fraction, main, random_like
+from benchmarks.kernels.selection_overlap import load_fraction, main, random_like
 
 
 def test_load_fraction_counts_distinct_blocks_per_tile():

@@ -1,8 +1,8 @@
 """Shared memory of the kernels, compiled ahead of time for an H100 (sm_90) on any machine (no GPU):
-at the corners of the documented support (benchmarks/kernel_launches.ci_corners: a shape at the
+at the corners of the documented support (tools/kernel_launches.ci_corners: a shape at the
 shared-memory limit, and the largest tiles the rules give the by-block kernels and float32), every
-launch the launchers make stays within the budget (benchmarks/smem_sweep.py). The whole support
-matrix: `python benchmarks/smem_sweep.py` (hours); the GPU run: test_selected_attention_matrix.py.
+launch the launchers make stays within the budget (tools/smem_sweep.py). The whole support
+matrix: `python -m tools.smem_sweep` (hours); the GPU run: test_selected_attention_matrix.py.
 
 Runs the sweep in a subprocess without TRITON_INTERPRET (conftest.py sets it on machines without
 CUDA, and interpreted kernels cannot be compiled); skipped without Triton's NVIDIA backend."""
@@ -33,7 +33,7 @@ def test_corners_fit_shared_memory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "smem_sweep.py"), "--ci",
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "tools.smem_sweep", "--ci",
                            "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -8,7 +8,7 @@ blocks (one per block of each document, at most T // block + N of them) and give
 key ranges; they run by query (the by-block forward does not take them yet), one launch for all.
 
 Tiles, warps and stages come from tiles.py (pure functions of shapes and dtype, checked ahead of time
-for an H100 by benchmarks/smem_sweep.py and tests/kernels/test_smem.py). Shared memory rule (227 KiB a
+for an H100 by tools/smem_sweep.py and tests/kernels/test_smem.py). Shared memory rule (227 KiB a
 block on an H100, checked by Triton only at launch): a key tile (keys x padded head dims x element
 size) of at most 128 KiB, a larger block run as sub-blocks (autograd splits the selection:
 split_blocks.py); dK/dV by query 32 rows with a 128 KiB key tile; by block only where its tiles fit
@@ -166,16 +166,18 @@ def selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size: int, causal
 def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
                            slots_per_step: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                            scheme: str | None = None, splits: int | None = None, table: torch.Tensor | None = None,
-                           q_offset: int = 0):
+                           q_offset: int = 0, block_m: int | None = None):
     """q (B, HQ, TQ, D), k (B, HKV, TK, D), v (B, HKV, TK, DV), idx (B, HI, TQ, S) int32 with -1 for
     invalid slots, gates (B, HI, TQ, S) or None -> o (B, HQ, TQ, DV), lse (B, HQ, TQ) float32.
     Query i sits at key position q_offset + i (q_offset + TQ <= TK).
     table: packed documents (packed_block_table; idx holds virtual blocks), by query only.
-    Tiles, warps and stages: tiles.py's rules; slots_per_step, num_warps, num_stages override them."""
+    Tiles, warps and stages: tiles.py's rules; slots_per_step, num_warps, num_stages override them (by
+    block: num_warps, num_stages and block_m, the CSR entry rows per step; splits, the programs sharing
+    a key block's entries)."""
     scheme = "by_query" if table is not None else scheme or choose_scheme(q, k, idx, tiles=_tiles(q, v, block_size))
     if scheme == "by_block":
         return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits,
-                             num_stages=num_stages, q_offset=q_offset)[:2]
+                             block_m=block_m, num_stages=num_stages, q_offset=q_offset)[:2]
     B, HQ, TQ, _ = q.shape
     HKV, TK, HI, S = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1]
     rows, rows_p = _rows(HQ, HKV, HI)

@@ -1,11 +1,11 @@
 """Tiles, warps and stages of the selected-attention kernels: pure functions of the shapes and the
 dtype (Python ints, no tensors), called by launch.py and by the ahead-of-time checks of shared
-memory (benchmarks/smem_sweep.py, tests/kernels/test_smem.py).
+memory (tools/smem_sweep.py, tests/kernels/test_smem.py).
 
 Shared memory (an H100 gives a block 227 KiB; Triton checks only at launch) grows with the bytes
 of a key tile, keys x (BLOCK_D + BLOCK_DV) x element size, and of a tile of query rows. Where the
 measured tiles fit, the measured choices stay; elsewhere (wide heads, float32), compiled for sm_90
-with Triton 3.6 and 3.9 (benchmarks/smem_sweep.py; NOTES.md):
+with Triton 3.6 and 3.9 (tools/smem_sweep.py; benchmarks/NOTES.md):
 - by query (forward, dQ): key tiles of at most 128 KiB, 128 keys or fewer (float32 above 128 dims:
   64). A block larger than that runs as sub-blocks (kernel_block: the op splits the selection,
   split_blocks.py);

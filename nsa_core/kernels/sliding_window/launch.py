@@ -28,11 +28,13 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return outputs.too_large_reason(contiguous=True, q=q, k=k, v=v, output=o)
 
 
-def _config(q: torch.Tensor, v: torch.Tensor, backward: bool, first: torch.Tensor | None = None) -> dict:
-    """Tiles of 64 queries x 64 keys, 4 warps, forward and backward, for head dims up to 128
-    (32 x 32 above). Measured on an H100 at 64k, d 128, window 512 (benchmarks/NOTES.md):
-    forward 4.3 ms vs 6.8 with 128 x 64 / 8 warps. A 32-query backward tile was 2.4 ms faster
-    but its reruns were not bit-identical on the H100 (Triton 3.6), so it is not used."""
+def tile_config(q: torch.Tensor, v: torch.Tensor, backward: bool, first: torch.Tensor | None = None) -> dict:
+    """The launch configuration (tiles, warps, constexprs) both passes take: tiles of 64 queries x 64
+    keys, 4 warps, forward and backward, for head dims up to 128 (32 x 32 above); looked up at every
+    launch, so a tile sweep (benchmarks.kernels.sliding_window) can stand its own in. Measured on an
+    H100 at 64k, d 128, window 512 (benchmarks/NOTES.md): forward 4.3 ms vs 6.8 with 128 x 64 / 8
+    warps. A 32-query backward tile was 2.4 ms faster but its reruns were not bit-identical on the
+    H100 (Triton 3.6), so it is not used."""
     block_d, block_dv = (max(16, triton.next_power_of_2(n)) for n in (q.shape[-1], v.shape[-1]))
     block = 32 if max(block_d, block_dv) > 128 else 64
     return dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_M=block, BLOCK_N=block,
@@ -50,7 +52,7 @@ def sliding_window_fwd(q, k, v, window: int, scale: float, q_offset: int = 0,
     HKV, TK = k.shape[1], k.shape[2]
     o = outputs.new_output(B, HQ, TQ, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = outputs.new_output(B, HQ, TQ, device=q.device, dtype=torch.float32)
-    cfg = _config(q, v, backward=False, first=first)
+    cfg = tile_config(q, v, backward=False, first=first)
     if TQ > 0 and B * HQ > 0:
         sliding_window_fwd_kernel[(B * HQ, triton.cdiv(TQ, cfg["BLOCK_M"]))](
             q, k, v, o, lse, q if first is None else first, *_strides(q, k, v, o), TQ, TK, q_offset, HQ, HQ // HKV,
@@ -66,7 +68,7 @@ def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float, q_offset:
     dq = outputs.new_output(B, HQ, TQ, D, device=q.device, dtype=q.dtype)
     dk = outputs.new_output(B, HKV, TK, D, device=q.device, dtype=k.dtype)
     dv = outputs.new_output(B, HKV, TK, DV, device=q.device, dtype=v.dtype)
-    cfg = _config(q, v, backward=True, first=first)
+    cfg = tile_config(q, v, backward=True, first=first)
     args = (q if first is None else first, *_strides(q, k, v, do), TQ, TK, q_offset, HQ, HQ // HKV, window, scale)
     if TQ > 0 and B * HQ > 0:
         sliding_window_bwd_dq_kernel[(B * HQ, triton.cdiv(TQ, cfg["BLOCK_M"]))](q, k, v, do, lse, delta, dq, *args, **cfg)
