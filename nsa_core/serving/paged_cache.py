@@ -160,6 +160,10 @@ class PagedCache:
 
     # pages ----------------------------------------------------------------------------------------
 
+    def pages_for(self, tokens: int) -> int:
+        """Token pages a sequence of `tokens` tokens holds (what a loop admitting requests budgets)."""
+        return -(-tokens // self.page_size)
+
     def _reserve(self, slot: int, tokens: int) -> None:
         """Pages for the slot's first `tokens` tokens, taken from the pools now."""
         if tokens > self.max_seq_len:
