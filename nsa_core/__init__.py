@@ -3,7 +3,7 @@
 Public names only. The tree reads as the architecture (see the README's "How the code is laid out"):
 config -> model (nn.Modules) -> ops (validate, decide kernels or reference once) -> kernels | reference;
 checkpoint (safetensors, lucidrains conversion); the model's passes (cached, sequence-parallel,
-generation) sit beside its modules; distributed holds the shard layouts and collectives.
+generation) sit beside its modules; serving holds the paged cache a batching loop drives; distributed holds the shard layouts and collectives.
 """
 
 from nsa_core.checkpoint.lucidrains import from_lucidrains, to_lucidrains
@@ -15,6 +15,7 @@ from nsa_core.model.cache import NSACache
 from nsa_core.model.compress_networks import *  # noqa: F401,F403  (the networks; their names: compress_networks.__all__)
 from nsa_core.model.transformer import Transformer
 from nsa_core.ops import selected_attention, sliding_window_attention
+from nsa_core.serving.paged_cache import PagedCache
 
 from nsa_core.version import __version__
 
@@ -22,6 +23,7 @@ __all__ = [
     "SparseAttention",
     "NSAConfig",
     "NSACache",
+    "PagedCache",
     "PRESETS",
     "get_preset",
     "selected_attention",

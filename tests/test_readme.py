@@ -32,6 +32,8 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch):
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
     assert namespace["attended"].shape == (2, 31, 512)
     assert namespace["step"].shape == (2, 1, 512) and namespace["more"].shape == (2, 4, 512)
+    assert namespace["served"].shape == (2, 1, 256)
+    assert namespace["cache"].token_pool.used_pages == 18  # b's 71 tokens on pages of 4 (a's returned)
     tokens = namespace["tokens"]
     # the generation snippet runs and has its shape; that its samples are right is
     # tests/inference' business (test_sampling.py)
