@@ -60,7 +60,7 @@ def _listing_lines(title: str, tensors: dict) -> Iterator[str]:
 
 def _tensor_json(info: dict) -> str:
     """json.dumps(info), the header's fields in a fixed order; a header entry (ints and a string, as
-    the reader checked them) written directly, four times faster."""
+    the reader checked them) written directly: 2.5 times faster than json.dumps of each."""
     if info.keys() != HEADER_FIELDS:
         return json.dumps(info, default=str)
     start, end = info["data_offsets"]
