@@ -1,37 +1,90 @@
 """`nsa inspect`: a safetensors file (or a Hugging Face model folder) checked completely: every finding
-(shown first, on stderr), its tensors (a table, or streamed plain lines for large headers), its config."""
+(shown first, on stderr), its tensors (a table, or streamed plain lines for large headers), its config.
+Large outputs are plain text written in chunks (findings, the listing, the JSON's tensors one per line);
+Rich lays out only the small table, the config and the summary lines."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+from itertools import islice
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
+from typing import Iterable, Iterator, TextIO
 
 import typer
+from rich.control import strip_control_codes
 from rich.table import Table
 
-from nsa_cli.support.common import UsageError, cli_errors, console, err_console, human_bytes, print_json
+from nsa_cli.support.common import UsageError, cli_errors, console, human_bytes
 from nsa_core.checkpoint.safetensors import inspect_file
 
 
 TABLE_ROWS = 2000  # more tensors than this are listed as plain lines, written as they go
 CHUNK_LINES = 10_000
+HEADER_FIELDS = {"dtype", "shape", "bytes", "data_offsets"}  # a tensor as the safetensors reader describes it
 
 
 def _shape(info: dict) -> str:
     return "x".join(map(str, info["shape"])) or "scalar"
 
 
-def _stream_listing(title: str, tensors: dict) -> None:
-    """One aligned line per tensor, written in chunks (a table of 600k rows takes minutes to lay out)."""
+def _write_lines(stream: TextIO, lines: Iterable[str]) -> None:
+    """Lines as plain text, formatted and written a chunk at a time (the first show while the rest are
+    made), each chunk flushed; control codes removed as Rich removes them."""
+    lines = iter(lines)
+    while chunk := list(islice(lines, CHUNK_LINES)):
+        stream.write(strip_control_codes("".join(chunk)))
+        stream.flush()
+
+
+def _listing_lines(title: str, tensors: dict) -> Iterator[str]:
+    """One aligned line per tensor, by name (a Rich table of 600k rows takes minutes to lay out);
+    shapes and sizes, which repeat, formatted once each."""
     names = sorted(tensors)
-    width = max(map(len, names))
-    shape_width = max(len(_shape(tensors[n])) for n in names)
-    sys.stdout.write(f"{title}: {len(names):,} tensors\n{'tensor':<{width}}  {'shape':<{shape_width}}  dtype  bytes\n")
-    for start in range(0, len(names), CHUNK_LINES):
-        sys.stdout.write("".join(f"{n:<{width}}  {_shape(tensors[n]):<{shape_width}}  {tensors[n]['dtype']:<5}  "
-                                 f"{human_bytes(tensors[n]['bytes'])}\n" for n in names[start : start + CHUNK_LINES]))
-        sys.stdout.flush()
+    infos = [tensors[n] for n in names]
+    shapes, known = [], {}
+    for info in infos:
+        key = tuple(info["shape"])
+        if key not in known:
+            known[key] = _shape(info)
+        shapes.append(known[key])
+    sizes = {n: human_bytes(n) for n in {info["bytes"] for info in infos}}
+    width, shape_width = max(map(len, names)), max(map(len, shapes))
+    yield f"{title}: {len(names):,} tensors\n"
+    yield f"{'tensor'.ljust(width)}  {'shape'.ljust(shape_width)}  dtype  bytes\n"
+    for name, shape, info in zip(names, shapes, infos):
+        yield f"{name.ljust(width)}  {shape.ljust(shape_width)}  {info['dtype'].ljust(5)}  {sizes[info['bytes']]}\n"
+
+
+def _tensor_json(info: dict) -> str:
+    """json.dumps(info), the header's fields in a fixed order; a header entry (ints and a string, as
+    the reader checked them) written directly: 2.5 times faster than json.dumps of each."""
+    if info.keys() != HEADER_FIELDS:
+        return json.dumps(info, default=str)
+    start, end = info["data_offsets"]
+    shape = ", ".join(map(str, info["shape"]))
+    return (f'{{"dtype": {encode_basestring_ascii(info["dtype"])}, "shape": [{shape}], "bytes": {info["bytes"]}, '
+            f'"data_offsets": [{start}, {end}]}}')
+
+
+def _report_json_lines(report: dict) -> Iterator[str]:
+    """The text of json.dumps(report, indent=2), except that `tensors` holds one tensor per line."""
+    yield "{\n"
+    last = len(report) - 1
+    for i, (key, value) in enumerate(report.items()):
+        comma = "," if i < last else ""
+        if key == "tensors" and value:
+            yield '  "tensors": {\n'
+            final = len(value) - 1
+            for j, (name, info) in enumerate(value.items()):
+                yield f"    {encode_basestring_ascii(name)}: {_tensor_json(info)}{',' if j < final else ''}\n"
+            yield f"  }}{comma}\n"
+        else:
+            nested = json.dumps(value, indent=2, default=str).replace("\n", "\n  ")  # strings hold no raw newline
+            yield f"  {json.dumps(key)}: {nested}{comma}\n"
+    yield "}\n"
 
 
 def inspect_folder(path: Path):
@@ -54,13 +107,13 @@ def inspect(
     report = inspect_folder(path) if path.is_dir() else inspect_file(path)
     total = sum(math.prod(info["shape"]) for info in report.tensors.values())
     if as_json:
-        print_json({"passed": report.passed, "findings": report.findings, "notes": report.notes, "config": report.config,
-                    "metadata": report.metadata, "tensors": report.tensors, "parameters": total})
+        _write_lines(sys.stdout, _report_json_lines({
+            "passed": report.passed, "findings": report.findings, "notes": report.notes, "config": report.config,
+            "metadata": report.metadata, "tensors": report.tensors, "parameters": total}))
     else:
-        for note in report.notes:  # findings first: they show at once, before a long listing
-            err_console.print(f"note: {note}", markup=False, soft_wrap=True)
-        for finding in report.findings:
-            err_console.print(f"finding: {finding}", markup=False, soft_wrap=True)
+        # findings first: they show at once, before a long listing
+        _write_lines(sys.stderr, [f"note: {note}\n" for note in report.notes]
+                     + [f"finding: {finding}\n" for finding in report.findings])
         if len(report.tensors) <= TABLE_ROWS:
             table = Table(title=str(path))
             for col in ("tensor", "shape", "dtype", "bytes"):
@@ -69,7 +122,7 @@ def inspect(
                 table.add_row(name, _shape(info), info["dtype"], human_bytes(info["bytes"]))
             console.print(table)
         else:
-            _stream_listing(str(path), report.tensors)
+            _write_lines(sys.stdout, _listing_lines(str(path), report.tensors))
         if report.config:
             cfg_table = Table(title="embedded config")
             cfg_table.add_column("argument")

@@ -14,8 +14,10 @@ whose tensors do not match it.
 
 from __future__ import annotations
 
+import gc
 import math
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -82,6 +84,19 @@ def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict]]:
     return metadata, tensors
 
 
+@contextmanager
+def _collector_paused():
+    """The cyclic garbage collector off while a header's objects are built and walked: they hold no
+    cycles, and for 600k tensors its passes over the young objects cost more than the parse itself."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict], int]:
     """(metadata, tensors, size of the data section in bytes)."""
     path = check_input_file(path)
@@ -97,59 +112,72 @@ def _read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict], int
         if header_len > size - 8:
             raise ValueError(f"{name} is truncated or not a safetensors file: its header needs {header_len} bytes, "
                              f"the file has {size - 8} after the length field")
+        raw = f.read(header_len)
+    with _collector_paused():
         try:  # every value kept below is type-checked, which bounds the nesting of what we use
-            header = parse_json(f.read(header_len), "header", MAX_HEADER_BYTES, max_depth=None)
+            header = parse_json(raw, "header", MAX_HEADER_BYTES, max_depth=None)
         except ValueError as err:
             raise ValueError(f"{name} is not a safetensors file ({err})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{name} is not a safetensors file (header is not an object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{name} has a malformed header: __metadata__ is not an object of strings")
-    tensors = {}
-    for tensor, info in header.items():  # `type(v) is int` (not isinstance) also refuses booleans; fast for 600k entries
-        try:
-            start, end = info["data_offsets"]
-            shape = info["shape"]
-            dtype = info["dtype"]
-            if (type(start) is not int or type(end) is not int or start < 0 or end < 0 or type(shape) is not list
-                    or type(dtype) is not str):
-                raise ValueError
-            for v in shape:
-                if type(v) is not int or v < 0:
+        if not isinstance(header, dict):
+            raise ValueError(f"{name} is not a safetensors file (header is not an object)")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError(f"{name} has a malformed header: __metadata__ is not an object of strings")
+        # one pass, the parsed entries kept as the table; `type(v) is int` (not isinstance) also refuses booleans
+        for tensor, info in header.items():
+            try:
+                start, end = info["data_offsets"]
+                shape = info["shape"]
+                dtype = info["dtype"]
+                if (type(start) is not int or type(end) is not int or start < 0 or end < 0 or type(shape) is not list
+                        or type(dtype) is not str):
                     raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{name} has a malformed header entry for tensor {tensor!r}") from None
-        tensors[tensor] = {"dtype": dtype, "shape": shape, "bytes": end - start, "data_offsets": [start, end]}
-    return metadata, tensors, size - 8 - header_len
+                for v in shape:
+                    if type(v) is not int or v < 0:
+                        raise ValueError
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{name} has a malformed header entry for tensor {tensor!r}") from None
+            if len(info) == 3:  # exactly dtype, shape and data_offsets: the entry itself, with its size added
+                info["bytes"] = end - start
+            else:  # fields the format does not define are not carried on
+                header[tensor] = {"dtype": dtype, "shape": shape, "bytes": end - start, "data_offsets": [start, end]}
+    return metadata, header, size - 8 - header_len
 
 
 def layout_findings(tensors: dict[str, dict], data_size: int) -> list[str]:
     """What makes the data section disagree with the header: a truncated file (tensors whose
     bytes are missing), bytes after the last tensor, gaps or overlaps, sizes that do not fit
     shape x dtype, unknown dtypes. Empty when the safetensors library will read every tensor."""
-    findings = []
-    for tensor, info in tensors.items():
-        start, end = info["data_offsets"]
-        if info["dtype"] not in DTYPE_BYTES:
-            findings.append(f"tensor {tensor} has unknown dtype {info['dtype']!r}")
-        elif end < start or end - start != math.prod(info["shape"]) * DTYPE_BYTES[info["dtype"]]:
-            need = math.prod(info["shape"]) * DTYPE_BYTES[info["dtype"]]
-            findings.append(f"tensor {tensor} ({info['dtype']} {info['shape']}) needs {need} bytes, "
-                            f"its data_offsets {info['data_offsets']} give {end - start}")
-    cut = sorted(t for t, info in tensors.items() if info["data_offsets"][1] > data_size)
-    if cut:
-        needed = max(info["data_offsets"][1] for info in tensors.values())
-        findings.append(f"file is truncated: the header places tensor data up to byte {needed}, the file holds {data_size}; "
-                        f"{len(cut)} of {len(tensors)} tensors lack their bytes ({', '.join(cut[:4])}"
-                        f"{', ...' if len(cut) > 4 else ''})")
-    position = 0
-    for tensor, info in sorted(tensors.items(), key=lambda item: tuple(item[1]["data_offsets"])):
-        start, end = info["data_offsets"]
-        if start != position:
-            findings.append(f"tensor {tensor} starts at byte {start} of the data, the previous one ends at {position} "
-                            "(gap or overlap)")
-        position = max(position, end)
+    findings, cut, spans = [], [], []
+    with _collector_paused():
+        for tensor, info in tensors.items():  # one pass: sizes, and what lies past the end of the file
+            start, end = offsets = info["data_offsets"]
+            width = DTYPE_BYTES.get(info["dtype"])
+            if width is None:
+                findings.append(f"tensor {tensor} has unknown dtype {info['dtype']!r}")
+            elif end - start != (need := math.prod(info["shape"]) * width):  # also when end < start: need >= 0
+                findings.append(f"tensor {tensor} ({info['dtype']} {info['shape']}) needs {need} bytes, "
+                                f"its data_offsets {offsets} give {end - start}")
+            if end > data_size:
+                cut.append(tensor)
+            spans.append(offsets)
+        if cut:
+            cut.sort()
+            needed = max(end for _, end in spans)
+            findings.append(f"file is truncated: the header places tensor data up to byte {needed}, the file holds "
+                            f"{data_size}; {len(cut)} of {len(tensors)} tensors lack their bytes ({', '.join(cut[:4])}"
+                            f"{', ...' if len(cut) > 4 else ''})")
+        # in order of (start, end) (lists compare so): each tensor starts where the data so far ends
+        order = sorted(range(len(spans)), key=spans.__getitem__)
+        names = list(tensors)
+        position = 0
+        for i in order:
+            start, end = spans[i]
+            if start != position:
+                findings.append(f"tensor {names[i]} starts at byte {start} of the data, the previous one ends at "
+                                f"{position} (gap or overlap)")
+            if end > position:
+                position = end
     if not cut and position < data_size:
         findings.append(f"{data_size - position} bytes after the last tensor (the header places data up to byte "
                         f"{position} of {data_size})")

@@ -1,10 +1,13 @@
 """The CLI at scale and on special files: output paths checked before any work (`-`,
 devices, FIFOs, dangling symlinks, source == destination), visualize-selection's checks, picture
-resolution and ASCII fallback, convert's bounded and silent oracle comparison, --version, help."""
+resolution and ASCII fallback, convert's bounded and silent oracle comparison, inspect of large headers
+(complete, streamed), --version, help."""
 
 import io
 import json
+import math
 import os
+import struct
 
 import pytest
 import torch
@@ -183,3 +186,86 @@ def test_inspect_streams_large_headers_with_findings_first(tmp_path):
     assert result.stderr.startswith("finding: ")
     lines = result.stdout.splitlines()
     assert lines[0] == f"{path}: {n:,} tensors" and lines[2].startswith("t00000") and f"t{n - 1:05d}" in lines[n + 1]
+
+
+def _large_header_file(path, layers):
+    """A header of layer-structured tensors and junk ones, with four planted layout defects and 12
+    bytes after the last tensor; returns (path, header entries by name, the layout findings expected)."""
+    parts = [("attn.to_qkv.weight", [3, 5]), ("attn.k_compress.0.weight", [7]), ("norm.weight", [5])]
+    header, position = {}, 0
+    for i in range(layers):
+        for part, shape in parts:
+            size = 4 * math.prod(shape)
+            header[f"layers.{i}.{part}"] = {"dtype": "F32", "shape": shape, "data_offsets": [position, position + size]}
+            position += size
+    header["junk.bad_size"] = {"dtype": "F16", "shape": [3], "data_offsets": [position, position + 4]}
+    header["junk.odd_dtype"] = {"dtype": "Q7", "shape": [1], "data_offsets": [position + 4, position + 5]}
+    header["junk.gap"] = {"dtype": "F32", "shape": [], "data_offsets": [position + 13, position + 17]}
+    end = position + 17
+    findings = [f"tensor junk.bad_size (F16 [3]) needs 6 bytes, its data_offsets [{position}, {position + 4}] give 4",
+                "tensor junk.odd_dtype has unknown dtype 'Q7'",
+                f"tensor junk.gap starts at byte {position + 13} of the data, the previous one ends at {position + 5} "
+                "(gap or overlap)",
+                f"12 bytes after the last tensor (the header places data up to byte {end} of {end + 12})"]
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * (end + 12))
+    return path, header, findings
+
+
+def test_inspect_of_a_large_header_lists_every_tensor_and_every_finding(tmp_path):
+    layers = 16_667  # 50,004 tensors
+    path, header, layout = _large_header_file(tmp_path / "large.safetensors", layers)
+    no_config = "the file has no 'nsa_config' metadata: it was not written by nsa export / save_safetensors"
+    elements = layers * (15 + 7 + 5) + 3 + 1 + 1
+
+    result = run("inspect", path)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"finding: {f}" for f in layout + [no_config]]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{path}: {len(header):,} tensors" and lines[1].split() == ["tensor", "shape", "dtype", "bytes"]
+    listed = [line.split() for line in lines[2 : 2 + len(header)]]
+    assert [row[0] for row in listed] == sorted(header)
+    rows = {row[0]: row[1:] for row in listed}
+    assert rows["layers.16666.attn.to_qkv.weight"] == ["3x5", "F32", "60", "B"]
+    assert rows["junk.gap"] == ["scalar", "F32", "4", "B"] and rows["junk.odd_dtype"] == ["1", "Q7", "1", "B"]
+    assert lines[2 + len(header):] == [f"tensor elements: {elements:,} (parameters and persistent buffers)",
+                                       "file check failed: 5 finding(s)"]
+
+    result = run("inspect", path, "--json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["findings"] == layout + [no_config] and data["parameters"] == elements and data["passed"] is False
+    assert list(data["tensors"]) == list(header)
+    assert data["tensors"] == {name: {**info, "bytes": info["data_offsets"][1] - info["data_offsets"][0]}
+                               for name, info in header.items()}
+    lines = result.stdout.splitlines()
+    first = lines.index('  "tensors": {') + 1
+    assert lines[first + len(header)] == "  },"  # one line per tensor
+    assert lines[first] == '    "layers.0.attn.to_qkv.weight": {"dtype": "F32", "shape": [3, 5], "bytes": 60, "data_offsets": [0, 60]},'
+
+
+def test_inspect_writes_the_first_lines_before_it_has_formatted_the_last(monkeypatch):
+    from nsa_cli.commands import inspect_cmd
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            writes.append(None)
+
+    tensors = {f"t{i}\r": {"dtype": "F32", "shape": [2, i % 3], "bytes": 8 * (i % 3), "data_offsets": [0, 0]}
+               for i in range(2 * inspect_cmd.CHUNK_LINES + 5)}
+    written_when_done = []
+
+    def lines():
+        yield from inspect_cmd._listing_lines("title", tensors)
+        written_when_done.append(sum(w is not None for w in writes))
+
+    inspect_cmd._write_lines(Recorder(), lines())
+    assert written_when_done == [2] and writes.count(None) == 3  # two chunks out, flushed, before the last line
+    text = "".join(w for w in writes if w is not None).splitlines()
+    assert text[0] == f"title: {len(tensors):,} tensors" and len(text) == len(tensors) + 2
+    assert text[2].split() == ["t0", "2x0", "F32", "0", "B"]  # the carriage return removed, as Rich removes it
