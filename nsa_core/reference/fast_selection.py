@@ -64,23 +64,25 @@ def chunk_block_logits(q: Tensor, keys: Tensor, rule: SelectionRule, first_pos: 
 
 
 def top_blocks(logits: Tensor, k: int, use_diff_topk: bool) -> tuple:
-    """select_top_blocks(logits, k, use_diff_topk) without the softmax over every block:
+    """select_top_blocks(logits, k, use_diff_topk) with the null slot folded in afterwards:
     (indices, valid, probs, gates) of the k slots, (..., k)."""
-    null = torch.full_like(logits[..., :1], NULL_SLOT_LOGIT)
-    lse = torch.logaddexp(torch.logsumexp(logits, dim=-1, keepdim=True), null)
-    flat = logits.detach()
+    shares = logits.softmax(dim=-1)  # the probabilities without the null slot: p' = p (1 + e^null / Z)
+    flat = shares.detach()
     if logits.shape[-1] > k:
         values, indices = flat.topk(k + 1, dim=-1)
+        top = indices[..., :1]
         tied = values[..., k - 1] == values[..., k]  # the k-th slot is shared: rank these rows exactly
         indices = indices[..., :k]
         if bool(tied.any()):
             rows = tied.nonzero(as_tuple=True)
-            probs = torch.exp(flat[rows] - lse.detach()[rows])
-            indices = indices.index_put(rows, top_indices_lowest_first(probs, k))
+            indices = indices.index_put(rows, top_indices_lowest_first(flat[rows], k))
     else:
         indices = flat.topk(k, dim=-1).indices
+        top = indices[..., :1]
+    # e^null / Z = e^(null - max logit) x p'(max logit)
+    null_share = torch.exp(NULL_SLOT_LOGIT - logits.gather(-1, top)) * shares.gather(-1, top)
     indices = indices.sort(dim=-1).values
-    probs = torch.exp(logits.gather(-1, indices) - lse)
+    probs = shares.gather(-1, indices) / (1 + null_share)
     order = top_indices_lowest_first(probs, k)  # the reference's order: probability, then lowest block
     indices, probs = indices.gather(-1, order), probs.gather(-1, order)
     gates = probs + (1.0 - probs).detach() if use_diff_topk else None
