@@ -63,13 +63,34 @@ def chunk_block_logits(q: Tensor, keys: Tensor, rule: SelectionRule, first_pos: 
     return logits
 
 
+SEGMENT = 64  # entries per segment of `largest`
+
+
+def largest(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """x.topk(m) along the last dim (values, indices; which of equal values is returned is not
+    specified), through segment maxima when m segments are a small part of the row: the m largest
+    entries lie in the m segments of SEGMENT entries with the largest maxima, or in the row's tail
+    of fewer than SEGMENT entries, which is always kept."""
+    W = x.shape[-1]
+    n = W // SEGMENT
+    if 4 * m * SEGMENT > W:
+        return x.topk(m, dim=-1)
+    chosen = x[..., : n * SEGMENT].unflatten(-1, (n, SEGMENT)).amax(dim=-1).topk(m, dim=-1).indices  # (..., m)
+    where = (chosen[..., None] * SEGMENT + torch.arange(SEGMENT, device=x.device)).flatten(-2)
+    if W > n * SEGMENT:
+        tail = torch.arange(n * SEGMENT, W, device=x.device).expand(*where.shape[:-1], W - n * SEGMENT)
+        where = torch.cat((where, tail), dim=-1)
+    values, picked = x.gather(-1, where).topk(m, dim=-1)
+    return values, where.gather(-1, picked)
+
+
 def top_blocks(logits: Tensor, k: int, use_diff_topk: bool) -> tuple:
     """select_top_blocks(logits, k, use_diff_topk) with the null slot folded in afterwards:
     (indices, valid, probs, gates) of the k slots, (..., k)."""
     shares = logits.softmax(dim=-1)  # the probabilities without the null slot: p' = p (1 + e^null / Z)
     flat = shares.detach()
     if logits.shape[-1] > k:
-        values, indices = flat.topk(k + 1, dim=-1)
+        values, indices = largest(flat, k + 1)
         top = indices[..., :1]
         tied = values[..., k - 1] == values[..., k]  # the k-th slot is shared: rank these rows exactly
         indices = indices[..., :k]

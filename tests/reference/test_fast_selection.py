@@ -10,7 +10,7 @@ import torch
 
 from nsa_core.ops import Seqs, select_blocks
 from nsa_core.ops.block_selection import _select_per_document
-from nsa_core.reference.fast_selection import select_blocks_fast
+from nsa_core.reference.fast_selection import SEGMENT, largest, select_blocks_fast
 from nsa_core.reference.selection import SelectionRule, select_blocks_reference
 
 
@@ -50,7 +50,7 @@ CASES = [  # G, share, causal, selection block, stride, T, q_offset, slots, (for
 ]
 
 
-@pytest.mark.parametrize("chunk_budget", [1 << 22, 150])  # one chunk; chunks of a few queries
+@pytest.mark.parametrize("chunk_budget", [1 << 22, 700])  # one chunk; chunks of a few queries
 @pytest.mark.parametrize("case", CASES)
 def test_fast_selection_equals_reference(case, chunk_budget):
     G, share, causal, sel, stride, T, off, S, forced, diff = case
@@ -95,6 +95,30 @@ def test_non_finite_scores_give_invalid_slots():
     early = slice(0, 20)
     assert_same(*(type(s)(*(None if t is None else t[:, :, early] for t in (s.indices, s.valid, s.probs, s.gates)))
                   for s in (got, want)), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("width", [5 * SEGMENT, 17 * SEGMENT + 29])
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_largest_equals_topk(width, m):
+    """The segment-maxima top-k: the same values as topk (ties included), at distinct indices that
+    hold them; rows of one repeated value, and the largest values in the tail."""
+    gen = torch.Generator().manual_seed(width + m)
+    x = torch.randint(0, 40, (6, width), generator=gen).float()
+    x[1] = 7.0
+    x[2, -3:] = 50.0
+    x[3, :: SEGMENT] = 60.0  # one equal maximum in every segment
+    values, indices = largest(x, m)
+    torch.testing.assert_close(values, x.topk(m, dim=-1).values, rtol=0, atol=0)
+    assert torch.equal(x.gather(-1, indices), values)
+    assert (indices.sort(dim=-1).values.diff(dim=-1) > 0).all()
+
+
+def test_fast_selection_equals_reference_on_a_long_row():
+    """Rows of more blocks than `largest` takes whole (its segments run): 2,111 queries, 527 blocks."""
+    q, ck = (t.detach() for t in inputs(1, 2, 3, 2111, 527, seed=5))
+    for share, S in ((True, 1), (False, 1)):
+        rule = SelectionRule(S, 4, 4, 3, share, False, False, True, 0.3)
+        assert_same(select_blocks_fast(q, ck, rule), select_blocks_reference(q, ck, rule))
 
 
 def test_selection_blocks_smaller_than_the_stride_are_refused():
