@@ -30,6 +30,7 @@ from nsa_core.reference.fast_masked import chunk_group, clean_keys, groups, mask
 from nsa_core.reference.selected_attention import _dedupe
 
 CHUNKS = (8, 16, 32, 64, 128, 256)
+GROUP_BUDGET = 1 << 24  # elements of one group's copied keys, values and masks (64 MB in float32)
 
 
 def row_factors(indices: Tensor, valid: Tensor, gates: Tensor, causal: bool) -> Tensor | None:
@@ -103,9 +104,16 @@ def selected_attention_fast(
     qg = q.view(B, HI, GI, T, D)
     c = selected_chunk(GI, S1, BS, num_blocks, T)
     offsets = torch.arange(BS, device=dev)
-    group = chunk_group(T, c, B * HQ * min(num_blocks, c * S1) * BS // c + B * HI * S1 * 4)
+    K_chunk = min(num_blocks, c * S1) * BS  # union keys of a chunk, at most
+    # per query: its share of the chunk's copied keys and values, its mask row (and SDPA's float copy of it)
+    group = chunk_group(T, c, B * HI * K_chunk * (D + Dv) // c + 2 * B * HQ * K_chunk + B * HI * S1 * 4,
+                        budget=GROUP_BUDGET)
+    spans = groups(T, group)
+    # split, not sliced: the backward pass joins the groups' gradients once (a slice's gradient is a
+    # zero tensor of q's size per group)
+    q_groups = qg.split([end - start for start, end in spans], dim=-2)
     parts = []
-    for start, end in groups(T, group):
+    for (start, end), q_group in zip(spans, q_groups):
         nc = -(-(end - start) // c)
         pad = nc * c - (end - start)
         rows = F.pad(ids[:, :, start:end], (0, 0, 0, pad), value=num_blocks)
@@ -146,7 +154,7 @@ def selected_attention_fast(
         rows_of = (heads * num_blocks + union.clamp(min=0)).flatten()  # whole blocks: contiguous rows
         kc = k_blocks.index_select(0, rows_of).view(B * HI * nc, 1, K, D)
         vc = v_blocks.index_select(0, rows_of).view(B * HI * nc, 1, K, Dv)
-        qc = F.pad(qg[..., start:end, :], (0, 0, 0, pad)).view(B, HI, GI, nc, c, D).transpose(2, 3)
+        qc = F.pad(q_group, (0, 0, 0, pad)).view(B, HI, GI, nc, c, D).transpose(2, 3)
         rowwise = lambda t: t.reshape(B * HI * nc, 1, c, *t.shape[4:])
         chunk_empty = False
         if empty is not None:
