@@ -7,10 +7,9 @@ gradient), mask + softmax + top-k as one Triton pass (kernels/block_topk.py); wi
 forced blocks, PyTorch's softmax and top-k on the pooled logits (packed documents with forced
 blocks: each document alone). Over query chunks either way (memory linear in T).
 PyTorch: for selection blocks a multiple of the stride, reference/fast_selection.py (the same pooled
-scores over each query chunk's visible blocks, a logsumexp and a float top-k instead of a softmax
-over every block); else reference/selection.py (exact compressed logits, any selection block),
-which is also the twin both are tested against. Selection blocks smaller than the stride take it
-by design.
+scores over each query chunk's visible blocks, one softmax and a float top-k); else
+reference/selection.py (exact compressed logits, any selection block), which is also the twin both
+are tested against. Selection blocks smaller than the stride take it by design.
 
 Packed documents (`seqs.cu_seqlens`): ck holds T // stride slots (document i's compressed token j at
 slot cu_seqlens[i] // stride + j); blocks are numbered from each document's start; every query gets
@@ -20,8 +19,9 @@ documents in one pass (_select_packed): their selection blocks pooled into one r
 (reference/packed_selection.py), each chunk of queries scored against all of them (one matmul, as
 a plain row of T tokens), and the Triton top-k reading each query's own document's window
 (block_topk_packed), or the PyTorch twin on the same layout where a plain row takes it. The
-reference, and selection blocks smaller than the stride (by design), select each document alone
-(_select_per_document, the twin; it reads the document bounds on the host).
+PyTorch side (each document as a plain row takes it) and selection blocks smaller than the stride
+(by design) select each document alone (_select_per_document; on the reference it is the twin;
+it reads the document bounds on the host).
 """
 
 from __future__ import annotations

@@ -4,13 +4,14 @@ that are a multiple of the stride.
 Per chunk of queries: block scores pooled before the dot product (pooled_selection.py: the
 group's mean query against the mean of each block's compressed keys), only over the blocks the
 chunk's last query can see (the causal staircase's empty right part is skipped), the scale folded
-into the queries. Then, instead of a softmax and a top-k over int64 keys of every block: one
-logsumexp (with the null slot) and a float top-k of k + 1 on the logits. The selected slots'
-probabilities are exp(logit - logsumexp), so they and their gradients match the softmax's. Rows
-where the k-th and (k + 1)-th logits tie (fewer visible blocks than slots, equal keys) are ranked
-again with the reference's exact rule (probabilities, lowest block index first); every row's
-slots are ordered as the reference orders them. Forced blocks take the reference's
-select_top_blocks on the narrowed logits. Memory linear in T (one chunk's scores at a time).
+into the queries. Then, instead of a softmax over a null slot and every block and a top-k over
+int64 keys: one softmax over the scored blocks, the null slot folded in afterwards (p = p' / (1 +
+e^(null - max logit) p'(max)), an identity, so the gradients are the softmax's too), and a float
+top-(k + 1) of p' (through segment maxima on long rows, `largest`). Rows where the k-th and
+(k + 1)-th values tie (fewer visible blocks than slots, equal keys) are ranked again with the
+reference's exact rule (probabilities, lowest block index first); every row's slots are ordered
+as the reference orders them. Forced blocks take the reference's select_top_blocks on the
+narrowed logits. Memory linear in T (one chunk's scores at a time).
 
 Equal to `reference.selection` up to rounding (a near-tie may then pick another block, as on the
 kernel path).
