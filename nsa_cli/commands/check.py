@@ -34,7 +34,7 @@ def check(
     check_seed(seed)
     cfg = resolve_config(preset, config, dict(kv_heads=kv_heads, heads=heads, causal=causal))
     check_input_size(cfg, batch, seq_len)
-    with progress("nsa check", total=1.0, enabled=not as_json) as bar:
+    with progress("nsa check", total=1.0, enabled=not as_json, lines=True) as bar:
         results = run_checks(cfg, seq_len, batch=batch, device=device, dtype=dtype, seed=seed,
                              on_progress=lambda done, what: bar.update(done, f"check: {what}"))
     passed = all(r.passed for r in results)

@@ -8,8 +8,11 @@ forced blocks, PyTorch's softmax and top-k on the pooled logits (packed document
 blocks: each document alone). Whether the Triton top-k runs is dispatch.py's rule like every kernel
 (_topk_kernel): more blocks than it holds raise with backend="triton" and fall back, with a
 warning, with "auto". Over query chunks either way (memory linear in T).
-Reference: reference/selection.py (exact compressed logits, any selection block); selection blocks
-smaller than the stride take it by design.
+PyTorch: when blocks are scored pooled (selection blocks a multiple of the stride, mean-logit
+importance), reference/fast_selection.py (the same pooled scores over each query chunk's visible
+blocks, one softmax and a float top-k); else reference/selection.py (exact compressed logits, any
+selection block, either importance score), which is also the twin both are tested against.
+Selection blocks smaller than the stride and the summed-probability score take it by design.
 
 Packed documents (`seqs.cu_seqlens`): ck holds T // stride slots (document i's compressed token j at
 slot cu_seqlens[i] // stride + j); blocks are numbered from each document's start; every query gets
@@ -19,8 +22,9 @@ documents in one pass (_select_packed): their selection blocks pooled into one r
 (reference/packed_selection.py), each chunk of queries scored against all of them (one matmul, as
 a plain row of T tokens), and the Triton top-k reading each query's own document's window
 (block_topk_packed), or the PyTorch twin on the same layout where a plain row takes it. The
-reference, and selection blocks smaller than the stride (by design), select each document alone
-(_select_per_document, the twin; it reads the document bounds on the host).
+PyTorch side (each document as a plain row takes it) and selection blocks smaller than the stride
+(by design) select each document alone (_select_per_document; on the reference it is the twin;
+it reads the document bounds on the host).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from nsa_core.ops.dispatch import use_kernels
 from nsa_core.seqs import Seqs, query_seqs
 from nsa_core.ops.validation import check_same_device_dtype
 from nsa_core.reference.documents import compressed_span, per_document
+from nsa_core.reference.fast_selection import select_blocks_fast
 from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
 from nsa_core.reference.packed_selection import (
     packed_block_logits,
@@ -76,9 +81,10 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
         return dtype_reason(q)
 
     if not use_kernels(backend, q.device, "block_selection", unsupported, by_design=by_design):
+        torch_select = select_blocks_fast if rule.pooled else select_blocks_reference
         if seqs.is_packed:
-            return _select_per_document(q, ck, rule, seqs)
-        return select_blocks_reference(q, ck, rule, q_offset=seqs.q_offset)
+            return _select_per_document(q, ck, rule, seqs, select=torch_select)
+        return torch_select(q, ck, rule, q_offset=seqs.q_offset)
     if seqs.is_packed:
         if rule.has_forced_blocks:  # forced blocks count from each document's start: one document at a time
             return _select_per_document(q, ck, rule, seqs)
@@ -184,8 +190,10 @@ def _select_packed(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs, backe
         return Selection(*map_query_chunks(part, T, chunk, needs_grad))
 
 
-def _select_per_document(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs) -> Selection | None:
-    """The packed twin: every document's selection alone, slots it lacks marked -1 / invalid."""
+def _select_per_document(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs,
+                         select=select_blocks_reference) -> Selection | None:
+    """The packed twin: every document's selection alone (`select`, the reference by default),
+    slots it lacks marked -1 / invalid."""
     S = packed_slots(rule, q.shape[-2])
     if S == 0:
         return None
@@ -193,7 +201,7 @@ def _select_per_document(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs)
 
     def document(start: int, end: int) -> tuple:
         first, last = compressed_span(start, end, rule.stride)
-        alone = select_blocks_reference(q[:, :, start:end], ck[:, :, first:last], rule)
+        alone = select(q[:, :, start:end], ck[:, :, first:last], rule)
         shape = (q.shape[0], heads, end - start, S)
         fields = [torch.full(shape, -1, dtype=torch.long, device=q.device), torch.zeros(shape, dtype=torch.bool,
                   device=q.device), q.new_zeros(shape), q.new_zeros(shape) if rule.use_diff_topk else None]

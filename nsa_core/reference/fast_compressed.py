@@ -32,10 +32,12 @@ def compressed_attention_fast(q: Tensor, ck: Tensor, cv: Tensor, num_memory: int
     chunk = -(-T // CHUNKS) if causal else T
     chunk = max(1, min(chunk, budget // max(1, B * HQ * MC)))
     parts = []
-    for start in range(0, T, chunk):
+    # split, not sliced: the backward pass then joins the chunks' gradients once (a slice's gradient
+    # is a zero tensor of q's size per chunk)
+    for start, qc in zip(range(0, T, chunk), q.split(chunk, dim=-2)):  # qc (B, HQ, c, D)
         end = min(T, start + chunk)
         pos = torch.arange(query_offset + start, query_offset + end, device=q.device)  # (c,)
-        qc = q[:, :, start:end]  # (B, HQ, c, D): the kv heads are shared by SDPA (GQA), the mask by every head
+        # the kv heads are shared by SDPA (GQA), the mask by every head
         if causal:
             visible = M + (pos // stride).clamp(max=C)  # (c,) keys each query sees, a prefix
             K = M + min(C, (query_offset + end - 1) // stride)

@@ -48,14 +48,19 @@ def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: 
 
 def _sdpa_4d(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float) -> Tensor:
     """SDPA with the leading dims merged down to 4-D: torch's fused CPU kernel takes only 4-D
-    inputs (with more it falls back to the unfused math path, ~5x slower)."""
+    inputs and 2-D or 4-D masks (with more dims, or a 3-D mask, it falls back to the unfused math
+    path, ~2-5x slower)."""
     if q.ndim <= 4:
         gqa = q.ndim == 4 and q.shape[1] != k.shape[1]
+        if allowed is not None and allowed.ndim == 3:
+            allowed = allowed[None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     lead, L, K = q.shape[:-2], q.shape[-2], k.shape[-2]
     flat = lambda t: t.reshape(-1, lead[-1], *t.shape[-2:])
     if allowed is not None and allowed.ndim > 3:
         allowed = flat(allowed.expand(*lead, L, K))
+    elif allowed is not None and allowed.ndim == 3:  # (lead[-1], L, K): broadcast over the merged dims
+        allowed = allowed[None]
     out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=allowed, scale=scale)
     return out.view(*lead, L, v.shape[-1])
 

@@ -4,8 +4,10 @@ Queries are cut into chunks of c. A chunk's keys are the union of the blocks its
 (their valid slots, plus the own block when causal): found by sorting the chunk's c x S' block
 ids, their blocks copied once per chunk, and attended under a (c x union keys) mask saying which query
 named which block (with the causal cut, the window and the sequence end). All chunks of a group
-go through one batched masked SDPA call; time and memory linear in T. When the blocks are few
-(short sequences) the union is every block, i.e. dense attention under a block mask.
+go through one batched masked SDPA call; time and memory linear in T. When a chunk's union would
+hold every block (short rows, wide selections) and the row is causal, a few query chunks instead
+attend, one SDPA call each, the keys up to their last query under a block mask (the staircase:
+no block copies, about half the keys of one call over all).
 
 Gates: the fast path takes gates that multiply all of a query's kept blocks alike (a per-row
 factor, folded into the query) and need no gradient: what the non-causal fine branch passes
@@ -30,6 +32,7 @@ from nsa_core.reference.fast_masked import chunk_group, clean_keys, groups, mask
 from nsa_core.reference.selected_attention import _dedupe
 
 CHUNKS = (8, 16, 32, 64, 128, 256)
+GROUP_BUDGET = 1 << 24  # elements of one group's copied keys, values and masks (64 MB in float32)
 
 
 def row_factors(indices: Tensor, valid: Tensor, gates: Tensor, causal: bool) -> Tensor | None:
@@ -92,20 +95,29 @@ def selected_attention_fast(
     k, v, bad = clean_keys(k, v)
     if HI != HKV:  # every query head selects: keys per query head
         k, v, bad = (t.repeat_interleave(HQ // HKV, dim=1) for t in (k, v, bad))
+    if factors is not None:
+        q = q * factors.repeat_interleave(GI, dim=1)[..., None].to(q.dtype)
+    qg = q.view(B, HI, GI, T, D)
+    c = selected_chunk(GI, S1, BS, num_blocks, T)
+    if causal and c * S1 >= num_blocks:  # a chunk's union would be every block
+        return block_masked_staircase(qg, k, v, bad, ids, BS, scale, window, q_offset)
     # keys and values as rows of whole blocks (zero keys pad the last one; masked, being past N)
     k_blocks, v_blocks = (F.pad(t, (0, 0, 0, num_blocks * BS - N)).reshape(B * HI * num_blocks, -1) for t in (k, v))
     heads = torch.arange(B * HI, device=dev).view(B, HI, 1, 1)
     # per block: does it hold a non-finite key; per position: non-finite keys before it
     bad_block = F.pad(bad, (0, num_blocks * BS - N)).view(B, HI, num_blocks, BS).any(dim=-1)
     bad_before = F.pad(bad.cumsum(dim=-1), (1, 0))  # (B, HI, N + 1)
-    if factors is not None:
-        q = q * factors.repeat_interleave(GI, dim=1)[..., None].to(q.dtype)
-    qg = q.view(B, HI, GI, T, D)
-    c = selected_chunk(GI, S1, BS, num_blocks, T)
     offsets = torch.arange(BS, device=dev)
-    group = chunk_group(T, c, B * HQ * min(num_blocks, c * S1) * BS // c + B * HI * S1 * 4)
+    K_chunk = min(num_blocks, c * S1) * BS  # union keys of a chunk, at most
+    # per query: its share of the chunk's copied keys and values, its mask row (and SDPA's float copy of it)
+    group = chunk_group(T, c, B * HI * K_chunk * (D + Dv) // c + 2 * B * HQ * K_chunk + B * HI * S1 * 4,
+                        budget=GROUP_BUDGET)
+    spans = groups(T, group)
+    # split, not sliced: the backward pass joins the groups' gradients once (a slice's gradient is a
+    # zero tensor of q's size per group)
+    q_groups = qg.split([end - start for start, end in spans], dim=-2)
     parts = []
-    for start, end in groups(T, group):
+    for (start, end), q_group in zip(spans, q_groups):
         nc = -(-(end - start) // c)
         pad = nc * c - (end - start)
         rows = F.pad(ids[:, :, start:end], (0, 0, 0, pad), value=num_blocks)
@@ -146,7 +158,7 @@ def selected_attention_fast(
         rows_of = (heads * num_blocks + union.clamp(min=0)).flatten()  # whole blocks: contiguous rows
         kc = k_blocks.index_select(0, rows_of).view(B * HI * nc, 1, K, D)
         vc = v_blocks.index_select(0, rows_of).view(B * HI * nc, 1, K, Dv)
-        qc = F.pad(qg[..., start:end, :], (0, 0, 0, pad)).view(B, HI, GI, nc, c, D).transpose(2, 3)
+        qc = F.pad(q_group, (0, 0, 0, pad)).view(B, HI, GI, nc, c, D).transpose(2, 3)
         rowwise = lambda t: t.reshape(B * HI * nc, 1, c, *t.shape[4:])
         chunk_empty = False
         if empty is not None:
@@ -155,4 +167,38 @@ def selected_attention_fast(
                           empty=chunk_empty if window is None else None)  # (B * HI * nc, GI, c, Dv)
         out = out.view(B, HI, nc, GI, c, Dv).transpose(2, 3).reshape(B, HQ, nc * c, Dv)
         parts.append(out[:, :, : end - start])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+STAIRCASE_STEPS = 8  # query chunks of the causal staircase: the computed keys are ~ (1 + 1 / 8) / 2 of all
+
+
+def block_masked_staircase(qg: Tensor, k: Tensor, v: Tensor, bad: Tensor, ids: Tensor, block_size: int, scale: float,
+                           window: int | None, q_offset: int, budget: int = 1 << 24) -> Tensor:
+    """Causal selected attention as dense attention under a block mask, for rows so short (or
+    selections so wide) that a chunk's union would hold every block: a few query chunks, each one
+    masked SDPA call over the keys up to its last query (no block copies). qg (B, HI, GI, T, D); k, v
+    (B, HI, N, D / Dv) with non-finite rows zeroed, `bad` (B, HI, N) those rows; ids (B, HI, T, S')
+    the named blocks with the own block (invalid slots: an id past the last block)."""
+    B, HI, GI, T, D = qg.shape
+    N, Dv, BS = k.shape[2], v.shape[-1], block_size
+    dev = qg.device
+    chunk = max(1, min(-(-T // STAIRCASE_STEPS), budget // max(1, B * HI * (GI + 1) * N)))
+    parts = []
+    for start, qc in zip(range(0, T, chunk), qg.split(chunk, dim=-2)):  # split, not sliced: one join backward
+        c = qc.shape[-2]
+        K = min(N, q_offset + start + c)  # causal: no key after the chunk's last query
+        nb = -(-K // BS)
+        named = torch.zeros(B, HI, c, nb + 1, dtype=torch.bool, device=dev)
+        named.scatter_(-1, ids[:, :, start : start + c].clamp(max=nb), True)  # ids past the keys: a spare column
+        q_pos = (q_offset + start + torch.arange(c, device=dev))[:, None]  # (c, 1)
+        key_pos = torch.arange(K, device=dev)
+        allowed = named[..., :nb].repeat_interleave(BS, dim=-1)[..., :K] & (key_pos <= q_pos)  # (B, HI, c, K)
+        if window is not None:
+            allowed = allowed & (key_pos >= q_pos - window)
+        reached = (allowed & bad[:, :, None, :K]).any(dim=-1)  # a non-finite key it sees: the row is NaN
+        rows = lambda t: t.reshape(B * HI, 1, *t.shape[2:])
+        out = masked_sdpa(qc.reshape(B * HI, GI, c, D), rows(k[:, :, :K]), rows(v[:, :, :K]), rows(allowed), scale,
+                          rows(reached), empty=False)  # every row sees itself
+        parts.append(out.view(B, HI * GI, c, Dv))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)

@@ -25,24 +25,22 @@ from torch import Tensor
 from nsa_core.reference.masked_softmax import masked_attention
 
 
-def paged_decode_reference(
+def listed_keys(
     q: Tensor,  # (B, HQ, K, D)
     k_pages: Tensor,  # (P, HKV, PAGE, D)
     v_pages: Tensor,  # (P, HKV, PAGE, Dv)
     block_table: Tensor,  # (B, max_pages) integer
-    blocks: Tensor,  # (B, HI, K, S) integer: logical pages
+    blocks: Tensor,  # (B, HI, K, S) integer: logical pages, S > 0
     valid: Tensor,  # (B, HI, K, S) bool
     hi: Tensor,  # (B, K) integer: last visible logical key index
     lo: Tensor | None,  # (B, K) integer: first visible logical key index, None = 0
-    scale: float,
-) -> Tensor:
-    """-> (B, HQ, K, Dv) in q's dtype, computed in q's dtype (no autograd restrictions)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The listed pages of every query: (queries (B, HI, K, R, D), keys (B, HI, K, S * PAGE, D),
+    values (B, HI, K, S * PAGE, Dv), allowed (B, HI, K, 1, S * PAGE) bool)."""
     B, HQ, K, D = q.shape
     P, HKV, PAGE, _ = k_pages.shape
-    HI, S, Dv = blocks.shape[1], blocks.shape[-1], v_pages.shape[-1]
+    HI = blocks.shape[1]
     R = HQ // HI
-    if S == 0:
-        return q.new_zeros(B, HQ, K, Dv)
     page = blocks.long()
     ok = valid & (page >= 0) & (page < block_table.shape[1])
     page = torch.where(ok, page, 0)
@@ -57,8 +55,26 @@ def paged_decode_reference(
     first = 0 if lo is None else lo.view(B, 1, K, 1, 1)
     allowed = ok[..., None] & (key_index >= first) & (key_index <= hi.view(B, 1, K, 1, 1))
     allowed = allowed.flatten(3, 4)[:, :, :, None, :]  # (B, HI, K, 1, S * PAGE)
-
     q_lists = q.reshape(B, HI, R, K, D).transpose(2, 3)  # (B, HI, K, R, D)
+    return q_lists, keys, values, allowed
+
+
+def paged_decode_reference(
+    q: Tensor,  # (B, HQ, K, D)
+    k_pages: Tensor,  # (P, HKV, PAGE, D)
+    v_pages: Tensor,  # (P, HKV, PAGE, Dv)
+    block_table: Tensor,  # (B, max_pages) integer
+    blocks: Tensor,  # (B, HI, K, S) integer: logical pages
+    valid: Tensor,  # (B, HI, K, S) bool
+    hi: Tensor,  # (B, K) integer: last visible logical key index
+    lo: Tensor | None,  # (B, K) integer: first visible logical key index, None = 0
+    scale: float,
+) -> Tensor:
+    """-> (B, HQ, K, Dv) in q's dtype, computed in q's dtype (no autograd restrictions)."""
+    B, HQ, K, D = q.shape
+    if blocks.shape[-1] == 0:
+        return q.new_zeros(B, HQ, K, v_pages.shape[-1])
+    q_lists, keys, values, allowed = listed_keys(q, k_pages, v_pages, block_table, blocks, valid, hi, lo)
     logits = torch.matmul(q_lists, keys.transpose(-1, -2)) * scale  # (B, HI, K, R, S * PAGE)
     out = masked_attention(logits, allowed, values)  # (B, HI, K, R, Dv)
-    return out.transpose(2, 3).reshape(B, HQ, K, Dv)
+    return out.transpose(2, 3).reshape(B, HQ, K, values.shape[-1])

@@ -69,6 +69,21 @@ def test_progress_goes_to_stderr_not_stdout_and_not_with_json(tmp_path, terminal
     assert json.loads(result.stdout)["parameters"] > 0 and terminal_stderr.getvalue() == ""
 
 
+def test_check_prints_a_line_per_step_when_stderr_is_not_a_terminal():
+    """A log (stderr not a terminal) shows where a long check is: one line per step, in order, with
+    the seconds since the start; none with --json, and never on stdout."""
+    from nsa_cli.support.checks import STEPS
+
+    result = run("check", "--preset", "tiny", "--seq-len", 9)
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [f"check: {step}" for step in STEPS] + ["check: done"]
+    seconds = [float(line[1:].split(" s]")[0]) for line in lines]
+    assert seconds == sorted(seconds) and "check: forward" not in result.stdout
+    result = run("check", "--preset", "tiny", "--seq-len", 9, "--json")
+    assert result.exit_code == 0 and result.stderr == "" and json.loads(result.stdout)["passed"]
+
+
 def test_bench_progress_and_small_cpu_defaults(monkeypatch, terminal_stderr):
     from nsa_cli.commands import bench
 

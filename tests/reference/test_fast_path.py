@@ -1,7 +1,8 @@
 """The fast PyTorch path (reference/fast_*.py) against the loop reference it is the twin of:
 outputs and gradients in float64 (exact up to rounding) and float32 (within a few times the loop
 reference's own error against float64), odd lengths, GQA groups 3 and 1, per-head selections,
-causal and not, query offsets, windows, row gates, packed documents, several query groups, NaN."""
+causal and not, query offsets, windows, row gates, packed documents, several query groups, the
+selected branch's two forms (unions of blocks, block-masked staircase), NaN."""
 
 import importlib
 
@@ -71,10 +72,15 @@ SELECTED = [  # B, HKV, G, per-head selection, T, q_offset, block, slots, causal
 ]
 
 
+@pytest.mark.parametrize("unions", [False, True])  # True: chunks of 2 queries, so causal rows take the unions too
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", SELECTED)
-def test_selected_fast_equals_loop(case, dtype):
+def test_selected_fast_equals_loop(case, dtype, unions, monkeypatch):
+    """Causal rows whose chunk unions would hold every block take the block-masked staircase; with
+    chunks of 2 queries (most cases) the unions of blocks."""
     B, HKV, G, per_head, T, off, BS, S, causal, window, D, Dv = case
+    if unions:
+        monkeypatch.setattr(fast_selected, "selected_chunk", lambda *a: 2)
     N = T + off
     q, k, v = qkv(B, HKV, G, T, N, D, Dv, dtype)
     idx, valid = selection(B, HKV * G if per_head else HKV, T, S, BS, N, causal, off)
@@ -120,6 +126,7 @@ def test_selected_several_groups(monkeypatch):
     idx, valid = selection(B, HKV, T, S, BS, T, True, 0)
     whole = selected_attention_fast(q, k, v, idx, BS, valid)
     small = fast_selected.chunk_group
+    assert 8 * (S + 1) < -(-T // BS)  # chunks of 8: unions, not the staircase
     monkeypatch.setattr(fast_selected, "chunk_group", lambda n, c, e, budget=0: small(n, c, e, budget=1))
     monkeypatch.setattr(fast_selected, "selected_chunk", lambda *a: 8)
     torch.testing.assert_close(selected_attention_fast(q, k, v, idx, BS, valid), whole, rtol=1e-12, atol=1e-12)
@@ -178,12 +185,15 @@ def test_compressed_fast_equals_loop(case, dtype):
                  lambda q, k, v: compressed_attention_chunked(q, k, v, M, stride, causal, None, off), tensors)
 
 
+@pytest.mark.parametrize("unions", [False, True])  # the selected branch's staircase, or its unions of blocks
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
-def test_non_finite_keys_reach_only_the_queries_that_see_them(poison):
+def test_non_finite_keys_reach_only_the_queries_that_see_them(poison, unions, monkeypatch):
     """A bad key or value makes NaN every row that sees it and leaves the others bit-identical to a
     clean run: with NaN exactly the loop reference's rows; with inf a superset (the loop reference
     lets a key whose logit is -inf weigh 0, the fast path poisons every row that sees it)."""
     T, BS = 41, 4
+    if unions:
+        monkeypatch.setattr(fast_selected, "selected_chunk", lambda *a: 2)
     q, k, v = (t.detach() for t in qkv(1, 1, 3, T, T, 8, 8, torch.float64))
     idx, valid = selection(1, 1, T, 2, BS, T, True, 0)
     kb, vb = k.clone(), v.clone()
