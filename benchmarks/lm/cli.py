@@ -19,10 +19,11 @@ from rich.console import Console
 from benchmarks import devices
 from benchmarks.lm.corpus import load_corpus
 from benchmarks.lm.models import build_model, parameter_counts
-from benchmarks.lm.report import load_runs, plot, print_table, run_id, run_path, summarize, write_run, write_summary
+from benchmarks.lm.report import plot, print_table, run_id, summarize, write_summary
 from benchmarks.lm.settings import FULL, SMOKE, LMSettings, with_overrides
 from benchmarks.lm.training import train_run
 from benchmarks.quality_report import environment
+from benchmarks.run_store import load_runs, run_path, write_run
 
 console = Console(width=None if sys.stdout.isatty() else 180)
 

@@ -6,9 +6,10 @@ bytes kept once, sorted by path, each followed by a 0 byte. A file is held out f
 hash of its path, so the split is the same wherever the same files are installed.
 
 Rows: `context + 1` bytes cut from the stream at random (training) or evenly spaced (validation)
-offsets. A row is packed: a document starts at the row's first byte and after every separator
-(documents never see each other: `cu_seqlens`), and the byte after a separator is not a label (it
-is the next document's first byte, which nothing before it predicts). A token's *position* is the
+offsets (quality_data.random_rows / evenly_spaced_rows). A row is packed: a document starts at the
+row's first byte and after every separator (documents never see each other: `cu_seqlens`), and the
+byte after a separator is not a label (it is the next document's first byte, which nothing before
+it predicts). A token's *position* is the
 number of bytes of its own document before it in the row: the context the model had for it.
 """
 
@@ -118,22 +119,6 @@ def load_corpus(source: str, val_fraction: float, max_bytes: int | None = None,
     }
     as_tensor = lambda b: torch.frombuffer(b, dtype=torch.uint8)
     return Corpus(train=as_tensor(train), val=as_tensor(val), description=description)
-
-
-def random_rows(stream: Tensor, rows: int, context: int, generator: torch.Generator) -> Tensor:
-    """`rows` rows of `context + 1` bytes at random offsets -> int64 (rows, context + 1)."""
-    if stream.numel() < context + 2:
-        raise ValueError(f"the stream holds {stream.numel()} bytes, too few for rows of {context + 1}")
-    starts = torch.randint(0, stream.numel() - context - 1, (rows,), generator=generator)
-    return stream[starts[:, None] + torch.arange(context + 1)].long()
-
-
-def evenly_spaced_rows(stream: Tensor, rows: int, context: int) -> Tensor:
-    """`rows` rows of `context + 1` bytes spread evenly over the stream -> int64 (rows, context + 1)."""
-    if stream.numel() < context + 1:
-        raise ValueError(f"the validation stream holds {stream.numel()} bytes, too few for rows of {context + 1}")
-    starts = torch.linspace(0, stream.numel() - context - 1, rows).long()
-    return stream[starts[:, None] + torch.arange(context + 1)].long()
 
 
 def pack(rows: Tensor, cap: int | None = None) -> PackedBatch:

@@ -31,22 +31,14 @@ from benchmarks.attention_layers import (
     feed_forward,
     sparse_attention,
 )
-from nsa_core.model.transformer import DenseAttention
+from benchmarks.quality_models import ByteLanguageModel
+from nsa_core.model.dense import DenseAttention
 
-VOCAB_SIZE = 256
 VARIANTS = ("dense", "window", "nsa", "no_selection")
 
 
-class PackedByteLM(nn.Module):
-    def __init__(self, dim: int, attentions: list[nn.Module], feed_forwards: list[nn.Module]):
-        super().__init__()
-        if len(attentions) != len(feed_forwards):
-            raise ValueError(f"attentions and feed_forwards must pair up, got {len(attentions)} and {len(feed_forwards)}")
-        self.embed = nn.Embedding(VOCAB_SIZE, dim)
-        self.attentions = nn.ModuleList(attentions)
-        self.feed_forwards = nn.ModuleList(feed_forwards)
-        self.norm = nn.RMSNorm(dim)
-        self.to_logits = nn.Linear(dim, VOCAB_SIZE, bias=False)
+class PackedByteLM(ByteLanguageModel):
+    """The quality comparison's byte model (quality_models.ByteLanguageModel) on packed documents."""
 
     def forward(self, ids: Tensor, cu_seqlens: Tensor) -> Tensor:
         """ids (1, total) of packed documents -> logits (1, total, 256) for the next byte."""

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.lm.corpus import IGNORE, Corpus, evenly_spaced_rows, pack, random_rows
+from benchmarks.lm.corpus import IGNORE, Corpus, pack
 from benchmarks.lm.evaluation import NATS_TO_BITS, evaluate
 from benchmarks.lm.settings import LMSettings
+from benchmarks.quality_data import evenly_spaced_rows, random_rows
 from benchmarks.quality_training import autocast, learning_rate, make_optimizer, optimizer_step, synchronize
 
 WARMUP_DATA_SEED = 1_000_003

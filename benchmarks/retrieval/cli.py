@@ -20,7 +20,8 @@ from rich.console import Console
 from benchmarks import devices
 from benchmarks.quality_report import environment
 from benchmarks.retrieval.models import DEFAULT_MODELS, build_model
-from benchmarks.retrieval.report import load_runs, plot, print_table, run_path, summarize, write_run, write_summary
+from benchmarks.retrieval.report import plot, print_table, summarize, write_summary
+from benchmarks.run_store import load_runs, run_path, write_run
 from benchmarks.retrieval.settings import (
     FULL,
     SMOKE,

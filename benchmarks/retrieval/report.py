@@ -11,34 +11,14 @@ never reach a threshold.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-RUNS_DIR = "runs"
 SUMMARY_NAME = "summary_retrieval.json"
 PNG_NAME = "results_retrieval.png"
-
-
-def run_path(out: Path, run_id: str) -> Path:
-    return out / RUNS_DIR / f"{run_id}.json"
-
-
-def write_run(out: Path, run: dict) -> Path:
-    """Atomically (write, then rename): a killed process never leaves half a file."""
-    path = run_path(out, run["id"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(run, indent=1) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def load_runs(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / RUNS_DIR).glob("*.json"))]
 
 
 def group_label(run: dict) -> str:
