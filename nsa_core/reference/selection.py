@@ -125,9 +125,9 @@ def overlapping_compressed_blocks(num_blocks: int, num_compressed: int, compress
 
 def summed_block_probs(scores: Tensor, *, compress_block: int, stride: int, selection_block_size: int) -> Tensor:
     """Paper eq. 8-9: scores (B, H, T, C) compressed logits (invisible entries masked) -> (B, H, T, NB)
-    in float32 (float64 for float64 scores): the compressed attention's probabilities (softmax over the visible compressed blocks;
-    0 where none is visible) summed over the compressed blocks that overlap each selection block
-    (each counted once)."""
+    in float32 (float64 for float64 scores): the compressed attention's probabilities (softmax over
+    the visible compressed blocks; 0 where none is visible) summed over the compressed blocks that
+    overlap each selection block (each counted once)."""
     C = scores.shape[-1]
     nb = num_scored_blocks(C, stride, selection_block_size)
     visible = scores != masked_score(scores.dtype)
@@ -143,7 +143,9 @@ def summed_block_probs(scores: Tensor, *, compress_block: int, stride: int, sele
 def _summed_importance(scores: Tensor, *, group_size: int, share_across_group: bool, stride: int,
                        selection_block_size: int, compress_block: int, query_pos: Tensor) -> Tensor:
     """Paper eq. 10 over eq. 8-9: the log of the summed probabilities, summed over the heads of a group
-    when the group shares its selection, the query's own block excluded (as block_importance does)."""
+    when the group shares its selection; the query's own block excluded where block_importance
+    excludes it (selection blocks other than the stride; with equal ones a causal query sees nothing
+    of its own block)."""
     if compress_block < 1:
         raise ValueError(f"importance 'summed_probs' needs the compression block size, got {compress_block!r}")
     B, HQ, T, _ = scores.shape
@@ -153,7 +155,7 @@ def _summed_importance(scores: Tensor, *, group_size: int, share_across_group: b
         probs = probs.view(B, HQ // group_size, group_size, T, probs.shape[-1]).sum(dim=2)
     # log of 0 is -inf; clamped first so that use_diff_topk's backward through the log never divides by 0
     logits = probs.clamp_min(TINY_PROBABILITY).log().masked_fill(probs == 0, float("-inf")).to(scores.dtype)
-    if logits.shape[-1] > 0:
+    if selection_block_size != stride and logits.shape[-1] > 0:
         own = position_column(query_pos // selection_block_size) == torch.arange(logits.shape[-1], device=scores.device)
         logits = logits.masked_fill(own, float("-inf"))
     return logits
