@@ -192,3 +192,18 @@ def test_the_cli_config_commands_take_it(tmp_path):
     bad = CliRunner().invoke(app, ["config", "create", "-o", str(tmp_path / "d.json"), "--preset", "tiny",
                                    "--importance-score", "max"])
     assert bad.exit_code == 2 and "importance_score must be one of" in bad.output and "Traceback" not in bad.output
+
+
+def test_not_causal_every_block_is_scored():
+    """Without causality every compressed block is visible: the selection is the top-k of the group
+    sums over all blocks (the own block too when selection blocks equal the stride, as the mean-logit
+    score has it)."""
+    r = rule(causal=False, selection_block_size=4, stride=4, compress_block=8, num_selected=2)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 33, 8, generator=gen, dtype=torch.float64)
+    ck = torch.randn(1, 2, 8, 8, generator=gen, dtype=torch.float64)
+    got = select_blocks(q, ck, r, backend="torch")
+    scores = compressed_scores(q, ck, 4, False, r.scale, torch.arange(33))
+    sums = summed_block_probs(scores, compress_block=8, stride=4, selection_block_size=4).view(1, 2, 3, 33, -1).sum(2)
+    assert got.valid.all()
+    assert torch.equal(got.indices.sort(-1).values, sums.topk(2, dim=-1).indices.sort(-1).values)
