@@ -192,9 +192,11 @@ SCRATCH = dict(independent_kv=True, num_forced_initial_blocks=1, num_forced_loca
 
 
 @needs_kernels
-def test_paper_options_on_the_kernels_equal_the_reference():
-    ref = randomize_(SparseAttention(**BASE, **SCRATCH, backend="torch"), std=0.3).to(DEVICE)
-    ker = SparseAttention(**BASE, **SCRATCH, backend="triton").to(DEVICE)
+@pytest.mark.parametrize("options", [SCRATCH, dict(SCRATCH, importance_score="summed_probs"),
+                                     dict(importance_score="summed_probs")], ids=["scratch", "scratch_summed", "summed"])
+def test_paper_options_on_the_kernels_equal_the_reference(options):
+    ref = randomize_(SparseAttention(**BASE, **options, backend="torch"), std=0.3).to(DEVICE)
+    ker = SparseAttention(**BASE, **options, backend="triton").to(DEVICE)
     ker.load_state_dict(ref.state_dict())
     x = torch.randn(2, 45, 24, device=DEVICE)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
