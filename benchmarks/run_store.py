@@ -27,3 +27,12 @@ def write_run(out: Path, run: dict) -> Path:
 
 def load_runs(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / RUNS_DIR).glob("*.json"))]
+
+
+def finished_earlier(out: Path, run_id: str, config: dict) -> bool:
+    """Whether a finished run of this configuration is already in `out` (a sweep resumes past it)."""
+    path = run_path(out, run_id)
+    if not path.exists():
+        return False
+    done = json.loads(path.read_text())
+    return done.get("status") == "finished" and done.get("config") == config

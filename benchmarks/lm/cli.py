@@ -23,7 +23,7 @@ from benchmarks.lm.report import plot, print_table, run_id, summarize, write_sum
 from benchmarks.lm.settings import FULL, SMOKE, LMSettings, with_overrides
 from benchmarks.lm.training import train_run
 from benchmarks.quality_report import environment
-from benchmarks.run_store import load_runs, run_path, write_run
+from benchmarks.run_store import finished_earlier, load_runs, write_run
 
 console = Console(width=None if sys.stdout.isatty() else 180)
 
@@ -98,12 +98,9 @@ def run_one(s: LMSettings, corpus, model_name: str, lr: float, seed: int, out: P
     identifier = run_id(model_name, lr, seed)
     # what this run depends on, as its JSON holds it (tuples become lists)
     config = json.loads(json.dumps({**s.to_dict(), "models": None, "lrs": None, "seeds": None}))
-    path = run_path(out, identifier)
-    if resume and path.exists():
-        done = json.loads(path.read_text())
-        if done.get("status") == "finished" and done.get("config") == config:
-            console.print(f"[dim]{identifier}: finished earlier, kept[/dim]", highlight=False)
-            return
+    if resume and finished_earlier(out, identifier, config):
+        console.print(f"[dim]{identifier}: finished earlier, kept[/dim]", highlight=False)
+        return
     console.print(f"[bold]{identifier}[/bold]", highlight=False)
     model = build_model(model_name, s.shape, seed, s.nsa_options, s.backend).to(device)
     run = {"id": identifier, "model": model_name, "lr": lr, "seed": seed, "config": config, "environment": env,

@@ -21,7 +21,7 @@ from benchmarks import devices
 from benchmarks.quality_report import environment
 from benchmarks.retrieval.models import DEFAULT_MODELS, build_model
 from benchmarks.retrieval.report import plot, print_table, summarize, write_summary
-from benchmarks.run_store import load_runs, run_path, write_run
+from benchmarks.run_store import finished_earlier, load_runs, write_run
 from benchmarks.retrieval.settings import (
     FULL,
     SMOKE,
@@ -146,12 +146,9 @@ def run_one(s: BenchmarkSettings, task, length: int, name: str, variant, lr: flo
     ts = train_settings(s, task, length, lr, seed)
     config = {"shape": s.to_dict()["shape"], "train": ts.to_dict(), "task": vars(task).copy(),
               "variant": variant.to_dict(), "precision": precision, "backend": s.backend, "compile": s.compile}
-    path = run_path(out, run_id)
-    if resume and path.exists():
-        done = json.loads(path.read_text())
-        if done.get("status") == "finished" and done.get("config") == config:
-            console.print(f"[dim]{run_id}: finished earlier, kept[/dim]", highlight=False)
-            return
+    if resume and finished_earlier(out, run_id, config):
+        console.print(f"[dim]{run_id}: finished earlier, kept[/dim]", highlight=False)
+        return
     console.print(f"[bold]{run_id}[/bold]", highlight=False)
     model = build_model(variant, s.shape, task.vocab_size, length, seed, s.backend).to(device)
     step_model = torch.compile(model) if s.compile else model
