@@ -4,8 +4,8 @@
 Kernel path, for selection blocks a multiple of the stride: block scores pooled before the dot
 product (reference/pooled_selection.py) and mask + softmax + top-k as one Triton pass
 (kernels/block_topk.py); by design, with use_diff_topk (whose gates need the softmax's gradient) or
-forced blocks, PyTorch's softmax and top-k on the pooled logits (packed documents with forced
-blocks: each document alone). Whether the Triton top-k runs is dispatch.py's rule like every kernel
+forced blocks, PyTorch's softmax and top-k on the pooled logits (packed documents too: forced
+blocks count from each document's start). Whether the Triton top-k runs is dispatch.py's rule like every kernel
 (_topk_kernel): more blocks than it holds raise with backend="triton" and fall back, with a
 warning, with "auto". Over query chunks either way (memory linear in T).
 PyTorch: when blocks are scored pooled (selection blocks a multiple of the stride, mean-logit
@@ -86,8 +86,6 @@ def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | No
             return _select_per_document(q, ck, rule, seqs, select=torch_select)
         return torch_select(q, ck, rule, q_offset=seqs.q_offset)
     if seqs.is_packed:
-        if rule.has_forced_blocks:  # forced blocks count from each document's start: one document at a time
-            return _select_per_document(q, ck, rule, seqs)
         return _select_packed(q, ck, rule, seqs, backend)
     return _select_pooled(q, ck, rule, seqs, backend)
 
@@ -184,7 +182,8 @@ def _select_packed(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs, backe
             scores = block_scores(q[:, :, start:end], keys, **grouping)
             logits = packed_block_logits(scores, blocks, start, end, scale=rule.scale, stride=rule.stride,
                                          selection_block_size=rule.selection_block_size, causal=rule.causal)
-            return select_packed_blocks(logits, blocks.num_blocks[start:end], S, rule.use_diff_topk)
+            return select_packed_blocks(logits, blocks.num_blocks[start:end], S, rule.use_diff_topk,
+                                        forced=rule.forced(blocks.positions[start:end]))
 
     with torch.set_grad_enabled(needs_grad):
         return Selection(*map_query_chunks(part, T, chunk, needs_grad))

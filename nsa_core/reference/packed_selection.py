@@ -80,19 +80,23 @@ def packed_block_logits(scores: Tensor, blocks: PackedBlocks, start: int, end: i
     return logits.masked_fill(window >= blocks.num_blocks[start:end, None], float("-inf"))
 
 
-def select_packed_blocks(logits: Tensor, num_blocks: Tensor, num_slots: int, use_diff_topk: bool) -> tuple:
+def select_packed_blocks(logits: Tensor, num_blocks: Tensor, num_slots: int, use_diff_topk: bool, *,
+                         forced: tuple[int, int, int, Tensor] | None = None) -> tuple:
     """Logits (B, H, TC, W) and each query's document's blocks (TC,) -> (indices, valid, probs,
-    gates) (B, H, TC, S = num_slots): a lone document's selection, the slots past its blocks
-    index -1, invalid, probability (and gate) 0."""
+    gates) (B, H, TC, S = num_slots): a lone document's selection, the slots it lacks index -1,
+    invalid, probability (and gate) 0. forced: select_top_blocks'
+    argument, with each query's position in its document (SelectionRule.forced)."""
     shape = (*logits.shape[:-1], num_slots)
-    chosen = select_top_blocks(logits, num_slots, use_diff_topk)
+    chosen = select_top_blocks(logits, num_slots, use_diff_topk, forced=forced)
     fields = [torch.full(shape, -1, dtype=torch.long, device=logits.device),
               torch.zeros(shape, dtype=torch.bool, device=logits.device), logits.new_zeros(shape),
               logits.new_zeros(shape) if use_diff_topk else None]
     if chosen is None:
         return tuple(fields)
     indices, valid, probs, gates = selection_fields(chosen)
-    exists = indices < num_blocks[:, None]
+    # a lone document has min(S, NB) slots, at least the forced ones (select_top_blocks)
+    slots = num_blocks.clamp(min=0 if forced is None else forced[1] + forced[2])
+    exists = (indices < num_blocks[:, None]) & (torch.arange(indices.shape[-1], device=indices.device) < slots[:, None])
     got = (torch.where(exists, indices, -1), valid & exists, probs.masked_fill(~exists, 0.0),
            None if gates is None else gates.masked_fill(~exists, 0.0))
     k = indices.shape[-1]

@@ -211,6 +211,7 @@ def select_top_blocks(block_logits: Tensor, num_selected: int, use_diff_topk: bo
         if query_pos.ndim == 2:  # per row (B, T): broadcast over the heads
             query_pos = query_pos[:, None]
         forced_idx, forced_valid = forced_blocks(query_pos, sel, initial, local)
+        forced_idx = forced_idx.clamp(max=nb - 1)  # an initial block past a short row's blocks: invalid anyway
         shape = probs.shape[:-1]
         forced_idx, forced_valid = forced_idx.expand(shape + forced_idx.shape[-1:]), forced_valid.expand(
             shape + forced_valid.shape[-1:])
