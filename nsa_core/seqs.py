@@ -13,11 +13,19 @@ Dimension legend: N documents, T tokens of the packed row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor
+
+# Seqs.packed's recent descriptors, by cu_seqlens tensor: the layers of one forward (and its backward)
+# share one descriptor and the layouts derived from it (Seqs.layout). Entries hold their tensor, so an
+# id is never reused while its entry lives; an in-place change of the tensor (its version) misses.
+_RECENT_PACKED: dict[int, tuple[Tensor, int, int, str, "Seqs"]] = {}
+_RECENT_PACKED_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,7 @@ class Seqs:
     # tensors' device, and the longest document (read once when the descriptor was made)
     cu_seqlens: Tensor | None = field(default=None, compare=False)
     max_seqlen: int | None = None
+    _layouts: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("q_len", "k_len", "q_offset"):
@@ -52,7 +61,22 @@ class Seqs:
     def packed(cls, cu_seqlens: Tensor, total: int, device: torch.device | str | None = None) -> "Seqs":
         """Documents packed into one row of `total` tokens: cu_seqlens (N + 1,) int32 / int64, on
         `device` (the tokens' device), starting at 0, never decreasing, ending at total (empty
-        documents allowed). Validating reads cu_seqlens once (one host sync per descriptor)."""
+        documents allowed). Validating reads cu_seqlens once (one host sync per descriptor); the
+        same tensor (unchanged) again gives the same descriptor, without a sync."""
+        key = id(cu_seqlens)
+        recent = _RECENT_PACKED.get(key)
+        if (recent is not None and recent[0] is cu_seqlens and recent[1] == cu_seqlens._version and recent[2] == total
+                and recent[3] == str(device)):
+            return recent[4]
+        seqs = cls._validated_packed(cu_seqlens, total, device)
+        if not torch.compiler.is_compiling():
+            if len(_RECENT_PACKED) >= _RECENT_PACKED_SIZE:
+                del _RECENT_PACKED[next(iter(_RECENT_PACKED))]
+            _RECENT_PACKED[key] = (cu_seqlens, cu_seqlens._version, total, str(device), seqs)
+        return seqs
+
+    @classmethod
+    def _validated_packed(cls, cu_seqlens: Tensor, total: int, device: torch.device | str | None) -> "Seqs":
         if not isinstance(cu_seqlens, Tensor):
             raise TypeError(f"cu_seqlens must be an int32 or int64 torch.Tensor, got {type(cu_seqlens).__name__}")
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -70,6 +94,13 @@ class Seqs:
         if values[-1] != total:
             raise ValueError(f"cu_seqlens must end at the total length {total}, got {values[-1]}")
         return cls(total, total, 0, cu_seqlens=cu_seqlens, max_seqlen=max(lengths))
+
+    def layout(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """What `make()` derives from this descriptor's documents (block tables, masks, index
+        tensors), built once per descriptor and `key` (its shape arguments): the layers share it."""
+        if key not in self._layouts:
+            self._layouts[key] = make()
+        return self._layouts[key]
 
     @property
     def is_packed(self) -> bool:

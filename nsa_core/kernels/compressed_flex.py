@@ -41,22 +41,29 @@ def compressed_intervals(cu_seqlens: Tensor, total: int, num_memory: int, stride
     return first, first + count
 
 
+def compressed_block_mask(cu_seqlens: Tensor, total: int, num_memory: int, stride: int, causal: bool, heads: int,
+                          num_keys: int):
+    """The row layout's BlockMask for `heads` query heads over num_keys = M + C keys (module docstring)."""
+    lo, hi = compressed_intervals(cu_seqlens, total, num_memory, stride, causal)
+    return flex_intervals.interval_block_mask(lo, hi, num_memory, num_keys, tokens_per_row=stride, heads=heads)
+
+
 def compressed_attention_flex(q: Tensor, ck_all: Tensor, cv_all: Tensor, cu_seqlens: Tensor, num_memory: int,
-                              stride: int, causal: bool, scale: float) -> Tensor:
+                              stride: int, causal: bool, scale: float, block_mask=None) -> Tensor:
     """q (1, HQ, T, D), ck_all / cv_all (1, HKV, M + C, D / Dv) memory first, cu_seqlens (N + 1,) on q's
-    device -> (1, HQ, T, Dv), in the row layout (module docstring)."""
+    device -> (1, HQ, T, Dv), in the row layout (module docstring). block_mask: compressed_block_mask's,
+    when the caller keeps it (it depends only on the documents and the shape)."""
     _, HQ, T, D = q.shape
     if T == 0:
         return q.new_empty(*q.shape[:-1], cv_all.shape[-1])
-    lo, hi = compressed_intervals(cu_seqlens, T, num_memory, stride, causal)
+    if block_mask is None:
+        block_mask = compressed_block_mask(cu_seqlens, T, num_memory, stride, causal, HQ, ck_all.shape[-2])
     rows = -(-T // stride)
     qt = q.transpose(1, 2)  # (1, T, HQ, D)
     if rows * stride != T:
         qt = F.pad(qt, (0, 0, 0, 0, 0, rows * stride - T))
     q_rows = qt.reshape(1, rows, stride * HQ, D).transpose(1, 2)  # (1, stride * HQ, R, D)
     keys, values = (t.repeat(1, stride, 1, 1) for t in (ck_all, cv_all))  # (1, stride * HKV, M + C, D)
-    block_mask = flex_intervals.interval_block_mask(lo, hi, num_memory, ck_all.shape[-2], tokens_per_row=stride,
-                                                    heads=HQ)
     out = flex_intervals.flex(q_rows, keys, values, block_mask, scale)  # (1, stride * HQ, R, Dv)
     out = out.transpose(1, 2).reshape(1, rows * stride, HQ, -1)[:, :T]
     return out.transpose(1, 2)

@@ -21,17 +21,25 @@ from torch import Tensor, nn
 from nsa_core.seqs import Seqs
 
 
-def _packed_windows(t: Tensor, block: int, stride: int, cu: Tensor) -> Tensor:
-    """t (1, hk, T, d), cu (N + 1,) -> (1, hk, T // stride, block, d)."""
-    slots = torch.arange(t.shape[-2] // stride, device=t.device)
+def _packed_window_tokens(total: int, block: int, stride: int, cu: Tensor) -> tuple[Tensor, Tensor]:
+    """The token of every window position (C, block), clamped into the row, and whether it is a real
+    token of the slot's document (C, block), for documents cu (N + 1,) packed into `total` tokens."""
+    slots = torch.arange(total // stride, device=cu.device)
     first_slot = cu[:-1] // stride  # (N,) never decreasing; a document owning slots is the last one starting there
     doc = (torch.searchsorted(first_slot, slots, right=True) - 1).clamp(min=0)
     j = slots - first_slot[doc]
     owned = j < (cu[doc + 1] - cu[doc]) // stride
-    tokens = cu[doc, None] + (j * stride - (block - stride))[:, None] + torch.arange(block, device=t.device)
-    real = owned[:, None] & (tokens >= cu[doc, None])  # (C, block)
-    windows = t[:, :, tokens.clamp(0, max(t.shape[-2] - 1, 0))]  # (1, hk, C, block, d)
-    return windows * real[..., None].to(t.dtype)
+    tokens = cu[doc, None] + (j * stride - (block - stride))[:, None] + torch.arange(block, device=cu.device)
+    real = owned[:, None] & (tokens >= cu[doc, None])
+    return tokens.clamp(0, max(total - 1, 0)), real
+
+
+def _packed_windows(t: Tensor, block: int, stride: int, seqs: Seqs) -> Tensor:
+    """t (1, hk, T, d) of packed documents -> (1, hk, T // stride, block, d)."""
+    shape = (t.shape[-2], block, stride)
+    tokens, real = seqs.layout(("compression_windows", *shape),
+                               lambda: _packed_window_tokens(*shape, seqs.cu_seqlens.long()))
+    return t[:, :, tokens] * real[..., None].to(t.dtype)  # (1, hk, C, block, d)
 
 
 def compression_windows(t: Tensor, block: int, stride: int, seqs: Seqs | None = None) -> Tensor:
@@ -39,7 +47,7 @@ def compression_windows(t: Tensor, block: int, stride: int, seqs: Seqs | None = 
     the windows of every document in its slots (module docstring)."""
     c = t.shape[-2] // stride
     if seqs is not None and seqs.is_packed:
-        return _packed_windows(t, block, stride, seqs.cu_seqlens.long())
+        return _packed_windows(t, block, stride, seqs)
     t = F.pad(t[:, :, : c * stride], (0, 0, block - stride, 0))
     return t.unfold(2, block, stride).transpose(-1, -2)
 

@@ -157,7 +157,8 @@ def _select_packed(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs, backe
     if S == 0:
         return None
     longest = T if seqs.max_seqlen is None else seqs.max_seqlen  # a descriptor made by hand may lack it
-    blocks = packed_blocks(seqs.cu_seqlens, T, longest, rule.stride, rule.selection_block_size)
+    shape = (T, longest, rule.stride, rule.selection_block_size)
+    blocks = seqs.layout(("packed_blocks", *shape), lambda: packed_blocks(seqs.cu_seqlens, *shape))
     heads = ck.shape[1] if rule.share_across_group else HQ
     chunk = query_chunk_size(T, max(1, ck.shape[-2]), heads, B, budget=1 << 27)
     needs_grad = rule.use_diff_topk and torch.is_grad_enabled() and (q.requires_grad or ck.requires_grad)

@@ -67,9 +67,12 @@ def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, 
 
     if use_kernels(backend, q.device, "compressed_attention", unsupported):
         if seqs.is_packed:
-            from nsa_core.kernels.compressed_flex import compressed_attention_flex
+            from nsa_core.kernels.compressed_flex import compressed_attention_flex, compressed_block_mask
 
-            return compressed_attention_flex(q, ck, cv, seqs.cu_seqlens, num_memory, stride, causal, scale)
+            shape = (q.shape[-2], num_memory, stride, causal, q.shape[1], ck.shape[-2])
+            mask = seqs.layout(("compressed_block_mask", *shape),
+                               lambda: compressed_block_mask(seqs.cu_seqlens, *shape))
+            return compressed_attention_flex(q, ck, cv, seqs.cu_seqlens, num_memory, stride, causal, scale, mask)
         from nsa_core.kernels.compressed_sdpa import compressed_attention_sdpa
 
         return compressed_attention_sdpa(q, ck, cv, num_memory, stride, causal, scale, seqs.q_offset)

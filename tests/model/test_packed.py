@@ -193,3 +193,27 @@ def test_packed_module_gpu_bf16():
     packed = module(x, cu_seqlens=cu).float()
     alone = torch.cat([module(x[:, s:e]) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()) if e > s], dim=1).float()
     assert rel_err(packed, alone) < 3e-2
+
+
+def test_layers_share_one_descriptor_and_its_layouts(monkeypatch):
+    """The layers of one packed forward read cu_seqlens on the host once and build each packed layout
+    once; the same tensor changed in place is read again."""
+    from nsa_core import seqs as seqs_module
+    from nsa_core.model import compression
+
+    reads, builds = [], []
+    validated, windows = seqs_module.Seqs._validated_packed, compression._packed_window_tokens
+    monkeypatch.setattr(seqs_module.Seqs, "_validated_packed",
+                        classmethod(lambda cls, *a: reads.append(1) or validated(*a)))
+    monkeypatch.setattr(compression, "_packed_window_tokens", lambda *a: builds.append(1) or windows(*a))
+    layers = [make(CONFIGS[1], causal=True) for _ in range(3)]
+    cu = cumulative(LENGTHS)
+    x = torch.randn(1, sum(LENGTHS), 24, dtype=torch.float64)
+    outs = [layer(x, cu_seqlens=cu) for layer in layers]
+    assert len(reads) == 1 and len(builds) == 1
+    for layer, out in zip(layers, outs):  # what each layer computes is unchanged
+        docs = [layer(x[:, s:e]) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()) if e > s]
+        assert rel_err(out, torch.cat(docs, dim=1)) < 1e-12
+    cu[1:] += 0  # an in-place change: the next call validates again
+    layers[0](x, cu_seqlens=cu)
+    assert len(reads) == 2
