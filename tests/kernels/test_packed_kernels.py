@@ -55,7 +55,7 @@ def test_window_kernel_packed(G, window, poisoned_outputs):
         assert close(a, b), name
 
 
-@pytest.mark.parametrize("fwd_scheme", ["by_query", "by_tile"])
+@pytest.mark.parametrize("fwd_scheme", ["by_query", "by_block", "by_tile"])
 @pytest.mark.parametrize("G, per_head, block, causal, gates", [
     (1, False, 16, True, False), (3, False, 8, True, True), (2, True, 16, False, False), (16, False, 4, True, False),
 ])

@@ -6,7 +6,7 @@ keys, query i at key position q_offset + i; both schemes take the offset, dK / d
 Packed documents (batch 1): `packed_block_table` turns document-relative block indices into virtual
 blocks (one per block of each document, at most T // block + N of them) and gives the kernels their
 key ranges, one launch for all; the forward runs by tile for small groups (TILE_FWD_PACKED_MAX_ROWS),
-else by query (the by-block forward does not take them).
+else by query (the by-block forward takes them too, when asked: FWD_SCHEME or scheme=).
 
 The by-tile forward (forward_by_tile.py) puts TOKENS consecutive queries x their head set into one
 tile of TILE_FWD_ROWS rows and walks the union of their blocks (tile_union.py); it pays when
@@ -118,7 +118,7 @@ def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward:
     and the by-block tiles (tiles: the kernels' key tiles, _tiles) shared memory (tiles.by_block_fits).
     The forward by tile: packed documents (packed) up to TILE_FWD_PACKED_MAX_ROWS rows, plain batches
     up to TILE_FWD_PLAIN_MAX_ROWS (not yet timed on a GPU: benchmarks.kernels.selected_tiles).
-    Packed documents never go by block (its kernels do not take them in the forward)."""
+    Packed documents go by block only when asked (FWD_SCHEME): not timed on packed rows yet."""
     B, HQ, T, D = q.shape
     rows, _ = _rows(HQ, k.shape[1], idx.shape[1])
     if not backward:
@@ -175,9 +175,12 @@ def _csr_index_dtype(idx: torch.Tensor) -> torch.dtype:
     return torch.int32 if idx.numel() < 2**31 else torch.int64
 
 
-def csr_size(idx: torch.Tensor, num_kv_heads: int, block_size: int, num_keys: int) -> tuple[tuple[int], tuple[int], torch.dtype]:
-    """Shapes and dtype of build_csr's (entries, offsets) for idx (B, HI, TQ, S) over num_keys keys."""
-    return (idx.numel(),), (idx.shape[0] * num_kv_heads * math.ceil(num_keys / block_size) + 1,), _csr_index_dtype(idx)
+def csr_size(idx: torch.Tensor, num_kv_heads: int, block_size: int, num_keys: int,
+             table: torch.Tensor | None = None) -> tuple[tuple[int], tuple[int], torch.dtype]:
+    """Shapes and dtype of build_csr's (entries, offsets) for idx (B, HI, TQ, S) over num_keys keys
+    (packed documents: over table's virtual blocks)."""
+    num_blocks, _ = _packed(table, num_keys, block_size)
+    return (idx.numel(),), (idx.shape[0] * num_kv_heads * num_blocks + 1,), _csr_index_dtype(idx)
 
 
 def selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size: int, causal: bool, scale: float, window: int = 0,
@@ -185,8 +188,8 @@ def selected_attention_fwd_with_csr(q, k, v, idx, gates, block_size: int, causal
     """selected_attention_fwd, plus the CSR index (entries, offsets) when the forward built one (by
     block) for the backward to reuse, else two empty tensors."""
     scheme = choose_scheme(q, k, idx, tiles=_tiles(q, v, block_size), packed=table is not None)
-    if table is None and scheme == "by_block":
-        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, None, q_offset=q_offset)
+    if scheme == "by_block":
+        return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, None, q_offset=q_offset, table=table)
     o, lse = selected_attention_fwd(q, k, v, idx, gates, block_size, causal, scale, window,
                                     scheme="by_tile" if scheme == "by_tile" else "by_query", table=table, q_offset=q_offset)
     no_csr = [torch.empty(0, device=q.device, dtype=torch.int32) for _ in range(2)]  # two tensors: outputs may not alias
@@ -205,14 +208,12 @@ def selected_attention_fwd(q, k, v, idx, gates, block_size: int, causal: bool, s
     block: num_warps, num_stages and block_m, the CSR entry rows per step; splits, the programs sharing
     a key block's entries; by tile: block_m, the tile's rows, and slots_per_step, its blocks per step)."""
     scheme = scheme or choose_scheme(q, k, idx, tiles=_tiles(q, v, block_size), packed=table is not None)
-    if table is not None and scheme == "by_block":
-        scheme = "by_query"
     if scheme == "by_tile":
         return _fwd_by_tile(q, k, v, idx, gates, block_size, causal, scale, window, table, q_offset, block_m,
                             slots_per_step, num_warps, num_stages)
     if scheme == "by_block":
         return _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits,
-                             block_m=block_m, num_stages=num_stages, q_offset=q_offset)[:2]
+                             block_m=block_m, num_stages=num_stages, q_offset=q_offset, table=table)[:2]
     B, HQ, TQ, _ = q.shape
     HKV, TK, HI, S = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1]
     rows, rows_p = _rows(HQ, HKV, HI)
@@ -275,13 +276,14 @@ def _fwd_by_tile(q, k, v, idx, gates, block_size, causal, scale, window, table, 
 
 
 def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_warps, splits=None, block_m=None,
-                  num_stages=None, q_offset=0):
-    """Entry rows per step, warps, stages: tiles.fwd_by_block (block_m, num_warps, num_stages override it)."""
+                  num_stages=None, q_offset=0, table=None):
+    """Entry rows per step, warps, stages: tiles.fwd_by_block (block_m, num_warps, num_stages override it).
+    table: packed documents (idx holds virtual blocks; a program per virtual block)."""
     B, HQ, TQ, _ = q.shape
     HKV, TK, HI, S, DV = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1], v.shape[-1]
     G = HQ // HKV
     rows, _ = _rows(HQ, HKV, HI)
-    num_blocks = math.ceil(TK / block_size)
+    num_blocks, packing = _packed(table, TK, block_size)
     entries, offsets = build_csr(idx, HKV, num_blocks, rows)
     o_part = outputs.new_output(B, HQ, TQ, S + 1, DV, device=q.device, dtype=q.dtype)
     m_part = outputs.new_output(B, HQ, TQ, S + 1, device=q.device, dtype=torch.float32)
@@ -292,11 +294,12 @@ def _fwd_by_block(q, k, v, idx, gates, block_size, causal, scale, window, num_wa
     splits = splits or BY_BLOCK_FWD_SPLITS or max(1, min(4, BY_BLOCK_FWD_PROGRAMS // (num_blocks * B * HKV)))
     selected_attention_fwd_by_block_kernel[(num_blocks * B * HKV, splits)](
         q, k, v, entries, offsets, gates if gates is not None else m_part, o_part, m_part, l_part,
+        offsets if table is None else table, packing["W"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         TQ, TK, q_offset, HI, HKV, num_blocks, scale, splits,
         S=S, G=G, ROWS=rows, ROWS_P=_pow2(rows), G_P=_pow2(G), BLOCK_M=block_m, CAUSAL=causal,
-        HAS_GATES=gates is not None, WINDOW=window, num_warps=num_warps or cfg["num_warps"],
+        HAS_GATES=gates is not None, WINDOW=window, PACKED=packing["PACKED"], num_warps=num_warps or cfg["num_warps"],
         num_stages=num_stages or cfg["num_stages"], **tiles,
     )
     o = outputs.new_output(B, HQ, TQ, DV, device=q.device, dtype=q.dtype)
