@@ -124,7 +124,8 @@ def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward:
     if not backward:
         if FWD_SCHEME is not None:
             return FWD_SCHEME
-        if rows <= (TILE_FWD_PACKED_MAX_ROWS if packed else TILE_FWD_PLAIN_MAX_ROWS):
+        if rows <= (TILE_FWD_PACKED_MAX_ROWS if packed else TILE_FWD_PLAIN_MAX_ROWS) and \
+                (tiles is None or tile_fits(tiles, rows)):
             return "by_tile"
         if packed:
             return "by_query"
@@ -244,6 +245,12 @@ def tile_shape(rows: int, block_n: int, block_r: int | None = None, blocks_per_s
     return dict(BLOCK_R=block_r, TOKENS=block_r // rows, UNION_PER_STEP=_pow2(per_step))
 
 
+def tile_fits(tiles: dict, rows: int) -> bool:
+    """Whether the by-tile forward's tiles for this head set fit shared memory (tiles.by_tile_fits)."""
+    shape = tile_shape(rows, tiles["BLOCK_N"])
+    return tile_rules.by_tile_fits(tiles, shape["BLOCK_R"], shape["UNION_PER_STEP"])
+
+
 def _fwd_by_tile(q, k, v, idx, gates, block_size, causal, scale, window, table, q_offset, block_r=None,
                  blocks_per_step=None, num_warps=None, num_stages=None):
     """The by-tile forward: the tiles' unions (tile_union.py, device ops), then one program per tile."""
@@ -260,7 +267,7 @@ def _fwd_by_tile(q, k, v, idx, gates, block_size, causal, scale, window, table, 
     S1 = sel.shape[-1]
     o = outputs.new_output(B, HQ, TQ, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = outputs.new_output(B, HQ, TQ, device=q.device, dtype=torch.float32)
-    cfg = tile_rules.by_query(tiles)
+    cfg = tile_rules.by_tile(tiles, shape["BLOCK_R"], shape["UNION_PER_STEP"])
     _, packing = _packed(table, TK, block_size)
     selected_attention_fwd_by_tile_kernel[(NT * B * HI,)](
         q, k, v, sel, gates if gates is not None else sel, union, count, o, lse, sel if table is None else table,
