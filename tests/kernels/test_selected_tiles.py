@@ -1,6 +1,6 @@
 """The by-tile selected-attention forward (forward_by_tile.py: several queries' heads in one tile,
-walking the union of their blocks) against the reference, forward and backward through autograd
-(the backward runs off its o and lse): odd lengths, groups of 3, 4 and 16 heads, per-head and shared
+walking the union of their blocks) and dQ kernel (backward_by_tile.py) against the reference,
+forward and backward through autograd (the backward runs off the forward's o and lse): odd lengths, groups of 3, 4 and 16 heads, per-head and shared
 selections, gates, query offsets, packed documents with empty and short ones, overlapping selections,
 NaN-poisoned outputs; the tiles' unions (tile_union.py) and the scheme rule. Interpreter on CPU
 (float32, small shapes), bf16 / fp16 on the GPU."""
@@ -30,6 +30,24 @@ def by_tile(monkeypatch):
     return calls
 
 
+@pytest.fixture(params=["bwd_default", "dq_by_tile"])
+def backward(request, monkeypatch):
+    """The backward by its own rule, or by query with the dQ kernel by tile (backward_by_tile.py)."""
+    from nsa_core.kernels.selected_attention import launch
+
+    if request.param == "dq_by_tile":
+        rule = launch.choose_scheme
+        calls = []
+        dq_kernel = launch._launch_dq_by_tile
+        monkeypatch.setattr(launch, "choose_scheme", lambda *a, backward=False, **k: "by_query" if backward else rule(*a, **k))
+        monkeypatch.setattr(launch, "DQ_SCHEME", "by_tile")
+        monkeypatch.setattr(launch, "_launch_dq_by_tile", lambda *a, **k: calls.append(1) or dq_kernel(*a, **k))
+        yield calls
+        assert calls, "the dQ kernel by tile did not run"
+    else:
+        yield None
+
+
 def test_tile_union_is_each_tiles_distinct_blocks():
     from nsa_core.kernels.selected_attention.tile_union import SENTINEL, own_blocks, tile_slots, tile_union
 
@@ -53,7 +71,7 @@ def test_tile_union_is_each_tiles_distinct_blocks():
     (3, 2, False, True, True), (4, 2, False, False, False), (16, 1, False, True, True), (3, 1, True, True, True),
     (1, 2, False, True, False),
 ])
-def test_by_tile_matches_reference(by_tile, G, HKV, per_head, causal, gates, poisoned_outputs):
+def test_by_tile_matches_reference(by_tile, backward, G, HKV, per_head, causal, gates, poisoned_outputs):
     problem = random_problem(G=G, HKV=HKV, T=37, causal=causal, per_head=per_head, with_gates=gates, seed=G + 7,
                              device=DEVICE)
     check_against_reference(problem, torch.float32, factor=4)
@@ -89,7 +107,7 @@ def test_by_tile_overlapping_selections(by_tile, poisoned_outputs):
     dict(T=37, q_offset=33, q_len=4, G=16, HKV=1, window=6, block=8, S=2),
     dict(T=37, q_offset=36, q_len=1, G=3, S=2),
 ], ids=["shard", "keys_after", "group16_window", "decode_step"])
-def test_by_tile_query_offset(by_tile, case, poisoned_outputs):
+def test_by_tile_query_offset(by_tile, backward, case, poisoned_outputs):
     problem = offset_problem(seed=len(case), device=DEVICE, **case)
     check_against_reference(problem, torch.float32, factor=4)
 
@@ -97,7 +115,7 @@ def test_by_tile_query_offset(by_tile, case, poisoned_outputs):
 @pytest.mark.parametrize("G, per_head, block, causal, gates", [
     (4, False, 8, True, True), (3, True, 16, False, False), (16, False, 4, True, True),
 ])
-def test_by_tile_packed_documents(by_tile, G, per_head, block, causal, gates, poisoned_outputs):
+def test_by_tile_packed_documents(by_tile, backward, G, per_head, block, causal, gates, poisoned_outputs):
     """Packed documents, empty and one-token ones included: a tile's queries span several documents."""
     seqs = packed_seqs([9, 1, 0, 27, 3, 17, 0], device=DEVICE)
     HKV = 1 if G == 16 else 2
@@ -135,6 +153,17 @@ def test_scheme_rule_sends_packed_small_groups_by_tile(monkeypatch):
     assert [scheme(G, False) for G in (1, 16)] == ["by_tile", "by_tile"]
     monkeypatch.setattr(launch, "FWD_SCHEME", "by_query")
     assert scheme(4, True) == "by_query"
+    from nsa_core.kernels.selected_attention import tiles
+
+    wide = tiles.key_tiles(256, 256, 128, torch.float32)  # a 256 KiB key tile: by query
+    monkeypatch.setattr(launch, "FWD_SCHEME", None)
+    assert not launch.tile_fits(wide, 4)
+    q, k = torch.empty(1, 8, 64, 256, device="meta"), torch.empty(1, 2, 64, 256, device="meta")
+    assert launch.choose_scheme(q, k, torch.empty(1, 2, 64, 4, device="meta"), tiles=wide, packed=True) == "by_query"
+    assert launch.dq_scheme(16, tiles.key_tiles(128, 128, 64, torch.bfloat16)) == "by_query"  # TILE_DQ_MAX_ROWS = 0
+    monkeypatch.setattr(launch, "TILE_DQ_MAX_ROWS", 16)
+    assert launch.dq_scheme(16, tiles.key_tiles(128, 128, 64, torch.bfloat16)) == "by_tile"
+    assert launch.dq_scheme(4, wide) == "by_query"
 
 
 @pytest.mark.gpu

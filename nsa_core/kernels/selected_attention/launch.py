@@ -43,6 +43,7 @@ from nsa_core.kernels.selected_attention.backward import (
     selected_attention_bwd_dq_kernel,
     sum_dq_partials_kernel,
 )
+from nsa_core.kernels.selected_attention.backward_by_tile import selected_attention_bwd_dq_by_tile_kernel
 from nsa_core.kernels.selected_attention.forward import selected_attention_fwd_kernel
 from nsa_core.kernels.selected_attention.forward_by_tile import selected_attention_fwd_by_tile_kernel
 from nsa_core.kernels.selected_attention.forward_by_block import (
@@ -72,6 +73,10 @@ TILE_FWD_KEYS = 64
 TILE_FWD_PACKED_MAX_ROWS = 8
 TILE_FWD_PLAIN_MAX_ROWS = 0
 FWD_SCHEME: str | None = None  # "by_query", "by_block" or "by_tile": forces the forward's scheme (tests)
+# the backward's dQ kernel by tile (backward_by_tile.py) where the backward runs by query, up to this many
+# query rows per selection (0: never; not timed yet); DQ_SCHEME ("by_query" / "by_tile") forces it (tests)
+TILE_DQ_MAX_ROWS = 0
+DQ_SCHEME: str | None = None
 # tokens per program of the backward's dq-partials merge (measured on an H100 at 64k, G=1: 32 tokens
 # 0.84 ms vs 16 tokens 1.17). The forward's merge keeps a program per query row: a 32-token tile
 # measured slower there (G=1 0.60 vs 0.43 ms, G=4 2.3 ms).
@@ -245,10 +250,27 @@ def tile_shape(rows: int, block_n: int, block_r: int | None = None, blocks_per_s
     return dict(BLOCK_R=block_r, TOKENS=block_r // rows, UNION_PER_STEP=_pow2(per_step))
 
 
-def tile_fits(tiles: dict, rows: int) -> bool:
-    """Whether the by-tile forward's tiles for this head set fit shared memory (tiles.by_tile_fits)."""
+def tile_fits(tiles: dict, rows: int, dq: bool = False) -> bool:
+    """Whether the by-tile forward's (dq: dQ kernel's, rows of q and dO) tiles for this head set fit
+    shared memory (tiles.by_tile_fits)."""
     shape = tile_shape(rows, tiles["BLOCK_N"])
-    return tile_rules.by_tile_fits(tiles, shape["BLOCK_R"], shape["UNION_PER_STEP"])
+    return tile_rules.by_tile_fits(tiles, shape["BLOCK_R"] * (2 if dq else 1), shape["UNION_PER_STEP"])
+
+
+def dq_scheme(rows: int, tiles: dict) -> str:
+    """The by-query backward's dQ kernel: "by_tile" up to TILE_DQ_MAX_ROWS rows where its tiles fit,
+    else "by_query"; DQ_SCHEME forces it."""
+    if DQ_SCHEME is not None:
+        return DQ_SCHEME
+    return "by_tile" if rows <= TILE_DQ_MAX_ROWS and tile_fits(tiles, rows, dq=True) else "by_query"
+
+
+def _tile_selection(idx, block_size, causal, table, q_offset, tokens):
+    """The tiles' slots (B, HI, NT * TOKENS, S1), unions and counts (tile_union.py)."""
+    own = tile_union.own_blocks(idx.shape[2], block_size, q_offset, table, idx.device) if causal else None
+    sel = tile_union.tile_slots(idx, own, tokens)
+    union, count = tile_union.tile_union(sel, tokens)
+    return sel, union, count
 
 
 def _fwd_by_tile(q, k, v, idx, gates, block_size, causal, scale, window, table, q_offset, block_r=None,
@@ -260,9 +282,7 @@ def _fwd_by_tile(q, k, v, idx, gates, block_size, causal, scale, window, table, 
     tiles = _tiles(q, v, block_size)
     shape = tile_shape(rows, tiles["BLOCK_N"], block_r, blocks_per_step)
     tokens = shape["TOKENS"]
-    own = tile_union.own_blocks(TQ, block_size, q_offset, table, q.device) if causal else None
-    sel = tile_union.tile_slots(idx, own, tokens)  # (B, HI, NT * TOKENS, S1)
-    union, count = tile_union.tile_union(sel, tokens)
+    sel, union, count = _tile_selection(idx, block_size, causal, table, q_offset, tokens)
     NT = sel.shape[2] // tokens
     S1 = sel.shape[-1]
     o = outputs.new_output(B, HQ, TQ, v.shape[-1], device=q.device, dtype=q.dtype)
@@ -343,12 +363,13 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
                            csr: tuple[torch.Tensor, torch.Tensor] | None = None, slots_per_step: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None, dkdv_block_m: int | None = None,
                            dkdv_warps: int | None = None, scheme: str | None = None, dq_atomic: bool | None = None,
-                           table: torch.Tensor | None = None, q_offset: int = 0):
+                           table: torch.Tensor | None = None, q_offset: int = 0, dq_by: str | None = None):
     """Gradients (dq, dk, dv, dgates or None) of selected_attention_fwd. By query: a dQ kernel
     walks each query's blocks and a dK/dV kernel each block's queries. By block: the dK/dV
     kernel also computes each (query row, block)'s dq and the gate gradients, and adds the dq
     atomically into a float32 accumulator (dq_atomic, the default unless deterministic()) or
     writes it as a partial that a second pass sums. csr: the forward's (entries, offsets), if any.
+    By query, dQ runs by tile (backward_by_tile.py) where dq_scheme says so (dq_by forces it).
 
     Tiles, warps and stages: tiles.by_query (dQ) and tiles.dkdv; num_warps (dQ, and dK/dV by query),
     num_stages (both), dkdv_block_m and dkdv_warps override them."""
@@ -375,8 +396,12 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
     else:
         dq_part = delta
         dq = outputs.new_output(*q.shape, device=q.device, dtype=q.dtype)
-        _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps,
-                   num_stages or dq_cfg["num_stages"], rows, rows_p, tiles, table, q_offset)
+        if (dq_by or dq_scheme(rows, tiles)) == "by_tile":
+            dgates = _launch_dq_by_tile(do, q, k, v, lse, delta, idx, gates, dq, causal, scale, window, rows, tiles,
+                                        table, q_offset)
+        else:
+            _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps,
+                       num_stages or dq_cfg["num_stages"], rows, rows_p, tiles, table, q_offset)
     num_blocks, packing = _packed(table, TK, block_size)
     entries, offsets = csr if csr is not None and csr[0].numel() == idx.numel() else build_csr(idx, HKV, num_blocks, rows)
     dk = outputs.new_output(B, HKV, TK, D, device=q.device, dtype=k.dtype)
@@ -404,6 +429,33 @@ def selected_attention_bwd(do, q, k, v, o, lse, idx, gates, block_size: int, cau
             S=S, D=D, BLOCK_D=tiles["BLOCK_D"], BLOCK_T=SUM_DQ_TOKENS, CAUSAL=causal, num_warps=4,
         )
     return dq, dk, dv, dgates
+
+
+def _launch_dq_by_tile(do, q, k, v, lse, delta, idx, gates, dq, causal, scale, window, rows, tiles, table=None,
+                       q_offset=0):
+    """dQ by tile into dq; returns the gate gradients (B, HI, TQ, S) float32 (the heads' row partials
+    summed) or None."""
+    B, HQ, TQ, _ = q.shape
+    HKV, TK, HI, S = k.shape[1], k.shape[2], idx.shape[1], idx.shape[-1]
+    shape = tile_shape(rows, tiles["BLOCK_N"])
+    sel, union, count = _tile_selection(idx, tiles["BLOCK"], causal, table, q_offset, shape["TOKENS"])
+    NT = sel.shape[2] // shape["TOKENS"]
+    dgate_rows = None
+    if gates is not None:
+        dgate_rows = outputs.new_output(B, HI, rows, TQ, S, device=q.device, dtype=torch.float32)
+    cfg = tile_rules.by_tile(tiles, shape["BLOCK_R"], shape["UNION_PER_STEP"])
+    _, packing = _packed(table, TK, tiles["BLOCK"])
+    selected_attention_bwd_dq_by_tile_kernel[(NT * B * HI,)](
+        q, k, v, do, lse, delta, sel, gates if gates is not None else sel, union, count, dq,
+        dgate_rows if dgate_rows is not None else lse, sel if table is None else table, packing["W"],
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        TQ, TK, q_offset, HI, NT, scale,
+        S=S, S1=sel.shape[-1], S1_P=_pow2(sel.shape[-1]), G=HQ // HKV, ROWS=rows, **shape,
+        CAUSAL=causal, HAS_GATES=gates is not None, WINDOW=window, PACKED=packing["PACKED"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **tiles,
+    )
+    return dgate_rows.sum(dim=2) if dgate_rows is not None else None
 
 
 def _launch_dq(do, q, k, v, lse, delta, idx, gates, dq, dgates, causal, scale, window, slots_per_step, warps, num_stages,
