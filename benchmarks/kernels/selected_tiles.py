@@ -7,7 +7,7 @@ every timed case. Then medians (triton.testing.do_bench) of the forward and of f
   - the byte LM (8 query / 2 kv heads of 64: G = 4, 16 selected blocks of 64) on one packed row of
     65,536 tokens holding ~30 documents: schemes by query, by tile, by block (packed: new);
   - the paper shape (64 query / 4 kv heads of 128: G = 16, 16 blocks of 64) on plain rows of 8k, 16k
-    and 64k: by query, by tile;
+    and 64k: by query, by tile, by tile with the by-query backward's dQ kernel by tile ("by_tile+dq");
 each with random selections (S distinct blocks before the query's own block, in its document) and
 overlapping ones (each tile of 16 neighbouring queries draws its blocks from a pool of 20: what a
 trained model's selections look like, benchmarks/RESULTS.md "Selection overlap").
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,13 +60,14 @@ def document_lengths(total: int, count: int, seed: int) -> list[int]:
 def cases(smoke: bool) -> list[Case]:
     if smoke:  # the interpreter runs a program at a time: a few dozen tokens
         return [Case("lm-packed", 48, 4, 1, 16, 16, 2, (15, 1, 0, 22, 10), "random", ("by_query", "by_tile")),
-                Case("paper", 32, 16, 1, 16, 8, 2, None, "overlap", ("by_query", "by_tile"))]
+                Case("paper", 32, 16, 1, 16, 8, 2, None, "overlap", ("by_query", "by_tile+dq"))]
     out = []
     for selection in ("random", "overlap"):
         out.append(Case("lm-packed-64k", 65536, 8, 2, 64, 64, 16, tuple(document_lengths(65536, 30, seed=0)),
                         selection, ("by_query", "by_tile", "by_block")))
         for T in (8192, 16384, 65536):
-            out.append(Case(f"paper-{T // 1024}k", T, 64, 4, 128, 64, 16, None, selection, ("by_query", "by_tile")))
+            out.append(Case(f"paper-{T // 1024}k", T, 64, 4, 128, 64, 16, None, selection,
+                            ("by_query", "by_tile", "by_tile+dq")))
     return out
 
 
@@ -125,21 +127,29 @@ def make_inputs(case: Case, device, dtype, seed: int = 0):
     return q, k, v, g
 
 
-def call(case: Case, scheme: str, q, k, v, indices, valid, seqs):
-    from nsa_core import selected_attention
+@contextmanager
+def forced(scheme: str):
+    """The forward's scheme ("by_tile+dq": and the by-query backward's dQ kernel by tile) for the block."""
     from nsa_core.kernels.selected_attention import launch
 
-    before, launch.FWD_SCHEME = launch.FWD_SCHEME, scheme
+    before = launch.FWD_SCHEME, launch.DQ_SCHEME
+    launch.FWD_SCHEME, launch.DQ_SCHEME = scheme.removesuffix("+dq"), "by_tile" if scheme.endswith("+dq") else None
     try:
-        return selected_attention(q, k, v, indices, block_size=case.block, valid=valid, causal=True, seqs=seqs,
-                                  backend="triton")
+        yield
     finally:
-        launch.FWD_SCHEME = before
+        launch.FWD_SCHEME, launch.DQ_SCHEME = before
 
 
-def outputs_and_grads(case, scheme, q, k, v, g, indices, valid, seqs):
+def call(case: Case, q, k, v, indices, valid, seqs):
+    from nsa_core import selected_attention
+
+    return selected_attention(q, k, v, indices, block_size=case.block, valid=valid, causal=True, seqs=seqs,
+                              backend="triton")
+
+
+def outputs_and_grads(case, q, k, v, g, indices, valid, seqs):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = call(case, scheme, *leaves, indices, valid, seqs)
+    out = call(case, *leaves, indices, valid, seqs)
     out.backward(g)
     return [out.detach()] + [t.grad for t in leaves]
 
@@ -153,28 +163,30 @@ def run_case(case: Case, device, dtype, warmup_ms: int, rep_ms: int) -> list[dic
     indices, valid = selections(case, device)
     q, k, v, g = make_inputs(case, device, dtype)
     fwd_flops = 4 * case.D * (case.HQ // case.HKV) * case.HKV * attended_keys(case, valid)
-    ref = outputs_and_grads(case, "by_query", q, k, v, g, indices, valid, seqs)
+    with forced("by_query"):
+        ref = outputs_and_grads(case, q, k, v, g, indices, valid, seqs)
     union_blocks = tile_union_size(case, indices, valid)
     rows = []
     for scheme in case.schemes:
-        got = outputs_and_grads(case, scheme, q, k, v, g, indices, valid, seqs)
-        errors = {name: (a.double() - b.double()).abs().max().item()
-                  for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
-        del got
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
         def fwd():
             with torch.no_grad():
-                call(case, scheme, q, k, v, indices, valid, seqs)
+                call(case, q, k, v, indices, valid, seqs)
 
         def fwd_bwd():
-            out = call(case, scheme, *leaves, indices, valid, seqs)
+            out = call(case, *leaves, indices, valid, seqs)
             out.backward(g)
             for t in leaves:
                 t.grad = None
 
         kw = dict(warmup_ms=warmup_ms, rep_ms=rep_ms, cpu_warmup=0, cpu_reps=1)
-        fwd_ms, fwd_bwd_ms = median_ms(fwd, device, **kw), median_ms(fwd_bwd, device, **kw)
+        with forced(scheme):
+            got = outputs_and_grads(case, q, k, v, g, indices, valid, seqs)
+            errors = {name: (a.double() - b.double()).abs().max().item()
+                      for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
+            del got
+            fwd_ms, fwd_bwd_ms = median_ms(fwd, device, **kw), median_ms(fwd_bwd, device, **kw)
         rows.append(dict(case=asdict(case), scheme=scheme, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms,
                          fwd_tflops=fwd_flops / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * fwd_flops / fwd_bwd_ms / 1e9,
                          max_err_vs_by_query=errors, union_blocks_per_tile=union_blocks))

@@ -13,7 +13,7 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     out = tmp_path / "tiles.json"
     results = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
-    assert {(r["case"]["name"], r["scheme"]) for r in results["rows"]} >= {("lm-packed", "by_tile"), ("paper", "by_tile")}
+    assert {(r["case"]["name"], r["scheme"]) for r in results["rows"]} >= {("lm-packed", "by_tile"), ("paper", "by_tile+dq")}
     for row in results["rows"]:
         assert max(row["max_err_vs_by_query"].values()) < 1e-4, row["scheme"]
         assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["union_blocks_per_tile"] >= 1
