@@ -169,7 +169,7 @@ def test_scheme_rule_sends_packed_small_groups_by_tile(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("G", [3, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_by_tile_gpu_real_sizes(by_tile, G, dtype):
+def test_by_tile_gpu_real_sizes(by_tile, backward, G, dtype):
     problem = random_problem(G=G, HKV=2, T=2048 + 77, D=128, Dv=128, S=16, block=64, with_gates=True, seed=G,
                              device="cuda")
     check_against_reference(problem, dtype, factor=5 if dtype == torch.float32 else 3)
