@@ -47,6 +47,32 @@ def offset_problem(*, q_offset, q_len, T, window=None, **kwargs):
     return problem
 
 
+def packed_seqs(lengths, device="cpu") -> Seqs:
+    """Packed documents of these lengths (empty ones allowed), batch 1."""
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    return Seqs.packed(cu, sum(lengths), device=device)
+
+
+def packed_selection(seqs, HI, S, block, causal, seed, with_gates=False, device="cpu"):
+    """Document-relative indices / valid / gates (1, HI, T, S): distinct blocks of each query's document
+    (causal: before its own block), some slots invalid."""
+    gen = torch.Generator().manual_seed(seed)
+    T = seqs.q_len
+    pos = seqs.query_positions("cpu")
+    doc_len = torch.zeros(T, dtype=torch.long)
+    for s, e in seqs.spans():
+        doc_len[s:e] = e - s
+    nb = max(1, -(-int(doc_len.max()) // block))
+    scores = torch.rand(1, HI, T, nb, generator=gen)
+    limit = (pos // block) if causal else -(-doc_len // block)
+    scores = scores.masked_fill(torch.arange(nb)[None, :] >= limit[:, None], -1.0)
+    top = scores.topk(min(S, nb), dim=-1)
+    valid = (top.values >= 0) & (torch.rand(top.indices.shape, generator=gen) > 0.15)
+    gates = (torch.rand(top.indices.shape, generator=gen) + 0.5) if with_gates else None
+    move = lambda t: None if t is None else t.to(device)
+    return move(top.indices), move(valid), move(gates)
+
+
 def run(problem, backend, dtype=None, grad_seed=1):
     """Output and gradients (q, k, v, gates) of selected_attention on copies of the problem."""
     tensors = {}

@@ -6,7 +6,8 @@ stages the launchers choose. Used by smem_sweep.py and compile_time.py.
 Every selected-attention scheme the launchers can pick for the shape is launched: by query always
 (partials over budget force it), by block where the group and the tiles allow it (launch.choose_scheme
 with a group under launch.BY_BLOCK_MAX_ROWS_*), on the block and slots the op gives the launchers
-(autograd.selected_attention_triton: tiles.kernel_block, split_blocks).
+(autograd.selected_attention_triton: tiles.kernel_block, split_blocks); the forward by tile where
+its tiles fit (launch.tile_fits), whatever the rule's thresholds.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def _selected(cfg: Config) -> list[tuple[str, Launch]]:
     key_tiles = tiles.key_tiles(cfg.D, cfg.DV, block, dt)
     if rows <= launch.BY_BLOCK_MAX_ROWS_FWD and tiles.by_block_fits(key_tiles, backward=False):
         calls["fwd by block"] = lambda: launch.selected_attention_fwd(q, k, v, *args, scheme="by_block")
+    if launch.tile_fits(key_tiles, rows):
+        calls["fwd by tile"] = lambda: launch.selected_attention_fwd(q, k, v, *args, scheme="by_tile")
     fits = tiles.by_block_fits(key_tiles, backward=True)
     if rows <= launch.BY_BLOCK_MAX_ROWS_BWD and fits:
         calls["bwd by block (atomic dq)"] = lambda: launch.selected_attention_bwd(

@@ -78,7 +78,8 @@ def selected_attention(
             causal limit, its window and its own block; the kernels take the offset (both schemes).
             Packed documents (`seqs.cu_seqlens`, batch 1): block indices count from the query's
             document start, blocks are cut at its end, and no key of another document is seen.
-            The kernels take them in one launch, by query (launch.packed_block_table).
+            The kernels take them in one launch (launch.packed_block_table; the forward by tile for
+            small groups, else by query).
 
     A query with no key at all gets a zero output. Returns (B, HQ, T, Dv).
 

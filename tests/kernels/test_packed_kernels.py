@@ -5,6 +5,8 @@ NaN-poisoned outputs), bf16 on the GPU."""
 import pytest
 import torch
 
+import kernel_cases
+from kernel_cases import packed_seqs
 from nsa_core.ops import Seqs, selected_attention, sliding_window_attention
 from nsa_core.ops.dispatch import kernel_unavailable_reason
 
@@ -17,8 +19,11 @@ SHORT_LENGTHS = [9, 1, 0, 27, 3, 17, 0]  # the selected-attention kernels run a 
 
 
 def packed(lengths, device=DEVICE) -> Seqs:
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
-    return Seqs.packed(cu, sum(lengths), device=device)
+    return packed_seqs(lengths, device)
+
+
+def packed_selection(seqs, HI, S, block, causal, seed, with_gates=False):
+    return kernel_cases.packed_selection(seqs, HI, S, block, causal, seed, with_gates, device=DEVICE)
 
 
 def qkv(HQ, HKV, T, D, Dv, seed, device=DEVICE, dtype=torch.float32):
@@ -50,30 +55,14 @@ def test_window_kernel_packed(G, window, poisoned_outputs):
         assert close(a, b), name
 
 
-def packed_selection(seqs, HI, S, block, causal, seed, with_gates=False):
-    """Document-relative indices / valid / gates (1, HI, T, S): distinct blocks of each query's document
-    (causal: before its own block), some slots invalid."""
-    gen = torch.Generator().manual_seed(seed)
-    T = seqs.q_len
-    pos = seqs.query_positions("cpu")
-    doc_len = torch.zeros(T, dtype=torch.long)
-    for s, e in seqs.spans():
-        doc_len[s:e] = e - s
-    nb = max(1, -(-int(doc_len.max()) // block))
-    scores = torch.rand(1, HI, T, nb, generator=gen)
-    limit = (pos // block) if causal else -(-doc_len // block)
-    scores = scores.masked_fill(torch.arange(nb)[None, :] >= limit[:, None], -1.0)
-    top = scores.topk(min(S, nb), dim=-1)
-    valid = (top.values >= 0) & (torch.rand(top.indices.shape, generator=gen) > 0.15)
-    gates = (torch.rand(top.indices.shape, generator=gen) + 0.5) if with_gates else None
-    move = lambda t: None if t is None else t.to(DEVICE)
-    return move(top.indices), move(valid), move(gates)
-
-
+@pytest.mark.parametrize("fwd_scheme", ["by_query", "by_block", "by_tile"])
 @pytest.mark.parametrize("G, per_head, block, causal, gates", [
     (1, False, 16, True, False), (3, False, 8, True, True), (2, True, 16, False, False), (16, False, 4, True, False),
 ])
-def test_selected_kernel_packed(G, per_head, block, causal, gates, poisoned_outputs):
+def test_selected_kernel_packed(G, per_head, block, causal, gates, fwd_scheme, monkeypatch, poisoned_outputs):
+    from nsa_core.kernels.selected_attention import launch
+
+    monkeypatch.setattr(launch, "FWD_SCHEME", fwd_scheme)
     seqs = packed(SHORT_LENGTHS)
     HKV = 1 if G == 16 else 2
     q, k, v = qkv(G * HKV, HKV, seqs.q_len, 16, 16, seed=block + G)

@@ -16,10 +16,11 @@ pytestmark = pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) 
                                 reason="kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
 
 
-@pytest.fixture(params=["by_query", "by_block", "by_block_atomic"])
+@pytest.fixture(params=["by_query", "by_block", "by_block_atomic", "by_tile"])
 def scheme(request, monkeypatch):
     """Run the test under each kernel scheme: by query; by block, with the backward's dq summed
-    from partials (deterministic) or added atomically (by_block_atomic)."""
+    from partials (deterministic) or added atomically (by_block_atomic); the forward by tile (the
+    backward then by query)."""
     from nsa_core.kernels.selected_attention import launch
 
     name = request.param.removesuffix("_atomic")

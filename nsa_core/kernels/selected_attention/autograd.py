@@ -24,8 +24,8 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, gates: Tensor | None, blo
 def _fwd_fake(q, k, v, idx, gates, block_size, causal, scale, window, table=None, q_offset=0):
     B, HQ, T, _ = q.shape
     key_tiles = tiles.key_tiles(q.shape[-1], v.shape[-1], block_size, q.dtype)
-    if table is None and launch.choose_scheme(q, k, idx, tiles=key_tiles) == "by_block":  # looked up at call time: tests replace it
-        entries_shape, offsets_shape, index_dtype = launch.csr_size(idx, k.shape[1], block_size, k.shape[2])
+    if launch.choose_scheme(q, k, idx, tiles=key_tiles, packed=table is not None) == "by_block":  # looked up at call time: tests replace it
+        entries_shape, offsets_shape, index_dtype = launch.csr_size(idx, k.shape[1], block_size, k.shape[2], table)
         entries, offsets = idx.new_empty(entries_shape, dtype=index_dtype), idx.new_empty(offsets_shape, dtype=index_dtype)
     else:
         entries, offsets = idx.new_empty(0, dtype=torch.int32), idx.new_empty(0, dtype=torch.int32)

@@ -8,6 +8,8 @@ it writes a partial result (no two programs write the same entry, so the entries
 chosen by many queries can be dealt to several programs): the softmax-normalised output over this block's keys, the row max
 and the row sum. launch.py merges the S + 1 partials of each query.
 TQ queries over TK keys, query i at key position Q_OFF + i (forward.py's docstring).
+Packed documents (PACKED, Q_OFF = 0): blocks are virtual blocks (launch.packed_block_table), whose
+keys and own queries `table` gives (by_block.py), as in the dK/dV kernel.
 
 Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ tiles (shape in the comment).
 """
@@ -56,7 +58,7 @@ def _store_partials(o_part, m_part, l_part, b_o, b_m, b_l, p_part, m_row, BLOCK_
 
 @triton.jit
 def selected_attention_fwd_by_block_kernel(
-    q, k, v, entries, offsets, gates, o_part, m_part, l_part,
+    q, k, v, entries, offsets, gates, o_part, m_part, l_part, table, W,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -64,7 +66,7 @@ def selected_attention_fwd_by_block_kernel(
     S: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, G_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATES: tl.constexpr,
-    WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
     i_blk, i_bk = split_pid(NB)  # over key blocks, then (batch, kv head)
     i_split = tl.program_id(1)  # the block's entries are dealt to NUM_SPLITS programs, step by step
@@ -75,7 +77,7 @@ def selected_attention_fwd_by_block_kernel(
     p_k = k + i_b * stride_kb + i_hk * stride_kh
     p_v = v + i_b * stride_vb + i_hk * stride_vh
     o_key, m_key, b_k, b_v = load_key_block(p_k, p_v, stride_kt, stride_vt, i_blk, TK, BLOCK, BLOCK_N, BLOCK_D, BLOCK_DV, D,
-                                            DV, offsets, 0, False)
+                                            DV, table, W, PACKED)
 
     # 1. the (query, head set, slot) entries that selected this block
     start, end = segment_bounds(offsets, i_bk * NB + i_blk)
@@ -91,9 +93,10 @@ def selected_attention_fwd_by_block_kernel(
 
     # 2. the queries of the block itself, all G query heads of this kv head: slot S
     if CAUSAL and i_split == 0:
-        lo, hi = own_block_steps(i_blk, TQ, Q_OFF, BLOCK, False)
+        lo, hi = own_block_steps(i_blk, TQ, Q_OFF, BLOCK, PACKED)
         for step in range(lo, hi, BLOCK_M // G_P):
-            o_t, o_pos, m_row, o_hq = own_block_rows(i_blk, step, i_hk, TQ, TK, Q_OFF, G, BLOCK, G_P, BLOCK_M, offsets, 0, False)
+            o_t, o_pos, m_row, o_hq = own_block_rows(i_blk, step, i_hk, TQ, TK, Q_OFF, G, BLOCK, G_P, BLOCK_M, table, W,
+                                                     PACKED)
             b_gate = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
             b_o, b_mx, b_l = _partial_rows(b_k, b_v, o_key, m_key, q, i_b * stride_qb + o_hq * stride_qh + o_t * stride_qt,
                                            o_pos, b_gate, m_row, scale, BLOCK_D, D, CAUSAL, WINDOW, PRECISION)

@@ -100,6 +100,21 @@ def by_block_fits(tiles: dict, backward: bool) -> bool:
     return _key_tile(tiles) + 128 * tiles["BLOCK_D"] * element <= MAX_BY_BLOCK_FWD_TILES
 
 
+def by_tile(tiles: dict, block_r: int, blocks_per_step: int) -> dict:
+    """Warps and stages of the by-tile forward (block_r query rows, blocks_per_step blocks per key
+    tile): the by-query forward's warps (8 for float32 / wide heads), 2 stages while the key tile
+    takes at most 64 KiB, else 1 (the by-block forward's rule). Not yet measured on a GPU."""
+    stages = 2 if blocks_per_step * _key_tile(tiles) <= 64 * KiB else 1
+    return dict(num_warps=by_query(tiles)["num_warps"], num_stages=stages)
+
+
+def by_tile_fits(tiles: dict, block_r: int, blocks_per_step: int) -> bool:
+    """Whether the by-tile forward's tiles fit shared memory (else launch.choose_scheme goes by
+    query): its key tile and block_r query rows within MAX_BY_BLOCK_FWD_TILES, as by block."""
+    element = 4 if tiles["PRECISION"] == "ieee" else 2
+    return blocks_per_step * _key_tile(tiles) + block_r * tiles["BLOCK_D"] * element <= MAX_BY_BLOCK_FWD_TILES
+
+
 def fwd_by_block(tiles: dict, G: int) -> dict:
     """Entry rows per step, warps and stages of the by-block forward: 128 rows, 4 warps, 2 stages,
     measured on an H100 at 64k (benchmarks/NOTES.md): G=1 2.07 ms vs 2.80 with 64 rows, G=4 7.48
