@@ -50,7 +50,7 @@ def rotary_kernel(
     mask = in_n[:, None] & (dims < D)[None, :]
     out_dtype = OUT.dtype.element_ty
     for h in range(H):
-        h = h.to(tl.int64)
+        h = tl.cast(h, tl.int64)
         x = tl.load(X + b * stride_xb + h * stride_xh + tokens[:, None] * stride_xn + dims[None, :], mask=mask, other=0.0)
         x0, x1 = tl.split(tl.reshape(x.to(cos.dtype), (BLOCK_N, BLOCK_D // 2, 2)))
         out = tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), (BLOCK_N, BLOCK_D))
