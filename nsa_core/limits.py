@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-MAX_SIZE = 2**31 - 1  # any one size: the kernels' grids and offsets are 32-bit
+MAX_SIZE = 2**31 - 1  # any one size: a launch grid's axis and a (batch, head) row's offsets are 32-bit (kernels/outputs.py)
 MAX_ELEMENTS = 2**40  # elements of one tensor (4 TiB at fp32: more than any one device holds)
 MAX_CONFIG_BYTES = 2**20  # a config's JSON (a real one is under 1 KiB)
 MAX_JSON_DEPTH = 32  # nesting of a JSON value we read (a config nests 1 level, a safetensors header 3)

@@ -1,11 +1,12 @@
 """The steps and the fit search that the sequence-parallel benchmarks share
 (one_gpu.py on one GPU, two_gpus.py on several): a whole sequence's
 forward + backward, one rank's forward + backward of its shard, whether a step fits in memory, and
-the longest length that fits, capped where the kernels' 32-bit offsets end.
+the longest length that fits, capped where the kernels' 32-bit in-row offsets end (T x dim_head < 2**31).
 
 A rank's step runs exactly what it runs under torch.distributed (`shard_forward`); without a
-`gather`, the all-gather is replaced by a concatenation with leaf tensors holding the other ranks'
-keys and values (whose gradients stand for the reduce-scatter): compute and memory alone, on one device.
+`gather`, every all-gather (halo, compressed tokens, rotated keys and values) is replaced by a
+concatenation with leaf tensors holding the other ranks' rows (`StandInGather`, whose gradients
+stand for the reduce-scatter): compute and memory alone, on one device.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import torch
 
 from benchmarks import timing
 from nsa_core import SparseAttention
-from nsa_core.distributed import shard_spans
-from nsa_core.model.sequence_parallel import place_shard, shard_forward, shard_gaps, shard_seqs
-from nsa_core.kernels.outputs import MAX_PER_BATCH_EXTENT
+from nsa_core.kernels.outputs import MAX_PER_ROW_EXTENT
+from nsa_core.model.sequence_parallel import StandInGather, shard_forward, shard_plan
 
 
 def whole_step(module: SparseAttention, n: int, device, dtype) -> Callable[[], None]:
@@ -36,21 +36,20 @@ def whole_step(module: SparseAttention, n: int, device, dtype) -> Callable[[], N
 def shard_step(module: SparseAttention, n: int, world: int, rank: int, layout: str, device, dtype,
                gather: Callable | None = None) -> Callable[[], None]:
     """Forward + backward of rank `rank` of `world`: its shard's queries over the whole sequence's
-    keys. gather: the collective ((2, 1, hk, nl, d) -> (2, 1, hk, n, d) in sequence order), or None
-    for the stand-in concatenation."""
+    keys. gather: the collective (chunk-structured rows -> every chunk's, in sequence order:
+    model/sequence_parallel.py), or None for the one-device stand-in."""
     cfg = module.config
-    spans = shard_spans(n, world, rank, layout)
+    plan = shard_plan(module, n, world, rank, layout)
     x = torch.randn(1, n // world, cfg.dim, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
-    others = [] if gather is not None else [
-        torch.randn(2, 1, cfg.num_kv_heads, e - s, cfg.dim_head, device=device, dtype=dtype, requires_grad=True)
-        for s, e in shard_gaps(spans, n)]
-    gather = gather or (lambda kv: place_shard(kv, spans, others))
-    seqs = shard_seqs(n, world, rank, layout)
+    stand_in = None
+    if gather is None:
+        stand_in = StandInGather(plan, lambda shape: torch.randn(shape, device=device, dtype=dtype, requires_grad=True))
+        gather = stand_in
 
     def run() -> None:
-        shard_forward(module, x, gather, seqs).backward(grad)
-        for t in (x, *others):
+        shard_forward(module, x, plan, gather).backward(grad)
+        for t in (x, *(stand_in.leaves if stand_in else ())):
             t.grad = None
         module.zero_grad(set_to_none=True)
     return run
@@ -80,10 +79,10 @@ def peak_gib(step: Callable[[], None], device) -> float:
 
 
 def kernel_cap(cfg, ranks: int) -> int:
-    """The longest whole sequence whose per-rank queries the kernels' 32-bit offsets take (a query
-    tensor spans heads x tokens x dim_head elements): beyond it every branch falls back to the
-    PyTorch reference, which is not what a user would run."""
-    return MAX_PER_BATCH_EXTENT // (cfg.heads * cfg.dim_head) * ranks
+    """The longest whole sequence whose per-rank tensors the kernels' offsets take: 64-bit across
+    (batch, head) rows, 32-bit within one (T x dim_head elements < 2**31, 16M tokens at 128); beyond
+    it the attention branches fall back to the PyTorch reference, which is not what a user would run."""
+    return MAX_PER_ROW_EXTENT // cfg.dim_head * ranks
 
 
 def longest(fits_at: Callable[[int], bool], start: int, step: int, cap: int) -> tuple[int, bool]:

@@ -207,7 +207,7 @@ def main(argv=None) -> None:
                                  args.fit_start, args.fit_step * multiple, steps.kernel_cap(cfg, world), group, device)
         real = {layout: agree(steps.fits(shard_step(module, many, group, device, dtype, True, layout), device), group, device)
                 for layout in layouts}
-        why = {True: "memory", False: "the kernels' 32-bit offsets"}
+        why = {True: "memory", False: "the kernels' 32-bit in-row offsets (steps.kernel_cap)"}
         say("", f"longest sequence, forward + backward: one GPU {one} tokens (limited by {why[one_mem]}, peak "
                 f"{steps.peak_gib(steps.whole_step(module, one, device, dtype), device):.1f} GiB); {world} GPUs {many} tokens "
                 f"({layouts[0]} layout, limited by {why[many_mem]}; a real sharded step there: "

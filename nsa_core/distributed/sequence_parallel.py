@@ -4,9 +4,10 @@ model/sequence_parallel.py.
 
 Each of the P ranks of the group holds a shard of the sequence, all shards the same length nl = n/P,
 in one of two layouts (`sequence_parallel_layout`):
-- "contiguous" (the default): rank r holds tokens r * nl ... (r + 1) * nl - 1 of every row;
-- "balanced" (zigzag): the sequence is cut into 2P chunks of n / 2P tokens, and rank r holds chunk r
-  then chunk 2P - 1 - r (its shard is their concatenation, in that order; n must divide by 2P).
+- "balanced" (zigzag, the default, DEFAULT_LAYOUT): the sequence is cut into 2P chunks of n / 2P
+  tokens, and rank r holds chunk r then chunk 2P - 1 - r (its shard is their concatenation, in that
+  order; n must divide by 2P: a ValueError says so and names the other layout otherwise);
+- "contiguous": rank r holds tokens r * nl ... (r + 1) * nl - 1 of every row (any n divisible by P).
 Why balanced: per query, NSA's selected and window branches cost the same everywhere, but the causal
 compressed branch grows with the position (a query attends every compressed block before it), so
 the last contiguous shard carries most of it (at 229k tokens on 2 ranks, ~3/4) and the other ranks
@@ -29,10 +30,21 @@ import torch.distributed as dist
 from torch import Tensor
 
 LAYOUTS = ("contiguous", "balanced")
+DEFAULT_LAYOUT = "balanced"
+
+
+def resolve_layout(layout, group=None) -> str:
+    """forward's sequence_parallel_layout: None is DEFAULT_LAYOUT with a group (and "contiguous", the
+    only meaning a single device has, without one); a name is checked (a layout named without a group
+    is an error: it describes shards)."""
+    if layout is None:
+        return DEFAULT_LAYOUT if group is not None else "contiguous"
+    check_layout(layout, group, needs_group=True)
+    return layout
 
 
 def check_layout(layout, group=None, *, needs_group: bool = False) -> None:
-    """layout must be one of LAYOUTS; a layout other than the default needs a group (when needs_group)."""
+    """layout must be one of LAYOUTS; a layout other than "contiguous" needs a group (when needs_group)."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"sequence_parallel_layout must be one of {LAYOUTS}, got {layout!r}")
     if needs_group and group is None and layout != "contiguous":
@@ -43,7 +55,7 @@ def _pieces_per_shard(layout: str) -> int:
     return 2 if layout == "balanced" else 1
 
 
-def shard_spans(seq_len: int, world: int, rank: int, layout: str = "contiguous") -> list[tuple[int, int]]:
+def shard_spans(seq_len: int, world: int, rank: int, layout: str = DEFAULT_LAYOUT) -> list[tuple[int, int]]:
     """The token ranges [start, end) of the whole sequence (seq_len tokens) that rank `rank` of `world`
     holds, in the order of its shard: contiguous [(r nl, (r + 1) nl)], balanced chunk r then chunk
     2P - 1 - r (both ascending)."""
@@ -51,8 +63,10 @@ def shard_spans(seq_len: int, world: int, rank: int, layout: str = "contiguous")
     pieces = _pieces_per_shard(layout)
     if seq_len % (pieces * world):
         need = f"2 x the {world} ranks = {2 * world}" if pieces == 2 else f"the {world} ranks"
+        hint = (" (every shard an even number of tokens); sequence_parallel_layout='contiguous' takes any length "
+                f"divisible by {world}") if pieces == 2 else ""
         raise ValueError(f"sequence_parallel_layout={layout!r}: the sequence length ({seq_len}) must be divisible by "
-                         f"{need}" + (" (every shard an even number of tokens)" if pieces == 2 else ""))
+                         f"{need}{hint}")
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in 0 ... {world - 1}, got {rank}")
     chunk = seq_len // (pieces * world)
@@ -60,7 +74,7 @@ def shard_spans(seq_len: int, world: int, rank: int, layout: str = "contiguous")
     return [(c * chunk, (c + 1) * chunk) for c in chunks]
 
 
-def shard_sequence(x: Tensor, group, layout: str = "contiguous", dim: int = 1) -> Tensor:
+def shard_sequence(x: Tensor, group, layout: str = DEFAULT_LAYOUT, dim: int = 1) -> Tensor:
     """This rank's shard of the whole tensor x along `dim` (the sequence; 1 for (b, n, ...) inputs,
     ids and targets): what to pass to forward(..., sequence_parallel_group=group,
     sequence_parallel_layout=layout)."""
@@ -69,7 +83,7 @@ def shard_sequence(x: Tensor, group, layout: str = "contiguous", dim: int = 1) -
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def to_sequence_order(gathered: Tensor, world: int, layout: str = "contiguous", dim: int = 1) -> Tensor:
+def to_sequence_order(gathered: Tensor, world: int, layout: str = DEFAULT_LAYOUT, dim: int = 1) -> Tensor:
     """The world shards concatenated along `dim` in rank order -> the whole sequence in its order
     (contiguous: the same tensor; balanced: the 2P chunks reordered, one concatenation of views)."""
     check_layout(layout)
@@ -83,7 +97,7 @@ def to_sequence_order(gathered: Tensor, world: int, layout: str = "contiguous", 
     return torch.cat([gathered.narrow(dim, s * chunk, chunk) for s in slots], dim=dim)
 
 
-def unshard_sequence(shards: Sequence[Tensor], layout: str = "contiguous", dim: int = 1) -> Tensor:
+def unshard_sequence(shards: Sequence[Tensor], layout: str = DEFAULT_LAYOUT, dim: int = 1) -> Tensor:
     """Every rank's shard (a list in rank order, as dist.all_gather fills it) -> the whole sequence
     along `dim`: the inverse of shard_sequence."""
     return to_sequence_order(torch.cat(list(shards), dim=dim), len(shards), layout, dim)
@@ -150,8 +164,31 @@ class _GatherSequence(torch.autograd.Function):
         return mine.movedim(0, -2), None
 
 
-def gather_sequence(t: Tensor, group, layout: str = "contiguous") -> Tensor:
+def gather_sequence(t: Tensor, group, layout: str = DEFAULT_LAYOUT) -> Tensor:
     """t (..., nl, d) of this rank -> (..., n, d): the whole sequence in its order (the shards of all
     ranks in rank order, balanced: their chunks reordered), with autograd (the backward pass sums the
     gradients of every rank's copy and hands each rank its shard's, in the shard's order)."""
     return to_sequence_order(_GatherSequence.apply(t, group), dist.get_world_size(group), layout, dim=-2)
+
+
+class _After(torch.autograd.Function):
+    """t unchanged; its backward hands zero gradients to `deps` (module docstring of `after`)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, *deps: Tensor) -> Tensor:
+        ctx.deps = [(d.shape, d.dtype, d.device) for d in deps]
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.deps))
+
+
+def after(t: Tensor, *deps: Tensor) -> Tensor:
+    """t, with an autograd edge to each of `deps` (zero gradients): the backward of whatever produced
+    deps runs only after the backward of whatever consumes t. The pass chains its all-gathers with it
+    so that every rank runs their reduce-scatters in one order (collectives must match across ranks,
+    and autograd's order over independent branches follows each rank's graph), and so that every
+    rank reaches every collective's backward even when its own tokens do not use the gathered result."""
+    deps = tuple(d for d in deps if d is not None and d.requires_grad)
+    return _After.apply(t, *deps) if deps else t

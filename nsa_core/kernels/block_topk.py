@@ -35,7 +35,7 @@ def block_topk_kernel(
     K: tl.constexpr, SEL: tl.constexpr, CAUSAL: tl.constexpr, MASK_OWN: tl.constexpr, NULL_LOGIT: tl.constexpr,
     PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # rows x stride pass 2**31 elements
     blocks = tl.arange(0, BLOCK_NB)
     in_rows = rows < R
     if PACKED:  # each query: its position, its document's first column and block count

@@ -31,7 +31,7 @@ def _load_tile(C, F, S, GATES, N, H,
     pid_n, pid_bh = split_pid(tl.cdiv(N, BLOCK_N))
     pid_bh = pid_bh.to(tl.int64)  # 64-bit offsets: (B, H, N, D) passes 2**31 elements at batch 4 x 64k
     b, h = pid_bh // H, pid_bh % H
-    tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tokens = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # x the token stride: past 2**31 in views
     dims = tl.arange(0, BLOCK_D)
     in_n = tokens < N
     mask = in_n[:, None] & (dims < D)[None, :]

@@ -35,7 +35,9 @@ def rotary_kernel(
     (and the odd last feature) get cos 1, sin 0: they pass through."""
     pid_n, b = split_pid(tl.cdiv(N, BLOCK_N))
     b = b.to(tl.int64)  # 64-bit offsets: a batch of 64-head, 64k-token tensors passes 2**31 elements
-    tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # tokens x the token stride (heads x head dim in a projection's view) and heads x the head stride pass
+    # 2**31 elements in one batch element at 1M tokens: 64-bit (a BLOCK_N vector, a scalar)
+    tokens = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     pairs = tl.arange(0, BLOCK_D // 2)
     dims = tl.arange(0, BLOCK_D)
     in_n = tokens < N
@@ -48,6 +50,7 @@ def rotary_kernel(
     mask = in_n[:, None] & (dims < D)[None, :]
     out_dtype = OUT.dtype.element_ty
     for h in range(H):
+        h = tl.cast(h, tl.int64)
         x = tl.load(X + b * stride_xb + h * stride_xh + tokens[:, None] * stride_xn + dims[None, :], mask=mask, other=0.0)
         x0, x1 = tl.split(tl.reshape(x.to(cos.dtype), (BLOCK_N, BLOCK_D // 2, 2)))
         out = tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), (BLOCK_N, BLOCK_D))

@@ -21,6 +21,7 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from nsa_core.config import DEFAULT_GATE_BIASES, NSAConfig
+from nsa_core.distributed.sequence_parallel import resolve_layout
 from nsa_core.model.compress_networks import default_compress_mlp
 from nsa_core.model.cache import NSACache
 from nsa_core.model.compression import compress_windows, compression_windows, with_memory
@@ -318,7 +319,7 @@ class SparseAttention(nn.Module):
 
     def forward(self, inp: Tensor, cache: NSACache | None = None, return_cache: bool = False, *,
                 lengths: Tensor | None = None, cu_seqlens: Tensor | None = None, sequence_parallel_group=None,
-                sequence_parallel_layout: str = "contiguous"):
+                sequence_parallel_layout: str | None = None):
         """inp (batch, seq, dim) -> (batch, seq, dim); with return_cache also the decoding cache.
 
         cu_seqlens (num_docs + 1,) int32 / int64 on inp's device: inp (1, total, dim) holds documents one
@@ -333,15 +334,17 @@ class SparseAttention(nn.Module):
 
         With `sequence_parallel_group` (a torch.distributed ProcessGroup of P ranks), inp is this
         rank's shard of the sequence, (batch, seq / P, dim), and the output is its shard
-        (model/sequence_parallel.py). `sequence_parallel_layout`: "contiguous", rank r
-        holding tokens r * seq / P ...; or "balanced", the sequence cut into 2P chunks and rank r
-        holding chunk r then chunk 2P - 1 - r (equal work on every rank; seq divisible by 2P).
+        (model/sequence_parallel.py). `sequence_parallel_layout`: "balanced" (the default, None),
+        the sequence cut into 2P chunks and rank r holding chunk r then chunk 2P - 1 - r (equal work
+        on every rank; seq divisible by 2P, a ValueError otherwise); or "contiguous", rank r holding
+        tokens r * seq / P ... (any seq divisible by P).
         nsa_core.distributed.shard_sequence / unshard_sequence cut and reassemble shards."""
         self.check_input(inp)
         mode = forward_mode(cache=cache, return_cache=return_cache, lengths=lengths, cu_seqlens=cu_seqlens,
                             causal=self.config.causal, group=sequence_parallel_group, layout=sequence_parallel_layout)
         if mode == SHARDED:
-            return sequence_parallel_forward(self, inp, sequence_parallel_group, sequence_parallel_layout)
+            return sequence_parallel_forward(self, inp, sequence_parallel_group,
+                                             resolve_layout(sequence_parallel_layout, sequence_parallel_group))
         if mode == CACHED:
             return run_with_cache(self, inp, cache, return_cache, lengths)
         seqs = packed_seqs(cu_seqlens, inp)

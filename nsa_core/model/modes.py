@@ -12,17 +12,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from nsa_core.distributed.sequence_parallel import check_layout
+from nsa_core.distributed.sequence_parallel import resolve_layout
 from nsa_core.seqs import Seqs
 
 SHARDED, CACHED, PARALLEL = "sharded", "cached", "parallel"
 
 
 def forward_mode(*, cache, return_cache: bool, lengths, cu_seqlens, causal: bool, group=None,
-                 layout: str = "contiguous") -> str:
+                 layout: str | None = None) -> str:
     """SHARDED, CACHED or PARALLEL for these forward arguments; a ValueError naming the arguments that
-    do not go together."""
-    check_layout(layout, group, needs_group=True)
+    do not go together (layout: forward's sequence_parallel_layout, None for the default)."""
+    resolve_layout(layout, group)
     cached = cache is not None or return_cache
     if group is not None:
         if cached or lengths is not None or cu_seqlens is not None:

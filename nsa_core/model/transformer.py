@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nsa_core.distributed.sequence_parallel import shard_spans, unshard_sequence
+from nsa_core.distributed.sequence_parallel import DEFAULT_LAYOUT, resolve_layout, shard_spans, unshard_sequence
 from nsa_core.model.attention import SparseAttention
 from nsa_core.model.dense import DenseAttention
 from nsa_core.model.generation import generate
@@ -73,7 +73,7 @@ class Transformer(nn.Module):
 
     def forward(self, ids: Tensor, return_loss: bool = False, cache: list | None = None, return_cache: bool = False,
                 *, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None, sequence_parallel_group=None,
-                sequence_parallel_layout: str = "contiguous"):
+                sequence_parallel_layout: str | None = None):
         """ids (b, n) -> logits (b, n, num_tokens); with return_loss the next-token cross entropy.
 
         With `cache` (a list from new_cache or return_cache=True; causal models), an empty cache takes
@@ -83,8 +83,8 @@ class Transformer(nn.Module):
         over the next-token terms within documents (the last token of one document does not
         predict the first of the next).
         With `sequence_parallel_group` (sparse attention only), ids is this rank's shard of the
-        sequence (b, n / P) in `sequence_parallel_layout` ("contiguous": rank r holding tokens
-        r * n / P ...; "balanced": chunks r and 2P - 1 - r of 2P; SparseAttention.forward and
+        sequence (b, n / P) in `sequence_parallel_layout` ("balanced", the default: chunks r and
+        2P - 1 - r of 2P; "contiguous": rank r holding tokens r * n / P ...; SparseAttention.forward and
         nsa_core.distributed.shard_sequence): the logits are the shard's; with return_loss the shard's
         inputs are all its tokens, the target of each contiguous piece's last token is the first
         token of the next piece in sequence order, and the loss returned is this rank's share (its
@@ -103,7 +103,8 @@ class Transformer(nn.Module):
         if mode == SHARDED:
             if not self.use_sparse_attn:
                 raise ValueError("sequence_parallel_group needs use_sparse_attn=True (dense layers take no shards)")
-            return self._forward_shard(ids, return_loss, sequence_parallel_group, sequence_parallel_layout)
+            return self._forward_shard(ids, return_loss, sequence_parallel_group,
+                                       resolve_layout(sequence_parallel_layout, sequence_parallel_group))
         packed = {}
         if cu_seqlens is not None:
             packed_seqs(cu_seqlens, ids[..., None])  # validates once, with the argument's name
@@ -182,7 +183,7 @@ class Transformer(nn.Module):
 IGNORE = -100  # cross-entropy label of a term that does not count
 
 
-def shard_targets(ids: Tensor, group, layout: str = "contiguous") -> tuple[Tensor, int]:
+def shard_targets(ids: Tensor, group, layout: str = DEFAULT_LAYOUT) -> tuple[Tensor, int]:
     """Next-token targets of this rank's shard ids (b, nl): each contiguous piece of the shard (one,
     balanced two) shifted by one, then the first token of the piece that follows it in sequence
     order (IGNORE after the sequence's last token); and the number of targets of the whole

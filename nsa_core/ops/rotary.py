@@ -18,10 +18,8 @@ def rotary(t: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") -> Ten
         raise ValueError(f"rotary needs t (..., n, d >= {2 * pairs}) and tables (..., n, {pairs}), got t "
                          f"{tuple(t.shape)}, tables {tuple(cos.shape)}")
 
-    def unsupported() -> str | None:  # the kernel takes every floating dtype (float64 computes in float64)
-        from nsa_core.kernels.outputs import too_large_reason
-
-        return too_large_reason(t=t)
+    def unsupported() -> str | None:  # every floating dtype (float64 computes in float64), any size (64-bit offsets)
+        return None
 
     by_design = None if cos.ndim == 2 else "tables per row (sequences at different positions)"
     if use_kernels(backend, t.device, "rotary", unsupported, by_design=by_design):

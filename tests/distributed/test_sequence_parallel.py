@@ -35,10 +35,16 @@ CASES = [
     dict(heads=16, kv_heads=1, selection_block_size=2, interpolated_importance_score=True),
     dict(heads=6, kv_heads=2, query_heads_share_selected_kv=False, sliding_window_size=7),
     dict(heads=3, kv_heads=1, compress_block_size=32, compress_block_sliding_stride=None),  # no block to select
+    # the paper options: a key / value projection per branch, forced blocks (causal), summed probabilities;
+    # windows of 6 every 3 (shards of 6, balanced chunks of 3: windows reach back into two chunks)
+    dict(heads=6, kv_heads=2, independent_kv=True, num_forced_initial_blocks=1, num_forced_local_blocks=1,
+         importance_score="summed_probs", compress_block_size=6, compress_block_sliding_stride=3, selection_block_size=3),
 ]
 
 
 def _module(case: dict, causal: bool) -> SparseAttention:
+    if not causal:  # forced blocks are causal-only
+        case = {k: v for k, v in case.items() if not k.startswith("num_forced")}
     torch.manual_seed(0)
     module = SparseAttention(**{**BASE, **case}, causal=causal, backend="torch").double()
     return randomize_(module, std=0.4, seed=1)

@@ -114,14 +114,17 @@ def test_window_kernel_gpu_bf16(G, window, shard):
     assert all(torch.equal(a, b) for a, b in zip(ours, again))  # no atomics: bit-identical reruns
 
 
-def test_kernels_refuse_tensors_past_32_bit_offsets():
-    """Shapes only (meta tensors): past 2**31 elements per batch element the kernels say why not."""
+def test_kernels_take_rows_past_2_31_per_batch_element_and_refuse_rows_past_it():
+    """Shapes only (meta tensors): the paper shape at 1M tokens (q of one batch element 8.6e9
+    elements) is taken (64-bit (batch, head) offsets); a single (batch, head) row of T x D >= 2**31
+    elements is refused with the reason (32-bit offsets within a row)."""
     from nsa_core.kernels.selected_attention.launch import kernel_unsupported_reason as selection_reason
     from nsa_core.kernels.sliding_window.launch import kernel_unsupported_reason as window_reason
 
-    big_q = torch.empty(2, 64, 262144, 128, device="meta", dtype=torch.bfloat16)
-    kv = torch.empty(2, 4, 262144, 128, device="meta", dtype=torch.bfloat16)
-    assert "32-bit offsets" in window_reason(big_q, kv, kv)
-    assert "32-bit offsets" in selection_reason(big_q, kv, kv, 64)
-    half_q = big_q[:, :32]
-    assert window_reason(half_q, kv, kv) is None and selection_reason(half_q, kv, kv, 64) is None
+    big_q = torch.empty(2, 64, 2**20, 128, device="meta", dtype=torch.bfloat16)
+    kv = torch.empty(2, 4, 2**20, 128, device="meta", dtype=torch.bfloat16)
+    assert window_reason(big_q, kv, kv) is None and selection_reason(big_q, kv, kv, 64) is None
+    long_q = torch.empty(1, 1, 2**24, 128, device="meta", dtype=torch.bfloat16)
+    long_kv = torch.empty(1, 1, 2**24, 128, device="meta", dtype=torch.bfloat16)
+    assert "32-bit offsets within a row" in window_reason(long_q, long_kv, long_kv)
+    assert "32-bit offsets within a row" in selection_reason(long_q, long_kv, long_kv, 64)

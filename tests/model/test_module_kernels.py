@@ -43,29 +43,30 @@ def test_triton_backend_raises_where_kernels_cannot_run(monkeypatch):
 @pytest.mark.parametrize("layout, world, rank", [("contiguous", 3, 2), ("balanced", 3, 1)])
 def test_shard_triton_equals_torch(layout, world, rank):
     """A sequence-parallel shard on the kernels (every branch takes the offset) equals its PyTorch
-    path: output and gradients of the shard, of the other ranks' keys and values, and of the
-    parameters. Contiguous: the last of 3 (offset 36); balanced: rank 1 of 3, chunks 1 and 4 (offsets
+    path: output and gradients of the shard, of the other ranks' halo, compressed tokens, keys and
+    values (the stand-in's leaves), and of the parameters. Contiguous: the last of 3 (offset 36); balanced: rank 1 of 3, chunks 1 and 4 (offsets
     9 and 36, not multiples of any block), attend once per chunk on slices of q; batch 2."""
-    from nsa_core.distributed import shard_spans
-    from nsa_core.model.sequence_parallel import place_shard, shard_forward, shard_gaps, shard_seqs
+    from nsa_core.model.sequence_parallel import StandInGather, shard_forward, shard_plan
 
     kwargs = dict(dim=32, dim_head=16, heads=6, kv_heads=2, sliding_window_size=5, compress_block_size=16,
                   compress_block_sliding_stride=8, selection_block_size=16, num_selected_blocks=2, causal=True)
     ref, ker = reference_and_kernel_modules(0.2, DEVICE, **kwargs)
     n = 54
-    spans = shard_spans(n, world, rank, layout)
+    plan = shard_plan(ref, n, world, rank, layout)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, n // world, 32, generator=gen).to(DEVICE)
-    others = [torch.randn(2, 2, 2, e - s, 16, generator=gen).to(DEVICE) for s, e in shard_gaps(spans, n)]
     grad = torch.randn(x.shape, generator=gen).to(DEVICE)
 
     def run(module):
-        xs, kv = x.clone().requires_grad_(), [t.clone().requires_grad_() for t in others]
-        out = shard_forward(module, xs, lambda mine: place_shard(mine, spans, kv), shard_seqs(n, world, rank, layout))
+        others = torch.Generator().manual_seed(1)  # the same other ranks' rows in both runs
+        gather = StandInGather(plan, lambda shape: torch.randn(shape, generator=others).to(DEVICE).requires_grad_())
+        xs = x.clone().requires_grad_()
+        out = shard_forward(module, xs, plan, gather)
         out.backward(grad)
         grads = {name: p.grad for name, p in module.named_parameters()}
         module.zero_grad(set_to_none=True)
-        return out.detach(), xs.grad, torch.cat([t.grad for t in kv], dim=-2), grads
+        kv = torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).flatten() for t in gather.leaves])
+        return out.detach(), xs.grad, kv, grads
 
     out_r, x_r, kv_r, grads_r = run(ref)
     out_k, x_k, kv_k, grads_k = run(ker)

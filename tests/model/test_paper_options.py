@@ -116,24 +116,6 @@ def test_independent_kv_packed_equals_separate():
     assert rel_err(packed, alone) < 1e-12
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "balanced"])
-def test_independent_kv_shards_equal_whole(layout):
-    from nsa_core.distributed import shard_spans
-    from nsa_core.model.sequence_parallel import shard_forward, shard_seqs
-
-    attn = module(independent_kv=True, num_forced_initial_blocks=1, num_forced_local_blocks=1)
-    world, n = 2, 40
-    x = torch.randn(2, n, 24, dtype=torch.float64)
-    whole = attn(x)
-    _, k, v = attn.project(attn.norm(x))
-    for rank in range(world):
-        spans = shard_spans(n, world, rank, layout)
-        xs = torch.cat([x[:, s:e] for s, e in spans], dim=1)
-        out = shard_forward(attn, xs, lambda mine: torch.stack((k, v)), shard_seqs(n, world, rank, layout))
-        expected = torch.cat([whole[:, s:e] for s, e in spans], dim=1)
-        assert rel_err(out, expected) < 1e-12
-
-
 # forced blocks ---------------------------------------------------------------------------------------
 
 def test_forced_block_indices():

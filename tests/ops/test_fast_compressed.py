@@ -89,8 +89,7 @@ def test_shard_fast_path_equals_exact(monkeypatch, rank, compress_block):
     """A sequence-parallel shard (rank of 3, offsets 23 and 46: not multiples of the stride) through
     both ops' kernel paths equals their PyTorch paths: output, and gradients of the shard, of the other
     ranks' keys and values and of the parameters."""
-    from nsa_core.model.sequence_parallel import shard_forward
-    from nsa_core.seqs import Seqs
+    from nsa_core.model.sequence_parallel import StandInGather, shard_forward, shard_plan
 
     kwargs = dict(dim=32, dim_head=8, heads=6, kv_heads=2, sliding_window_size=5, compress_block_size=compress_block,
                   compress_block_sliding_stride=4, selection_block_size=8, num_selected_blocks=3, causal=True,
@@ -98,17 +97,18 @@ def test_shard_fast_path_equals_exact(monkeypatch, rank, compress_block):
     attn = randomize_(SparseAttention(**kwargs), std=0.3).double()
     gen = torch.Generator().manual_seed(rank)
     n, nl = 69, 23
+    plan = shard_plan(attn, n, 3, rank, "contiguous")
     x = torch.randn(2, nl, 32, dtype=torch.float64, generator=gen)
-    before, after = (torch.randn(2, 2, 2, length, 8, dtype=torch.float64, generator=gen) for length in
-                     (rank * nl, n - (rank + 1) * nl))
     grad = torch.randn(x.shape, dtype=torch.float64, generator=gen)
 
     def run():
-        leaves = [t.clone().requires_grad_() for t in (x, before, after)]
-        out = shard_forward(attn, leaves[0], lambda kv: torch.cat((leaves[1], kv, leaves[2]), dim=-2),
-                            Seqs(nl, n, rank * nl))
+        others = torch.Generator().manual_seed(7)  # the same other ranks' rows in both runs
+        gather = StandInGather(plan, lambda shape: torch.randn(shape, dtype=torch.float64, generator=others)
+                               .requires_grad_())
+        xs = x.clone().requires_grad_()
+        out = shard_forward(attn, xs, plan, gather)
         params = [p for p in attn.parameters() if p.requires_grad]
-        return out, torch.autograd.grad(out, leaves + params, grad, allow_unused=True)
+        return out, torch.autograd.grad(out, [xs, *gather.leaves, *params], grad, allow_unused=True)
 
     exact_out, exact_grads = run()
     for op in ("compressed_attention", "block_selection"):

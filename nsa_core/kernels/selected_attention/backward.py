@@ -61,6 +61,7 @@ def selected_attention_bwd_dq_kernel(
     WINDOW: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
     i_t, i_bh = split_pid(TQ)  # over queries, then (batch, selection head)
+    i_bh = i_bh.to(tl.int64)  # 64-bit: (batch, head) offsets pass 2**31 elements (64 heads x 1M tokens x 128)
     i_b = (i_bh // HI).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements
     i_hs = i_bh % HI
     i_hq0 = i_hs * ROWS
@@ -164,6 +165,7 @@ def selected_attention_bwd_dkdv_kernel(
     (B, HQ, TQ, S + 1, D), slot S being the own block, or with DQ_ATOMIC added into a float32
     (B, HQ, TQ, D) buffer — plus the gate gradients of its entries)."""
     i_blk, i_bk = split_pid(NB)  # over key blocks, then (batch, kv head)
+    i_bk = i_bk.to(tl.int64)  # 64-bit: (batch, head) offsets pass 2**31 elements (64 heads x 1M tokens x 128)
     i_b = (i_bk // HKV).to(tl.int64)
     i_hk = i_bk % HKV
     HQ = HI * ROWS
@@ -230,6 +232,7 @@ def sum_dq_partials_kernel(
     over its valid slots (and the own block's, slot S, when causal), written in dq's dtype. Slots
     nothing wrote (invalid) are never read: one pass over the partials."""
     i_tb, i_bh = split_pid(tl.cdiv(TQ, BLOCK_T))  # over token blocks, then (batch, query head)
+    i_bh = i_bh.to(tl.int64)  # 64-bit: (batch, head) offsets pass 2**31 elements (64 heads x 1M tokens x 128)
     i_b = (i_bh // HQ).to(tl.int64)
     i_hq = i_bh % HQ
     i_hs = i_hq // (HQ // HI)  # selection head of this query head

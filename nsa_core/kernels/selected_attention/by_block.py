@@ -55,7 +55,7 @@ def entry_rows(entries, pos, end, TQ, HI, S: tl.constexpr, ROWS: tl.constexpr, R
     m_row = (pos + o_e < end) & (o_g < ROWS)
     lin = tl.load(entries + pos + o_e, mask=m_row, other=0)
     o_t = (lin // S) % TQ
-    o_hq = ((lin // (S * TQ)) % HI) * ROWS + o_g
+    o_hq = (((lin // (S * TQ)) % HI) * ROWS + o_g).to(tl.int64)  # 64-bit: times the head stride (T x D)
     return lin, m_row, o_t, o_hq, lin % S
 
 

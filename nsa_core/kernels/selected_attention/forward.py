@@ -107,6 +107,7 @@ def selected_attention_fwd_kernel(
     WINDOW: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
     i_t, i_bh = split_pid(TQ)  # the query (at key position Q_OFF + i_t), then (batch, selection head)
+    i_bh = i_bh.to(tl.int64)  # 64-bit: (batch, head) offsets pass 2**31 elements (64 heads x 1M tokens x 128)
     i_b = (i_bh // HI).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements
     i_hs = i_bh % HI
     i_hq0 = i_hs * ROWS  # first query head of this program

@@ -69,6 +69,7 @@ def selected_attention_fwd_by_block_kernel(
     WINDOW: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
     i_blk, i_bk = split_pid(NB)  # over key blocks, then (batch, kv head)
+    i_bk = i_bk.to(tl.int64)  # 64-bit: (batch, head) offsets pass 2**31 elements (64 heads x 1M tokens x 128)
     i_split = tl.program_id(1)  # the block's entries are dealt to NUM_SPLITS programs, step by step
     STEP: tl.constexpr = BLOCK_M // ROWS_P
     i_b = (i_bk // HKV).to(tl.int64)
@@ -113,6 +114,7 @@ def merge_partials_kernel(
 ):
     """One query row (query t, query head): merge its S + 1 partials into the output and lse."""
     i_t, i_bh = split_pid(TQ)  # over queries, then (batch, query head)
+    i_bh = i_bh.to(tl.int64)  # 64-bit: (batch, head) offsets pass 2**31 elements (64 heads x 1M tokens x 128)
     i_b = (i_bh // HQ).to(tl.int64)
     i_hq = i_bh % HQ
     i_hs = i_hq // (HQ // HI)  # selection head of this query head

@@ -90,7 +90,7 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if block_size > MAX_BLOCK_SIZE:
         return f"kernels take block_size up to {MAX_BLOCK_SIZE}, got {block_size}"
     o = torch.empty((*q.shape[:-1], v.shape[-1]), device="meta")  # the output's size, nothing allocated
-    return outputs.too_large_reason(contiguous=True, q=q, k=k, v=v, output=o)
+    return outputs.too_large_reason(q=q, k=k, v=v, output=o)
 
 
 _pow2 = tile_rules.pow2

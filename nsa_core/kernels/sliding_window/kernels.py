@@ -61,6 +61,7 @@ def _query_tile(q, stride_qb, stride_qh, stride_qt, T, HQ, G, D: tl.constexpr, B
     """This program's BLOCK_M queries of one head (grid: (B * HQ, query tiles)): batch, query head,
     its kv head, tile index, rows [M], their mask [M] and Q [M, BLOCK_D] (zeros past T queries)."""
     i_bh, i_m = tl.program_id(0), tl.program_id(1)  # heads fastest: a query tile's heads share K/V in L2
+    i_bh = i_bh.to(tl.int64)  # 64-bit: (batch, head) offsets pass 2**31 elements (64 heads x 1M tokens x 128)
     i_b = (i_bh // HQ).to(tl.int64)
     i_h = i_bh % HQ
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -159,6 +160,7 @@ def sliding_window_bwd_dkdv_kernel(
     summing over the G query heads of the group and the query tiles whose window reaches it
     (none for keys that no query sees: zeros)."""
     i_bk, i_n = tl.program_id(0), tl.program_id(1)
+    i_bk = i_bk.to(tl.int64)  # 64-bit: (batch, head) offsets pass 2**31 elements (64 heads x 1M tokens x 128)
     HKV = HQ // G
     i_b = (i_bk // HKV).to(tl.int64)
     i_hk = i_bk % HKV

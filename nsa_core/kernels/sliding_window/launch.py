@@ -25,7 +25,7 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     if reason is not None:
         return reason
     o = torch.empty((*q.shape[:-1], v.shape[-1]), device="meta")  # the output's size, nothing allocated
-    return outputs.too_large_reason(contiguous=True, q=q, k=k, v=v, output=o)
+    return outputs.too_large_reason(q=q, k=k, v=v, output=o)
 
 
 def tile_config(q: torch.Tensor, v: torch.Tensor, backward: bool, first: torch.Tensor | None = None) -> dict:
