@@ -5,8 +5,8 @@ Queries after other keys (a sequence-parallel shard, queries after cached keys):
 keys, query i at key position q_offset + i; both schemes take the offset, dK / dV cover all TK keys.
 Packed documents (batch 1): `packed_block_table` turns document-relative block indices into virtual
 blocks (one per block of each document, at most T // block + N of them) and gives the kernels their
-key ranges, one launch for all; the forward runs by tile for small groups (TILE_FWD_PACKED_MAX_ROWS),
-else by query (the by-block forward takes them too, when asked: FWD_SCHEME or scheme=).
+key ranges, one launch for all; the forward runs by block for small groups, by tile up to
+TILE_FWD_PACKED_MAX_ROWS rows, else by query (choose_scheme).
 
 The by-tile forward (forward_by_tile.py) puts TOKENS consecutive queries x their head set into one
 tile of TILE_FWD_ROWS rows and walks the union of their blocks (tile_union.py); it pays when
@@ -121,19 +121,30 @@ def choose_scheme(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, backward:
     Measured on an H100 (benchmarks/RESULTS.md): by block wins the forward up to 4 query rows per
     selection, the backward up to 8 (atomic dq) or 4 (dq partials). Partials must fit the budget,
     and the by-block tiles (tiles: the kernels' key tiles, _tiles) shared memory (tiles.by_block_fits).
-    The forward by tile: packed documents (packed) up to TILE_FWD_PACKED_MAX_ROWS rows, plain batches
-    up to TILE_FWD_PLAIN_MAX_ROWS (not yet timed on a GPU: benchmarks.kernels.selected_tiles).
-    Packed documents go by block only when asked (FWD_SCHEME): not timed on packed rows yet."""
+    Packed documents, forward: by block where it may run (H200, the LM shape of 65,536 packed tokens,
+    4 rows: 2.4 / 2.2 ms against by tile's 3.2 / 2.3 and by query's 6.5, random / overlapping
+    selections: benchmarks.kernels.selected_tiles), else by tile up to TILE_FWD_PACKED_MAX_ROWS rows
+    (5-8 rows not timed yet), else by query. Plain batches by tile up to TILE_FWD_PLAIN_MAX_ROWS (0:
+    at G = 16 it wins only with overlapping selections, 3.6 vs 5.3 ms at 16k, and loses with random
+    ones, 8.0 vs 5.3)."""
     B, HQ, T, D = q.shape
     rows, _ = _rows(HQ, k.shape[1], idx.shape[1])
     if not backward:
         if FWD_SCHEME is not None:
             return FWD_SCHEME
+        if packed and _by_block(q, idx, rows, backward, tiles) == "by_block":
+            return "by_block"
         if rows <= (TILE_FWD_PACKED_MAX_ROWS if packed else TILE_FWD_PLAIN_MAX_ROWS) and \
                 (tiles is None or tile_fits(tiles, rows)):
             return "by_tile"
         if packed:
             return "by_query"
+    return _by_block(q, idx, rows, backward, tiles)
+
+
+def _by_block(q: torch.Tensor, idx: torch.Tensor, rows: int, backward: bool, tiles: dict | None) -> str:
+    """"by_block" where its rows, partials and tiles allow, else "by_query"."""
+    B, HQ, T, D = q.shape
     slots = idx.shape[-1] + 1
     if not backward:
         partial_bytes, max_rows = B * HQ * T * slots * (D * q.element_size() + 8), BY_BLOCK_MAX_ROWS_FWD
