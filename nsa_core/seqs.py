@@ -166,7 +166,8 @@ def check_rows(seqs: Seqs, t: Tensor) -> None:
             raise ValueError(f"the decoding step's seqs holds {seqs.cached.shape[0]} rows (cached counts), got a "
                              f"tensor of shape {tuple(t.shape)}")
         if not _same_device(seqs.cached.device, t.device):
-            raise ValueError(f"the decoding step's cached counts are on {seqs.cached.device}, the queries on {t.device}")
+            raise ValueError(f"the decoding step's cached counts are on {seqs.cached.device}, the queries on "
+                             f"{t.device}")
 
 
 def seqs_for(q: Tensor, k: Tensor, seqs: Seqs | None) -> Seqs:

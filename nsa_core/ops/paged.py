@@ -126,7 +126,8 @@ def paged_selected_attention(q: Tensor, k: Pages, v: Pages, indices: Tensor, val
             or indices.shape[1] not in (k.heads, HQ)):
         raise ValueError(f"indices must be (B={B}, {k.heads} or {HQ}, K={K}, S), got "
                          f"{tuple(getattr(indices, 'shape', ()))}")
-    if valid is not None and (not isinstance(valid, Tensor) or valid.dtype != torch.bool or valid.shape != indices.shape):
+    if valid is not None and (not isinstance(valid, Tensor) or valid.dtype != torch.bool
+                              or valid.shape != indices.shape):
         raise ValueError(f"valid must be None or a bool tensor of indices' shape {tuple(indices.shape)}")
     positions = seqs.query_positions(q.device)
     own = (positions // block_size)[:, None, :, None].expand(B, indices.shape[1], K, 1)

@@ -14,7 +14,7 @@ from nsa_core.ops.dispatch import check_backend_name, use_kernels
 from nsa_core.ops.paged import Pages, paged_call, paged_selected_attention
 from nsa_core.seqs import Seqs, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
-from nsa_core.reference.documents import per_document
+from nsa_core.reference.documents import each_sequence
 from nsa_core.reference.fast_selected import fast_selected_reason, row_factors, selected_attention_fast
 from nsa_core.reference.selected_attention import selected_attention_reference
 
@@ -114,14 +114,10 @@ def selected_attention(
 
         return selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale, window,
                                          seqs.cu_seqlens, seqs.q_offset)
-    if seqs.is_packed:  # the twin: each document alone
-        def document(s: int, e: int) -> Tensor:
-            doc = lambda t: None if t is None else t[:, :, s:e]
-            return _torch_path(doc(q), doc(k), doc(v), doc(indices), block_size, doc(valid), doc(gates), causal,
-                               scale, window)
+    def torch_path(q, k, v, indices, valid, gates, seqs: Seqs) -> Tensor:
+        return _torch_path(q, k, v, indices, block_size, valid, gates, causal, scale, window, seqs.q_offset)
 
-        return per_document(document, seqs.spans())
-    return _torch_path(q, k, v, indices, block_size, valid, gates, causal, scale, window, seqs.q_offset)
+    return each_sequence(torch_path, seqs, q, k, v, indices, valid, gates)  # packed: the twin, each document alone
 
 
 def _torch_path(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, block_size: int, valid: Tensor | None,

@@ -12,7 +12,7 @@ from nsa_core.ops.dispatch import check_backend_name, use_kernels
 from nsa_core.ops.paged import Pages, paged_call, paged_window_attention
 from nsa_core.seqs import Seqs, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
-from nsa_core.reference.documents import per_document
+from nsa_core.reference.documents import each_sequence
 from nsa_core.reference.fast_window import sliding_window_fast
 
 
@@ -54,7 +54,6 @@ def sliding_window_attention(
 
         first = seqs.token_doc_start if seqs.is_packed else None
         return sliding_window_triton(q, k, v, window, scale, seqs.q_offset, first)
-    if seqs.is_packed:  # the twin: each document alone
-        return per_document(lambda s, e: sliding_window_fast(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], window,
-                                                                  causal=causal, scale=scale), seqs.spans())
-    return sliding_window_fast(q, k, v, window, causal=causal, scale=scale, q_offset=seqs.q_offset)
+    # packed documents: the twin runs each document alone
+    return each_sequence(lambda q, k, v, seqs: sliding_window_fast(q, k, v, window, causal=causal, scale=scale,
+                                                                   q_offset=seqs.q_offset), seqs, q, k, v)
