@@ -124,13 +124,6 @@ class Seqs:
         return list(zip(values[:-1], values[1:]))
 
     @cached_property
-    def step_positions(self) -> Tensor:
-        """Decoding step only: (B, q_len) int64 positions on cached's device, made once per descriptor
-        (every op of a step reads them)."""
-        cached = self.cached.long()
-        return cached[:, None] + torch.arange(self.q_len, device=cached.device)
-
-    @cached_property
     def token_doc_start(self) -> Tensor:
         """Packed only: (T,) int64, the first token of each token's document (on cu_seqlens' device, no sync)."""
         cu = self.cu_seqlens.long()
@@ -140,8 +133,8 @@ class Seqs:
     def query_positions(self, device: torch.device | str) -> Tensor:
         """Position of every query within its sequence (a packed token: within its document): (q_len,),
         or for a decoding step (B, q_len) int64, row b's tokens at cached[b] ... cached[b] + q_len - 1."""
-        if self.is_step:
-            return self.step_positions.to(device)
+        if self.is_step:  # a few small launches per op; a cached_property would break torch.compile's trace
+            return self.cached.to(device=device, dtype=torch.int64)[:, None] + torch.arange(self.q_len, device=device)
         if self.is_packed:
             return torch.arange(self.q_len, device=device) - self.token_doc_start.to(device)
         return torch.arange(self.q_offset, self.q_offset + self.q_len, device=device)

@@ -177,3 +177,24 @@ def test_prefill_and_steps_run_the_one_attend(monkeypatch):
     assert three.is_step and at_three == [[8, 9, 10], [5, 6, 7]]
     assert all(isinstance(t, Pages) for keys in (one_keys, three_keys)
                for t in (keys.compressed_k, keys.compressed_v, keys.rotated_k, keys.v, keys.window_k, keys.window_v))
+
+
+@pytest.mark.skipif(kernel_unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
+                    reason="kernels cannot run here")
+def test_decoding_step_compiles_fullgraph_on_the_kernels():
+    """torch.compile(fullgraph=True) traces a whole decoding step (the cache writes, then attend over
+    the cache's pages: no graph break, no host sync) and equals the eager step."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    attn = randomize_(SparseAttention(dim=48, dim_head=16, heads=6, kv_heads=2, sliding_window_size=20,
+                                      compress_block_size=16, compress_block_sliding_stride=8, selection_block_size=16,
+                                      num_selected_blocks=2, causal=True, backend="triton"), std=0.2).to(device)
+    x = torch.randn(2, 41, 48, device=device)
+    with torch.no_grad():
+        cache = attn.new_cache(2, 48)
+        attn(x[:, :39], cache=cache, lengths=torch.tensor([39, 30], device=device))
+        state = cache.snapshot()
+        eager = attn(x[:, 39:41], cache=cache)
+        cache.restore(state)
+        compiled = torch.compile(lambda t: attn(t, cache=cache), fullgraph=True, backend="aot_eager")(x[:, 39:41])
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
