@@ -6,9 +6,13 @@ after `q_offset` cached keys, so k_len = q_offset + q_len) and packed documents 
 flash-attention's varlen functions) are the same descriptor with different values. Query i of a
 plain row sits at key position q_offset + i; a packed token t sits at position t - start(t) of its
 document, and sees only its document's keys. A sequence-parallel shard is queries after other keys
-(q_offset = its first token, k_len = the whole sequence).
+(q_offset = its first token, k_len = the whole sequence). A decoding step over a cache
+(`Seqs.step`) is q_len new tokens per row after a different number of cached tokens in every row:
+the counts stay on the device (`cached`, (B,)), so nothing reads them on the host; token i of row b
+sits at position cached[b] + i, and k_len is the cache's capacity per row. Its keys are read from the
+cache's pages (nsa_core/ops/paged.py), never passed as token tensors.
 
-Dimension legend: N documents, T tokens of the packed row.
+Dimension legend: N documents, T tokens of the packed row, B rows of a decoding step, K new tokens per row.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class Seqs:
     cu_seqlens: Tensor | None = field(default=None, compare=False)
     max_seqlen: int | None = None
     _layouts: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+    # a decoding step: (B,) int tokens already cached per row, on the tensors' device (never read on the host)
+    cached: Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("q_len", "k_len", "q_offset"):
@@ -51,6 +57,9 @@ class Seqs:
             )
         if self.cu_seqlens is not None and not (self.q_offset == 0 and self.q_len == self.k_len):
             raise ValueError("packed documents (cu_seqlens) take queries over their own keys (no q_offset)")
+        if self.cached is not None and (self.cu_seqlens is not None or self.q_offset):
+            raise ValueError("a decoding step (cached) places its queries by the cached counts: no cu_seqlens, "
+                             "no q_offset")
 
     @classmethod
     def batch(cls, seq_len: int) -> "Seqs":
@@ -101,19 +110,44 @@ class Seqs:
         if key not in self._layouts:
             self._layouts[key] = make()
         return self._layouts[key]
+    @classmethod
+    def step(cls, lengths: Tensor, new_tokens: int, capacity: int) -> "Seqs":
+        """A decoding step: `new_tokens` queries per row after lengths[b] cached tokens of row b
+        (lengths (B,) int32 / int64 on the tokens' device, read by the device only: no host
+        synchronisation), in a cache of `capacity` tokens per row."""
+        if not isinstance(lengths, Tensor):
+            raise TypeError(f"lengths must be an int32 or int64 torch.Tensor, got {type(lengths).__name__}")
+        if lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"lengths must be int32 or int64, got {lengths.dtype}")
+        if lengths.ndim != 1 or lengths.numel() < 1:
+            raise ValueError(f"lengths must be 1-D with one count per row (batch >= 1), got shape "
+                             f"{tuple(lengths.shape)}")
+        for name, value in (("new_tokens", new_tokens), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if new_tokens > capacity:
+            raise ValueError(f"new_tokens={new_tokens} do not fit a cache of capacity={capacity} tokens per row")
+        return cls(new_tokens, capacity, 0, cached=lengths)
 
     @property
     def is_packed(self) -> bool:
         return self.cu_seqlens is not None
 
     @property
+    def is_step(self) -> bool:
+        """A decoding step over a cache (Seqs.step): per-row positions on the device."""
+        return self.cached is not None
+
+    @property
     def is_plain(self) -> bool:
         """One sequence per row, queries over their own keys (no offset, no packing)."""
-        return self.q_offset == 0 and self.q_len == self.k_len and not self.is_packed
+        return self.q_offset == 0 and self.q_len == self.k_len and not self.is_packed and not self.is_step
 
     def spans(self) -> list[tuple[int, int]]:
         """(start, end) token range of every document (a plain row: one). Reads cu_seqlens on the
         host: for the reference path and the oracle's per-sequence padding, never for kernels."""
+        if self.is_step:
+            raise ValueError("a decoding step's rows sit at device-side positions: it has no host-side spans")
         if self.cu_seqlens is None:
             return [(0, self.q_len)]
         values = self.cu_seqlens.tolist()
@@ -127,13 +161,18 @@ class Seqs:
         return cu[torch.searchsorted(cu, tokens, right=True) - 1]
 
     def query_positions(self, device: torch.device | str) -> Tensor:
-        """Position of every query within its sequence (a packed token: within its document)."""
+        """Position of every query within its sequence (a packed token: within its document): (q_len,),
+        or for a decoding step (B, q_len) int64, row b's tokens at cached[b] ... cached[b] + q_len - 1."""
+        if self.is_step:  # a few small launches per op; a cached_property would break torch.compile's trace
+            return self.cached.to(device=device, dtype=torch.int64)[:, None] + torch.arange(self.q_len, device=device)
         if self.is_packed:
             return torch.arange(self.q_len, device=device) - self.token_doc_start.to(device)
         return torch.arange(self.q_offset, self.q_offset + self.q_len, device=device)
 
     def key_positions(self, device: torch.device | str) -> Tensor:
         """Position of every key within its sequence (a packed token: within its document)."""
+        if self.is_step:
+            raise ValueError("a decoding step's keys are in its cache: they have no token tensor to place")
         if self.is_packed:
             return self.query_positions(device)
         return torch.arange(self.k_len, device=device)
@@ -145,12 +184,20 @@ class Seqs:
                 f"seqs describes {self.q_len} queries over {self.k_len} keys, got q with {q.shape[-2]} and "
                 f"k with {k.shape[-2]} tokens"
             )
-        check_packed_batch(self, q)
+        check_rows(self, q)
 
 
-def check_packed_batch(seqs: Seqs, t: Tensor) -> None:
+def check_rows(seqs: Seqs, t: Tensor) -> None:
+    """Packed documents: batch 1. A decoding step: one cached count per row, on t's device."""
     if seqs.is_packed and t.ndim >= 3 and t.shape[0] != 1:
         raise ValueError(f"cu_seqlens packs documents into one row: the batch must be 1, got {t.shape[0]}")
+    if seqs.is_step:
+        if t.ndim < 3 or t.shape[0] != seqs.cached.shape[0]:
+            raise ValueError(f"the decoding step's seqs holds {seqs.cached.shape[0]} rows (cached counts), got a "
+                             f"tensor of shape {tuple(t.shape)}")
+        if not _same_device(seqs.cached.device, t.device):
+            raise ValueError(f"the decoding step's cached counts are on {seqs.cached.device}, the queries on "
+                             f"{t.device}")
 
 
 def seqs_for(q: Tensor, k: Tensor, seqs: Seqs | None) -> Seqs:
@@ -175,7 +222,7 @@ def query_seqs(q: Tensor, seqs: Seqs | None) -> Seqs:
         raise TypeError(f"seqs must be a nsa_core.ops.Seqs or None, got {type(seqs).__name__}")
     if q.shape[-2] != seqs.q_len:
         raise ValueError(f"seqs describes {seqs.q_len} queries, got q with {q.shape[-2]} tokens")
-    check_packed_batch(seqs, q)
+    check_rows(seqs, q)
     return seqs
 
 

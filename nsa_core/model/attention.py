@@ -3,9 +3,10 @@
 Same constructor, parameter names and numbers as native-sparse-attention-pytorch 0.2.3 (its
 pure-PyTorch path), plus the seed-era options it dropped (see reference/selection.py). `attend`
 is a straight line of op calls (nsa_core.ops): each op decides once whether its kernels or its
-PyTorch reference run. `forward` picks the pass (model/modes.py): the parallel pass here, the cached
-pass (model/decode.py: a prefill runs `attend`, decoding steps run the paged decode ops over the
-static cache, model/cache.py), or the sequence-parallel pass (model/sequence_parallel.py).
+PyTorch reference run, and whether it reads token tensors or a cache's pages. Every pass runs it:
+`forward` picks the pass (model/modes.py): the parallel pass here (whole sequences or packed
+documents), the cached pass (model/decode.py: a prefill and the decoding steps, whose keys are the
+cache's pages, model/cache.py), or the sequence-parallel pass (model/sequence_parallel.py).
 
 Dimension legend: b batch, n queries, s keys, h query heads, hk kv heads, d head dim,
 c compressed tokens, m memory tokens.
@@ -14,7 +15,6 @@ c compressed tokens, m memory tokens.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from einops.layers.torch import Rearrange
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from nsa_core.config import DEFAULT_GATE_BIASES, NSAConfig
 from nsa_core.distributed.sequence_parallel import resolve_layout
+from nsa_core.model.branch_keys import BranchKeys, split_branches
 from nsa_core.model.compress_networks import default_compress_mlp
 from nsa_core.model.cache import NSACache
 from nsa_core.model.compression import compress_windows, compression_windows, with_memory
@@ -38,32 +39,6 @@ from nsa_core.ops.selected_attention import selected_attention
 from nsa_core.ops.sliding_window import sliding_window_attention
 from nsa_core.selection import Selection, SelectionRule
 from nsa_core.seqs import Seqs
-
-
-@dataclass
-class BranchKeys:
-    """What the branches read: compressed keys / values with the memory tokens first (b, hk, m + c, d),
-    the selected branch's rotated keys and values of every token the queries may see (b, hk, s, d),
-    and the window's (the same tensors unless the module has independent_kv)."""
-
-    compressed_k: Tensor
-    compressed_v: Tensor
-    rotated_k: Tensor
-    v: Tensor
-    window_k: Tensor | None = None
-    window_v: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.window_k is None:
-            self.window_k, self.window_v = self.rotated_k, self.v
-
-
-def split_branches(k: Tensor, v: Tensor, independent: bool) -> tuple[tuple[Tensor, Tensor], ...]:
-    """k, v (b, branches * hk, n, d) from SparseAttention.project -> ((k, v) of the compressed, the
-    selected and the window branch): one pair three times when the branches share keys."""
-    if not independent:
-        return ((k, v),) * 3
-    return tuple(zip(k.chunk(3, dim=1), v.chunk(3, dim=1)))
 
 
 class SparseAttention(nn.Module):
@@ -240,8 +215,12 @@ class SparseAttention(nn.Module):
         return self.compress_windows(compression_windows(k, block, stride, seqs), compression_windows(v, block, stride, seqs))
 
     def rotate(self, t: Tensor, positions: Tensor) -> Tensor:
-        """Rotary embedding of t (..., n, d) whose tokens sit at `positions` (n,)."""
-        return rotary(t, *self.rotary_emb.tables(positions, t.dtype), backend=self.config.backend)
+        """Rotary embedding of t (..., n, d) whose tokens sit at `positions` (n,), or of t (b, h, n, d)
+        whose rows sit at different positions (b, n) (a decoding step)."""
+        cos, sin = self.rotary_emb.tables(positions.flatten(), t.dtype)
+        if positions.ndim == 2:
+            cos, sin = (u.view(positions.shape[0], 1, positions.shape[1], -1) for u in (cos, sin))
+        return rotary(t, cos, sin, backend=self.config.backend)
 
     def keys_of(self, k: Tensor, v: Tensor, seqs: Seqs | None = None) -> BranchKeys:
         """The branches' keys for whole sequences (or packed documents, `seqs`): unrotated k, v
@@ -283,12 +262,13 @@ class SparseAttention(nn.Module):
 
     def attend(self, x_normed: Tensor, q: Tensor, keys: BranchKeys, seqs: Seqs) -> Tensor:
         """The three branches and their gated combine: q (b, h, n, d) unrotated, at the positions
-        `seqs` gives -> (b, n, dim)."""
+        `seqs` gives -> (b, n, dim). The same line for every pass: `keys` in tensors (keys_of) or in a
+        cache's pages with a decoding-step `seqs` (NSACache.branch_keys); the ops tell them apart."""
         cfg = self.config
         compressed = compressed_attention(q, keys.compressed_k, keys.compressed_v, num_memory=cfg.num_compressed_mem_kv,
                                           stride=cfg.stride, causal=cfg.causal, scale=self.scale, seqs=seqs,
                                           backend=cfg.backend)
-        selection = select_blocks(q, keys.compressed_k[:, :, cfg.num_compressed_mem_kv:], self.selection_rule,
+        selection = select_blocks(q, keys.selection_keys(cfg.num_compressed_mem_kv), self.selection_rule,
                                   seqs=seqs, backend=cfg.backend)
         q_rot = self.rotate(q, seqs.query_positions(q.device))
         fine = self.selected_branch(q_rot, keys, selection, seqs)

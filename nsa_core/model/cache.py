@@ -21,6 +21,9 @@ What it holds, and why (B batch, HKV kv heads, D / Dv head dims):
 - lengths (B,) int64 on the device: tokens written per sequence; `filled` on the host: the
   longest a sequence can be so far (capacity checks without reading the device).
 
+`branch_keys()` hands SparseAttention.attend the cache as its keys (nsa_core.ops.paged.Pages over
+the pools and tables), so a decoding step runs the same line of op calls as the parallel pass.
+
 StepCache is what this cache and the dense layers' (model/dense.py) share: the counts that a prefill
 starts and a step advances, taken back, saved and restored through methods (generation's CUDA
 graph, the decode timing), never edited from outside.
@@ -34,6 +37,8 @@ import torch
 from torch import Tensor
 
 from nsa_core.config import NSAConfig
+from nsa_core.model.branch_keys import BranchKeys
+from nsa_core.ops.paged import Pages, PooledBlockKeys
 from nsa_core.selection import pooled_scoring
 
 COMPRESSED_PAGE = 64  # compressed tokens per page of the compressed pool
@@ -292,12 +297,21 @@ class NSACache(StepCache):
         physical = self.compressed_table.gather(1, slots // COMPRESSED_PAGE)
         return self.ck_pages[physical, :, slots % COMPRESSED_PAGE].transpose(1, 2)
 
-    def selection_keys(self) -> Tensor:
+    def selection_keys(self) -> Tensor | PooledBlockKeys:
         """The keys a step's selection scores (ops/step_selection.py): the pooled keys (B, HKV, NB, D)
         when blocks are scored pooled, else the compressed keys of the whole capacity without the memory
         tokens (B, HKV, capacity // stride, D)."""
         if self.pooled_keys is not None:
-            return self.pooled_keys[:, :, :-1]
+            return PooledBlockKeys(self.pooled_keys[:, :, :-1])
         mem, stride = self.config.num_compressed_mem_kv, self.config.stride
         slots = mem + torch.arange(self.capacity // stride, device=self.device).expand(self.batch_size, -1)
         return self.read_compressed_keys(slots)
+
+    def branch_keys(self) -> BranchKeys:
+        """The cache as the branches' keys for SparseAttention.attend with a decoding-step Seqs: the
+        compressed slots, token and window pages behind their tables, and the selection's keys."""
+        table, ctable = self.block_table, self.compressed_table
+        window_k, window_v = self.window_pages()
+        return BranchKeys(Pages(self.ck_pages, ctable), Pages(self.cv_pages, ctable), Pages(self.k_pages, table),
+                          Pages(self.v_pages, table), Pages(window_k, table), Pages(window_v, table),
+                          selection_k=self.selection_keys())

@@ -9,11 +9,12 @@ decoding steps over it.
 - A step (the cache holds tokens): x (B, K, dim) holds the next K >= 1 tokens of every sequence
   (K > 1: speculative verification or chunked prefill), token i of row b at position
   lengths[b] + i. Everything a step writes or reads is addressed by device tensors computed from
-  `lengths`: static shapes, no host synchronisation, capturable in a CUDA graph. The three branches
-  run on `decode_attention` (paged split-K kernels) over page lists built here, the selection on
-  `select_step_blocks` (the parallel pass's scoring rule over the cache's keys), the gated combine
-  on `combine`. The branches' page lists differ from the parallel pass's descriptors, so a step is its
-  own op sequence (the same ops, the same order as `SparseAttention.attend`).
+  `lengths`: static shapes, no host synchronisation, capturable in a CUDA graph. A step writes its
+  tokens (rotated keys, values, the compression windows they complete: `_append_compressed`), then
+  runs `SparseAttention.attend`, the parallel pass's own line of op calls, with a decoding-step
+  descriptor (`Seqs.step(cache.lengths, K, capacity)`) and the cache's pages as the keys
+  (`NSACache.branch_keys`): each branch op reads its pages through decode_attention (the paged
+  split-K kernels, nsa_core/ops/paged.py), the selection scores the cache's keys.
 
 Dimension legend: B batch, K new tokens per sequence, H query heads, HKV kv heads, G = H / HKV,
 HI heads of the selection, D head dim, R compression block, NB selection blocks in the capacity.
@@ -26,14 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from nsa_core.model.cache import COMPRESSED_PAGE, DEFAULT_HEADROOM, NSACache
+from nsa_core.model.cache import DEFAULT_HEADROOM, NSACache
 from nsa_core.model.lengths import check_step_lengths, prompt_lengths
-from nsa_core.ops.combine import combine
-from nsa_core.ops.decode_attention import decode_attention
-from nsa_core.ops.rotary import rotary
-from nsa_core.ops.step_selection import select_step_blocks
 from nsa_core.seqs import Seqs
-from nsa_core.selection import Selection
 
 if TYPE_CHECKING:
     from nsa_core.model.attention import SparseAttention
@@ -98,28 +94,21 @@ def prefill(attn: SparseAttention, inp: Tensor, cache: NSACache, lengths: Tensor
 
 
 def decode_step(attn: SparseAttention, inp: Tensor, cache: NSACache) -> Tensor:
-    """The next K tokens inp (B, K, dim) of every sequence -> their outputs (B, K, dim)."""
+    """The next K tokens inp (B, K, dim) of every sequence -> their outputs (B, K, dim): the new
+    tokens written into the cache, then `attend` over the cache's pages."""
     cfg = attn.config
-    B, K, _ = inp.shape
+    K = inp.shape[1]
     cache.reserve(K)
-    positions = cache.lengths[:, None] + torch.arange(K, device=inp.device)  # (B, K)
+    seqs = Seqs.step(cache.lengths, K, cache.capacity)
+    positions = seqs.query_positions(inp.device)  # (B, K)
     x = attn.norm(inp)
     q, k, v = attn.project(x)
     _check_dtype(cache, k)
-    cos, sin = attn.rotary_emb.tables(positions.flatten(), q.dtype)
-    cos, sin = (t.view(B, 1, K, -1) for t in (cos, sin))
-    q_rot = rotary(q, cos, sin, backend=cfg.backend)
     (kc, vc), (ks, vs), (kw, vw) = attn.branch_kv(k, v)
-    window = (rotary(kw, cos, sin, backend=cfg.backend), vw) if cfg.independent_kv else (None, None)
-    cache.write_tokens(positions, rotary(ks, cos, sin, backend=cfg.backend), vs, *window)
+    window = (attn.rotate(kw, positions), vw) if cfg.independent_kv else (None, None)
+    cache.write_tokens(positions, attn.rotate(ks, positions), vs, *window)
     _append_compressed(attn, cache, positions, kc, vc)
-
-    compressed = _compressed_branch(attn, cache, q, positions)
-    selection = _select(attn, cache, q, positions)
-    fine = _selected_branch(attn, cache, q_rot, positions, selection)
-    sliding = _window_branch(attn, cache, q_rot, positions)
-    gates = attn.to_strategy_combine(x)  # (B, H, K, 3)
-    out = attn.combine_heads(combine(compressed, fine, sliding, gates, backend=cfg.backend).flatten(-2))
+    out = attn.attend(x, q, cache.branch_keys(), seqs)
     cache.advance(K)
     return out
 
@@ -150,47 +139,3 @@ def _append_compressed(attn: SparseAttention, cache: NSACache, positions: Tensor
     target = torch.where(complete, block.clamp(max=scratch), scratch)
     batch = torch.arange(positions.shape[0], device=block.device)[:, None].expand_as(target)
     cache.pooled_keys[batch, :, target] = pooled.transpose(1, 2)
-
-
-def _compressed_branch(attn: SparseAttention, cache: NSACache, q: Tensor, positions: Tensor) -> Tensor:
-    """Memory tokens and the compressed blocks completed before each query."""
-    cfg = attn.config
-    B, _, K, _ = q.shape
-    hi = cfg.num_compressed_mem_kv + positions // cfg.stride - 1
-    pages = cache.compressed_table.shape[1]
-    blocks = torch.arange(pages, device=q.device).view(1, 1, 1, pages).expand(B, cfg.num_kv_heads, K, pages)
-    valid = blocks * COMPRESSED_PAGE <= hi[:, None, :, None]
-    return decode_attention(q, cache.ck_pages, cache.cv_pages, cache.compressed_table, blocks, valid, hi,
-                            scale=attn.scale, backend=cfg.backend)
-
-
-def _select(attn: SparseAttention, cache: NSACache, q: Tensor, positions: Tensor) -> Selection | None:
-    """The selection of each new query, as the parallel pass makes it."""
-    return select_step_blocks(q, cache.selection_keys(), attn.selection_rule, positions)
-
-
-def _selected_branch(attn: SparseAttention, cache: NSACache, q_rot: Tensor, positions: Tensor, selection: Selection | None) -> Tensor:
-    """The selected blocks and each query's own block, keys up to the query."""
-    B, _, K, _ = q_rot.shape
-    heads = attn.kv_heads if selection is None else selection.indices.shape[1]
-    own = (positions // cache.page_size)[:, None, :, None].expand(B, heads, K, 1)
-    blocks, valid = own, torch.ones_like(own, dtype=torch.bool)
-    if selection is not None:
-        blocks = torch.cat((selection.indices, own), dim=-1)
-        valid = torch.cat((selection.valid, valid), dim=-1)
-    return decode_attention(q_rot, cache.k_pages, cache.v_pages, cache.block_table, blocks, valid, positions,
-                            scale=attn.scale, backend=attn.config.backend)
-
-
-def _window_branch(attn: SparseAttention, cache: NSACache, q_rot: Tensor, positions: Tensor) -> Tensor:
-    """Keys positions - window ... positions."""
-    window, page = attn.config.sliding_window_size, cache.page_size
-    B, _, K, _ = q_rot.shape
-    count = window // page + 2
-    first = (positions - window).clamp(min=0) // page
-    blocks = first[:, None, :, None] + torch.arange(count, device=q_rot.device)
-    valid = blocks <= (positions // page)[:, None, :, None]
-    blocks = torch.minimum(blocks, (positions // page)[:, None, :, None]).expand(B, attn.kv_heads, K, count)
-    valid = valid.expand(B, attn.kv_heads, K, count)
-    return decode_attention(q_rot, *cache.window_pages(), cache.block_table, blocks, valid, positions,
-                            positions - window, scale=attn.scale, backend=attn.config.backend)

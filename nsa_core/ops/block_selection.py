@@ -25,6 +25,9 @@ a plain row of T tokens), and the Triton top-k reading each query's own document
 PyTorch side (each document as a plain row takes it) and selection blocks smaller than the stride
 (by design) select each document alone (_select_per_document; on the reference it is the twin;
 it reads the document bounds on the host).
+
+A decoding step (`Seqs.step`): the queries score the cache's keys (ck: its pooled block keys,
+PooledBlockKeys, or its compressed keys) at their device-side positions (ops/step_selection.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from torch import Tensor
 
 from nsa_core.ops import dispatch
 from nsa_core.ops.dispatch import use_kernels
+from nsa_core.ops.paged import PooledBlockKeys
+from nsa_core.ops.step_selection import select_step_blocks
 from nsa_core.seqs import Seqs, query_seqs
 from nsa_core.ops.validation import check_same_device_dtype
 from nsa_core.reference.documents import compressed_span, per_document
@@ -57,14 +62,19 @@ from nsa_core.reference.selection import (
 from nsa_core.selection import Selection, SelectionRule
 
 
-def select_blocks(q: Tensor, ck: Tensor, rule: SelectionRule, *, seqs: Seqs | None = None,
+def select_blocks(q: Tensor, ck: Tensor | PooledBlockKeys, rule: SelectionRule, *, seqs: Seqs | None = None,
                   backend: str = "auto") -> Selection | None:
     """q (B, HQ, T, D), compressed keys ck (B, HKV, C, D) without memory tokens -> Selection with
     indices / valid / probs (B, H, T, S) (H = HKV when the group shares its selection, else HQ),
-    gates with use_diff_topk; None when no block can be selected."""
-    check_same_device_dtype(q=q, ck=ck)
+    gates with use_diff_topk; None when no block can be selected. A decoding step (`seqs` from
+    Seqs.step): ck is the cache's selection keys (select_step_blocks), no gates."""
     if not isinstance(rule, SelectionRule):
         raise TypeError(f"rule must be a SelectionRule, got {type(rule).__name__}")
+    if isinstance(seqs, Seqs) and seqs.is_step:
+        return select_step_blocks(q, ck, rule, seqs)
+    if isinstance(ck, PooledBlockKeys):
+        raise TypeError("ck as PooledBlockKeys (a cache's pooled block keys) needs a decoding-step seqs (Seqs.step)")
+    check_same_device_dtype(q=q, ck=ck)
     seqs = query_seqs(q, seqs)
     by_design = None
     if rule.importance == "summed_probs":

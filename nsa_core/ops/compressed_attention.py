@@ -9,7 +9,8 @@ compressed slots). PyTorch: reference/fast_compressed.py (masked SDPA over a few
 linear in T) for calls of at least FAST_MIN_SCORES score elements, smaller ones on the loop reference
 reference/compressed_attention.py (its twin; as fast there, and its float32 gradients are closer to
 float64's: see benchmarks/NOTES.md, CPU path); packed documents one document at a time
-(reference/documents.py).
+(reference/documents.py). A decoding step (`Seqs.step`, ck / cv in a cache's pages: ops/paged.py)
+takes decode_attention over the pages of compressed slots each query sees.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import use_kernels
+from nsa_core.ops.paged import Pages, paged_call, paged_compressed_attention
 from nsa_core.seqs import Seqs, query_seqs
 from nsa_core.ops.validation import check_positive_int, check_same_device_dtype
 from nsa_core.reference.compressed_attention import compressed_attention_chunked
@@ -37,8 +39,9 @@ def _torch_path(q: Tensor, ck: Tensor, cv: Tensor, num_memory: int, stride: int,
     return run(q, ck, cv, num_memory, stride, causal, scale, query_offset)
 
 
-def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, stride: int, causal: bool = True,
-                         scale: float | None = None, seqs: Seqs | None = None, backend: str = "auto") -> Tensor:
+def compressed_attention(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages, *, num_memory: int, stride: int,
+                         causal: bool = True, scale: float | None = None, seqs: Seqs | None = None,
+                         backend: str = "auto") -> Tensor:
     """q (B, HQ, T, D); ck (B, HKV, M + C, D), cv (B, HKV, M + C, Dv) with the M = num_memory memory
     tokens first. Causal: compressed block c (last token (c + 1) * stride - 1) is visible to the query
     at position t when that last token is before t; memory tokens always. Returns (B, HQ, T, Dv).
@@ -46,10 +49,18 @@ def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, num_memory: int, 
     ck / cv hold the memory tokens and then T // stride slots, document i's compressed token j at slot
     cu_seqlens[i] // stride + j (model/compression.py), and block c of a document is token c of it.
     Kernel path for packed documents (fp16, bf16, fp32): one FlexAttention call; on CPU it has no
-    backward, so CPU inputs needing gradients are unsupported there (backend="triton" raises)."""
-    check_same_device_dtype(q=q, ck=ck, cv=cv)
+    backward, so CPU inputs needing gradients are unsupported there (backend="triton" raises).
+    A decoding step (`seqs` from Seqs.step, causal): ck / cv are Pages of the cache's compressed
+    slots (memory tokens first, compressed token c at slot M + c); forward only."""
     check_positive_int("num_memory", num_memory)
     check_positive_int("stride", stride)
+    if paged_call(seqs, ck=ck, cv=cv):
+        if not causal:
+            raise ValueError("a decoding step (Seqs.step) is causal: pass causal=True")
+        return paged_compressed_attention(q, ck, cv, num_memory=num_memory, stride=stride,
+                                          scale=q.shape[-1] ** -0.5 if scale is None else scale, seqs=seqs,
+                                          backend=backend)
+    check_same_device_dtype(q=q, ck=ck, cv=cv)
     if ck.shape[-2] < num_memory:
         raise ValueError(f"ck must hold the {num_memory} memory tokens first, got {ck.shape[-2]} tokens")
     seqs = query_seqs(q, seqs)

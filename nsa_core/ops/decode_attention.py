@@ -5,8 +5,8 @@ window's blocks, the compressed-key pool): each query attends the pages listed f
 logical index j = page * page_size + offset visible when lo <= j <= hi. Kernel: a paged split-K
 ("flash-decoding") Triton kernel (kernels/decode); PyTorch: reference/fast_decode.py (the
 reference's weighting without its per-value non-finite test where every listed value is finite),
-the twin of reference/paged_decode.py.
-Forward only (inference).
+the twin of reference/paged_decode.py. The branch ops call it for a decoding step over a cache's
+pages (ops/paged.py builds the page lists). Forward only (inference).
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, HI heads of a page list (HKV: shared by a
 group, or HQ), K queries per sequence, S listed pages, P pages in the pool, D / Dv head dims.

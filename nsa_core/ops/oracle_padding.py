@@ -1,9 +1,9 @@
 """The non-causal selected and window branches as the oracle (native-sparse-attention-pytorch 0.2.3)
 computes them: each sequence zero-padded to a multiple of the block (the window) and the zero keys
 attended where they fall within reach. Each sequence alone: a plain row, every packed document of
-`seqs` (looped here, on the host bounds), or a sequence-parallel shard's queries over the whole
-sequence's keys. Both run on selected_attention / sliding_window_attention, which decide kernels or
-reference.
+`seqs` (reference/documents.each_sequence, on the host bounds), or a sequence-parallel shard's
+queries over the whole sequence's keys. Both run on selected_attention / sliding_window_attention,
+which decide kernels or reference.
 
 Dimension legend: b batch, h query heads, hk kv heads, n queries, s keys, d head dim, S selected slots.
 """
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from nsa_core.ops.selected_attention import selected_attention
 from nsa_core.ops.sliding_window import sliding_window_attention
-from nsa_core.reference.documents import per_document
+from nsa_core.reference.documents import each_sequence
 from nsa_core.reference.selection import num_scored_blocks
 from nsa_core.selection import Selection
 from nsa_core.seqs import Seqs
@@ -37,22 +37,6 @@ def _pad_keys(q: Tensor, k: Tensor, v: Tensor, seqs: Seqs, multiple: int) -> tup
         return qp, kp, vp, Seqs.batch(qp.shape[-2])
     kp, vp = _pad_seq(k, multiple), _pad_seq(v, multiple)
     return q, kp, vp, Seqs(seqs.q_len, kp.shape[-2], seqs.q_offset)
-
-
-def _document_selection(selection: Selection | None, start: int, end: int) -> Selection | None:
-    """The queries start ... end - 1 of a selection."""
-    if selection is None:
-        return None
-    part = lambda t: None if t is None else t[:, :, start:end]
-    return Selection(part(selection.indices), part(selection.valid), part(selection.probs), part(selection.gates))
-
-
-def _each_sequence(fn, q: Tensor, k: Tensor, v: Tensor, selection: Selection | None, seqs: Seqs) -> Tensor:
-    """fn(q, k, v, selection, seqs) of every sequence alone: the packed documents one by one."""
-    if not seqs.is_packed:
-        return fn(q, k, v, selection, seqs)
-    return per_document(lambda s, e: fn(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], _document_selection(selection, s, e),
-                                        Seqs.batch(e - s)), seqs.spans())
 
 
 def padded_selected_attention(q: Tensor, k: Tensor, v: Tensor, selection: Selection | None, *, num_selected: int,
@@ -78,7 +62,7 @@ def padded_selected_attention(q: Tensor, k: Tensor, v: Tensor, selection: Select
         gates = torch.where(any_valid, ones if gates is None else gates, torch.zeros_like(ones))
         return selected_attention(q, k, v, indices, valid=valid | ~any_valid, gates=gates, seqs=seqs, **common)
 
-    return _each_sequence(alone, q, k, v, selection, seqs)
+    return each_sequence(alone, seqs, q, k, v, selection)
 
 
 def padded_window_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int, scale: float, seqs: Seqs,
@@ -91,4 +75,4 @@ def padded_window_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int, sca
         return sliding_window_attention(qp, kp, vp, window=window, causal=False, scale=scale, seqs=padded,
                                         backend=backend)[..., : q.shape[-2], :]
 
-    return _each_sequence(alone, q, k, v, None, seqs)
+    return each_sequence(alone, seqs, q, k, v, None)

@@ -2,7 +2,8 @@
 Kernels: kernels/selected_attention (every layout: plain batches, queries after other keys, packed
 documents). PyTorch: the fast path reference/fast_selected.py (masked SDPA over each query chunk's
 union of blocks) wherever its gates allow (_torch_path's rule), else the loop reference
-reference/selected_attention.py, the twin both are tested against."""
+reference/selected_attention.py, the twin both are tested against. A decoding step (`Seqs.step`,
+keys in a cache's pages: ops/paged.py) takes decode_attention over the selected pages and the own page."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import check_backend_name, use_kernels
+from nsa_core.ops.paged import Pages, paged_call, paged_selected_attention
 from nsa_core.seqs import Seqs, seqs_for
 from nsa_core.ops.validation import check_positive_int, check_qkv
-from nsa_core.reference.documents import per_document
+from nsa_core.reference.documents import each_sequence
 from nsa_core.reference.fast_selected import fast_selected_reason, row_factors, selected_attention_fast
 from nsa_core.reference.selected_attention import selected_attention_reference
 
@@ -40,8 +42,8 @@ def _check_selection(q: Tensor, k: Tensor, indices: Tensor, valid: Tensor | None
 
 def selected_attention(
     q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    k: Tensor | Pages,
+    v: Tensor | Pages,
     indices: Tensor,
     *,
     block_size: int,
@@ -78,8 +80,10 @@ def selected_attention(
             causal limit, its window and its own block; the kernels take the offset (both schemes).
             Packed documents (`seqs.cu_seqlens`, batch 1): block indices count from the query's
             document start, blocks are cut at its end, and no key of another document is seen.
-            The kernels take them in one launch (launch.packed_block_table; the forward by tile for
-            small groups, else by query).
+            The kernels take them in one launch (launch.packed_block_table; the forward by block or
+            by tile for small groups, else by query).
+            A decoding step (Seqs.step, causal, no gates): k / v are Pages of the cache's tokens,
+            pages of block_size; forward only.
 
     A query with no key at all gets a zero output. Returns (B, HQ, T, Dv).
 
@@ -87,12 +91,18 @@ def selected_attention(
     atomically (float32), so reruns can differ in dq's last bits; under
     torch.use_deterministic_algorithms(True) it takes a bit-reproducible path instead.
     """
-    check_qkv(q, k, v, same_length=False)
-    seqs = seqs_for(q, k, seqs)
     check_positive_int("block_size", block_size)
     if window is not None:
         check_positive_int("window", window)
     check_backend_name(backend)
+    if paged_call(seqs, k=k, v=v):
+        if not causal or gates is not None or window is not None:
+            raise ValueError("a decoding step (Seqs.step) over pages is causal, without gates or window")
+        return paged_selected_attention(q, k, v, indices, valid, block_size=block_size,
+                                        scale=q.shape[-1] ** -0.5 if scale is None else scale, seqs=seqs,
+                                        backend=backend)
+    check_qkv(q, k, v, same_length=False)
+    seqs = seqs_for(q, k, seqs)
     _check_selection(q, k, indices, valid, gates)
 
     def unsupported() -> str | None:
@@ -105,14 +115,10 @@ def selected_attention(
 
         return selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale, window,
                                          seqs.cu_seqlens, seqs.q_offset)
-    if seqs.is_packed:  # the twin: each document alone
-        def document(s: int, e: int) -> Tensor:
-            doc = lambda t: None if t is None else t[:, :, s:e]
-            return _torch_path(doc(q), doc(k), doc(v), doc(indices), block_size, doc(valid), doc(gates), causal,
-                               scale, window)
+    def torch_path(q, k, v, indices, valid, gates, seqs: Seqs) -> Tensor:
+        return _torch_path(q, k, v, indices, block_size, valid, gates, causal, scale, window, seqs.q_offset)
 
-        return per_document(document, seqs.spans())
-    return _torch_path(q, k, v, indices, block_size, valid, gates, causal, scale, window, seqs.q_offset)
+    return each_sequence(torch_path, seqs, q, k, v, indices, valid, gates)  # packed: the twin, each document alone
 
 
 def _torch_path(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, block_size: int, valid: Tensor | None,

@@ -7,9 +7,9 @@ import torch
 from nsa_cli.support.checks import randomize_parameters
 from nsa_cli.support.decode_check import compare_decoding, decoded_span
 from nsa_core import SparseAttention
-from nsa_core.model import decode
-from nsa_core.reference import step_selection
 from nsa_core.model.cache import NSACache
+from nsa_core.ops import Seqs, block_selection, sliding_window
+from nsa_core.reference import step_selection
 
 N = 45  # odd; prefill 15, 30 tokens decoded
 
@@ -63,8 +63,13 @@ def test_a_flip_at_a_near_tie_is_reported_not_failed(monkeypatch):
 
 
 def test_wrong_position_fails(monkeypatch):
-    original = decode._window_branch
-    monkeypatch.setattr(decode, "_window_branch", lambda attn, cache, q, positions: original(attn, cache, q, positions - 1))
+    """The decoding step's window one position behind."""
+    original = sliding_window.paged_window_attention
+
+    def behind(q, k, v, *, seqs, **options):
+        return original(q, k, v, seqs=Seqs.step(seqs.cached - 1, seqs.q_len, seqs.k_len), **options)
+
+    monkeypatch.setattr(sliding_window, "paged_window_attention", behind)
     found = compare(*module_and_input())
     assert not found.passed and "not a near-tie" in found.detail, found
 
@@ -82,13 +87,14 @@ def test_stale_cache_entry_fails(monkeypatch):
 
 
 def test_missing_block_fails(monkeypatch):
-    original = decode._select
+    """The decoding step's selection drops its last block."""
+    original = block_selection.select_step_blocks
 
     def drop_last(*args):
         selection = original(*args)
         selection.valid[..., -1] = False
         return selection
 
-    monkeypatch.setattr(decode, "_select", drop_last)
+    monkeypatch.setattr(block_selection, "select_step_blocks", drop_last)
     found = compare(*module_and_input())
     assert not found.passed, found

@@ -149,3 +149,52 @@ def test_decoding_on_kernels_equals_parallel_reference(share):
         outs = [ker(x[:, :50], cache=cache), ker(x[:, 50:53], cache=cache)]
         outs += [ker(x[:, t : t + 1], cache=cache) for t in range(53, 70)]
     assert rel(torch.cat(outs, dim=1), parallel) <= 2e-5
+
+
+def test_prefill_and_steps_run_the_one_attend(monkeypatch):
+    """Prefill and every step (one or several tokens) run SparseAttention.attend: the step with a
+    decoding-step descriptor at the rows' device-side positions and the cache's pages as its keys."""
+    from nsa_core.ops.paged import Pages
+
+    attn = make(CONFIGS[1])
+    calls, attend = [], attn.attend
+
+    def spy(x, q, keys, seqs):
+        positions = seqs.query_positions("cpu").tolist() if seqs.is_step else None  # before the cache advances
+        calls.append((seqs, keys, positions))
+        return attend(x, q, keys, seqs)
+
+    monkeypatch.setattr(attn, "attend", spy)
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        cache = attn.new_cache(2, 16)
+        attn(x[:, :7], cache=cache, lengths=torch.tensor([7, 4]))
+        attn(x[:, 7:8], cache=cache)
+        attn(x[:, 8:11], cache=cache)
+    (prefill, prefill_keys, _), (one, one_keys, at_one), (three, three_keys, at_three) = calls
+    assert prefill.is_plain and not isinstance(prefill_keys.rotated_k, Pages)
+    assert one.is_step and at_one == [[7], [4]]
+    assert three.is_step and at_three == [[8, 9, 10], [5, 6, 7]]
+    assert all(isinstance(t, Pages) for keys in (one_keys, three_keys)
+               for t in (keys.compressed_k, keys.compressed_v, keys.rotated_k, keys.v, keys.window_k, keys.window_v))
+
+
+@pytest.mark.skipif(kernel_unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
+                    reason="kernels cannot run here")
+def test_decoding_step_compiles_fullgraph_on_the_kernels():
+    """torch.compile(fullgraph=True) traces a whole decoding step (the cache writes, then attend over
+    the cache's pages: no graph break, no host sync) and equals the eager step."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    attn = randomize_(SparseAttention(dim=48, dim_head=16, heads=6, kv_heads=2, sliding_window_size=20,
+                                      compress_block_size=16, compress_block_sliding_stride=8, selection_block_size=16,
+                                      num_selected_blocks=2, causal=True, backend="triton"), std=0.2).to(device)
+    x = torch.randn(2, 41, 48, device=device)
+    with torch.no_grad():
+        cache = attn.new_cache(2, 48)
+        attn(x[:, :39], cache=cache, lengths=torch.tensor([39, 30], device=device))
+        state = cache.snapshot()
+        eager = attn(x[:, 39:41], cache=cache)
+        cache.restore(state)
+        compiled = torch.compile(lambda t: attn(t, cache=cache), fullgraph=True, backend="aot_eager")(x[:, 39:41])
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)

@@ -1,0 +1,51 @@
+"""BranchKeys: what the three branches of SparseAttention.attend read, in one of two forms.
+
+- Token tensors (SparseAttention.keys_of: whole sequences, packed documents, a sequence-parallel
+  shard's gathered sequence): compressed keys / values with the memory tokens first (b, hk, m + c, d),
+  the selected branch's rotated keys and values of every token the queries may see (b, hk, s, d),
+  and the window's (the same tensors unless the module has independent_kv).
+- A decoding cache's pages (NSACache.branch_keys, for a decoding-step Seqs): the same fields as
+  nsa_core.ops.paged.Pages, and the keys the step's selection scores (`selection_k`: the cache's
+  pooled block keys, or its compressed keys without memory tokens).
+
+Every branch op takes either form; `attend` does not tell them apart.
+
+Dimension legend: b batch, hk kv heads, s keys, c compressed tokens, m memory tokens, d head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from nsa_core.ops.paged import Pages, PooledBlockKeys
+
+
+@dataclass
+class BranchKeys:
+    compressed_k: Tensor | Pages
+    compressed_v: Tensor | Pages
+    rotated_k: Tensor | Pages
+    v: Tensor | Pages
+    window_k: Tensor | Pages | None = None
+    window_v: Tensor | Pages | None = None
+    selection_k: Tensor | PooledBlockKeys | None = None  # None: compressed_k without its memory tokens
+
+    def __post_init__(self) -> None:
+        if self.window_k is None:
+            self.window_k, self.window_v = self.rotated_k, self.v
+
+    def selection_keys(self, num_memory: int) -> Tensor | PooledBlockKeys:
+        """The keys select_blocks scores: `selection_k`, or the compressed keys after the memory tokens."""
+        if self.selection_k is not None:
+            return self.selection_k
+        return self.compressed_k[:, :, num_memory:]
+
+
+def split_branches(k: Tensor, v: Tensor, independent: bool) -> tuple[tuple[Tensor, Tensor], ...]:
+    """k, v (b, branches * hk, n, d) from SparseAttention.project -> ((k, v) of the compressed, the
+    selected and the window branch): one pair three times when the branches share keys."""
+    if not independent:
+        return ((k, v),) * 3
+    return tuple(zip(k.chunk(3, dim=1), v.chunk(3, dim=1)))
