@@ -16,8 +16,7 @@ import triton
 import triton.language as tl
 
 from nsa_core.kernels.grid import split_pid
-from nsa_core.kernels.selected_attention.forward import block_keys
-from nsa_core.kernels.selected_attention.forward_by_tile import _membership, _scalar
+from nsa_core.kernels.selected_attention.forward_by_tile import _scalar, _union_step
 
 
 @triton.jit
@@ -76,22 +75,13 @@ def selected_attention_bwd_dq_by_tile_kernel(
     b_dgate = tl.zeros([BLOCK_R, S1_P], dtype=tl.float32)  # each (row, slot): the one block it names
 
     o_n = tl.arange(0, N)
-    o_in = o_n % BLOCK_N
     o_u = tl.arange(0, UNION_PER_STEP)
     p_union = union + (i_bh.to(tl.int64) * NT + i_tile) * U
     n_union = _scalar(count, i_bh.to(tl.int64) * NT + i_tile)
     for step in range(0, n_union, UNION_PER_STEP):
-        b_ublk = tl.load(p_union + step + o_u, mask=step + o_u < n_union, other=-1)  # [UNION_PER_STEP]
-        b_blk = tl.load(p_union + step + o_n // BLOCK_N, mask=step + o_n // BLOCK_N < n_union, other=-1)  # [N]
-        o_key, m_key = block_keys(b_blk, b_blk >= 0, o_in, TK, table, W, BLOCK, PACKED)
-        b_hit, b_gate = _membership(b_sel, b_sel_gate, b_ublk, o_n, UNION_PER_STEP, BLOCK_N, BLOCK_R, N)
-        m = b_hit & m_key[None, :] & m_r[:, None]
-        if CAUSAL:
-            m = m & (o_key[None, :] <= o_pos[:, None])
-        if WINDOW > 0:
-            m = m & (o_key[None, :] >= o_pos[:, None] - WINDOW)
-        b_k = tl.load(p_k + o_key[:, None] * stride_kt + o_d[None, :], mask=m_key[:, None] & (o_d[None, :] < D), other=0.0)  # [N, BLOCK_D]
-        b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)  # [N, BLOCK_DV]
+        m, b_gate, b_k, b_v, b_ublk = _union_step(
+            p_union, step, n_union, b_sel, b_sel_gate, m_r, o_pos, p_k, p_v, stride_kt, stride_vt, TK, table, W,
+            UNION_PER_STEP, BLOCK, BLOCK_N, BLOCK_R, N, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, WINDOW, PACKED)
         b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [R, N]
         b_p = tl.where(m, tl.exp(b_qk * (scale * b_gate) - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [R, N]

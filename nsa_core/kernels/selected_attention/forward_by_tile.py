@@ -56,6 +56,33 @@ def _membership(b_sel, b_sel_gate, b_ublk, o_n,
 
 
 @triton.jit
+def _union_step(p_union, step, n_union, b_sel, b_sel_gate, m_r, o_pos, p_k, p_v, stride_kt, stride_vt, TK, table, W,
+                UNION_PER_STEP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
+                N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PACKED: tl.constexpr):
+    """One step over the tile's union: blocks step ... step + UNION_PER_STEP - 1 as one key tile of N keys
+    -> (m [R, N] the keys each row attends, b_gate [R, N] its slot's gate, b_k [N, BLOCK_D], b_v [N, BLOCK_DV],
+    b_ublk [UNION_PER_STEP] the step's blocks, -1 past the union)."""
+    o_n = tl.arange(0, N)
+    o_u = tl.arange(0, UNION_PER_STEP)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    b_ublk = tl.load(p_union + step + o_u, mask=step + o_u < n_union, other=-1)  # [UNION_PER_STEP]
+    b_blk = tl.load(p_union + step + o_n // BLOCK_N, mask=step + o_n // BLOCK_N < n_union, other=-1)  # [N]
+    o_key, m_key = block_keys(b_blk, b_blk >= 0, o_n % BLOCK_N, TK, table, W, BLOCK, PACKED)
+    b_hit, b_gate = _membership(b_sel, b_sel_gate, b_ublk, o_n, UNION_PER_STEP, BLOCK_N, R, N)
+    m = b_hit & m_key[None, :] & m_r[:, None]
+    if CAUSAL:
+        m = m & (o_key[None, :] <= o_pos[:, None])
+    if WINDOW > 0:
+        m = m & (o_key[None, :] >= o_pos[:, None] - WINDOW)
+    b_k = tl.load(p_k + o_key[:, None] * stride_kt + o_d[None, :], mask=m_key[:, None] & (o_d[None, :] < D), other=0.0)
+    b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV),
+                  other=0.0)
+    return m, b_gate, b_k, b_v, b_ublk
+
+
+@triton.jit
 def selected_attention_fwd_by_tile_kernel(
     q, k, v, sel, gates, union, count, o, lse, table, W,
     stride_qb, stride_qh, stride_qt,
@@ -107,23 +134,12 @@ def selected_attention_fwd_by_tile_kernel(
     b_l = tl.zeros([BLOCK_R], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
 
-    o_n = tl.arange(0, N)
-    o_in = o_n % BLOCK_N
-    o_u = tl.arange(0, UNION_PER_STEP)
     p_union = union + (i_bh.to(tl.int64) * NT + i_tile) * U
     n_union = _scalar(count, i_bh.to(tl.int64) * NT + i_tile)
     for step in range(0, n_union, UNION_PER_STEP):
-        b_ublk = tl.load(p_union + step + o_u, mask=step + o_u < n_union, other=-1)  # [UNION_PER_STEP]
-        b_blk = tl.load(p_union + step + o_n // BLOCK_N, mask=step + o_n // BLOCK_N < n_union, other=-1)  # [N]
-        o_key, m_key = block_keys(b_blk, b_blk >= 0, o_in, TK, table, W, BLOCK, PACKED)
-        b_hit, b_gate = _membership(b_sel, b_sel_gate, b_ublk, o_n, UNION_PER_STEP, BLOCK_N, BLOCK_R, N)
-        m = b_hit & m_key[None, :] & m_r[:, None]
-        if CAUSAL:
-            m = m & (o_key[None, :] <= o_pos[:, None])
-        if WINDOW > 0:
-            m = m & (o_key[None, :] >= o_pos[:, None] - WINDOW)
-        b_k = tl.load(p_k + o_key[:, None] * stride_kt + o_d[None, :], mask=m_key[:, None] & (o_d[None, :] < D), other=0.0)  # [N, BLOCK_D]
-        b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)  # [N, BLOCK_DV]
+        m, b_gate, b_k, b_v, _ = _union_step(
+            p_union, step, n_union, b_sel, b_sel_gate, m_r, o_pos, p_k, p_v, stride_kt, stride_vt, TK, table, W,
+            UNION_PER_STEP, BLOCK, BLOCK_N, BLOCK_R, N, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, WINDOW, PACKED)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * (scale * b_gate)  # [R, N]
         b_s = tl.where(m, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))  # [R]
