@@ -161,12 +161,21 @@ def _summed_importance(scores: Tensor, *, group_size: int, share_across_group: b
     return logits
 
 
+LOW_BITS_BLOCKS = 1 << 15  # blocks a 16-bit probability's int32 key can tell apart
+
+
 def top_indices_lowest_first(probs: Tensor, k: int) -> Tensor:
     """Indices of the k largest probabilities, ties going to the lowest block index, so the
     parallel pass and cached decoding (which sees fewer trailing blocks) pick the same blocks.
 
-    One exact top-k over int64 keys: the bit pattern of a non-negative float orders like the
-    float, and the block index is subtracted in the low 32 bits (cheaper than a stable sort)."""
+    One exact top-k over integer keys: the bit pattern of a non-negative float orders like the
+    float, and the block index is subtracted in the low bits (cheaper than a stable sort). 16-bit
+    probabilities over fewer than 2**15 blocks fit int32 keys (half the bytes to select over),
+    others int64."""
+    if probs.dtype in (torch.bfloat16, torch.float16) and probs.shape[-1] <= LOW_BITS_BLOCKS:
+        bits = probs.detach().view(torch.int16).to(torch.int32)
+        block = torch.arange(probs.shape[-1], device=probs.device, dtype=torch.int32)
+        return (bits * LOW_BITS_BLOCKS + (LOW_BITS_BLOCKS - 1 - block)).topk(k, dim=-1).indices
     bits = probs.detach().float().view(torch.int32).to(torch.int64)
     block = torch.arange(probs.shape[-1], device=probs.device, dtype=torch.int64)
     key = bits * (1 << 32) - block

@@ -144,3 +144,22 @@ def test_the_ops_pytorch_side_runs_the_fast_selection(monkeypatch):
     select_blocks(q, torch.cat((ck, ck), dim=-2), SelectionRule(2, 2, 4, 3, True, False, False, True, 0.3),
                   backend="torch")
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocks", [1, 37, 300])
+def test_sixteen_bit_top_k_keys_order_as_the_float32_ones(dtype, blocks):
+    """The int32 keys of 16-bit probabilities pick the blocks the float32 keys pick: the largest,
+    ties (many here: a coarse grid with zeros) to the lowest index."""
+    from nsa_core.reference.selection import top_indices_lowest_first
+
+    gen = torch.Generator().manual_seed(blocks)
+    probs = (torch.randint(0, 6, (3, 5, blocks), generator=gen) / 8.0).to(dtype)
+    k = min(4, blocks)
+    got = top_indices_lowest_first(probs, k)
+    want = top_indices_lowest_first(probs.float(), k)
+    assert torch.equal(got, want)
+    ranked = torch.stack((-probs.float(), torch.arange(blocks).expand_as(probs).float()), dim=-1)
+    for row, chosen in zip(ranked.flatten(0, 1), got.flatten(0, 1)):  # by hand: sort by (-p, index)
+        order = sorted(range(blocks), key=lambda i: (row[i, 0].item(), i))[:k]
+        assert chosen.tolist() == order
