@@ -29,7 +29,7 @@ from torch import Tensor
 # share one descriptor and the layouts derived from it (Seqs.layout). Entries hold their tensor, so an
 # id is never reused while its entry lives; an in-place change of the tensor (its version) misses.
 _RECENT_PACKED: dict[int, tuple[Tensor, int, int, str, "Seqs"]] = {}
-_RECENT_PACKED_SIZE = 8
+_RECENT_PACKED_SIZE = 4
 
 
 @dataclass(frozen=True)
