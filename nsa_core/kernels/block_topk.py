@@ -5,7 +5,9 @@ writes each query's k chosen blocks, their probabilities and validity, as
 `reference.selection.select_top_blocks` on `reference.pooled_selection.pooled_block_logits` computes them (the
 PyTorch twin), without the masked logits, the probabilities or the int64 sort keys in memory.
 Same arithmetic: logits rounded to the scores' dtype after scaling, probabilities rounded to it
-before the top-k (so ties are the twin's ties), ties to the lowest block index.
+before the top-k (so ties are the twin's ties), ties to the lowest block index. Forced blocks
+(FORCED_I initial, FORCED_L local, causal): their slots first, the twin's `forced_blocks` order and
+validity, then the top-k of the unforced blocks.
 
 Packed documents (block_topk_packed, constexpr PACKED): each row reads the window of its document's
 blocks in a row of pooled slots (reference/packed_selection.py is the layout and the twin) and writes
@@ -34,6 +36,7 @@ def block_topk_kernel(
     stride_sr, stride_ir,
     K: tl.constexpr, SEL: tl.constexpr, CAUSAL: tl.constexpr, MASK_OWN: tl.constexpr, NULL_LOGIT: tl.constexpr,
     PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr,
+    FORCED_I: tl.constexpr = 0, FORCED_L: tl.constexpr = 0,
 ):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # rows x stride pass 2**31 elements
     blocks = tl.arange(0, BLOCK_NB)
@@ -42,7 +45,9 @@ def block_topk_kernel(
         query = rows % TC
         pos = tl.load(POS + query, mask=in_rows, other=0)
         cols = tl.load(FIRST + query, mask=in_rows, other=0)[:, None] + blocks[None, :]
-        exists = blocks[None, :] < tl.load(NBLK + query, mask=in_rows, other=0)[:, None]
+        doc_blocks = tl.load(NBLK + query, mask=in_rows, other=0)
+        exists = blocks[None, :] < doc_blocks[:, None]
+        slots_of_doc = tl.maximum(doc_blocks, FORCED_I + FORCED_L)  # a lone document's slots
     else:
         pos = first_pos + rows % TC
         cols = blocks[None, :]
@@ -60,14 +65,36 @@ def block_topk_kernel(
     e = tl.exp(x - top[:, None])
     total = tl.sum(e, axis=1) + tl.exp(NULL_LOGIT - top)
     p = (e / total[:, None]).to(score_dtype).to(tl.float32)
-    p = tl.where(exists, p, -1.0)  # no block there: chosen only once the blocks are exhausted
     out = rows * stride_ir
-    for slot in tl.static_range(K):
+    if FORCED_I + FORCED_L > 0:  # forced slots first (reference.selection.forced_blocks), then the rest
+        own = pos // SEL
+        for j in tl.static_range(FORCED_I + FORCED_L):
+            if j < FORCED_I:
+                chosen = own * 0 + j
+                forced_valid = j < own
+            else:
+                chosen = own - 1 - (j - FORCED_I)
+                forced_valid = (chosen >= 0) & (chosen >= FORCED_I)
+            chosen = tl.minimum(tl.maximum(chosen, 0), NB - 1)
+            value = tl.sum(tl.where(blocks[None, :] == chosen[:, None], p, 0.0), axis=1)
+            if PACKED:  # a block or a slot the lone document lacks: index -1, probability 0
+                there = (chosen < doc_blocks) & (j < slots_of_doc)
+                chosen = tl.where(there, chosen, -1)
+                value = tl.where(there, value, 0.0)
+                forced_valid = forced_valid & there
+            tl.store(INDICES + out + j, chosen.to(tl.int64), mask=in_rows)
+            tl.store(PROBS + out + j, value.to(score_dtype), mask=in_rows)
+            tl.store(VALID + out + j, forced_valid.to(tl.int8), mask=in_rows)
+        forced = ((blocks[None, :] < FORCED_I) | (blocks[None, :] >= own[:, None] - FORCED_L)) & \
+            (blocks[None, :] < own[:, None])
+        p = tl.where(forced, 0.0, p)  # the other slots rank the unforced blocks
+    p = tl.where(exists, p, -1.0)  # no block there: chosen only once the blocks are exhausted
+    for slot in tl.static_range(FORCED_I + FORCED_L, K):
         best = tl.max(p, axis=1)
         choice = tl.min(tl.where(p == best[:, None], blocks[None, :], BLOCK_NB), axis=1)
         p = tl.where(blocks[None, :] == choice[:, None], -2.0, p)
         if PACKED:  # past the document's blocks: index -1, probability 0 (plain rows: K <= NB)
-            found = best >= 0.0
+            found = (best >= 0.0) & (slot < slots_of_doc)
             choice = tl.where(found, choice, -1)
             best = tl.where(found, best, 0.0)
         tl.store(INDICES + out + slot, choice.to(tl.int64), mask=in_rows)
@@ -76,9 +103,12 @@ def block_topk_kernel(
 
 
 def _launch(scores: torch.Tensor, k: int, first_pos: int, selection_block_size: int, causal: bool, mask_own: bool,
-            scale: float, null_logit: float, threshold: float, packed: tuple | None, width: int):
+            scale: float, null_logit: float, threshold: float, packed: tuple | None, width: int,
+            forced_initial: int, forced_local: int):
     """Both ops' launch: rows of scores (..., TC, P); plain rows read NB = P blocks, packed rows the
-    `width` columns from their document's first (packed = (positions, first_slot, num_blocks) (TC,))."""
+    `width` columns from their document's first (packed = (positions, first_slot, num_blocks) (TC,)).
+    max(k, forced_initial + forced_local) slots come out (the forced ones first)."""
+    k = slots_out(k, forced_initial, forced_local)
     TC, P = scores.shape[-2], scores.shape[-1]
     flat = scores.contiguous().reshape(-1, P)
     R = flat.shape[0]
@@ -93,69 +123,84 @@ def _launch(scores: torch.Tensor, k: int, first_pos: int, selection_block_size: 
         block_topk_kernel[(triton.cdiv(R, block_r),)](
             flat, indices, probs, valid, *per_query, R, NB, TC, first_pos, scale, threshold, flat.stride(0),
             indices.stride(0), K=k, SEL=selection_block_size, CAUSAL=causal, MASK_OWN=mask_own, NULL_LOGIT=null_logit,
-            PACKED=packed is not None, BLOCK_R=block_r, BLOCK_NB=block_nb,
-            num_warps=8 if block_nb * block_r >= 8192 else 4,
+            PACKED=packed is not None, BLOCK_R=block_r, BLOCK_NB=block_nb, FORCED_I=forced_initial,
+            FORCED_L=forced_local, num_warps=8 if block_nb * block_r >= 8192 else 4,
         )
     shape = (*scores.shape[:-1], k)
     return indices.view(shape), valid.view(shape), probs.view(shape)
 
 
-def _fake_outputs(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    shape = (*scores.shape[:-1], k)
+def slots_out(k: int, forced_initial: int, forced_local: int) -> int:
+    """Slots of a selection of the k best blocks with these forced ones (select_top_blocks: every
+    forced slot is kept, the rest fill up to k)."""
+    return max(k, forced_initial + forced_local)
+
+
+def _fake_outputs(scores: torch.Tensor, k: int, forced_initial: int = 0,
+                  forced_local: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = (*scores.shape[:-1], slots_out(k, forced_initial, forced_local))
     return (scores.new_empty(shape, dtype=torch.int64), scores.new_empty(shape, dtype=torch.int8),
             scores.new_empty(shape))
 
 
 @torch.library.custom_op("nsa::block_topk", mutates_args=())
 def _block_topk(scores: torch.Tensor, k: int, scale: float, first_pos: int, selection_block_size: int, causal: bool,
-                mask_own: bool, null_logit: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                mask_own: bool, null_logit: float, threshold: float, forced_initial: int,
+                forced_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch(scores, k, first_pos, selection_block_size, causal, mask_own, scale, null_logit, threshold,
-                   None, 0)
+                   None, 0, forced_initial, forced_local)
 
 
 @_block_topk.register_fake
-def _block_topk_fake(scores, k, scale, first_pos, selection_block_size, causal, mask_own, null_logit, threshold):
-    return _fake_outputs(scores, k)
+def _block_topk_fake(scores, k, scale, first_pos, selection_block_size, causal, mask_own, null_logit, threshold,
+                     forced_initial, forced_local):
+    return _fake_outputs(scores, k, forced_initial, forced_local)
 
 
 @torch.library.custom_op("nsa::block_topk_packed", mutates_args=())
 def _block_topk_packed(scores: torch.Tensor, k: int, positions: torch.Tensor, first_slot: torch.Tensor,
                        num_blocks: torch.Tensor, width: int, scale: float, selection_block_size: int, causal: bool,
-                       mask_own: bool, null_logit: float,
-                       threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       mask_own: bool, null_logit: float, threshold: float, forced_initial: int,
+                       forced_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch(scores, k, 0, selection_block_size, causal, mask_own, scale, null_logit, threshold,
-                   (positions, first_slot, num_blocks), width)
+                   (positions, first_slot, num_blocks), width, forced_initial, forced_local)
 
 
 @_block_topk_packed.register_fake
 def _block_topk_packed_fake(scores, k, positions, first_slot, num_blocks, width, scale, selection_block_size, causal,
-                            mask_own, null_logit, threshold):
-    return _fake_outputs(scores, k)
+                            mask_own, null_logit, threshold, forced_initial, forced_local):
+    return _fake_outputs(scores, k, forced_initial, forced_local)
 
 
 def block_topk(scores: torch.Tensor, k: int, *, scale: float, first_pos: int, selection_block_size: int, causal: bool,
-               mask_own: bool, null_logit: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               mask_own: bool, null_logit: float, threshold: float, forced_initial: int = 0,
+               forced_local: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """scores (B, H, TC, NB) for queries first_pos ... first_pos + TC - 1 -> indices (B, H, TC, k)
     int64, valid (bool), probs (scores' dtype). 1 <= k <= NB. `null_logit` is the logit of the null
     slot in front of the blocks; a slot is valid when its probability exceeds `threshold` (given in
-    the scores' dtype, as the twin compares). Not differentiable (use_diff_topk takes the twin)."""
+    the scores' dtype, as the twin compares). Forced blocks (causal): the first forced_initial +
+    forced_local slots hold them as reference.selection.forced_blocks gives them (valid where they
+    exist), the rest the best unforced blocks; max(k, forced) slots. Not differentiable
+    (use_diff_topk takes the twin)."""
     threshold = float(torch.tensor(threshold, dtype=scores.dtype))  # a Python float: no device read
     indices, valid, probs = _block_topk(scores, int(k), float(scale), int(first_pos), int(selection_block_size),
-                                        bool(causal), bool(mask_own), float(null_logit), threshold)
+                                        bool(causal), bool(mask_own), float(null_logit), threshold,
+                                        int(forced_initial), int(forced_local))
     return indices, valid.view(torch.bool), probs
 
 
 def block_topk_packed(scores: torch.Tensor, k: int, *, positions: torch.Tensor, first_slot: torch.Tensor,
                       num_blocks: torch.Tensor, width: int, scale: float, selection_block_size: int, causal: bool,
-                      mask_own: bool, null_logit: float,
-                      threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      mask_own: bool, null_logit: float, threshold: float, forced_initial: int = 0,
+                      forced_local: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed documents: scores (B, H, TC, P) of TC queries against every pooled slot; query t (of
     positions (TC,) in its document) sees the `width` slots from first_slot[t], the first
     num_blocks[t] of them its document's blocks (reference/packed_selection.py). -> indices
     (B, H, TC, k) document-relative, -1 (invalid, probability 0) past the document's blocks;
-    valid, probs as block_topk. k >= 1, any width (0 included)."""
+    valid, probs and forced blocks (counted from each document's start) as block_topk. k >= 1, any
+    width (0 included)."""
     threshold = float(torch.tensor(threshold, dtype=scores.dtype))
     indices, valid, probs = _block_topk_packed(scores, int(k), positions, first_slot, num_blocks, int(width),
                                                float(scale), int(selection_block_size), bool(causal), bool(mask_own),
-                                               float(null_logit), threshold)
+                                               float(null_logit), threshold, int(forced_initial), int(forced_local))
     return indices, valid.view(torch.bool), probs

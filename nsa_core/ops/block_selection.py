@@ -2,10 +2,10 @@
 (validation + dispatch). The rule is reference/selection.py's.
 
 Kernel path, for selection blocks a multiple of the stride: block scores pooled before the dot
-product (reference/pooled_selection.py) and mask + softmax + top-k as one Triton pass
-(kernels/block_topk.py); by design, with use_diff_topk (whose gates need the softmax's gradient) or
-forced blocks, PyTorch's softmax and top-k on the pooled logits (packed documents too: forced
-blocks count from each document's start). Whether the Triton top-k runs is dispatch.py's rule like every kernel
+product (reference/pooled_selection.py) and mask + softmax + top-k (forced blocks first, counted
+from each packed document's start) as one Triton pass (kernels/block_topk.py); by design, with
+use_diff_topk (whose gates need the softmax's gradient), PyTorch's softmax and top-k on the pooled
+logits. Whether the Triton top-k runs is dispatch.py's rule like every kernel
 (_topk_kernel): more blocks than it holds raise with backend="triton" and fall back, with a
 warning, with "auto". Over query chunks either way (memory linear in T).
 PyTorch: when blocks are scored pooled (selection blocks a multiple of the stride, mean-logit
@@ -106,8 +106,6 @@ def _topk_kernel(rule: SelectionRule, num_blocks: int, backend: str, q: Tensor) 
     by_design = None
     if rule.use_diff_topk:
         by_design = "use_diff_topk's gates need the softmax's gradient: PyTorch's top-k on the pooled logits"
-    elif rule.has_forced_blocks:
-        by_design = "forced blocks take PyTorch's top-k on the pooled logits"
 
     def unsupported() -> str | None:
         from nsa_core.kernels.block_topk import MAX_BLOCKS
@@ -139,7 +137,8 @@ def _select_pooled(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs, backe
             indices, valid, probs = block_topk(
                 scores, k, scale=rule.scale, first_pos=seqs.q_offset + start, causal=rule.causal,
                 selection_block_size=rule.selection_block_size, mask_own=rule.selection_block_size != rule.stride,
-                null_logit=NULL_SLOT_LOGIT, threshold=VALID_THRESHOLD,
+                null_logit=NULL_SLOT_LOGIT, threshold=VALID_THRESHOLD, forced_initial=rule.forced_initial,
+                forced_local=rule.forced_local,
             )
             return indices, valid, probs, None
     else:
@@ -185,7 +184,7 @@ def _select_packed(q: Tensor, ck: Tensor, rule: SelectionRule, seqs: Seqs, backe
                 num_blocks=blocks.num_blocks[start:end], width=blocks.width, scale=rule.scale,
                 selection_block_size=rule.selection_block_size, causal=rule.causal,
                 mask_own=rule.selection_block_size != rule.stride, null_logit=NULL_SLOT_LOGIT,
-                threshold=VALID_THRESHOLD,
+                threshold=VALID_THRESHOLD, forced_initial=rule.forced_initial, forced_local=rule.forced_local,
             )
             return indices, valid, probs, None
     else:

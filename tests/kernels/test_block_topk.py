@@ -92,3 +92,30 @@ def test_block_topk_packed_equals_each_document(dtype, causal, lengths, k):
         assert torch.equal(idx[..., :m], want[0]) and torch.equal(valid[..., :m], want[1])
         torch.testing.assert_close(probs[..., :m], want[2], rtol=2e-7 if dtype == torch.float32 else 2 ** -6,
                                    atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("NB, k, first_pos, initial, local", [(13, 4, 0, 1, 2), (40, 5, 150, 1, 2), (40, 6, 90, 2, 0),
+                                                              (3, 3, 5, 1, 2), (9, 3, 20, 0, 3), (2, 2, 30, 2, 1)])
+def test_block_topk_forced_blocks_equal_twin(dtype, NB, k, first_pos, initial, local):
+    """Forced initial / local blocks (causal): the first slots hold them as the twin places them
+    (valid where they exist before the query's own block), the others the best unforced blocks;
+    more forced blocks than k keep every forced slot."""
+    from nsa_core.kernels.block_topk import block_topk
+
+    gen = torch.Generator().manual_seed(NB * 10 + initial + 3 * local)
+    sel, stride = 16, 8
+    scores = (torch.randint(-6, 7, (2, 3, 41, NB), generator=gen) * 0.5).to(dtype).to(DEVICE)
+    scale = 0.37
+    got = block_topk(scores, k, scale=scale, first_pos=first_pos, selection_block_size=sel, causal=True,
+                     null_logit=NULL_SLOT_LOGIT, threshold=VALID_THRESHOLD, mask_own=True, forced_initial=initial,
+                     forced_local=local)
+    pos = torch.arange(first_pos, first_pos + scores.shape[-2], device=scores.device)
+    logits = mask_block_logits(scores * scale, query_pos=pos, stride=stride, selection_block_size=sel, causal=True)
+    want = select_top_blocks(logits, k, use_diff_topk=False, forced=(sel, initial, local, pos))
+    idx, valid, probs = got
+    assert idx.shape == want.indices.shape and want.valid[..., :initial + local].any()
+    assert torch.equal(valid, want.valid)
+    assert torch.equal(torch.where(valid, idx, -1), torch.where(want.valid, want.indices, -1))
+    torch.testing.assert_close(torch.where(valid, probs, 0), torch.where(want.valid, want.probs, 0),
+                               rtol=2e-7 if dtype == torch.float32 else 2 ** -6, atol=1e-7)

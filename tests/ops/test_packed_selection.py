@@ -148,17 +148,42 @@ def test_packed_kernel_gpu(dtype, agreement):
 
 @pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) is not None,
                     reason="kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
-@pytest.mark.parametrize("initial, local, diff, chunk", [(1, 2, False, None), (1, 1, True, 41), (0, 2, False, 23),
-                                                         (2, 0, True, None)])
-def test_packed_forced_blocks_equal_each_document(monkeypatch, initial, local, diff, chunk):
-    """Forced initial / local blocks count from each document's start: all documents in one pass
-    (no host read of the bounds) equal every document selected alone in every valid slot (slot
-    for slot: forced slots come first), gates and their gradients too. Invalid slots are ignored by
-    the attention; their indices may differ (-1 or a clamped block)."""
+@pytest.mark.parametrize("initial, local, chunk", [(1, 2, None), (0, 2, 23), (2, 1, 41)])
+def test_packed_kernel_with_forced_blocks_equals_each_document(monkeypatch, initial, local, chunk):
+    """The packed top-k kernel with forced blocks (counted from each document's start): the forced
+    slots slot for slot, the rest as a set (float32: a near-tie may order them otherwise)."""
+    seqs = packed(LENGTHS)
+    q, ck = inputs(3, 4, seqs.q_len, seed=initial + 3 * local, dtype=torch.float32)
+    rule = SelectionRule(4, 8, 4, 3, True, False, False, True, 0.3, forced_initial=initial, forced_local=local)
+    want = _select_per_document(q, ck, rule, seqs)
+    from nsa_core.kernels import block_topk
+
+    calls = []
+    kernel = block_topk.block_topk_packed
+    monkeypatch.setattr(block_topk, "block_topk_packed", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    native_path(monkeypatch, chunk)
+    got = select_blocks(q, ck, rule, seqs=seqs, backend="triton")
+    assert calls and got.indices.shape == want.indices.shape
+    forced = slice(0, initial + local)
+    assert torch.equal(got.valid, want.valid) and got.valid[..., forced].any()
+    assert torch.equal(torch.where(got.valid, got.indices, -1)[..., forced],
+                       torch.where(want.valid, want.indices, -1)[..., forced])
+    rest = lambda s: torch.where(s.valid, s.indices, -1)[..., initial + local:].sort(dim=-1).values
+    assert torch.equal(rest(got), rest(want))
+    torch.testing.assert_close(torch.where(got.valid, got.probs, 0).sort(dim=-1).values,
+                               torch.where(want.valid, want.probs, 0).sort(dim=-1).values, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("initial, local, chunk", [(1, 1, 41), (2, 0, None)])
+def test_packed_twin_with_forced_blocks_and_diff_topk_equals_each_document(monkeypatch, initial, local, chunk):
+    """Forced blocks with use_diff_topk (the PyTorch top-k by design), float64: all documents in one
+    pass (no host read of the bounds) equal every document selected alone in every valid slot (slot
+    for slot), gates and their gradients too. Invalid slots are ignored by the attention; their
+    indices may differ (-1 or a clamped block)."""
     seqs = packed(LENGTHS)
     q, ck = inputs(3, 4, seqs.q_len, seed=initial + 3 * local, dtype=torch.float64)
     q.requires_grad_(), ck.requires_grad_()
-    rule = SelectionRule(4, 8, 4, 3, True, False, diff, True, 0.3, forced_initial=initial, forced_local=local)
+    rule = SelectionRule(4, 8, 4, 3, True, False, True, True, 0.3, forced_initial=initial, forced_local=local)
     want = _select_per_document(q, ck, rule, seqs)
     monkeypatch.setattr(importlib.import_module("nsa_core.ops.block_selection"), "use_kernels", lambda *a, **k: True)
     native_path(monkeypatch, chunk)
@@ -166,10 +191,9 @@ def test_packed_forced_blocks_equal_each_document(monkeypatch, initial, local, d
     assert torch.equal(got.valid, want.valid) and got.valid.any()
     assert torch.equal(got.indices[got.valid], want.indices[want.valid])
     torch.testing.assert_close(got.probs[got.valid], want.probs[want.valid], rtol=1e-12, atol=1e-15)
-    if diff:
-        weights = torch.randn(got.gates.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        weights = weights * got.valid
-        torch.testing.assert_close(got.gates * got.valid, want.gates * want.valid, rtol=1e-12, atol=1e-15)
-        grads = [torch.autograd.grad((s.gates * weights).sum(), (q, ck)) for s in (got, want)]
-        for a, b in zip(*grads):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    weights = torch.randn(got.gates.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weights = weights * got.valid
+    torch.testing.assert_close(got.gates * got.valid, want.gates * want.valid, rtol=1e-12, atol=1e-15)
+    grads = [torch.autograd.grad((s.gates * weights).sum(), (q, ck)) for s in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
