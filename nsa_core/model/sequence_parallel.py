@@ -12,7 +12,9 @@ every rank:
 3. rotary only on its own keys; the rotated keys and values of the selected and window branches are
    all-gathered (one collective for all of them);
 4. `SparseAttention.attend` runs for each contiguous piece of its queries (contiguous: one,
-   balanced: two), described by `Seqs(q_len=piece, k_len=n, q_offset=piece start)`.
+   balanced: two), described by `Seqs(q_len=piece, k_len=n, q_offset=piece start)`; causal, the
+   piece's keys end at its last query (k_len = piece end): nothing after it is visible, and the
+   kernels' key grids (the backward's dK / dV) then cover only those keys.
 Every all-gather has autograd: its backward reduce-scatters the gradients of the gathered tensor
 back to the owners (distributed/sequence_parallel.py), so the halo's, the compressed tokens' and the
 keys' gradients reach the rank that computed them.
@@ -53,11 +55,12 @@ from nsa_core.distributed.sequence_parallel import (
     gather_sequence,
 )
 from nsa_core.distributed.shard_plan import ShardPlan
+from nsa_core.model.branch_keys import BranchKeys
 from nsa_core.model.compression import with_memory
 from nsa_core.seqs import Seqs
 
 if TYPE_CHECKING:
-    from nsa_core.model.attention import BranchKeys, SparseAttention
+    from nsa_core.model.attention import SparseAttention
 
 
 def shard_plan(module: SparseAttention, seq_len: int, world: int, rank: int, layout: str) -> ShardPlan:
@@ -89,21 +92,36 @@ def shard_forward(module: SparseAttention, inp: Tensor, plan: ShardPlan, gather:
     q, k, v = module.project(x)  # q (b, h, nl, d), k / v (b, branches * hk, nl, d)
     keys = shard_keys(module, k, v, plan, gather)
     pieces = shard_seqs(plan)
+    cfg = module.config
+    if cfg.causal:  # a piece sees no key after its last query: its keys (and their kernels' grids) end there
+        ends = [p.q_offset + p.q_len for p in pieces]
+        cut = [visible_keys(keys, end, cfg.stride, cfg.num_compressed_mem_kv) for end in ends]
+        pieces = [Seqs(q_len=p.q_len, k_len=end, q_offset=p.q_offset) for p, end in zip(pieces, ends)]
+    else:
+        cut = [keys] * len(pieces)
     if len(pieces) == 1:
-        return module.attend(x, q, keys, pieces[0])
+        return module.attend(x, q, cut[0], pieces[0])
     outs, start = [], 0
-    for piece in pieces:
+    for piece, piece_keys in zip(pieces, cut):
         end = start + piece.q_len
-        outs.append(module.attend(x[:, start:end], q[:, :, start:end], keys, piece))
+        outs.append(module.attend(x[:, start:end], q[:, :, start:end], piece_keys, piece))
         start = end
     return torch.cat(outs, dim=1)
+
+
+def visible_keys(keys: BranchKeys, end: int, stride: int, num_memory: int) -> BranchKeys:
+    """Causal: the keys of the tokens before `end` (the queries' last position + 1) and the compressed
+    tokens completed by then (memory tokens first); a query before `end` sees nothing else."""
+    token = slice(0, end)
+    compressed = slice(0, num_memory + end // stride)
+    return BranchKeys(keys.compressed_k[:, :, compressed], keys.compressed_v[:, :, compressed],
+                      keys.rotated_k[:, :, token], keys.v[:, :, token], keys.window_k[:, :, token],
+                      keys.window_v[:, :, token])
 
 
 def shard_keys(module: SparseAttention, k: Tensor, v: Tensor, plan: ShardPlan, gather) -> BranchKeys:
     """The branches' keys of the whole sequence from this rank's unrotated k, v (b, branches * hk, nl, d):
     compressed from its own windows and gathered, rotated on its own tokens and gathered."""
-    from nsa_core.model.attention import BranchKeys
-
     (kc, vc), (ks, vs), (kw, vw) = module.branch_kv(k, v)
     ck, cv = shard_compress(module, kc, vc, plan, gather)
     positions = plan.positions(k.device)

@@ -198,3 +198,26 @@ def test_spans_cover_the_sequence_and_unshard_inverts(world):
         shards = [torch.cat([x[:, s:e] for s, e in rank_spans], dim=1) for rank_spans in spans]
         assert torch.equal(unshard_sequence(shards, layout), x)
     assert [shard_spans(n, world, r, "balanced") for r in range(world)][0] == [(0, 4), (n - 4, n)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_causal_piece_reads_only_the_keys_before_its_end(monkeypatch, causal):
+    """Balanced rank 0 of 2 holds chunks 0 and 3: causal, its first piece attends the keys up to its
+    last query only (k_len 6 of 24; the compressed tokens completed by then), its second piece all;
+    not causal, both all 24. What the pieces compute is the gloo tests' (they equal one process)."""
+    from nsa_core.model.sequence_parallel import StandInGather, shard_forward, shard_plan
+
+    module = randomize_(SparseAttention(**BASE, heads=2, kv_heads=1, causal=causal)).double()
+    seen = []
+    attend = SparseAttention.attend
+    monkeypatch.setattr(SparseAttention, "attend", lambda self, x, q, keys, seqs: seen.append(
+        (seqs.q_offset, seqs.q_len, seqs.k_len, keys.rotated_k.shape[-2], keys.compressed_k.shape[-2]))
+        or attend(self, x, q, keys, seqs))
+    plan = shard_plan(module, SEQ_LEN, 2, 0, "balanced")
+    gather = StandInGather(plan, lambda shape: torch.randn(shape, dtype=torch.float64))
+    shard_forward(module, torch.randn(1, SEQ_LEN // 2, 16, dtype=torch.float64), plan, gather)
+    mem, stride = BASE["num_compressed_mem_kv"], BASE["compress_block_sliding_stride"]
+    if causal:
+        assert seen == [(0, 6, 6, 6, mem + 6 // stride), (18, 6, 24, 24, mem + 24 // stride)]
+    else:
+        assert seen == [(0, 6, 24, 24, mem + 24 // stride), (18, 6, 24, 24, mem + 24 // stride)]
