@@ -133,3 +133,16 @@ def test_pages_on_demand_and_errors():
     assert cache.token_pool.free_pages == 4 and cache.block_table.eq(0).all()
     with pytest.raises(ValueError, match="num_pages must be an int >= 2"):
         PagedCache.for_model(attn, slots=1, max_seq_len=8, num_pages=1)
+
+
+def test_state_grows_with_pages_not_with_max_seq_len():
+    """Per layer, what a PagedCache holds besides its tables is the pools (pages) and a ring of R
+    tokens per slot: the same bytes for a 64-token and a 4096-token max_seq_len."""
+    attn = make(CONFIGS[0])
+
+    def state_bytes(max_seq_len):
+        cache = PagedCache.for_model(attn, slots=3, max_seq_len=max_seq_len, num_pages=9, num_compressed_pages=4)
+        layer = cache.layers[0]
+        return sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
+
+    assert state_bytes(64) == state_bytes(4096)
