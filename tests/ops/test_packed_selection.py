@@ -57,6 +57,16 @@ def native_path(monkeypatch, chunk):
                             lambda *args, **kwargs: chunk)
 
 
+def spy_on_packed_kernel(monkeypatch) -> list:
+    """A list that gets an entry per call of the packed top-k kernel."""
+    from nsa_core.kernels import block_topk
+
+    calls = []
+    kernel = block_topk.block_topk_packed
+    monkeypatch.setattr(block_topk, "block_topk_packed", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    return calls
+
+
 def test_pooled_slots_hold_each_documents_pooled_keys():
     seqs, stride, sel = packed(LENGTHS), 4, 8
     _, ck = inputs(1, stride, seqs.q_len, seed=0, dtype=torch.float64)
@@ -83,11 +93,7 @@ def test_packed_kernel_equals_each_document(monkeypatch, causal, G, share, strid
     q, ck = inputs(G, stride, seqs.q_len, seed=G + sel, dtype=torch.float32)
     rule = SelectionRule(num_selected, sel, stride, G, share, False, False, causal, 0.3)
     want = _select_per_document(q, ck, rule, seqs)
-    from nsa_core.kernels import block_topk
-
-    calls = []
-    kernel = block_topk.block_topk_packed
-    monkeypatch.setattr(block_topk, "block_topk_packed", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    calls = spy_on_packed_kernel(monkeypatch)
     native_path(monkeypatch, chunk)
     got = select_blocks(q, ck, rule, seqs=seqs, backend="triton")
     assert len(calls) == (1 if chunk is None else -(-seqs.q_len // chunk)) and got.gates is None
@@ -151,16 +157,13 @@ def test_packed_kernel_gpu(dtype, agreement):
 @pytest.mark.parametrize("initial, local, chunk", [(1, 2, None), (0, 2, 23), (2, 1, 41)])
 def test_packed_kernel_with_forced_blocks_equals_each_document(monkeypatch, initial, local, chunk):
     """The packed top-k kernel with forced blocks (counted from each document's start): the forced
-    slots slot for slot, the rest as a set (float32: a near-tie may order them otherwise)."""
+    slots slot for slot, the rest as a set (float32: a near-tie may order them otherwise); invalid
+    slots' indices are not compared (-1 or a clamped block: the attention ignores them)."""
     seqs = packed(LENGTHS)
     q, ck = inputs(3, 4, seqs.q_len, seed=initial + 3 * local, dtype=torch.float32)
     rule = SelectionRule(4, 8, 4, 3, True, False, False, True, 0.3, forced_initial=initial, forced_local=local)
     want = _select_per_document(q, ck, rule, seqs)
-    from nsa_core.kernels import block_topk
-
-    calls = []
-    kernel = block_topk.block_topk_packed
-    monkeypatch.setattr(block_topk, "block_topk_packed", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    calls = spy_on_packed_kernel(monkeypatch)
     native_path(monkeypatch, chunk)
     got = select_blocks(q, ck, rule, seqs=seqs, backend="triton")
     assert calls and got.indices.shape == want.indices.shape
