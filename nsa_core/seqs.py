@@ -110,6 +110,7 @@ class Seqs:
         if key not in self._layouts:
             self._layouts[key] = make()
         return self._layouts[key]
+
     @classmethod
     def step(cls, lengths: Tensor, new_tokens: int, capacity: int) -> "Seqs":
         """A decoding step: `new_tokens` queries per row after lengths[b] cached tokens of row b
