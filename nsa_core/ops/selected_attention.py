@@ -115,6 +115,7 @@ def selected_attention(
 
         return selected_attention_triton(q, k, v, indices, block_size, valid, gates, causal, scale, window,
                                          seqs.cu_seqlens, seqs.q_offset)
+
     def torch_path(q, k, v, indices, valid, gates, seqs: Seqs) -> Tensor:
         return _torch_path(q, k, v, indices, block_size, valid, gates, causal, scale, window, seqs.q_offset)
 
