@@ -17,9 +17,9 @@ r n/P ...; "balanced", rank r holding chunks r and 2P-1-r of 2P: equal compresse
    cannot leave its peer waiting); the ranks agree on the answer, then run one real step there
    (the search uses the first layout of --layouts; the real step runs in each).
 3. Scaling at the one-GPU length, a row per layout: forward + backward of the whole sequence on one
-   GPU against the sharded step on P GPUs (the slowest rank); the communication alone (the
-   all-gather of keys and values, balanced: put in sequence order, and the reduce-scatter of their
-   gradients) and each rank's compute alone (the slowest rank, and the fastest over the slowest:
+   GPU against the sharded step on P GPUs (the slowest rank); the communication alone (the pass's
+   three all-gathers: the compression halo, the compressed tokens and the rotated keys and values,
+   balanced: put in sequence order, and the reduce-scatters of their gradients) and each rank's compute alone (the slowest rank, and the fastest over the slowest:
    the balance), to read the communication share and whether compute and communication overlap
    (today they do not: the all-gather runs before the layer's attention, the reduce-scatter after
    its backward).
@@ -41,6 +41,7 @@ from benchmarks.timing import synchronize
 from nsa_core import SparseAttention
 from nsa_core.config import get_preset
 from nsa_core.distributed import LAYOUTS, gather_sequence, shard_sequence, unshard_sequence
+from nsa_core.model.sequence_parallel import shard_plan
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,15 +128,22 @@ def shard_step(module, n, group, device, dtype, communicate: bool, layout: str =
 
 
 def comm_step(module, n, group, device, dtype, layout: str = "contiguous"):
-    """The layer's communication alone: all-gather of the stacked keys and values (in sequence
-    order), reduce-scatter back."""
-    cfg, nl = module.config, n // dist.get_world_size(group)
-    kv = torch.randn(2, 1, cfg.num_kv_heads, nl, cfg.dim_head, device=device, dtype=dtype, requires_grad=True)
+    """The layer's communication alone, as the pass does it (model/sequence_parallel.py): the halo of
+    unrotated compression keys / values, the compressed tokens, and the stacked rotated keys and
+    values (2 tensors, 4 with independent_kv) all-gathered, each reduce-scattered back."""
+    cfg = module.config
+    plan = shard_plan(module, n, dist.get_world_size(group), dist.get_rank(group), layout)
+    rows = {"halo": plan.pieces * plan.halo, "compressed": plan.pieces * plan.window_capacity,
+            "keys": n // plan.world}
+    stacked = {"halo": 2, "compressed": 2, "keys": 4 if cfg.independent_kv else 2}
+    mine = [torch.randn(stacked[name], 1, cfg.num_kv_heads, count, cfg.dim_head, device=device, dtype=dtype,
+                        requires_grad=True) for name, count in rows.items() if count > 0]
 
     def run() -> None:
-        full = gather_sequence(kv, group, layout)
-        full.backward(torch.ones_like(full))
-        kv.grad = None
+        for t in mine:
+            full = gather_sequence(t, group, layout)
+            full.backward(torch.ones_like(full))
+            t.grad = None
     return run
 
 
