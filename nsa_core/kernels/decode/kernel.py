@@ -19,6 +19,8 @@ N = BLOCK_N keys per tile, D / DV head dims, NS splits.
 import triton
 import triton.language as tl
 
+from nsa_core.kernels.online_softmax import online_softmax_step
+
 
 @triton.jit
 def _tile_keys(blocks, valid, block_table, p_list, p_table, step, chunk, end, max_pages, num_pages, b_lo, b_hi,
@@ -51,13 +53,7 @@ def _attend_tile(b_q, b_m, b_l, b_acc, p_k, p_v, b_phys, o_in, m_key, stride_kp,
     b_v = tl.load(p_vt, mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)  # [N, BLOCK_DV]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [BLOCK_R, N]
     b_s = tl.where(m_key[None, :], b_s, float("-inf"))
-    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))  # [BLOCK_R]
-    b_base = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-    b_p = tl.exp(b_s - b_base[:, None])
-    b_alpha = tl.exp(b_m - b_base)
-    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-    return b_m_new, b_l, b_acc
+    return online_softmax_step(b_m, b_l, b_acc, b_s, b_v, PRECISION)
 
 
 @triton.jit

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from nsa_core.kernels.grid import split_pid
+from nsa_core.kernels.online_softmax import online_softmax_step
 
 
 @triton.jit
@@ -84,13 +85,7 @@ def _attend_keys(b_q, b_m, b_l, b_acc, p_k, p_v, stride_kt, stride_vt, o_key, m_
     b_v = tl.load(p_v + o_key[:, None] * stride_vt + o_dv[None, :], mask=m_key[:, None] & (o_dv[None, :] < DV), other=0.0)  # [N, BLOCK_DV]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * (scale * b_gate)[None, :]  # [ROWS_P, N]
     b_s = tl.where(m_key[None, :], b_s, float("-inf"))
-    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))  # [ROWS_P]
-    b_base = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-    b_p = tl.exp(b_s - b_base[:, None])
-    b_alpha = tl.exp(b_m - b_base)
-    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-    return b_m_new, b_l, b_acc
+    return online_softmax_step(b_m, b_l, b_acc, b_s, b_v, PRECISION)
 
 
 @triton.jit

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from nsa_core.kernels.grid import split_pid
+from nsa_core.kernels.online_softmax import online_softmax_step
 from nsa_core.kernels.selected_attention.forward import block_keys
 
 
@@ -142,13 +143,7 @@ def selected_attention_fwd_by_tile_kernel(
             UNION_PER_STEP, BLOCK, BLOCK_N, BLOCK_R, N, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, WINDOW, PACKED)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * (scale * b_gate)  # [R, N]
         b_s = tl.where(m, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))  # [R]
-        b_base = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp(b_s - b_base[:, None])
-        b_alpha = tl.exp(b_m - b_base)
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_m = b_m_new
+        b_m, b_l, b_acc = online_softmax_step(b_m, b_l, b_acc, b_s, b_v, PRECISION)
 
     b_has = b_l > 0
     b_out = b_acc / tl.where(b_has, b_l, 1.0)[:, None]

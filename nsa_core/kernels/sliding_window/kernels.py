@@ -16,6 +16,8 @@ Dimension legend: B batch, HQ query heads, HKV kv heads, G = HQ / HKV, TQ querie
 import triton
 import triton.language as tl
 
+from nsa_core.kernels.online_softmax import online_softmax_step
+
 
 @triton.jit
 def _band(o_pm, o_n, T, window, b_first):
@@ -97,13 +99,7 @@ def sliding_window_fwd_kernel(
         o_n, b_k, b_v = _key_tile(p_k, p_v, stride_kt, stride_vt, start, TK, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [M, N]
         b_s = tl.where(_band(o_pm, o_n, TK, window, b_first), b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_base = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp(b_s - b_base[:, None])
-        b_alpha = tl.exp(b_m - b_base)
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_m = b_m_new
+        b_m, b_l, b_acc = online_softmax_step(b_m, b_l, b_acc, b_s, b_v, PRECISION)
 
     b_l = tl.where(b_l > 0, b_l, 1.0)  # every query sees itself; guards the padding rows only
     p_o = o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_dv[None, :]
