@@ -4,7 +4,7 @@ and from all runs in a directory the summary, its table and the picture.
 Per model, the best learning rate is the one with the lowest mean final bits per byte over seeds.
 "At equal tokens" reads every model's validation curve at the fewest tokens any model's run
 reached; "at equal time" at the shortest training time any model's run took (linear
-interpolation between validations).
+interpolation between validations), overall and by position bucket.
 """
 
 from __future__ import annotations
@@ -24,13 +24,21 @@ def run_id(model: str, lr: float, seed: int) -> str:
     return f"{model}-lr{lr:g}-seed{seed}"
 
 
-def curve_at(points: list[dict], key: str, x: float) -> float | None:
-    """bits per byte of a validation curve at `key` (tokens or seconds) = x, interpolated; None past its end."""
+def curve_at(points: list[dict], key: str, x: float, bucket: str | None = None) -> float | None:
+    """bits per byte of a validation curve at `key` (tokens or seconds) = x, interpolated, overall or
+    in one position `bucket`; None past the curve's end or where a point lacks that bucket."""
+
+    def value(point: dict) -> float | None:
+        return point["bpb"] if bucket is None else point.get("buckets", {}).get(bucket)
+
     for a, b in zip(points, points[1:]):
         if a[key] <= x <= b[key]:
+            va, vb = value(a), value(b)
+            if va is None or vb is None:
+                return None
             t = 0.0 if b[key] == a[key] else (x - a[key]) / (b[key] - a[key])
-            return a["bpb"] + t * (b["bpb"] - a["bpb"])
-    return points[-1]["bpb"] if points and points[-1][key] == x else None
+            return va + t * (vb - va)
+    return value(points[-1]) if points and points[-1][key] == x else None
 
 
 def _mean(values):
@@ -60,6 +68,8 @@ def summarize(runs: list[dict]) -> dict:
             "capped_minus_full": {n: _mean([f["capped_minus_full"][n] for f in final]) for n in names},
             "bpb_at_equal_tokens": _mean([curve_at(r["val"], "tokens", equal_tokens) for r in rs]),
             "bpb_at_equal_time": _mean([curve_at(r["val"], "seconds", equal_seconds) for r in rs]),
+            "buckets_at_equal_tokens": {n: _mean([curve_at(r["val"], "tokens", equal_tokens, n) for r in rs])
+                                        for n in names},
         })
     return {"equal_tokens": equal_tokens, "equal_seconds": equal_seconds, "rows": rows}
 
@@ -76,13 +86,13 @@ def print_table(summary: dict, console: Console) -> None:
     names = list(rows[0]["buckets"])
     table = Table(title="Language models on packed documents (best learning rate per model; bits per byte)")
     for column in ("model", "lr", "params", "tokens/s", "bpb (per seed)", *[f"pos {n}" for n in names],
-                   f"capped - full, {names[-1]}", "at equal tokens", "at equal time"):
+                   f"capped - full, {names[-1]}", "at equal tokens", f"pos {names[-1]} at equal tokens", "at equal time"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in rows:
         table.add_row(r["model"], f"{r['lr']:g}", f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s'] / 1e3:,.0f}k",
                       ", ".join(f"{b:.3f}" for b in r["bpb"]), *[_fmt(r["buckets"][n]) for n in names],
                       _fmt(r["capped_minus_full"][names[-1]], 4), _fmt(r["bpb_at_equal_tokens"]),
-                      _fmt(r["bpb_at_equal_time"]))
+                      _fmt(r["buckets_at_equal_tokens"][names[-1]]), _fmt(r["bpb_at_equal_time"]))
     console.print(table)
     console.print(f"equal tokens: {summary['equal_tokens']:,}; equal time: {summary['equal_seconds']} s of training; "
                   "positions: bytes of the token's own document before it", highlight=False)
@@ -95,7 +105,8 @@ def write_summary(summary: dict, out: Path) -> Path:
 
 
 def plot(runs: list[dict], out: Path) -> Path | None:
-    """Validation bits per byte against tokens and against training seconds, one line per run."""
+    """Validation bits per byte against tokens and against training seconds, and the last position
+    bucket's against tokens (runs that recorded it), one line per run."""
     try:
         import matplotlib
 
@@ -103,15 +114,24 @@ def plot(runs: list[dict], out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    last_bucket = None
     for r in (r for r in runs if r.get("val")):
         label = f"{r['model']} lr {r['lr']:g} seed {r['seed']}"
         points = r["val"][1:] or r["val"]
         axes[0].plot([p["tokens"] / 1e6 for p in points], [p["bpb"] for p in points], label=label)
         axes[1].plot([p["seconds"] for p in points], [p["bpb"] for p in points], label=label)
-    for ax, xlabel in zip(axes, ("training tokens (millions)", "training seconds")):
+        with_buckets = [p for p in points if p.get("buckets")]
+        if with_buckets:
+            last_bucket = list(with_buckets[0]["buckets"])[-1]
+            axes[2].plot([p["tokens"] / 1e6 for p in with_buckets], [p["buckets"][last_bucket] for p in with_buckets],
+                         label=label)
+    titles = ("all positions", "all positions", f"positions {last_bucket}" if last_bucket else "no bucket curves")
+    for ax, xlabel, title in zip(axes, ("training tokens (millions)", "training seconds", "training tokens (millions)"),
+                                 titles):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation bits per byte")
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -4,8 +4,8 @@ Every run sees the same packed batches (one generator seeded with the seed), the
 warmup + cosine schedule, and stops at `steps` or at the time budget. Time is measured between
 device synchronisations and covers the training steps only (validation and a first
 forward + backward that compiles the kernels, without an optimizer step, are outside it). The
-validation curve records bits per byte against steps, tokens and training seconds, so runs can be
-compared at equal tokens and at equal time. Progress goes through `log`; nothing here prints.
+validation curve records bits per byte, overall and by position bucket, against steps, tokens and
+training seconds, so runs can be compared at equal tokens and at equal time, bucket by bucket. Progress goes through `log`; nothing here prints.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def train_run(model: nn.Module, corpus: Corpus, s: LMSettings, lr: float, seed: 
     def validate(step: int, seconds: float, final: bool = False) -> None:
         result = evaluate(model, val_rows, s.batch, s.buckets, s.capped_context, device, precision, capped=final)
         point = {"step": step, "tokens": step * s.tokens_per_step, "seconds": round(seconds, 2),
-                 "bpb": round(result["full"]["bpb"], 5)}
+                 "bpb": round(result["full"]["bpb"], 5),
+                 "buckets": {name: None if v is None else round(v, 5) for name, v in result["full"]["buckets"].items()}}
         record["val"].append(point)
         if final:
             record["final"] = result

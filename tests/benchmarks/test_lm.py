@@ -84,6 +84,16 @@ def test_report_reads_curves_at_equal_tokens_and_equal_time():
     rows = {r["model"]: r for r in summarize([fast, slow])["rows"]}
     assert rows["nsa"]["bpb_at_equal_tokens"] == 2.0 and rows["window"]["bpb_at_equal_tokens"] == 3.0
     assert rows["nsa"]["bpb_at_equal_time"] == 4.0 and rows["window"]["bpb_at_equal_time"] == 3.0
+    assert rows["nsa"]["buckets_at_equal_tokens"] == {"0-8": None}  # these curves carry no buckets
+
+
+def test_report_reads_a_position_bucket_along_the_curve():
+    points = [{"tokens": 0, "bpb": 8.0, "buckets": {"0-8": 9.0, "8-16": 7.0}},
+              {"tokens": 10, "bpb": 4.0, "buckets": {"0-8": 5.0, "8-16": 3.0}},
+              {"tokens": 20, "bpb": 2.0}]  # a point without buckets (an earlier run's format)
+    assert curve_at(points, "tokens", 5, bucket="8-16") == 5.0
+    assert curve_at(points, "tokens", 10, bucket="0-8") == 5.0
+    assert curve_at(points, "tokens", 15, bucket="0-8") is None and curve_at(points, "tokens", 15) == 3.0
 
 
 def test_corpus_split_is_by_file_and_drops_duplicates(tmp_path):
@@ -111,6 +121,8 @@ def test_smoke_run_writes_every_run_and_resumes(tmp_path, capsys):
     assert runs == ["dense-lr0.003-seed0.json", "nsa-lr0.003-seed0.json"]
     run = json.loads((tmp_path / "runs" / runs[1]).read_text())
     assert run["status"] == "finished" and run["steps"] == 2 and [p["step"] for p in run["val"]] == [0, 1, 2]
+    assert all(set(p["buckets"]) == {"0-32", "32-64", "64-128"} for p in run["val"])
+    assert run["val"][-1]["buckets"]["64-128"] == pytest.approx(run["final"]["full"]["buckets"]["64-128"], abs=1e-5)
     assert set(run["final"]["capped_minus_full"]) == {"0-32", "32-64", "64-128"}
     summary = json.loads((tmp_path / "summary_lm.json").read_text())
     assert {r["model"] for r in summary["rows"]} == {"dense", "nsa"}
