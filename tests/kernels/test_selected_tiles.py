@@ -174,7 +174,7 @@ def test_by_tile_gpu_real_sizes(by_tile, backward, G, dtype):
     problem = random_problem(G=G, HKV=2, T=2048 + 77, D=128, Dv=128, S=16, block=64, with_gates=True, seed=G,
                              device="cuda")
     # fp32: dK of a key sums ~G x T x S / NB terms (16k at G = 16) in the kernel's tile order; measured
-    # on the H200 at G = 16: 3.7e-5 against the fp32 reference's 5.9e-6 (6.3x), the same with either backward
+    # on the H200 at G = 16: 3.7e-5 against 2.9e-5 allowed at factor 5, the same with either backward
     check_against_reference(problem, dtype, factor=8 if dtype == torch.float32 else 3)
 
 
