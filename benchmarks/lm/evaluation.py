@@ -5,12 +5,14 @@ same labels with at most that much context): a model that uses long context lose
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.lm.corpus import IGNORE, pack
+from benchmarks.lm.probes import GateProbe
 from benchmarks.quality_training import autocast
 
 NATS_TO_BITS = 1 / math.log(2)
@@ -21,11 +23,13 @@ def bucket_names(edges: tuple[int, ...]) -> list[str]:
 
 
 def token_losses(model: nn.Module, rows: Tensor, device: torch.device, precision: str,
-                 cap: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """rows (B, n + 1) -> per-label loss in nats (B * n,), scored mask, positions (without the cap)."""
+                 cap: int | None = None, probe: GateProbe | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """rows (B, n + 1) -> per-label loss in nats (B * n,), scored mask, positions (without the cap);
+    `probe` records the branch gates of this forward."""
     full = pack(rows)
     batch = pack(rows, cap) if cap is not None else full
-    with torch.no_grad(), autocast(device, precision):
+    recording = probe.recording(batch.positions.flatten()) if probe is not None else nullcontext()
+    with torch.no_grad(), autocast(device, precision), recording:
         logits = model(batch.inputs.to(device), batch.cu_seqlens.to(device))
     labels = batch.labels.to(device).flatten()
     losses = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="none")
@@ -46,16 +50,18 @@ def summarize_losses(losses: Tensor, scored: Tensor, positions: Tensor, edges: t
 def evaluate(model: nn.Module, rows: Tensor, batch: int, edges: tuple[int, ...], cap: int, device: torch.device,
              precision: str, capped: bool = True) -> dict:
     """Validation over `rows` (V, n + 1), `batch` rows per forward: the full-context summary and,
-    with `capped`, the capped one and the difference per bucket (capped - full, bits per byte)."""
+    with `capped`, the capped one and the difference per bucket (capped - full, bits per byte);
+    "gates": the full-context pass's branch gates (probes.GateProbe) for models that have them."""
     model.eval()
     parts = {"full": [], "capped": []}
+    probe = GateProbe(model, edges)
     for chunk in rows.split(batch):
-        parts["full"].append(token_losses(model, chunk, device, precision))
+        parts["full"].append(token_losses(model, chunk, device, precision, probe=probe if probe.active else None))
         if capped:
             parts["capped"].append(token_losses(model, chunk, device, precision, cap))
     model.train()
     joined = {kind: [torch.cat(column) for column in zip(*p)] for kind, p in parts.items() if p}
-    result = {"full": summarize_losses(*joined["full"], edges)}
+    result = {"full": summarize_losses(*joined["full"], edges), "gates": probe.summary()}
     if capped:
         result["capped"] = summarize_losses(*joined["capped"], edges)
         result["capped_context"] = cap

@@ -54,7 +54,8 @@ def train_run(model: nn.Module, corpus: Corpus, s: LMSettings, lr: float, seed: 
         result = evaluate(model, val_rows, s.batch, s.buckets, s.capped_context, device, precision, capped=final)
         point = {"step": step, "tokens": step * s.tokens_per_step, "seconds": round(seconds, 2),
                  "bpb": round(result["full"]["bpb"], 5),
-                 "buckets": {name: None if v is None else round(v, 5) for name, v in result["full"]["buckets"].items()}}
+                 "buckets": {name: None if v is None else round(v, 5) for name, v in result["full"]["buckets"].items()},
+                 "gates": result["gates"]}
         record["val"].append(point)
         if final:
             record["final"] = result

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from benchmarks.lm.cli import main
 from benchmarks.lm.corpus import IGNORE, SEPARATOR, load_corpus, pack
@@ -136,3 +137,36 @@ def test_smoke_run_writes_every_run_and_resumes(tmp_path, capsys):
 def test_bad_settings_exit_2_naming_the_setting(tmp_path, capsys, bad, message):
     assert main(["--smoke", "--out", str(tmp_path), *bad]) == 2
     assert message in capsys.readouterr().out
+
+
+def test_gate_probe_averages_each_branch_by_layer_and_position_bucket():
+    from benchmarks.lm.probes import GateProbe
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_strategy_combine = nn.Identity()
+
+    model = nn.Module()
+    model.attentions = nn.ModuleList([Layer(), Layer()])
+    probe = GateProbe(model, (0, 4, 10))
+    positions = torch.tensor([0, 1, 5, 7, 12, 2])  # 12 lies past the last edge: not counted
+    gates = torch.stack([positions / 100, torch.full((6,), 0.5), 1 - positions / 100], -1)  # (n, 3)
+    with probe.recording(positions):
+        for i, layer in enumerate(model.attentions):
+            layer.to_strategy_combine(gates.expand(2, 3, 6, 3) * (i + 1))  # layer 2 gates twice layer 1's
+    s = probe.summary()
+    assert s["by_bucket"]["0-4"]["compressed"] == pytest.approx(1.5 * (0 + 1 + 2) / 300)
+    assert s["by_bucket"]["4-10"]["compressed"] == pytest.approx(1.5 * (5 + 7) / 200)
+    assert s["mean"]["selected"] == pytest.approx(0.75)
+    assert [layer["selected"] for layer in s["per_layer"]] == [pytest.approx(0.5), pytest.approx(1.0)]
+
+
+def test_validation_records_the_gates_of_nsa_models_only(tmp_path):
+    assert main(["--smoke", "--out", str(tmp_path), "--models", "dense,no_selection", "--steps", "1"]) == 0
+    dense = json.loads((tmp_path / "runs" / "dense-lr0.003-seed0.json").read_text())
+    no_selection = json.loads((tmp_path / "runs" / "no_selection-lr0.003-seed0.json").read_text())
+    assert dense["val"][-1]["gates"] is None
+    gates = no_selection["val"][-1]["gates"]
+    assert gates["mean"]["selected"] == 0.0 and 0 < gates["mean"]["compressed"] < 1
+    assert set(gates["by_bucket"]) == {"0-32", "32-64", "64-128"} and len(gates["per_layer"]) == 2
