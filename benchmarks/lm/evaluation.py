@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.lm.corpus import IGNORE, pack
-from benchmarks.lm.probes import GateProbe
+from benchmarks.attention_layers import BRANCHES
+from benchmarks.lm.probes import GateProbe, branch_switched_off
 from benchmarks.quality_training import autocast
 
 NATS_TO_BITS = 1 / math.log(2)
@@ -51,14 +52,20 @@ def evaluate(model: nn.Module, rows: Tensor, batch: int, edges: tuple[int, ...],
              precision: str, capped: bool = True) -> dict:
     """Validation over `rows` (V, n + 1), `batch` rows per forward: the full-context summary and,
     with `capped`, the capped one and the difference per bucket (capped - full, bits per byte);
-    "gates": the full-context pass's branch gates (probes.GateProbe) for models that have them."""
+    "gates": the full-context pass's branch gates (probes.GateProbe) for models that have them, and
+    with `capped` for those models "branch_off_minus_full": the loss per bucket with each branch's gate
+    held at 0, minus the full pass's."""
     model.eval()
-    parts = {"full": [], "capped": []}
+    parts = {"full": [], "capped": [], **{f"without_{b}": [] for b in BRANCHES}}
     probe = GateProbe(model, edges)
     for chunk in rows.split(batch):
         parts["full"].append(token_losses(model, chunk, device, precision, probe=probe if probe.active else None))
         if capped:
             parts["capped"].append(token_losses(model, chunk, device, precision, cap))
+        if capped and probe.active:
+            for branch in BRANCHES:
+                with branch_switched_off(model, branch):
+                    parts[f"without_{branch}"].append(token_losses(model, chunk, device, precision))
     model.train()
     joined = {kind: [torch.cat(column) for column in zip(*p)] for kind, p in parts.items() if p}
     result = {"full": summarize_losses(*joined["full"], edges), "gates": probe.summary()}
@@ -68,5 +75,13 @@ def evaluate(model: nn.Module, rows: Tensor, batch: int, edges: tuple[int, ...],
         result["capped_minus_full"] = {
             name: (c - f if c is not None and f is not None else None)
             for (name, f), c in zip(result["full"]["buckets"].items(), result["capped"]["buckets"].values())
+        }
+    if capped and probe.active:
+        # bits per byte lost per bucket when one branch's gate is held at 0 (the trained model unchanged)
+        result["branch_off_minus_full"] = {
+            branch: {name: (o - f if o is not None and f is not None else None)
+                     for (name, f), o in zip(result["full"]["buckets"].items(),
+                                             summarize_losses(*joined[f"without_{branch}"], edges)["buckets"].values())}
+            for branch in BRANCHES
         }
     return result

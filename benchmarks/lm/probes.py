@@ -68,3 +68,23 @@ class GateProbe:
         by_bucket = {n: by_branch(self.sums[:, i].mean(0) / c) for i, (n, c) in enumerate(zip(names, self.counts)) if c}
         return {"mean": by_branch(self.sums.sum(1).mean(0) / total), "by_bucket": by_bucket,
                 "per_layer": [by_branch(layer.sum(0) / total) for layer in self.sums]}
+
+
+@contextmanager
+def branch_switched_off(model: nn.Module, branch: str):
+    """Inside: every SparseAttention layer's gate of `branch` held at 0 (its output dropped from the
+    combine), to measure by position what the trained model draws from that branch."""
+    index = BRANCHES.index(branch)
+
+    def hook(module, args, gates: Tensor) -> Tensor:
+        gates = gates.clone()
+        gates[..., index] = 0
+        return gates
+
+    handles = [m.to_strategy_combine.register_forward_hook(hook) for m in model.attentions
+               if hasattr(m, "to_strategy_combine")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

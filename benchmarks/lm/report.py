@@ -70,8 +70,17 @@ def summarize(runs: list[dict]) -> dict:
             "bpb_at_equal_time": _mean([curve_at(r["val"], "seconds", equal_seconds) for r in rs]),
             "buckets_at_equal_tokens": {n: _mean([curve_at(r["val"], "tokens", equal_tokens, n) for r in rs])
                                         for n in names},
+            "branch_off_minus_full": _branch_off(final, names),
         })
     return {"equal_tokens": equal_tokens, "equal_seconds": equal_seconds, "rows": rows}
+
+
+def _branch_off(finals: list[dict], names: list[str]) -> dict | None:
+    """Per branch and bucket, the mean over seeds of the loss added by holding that branch's gate at 0."""
+    if not all("branch_off_minus_full" in f for f in finals):
+        return None
+    branches = list(finals[0]["branch_off_minus_full"])
+    return {b: {n: _mean([f["branch_off_minus_full"][b][n] for f in finals]) for n in names} for b in branches}
 
 
 def _fmt(value, digits=3):
@@ -94,6 +103,12 @@ def print_table(summary: dict, console: Console) -> None:
                       _fmt(r["capped_minus_full"][names[-1]], 4), _fmt(r["bpb_at_equal_tokens"]),
                       _fmt(r["buckets_at_equal_tokens"][names[-1]]), _fmt(r["bpb_at_equal_time"]))
     console.print(table)
+    for r in rows:
+        if r.get("branch_off_minus_full"):
+            parts = [f"{b} " + "/".join(f"{_fmt(v, 3)}" for v in per_bucket.values())
+                     for b, per_bucket in r["branch_off_minus_full"].items()]
+            console.print(f"{r['model']}: loss added with one branch's gate at 0, by bucket ({', '.join(names)}): "
+                          + "; ".join(parts), highlight=False)
     console.print(f"equal tokens: {summary['equal_tokens']:,}; equal time: {summary['equal_seconds']} s of training; "
                   "positions: bytes of the token's own document before it", highlight=False)
 

@@ -170,3 +170,7 @@ def test_validation_records_the_gates_of_nsa_models_only(tmp_path):
     gates = no_selection["val"][-1]["gates"]
     assert gates["mean"]["selected"] == 0.0 and 0 < gates["mean"]["compressed"] < 1
     assert set(gates["by_bucket"]) == {"0-32", "32-64", "64-128"} and len(gates["per_layer"]) == 2
+    off = no_selection["final"]["branch_off_minus_full"]
+    assert all(v == 0.0 for v in off["selected"].values())  # that gate is 0 already
+    assert all(v != 0.0 and math.isfinite(v) for b in ("compressed", "sliding") for v in off[b].values())
+    assert "branch_off_minus_full" not in dense["final"]
