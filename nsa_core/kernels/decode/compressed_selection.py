@@ -14,6 +14,7 @@ C compressed blocks in the capacity, NB selection blocks in it, S slots out, D /
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,6 +28,12 @@ from nsa_core.kernels.limits import KERNEL_DTYPES, MAX_HEAD_DIM
 IMPORTANCE_CODES = {"mean_logits": MEAN_LOGITS.value, "summed_probs": SUMMED_PROBS.value}
 KEYS_PER_TILE, KEYS_PER_TILE_WIDE = 64, 32  # compressed slots per tile (head dims above 128: fewer)
 MAX_SCORE_ELEMENTS = 1 << 15  # NB x W block-score gathers one program holds (the selection's registers)
+
+
+@functools.lru_cache(maxsize=None)
+def rounded(value: float, dtype: torch.dtype) -> float:
+    """value rounded to dtype, as a Python float (a CPU tensor once per value and dtype: no op per step)."""
+    return float(torch.tensor(value, dtype=dtype))
 
 
 def _pow2(n: int, minimum: int = 1) -> int:
@@ -149,7 +156,7 @@ def compressed_selection_step(
     the rest (ties: the lowest index), valid above `threshold` (a float of the scores' dtype).
     -> (o, indices (B, HI, K, S) int64, valid (bool), probs (q's dtype)). Forward only."""
     _check_inputs(q, ck_pages, cv_pages, table, positions, importance, slots)
-    threshold = float(torch.tensor(threshold, dtype=q.dtype))  # a Python float: no device read
+    threshold = rounded(float(threshold), q.dtype)
     o, indices, valid, probs = _compressed_selection(
         q, ck_pages, cv_pages, table, positions, int(num_memory), int(num_compressed), int(stride),
         int(selection_block_size), int(compress_block), importance, bool(share), int(slots), int(forced_initial),
