@@ -7,9 +7,7 @@ cache's pages: ops/paged.py): the fused Triton kernel (kernels/decode/compressed
 per row, token and selection list, the compressed attention over the visible compressed slots, the
 block scores from that attention's logits and the top-k, one launch), or its PyTorch twin
 (reference/step_selection.py: the paged compressed attention and the step selection over the
-cache's selection keys). By design the twin takes interpolated importance scores (selection blocks
-smaller than the stride with interpolated_importance_score: the upsampling is not in the kernel).
-Forward only for a step.
+cache's selection keys). Forward only for a step.
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, K queries per row, M memory tokens,
 C compressed blocks in the cache's capacity, NB selection blocks in it, S selected slots, D head dim.
@@ -60,25 +58,22 @@ def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
         out = compressed_attention(q, ck, cv, num_memory=num_memory, stride=stride, scale=scale, seqs=seqs,
                                    backend=backend)
         return out, None
-    by_design = None
-    if rule.interpolated and rule.selection_block_size < stride:
-        by_design = "interpolated importance scores are upsampled on the twin"
-
     def unsupported() -> str | None:
         from nsa_core.kernels.decode.compressed_selection import too_large_reason
         from nsa_core.kernels.limits import dtype_reason, head_dim_reason
 
         return (dtype_reason(q) or head_dim_reason(q.shape[-1], cv.pool.shape[-1])
-                or too_large_reason(C, stride, rule.selection_block_size, rule.compress_block, rule.importance))
+                or too_large_reason(C, stride, rule.selection_block_size, rule.compress_block, rule.importance,
+                                    rule.interpolated))
 
     positions = seqs.query_positions(q.device)
-    if use_kernels(backend, q.device, "compressed_selection (decoding step)", unsupported, by_design=by_design):
+    if use_kernels(backend, q.device, "compressed_selection (decoding step)", unsupported):
         from nsa_core.kernels.decode.compressed_selection import compressed_selection_step
 
         out, indices, valid, probs = compressed_selection_step(
             q, ck.pool, cv.pool, ck.table, positions, num_memory=num_memory, num_compressed=C, stride=stride,
             selection_block_size=rule.selection_block_size, compress_block=rule.compress_block,
-            importance=rule.importance, share=rule.share_across_group,
+            importance=rule.importance, interpolated=rule.interpolated, share=rule.share_across_group,
             slots=max(k, rule.forced_initial + rule.forced_local), forced_initial=rule.forced_initial,
             forced_local=rule.forced_local, scale=scale, null_logit=NULL_SLOT_LOGIT, threshold=VALID_THRESHOLD)
         return out, Selection(indices=indices, valid=valid, probs=probs, gates=None)

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) 
 
 
 def step_problem(*, lengths=(37, 5, 90), HKV=2, G=3, K=1, D=16, M=1, stride=4, sel=8, cblock=8, selected=3,
-                 capacity=100, cpage=8, importance="mean_logits", share=True, forced=(0, 0), dtype=torch.float32,
-                 seed=0, device=DEVICE):
+                 capacity=100, cpage=8, importance="mean_logits", share=True, forced=(0, 0), interpolated=False,
+                 dtype=torch.float32, seed=0, device=DEVICE):
     """A batch of rows at ragged positions over a shuffled pool of compressed pages."""
     gen = torch.Generator().manual_seed(seed)
     B = len(lengths)
@@ -39,7 +39,7 @@ def step_problem(*, lengths=(37, 5, 90), HKV=2, G=3, K=1, D=16, M=1, stride=4, s
     positions = torch.tensor(lengths)[:, None] + torch.arange(K)
     assert int(positions.max()) < capacity
     rule = SelectionRule(num_selected=selected, selection_block_size=sel, stride=stride, group_size=G,
-                         share_across_group=share, interpolated=False, use_diff_topk=False, causal=True,
+                         share_across_group=share, interpolated=interpolated, use_diff_topk=False, causal=True,
                          scale=D ** -0.5, forced_initial=forced[0], forced_local=forced[1], importance=importance,
                          compress_block=cblock)
     to = dict(device=device)
@@ -60,7 +60,7 @@ def run_kernel(p):
     return compressed_selection_step(
         p["q"], p["ck"], p["cv"], p["table"], p["positions"], num_memory=p["M"], num_compressed=p["C"],
         stride=rule.stride, selection_block_size=rule.selection_block_size, compress_block=rule.compress_block,
-        importance=rule.importance, share=rule.share_across_group, slots=slots_of(p),
+        importance=rule.importance, interpolated=rule.interpolated, share=rule.share_across_group, slots=slots_of(p),
         forced_initial=rule.forced_initial, forced_local=rule.forced_local, scale=rule.scale,
         null_logit=NULL_SLOT_LOGIT, threshold=VALID_THRESHOLD)
 
@@ -79,7 +79,8 @@ def exact_block_probs(p) -> torch.Tensor:
     keys = paged_slots(p["ck"].double(), p["table"], slots)
     scores = compressed_scores(p["q"].double(), keys, rule.stride, True, rule.scale, p["positions"])
     logits = block_importance(scores, group_size=rule.group_size, share_across_group=rule.share_across_group,
-                              stride=rule.stride, selection_block_size=rule.selection_block_size, interpolated=False,
+                              stride=rule.stride, selection_block_size=rule.selection_block_size,
+                              interpolated=rule.interpolated,
                               causal=True, query_pos=p["positions"], importance=rule.importance,
                               compress_block=rule.compress_block)
     null = torch.full_like(logits[..., :1], NULL_SLOT_LOGIT)
@@ -109,6 +110,8 @@ CASES = {
     "pooled_tokens3_mem2": dict(K=3, M=2, lengths=(37, 4, 91)),
     "equal_stride": dict(stride=4, sel=4, cblock=4, selected=4),
     "smaller_than_stride": dict(stride=4, sel=2, cblock=8, selected=4, lengths=(37, 6, 91)),
+    "interpolated": dict(stride=8, sel=2, cblock=8, selected=5, lengths=(37, 6, 91), interpolated=True, K=2),
+    "interpolated_per_head": dict(stride=4, sel=2, cblock=8, selected=3, interpolated=True, share=False, HKV=1),
     "summed": dict(importance="summed_probs"),
     "summed_overlap_equal": dict(importance="summed_probs", stride=4, sel=4, cblock=8, K=2),
     "summed_smaller": dict(importance="summed_probs", stride=4, sel=2, cblock=8, lengths=(37, 6, 91)),
@@ -134,7 +137,7 @@ HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 
 @pytest.mark.usefixtures("poisoned_outputs")
-@pytest.mark.parametrize("case", ["pooled", "summed_forced", "smaller_than_stride"])
+@pytest.mark.parametrize("case", ["pooled", "summed_forced", "smaller_than_stride", "interpolated"])
 def test_kernel_half_precision(case):
     """16-bit: the output's error (vs float64) within twice the twin's at that dtype; indices as
     above, near-ties measured by the twin's 16-bit error."""

@@ -36,12 +36,20 @@ def rounded(value: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(value, dtype=dtype))
 
 
+def masked_score(dtype: torch.dtype) -> float:
+    """The reference's fill of invisible compressed logits (reference.compressed_attention.masked_score)."""
+    return float(-torch.finfo(dtype).max // 10)
+
+
 def _pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
-def score_width(stride: int, selection_block_size: int, compress_block: int, importance: str) -> int:
-    """W: the compressed blocks one selection block's score reads."""
+def score_width(stride: int, selection_block_size: int, compress_block: int, importance: str,
+                interpolated: bool = False) -> int:
+    """W: the compressed blocks (interpolated: the tokens) one selection block's score reads."""
+    if interpolated and importance == "mean_logits" and selection_block_size < stride:
+        return selection_block_size
     if importance == "summed_probs":
         return max(1, -(-(selection_block_size + compress_block) // stride) + 1)
     return max(1, selection_block_size // stride)
@@ -55,10 +63,10 @@ def num_blocks(num_compressed: int, stride: int, selection_block_size: int) -> i
 
 
 def too_large_reason(num_compressed: int, stride: int, selection_block_size: int, compress_block: int,
-                     importance: str) -> str | None:
+                     importance: str, interpolated: bool = False) -> str | None:
     """Why the fused kernel cannot hold these blocks' scores in one program, or None."""
     nb = num_blocks(num_compressed, stride, selection_block_size)
-    width = score_width(stride, selection_block_size, compress_block, importance)
+    width = score_width(stride, selection_block_size, compress_block, importance, interpolated)
     if _pow2(nb) * _pow2(width) > MAX_SCORE_ELEMENTS:
         return (f"the fused step selection holds {MAX_SCORE_ELEMENTS} block-score gathers per program, "
                 f"these {nb} blocks need {_pow2(nb) * _pow2(width)}")
@@ -67,8 +75,8 @@ def too_large_reason(num_compressed: int, stride: int, selection_block_size: int
 
 def compressed_selection_fwd(q: Tensor, ck_pages: Tensor, cv_pages: Tensor, table: Tensor, positions: Tensor,
                              num_memory: int, num_compressed: int, stride: int, selection_block_size: int,
-                             compress_block: int, importance: str, share: bool, slots: int, forced_initial: int,
-                             forced_local: int, scale: float, null_logit: float,
+                             compress_block: int, importance: str, interpolated: bool, share: bool, slots: int,
+                             forced_initial: int, forced_local: int, scale: float, null_logit: float,
                              threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Inputs validated by the caller -> o (B, HQ, K, DV) in q's dtype, indices (B, HI, K, S) int64,
     valid (B, HI, K, S) int8, probs (B, HI, K, S) in q's dtype."""
@@ -88,13 +96,14 @@ def compressed_selection_fwd(q: Tensor, ck_pages: Tensor, cv_pages: Tensor, tabl
     if programs == 0:
         return o, indices, valid, probs
     rows = _pow2(HQ // HI, 16)
-    block_w = _pow2(score_width(stride, selection_block_size, compress_block, importance))
+    interpolated = interpolated and importance == "mean_logits" and selection_block_size < stride
+    block_w = _pow2(score_width(stride, selection_block_size, compress_block, importance, interpolated))
     compressed_selection_kernel[(programs,)](
         q, ck_pages, cv_pages, table, positions, o, scratch, indices, probs, valid,
         *q.stride()[:3], *ck_pages.stride()[:3], *cv_pages.stride()[:3], table.stride(0),
-        HQ, HI, K, HQ // HI, HI // HKV, num_compressed, nb, scale, threshold, null_logit,
+        HQ, HI, K, HQ // HI, HI // HKV, num_compressed, nb, scale, threshold, null_logit, masked_score(q.dtype),
         M=num_memory, STRIDE=stride, SEL=selection_block_size, CBLOCK=compress_block,
-        IMPORTANCE=IMPORTANCE_CODES[importance], SLOTS=slots, FORCED_I=forced_initial, FORCED_L=forced_local,
+        IMPORTANCE=IMPORTANCE_CODES[importance], INTERPOLATED=interpolated, SLOTS=slots, FORCED_I=forced_initial, FORCED_L=forced_local,
         CPAGE=CPAGE, BLOCK_N=KEYS_PER_TILE_WIDE if max(block_d, block_dv) > 128 else KEYS_PER_TILE, BLOCK_R=rows,
         D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_NB=_pow2(nb), BLOCK_W=block_w,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -106,18 +115,18 @@ def compressed_selection_fwd(q: Tensor, ck_pages: Tensor, cv_pages: Tensor, tabl
 @torch.library.custom_op("nsa::compressed_selection_step", mutates_args=())
 def _compressed_selection(q: Tensor, ck_pages: Tensor, cv_pages: Tensor, table: Tensor, positions: Tensor,
                           num_memory: int, num_compressed: int, stride: int, selection_block_size: int,
-                          compress_block: int, importance: str, share: bool, slots: int, forced_initial: int,
-                          forced_local: int, scale: float, null_logit: float,
+                          compress_block: int, importance: str, interpolated: bool, share: bool, slots: int,
+                          forced_initial: int, forced_local: int, scale: float, null_logit: float,
                           threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return compressed_selection_fwd(q, ck_pages, cv_pages, table, positions, num_memory, num_compressed, stride,
-                                    selection_block_size, compress_block, importance, share, slots, forced_initial,
-                                    forced_local, scale, null_logit, threshold)
+                                    selection_block_size, compress_block, importance, interpolated, share, slots,
+                                    forced_initial, forced_local, scale, null_logit, threshold)
 
 
 @_compressed_selection.register_fake
 def _compressed_selection_fake(q, ck_pages, cv_pages, table, positions, num_memory, num_compressed, stride,
-                               selection_block_size, compress_block, importance, share, slots, forced_initial,
-                               forced_local, scale, null_logit, threshold):
+                               selection_block_size, compress_block, importance, interpolated, share, slots,
+                               forced_initial, forced_local, scale, null_logit, threshold):
     B, HQ, K, _ = q.shape
     HI = ck_pages.shape[1] if share else HQ
     return (q.new_empty(B, HQ, K, cv_pages.shape[-1]), q.new_empty(B, HI, K, slots, dtype=torch.int64),
@@ -137,6 +146,7 @@ def compressed_selection_step(
     selection_block_size: int,
     compress_block: int,
     importance: str,
+    interpolated: bool,
     share: bool,
     slots: int,
     forced_initial: int,
@@ -151,7 +161,9 @@ def compressed_selection_step(
     selection blocks of num_compressed compressed blocks (importance "mean_logits": the mean logit
     over the list's heads and the block's compressed blocks; "summed_probs": the log of the
     compressed attention's probabilities (the memory tokens left out) summed over the compressed
-    blocks that overlap the block and over the list's heads), softmaxes them with a null slot of
+    blocks that overlap the block and over the list's heads; `interpolated` with mean logits and
+    selection blocks smaller than the stride: the compressed blocks' means linearly interpolated to
+    tokens and averaged over the block, reference.selection.block_importance), softmaxes them with a null slot of
     logit null_logit and writes `slots` choices per list: the forced blocks first, then the best of
     the rest (ties: the lowest index), valid above `threshold` (a float of the scores' dtype).
     -> (o, indices (B, HI, K, S) int64, valid (bool), probs (q's dtype)). Forward only."""
@@ -159,7 +171,8 @@ def compressed_selection_step(
     threshold = rounded(float(threshold), q.dtype)
     o, indices, valid, probs = _compressed_selection(
         q, ck_pages, cv_pages, table, positions, int(num_memory), int(num_compressed), int(stride),
-        int(selection_block_size), int(compress_block), importance, bool(share), int(slots), int(forced_initial),
+        int(selection_block_size), int(compress_block), importance, bool(interpolated), bool(share), int(slots),
+        int(forced_initial),
         int(forced_local), float(scale), float(null_logit), threshold)
     return o, indices, valid.view(torch.bool), probs
 

@@ -18,7 +18,9 @@ completed before the query), through the row's page table, in tiles of BLOCK_N s
    [BLOCK_NB, BLOCK_W] gather of the scratch row gives every selection block's logit: the mean over
    the heads and its compressed blocks, or the log of the probability summed over the compressed
    blocks that overlap it; blocks not wholly visible (mean) or with no visible overlap (summed) and
-   the query's own block (selection blocks other than the stride) get -inf.
+   the query's own block (selection blocks other than the stride) get -inf. Interpolated mean
+   logits (selection blocks smaller than the stride) interpolate the compressed blocks' means to
+   tokens as the reference does, an invisible block holding the reference's finite masked score.
 4. softmax with the null slot, then the forced slots and the top-k of the rest, as the block top-k
    kernel (kernels/block_topk.py) does it, in the same program.
 Rounding as the twin: block logits rounded to the inputs' dtype, probabilities rounded to it before
@@ -57,13 +59,33 @@ def _slot_logits(b_q, p_k, table, p_table, t, b_hi, stride_kp, stride_kt, scale,
 
 
 @triton.jit
-def _block_logits(p_scr, b_pos, NB, C, ROWS, STRIDE: tl.constexpr, SEL: tl.constexpr, CBLOCK: tl.constexpr,
-                  IMPORTANCE: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr):
+def _interpolated_logits(p_scr, b_last, C, ROWS, masked, STRIDE: tl.constexpr, SEL: tl.constexpr,
+                         BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Selection blocks smaller than the stride, interpolated (reference.selection.block_importance):
+    the mean logits of the compressed blocks (an invisible one, and one past the last, `masked`)
+    linearly interpolated to tokens (align_corners=False), averaged over each block's SEL tokens."""
+    o_t = tl.arange(0, BLOCK_NB)[:, None] * SEL + tl.arange(0, BLOCK_W)[None, :]  # [BLOCK_NB, BLOCK_W] tokens
+    b_src = tl.maximum((o_t.to(tl.float32) + 0.5) / STRIDE - 0.5, 0.0)
+    o_i0 = b_src.to(tl.int32)  # floor: b_src >= 0
+    o_i1 = tl.minimum(o_i0 + 1, C)
+    b_lam = b_src - o_i0.to(tl.float32)
+    m_t = tl.arange(0, BLOCK_W)[None, :] < SEL
+    b_x0 = tl.where(o_i0 <= b_last, tl.load(p_scr + o_i0, mask=m_t & (o_i0 <= b_last), other=0.0) / ROWS, masked)
+    b_x1 = tl.where(o_i1 <= b_last, tl.load(p_scr + o_i1, mask=m_t & (o_i1 <= b_last), other=0.0) / ROWS, masked)
+    return tl.sum(tl.where(m_t, (b_x0 * (1 - b_lam) + b_x1 * b_lam) / SEL, 0.0), axis=1)
+
+
+@triton.jit
+def _block_logits(p_scr, b_pos, NB, C, ROWS, masked, STRIDE: tl.constexpr, SEL: tl.constexpr,
+                  CBLOCK: tl.constexpr, IMPORTANCE: tl.constexpr, INTERPOLATED: tl.constexpr,
+                  BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr):
     """Every selection block's logit [BLOCK_NB] (float32, -inf where masked) from the scratch row."""
     o_nb = tl.arange(0, BLOCK_NB)
     o_w = tl.arange(0, BLOCK_W)
     b_last = b_pos // STRIDE - 1  # the last compressed block the query sees (-1: none)
-    if IMPORTANCE == MEAN_LOGITS:
+    if IMPORTANCE == MEAN_LOGITS and INTERPOLATED:
+        b_x = _interpolated_logits(p_scr, b_last, C, ROWS, masked, STRIDE, SEL, BLOCK_NB, BLOCK_W)
+    elif IMPORTANCE == MEAN_LOGITS:
         if SEL >= STRIDE:  # the SEL // STRIDE compressed blocks of the block
             width = SEL // STRIDE
             o_col = o_nb[:, None] * width + o_w[None, :]  # [BLOCK_NB, BLOCK_W]
@@ -123,8 +145,9 @@ def _store_top_blocks(b_p, b_pos, NB, p_out, indices, probs, valid, threshold, S
 def compressed_selection_kernel(
     q, ck_pages, cv_pages, table, positions, o, scratch, indices, probs, valid,
     stride_qb, stride_qh, stride_qt, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt, stride_table,
-    HQ, HI, K, ROWS, LISTS_PER_KV, C, NB, scale, threshold, null_logit,
+    HQ, HI, K, ROWS, LISTS_PER_KV, C, NB, scale, threshold, null_logit, masked,
     M: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, CBLOCK: tl.constexpr, IMPORTANCE: tl.constexpr,
+    INTERPOLATED: tl.constexpr,
     SLOTS: tl.constexpr, FORCED_I: tl.constexpr, FORCED_L: tl.constexpr, CPAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
@@ -187,7 +210,8 @@ def compressed_selection_kernel(
     tl.debug_barrier()  # the scratch row, written above by other threads of the program
 
     score_dtype = probs.dtype.element_ty
-    b_x = _block_logits(p_scr + M, b_pos, NB, C, ROWS, STRIDE, SEL, CBLOCK, IMPORTANCE, BLOCK_NB, BLOCK_W)
+    b_x = _block_logits(p_scr + M, b_pos, NB, C, ROWS, masked, STRIDE, SEL, CBLOCK, IMPORTANCE, INTERPOLATED,
+                        BLOCK_NB, BLOCK_W)
     b_x = b_x.to(score_dtype).to(tl.float32)
     b_top = tl.maximum(tl.max(b_x, axis=0), null_logit)
     b_e = tl.exp(b_x - b_top)
