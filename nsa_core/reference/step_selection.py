@@ -1,7 +1,9 @@
 """The block selection of a decoding step's queries, as the parallel pass makes it (reference/selection.py),
 from the keys a decoding cache holds and per-row query positions: pooled scores when selection blocks
 are a multiple of the stride (nsa_core/selection.py's pooled_scoring), else the exact compressed logits
-brought to block resolution. Causal (a cache serves causal modules only).
+brought to block resolution. Causal (a cache serves causal modules only). With the compressed
+attention over the cache's pages (step_compressed_selection_reference) it is the twin of the fused
+step kernel (kernels/decode/compressed_selection.py).
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, K queries per sequence, NB selection blocks in
 the cache's capacity, C compressed tokens in the capacity, D head dim.
