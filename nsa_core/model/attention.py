@@ -32,7 +32,7 @@ from nsa_core.model.modes import CACHED, SHARDED, forward_mode, packed_seqs
 from nsa_core.model.sequence_parallel import sequence_parallel_forward
 from nsa_core.ops.block_selection import select_blocks
 from nsa_core.ops.combine import combine
-from nsa_core.ops.compressed_attention import compressed_attention
+from nsa_core.ops.compressed_selection import compressed_selection
 from nsa_core.ops.oracle_padding import padded_selected_attention, padded_window_attention
 from nsa_core.ops.rotary import rotary
 from nsa_core.ops.selected_attention import selected_attention
@@ -265,11 +265,9 @@ class SparseAttention(nn.Module):
         `seqs` gives -> (b, n, dim). The same line for every pass: `keys` in tensors (keys_of) or in a
         cache's pages with a decoding-step `seqs` (NSACache.branch_keys); the ops tell them apart."""
         cfg = self.config
-        compressed = compressed_attention(q, keys.compressed_k, keys.compressed_v, num_memory=cfg.num_compressed_mem_kv,
-                                          stride=cfg.stride, causal=cfg.causal, scale=self.scale, seqs=seqs,
-                                          backend=cfg.backend)
-        selection = select_blocks(q, keys.selection_keys(cfg.num_compressed_mem_kv), self.selection_rule,
-                                  seqs=seqs, backend=cfg.backend)
+        compressed, selection = compressed_selection(
+            q, keys.compressed_k, keys.compressed_v, keys.selection_keys(cfg.num_compressed_mem_kv), self.selection_rule,
+            num_memory=cfg.num_compressed_mem_kv, causal=cfg.causal, scale=self.scale, seqs=seqs, backend=cfg.backend)
         q_rot = self.rotate(q, seqs.query_positions(q.device))
         fine = self.selected_branch(q_rot, keys, selection, seqs)
         sliding = self.window_branch(q_rot, keys, seqs)

@@ -5,8 +5,9 @@
   the selected branch's rotated keys and values of every token the queries may see (b, hk, s, d),
   and the window's (the same tensors unless the module has independent_kv).
 - A decoding cache's pages (NSACache.branch_keys, for a decoding-step Seqs): the same fields as
-  nsa_core.ops.paged.Pages, and the keys the step's selection scores (`selection_k`: the cache's
-  pooled block keys, or its compressed keys without memory tokens).
+  nsa_core.ops.paged.Pages, and the cache's pooled block keys (`selection_k`) when the step's
+  selection scores blocks pooled (ops/compressed_selection.py: its twin scores them; the fused
+  kernel scores the compressed pages it attends).
 
 Every branch op takes either form; `attend` does not tell them apart.
 
@@ -36,9 +37,10 @@ class BranchKeys:
         if self.window_k is None:
             self.window_k, self.window_v = self.rotated_k, self.v
 
-    def selection_keys(self, num_memory: int) -> Tensor | PooledBlockKeys:
-        """The keys select_blocks scores: `selection_k`, or the compressed keys after the memory tokens."""
-        if self.selection_k is not None:
+    def selection_keys(self, num_memory: int) -> Tensor | PooledBlockKeys | None:
+        """The keys select_blocks scores: `selection_k`, or the compressed keys after the memory tokens
+        (None for pages: the step's op reads them there, and only where its twin needs them)."""
+        if self.selection_k is not None or isinstance(self.compressed_k, Pages):
             return self.selection_k
         return self.compressed_k[:, :, num_memory:]
 

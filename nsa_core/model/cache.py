@@ -309,9 +309,11 @@ class NSACache(StepCache):
 
     def branch_keys(self) -> BranchKeys:
         """The cache as the branches' keys for SparseAttention.attend with a decoding-step Seqs: the
-        compressed slots, token and window pages behind their tables, and the selection's keys."""
+        compressed slots, token and window pages behind their tables, and the pooled block keys when
+        blocks are scored pooled (otherwise the step's selection reads the compressed pages)."""
         table, ctable = self.block_table, self.compressed_table
         window_k, window_v = self.window_pages()
+        pooled = None if self.pooled_keys is None else PooledBlockKeys(self.pooled_keys[:, :, :-1])
         return BranchKeys(Pages(self.ck_pages, ctable), Pages(self.cv_pages, ctable), Pages(self.k_pages, table),
                           Pages(self.v_pages, table), Pages(window_k, table), Pages(window_v, table),
-                          selection_k=self.selection_keys())
+                          selection_k=pooled)

@@ -13,8 +13,10 @@ decoding steps over it.
   tokens (rotated keys, values, the compression windows they complete: `_append_compressed`), then
   runs `SparseAttention.attend`, the parallel pass's own line of op calls, with a decoding-step
   descriptor (`Seqs.step(cache.lengths, K, capacity)`) and the cache's pages as the keys
-  (`NSACache.branch_keys`): each branch op reads its pages through decode_attention (the paged
-  split-K kernels, nsa_core/ops/paged.py), the selection scores the cache's keys.
+  (`NSACache.branch_keys`): the compressed branch and the selection run as one op
+  (ops/compressed_selection.py: one fused kernel attends the compressed pages, scores the blocks
+  from that attention and picks the top-k), the selected and window branches read their pages
+  through decode_attention (the paged split-K kernels, nsa_core/ops/paged.py).
 
 Dimension legend: B batch, K new tokens per sequence, H query heads, HKV kv heads, G = H / HKV,
 HI heads of the selection, D head dim, R compression block, NB selection blocks in the capacity.

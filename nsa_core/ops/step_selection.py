@@ -1,7 +1,8 @@
 """The block selection of a decoding step's queries over a cache's keys (validation;
 reference/step_selection.py computes it). select_blocks calls it for a decoding-step descriptor
-(`Seqs.step`). PyTorch only, whatever the backend, by design: a step's scoring is one small matmul
-per layer, captured with the rest of the step in a CUDA graph.
+(`Seqs.step`). PyTorch only, whatever the backend: a module's step does not come here but through
+ops/compressed_selection.py, whose fused kernel scores and picks the blocks with the compressed
+branch (this selection is its twin's).
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, K queries per sequence, D head dim,
 NB selection blocks in the cache's capacity, C compressed tokens in it.

@@ -1,7 +1,9 @@
 """The block selection of a decoding step's queries, as the parallel pass makes it (reference/selection.py),
 from the keys a decoding cache holds and per-row query positions: pooled scores when selection blocks
 are a multiple of the stride (nsa_core/selection.py's pooled_scoring), else the exact compressed logits
-brought to block resolution. Causal (a cache serves causal modules only).
+brought to block resolution. Causal (a cache serves causal modules only). With the compressed
+attention over the cache's pages (step_compressed_selection_reference) it is the twin of the fused
+step kernel (kernels/decode/compressed_selection.py).
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, K queries per sequence, NB selection blocks in
 the cache's capacity, C compressed tokens in the capacity, D head dim.
@@ -36,3 +38,45 @@ def select_step_blocks_reference(q: Tensor, keys: Tensor, rule: SelectionRule, p
                                   interpolated=rule.interpolated, causal=True, query_pos=positions,
                                   importance=rule.importance, compress_block=rule.compress_block)
     return select_top_blocks(logits, rule.num_selected, use_diff_topk=False, forced=rule.forced(positions))
+
+
+def paged_slots(pool: Tensor, table: Tensor, slots: Tensor) -> Tensor:
+    """pool (P, HKV, PAGE, D) behind table (B, pages per row): the entries at logical slots (B, N) ->
+    (B, HKV, N, D)."""
+    page = pool.shape[2]
+    physical = table.long().gather(1, slots // page)
+    return pool[physical, :, slots % page].transpose(1, 2)
+
+
+def step_compressed_selection_reference(q: Tensor, ck_pool: Tensor, cv_pool: Tensor, table: Tensor, positions: Tensor,
+                                        rule: SelectionRule, *, num_memory: int, num_compressed: int, scale: float,
+                                        selection_keys: Tensor | None = None) -> tuple[Tensor, Selection | None]:
+    """The twin of the fused step kernel (kernels/decode/compressed_selection.py): a decoding step's
+    compressed attention and block selection, causal. q (B, HQ, K, D) at positions (B, K); the
+    compressed slots (memory tokens first, compressed block c at slot M + c) in pages ck_pool /
+    cv_pool (P, HKV, PAGE, D) behind table (B, pages per row); num_compressed: C, the compressed
+    blocks of the capacity the selection scores. selection_keys: what
+    select_step_blocks_reference scores (the cache's pooled keys when rule.pooled), None: read from
+    the pages (pooled here when rule.pooled). -> (out (B, HQ, K, Dv), Selection or None).
+
+    The kernel scores blocks from its attention's own logits in float32 (the mean of the logits,
+    or the summed probabilities); this twin from the keys in the inputs' dtype (pooled keys when
+    rule.pooled: the same mean, rounded otherwise), both rounding the block logits and the
+    probabilities to the inputs' dtype and breaking ties to the lowest block index: the two pick
+    the same blocks where no two blocks' scores are within rounding of each other at the k-th place."""
+    B, HQ, K, _ = q.shape
+    hi = num_memory + positions // rule.stride - 1  # (B, K): the last visible slot
+    slots = torch.arange(num_memory + num_compressed, device=q.device).expand(B, -1)
+    keys, values = paged_slots(ck_pool, table, slots), paged_slots(cv_pool, table, slots)  # (B, HKV, M + C, D)
+    HKV = keys.shape[1]
+    logits = torch.matmul(q.view(B, HKV, HQ // HKV, K, -1), keys[:, :, None].transpose(-1, -2)) * scale
+    visible = torch.arange(slots.shape[1], device=q.device) <= hi[:, None, None, :, None]
+    weights = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)  # the memory tokens are always visible
+    out = torch.matmul(weights, values[:, :, None]).reshape(B, HQ, K, values.shape[-1])
+    if selection_keys is None:
+        selection_keys = keys[:, :, num_memory:]
+        if rule.pooled:
+            ratio = rule.selection_block_size // rule.stride
+            nb = num_compressed // ratio
+            selection_keys = selection_keys[:, :, : nb * ratio].unflatten(2, (nb, ratio)).mean(dim=3)
+    return out, select_step_blocks_reference(q, selection_keys, rule, positions)

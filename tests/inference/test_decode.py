@@ -135,19 +135,24 @@ def test_cache_errors():
 @pytest.mark.skipif(kernel_unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
                     reason="kernels cannot run here")
 @pytest.mark.usefixtures("poisoned_outputs")
-@pytest.mark.parametrize("share", [True, False])
-def test_decoding_on_kernels_equals_parallel_reference(share):
+@pytest.mark.parametrize("changes", [
+    dict(query_heads_share_selected_kv=True), dict(query_heads_share_selected_kv=False),
+    dict(importance_score="summed_probs", num_forced_initial_blocks=1, num_forced_local_blocks=1, independent_kv=True),
+    dict(compress_block_size=32, compress_block_sliding_stride=32, interpolated_importance_score=True),
+])
+def test_decoding_on_kernels_equals_parallel_reference(changes):
+    """The step's kernels (the fused compressed branch and selection among them) equal the parallel
+    pass on the reference, for each importance score, forced blocks and interpolated scores."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = dict(dim=48, dim_head=16, heads=6, kv_heads=2, sliding_window_size=20, compress_block_size=16,
-                  compress_block_sliding_stride=8, selection_block_size=16, num_selected_blocks=2, causal=True,
-                  query_heads_share_selected_kv=share)
-    ref, ker = reference_and_kernel_modules(0.2, device, **kwargs)
-    x = torch.randn(2, 70, 48, device=device)
+                  compress_block_sliding_stride=8, selection_block_size=16, num_selected_blocks=2, causal=True)
+    ref, ker = reference_and_kernel_modules(0.2, device, **{**kwargs, **changes})
+    x = torch.randn(2, 80, 48, device=device)
     with torch.no_grad():
         parallel = ref(x)
-        cache = ker.new_cache(2, 80)
+        cache = ker.new_cache(2, 88)
         outs = [ker(x[:, :50], cache=cache), ker(x[:, 50:53], cache=cache)]
-        outs += [ker(x[:, t : t + 1], cache=cache) for t in range(53, 70)]
+        outs += [ker(x[:, t : t + 1], cache=cache) for t in range(53, 80)]
     assert rel(torch.cat(outs, dim=1), parallel) <= 2e-5
 
 

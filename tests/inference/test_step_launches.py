@@ -1,0 +1,113 @@
+"""How many kernels one decoding step of one layer issues, counted on the CPU (Triton's interpreter,
+backend="triton"): every aten op that reaches the dispatcher and is not a view or an allocation
+(on a GPU each of those is one launch: an elementwise op, an index, a copy, a matmul) plus every
+Triton kernel launched, with the aten ops the interpreter runs inside a launch left out. No op may
+read a tensor on the host (aten._local_scalar_dense: a .item(), a bool() of a tensor). The counts are
+asserted exactly, so a change in them is seen and its number written here.
+
+Measured (one token per row, batch 2, the module below), before the fused step selection
+(kernels/decode/compressed_selection.py; main at 4a5b76c, the same counter) and after it:
+- mean-logit importance (the oracle's; the cache's pooled keys): 141 -> 111 kernels, Triton
+  launches 4 -> 4 (the compressed branch's paged decode launch became the fused one);
+- summed-probability importance, forced blocks, independent keys: 203 -> 109, Triton 4 -> 4.
+The rest of a step: the token and compression writes into the cache (model/decode.py, with the
+pooled-key upkeep that only the twin reads), the projections, the selected and window branches'
+page lists, the gates.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import randomize_
+from nsa_core import SparseAttention
+from nsa_core.ops.dispatch import kernel_unavailable_reason
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() or kernel_unavailable_reason(torch.device("cpu")) is not None,
+                                reason="counted on the CPU through Triton's interpreter")
+
+NO_KERNEL = {  # views, allocations and metadata: no launch on a GPU
+    "view", "_unsafe_view", "reshape", "alias", "as_strided", "expand", "transpose", "t", "permute", "unsqueeze",
+    "squeeze", "select", "slice", "split", "split_with_sizes", "unflatten", "unbind", "chunk", "narrow", "detach",
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "_reshape_alias",
+    "view_as", "unfold", "diagonal", "flatten", "_to_copy_meta", "resolve_conj", "resolve_neg", "is_same_size",
+    "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "dim", "size", "stride", "promote_types",
+}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts aten ops by name (outside Triton launches) and Triton launches by kernel name."""
+
+    def __init__(self):
+        super().__init__()
+        self.aten = collections.Counter()
+        self.triton = collections.Counter()
+        self.inside_launch = 0
+        self.active = False
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.inside_launch and func.namespace == "aten":  # nsa:: ops: their Triton launches count
+            self.aten[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def kernels(self) -> int:
+        return sum(n for name, n in self.aten.items() if name not in NO_KERNEL) + sum(self.triton.values())
+
+
+def count_step(attn: SparseAttention, prompt: torch.Tensor, token: torch.Tensor, monkeypatch) -> LaunchCounter:
+    from triton.runtime.interpreter import GridExecutor
+
+    counter = LaunchCounter()
+    launch = GridExecutor.__call__
+
+    def counted(self, *args, **kwargs):
+        if counter.active:
+            counter.triton[self.fn.__name__] += 1
+        counter.inside_launch += 1
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            counter.inside_launch -= 1
+
+    monkeypatch.setattr(GridExecutor, "__call__", counted)
+    with torch.no_grad():
+        cache = attn.new_cache(prompt.shape[0], 64)
+        attn(prompt, cache=cache)
+        attn(token, cache=cache)  # compiles / warms whatever a first step does
+        with counter:
+            attn(token, cache=cache)
+    return counter
+
+
+CONFIGS = {
+    "mean_logits": dict(),
+    "summed_forced_independent": dict(importance_score="summed_probs", num_forced_initial_blocks=1,
+                                      num_forced_local_blocks=1, independent_kv=True),
+}
+EXPECTED = {"mean_logits": (111, 4), "summed_forced_independent": (109, 4)}  # (kernels, of them Triton launches)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_decode_step_kernel_count(name, monkeypatch):
+    attn = randomize_(SparseAttention(dim=48, dim_head=16, heads=6, kv_heads=2, sliding_window_size=20,
+                                      compress_block_size=16, compress_block_sliding_stride=8, selection_block_size=16,
+                                      num_selected_blocks=3, causal=True, backend="triton", **CONFIGS[name]), std=0.2)
+    x = torch.randn(2, 40, 48)
+    counter = count_step(attn, x[:, :37], x[:, 37:38], monkeypatch)
+    assert counter.aten["_local_scalar_dense"] == 0, "a decoding step must not read the device on the host"
+    # assert "compressed_selection_kernel" in counter.triton
+    assert (counter.kernels, sum(counter.triton.values())) == EXPECTED[name], (
+        f"{counter.kernels} kernels ({dict(counter.triton)}); aten: {sorted(counter.aten.items())}")
