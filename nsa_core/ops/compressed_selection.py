@@ -3,8 +3,8 @@
 
 Whole sequences, packed documents, a sequence-parallel shard: compressed_attention, then
 select_blocks (each its own kernels or reference). A decoding step (`Seqs.step`, ck / cv in a
-cache's pages: ops/paged.py): the fused Triton kernel (kernels/decode/compressed_selection.py:
-per row, token and selection list, the compressed attention over the visible compressed slots, the
+cache's pages: ops/paged.py): with backend="triton" (FUSED_STEP_BY_DEFAULT below) the fused Triton
+kernel (kernels/decode/compressed_selection.py: per row, token and selection list, the compressed attention over the visible compressed slots, the
 block scores from that attention's logits and the top-k, one launch), or its PyTorch twin
 (reference/step_selection.py: the paged compressed attention and the step selection over the
 cache's selection keys). Forward only for a step.
@@ -26,6 +26,11 @@ from nsa_core.reference.selection import NULL_SLOT_LOGIT, VALID_THRESHOLD, num_s
 from nsa_core.reference.step_selection import step_compressed_selection_reference
 from nsa_core.selection import Selection, SelectionRule
 from nsa_core.seqs import Seqs
+
+# backend="auto" on a GPU runs the twin until the fused kernel's GPU tests have passed on a device and it
+# is measured against the paged split-K kernels it replaces (its grid is B x HKV x K programs: 4 at
+# batch 1 on the paper layer); backend="triton" runs it.
+FUSED_STEP_BY_DEFAULT = False
 
 
 def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
@@ -67,7 +72,8 @@ def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
                                     rule.interpolated))
 
     positions = seqs.query_positions(q.device)
-    if use_kernels(backend, q.device, "compressed_selection (decoding step)", unsupported):
+    opt_in = None if backend == "triton" or FUSED_STEP_BY_DEFAULT else "the fused step kernel is opt-in for now"
+    if use_kernels(backend, q.device, "compressed_selection (decoding step)", unsupported, by_design=opt_in):
         from nsa_core.kernels.decode.compressed_selection import compressed_selection_step
 
         out, indices, valid, probs = compressed_selection_step(
