@@ -30,6 +30,20 @@ MAX_BLOCKS = 4 * ROW_ELEMENTS  # one row of this many blocks per program is the 
 
 
 @triton.jit
+def forced_block(j: tl.constexpr, own, FORCED_I: tl.constexpr, NB):
+    """Forced slot j of a query whose own block is `own` (reference.selection.forced_blocks): the
+    initial blocks 0..FORCED_I-1, then the local blocks own-1, own-2, ... -> (block clamped into
+    [0, NB), whether the block exists for this query)."""
+    if j < FORCED_I:
+        chosen = own * 0 + j
+        forced_valid = j < own
+    else:
+        chosen = own - 1 - (j - FORCED_I)
+        forced_valid = (chosen >= 0) & (chosen >= FORCED_I)
+    return tl.minimum(tl.maximum(chosen, 0), NB - 1), forced_valid
+
+
+@triton.jit
 def block_topk_kernel(
     SCORES, INDICES, PROBS, VALID, POS, FIRST, NBLK,
     R, NB, TC, first_pos, scale, threshold,
@@ -69,13 +83,7 @@ def block_topk_kernel(
     if FORCED_I + FORCED_L > 0:  # forced slots first (reference.selection.forced_blocks), then the rest
         own = pos // SEL
         for j in tl.static_range(FORCED_I + FORCED_L):
-            if j < FORCED_I:
-                chosen = own * 0 + j
-                forced_valid = j < own
-            else:
-                chosen = own - 1 - (j - FORCED_I)
-                forced_valid = (chosen >= 0) & (chosen >= FORCED_I)
-            chosen = tl.minimum(tl.maximum(chosen, 0), NB - 1)
+            chosen, forced_valid = forced_block(j, own, FORCED_I, NB)
             value = tl.sum(tl.where(blocks[None, :] == chosen[:, None], p, 0.0), axis=1)
             if PACKED:  # a block or a slot the lone document lacks: index -1, probability 0
                 there = (chosen < doc_blocks) & (j < slots_of_doc)

@@ -35,6 +35,7 @@ blocks in it, N = BLOCK_N slots per tile, W compressed blocks read per selection
 import triton
 import triton.language as tl
 
+from nsa_core.kernels.block_topk import forced_block
 from nsa_core.kernels.online_softmax import online_softmax_step
 
 MEAN_LOGITS = tl.constexpr(0)
@@ -117,13 +118,7 @@ def _store_top_blocks(b_p, b_pos, NB, p_out, indices, probs, valid, threshold, S
     own = b_pos // SEL
     score_dtype = probs.dtype.element_ty
     for j in tl.static_range(FORCED_I + FORCED_L):
-        if j < FORCED_I:
-            chosen = own * 0 + j
-            forced_valid = j < own
-        else:
-            chosen = own - 1 - (j - FORCED_I)
-            forced_valid = (chosen >= 0) & (chosen >= FORCED_I)
-        chosen = tl.minimum(tl.maximum(chosen, 0), NB - 1)
+        chosen, forced_valid = forced_block(j, own, FORCED_I, NB)
         value = tl.sum(tl.where(o_nb == chosen, b_p, 0.0), axis=0)
         tl.store(indices + p_out + j, chosen.to(tl.int64))
         tl.store(probs + p_out + j, value.to(score_dtype))
