@@ -2,13 +2,15 @@
 selection flipped at a near-tie is reported and passes, and planted decoding bugs (a wrong
 position, a stale cache entry, a missing block) fail."""
 
+import importlib
+
 import torch
 
 from nsa_cli.support.checks import randomize_parameters
 from nsa_cli.support.decode_check import compare_decoding, decoded_span
 from nsa_core import SparseAttention
 from nsa_core.model.cache import NSACache
-from nsa_core.ops import Seqs, block_selection, sliding_window
+from nsa_core.ops import Seqs, sliding_window
 from nsa_core.reference import step_selection
 
 N = 45  # odd; prefill 15, 30 tokens decoded
@@ -87,14 +89,17 @@ def test_stale_cache_entry_fails(monkeypatch):
 
 
 def test_missing_block_fails(monkeypatch):
-    """The decoding step's selection drops its last block."""
-    original = block_selection.select_step_blocks
+    """The decoding step's selection drops its last block (the step's compressed branch and selection
+    run as one op, ops/compressed_selection.py; on the CPU its twin)."""
+    step_op = importlib.import_module("nsa_core.ops.compressed_selection")  # the package exports the function
 
-    def drop_last(*args):
-        selection = original(*args)
+    original = step_op.step_compressed_selection_reference
+
+    def drop_last(*args, **kwargs):
+        out, selection = original(*args, **kwargs)
         selection.valid[..., -1] = False
-        return selection
+        return out, selection
 
-    monkeypatch.setattr(block_selection, "select_step_blocks", drop_last)
+    monkeypatch.setattr(step_op, "step_compressed_selection_reference", drop_last)
     found = compare(*module_and_input())
     assert not found.passed, found
