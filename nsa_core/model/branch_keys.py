@@ -37,13 +37,6 @@ class BranchKeys:
         if self.window_k is None:
             self.window_k, self.window_v = self.rotated_k, self.v
 
-    def selection_keys(self, num_memory: int) -> Tensor | PooledBlockKeys | None:
-        """The keys select_blocks scores: `selection_k`, or the compressed keys after the memory tokens
-        (None for pages: the step's op reads them there, and only where its twin needs them)."""
-        if self.selection_k is not None or isinstance(self.compressed_k, Pages):
-            return self.selection_k
-        return self.compressed_k[:, :, num_memory:]
-
 
 def split_branches(k: Tensor, v: Tensor, independent: bool) -> tuple[tuple[Tensor, Tensor], ...]:
     """k, v (b, branches * hk, n, d) from SparseAttention.project -> ((k, v) of the compressed, the

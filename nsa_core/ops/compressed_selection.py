@@ -1,10 +1,18 @@
 """compressed_selection: the compressed branch and the block selection that scores its keys, one op
-(validation + dispatch), so a decoding step runs them as one kernel.
+(validation + dispatch, decided once per call).
 
-Whole sequences, packed documents, a sequence-parallel shard: compressed_attention, then
-select_blocks (each its own kernels or reference). A decoding step (`Seqs.step`, ck / cv in a
-cache's pages: ops/paged.py): with backend="triton" (FUSED_STEP_BY_DEFAULT below) the fused Triton
-kernel (kernels/decode/compressed_selection.py: per row, token and selection list, the compressed attention over the visible compressed slots, the
+Whole sequences and sequence-parallel shards whose selection scores the compressed keys themselves
+(selection_keys=None): with backend="triton" (FUSED_TRAINING_BY_DEFAULT below) the fused Triton
+kernel (kernels/compressed_scoring.py: the compressed attention's output and the selection blocks'
+scores in one launch, then kernels/block_topk.py's top-k, query chunk by query chunk; its output's
+backward is the staircase SDPA's, as on the two-op path). Everything else takes compressed_attention
+then select_blocks (each its own kernels or reference), by design: packed documents (the fused kernel
+reads no document bounds), other selection keys, use_diff_topk (its gates need the scores' gradient),
+selection blocks not a multiple of the stride, a rule whose causality or scale is not the attention's.
+
+A decoding step (`Seqs.step`, ck / cv in a cache's pages: ops/paged.py): with backend="auto" or
+"triton" (FUSED_STEP_BY_DEFAULT below) the fused Triton kernel (kernels/decode/compressed_selection.py:
+per row, token and selection list, the compressed attention over the visible compressed slots, the
 block scores from that attention's logits and the top-k, one launch), or its PyTorch twin
 (reference/step_selection.py: the paged compressed attention and the step selection over the
 cache's selection keys). Forward only for a step.
@@ -22,15 +30,19 @@ from nsa_core.ops.compressed_attention import compressed_attention
 from nsa_core.ops.dispatch import use_kernels
 from nsa_core.ops.paged import Pages, PooledBlockKeys, _check_paged, paged_call
 from nsa_core.ops.validation import check_positive_int, check_same_device_dtype
+from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
 from nsa_core.reference.selection import NULL_SLOT_LOGIT, VALID_THRESHOLD, num_scored_blocks
 from nsa_core.reference.step_selection import step_compressed_selection_reference
 from nsa_core.selection import Selection, SelectionRule
-from nsa_core.seqs import Seqs
+from nsa_core.seqs import Seqs, query_seqs
 
-# backend="auto" on a GPU runs the twin until the fused kernel's GPU tests have passed on a device and it
-# is measured against the paged split-K kernels it replaces (its grid is B x HKV x K programs: 4 at
-# batch 1 on the paper layer); backend="triton" runs it.
-FUSED_STEP_BY_DEFAULT = False
+# backend="auto" on a GPU runs the fused kernel (its GPU tests pass on an H200; measured faster than the
+# paged split-K kernels it replaced at 8k / 64k x 1 / 16: benchmarks/RESULTS.md "Fused decode step").
+FUSED_STEP_BY_DEFAULT = True
+# backend="auto" on a GPU runs the two ops for whole sequences until the fused training kernel is measured
+# against them (benchmarks/bench_training.py); backend="triton" runs it.
+FUSED_TRAINING_BY_DEFAULT = False
+SCORE_BUDGET = 1 << 27  # score elements (B x H x queries x NB) of one query chunk on the fused training path
 
 
 def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
@@ -39,14 +51,18 @@ def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
                          backend: str = "auto") -> tuple[Tensor, Selection | None]:
     """q (B, HQ, T, D) unrotated; ck / cv the compressed keys and values with the M = num_memory memory
     tokens first (compressed_attention's arguments, at rule.stride); selection_keys: what select_blocks
-    scores (the compressed keys without memory tokens; for a decoding step the cache's pooled keys,
-    PooledBlockKeys, when rule.pooled, or None: read from ck's pages). -> (the compressed branch's
+    scores when it is not ck's keys after the memory tokens (None: those keys, which lets whole
+    sequences take the fused kernel; for a decoding step the cache's pooled keys, PooledBlockKeys,
+    when rule.pooled, or None: read from ck's pages). -> (the compressed branch's
     output (B, HQ, T, Dv), select_blocks' Selection or None)."""
     stride = rule.stride
     if not paged_call(seqs, ck=ck, cv=cv):
+        if selection_keys is None and _fused_training(q, ck, cv, rule, num_memory, causal, scale, seqs, backend):
+            return _fused_whole(q, ck, cv, rule, num_memory, query_seqs(q, seqs).q_offset)
+        keys = ck[:, :, num_memory:] if selection_keys is None else selection_keys
         out = compressed_attention(q, ck, cv, num_memory=num_memory, stride=stride, causal=causal, scale=scale,
                                    seqs=seqs, backend=backend)
-        return out, select_blocks(q, selection_keys, rule, seqs=seqs, backend=backend)
+        return out, select_blocks(q, keys, rule, seqs=seqs, backend=backend)
     check_positive_int("num_memory", num_memory)
     if not causal or not rule.causal:
         raise ValueError("a decoding step (Seqs.step) is causal: pass causal=True and a causal rule")
@@ -86,3 +102,82 @@ def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
     keys = selection_keys.keys if isinstance(selection_keys, PooledBlockKeys) else selection_keys
     return step_compressed_selection_reference(q, ck.pool, cv.pool, ck.table, positions, rule, num_memory=num_memory,
                                                num_compressed=C, scale=scale, selection_keys=keys)
+
+
+def _training_by_design(q: Tensor, rule: SelectionRule, causal: bool, scale: float | None, seqs: Seqs | None,
+                        backend: str) -> str | None:
+    """Why whole sequences take the two ops on purpose (module docstring), or None."""
+    if backend != "triton" and not FUSED_TRAINING_BY_DEFAULT:
+        return "the fused training kernel is opt-in for now"
+    if isinstance(seqs, Seqs) and seqs.is_packed:
+        return "packed documents take the compressed flex and packed top-k kernels"
+    if rule.use_diff_topk:
+        return "use_diff_topk's gates need the scores' gradient"
+    if rule.selection_block_size % rule.stride:
+        return "selection blocks that are not a multiple of the stride"
+    if (rule.causal, rule.scale) != (causal, q.shape[-1] ** -0.5 if scale is None else scale):
+        return "the rule's causality or scale is not the attention's"
+    return None
+
+
+def _fused_training(q: Tensor, ck: Tensor, cv: Tensor, rule: SelectionRule, num_memory: int, causal: bool,
+                    scale: float | None, seqs: Seqs | None, backend: str) -> bool:
+    """Whether whole sequences take the fused training kernel (checked inputs), decided once per call."""
+    if (_training_by_design(q, rule, causal, scale, seqs, backend) is not None
+            or not use_kernels(backend, q.device, "compressed_selection (fused)")):
+        return False
+    check_positive_int("num_memory", num_memory)
+    check_same_device_dtype(q=q, ck=ck, cv=cv)
+    if ck.shape[-2] < num_memory:
+        raise ValueError(f"ck must hold the {num_memory} memory tokens first, got {ck.shape[-2]} tokens")
+    B, HQ, _, D = q.shape
+    if ck.shape[0] != B or ck.shape[-1] != D or cv.shape[:3] != ck.shape[:3] or HQ % ck.shape[1]:
+        raise ValueError(f"ck (B, HKV, M + C, D) and cv (B, HKV, M + C, Dv) must match q (B, HQ, T, D) with HQ a "
+                         f"multiple of HKV, got q {tuple(q.shape)}, ck {tuple(ck.shape)}, cv {tuple(cv.shape)}")
+    if rule.group_size != HQ // ck.shape[1]:
+        raise ValueError(f"rule.group_size must be HQ // HKV = {HQ // ck.shape[1]}, got {rule.group_size}")
+
+    def unsupported() -> str | None:
+        from nsa_core.kernels.block_topk import MAX_BLOCKS
+        from nsa_core.kernels.compressed_scoring_launch import scoring_unsupported_reason
+
+        nb = num_scored_blocks(ck.shape[-2] - num_memory, rule.stride, rule.selection_block_size)
+        if nb > MAX_BLOCKS:
+            return f"the top-k kernel holds at most {MAX_BLOCKS} blocks per query, got {nb}"
+        return scoring_unsupported_reason(q, ck, cv, stride=rule.stride, selection_block_size=rule.selection_block_size,
+                                          compress_block=rule.compress_block,
+                                          summed=rule.importance == "summed_probs")
+
+    return unsupported() is None  # inputs the fused kernel does not take go to the two ops, which decide
+
+
+def _fused_whole(q: Tensor, ck: Tensor, cv: Tensor, rule: SelectionRule, num_memory: int,
+                 q_offset: int) -> tuple[Tensor, Selection | None]:
+    """The fused training kernel, then block_topk, one query chunk at a time (scores linear in T)."""
+    from nsa_core.kernels.block_topk import block_topk
+    from nsa_core.kernels.compressed_scoring_launch import compressed_scoring
+
+    B, HQ, T, _ = q.shape
+    nb = num_scored_blocks(ck.shape[-2] - num_memory, rule.stride, rule.selection_block_size)
+    k = min(rule.num_selected, nb)
+    summed = rule.importance == "summed_probs"
+    heads = ck.shape[1] if rule.share_across_group else HQ
+    chunk = query_chunk_size(T, max(1, nb), heads, B, budget=SCORE_BUDGET)
+    mask_own = rule.selection_block_size != rule.stride
+
+    def part(start: int, end: int) -> tuple:
+        out, _, scores = compressed_scoring(
+            q[:, :, start:end], ck, cv, num_memory=num_memory, stride=rule.stride,
+            selection_block_size=rule.selection_block_size, compress_block=rule.compress_block, causal=rule.causal,
+            scale=rule.scale, q_offset=q_offset + start, summed=summed, share=rule.share_across_group,
+            mask_own=mask_own)
+        if k == 0:
+            return out, None, None, None
+        indices, valid, probs = block_topk(
+            scores, k, scale=1.0 if summed else rule.scale, first_pos=q_offset + start, causal=rule.causal,
+            selection_block_size=rule.selection_block_size, mask_own=mask_own, null_logit=NULL_SLOT_LOGIT,
+            threshold=VALID_THRESHOLD, forced_initial=rule.forced_initial, forced_local=rule.forced_local)
+        return out, indices, valid, probs
+
+    out, indices, valid, probs = map_query_chunks(part, T, chunk, needs_grad=False)
+    return out, None if indices is None else Selection(indices, valid, probs, None)
