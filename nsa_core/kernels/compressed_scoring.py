@@ -123,14 +123,15 @@ def compressed_scoring_kernel(
 
     # sweep 1: memory tokens, then the visible compressed blocks
     o_n = tl.arange(0, BLOCK_M)
-    b_k = _tile(p_k, stride_kt, o_n, o_n < M, D, BLOCK_D, UPCAST)  # [BLOCK_M, BLOCK_D]
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale
-    b_s = tl.where((o_n < M)[None, :], b_s, float("-inf"))
+    # (the memory tiles have their own names: a loop-carried tile keeps its shape on a GPU)
+    b_km = _tile(p_k, stride_kt, o_n, o_n < M, D, BLOCK_D, UPCAST)  # [BLOCK_M, BLOCK_D]
+    b_sm = tl.dot(b_q, tl.trans(b_km), input_precision=PRECISION) * scale
+    b_sm = tl.where((o_n < M)[None, :], b_sm, float("-inf"))
     b_m = tl.full([BLOCK_T * GP], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_T * GP, BLOCK_DV], dtype=tl.float32)
-    b_v = _tile(p_v, stride_vt, o_n, o_n < M, DV, BLOCK_DV, UPCAST)  # [BLOCK_M, BLOCK_DV]
-    b_m, b_l, b_acc = online_softmax_step(b_m, b_l, b_acc, b_s, b_v, PRECISION)
+    b_vm = _tile(p_v, stride_vt, o_n, o_n < M, DV, BLOCK_DV, UPCAST)  # [BLOCK_M, BLOCK_DV]
+    b_m, b_l, b_acc = online_softmax_step(b_m, b_l, b_acc, b_sm, b_vm, PRECISION)
     b_mc = tl.full([BLOCK_T * GP], float("-inf"), dtype=tl.float32)  # compressed blocks alone (SUMMED)
     b_lc = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
     c_hi = tl.minimum(C, last // STRIDE) if CAUSAL else C

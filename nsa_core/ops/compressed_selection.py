@@ -2,7 +2,8 @@
 (validation + dispatch, decided once per call).
 
 Whole sequences and sequence-parallel shards whose selection scores the compressed keys themselves
-(selection_keys=None): with backend="triton" (FUSED_TRAINING_BY_DEFAULT below) the fused Triton
+(selection_keys=None): with backend="triton", or "auto" for the scores in FUSED_TRAINING_BY_DEFAULT below,
+the fused Triton
 kernel (kernels/compressed_scoring.py: the compressed attention's output and the selection blocks'
 scores in one launch, then kernels/block_topk.py's top-k, query chunk by query chunk; its output's
 backward is the staircase SDPA's, as on the two-op path). Everything else takes compressed_attention
@@ -39,9 +40,10 @@ from nsa_core.seqs import Seqs, query_seqs
 # backend="auto" on a GPU runs the fused kernel (its GPU tests pass on an H200; measured faster than the
 # paged split-K kernels it replaced at 8k / 64k x 1 / 16: benchmarks/RESULTS.md "Fused decode step").
 FUSED_STEP_BY_DEFAULT = True
-# backend="auto" on a GPU runs the two ops for whole sequences until the fused training kernel is measured
-# against them (benchmarks/bench_training.py); backend="triton" runs it.
-FUSED_TRAINING_BY_DEFAULT = False
+# the importance scores whose whole sequences take the fused training kernel with backend="auto" on a GPU
+# (H200, paper shape, fwd+bwd: summed_probs 8.8x the two ops at 8k, 13.5x at 64k; mean_logits 0.52x / 0.32x:
+# benchmarks/RESULTS.md "Fused compressed scoring"); backend="triton" runs it for both.
+FUSED_TRAINING_BY_DEFAULT = frozenset({"summed_probs"})
 SCORE_BUDGET = 1 << 27  # score elements (B x H x queries x NB) of one query chunk on the fused training path
 
 
@@ -107,8 +109,8 @@ def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
 def _training_by_design(q: Tensor, rule: SelectionRule, causal: bool, scale: float | None, seqs: Seqs | None,
                         backend: str) -> str | None:
     """Why whole sequences take the two ops on purpose (module docstring), or None."""
-    if backend != "triton" and not FUSED_TRAINING_BY_DEFAULT:
-        return "the fused training kernel is opt-in for now"
+    if backend != "triton" and rule.importance not in FUSED_TRAINING_BY_DEFAULT:
+        return "the two ops measure faster for this importance score"
     if isinstance(seqs, Seqs) and seqs.is_packed:
         return "packed documents take the compressed flex and packed top-k kernels"
     if rule.use_diff_topk:

@@ -3,9 +3,10 @@
 One op serves NSA's three branches at decode time (the selected blocks and the own block, the
 window's blocks, the compressed-key pool): each query attends the pages listed for it, keys at
 logical index j = page * page_size + offset visible when lo <= j <= hi. Kernel: a paged split-K
-("flash-decoding") Triton kernel (kernels/decode); PyTorch: reference/fast_decode.py (the
-reference's weighting without its per-value non-finite test where every listed value is finite),
-the twin of reference/paged_decode.py. The branch ops call it for a decoding step over a cache's
+("flash-decoding") Triton kernel (kernels/decode); PyTorch: off CUDA reference/fast_decode.py (the
+reference's weighting without its per-value non-finite test where every listed value is finite; it
+reads that test on the host), on CUDA reference/paged_decode.py itself (no host read, so a decoding
+step that falls back to it can still be captured in a CUDA graph). The branch ops call it for a decoding step over a cache's
 pages (ops/paged.py builds the page lists). Forward only (inference).
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, HI heads of a page list (HKV: shared by a
@@ -52,6 +53,10 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
         from nsa_core.kernels.decode import paged_decode_attention
 
         return paged_decode_attention(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, scale=scale)
+    if q.device.type == "cuda":  # capturable: no host read of the output
+        from nsa_core.reference.paged_decode import paged_decode_reference
+
+        return paged_decode_reference(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, scale)
     from nsa_core.reference.fast_decode import paged_decode_fast
 
     return paged_decode_fast(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, scale)

@@ -337,3 +337,18 @@ def test_paper_shape_gpu(importance):
     exact = select_blocks(q.float(), ck[:, :, M:].float(), rule, backend="torch")
     logits = want * (rule.scale if importance == "mean_logits" else 1.0)
     assert_same_blocks(got, exact, logits, rule, margin=3e-2, min_rows=0.01)
+
+
+def test_auto_takes_the_fused_kernel_for_summed_probabilities_only():
+    """backend="auto" (on a GPU) fuses the scores it measured faster (FUSED_TRAINING_BY_DEFAULT: summed
+    probabilities) and keeps the two ops for mean logits; "triton" fuses both; packed rows never."""
+    from nsa_core.seqs import Seqs
+
+    op = importlib.import_module("nsa_core.ops.compressed_selection")
+    q = torch.zeros(1, 6, 8, 16)
+    summed, mean = rule_for(3, 8, 16, 16, "summed_probs"), rule_for(3, 8, 16, 16, "mean_logits")
+    assert op._training_by_design(q, summed, True, 0.3, None, "auto") is None
+    assert "two ops" in op._training_by_design(q, mean, True, 0.3, None, "auto")
+    assert op._training_by_design(q, mean, True, 0.3, None, "triton") is None
+    packed = Seqs.packed(torch.tensor([0, 3, 8]), 8)
+    assert "packed" in op._training_by_design(q, summed, True, 0.3, packed, "triton")
