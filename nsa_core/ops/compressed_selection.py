@@ -2,10 +2,9 @@
 (validation + dispatch, decided once per call).
 
 Whole sequences and sequence-parallel shards whose selection scores the compressed keys themselves
-(selection_keys=None): with backend="triton", or "auto" for the scores in FUSED_TRAINING_BY_DEFAULT below,
-the fused Triton
-kernel (kernels/compressed_scoring.py: the compressed attention's output and the selection blocks'
-scores in one launch, then kernels/block_topk.py's top-k, query chunk by query chunk; its output's
+(selection_keys=None): with backend="triton", or "auto" for the scores in FUSED_TRAINING_BY_DEFAULT
+below, the fused Triton kernel (kernels/compressed_scoring.py: the compressed attention's output and
+the selection blocks' scores in one launch, then kernels/block_topk.py's top-k, query chunk by query chunk; its output's
 backward is the staircase SDPA's, as on the two-op path). Everything else takes compressed_attention
 then select_blocks (each its own kernels or reference), by design: packed documents (the fused kernel
 reads no document bounds), other selection keys, use_diff_topk (its gates need the scores' gradient),
@@ -37,8 +36,8 @@ from nsa_core.reference.step_selection import step_compressed_selection_referenc
 from nsa_core.selection import Selection, SelectionRule
 from nsa_core.seqs import Seqs, query_seqs
 
-# backend="auto" on a GPU runs the fused kernel (its GPU tests pass on an H200; measured faster than the
-# paged split-K kernels it replaced at 8k / 64k x 1 / 16: benchmarks/RESULTS.md "Fused decode step").
+# backend="auto" on a GPU runs the fused step kernel (its GPU tests pass on an H200; a graphed layer step
+# 0.33-0.48 ms against the twin's 0.46-6.5 ms at 8k / 64k x 1 / 16: benchmarks/RESULTS.md "Fused decode step").
 FUSED_STEP_BY_DEFAULT = True
 # the importance scores whose whole sequences take the fused training kernel with backend="auto" on a GPU
 # (H200, paper shape, fwd+bwd: summed_probs 8.8x the two ops at 8k, 13.5x at 64k; mean_logits 0.52x / 0.32x:

@@ -6,8 +6,8 @@ logical index j = page * page_size + offset visible when lo <= j <= hi. Kernel: 
 ("flash-decoding") Triton kernel (kernels/decode); PyTorch: off CUDA reference/fast_decode.py (the
 reference's weighting without its per-value non-finite test where every listed value is finite; it
 reads that test on the host), on CUDA reference/paged_decode.py itself (no host read, so a decoding
-step that falls back to it can still be captured in a CUDA graph). The branch ops call it for a decoding step over a cache's
-pages (ops/paged.py builds the page lists). Forward only (inference).
+step that falls back to it can still be captured in a CUDA graph). The branch ops call it for a
+decoding step over a cache's pages (ops/paged.py builds the page lists). Forward only (inference).
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, HI heads of a page list (HKV: shared by a
 group, or HQ), K queries per sequence, S listed pages, P pages in the pool, D / Dv head dims.
