@@ -266,7 +266,7 @@ class SparseAttention(nn.Module):
         cache's pages with a decoding-step `seqs` (NSACache.branch_keys); the ops tell them apart."""
         cfg = self.config
         compressed, selection = compressed_selection(
-            q, keys.compressed_k, keys.compressed_v, keys.selection_k, self.selection_rule,
+            q, keys.compressed_k, keys.compressed_v, None, self.selection_rule,  # None: scores the compressed keys
             num_memory=cfg.num_compressed_mem_kv, causal=cfg.causal, scale=self.scale, seqs=seqs, backend=cfg.backend)
         q_rot = self.rotate(q, seqs.query_positions(q.device))
         fine = self.selected_branch(q_rot, keys, selection, seqs)

@@ -5,9 +5,7 @@
   the selected branch's rotated keys and values of every token the queries may see (b, hk, s, d),
   and the window's (the same tensors unless the module has independent_kv).
 - A decoding cache's pages (NSACache.branch_keys, for a decoding-step Seqs): the same fields as
-  nsa_core.ops.paged.Pages, and the cache's pooled block keys (`selection_k`) when the step's
-  selection scores blocks pooled (ops/compressed_selection.py: its twin scores them; the fused
-  kernel scores the compressed pages it attends).
+  nsa_core.ops.paged.Pages (the step's selection scores the compressed pages: ops/compressed_selection.py).
 
 Every branch op takes either form; `attend` does not tell them apart.
 
@@ -20,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from nsa_core.ops.paged import Pages, PooledBlockKeys
+from nsa_core.ops.paged import Pages
 
 
 @dataclass
@@ -31,7 +29,6 @@ class BranchKeys:
     v: Tensor | Pages
     window_k: Tensor | Pages | None = None
     window_v: Tensor | Pages | None = None
-    selection_k: Tensor | PooledBlockKeys | None = None  # None: compressed_k without its memory tokens
 
     def __post_init__(self) -> None:
         if self.window_k is None:

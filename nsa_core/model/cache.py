@@ -12,8 +12,6 @@ What it holds, and why (B batch, HKV kv heads, D / Dv head dims):
 - ck_pages / cv_pages (B * NCP, HKV, CPAGE, D): per sequence the memory tokens (slots 0 .. M - 1),
   then the completed compression windows (slot M + c), then one scratch slot (the last) that takes
   the writes of windows not complete yet, so every step writes the same shapes;
-- pooled_keys (B, HKV, NB + 1, D): the mean of the compressed keys of each selection block (the
-  pooled block scores' keys) when selection blocks are a multiple of the stride; last slot scratch;
 - ring_keys / ring_values (B, HKV, R, D), R = compress_block_size: the last R tokens, unrotated
   (zeros before the sequence start): every window a new token completes is in them;
 - window_k_pages / window_v_pages (as k_pages), with independent_kv only: the window branch's own
@@ -38,8 +36,7 @@ from torch import Tensor
 
 from nsa_core.config import NSAConfig
 from nsa_core.model.branch_keys import BranchKeys
-from nsa_core.ops.paged import Pages, PooledBlockKeys
-from nsa_core.selection import pooled_scoring
+from nsa_core.ops.paged import Pages
 
 COMPRESSED_PAGE = 64  # compressed tokens per page of the compressed pool
 DEFAULT_HEADROOM = 1024  # tokens a cache made by return_cache=True leaves free after its prompt
@@ -148,7 +145,6 @@ class NSACache(StepCache):
     ck_pages: Tensor
     cv_pages: Tensor
     compressed_table: Tensor
-    pooled_keys: Tensor | None
     ring_keys: Tensor
     ring_values: Tensor
     lengths: Tensor
@@ -174,9 +170,6 @@ class NSACache(StepCache):
         slots = config.num_compressed_mem_kv + capacity // config.stride + 1  # + the scratch slot
         cpages = -(-slots // COMPRESSED_PAGE)
         zeros = dict(device=device, dtype=dtype)
-        pooled = None
-        if pooled_scoring(page, config.stride, config.importance_score):
-            pooled = torch.zeros(batch_size, hk, capacity // page + 1, d, **zeros)
         ring = config.compress_block_size
         window = {}
         if config.independent_kv:
@@ -190,7 +183,6 @@ class NSACache(StepCache):
             ck_pages=torch.zeros(batch_size * cpages, hk, COMPRESSED_PAGE, d, **zeros),
             cv_pages=torch.zeros(batch_size * cpages, hk, COMPRESSED_PAGE, d, **zeros),
             compressed_table=_identity_table(batch_size, cpages, device),
-            pooled_keys=pooled,
             ring_keys=torch.zeros(batch_size, hk, ring, d, **zeros),
             ring_values=torch.zeros(batch_size, hk, ring, d, **zeros),
             lengths=torch.zeros(batch_size, device=device, dtype=torch.int64),
@@ -247,8 +239,6 @@ class NSACache(StepCache):
         scratch = self.scratch_slot
         bigger.ck_pages.view(b, -1, hk, COMPRESSED_PAGE, bigger.ck_pages.shape[-1])[
             :, scratch // COMPRESSED_PAGE, :, scratch % COMPRESSED_PAGE] = 0
-        if self.pooled_keys is not None:
-            bigger.pooled_keys[:, :, : self.pooled_keys.shape[2] - 1] = self.pooled_keys[:, :, :-1]
         bigger.ring_keys.copy_(self.ring_keys)
         bigger.ring_values.copy_(self.ring_values)
         bigger.lengths.copy_(self.lengths)
@@ -259,7 +249,7 @@ class NSACache(StepCache):
         return self.ring_keys, self.ring_values  # the compression ring: positions alone do not say it
 
     def _buffers(self) -> tuple[Tensor, ...]:
-        optional = (self.pooled_keys, self.window_k_pages, self.window_v_pages)
+        optional = (self.window_k_pages, self.window_v_pages)
         return (self.k_pages, self.v_pages, self.ck_pages, self.cv_pages, self.ring_keys, self.ring_values,
                 *(t for t in optional if t is not None))
 
@@ -292,28 +282,11 @@ class NSACache(StepCache):
         self.ck_pages[physical, :, slots % COMPRESSED_PAGE] = ck.transpose(1, 2).to(self.dtype)
         self.cv_pages[physical, :, slots % COMPRESSED_PAGE] = cv.transpose(1, 2).to(self.dtype)
 
-    def read_compressed_keys(self, slots: Tensor) -> Tensor:
-        """Compressed keys at logical slots (B, N) -> (B, HKV, N, D)."""
-        physical = self.compressed_table.gather(1, slots // COMPRESSED_PAGE)
-        return self.ck_pages[physical, :, slots % COMPRESSED_PAGE].transpose(1, 2)
-
-    def selection_keys(self) -> Tensor | PooledBlockKeys:
-        """The keys a step's selection scores (ops/step_selection.py): the pooled keys (B, HKV, NB, D)
-        when blocks are scored pooled, else the compressed keys of the whole capacity without the memory
-        tokens (B, HKV, capacity // stride, D)."""
-        if self.pooled_keys is not None:
-            return PooledBlockKeys(self.pooled_keys[:, :, :-1])
-        mem, stride = self.config.num_compressed_mem_kv, self.config.stride
-        slots = mem + torch.arange(self.capacity // stride, device=self.device).expand(self.batch_size, -1)
-        return self.read_compressed_keys(slots)
-
     def branch_keys(self) -> BranchKeys:
         """The cache as the branches' keys for SparseAttention.attend with a decoding-step Seqs: the
-        compressed slots, token and window pages behind their tables, and the pooled block keys when
-        blocks are scored pooled (otherwise the step's selection reads the compressed pages)."""
+        compressed slots, token and window pages behind their tables (the step's selection reads the
+        compressed pages: ops/compressed_selection.py)."""
         table, ctable = self.block_table, self.compressed_table
         window_k, window_v = self.window_pages()
-        pooled = None if self.pooled_keys is None else PooledBlockKeys(self.pooled_keys[:, :, :-1])
         return BranchKeys(Pages(self.ck_pages, ctable), Pages(self.cv_pages, ctable), Pages(self.k_pages, table),
-                          Pages(self.v_pages, table), Pages(window_k, table), Pages(window_v, table),
-                          selection_k=pooled)
+                          Pages(self.v_pages, table), Pages(window_k, table), Pages(window_v, table))

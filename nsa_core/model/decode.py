@@ -2,7 +2,7 @@
 decoding steps over it.
 
 - Prefill (the cache is empty): the prompt (B, n, dim) runs through the parallel pass (the
-  kernels), then its rotated keys, values, compressed keys, pooled keys and compression ring are
+  kernels), then its rotated keys, values, compressed keys and compression ring are
   written into the cache in one go. `lengths` (B,) gives each row's valid tokens of a right-padded
   prompt batch: causal attention never lets a token see the padding after it, and whatever the
   padding left in the cache is invisible until overwritten.
@@ -80,11 +80,6 @@ def prefill(attn: SparseAttention, inp: Tensor, cache: NSACache, lengths: Tensor
         cache.write_tokens(positions, keys.rotated_k, keys.v, keys.window_k, keys.window_v)
         slots = torch.arange(keys.compressed_k.shape[2], device=inp.device).expand(B, -1)
         cache.write_compressed(slots, keys.compressed_k, keys.compressed_v)
-        if cache.pooled_keys is not None:
-            mem, ratio = cfg.num_compressed_mem_kv, cfg.selection_block_size // cfg.stride
-            ck = keys.compressed_k[:, :, mem:]
-            nb = ck.shape[2] // ratio
-            cache.pooled_keys[:, :, :nb] = ck[:, :, : nb * ratio].unflatten(2, (nb, ratio)).mean(dim=3)
         ring = cfg.compress_block_size
         ring_pos = lengths[:, None] - ring + torch.arange(ring, device=inp.device)  # (B, R)
         for buffer, source in zip((cache.ring_keys, cache.ring_values), attn.branch_kv(k, v)[0]):
@@ -130,14 +125,3 @@ def _append_compressed(attn: SparseAttention, cache: NSACache, positions: Tensor
     cache.write_compressed(torch.where(complete, mem + index, cache.scratch_slot), ck, cv)
     cache.ring_keys.copy_(tokens_k[:, :, -R:])
     cache.ring_values.copy_(tokens_v[:, :, -R:])
-    if cache.pooled_keys is None:
-        return
-    ratio = cfg.selection_block_size // stride
-    block = index.clamp(min=0) // ratio  # (B, K)
-    members = mem + block[..., None] * ratio + torch.arange(ratio, device=block.device)  # (B, K, r)
-    members = members.clamp(max=cache.scratch_slot).flatten(1)
-    pooled = cache.read_compressed_keys(members).unflatten(2, (positions.shape[1], ratio)).mean(dim=3)
-    scratch = cache.pooled_keys.shape[2] - 1
-    target = torch.where(complete, block.clamp(max=scratch), scratch)
-    batch = torch.arange(positions.shape[0], device=block.device)[:, None].expand_as(target)
-    cache.pooled_keys[batch, :, target] = pooled.transpose(1, 2)

@@ -53,8 +53,8 @@ def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
     """q (B, HQ, T, D) unrotated; ck / cv the compressed keys and values with the M = num_memory memory
     tokens first (compressed_attention's arguments, at rule.stride); selection_keys: what select_blocks
     scores when it is not ck's keys after the memory tokens (None: those keys, which lets whole
-    sequences take the fused kernel; for a decoding step the cache's pooled keys, PooledBlockKeys,
-    when rule.pooled, or None: read from ck's pages). -> (the compressed branch's
+    sequences take the fused kernel; for a decoding step pooled keys, PooledBlockKeys, when
+    rule.pooled, or None: read from ck's pages). -> (the compressed branch's
     output (B, HQ, T, Dv), select_blocks' Selection or None)."""
     stride = rule.stride
     if not paged_call(seqs, ck=ck, cv=cv):

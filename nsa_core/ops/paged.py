@@ -2,8 +2,9 @@
 
 `Pages` is the cached form of a branch's keys or values: a pool of pages shared by every row and a
 block table mapping each row's logical pages to physical ones (nsa_core/model/cache.py and
-nsa_core/serving/paged_cache.py fill them). `PooledBlockKeys` is the cache's pooled key of each
-selection block (what a step's selection scores when blocks are scored pooled).
+nsa_core/serving/paged_cache.py fill them). `PooledBlockKeys` holds pooled keys of each selection
+block for a step's selection (select_blocks with a decoding-step Seqs when blocks are scored pooled);
+the library's caches keep none (the step's selection scores the compressed pages).
 
 The branch ops (compressed_attention, selected_attention, sliding_window_attention) take `Pages`
 in place of their key / value tensors together with a decoding-step descriptor (`Seqs.step`): they
@@ -59,9 +60,8 @@ class Pages:
 
 @dataclass(frozen=True)
 class PooledBlockKeys:
-    """keys (B, HKV, NB, D): the mean of the compressed keys of each of a row's NB selection blocks,
-    kept by a decoding cache as blocks complete (what select_blocks scores for a decoding step when
-    blocks are scored pooled)."""
+    """keys (B, HKV, NB, D): the mean of the compressed keys of each of a row's NB selection blocks
+    (what select_blocks scores for a decoding step when blocks are scored pooled)."""
 
     keys: Tensor
 

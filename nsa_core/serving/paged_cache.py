@@ -10,12 +10,8 @@ D head dim, NP = ceil(max_seq_len / page) logical pages, NCP logical compressed 
   unallocated entry points at (page_pool.py);
 - compressed pages: per layer the ck / cv pools (CP, HKV, 64, D), one compressed table
   (S, NCP + 1) whose last column is always the null page: it takes a step's scratch-slot writes;
-- the pooled block keys (the mean compressed key of each selection block, where blocks are scored
-  pooled): per layer (P, HKV, D), one per token page (a page is one selection block), so they take
-  pages as the sequence does, not a row sized to max_seq_len per slot;
 - per slot: lengths (S,) and the compression ring (S, HKV, R, D), R = compress_block_size tokens.
-A forward's rows gather the ring and their pages' pooled keys into an NSACache view before it and
-put them back after it.
+A forward's rows gather their ring into an NSACache view before it and put it back after it.
 
 `run(module, inp, slots)` drives a forward of the module (the Transformer or one SparseAttention)
 over some slots: empty slots are prefilled (inp their prompts), filled ones take a step of K tokens
@@ -33,7 +29,6 @@ from torch import Tensor, nn
 from nsa_core.config import NSAConfig
 from nsa_core.model.attention import SparseAttention
 from nsa_core.model.cache import COMPRESSED_PAGE, NSACache
-from nsa_core.selection import pooled_scoring
 from nsa_core.serving.page_pool import NULL_PAGE, PagePool
 
 
@@ -45,7 +40,6 @@ class _LayerStore:
     v_pages: Tensor
     ck_pages: Tensor
     cv_pages: Tensor
-    pooled_pages: Tensor | None  # (P, HKV, D): the pooled key of the block each token page holds
     ring_keys: Tensor
     ring_values: Tensor
     window_k_pages: Tensor | None
@@ -93,7 +87,6 @@ class PagedCache:
         self.compressed_pool = PagePool(num_compressed_pages, name="num_compressed_pages")
         hk, d, ring = config.num_kv_heads, config.dim_head, config.compress_block_size
         z = dict(device=device, dtype=dtype)
-        pooled = pooled_scoring(page, config.stride, config.importance_score)
 
         def store() -> _LayerStore:
             window = config.independent_kv
@@ -101,7 +94,6 @@ class PagedCache:
                 k_pages=torch.zeros(num_pages, hk, page, d, **z), v_pages=torch.zeros(num_pages, hk, page, d, **z),
                 ck_pages=torch.zeros(num_compressed_pages, hk, COMPRESSED_PAGE, d, **z),
                 cv_pages=torch.zeros(num_compressed_pages, hk, COMPRESSED_PAGE, d, **z),
-                pooled_pages=torch.zeros(num_pages, hk, d, **z) if pooled else None,
                 ring_keys=torch.zeros(slots, hk, ring, d, **z), ring_values=torch.zeros(slots, hk, ring, d, **z),
                 window_k_pages=torch.zeros(num_pages, hk, page, d, **z) if window else None,
                 window_v_pages=torch.zeros(num_pages, hk, page, d, **z) if window else None)
@@ -187,33 +179,18 @@ class PagedCache:
 
     # a forward over some slots --------------------------------------------------------------------
 
-    def _pooled_view(self, pooled_pages: Tensor | None, table: Tensor) -> Tensor | None:
-        """The rows' pooled keys (B, HKV, NB + 1, D) as NSACache holds them (NB = max_seq_len // page
-        complete blocks, then its scratch column), gathered from their token pages."""
-        if pooled_pages is None:
-            return None
-        nb = self.max_seq_len // self.page_size
-        gathered = pooled_pages[table[:, :nb].long()].transpose(1, 2)  # (B, HKV, NB, D)
-        return torch.cat((gathered, gathered.new_zeros(*gathered.shape[:2], 1, gathered.shape[-1])), dim=2)
-
     def _views(self, index: Tensor, filled: int) -> list[NSACache]:
         table, ctable, lengths = self.block_table[index], self.compressed_table[index], self.lengths[index]
         return [NSACache(config=self.config, capacity=self.max_seq_len, k_pages=s.k_pages, v_pages=s.v_pages,
                          block_table=table, ck_pages=s.ck_pages, cv_pages=s.cv_pages, compressed_table=ctable,
-                         pooled_keys=self._pooled_view(s.pooled_pages, table),
                          ring_keys=s.ring_keys[index], ring_values=s.ring_values[index], lengths=lengths.clone(),
                          filled=filled, window_k_pages=s.window_k_pages, window_v_pages=s.window_v_pages)
                 for s in self.layers]
 
     def _put_back(self, index: Tensor, views: list[NSACache]) -> None:
-        table = self.block_table[index]
-        nb = self.max_seq_len // self.page_size
-        pages = table[:, :nb].long()
         for s, view in zip(self.layers, views):
             s.ring_keys.index_copy_(0, index, view.ring_keys)
             s.ring_values.index_copy_(0, index, view.ring_values)
-            if s.pooled_pages is not None:  # blocks without a page write to the null page, which no one reads
-                s.pooled_pages[pages] = view.pooled_keys[:, :, :nb].transpose(1, 2)
         self.lengths.index_copy_(0, index, views[0].lengths)
 
     def run(self, module: nn.Module, inp: Tensor, slots: list[int], *, lengths: list[int] | None = None) -> Tensor:

@@ -31,7 +31,7 @@ def test_whole_sequences_are_the_two_ops():
     q, k, v = attn.project(attn.norm(torch.randn(2, 45, 48, device=DEVICE)))
     keys = attn.keys_of(k, v)
     common = dict(num_memory=2, causal=True, scale=attn.scale, backend="torch")
-    out, selection = compressed_selection(q, keys.compressed_k, keys.compressed_v, keys.selection_k,
+    out, selection = compressed_selection(q, keys.compressed_k, keys.compressed_v, None,
                                           attn.selection_rule, **common)
     want = compressed_attention(q, keys.compressed_k, keys.compressed_v, stride=8, **common)
     want_sel = select_blocks(q, keys.compressed_k[:, :, 2:], attn.selection_rule, backend="torch")
@@ -62,7 +62,7 @@ def test_step_kernel_equals_twin(changes, monkeypatch):
     monkeypatch.setattr(op, "step_compressed_selection_reference", lambda *a, **k: ran.append("twin") or twin(*a, **k))
 
     def call(backend):
-        return compressed_selection(q, keys.compressed_k, keys.compressed_v, keys.selection_k,
+        return compressed_selection(q, keys.compressed_k, keys.compressed_v, None,
                                     attn.selection_rule, num_memory=2, scale=attn.scale, seqs=seqs, backend=backend)
 
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_step_errors():
     q, keys, seqs = step_inputs(attn, K=1)
     rule = attn.selection_rule
     with pytest.raises(ValueError, match="causal"):
-        compressed_selection(q, keys.compressed_k, keys.compressed_v, keys.selection_k, rule, num_memory=2,
+        compressed_selection(q, keys.compressed_k, keys.compressed_v, None, rule, num_memory=2,
                              causal=False, seqs=seqs)
     with pytest.raises(TypeError, match="PooledBlockKeys"):
         compressed_selection(q, keys.compressed_k, keys.compressed_v, torch.zeros(2, 2, 8, 16, device=DEVICE), rule,
