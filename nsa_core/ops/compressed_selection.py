@@ -2,8 +2,8 @@
 (validation + dispatch, decided once per call).
 
 Whole sequences and sequence-parallel shards whose selection scores the compressed keys themselves
-(selection_keys=None): with backend="triton", or "auto" for the scores in FUSED_TRAINING_BY_DEFAULT
-below, the fused Triton kernel (kernels/compressed_scoring.py: the compressed attention's output and
+(selection_keys=None), on the kernels, for the importance scores in FUSED_TRAINING_SCORES below
+(where it measured faster): the fused Triton kernel (kernels/compressed_scoring.py: the compressed attention's output and
 the selection blocks' scores in one launch, then kernels/block_topk.py's top-k, query chunk by query chunk; its output's
 backward is the staircase SDPA's, as on the two-op path). Everything else takes compressed_attention
 then select_blocks (each its own kernels or reference), by design: packed documents (the fused kernel
@@ -39,10 +39,10 @@ from nsa_core.seqs import Seqs, query_seqs
 # backend="auto" on a GPU runs the fused step kernel (its GPU tests pass on an H200; a graphed layer step
 # 0.33-0.48 ms against the twin's 0.46-6.5 ms at 8k / 64k x 1 / 16: benchmarks/RESULTS.md "Fused decode step").
 FUSED_STEP_BY_DEFAULT = True
-# the importance scores whose whole sequences take the fused training kernel with backend="auto" on a GPU
-# (H200, paper shape, fwd+bwd: summed_probs 8.8x the two ops at 8k, 13.5x at 64k; mean_logits 0.52x / 0.32x:
-# benchmarks/RESULTS.md "Fused compressed scoring"); backend="triton" runs it for both.
-FUSED_TRAINING_BY_DEFAULT = frozenset({"summed_probs"})
+# the importance scores whose whole sequences take the fused training kernel on the kernels (H200, paper
+# shape, fwd+bwd: summed_probs 8.8x the two ops at 8k, 13.5x at 64k; mean_logits 0.52x / 0.32x, so it keeps
+# the two ops: benchmarks/RESULTS.md "Fused compressed scoring"). The kernel takes both scores.
+FUSED_TRAINING_SCORES = frozenset({"summed_probs"})
 SCORE_BUDGET = 1 << 27  # score elements (B x H x queries x NB) of one query chunk on the fused training path
 
 
@@ -105,10 +105,10 @@ def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
                                                num_compressed=C, scale=scale, selection_keys=keys)
 
 
-def _training_by_design(q: Tensor, rule: SelectionRule, causal: bool, scale: float | None, seqs: Seqs | None,
-                        backend: str) -> str | None:
+def _training_by_design(q: Tensor, rule: SelectionRule, causal: bool, scale: float | None,
+                        seqs: Seqs | None) -> str | None:
     """Why whole sequences take the two ops on purpose (module docstring), or None."""
-    if backend != "triton" and rule.importance not in FUSED_TRAINING_BY_DEFAULT:
+    if rule.importance not in FUSED_TRAINING_SCORES:
         return "the two ops measure faster for this importance score"
     if isinstance(seqs, Seqs) and seqs.is_packed:
         return "packed documents take the compressed flex and packed top-k kernels"
@@ -124,7 +124,7 @@ def _training_by_design(q: Tensor, rule: SelectionRule, causal: bool, scale: flo
 def _fused_training(q: Tensor, ck: Tensor, cv: Tensor, rule: SelectionRule, num_memory: int, causal: bool,
                     scale: float | None, seqs: Seqs | None, backend: str) -> bool:
     """Whether whole sequences take the fused training kernel (checked inputs), decided once per call."""
-    if (_training_by_design(q, rule, causal, scale, seqs, backend) is not None
+    if (_training_by_design(q, rule, causal, scale, seqs) is not None
             or not use_kernels(backend, q.device, "compressed_selection (fused)")):
         return False
     check_positive_int("num_memory", num_memory)

@@ -28,6 +28,14 @@ pytestmark = [
 CMP = [(8, 4, 16), (16, 8, 16), (16, 8, 32)]  # compress block, stride, selection block
 
 
+@pytest.fixture(autouse=True)
+def fused_for_both_scores(monkeypatch):
+    """The op fuses only the scores it measured faster (FUSED_TRAINING_SCORES); these tests run the
+    kernel for both."""
+    op = importlib.import_module("nsa_core.ops.compressed_selection")
+    monkeypatch.setattr(op, "FUSED_TRAINING_SCORES", frozenset({"mean_logits", "summed_probs"}))
+
+
 def branch(q, ck, cv, rule, *, stride, **kwargs):
     """The op with the selection scoring ck's keys after the memory tokens (selection_keys=None), which
     whole sequences on the kernels take through the fused kernel."""
@@ -339,16 +347,16 @@ def test_paper_shape_gpu(importance):
     assert_same_blocks(got, exact, logits, rule, margin=3e-2, min_rows=0.01)
 
 
-def test_auto_takes_the_fused_kernel_for_summed_probabilities_only():
-    """backend="auto" (on a GPU) fuses the scores it measured faster (FUSED_TRAINING_BY_DEFAULT: summed
-    probabilities) and keeps the two ops for mean logits; "triton" fuses both; packed rows never."""
+def test_the_op_fuses_the_scores_it_measured_faster(monkeypatch):
+    """Whole sequences take the fused kernel for the scores in FUSED_TRAINING_SCORES (summed
+    probabilities; mean logits stay on the two ops, which measured faster), never packed rows."""
     from nsa_core.seqs import Seqs
 
     op = importlib.import_module("nsa_core.ops.compressed_selection")
+    monkeypatch.setattr(op, "FUSED_TRAINING_SCORES", frozenset({"summed_probs"}))
     q = torch.zeros(1, 6, 8, 16)
     summed, mean = rule_for(3, 8, 16, 16, "summed_probs"), rule_for(3, 8, 16, 16, "mean_logits")
-    assert op._training_by_design(q, summed, True, 0.3, None, "auto") is None
-    assert "two ops" in op._training_by_design(q, mean, True, 0.3, None, "auto")
-    assert op._training_by_design(q, mean, True, 0.3, None, "triton") is None
+    assert op._training_by_design(q, summed, True, 0.3, None) is None
+    assert "two ops" in op._training_by_design(q, mean, True, 0.3, None)
     packed = Seqs.packed(torch.tensor([0, 3, 8]), 8)
-    assert "packed" in op._training_by_design(q, summed, True, 0.3, packed, "triton")
+    assert "packed" in op._training_by_design(q, summed, True, 0.3, packed)
