@@ -10,10 +10,11 @@ then select_blocks (each its own kernels or reference), by design: packed docume
 reads no document bounds), other selection keys, use_diff_topk (its gates need the scores' gradient),
 selection blocks not a multiple of the stride, a rule whose causality or scale is not the attention's.
 
-A decoding step (`Seqs.step`, ck / cv in a cache's pages: ops/paged.py): with backend="auto" or
-"triton" (FUSED_STEP_BY_DEFAULT below) the fused Triton kernel (kernels/decode/compressed_selection.py:
-per row, token and selection list, the compressed attention over the visible compressed slots, the
-block scores from that attention's logits and the top-k, one launch), or its PyTorch twin
+A decoding step (`Seqs.step`, ck / cv in a cache's pages: ops/paged.py): on the kernels the fused
+Triton kernel (kernels/decode/compressed_selection.py: per row, token and selection list, the
+compressed attention over the visible compressed slots, the block scores from that attention's
+logits and the top-k, one launch; on an H200 a graphed layer step takes 0.33-0.48 ms against the
+twin's 0.46-6.5 ms: benchmarks/RESULTS.md "Fused decode step"), or its PyTorch twin
 (reference/step_selection.py: the paged compressed attention and the step selection over the
 cache's selection keys). Forward only for a step.
 
@@ -36,9 +37,6 @@ from nsa_core.reference.step_selection import step_compressed_selection_referenc
 from nsa_core.selection import Selection, SelectionRule
 from nsa_core.seqs import Seqs, query_seqs
 
-# backend="auto" on a GPU runs the fused step kernel (its GPU tests pass on an H200; a graphed layer step
-# 0.33-0.48 ms against the twin's 0.46-6.5 ms at 8k / 64k x 1 / 16: benchmarks/RESULTS.md "Fused decode step").
-FUSED_STEP_BY_DEFAULT = True
 # the importance scores whose whole sequences take the fused training kernel on the kernels (H200, paper
 # shape, fwd+bwd: summed_probs 8.8x the two ops at 8k, 13.5x at 64k; mean_logits 0.52x / 0.32x, so it keeps
 # the two ops: benchmarks/RESULTS.md "Fused compressed scoring"). The kernel takes both scores.
@@ -89,8 +87,7 @@ def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
                                     rule.interpolated))
 
     positions = seqs.query_positions(q.device)
-    opt_in = None if backend == "triton" or FUSED_STEP_BY_DEFAULT else "the fused step kernel is opt-in for now"
-    if use_kernels(backend, q.device, "compressed_selection (decoding step)", unsupported, by_design=opt_in):
+    if use_kernels(backend, q.device, "compressed_selection (decoding step)", unsupported):
         from nsa_core.kernels.decode.compressed_selection import compressed_selection_step
 
         out, indices, valid, probs = compressed_selection_step(
