@@ -8,7 +8,7 @@ import torch
 
 from helpers import output_and_grads, randomize_, rel_err
 from nsa_core import SparseAttention
-from nsa_core.kernels import compressed_sdpa
+from nsa_core.kernels import compressed_sdpa, split_staircase
 from nsa_core.kernels.compressed_sdpa import compressed_attention_sdpa
 from nsa_core.reference.compressed_attention import compressed_attention_chunked, compressed_attention_reference
 
@@ -44,6 +44,71 @@ def test_offset_staircase_equals_reference(monkeypatch, stride, C, offset, T, G,
     g = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
     for a, b in zip(torch.autograd.grad(got, (q, ck, cv), g), torch.autograd.grad(expected, (q, ck, cv), g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride, offset, T, C", [(4, 40, 3, 30), (3, 61, 7, 21), (3, 61, 7, 40), (5, 123, 9, 30)])
+@pytest.mark.parametrize("G, memory", [(1, 1), (3, 2), (16, 1)])
+def test_split_staircase_equals_reference(monkeypatch, stride, offset, T, C, G, memory):
+    """A late shard (first row >= 2 x its rows) splits its staircase into a rectangle and a causal
+    triangle merged by log-sum-exp; with the pieces' PyTorch twin, output and gradients equal the
+    reference in float64 (C = 21 at offset 61: the last two queries see every block)."""
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return split_staircase.math_partial
+
+    monkeypatch.setattr(compressed_sdpa, "_split_partial", spy)
+    gen = torch.Generator().manual_seed(offset * 10 + G)
+    HKV = 2 if G < 16 else 1
+    q = torch.randn(2, G * HKV, T, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    ck = torch.randn(2, HKV, memory + C, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    cv = torch.randn(2, HKV, memory + C, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    expected = compressed_attention_chunked(q, ck, cv, memory, stride, True, 0.3, query_offset=offset)
+    got = compressed_attention_sdpa(q, ck, cv, memory, stride, True, 0.3, q_offset=offset)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, (q, ck, cv), g), torch.autograd.grad(expected, (q, ck, cv), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_split_staircase_not_taken_for_early_shards(monkeypatch):
+    """A shard whose first row sees fewer keys than twice its rows keeps the one lower-right call."""
+    monkeypatch.setattr(compressed_sdpa, "_split_partial", lambda *a: pytest.fail("split taken"))
+    q, ck, cv = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    compressed_attention_sdpa(q, ck, cv, 1, 4, True, 0.3, q_offset=28)  # first row 7, rows 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("G", [4, 16])
+def test_split_staircase_gpu(G):
+    """The cuDNN split of a late shard (offset 6144 + 5 of 8192, rows 128): output and gradients within
+    3x the bf16 reference's own error of float64, and the split is the path taken."""
+    assert compressed_sdpa._split_partial(torch.randn(1, 16 * G, 8, 64, device="cuda", dtype=torch.bfloat16),
+                                          *(torch.randn(1, 4, 8, 64, device="cuda", dtype=torch.bfloat16)
+                                            for _ in range(2))) is split_staircase.cudnn_partial
+    gen = torch.Generator().manual_seed(G)
+    HKV, T, offset, stride, memory = 4, 2043, 6149, 16, 1
+    C = (offset + T - 32) // stride + 1
+    exact_in = [torch.randn(1, G * HKV, T, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()]
+    exact_in += [torch.randn(1, HKV, memory + C, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+                 for _ in range(2)]
+    g = torch.randn(1, G * HKV, T, 64, generator=gen, dtype=torch.float64).cuda()
+    low_in = [t.detach().to(torch.bfloat16).requires_grad_() for t in exact_in]
+    same_in = [t.detach().to(torch.bfloat16).requires_grad_() for t in exact_in]
+
+    def run(fn, inputs, grad):
+        out = fn(*inputs, memory, stride, True, 0.125, query_offset=offset) if fn is compressed_attention_chunked \
+            else fn(*inputs, memory, stride, True, 0.125, q_offset=offset)
+        return [out, *torch.autograd.grad(out, inputs, grad)]
+
+    exact = run(compressed_attention_chunked, exact_in, g)
+    same_dtype = run(compressed_attention_chunked, same_in, g.to(torch.bfloat16))
+    got = run(compressed_attention_sdpa, low_in, g.to(torch.bfloat16))
+    for a, b, e in zip(got, same_dtype, exact):
+        assert (a.double() - e).norm() <= 3 * (b.double() - e).norm() + 1e-6 * e.norm()
 
 
 @pytest.mark.gpu
