@@ -35,6 +35,12 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .split_staircase import Partial, cudnn_partial, cudnn_split_runs, split_staircase_attention
 
+# a shard's staircase splits when its first row sees >= SPLIT_FROM_ROWS x its rows of keys: at 128k with
+# shards of 8192 (H200) the split took 0.67x / 0.72x / 0.93x the lower-right call's time at first rows of
+# 15 / 8 / 2 x the rows, 1.09x at 1 x; in the whole sequence-parallel step at 128k, splitting from 1 x
+# measured best (slowest rank x P / whole 1.07 / 1.11 / 1.21 at P = 2 / 4 / 8, against 1.12 / 1.13 / 1.20 from 2 x)
+SPLIT_FROM_ROWS = 1
+
 
 def compressed_attention_sdpa(q: Tensor, ck_all: Tensor, cv_all: Tensor, num_memory: int, stride: int, causal: bool,
                               scale: float, q_offset: int = 0) -> Tensor:
@@ -83,7 +89,7 @@ def _offset_staircase(q: Tensor, ck_all: Tensor, cv_all: Tensor, num_memory: int
         visible = num_memory + first_row + rows - 1  # keys the last row sees (<= M + C)
         cut = num_memory + first_row - 1  # keys every row sees
         widen = lambda t: t.repeat(1, stride, 1, 1)  # head s * HKV + hk
-        partial = _split_partial(qs, ck_all, cv_all) if first_row >= 2 * rows else None
+        partial = _split_partial(qs, ck_all, cv_all) if first_row >= SPLIT_FROM_ROWS * rows else None
         if partial is not None:  # a late shard: rectangle + triangle on cuDNN beat one lower-right call
             out = split_staircase_attention(qs, widen(ck_all[:, :, :cut]), widen(cv_all[:, :, :cut]),
                                             widen(ck_all[:, :, cut:visible]), widen(cv_all[:, :, cut:visible]),
