@@ -44,6 +44,8 @@ class Seqs:
     _layouts: dict = field(default_factory=dict, init=False, compare=False, repr=False)
     # a decoding step: (B,) int tokens already cached per row, on the tensors' device (never read on the host)
     cached: Tensor | None = field(default=None, compare=False)
+    # and its queries' positions, (B, q_len) int64: cached[b] + i, made once with the descriptor
+    step_positions: Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("q_len", "k_len", "q_offset"):
@@ -60,6 +62,8 @@ class Seqs:
         if self.cached is not None and (self.cu_seqlens is not None or self.q_offset):
             raise ValueError("a decoding step (cached) places its queries by the cached counts: no cu_seqlens, "
                              "no q_offset")
+        if (self.cached is None) != (self.step_positions is None):
+            raise ValueError("a decoding step's descriptor comes from Seqs.step (cached counts and their positions)")
 
     @classmethod
     def batch(cls, seq_len: int) -> "Seqs":
@@ -128,7 +132,8 @@ class Seqs:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if new_tokens > capacity:
             raise ValueError(f"new_tokens={new_tokens} do not fit a cache of capacity={capacity} tokens per row")
-        return cls(new_tokens, capacity, 0, cached=lengths)
+        positions = lengths.to(torch.int64)[:, None] + torch.arange(new_tokens, device=lengths.device)
+        return cls(new_tokens, capacity, 0, cached=lengths, step_positions=positions)
 
     @property
     def is_packed(self) -> bool:
@@ -164,8 +169,8 @@ class Seqs:
     def query_positions(self, device: torch.device | str) -> Tensor:
         """Position of every query within its sequence (a packed token: within its document): (q_len,),
         or for a decoding step (B, q_len) int64, row b's tokens at cached[b] ... cached[b] + q_len - 1."""
-        if self.is_step:  # a few small launches per op; a cached_property would break torch.compile's trace
-            return self.cached.to(device=device, dtype=torch.int64)[:, None] + torch.arange(self.q_len, device=device)
+        if self.is_step:
+            return self.step_positions.to(device)
         if self.is_packed:
             return torch.arange(self.q_len, device=device) - self.token_doc_start.to(device)
         return torch.arange(self.q_offset, self.q_offset + self.q_len, device=device)

@@ -3,7 +3,9 @@
 The PyTorch twin is `nsa_core.reference.rotary.rotary_reference`: it makes float32 copies of the whole input
 (a 64-head, 64k-token bf16 q is 1 GiB, ~6 GiB in float32); the kernel reads and writes each
 element once. Same arithmetic: pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) in float32
-(float64 for float64 inputs), from the same cos / sin tables.
+(float64 for float64 inputs), from the same cos / sin tables. `rotate_at_positions`: rows whose tokens sit
+at their own positions (a decoding step), the angles computed in the kernel from the positions and the
+frequencies (the twin builds the tables per row, as `RotaryEmbedding.tables` does).
 
 Dimension legend: B batch, H heads, N tokens, D head dim, P = rotated pairs (2P <= D; the
 features past 2P pass through unchanged).
@@ -23,6 +25,22 @@ BLOCK_TOKENS = 16
 
 
 @triton.jit
+def _rotate_heads(X, OUT, cos, sin, b, tokens, in_n, H, stride_xb, stride_xh, stride_xn, stride_ob, stride_oh, stride_on,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rotate the BLOCK_N tokens of row b in every head by (BLOCK_N, BLOCK_D // 2) pair tables."""
+    dims = tl.arange(0, BLOCK_D)
+    mask = in_n[:, None] & (dims < D)[None, :]
+    out_dtype = OUT.dtype.element_ty
+    for h in range(H):
+        h = tl.cast(h, tl.int64)
+        x = tl.load(X + b * stride_xb + h * stride_xh + tokens[:, None] * stride_xn + dims[None, :], mask=mask, other=0.0)
+        x0, x1 = tl.split(tl.reshape(x.to(cos.dtype), (BLOCK_N, BLOCK_D // 2, 2)))
+        out = tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), (BLOCK_N, BLOCK_D))
+        tl.store(OUT + b * stride_ob + h * stride_oh + tokens[:, None] * stride_on + dims[None, :], out.to(out_dtype),
+                 mask=mask)
+
+
+@triton.jit
 def rotary_kernel(
     X, COS, SIN, OUT,
     N, H,
@@ -39,7 +57,6 @@ def rotary_kernel(
     # 2**31 elements in one batch element at 1M tokens: 64-bit (a BLOCK_N vector, a scalar)
     tokens = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     pairs = tl.arange(0, BLOCK_D // 2)
-    dims = tl.arange(0, BLOCK_D)
     in_n = tokens < N
     table = tokens[:, None] * PAIRS + pairs[None, :]
     table_mask = in_n[:, None] & (pairs < PAIRS)[None, :]
@@ -47,15 +64,37 @@ def rotary_kernel(
     sin = tl.load(SIN + table, mask=table_mask, other=0.0)
     if INVERSE:
         sin = -sin
-    mask = in_n[:, None] & (dims < D)[None, :]
-    out_dtype = OUT.dtype.element_ty
-    for h in range(H):
-        h = tl.cast(h, tl.int64)
-        x = tl.load(X + b * stride_xb + h * stride_xh + tokens[:, None] * stride_xn + dims[None, :], mask=mask, other=0.0)
-        x0, x1 = tl.split(tl.reshape(x.to(cos.dtype), (BLOCK_N, BLOCK_D // 2, 2)))
-        out = tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), (BLOCK_N, BLOCK_D))
-        tl.store(OUT + b * stride_ob + h * stride_oh + tokens[:, None] * stride_on + dims[None, :], out.to(out_dtype),
-                 mask=mask)
+    _rotate_heads(X, OUT, cos, sin, b, tokens, in_n, H, stride_xb, stride_xh, stride_xn, stride_ob, stride_oh, stride_on,
+                  D, BLOCK_D, BLOCK_N)
+
+
+@triton.jit
+def rotary_positions_kernel(
+    X, POS, FREQS, OUT,
+    N, H,
+    stride_xb, stride_xh, stride_xn,
+    stride_ob, stride_oh, stride_on, stride_pb,
+    PAIRS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, INVERSE: tl.constexpr,
+):
+    """As rotary_kernel, with every row's tokens at their own positions (POS (B, N) int64): the
+    angles position x freqs and their cos / sin computed here, in FREQS' dtype, instead of read
+    from tables (a decoding step: one launch instead of the tables' and the twin's dozen)."""
+    pid_n, b = split_pid(tl.cdiv(N, BLOCK_N))
+    b = b.to(tl.int64)
+    tokens = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    pairs = tl.arange(0, BLOCK_D // 2)
+    in_n = tokens < N
+    in_pairs = pairs < PAIRS
+    freqs = tl.load(FREQS + pairs, mask=in_pairs, other=0.0)
+    positions = tl.load(POS + b * stride_pb + tokens, mask=in_n, other=0)
+    angles = positions.to(freqs.dtype)[:, None] * freqs[None, :]
+    keep = in_n[:, None] & in_pairs[None, :]
+    cos = tl.where(keep, tl.cos(angles), 1.0)
+    sin = tl.where(keep, tl.sin(angles), 0.0)
+    if INVERSE:
+        sin = -sin
+    _rotate_heads(X, OUT, cos, sin, b, tokens, in_n, H, stride_xb, stride_xh, stride_xn, stride_ob, stride_oh, stride_on,
+                  D, BLOCK_D, BLOCK_N)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -103,3 +142,49 @@ _rotary.register_autograd(_backward, setup_context=_setup_context)
 def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (..., N, D) rotated by the pair tables cos / sin (N, P), 2P <= D."""
     return _rotary(x, cos.contiguous(), sin.contiguous(), False)
+
+
+def rotate_at_positions(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
+                        inverse: bool = False) -> torch.Tensor:
+    """x (B, H, N, D) with unit stride on D; positions (B, N) int64; freqs (P,) contiguous in the compute
+    dtype -> rotated x, contiguous."""
+    B, H, N, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = outputs.new_output(B, H, N, D, device=x.device, dtype=x.dtype)
+    if N > 0 and B * H > 0:
+        rotary_positions_kernel[(triton.cdiv(N, BLOCK_TOKENS) * B,)](
+            x, positions, freqs, out, N, H,
+            x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), positions.stride(0),
+            PAIRS=freqs.shape[0], D=D, BLOCK_D=max(2, triton.next_power_of_2(D)), BLOCK_N=BLOCK_TOKENS,
+            INVERSE=inverse,
+        )
+    return out
+
+
+@torch.library.custom_op("nsa::rotary_at_positions", mutates_args=())
+def _rotary_at_positions(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool) -> torch.Tensor:
+    return rotate_at_positions(x, positions, freqs, inverse=inverse)
+
+
+@_rotary_at_positions.register_fake
+def _rotary_at_positions_fake(x, positions, freqs, inverse):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_positions_context(ctx, inputs, output):
+    _, positions, freqs, inverse = inputs
+    ctx.save_for_backward(positions, freqs)
+    ctx.inverse = inverse
+
+
+def _positions_backward(ctx, grad):
+    positions, freqs = ctx.saved_tensors
+    return _rotary_at_positions(grad, positions, freqs, not ctx.inverse), None, None, None
+
+
+_rotary_at_positions.register_autograd(_positions_backward, setup_context=_setup_positions_context)
+
+
+def rotary_at_positions_triton(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    return _rotary_at_positions(x, positions.to(torch.int64).contiguous(), freqs.contiguous(), False)

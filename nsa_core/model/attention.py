@@ -34,7 +34,7 @@ from nsa_core.ops.block_selection import select_blocks
 from nsa_core.ops.combine import combine
 from nsa_core.ops.compressed_selection import compressed_selection
 from nsa_core.ops.oracle_padding import padded_selected_attention, padded_window_attention
-from nsa_core.ops.rotary import rotary
+from nsa_core.ops.rotary import rotary, rotary_at_positions
 from nsa_core.ops.selected_attention import selected_attention
 from nsa_core.ops.sliding_window import sliding_window_attention
 from nsa_core.selection import Selection, SelectionRule
@@ -217,9 +217,9 @@ class SparseAttention(nn.Module):
     def rotate(self, t: Tensor, positions: Tensor) -> Tensor:
         """Rotary embedding of t (..., n, d) whose tokens sit at `positions` (n,), or of t (b, h, n, d)
         whose rows sit at different positions (b, n) (a decoding step)."""
-        cos, sin = self.rotary_emb.tables(positions.flatten(), t.dtype)
         if positions.ndim == 2:
-            cos, sin = (u.view(positions.shape[0], 1, positions.shape[1], -1) for u in (cos, sin))
+            return rotary_at_positions(t, positions, self.rotary_emb.freqs, backend=self.config.backend)
+        cos, sin = self.rotary_emb.tables(positions, t.dtype)
         return rotary(t, cos, sin, backend=self.config.backend)
 
     def keys_of(self, k: Tensor, v: Tensor, seqs: Seqs | None = None) -> BranchKeys:

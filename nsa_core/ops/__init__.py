@@ -8,10 +8,11 @@ from nsa_core.ops.compressed_attention import compressed_attention
 from nsa_core.ops.compressed_selection import compressed_selection
 from nsa_core.ops.document_attention import document_attention
 from nsa_core.ops.paged import Pages, PooledBlockKeys
-from nsa_core.ops.rotary import rotary
+from nsa_core.ops.rotary import rotary, rotary_at_positions
 from nsa_core.ops.selected_attention import selected_attention
 from nsa_core.seqs import Seqs
 from nsa_core.ops.sliding_window import sliding_window_attention
 
 __all__ = ["Seqs", "Pages", "PooledBlockKeys", "compressed_attention", "compressed_selection", "document_attention",
-           "select_blocks", "selected_attention", "sliding_window_attention", "rotary", "combine"]
+           "select_blocks", "selected_attention", "sliding_window_attention", "rotary", "rotary_at_positions",
+           "combine"]

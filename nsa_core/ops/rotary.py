@@ -1,8 +1,10 @@
-"""rotary: rotate interleaved pairs of q or k by position tables (validation + dispatch).
-Kernel: kernels/rotary.py (one pass each way); reference: reference/rotary.py (same arithmetic)."""
+"""rotary: rotate interleaved pairs of q or k by position tables, or at per-row positions from the
+frequencies (validation + dispatch). Kernels: kernels/rotary.py (one pass each way); reference:
+reference/rotary.py (same arithmetic)."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from nsa_core.ops.dispatch import use_kernels
@@ -29,3 +31,23 @@ def rotary(t: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") -> Ten
     from nsa_core.reference.rotary import rotary_reference
 
     return rotary_reference(t, cos, sin)
+
+
+def rotary_at_positions(t: Tensor, positions: Tensor, freqs: Tensor, *, backend: str = "auto") -> Tensor:
+    """t (B, H, n, d) whose row b's tokens sit at positions[b] (B, n) int; freqs (P,) the pairs'
+    frequencies (2P <= d): pair i of a token at position p turns by p * freqs[i], the angle computed in
+    float32 (float64 for float64 inputs), then as `rotary`. One kernel launch (a decoding step's rows)."""
+    if t.ndim != 4 or positions.shape != (t.shape[0], t.shape[2]) or freqs.ndim != 1 or t.shape[-1] < 2 * freqs.shape[0]:
+        raise ValueError(f"rotary_at_positions needs t (B, H, n, d), positions (B, n) and freqs (P,) with 2P <= d, got "
+                         f"t {tuple(t.shape)}, positions {tuple(positions.shape)}, freqs {tuple(freqs.shape)}")
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"rotary_at_positions needs int32 or int64 positions, got {positions.dtype}")
+    wide = torch.promote_types(t.dtype, torch.float32)
+    if use_kernels(backend, t.device, "rotary"):
+        from nsa_core.kernels.rotary import rotary_at_positions_triton
+
+        return rotary_at_positions_triton(t, positions, freqs.to(wide))
+    from nsa_core.reference.rotary import rotary_reference
+
+    angles = positions.to(wide)[:, None, :, None] * freqs.to(wide)  # (B, 1, n, P)
+    return rotary_reference(t, angles.cos(), angles.sin())

@@ -10,7 +10,11 @@ Measured (one token per row, batch 2, the module below), before the fused step s
 - mean-logit importance (the oracle's): 141 -> 111 kernels, Triton launches 4 -> 4 (the compressed
   branch's paged decode launch became the fused one); then 111 -> 94 without the cache's pooled
   block keys (their upkeep every step; only the twin read them, and it pools the compressed keys);
-- summed-probability importance, forced blocks, independent keys: 203 -> 109, Triton 4 -> 4.
+- summed-probability importance, forced blocks, independent keys: 203 -> 109, Triton 4 -> 4;
+- then both: rotary at per-row positions in one launch each (kernels/rotary.py's positions kernel: the
+  angles in the kernel, no tables; before, 4 table ops + 11 of the twin's per rotated tensor) and the
+  step's positions made once with its descriptor (Seqs.step; before, 2 ops in every op that asked):
+  94 -> 66 (Triton 4 -> 6) and 109 -> 71 (Triton 4 -> 7).
 The rest of a step: the token and compression writes into the cache (model/decode.py), the
 projections, the selected and window branches' page lists, the gates.
 """
@@ -97,7 +101,7 @@ CONFIGS = {
     "summed_forced_independent": dict(importance_score="summed_probs", num_forced_initial_blocks=1,
                                       num_forced_local_blocks=1, independent_kv=True),
 }
-EXPECTED = {"mean_logits": (94, 4), "summed_forced_independent": (109, 4)}  # (kernels, of them Triton launches)
+EXPECTED = {"mean_logits": (66, 6), "summed_forced_independent": (71, 7)}  # (kernels, of them Triton launches)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -108,6 +112,6 @@ def test_decode_step_kernel_count(name, monkeypatch):
     x = torch.randn(2, 40, 48)
     counter = count_step(attn, x[:, :37], x[:, 37:38], monkeypatch)
     assert counter.aten["_local_scalar_dense"] == 0, "a decoding step must not read the device on the host"
-    # assert "compressed_selection_kernel" in counter.triton
+    assert counter.triton["compressed_selection_kernel"] == 1 and counter.triton["rotary_positions_kernel"] >= 2
     assert (counter.kernels, sum(counter.triton.values())) == EXPECTED[name], (
         f"{counter.kernels} kernels ({dict(counter.triton)}); aten: {sorted(counter.aten.items())}")

@@ -88,3 +88,39 @@ def test_row_dot_kernel_equals_twin(dtype, shape):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)  # inputs exact in float32: only the sum rounds
     torch.testing.assert_close(row_dot(a.transpose(0, -1), b.transpose(0, -1)).double(),
                                (a.double() * b.double()).transpose(0, -1).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dim_head, dtype, atol", [(16, torch.float32, 1e-5), (15, torch.float64, 1e-12),
+                                                   (24, torch.bfloat16, 2 ** -6)])
+def test_rotary_at_positions_kernel_equals_twin(dim_head, dtype, atol):
+    """Rows at their own positions (a decoding step: (B, n) positions up to 70k, the angles computed in
+    the kernel) equal the twin's per-row tables, forward and the inverse in backward."""
+    from nsa_core.ops import rotary_at_positions
+
+    rot = RotaryEmbedding(dim_head).to(DEVICE)
+    gen = torch.Generator().manual_seed(dim_head)
+    positions = torch.randint(0, 70000, (3, 5), generator=gen).to(DEVICE)
+    x = torch.randn(3, 5, 7, dim_head, generator=gen).to(DEVICE, dtype).transpose(1, 2).requires_grad_()  # strided view
+    want = rotary_at_positions(x, positions, rot.freqs, backend="torch")
+    got = rotary_at_positions(x, positions, rot.freqs, backend="triton")
+    assert got.dtype == dtype and got.shape == x.shape
+    rtol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5 if dtype == torch.float32 else 0
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    if dim_head % 2:
+        assert torch.equal(got[..., -1], x[..., -1])
+    g = torch.randn(want.shape, generator=gen).to(DEVICE, dtype)
+    torch.testing.assert_close(grads(got, x, g)[0], grads(want, x, g)[0], atol=atol, rtol=rtol)
+    # the twin is the module's rotary at each row's positions
+    for b in range(3):
+        cos, sin = rot.tables(positions[b], dtype)
+        from nsa_core.ops import rotary
+        torch.testing.assert_close(want[b], rotary(x[b], cos, sin, backend="torch"), atol=0, rtol=0)
+
+
+def test_rotary_at_positions_rejects_bad_shapes():
+    from nsa_core.ops import rotary_at_positions
+
+    with pytest.raises(ValueError, match="positions \\(B, n\\)"):
+        rotary_at_positions(torch.randn(2, 3, 4, 8), torch.zeros(2, 5, dtype=torch.int64), torch.ones(4))
+    with pytest.raises(TypeError, match="int32 or int64 positions"):
+        rotary_at_positions(torch.randn(2, 3, 4, 8), torch.zeros(2, 4), torch.ones(4))

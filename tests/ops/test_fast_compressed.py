@@ -74,10 +74,11 @@ def test_split_staircase_equals_reference(monkeypatch, stride, offset, T, C, G, 
 
 
 def test_split_staircase_not_taken_for_early_shards(monkeypatch):
-    """A shard whose first row sees fewer keys than twice its rows keeps the one lower-right call."""
+    """A shard whose first row is before SPLIT_FROM_ROWS x its rows keeps the one lower-right call."""
     monkeypatch.setattr(compressed_sdpa, "_split_partial", lambda *a: pytest.fail("split taken"))
     q, ck, cv = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
-    compressed_attention_sdpa(q, ck, cv, 1, 4, True, 0.3, q_offset=28)  # first row 7, rows 4
+    assert compressed_sdpa.SPLIT_FROM_ROWS * 4 > 3
+    compressed_attention_sdpa(q, ck, cv, 1, 4, True, 0.3, q_offset=12)  # first row 3, rows 4
 
 
 @pytest.mark.gpu
