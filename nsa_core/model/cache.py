@@ -36,6 +36,7 @@ from torch import Tensor
 
 from nsa_core.config import NSAConfig
 from nsa_core.model.branch_keys import BranchKeys
+from nsa_core.ops.page_write import write_pages
 from nsa_core.ops.paged import Pages
 
 COMPRESSED_PAGE = 64  # compressed tokens per page of the compressed pool
@@ -255,20 +256,20 @@ class NSACache(StepCache):
 
     # writes (in place, graph-capturable: positions are device tensors) -----------------------------
 
-    def write_tokens(self, positions: Tensor, k_rot: Tensor, v: Tensor, window_k_rot: Tensor | None = None,
-                     window_v: Tensor | None = None) -> None:
-        """Rotated keys k_rot and values v (B, HKV, K, D) of the tokens at positions (B, K); with
-        independent_kv also the window branch's (window_k_rot, window_v)."""
-        page = self.page_size
-        physical = self.block_table.gather(1, positions // page)
-        pairs = [(self.k_pages, k_rot), (self.v_pages, v)]
+    def write_tokens(self, positions: Tensor, k: Tensor, v: Tensor, window_k: Tensor | None = None,
+                     window_v: Tensor | None = None, *, rotary_freqs: Tensor | None = None) -> None:
+        """Keys k and values v (B, HKV, K, D) of the tokens at positions (B, K); with independent_kv also
+        the window branch's (window_k, window_v). The keys are rotated at their positions by rotary_freqs
+        (the module's `rotary_emb.freqs`) on the way in, or stored as given (None: rotated already)."""
+        pairs = [(self.k_pages, self.v_pages, k, v)]
         if self.window_k_pages is not None:
-            if window_k_rot is None or window_v is None:
-                raise ValueError("this cache holds the window branch's own keys (independent_kv): pass window_k_rot "
+            if window_k is None or window_v is None:
+                raise ValueError("this cache holds the window branch's own keys (independent_kv): pass window_k "
                                  "and window_v")
-            pairs += [(self.window_k_pages, window_k_rot), (self.window_v_pages, window_v)]
-        for pages, t in pairs:
-            pages[physical, :, positions % page] = t.transpose(1, 2).to(self.dtype)
+            pairs.append((self.window_k_pages, self.window_v_pages, window_k, window_v))
+        for k_pages, v_pages, keys, values in pairs:
+            write_pages(k_pages, v_pages, self.block_table, positions, keys, values, rotary_freqs=rotary_freqs,
+                        backend=self.config.backend)
 
     def window_pages(self) -> tuple[Tensor, Tensor]:
         """The pages the window branch reads: its own with independent_kv, else the shared ones."""
@@ -278,9 +279,7 @@ class NSACache(StepCache):
 
     def write_compressed(self, slots: Tensor, ck: Tensor, cv: Tensor) -> None:
         """Compressed keys / values (B, HKV, K, D) into logical compressed slots (B, K)."""
-        physical = self.compressed_table.gather(1, slots // COMPRESSED_PAGE)
-        self.ck_pages[physical, :, slots % COMPRESSED_PAGE] = ck.transpose(1, 2).to(self.dtype)
-        self.cv_pages[physical, :, slots % COMPRESSED_PAGE] = cv.transpose(1, 2).to(self.dtype)
+        write_pages(self.ck_pages, self.cv_pages, self.compressed_table, slots, ck, cv, backend=self.config.backend)
 
     def branch_keys(self) -> BranchKeys:
         """The cache as the branches' keys for SparseAttention.attend with a decoding-step Seqs: the

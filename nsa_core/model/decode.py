@@ -102,8 +102,8 @@ def decode_step(attn: SparseAttention, inp: Tensor, cache: NSACache) -> Tensor:
     q, k, v = attn.project(x)
     _check_dtype(cache, k)
     (kc, vc), (ks, vs), (kw, vw) = attn.branch_kv(k, v)
-    window = (attn.rotate(kw, positions), vw) if cfg.independent_kv else (None, None)
-    cache.write_tokens(positions, attn.rotate(ks, positions), vs, *window)
+    window = (kw, vw) if cfg.independent_kv else (None, None)
+    cache.write_tokens(positions, ks, vs, *window, rotary_freqs=attn.rotary_emb.freqs)  # rotated on the way in
     _append_compressed(attn, cache, positions, kc, vc)
     out = attn.attend(x, q, cache.branch_keys(), seqs)
     cache.advance(K)

@@ -47,7 +47,6 @@ def rotary_at_positions(t: Tensor, positions: Tensor, freqs: Tensor, *, backend:
         from nsa_core.kernels.rotary import rotary_at_positions_triton
 
         return rotary_at_positions_triton(t, positions, freqs.to(wide))
-    from nsa_core.reference.rotary import rotary_reference
+    from nsa_core.reference.rotary import rotary_at_positions_reference
 
-    angles = positions.to(wide)[:, None, :, None] * freqs.to(wide)  # (B, 1, n, P)
-    return rotary_reference(t, angles.cos(), angles.sin())
+    return rotary_at_positions_reference(t, positions, freqs)

@@ -14,6 +14,14 @@ def rotary_reference(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return apply_rotary(t, cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1))
 
 
+def rotary_at_positions_reference(t: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
+    """t (B, H, n, d) whose row b's tokens sit at positions (B, n): pair i turns by position x freqs[i],
+    the angles in float32 (float64 for float64 inputs), as RotaryEmbedding.tables computes them."""
+    wide = torch.promote_types(t.dtype, torch.float32)
+    angles = positions.to(wide)[:, None, :, None] * freqs.to(wide)  # (B, 1, n, P)
+    return rotary_reference(t, angles.cos(), angles.sin())
+
+
 # above this many elements, half-precision inputs are rotated a slice of heads at a time, so the
 # float32 temporaries stay small (a (64 heads, 64k, 128) bf16 q would otherwise need ~6 GiB of them)
 CHUNK_ELEMENTS = 1 << 26

@@ -79,9 +79,9 @@ def test_wrong_position_fails(monkeypatch):
 def test_stale_cache_entry_fails(monkeypatch):
     original = NSACache.write_tokens
 
-    def skip_steps(self, positions, *tokens):
+    def skip_steps(self, positions, *tokens, **options):
         if positions.shape[1] > 1:  # the prefill writes; single steps leave stale entries
-            original(self, positions, *tokens)
+            original(self, positions, *tokens, **options)
 
     monkeypatch.setattr(NSACache, "write_tokens", skip_steps)
     found = compare(*module_and_input())
