@@ -115,33 +115,38 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     return out.view(x.shape)
 
 
-@torch.library.custom_op("nsa::rotary", mutates_args=())
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    return rotate(x, cos, sin, inverse=inverse)
+def _rotation_op(name: str, launch):
+    """A custom op (so torch.compile traces it) x, a, b, inverse -> launch(x, a, b, inverse), whose
+    backward is the same rotation inverted; a, b: the cos / sin tables, or the positions and
+    frequencies."""
 
+    @torch.library.custom_op(f"nsa::{name}", mutates_args=())
+    def op(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inverse: bool) -> torch.Tensor:
+        return launch(x, a, b, inverse=inverse)
 
-@_rotary.register_fake
-def _rotary_fake(x, cos, sin, inverse):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    @op.register_fake
+    def _fake(x, a, b, inverse):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    def setup_context(ctx, inputs, output):
+        _, a, b, inverse = inputs
+        ctx.save_for_backward(a, b)
+        ctx.inverse = inverse
 
-def _setup_context(ctx, inputs, output):
-    _, cos, sin, inverse = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.inverse = inverse
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return op(grad, a, b, not ctx.inverse), None, None, None
 
-
-def _backward(ctx, grad):
-    cos, sin = ctx.saved_tensors
-    return _rotary(grad, cos, sin, not ctx.inverse), None, None, None
-
-
-_rotary.register_autograd(_backward, setup_context=_setup_context)
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
 
 
 def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (..., N, D) rotated by the pair tables cos / sin (N, P), 2P <= D."""
     return _rotary(x, cos.contiguous(), sin.contiguous(), False)
+
+
+_rotary = _rotation_op("rotary", rotate)
 
 
 def rotate_at_positions(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
@@ -162,29 +167,8 @@ def rotate_at_positions(x: torch.Tensor, positions: torch.Tensor, freqs: torch.T
     return out
 
 
-@torch.library.custom_op("nsa::rotary_at_positions", mutates_args=())
-def _rotary_at_positions(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool) -> torch.Tensor:
-    return rotate_at_positions(x, positions, freqs, inverse=inverse)
-
-
-@_rotary_at_positions.register_fake
-def _rotary_at_positions_fake(x, positions, freqs, inverse):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _setup_positions_context(ctx, inputs, output):
-    _, positions, freqs, inverse = inputs
-    ctx.save_for_backward(positions, freqs)
-    ctx.inverse = inverse
-
-
-def _positions_backward(ctx, grad):
-    positions, freqs = ctx.saved_tensors
-    return _rotary_at_positions(grad, positions, freqs, not ctx.inverse), None, None, None
-
-
-_rotary_at_positions.register_autograd(_positions_backward, setup_context=_setup_positions_context)
-
-
 def rotary_at_positions_triton(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return _rotary_at_positions(x, positions.to(torch.int64).contiguous(), freqs.contiguous(), False)
+
+
+_rotary_at_positions = _rotation_op("rotary_at_positions", rotate_at_positions)

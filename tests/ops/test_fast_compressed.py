@@ -25,15 +25,9 @@ def test_staircase_sdpa_equals_reference(causal, memory, T):
     torch.testing.assert_close(compressed_attention_sdpa(q, ck, cv, memory, stride, causal, 0.3), expected)
 
 
-@pytest.mark.parametrize("stride, C", [(4, 9), (3, 4), (1, 6)])  # C < (last position) / stride: queries past the staircase
-@pytest.mark.parametrize("offset, T", [(6, 13), (21, 16), (40, 3)])
-@pytest.mark.parametrize("G, memory, flash", [(1, 1, False), (3, 2, False), (3, 2, True), (16, 1, True)])
-def test_offset_staircase_equals_reference(monkeypatch, stride, C, offset, T, G, memory, flash):
-    """Queries at positions offset ... offset + T - 1 (a shard): output and gradients in float64.
-    flash: grouped kv heads passed as they are (as to the flash kernel), not repeated."""
-    if flash:
-        monkeypatch.setattr(compressed_sdpa, "can_use_flash_attention", lambda params: True)
-    gen = torch.Generator().manual_seed(offset * 100 + T)
+def assert_shard_equals_reference(gen, G, T, C, memory, stride, offset):
+    """Queries at offset ... offset + T - 1 through the kernel path's staircase: output and the
+    gradients of q, ck, cv equal the chunked reference in float64."""
     HKV = 2 if G < 16 else 1
     q = torch.randn(2, G * HKV, T, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     ck = torch.randn(2, HKV, memory + C, 8, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -46,10 +40,22 @@ def test_offset_staircase_equals_reference(monkeypatch, stride, C, offset, T, G,
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("stride, C", [(4, 9), (3, 4), (1, 6)])  # C < (last position) / stride: queries past the staircase
+@pytest.mark.parametrize("offset, T", [(6, 13), (21, 16), (40, 3)])
+@pytest.mark.parametrize("G, memory, flash", [(1, 1, False), (3, 2, False), (3, 2, True), (16, 1, True)])
+def test_offset_staircase_equals_reference(monkeypatch, stride, C, offset, T, G, memory, flash):
+    """Queries at positions offset ... offset + T - 1 (a shard): output and gradients in float64.
+    flash: grouped kv heads passed as they are (as to the flash kernel), not repeated."""
+    if flash:
+        monkeypatch.setattr(compressed_sdpa, "can_use_flash_attention", lambda params: True)
+    gen = torch.Generator().manual_seed(offset * 100 + T)
+    assert_shard_equals_reference(gen, G, T, C, memory, stride, offset)
+
+
 @pytest.mark.parametrize("stride, offset, T, C", [(4, 40, 3, 30), (3, 61, 7, 21), (3, 61, 7, 40), (5, 123, 9, 30)])
 @pytest.mark.parametrize("G, memory", [(1, 1), (3, 2), (16, 1)])
 def test_split_staircase_equals_reference(monkeypatch, stride, offset, T, C, G, memory):
-    """A late shard (first row >= 2 x its rows) splits its staircase into a rectangle and a causal
+    """A late shard (first row >= SPLIT_FROM_ROWS x its rows) splits its staircase into a rectangle and a causal
     triangle merged by log-sum-exp; with the pieces' PyTorch twin, output and gradients equal the
     reference in float64 (C = 21 at offset 61: the last two queries see every block)."""
     calls = []
@@ -60,17 +66,8 @@ def test_split_staircase_equals_reference(monkeypatch, stride, offset, T, C, G, 
 
     monkeypatch.setattr(compressed_sdpa, "_split_partial", spy)
     gen = torch.Generator().manual_seed(offset * 10 + G)
-    HKV = 2 if G < 16 else 1
-    q = torch.randn(2, G * HKV, T, 8, dtype=torch.float64, generator=gen, requires_grad=True)
-    ck = torch.randn(2, HKV, memory + C, 8, dtype=torch.float64, generator=gen, requires_grad=True)
-    cv = torch.randn(2, HKV, memory + C, 6, dtype=torch.float64, generator=gen, requires_grad=True)
-    expected = compressed_attention_chunked(q, ck, cv, memory, stride, True, 0.3, query_offset=offset)
-    got = compressed_attention_sdpa(q, ck, cv, memory, stride, True, 0.3, q_offset=offset)
+    assert_shard_equals_reference(gen, G, T, C, memory, stride, offset)
     assert len(calls) == 1
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    g = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
-    for a, b in zip(torch.autograd.grad(got, (q, ck, cv), g), torch.autograd.grad(expected, (q, ck, cv), g)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_split_staircase_not_taken_for_early_shards(monkeypatch):
