@@ -155,13 +155,14 @@ def main() -> None:
     print(f"64k prefill {pre:.2f} ms vs parallel forward {fwd:.2f} ms", flush=True)
 
     print("\n| context | batch | nsa step ms | dense step ms (backend) | x dense | nsa attn ms | dense attn ms | attn x dense |"
-          " cache MB nsa / dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          " cache MB nsa / dense | byte floor ms nsa / dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         pn, pd = proj[r.batch]
         an, ad = r.nsa_ms - pn, r.dense_ms - pd
         print(f"| {r.context} | {r.batch} | {r.nsa_ms:.3f} | {r.dense_ms:.3f} ({r.dense_backend}) | {r.speedup:.2f} | "
-              f"{an:.3f} | {ad:.3f} | {ad / an:.2f} | {r.nsa_cache_mb:.1f} / {r.dense_cache_mb:.1f} |")
+              f"{an:.3f} | {ad:.3f} | {ad / an:.2f} | {r.nsa_cache_mb:.1f} / {r.dense_cache_mb:.1f} | "
+              f"{r.nsa_floor_ms:.4f} / {r.dense_floor_ms:.4f} |")
     print(f"generation tokens/s at {args.generation_context} context, batch 16, 4 layers: nsa {gen['nsa']:.0f}, "
           f"dense {gen['dense']:.0f} ({gen['nsa'] / gen['dense']:.2f}x)")
     if args.json:

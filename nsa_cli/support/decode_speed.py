@@ -5,7 +5,8 @@ cache against a dense attention layer with a static KV cache, in one run, both C
 The caches are filled with random keys and values at the given context (timing only: filling them
 by a real prefill of batch x context tokens would cost minutes and tens of GiB). Dense side: the
 same projections, SDPA over exactly the cached tokens (every SDPA backend is tried on CUDA; the
-fastest is reported), the output projection. Bytes: what one step must read from the caches.
+fastest is reported), the output projection. Bytes: what one step must read from the caches; their
+floor: those bytes at the copy bandwidth of the device, measured in the same run.
 
 Dimension legend: B batch, L context, H query heads, HKV kv heads, D head dim.
 """
@@ -40,19 +41,29 @@ class DecodeRow:
     speedup: float
     nsa_cache_mb: float  # cache bytes one NSA step must read, per step (all sequences)
     dense_cache_mb: float
+    nsa_floor_ms: float  # those bytes at the device's copy bandwidth measured in the same run
+    dense_floor_ms: float
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def nsa_bytes_per_step(cfg: NSAConfig, context: int, batch: int, element: int) -> float:
-    """Cache bytes a step reads: compressed keys/values, the selected blocks and the own block, the
-    window, the pooled keys (keys and values, kv heads, head dim)."""
+    """Cache bytes a step reads: compressed keys and values (memory tokens included), the selected
+    blocks and the own block, the window (keys and values, kv heads, head dim)."""
     hk, d = cfg.num_kv_heads, cfg.dim_head
     tokens = (context // cfg.stride + cfg.num_compressed_mem_kv
               + (cfg.num_selected_blocks + 1) * cfg.selection_block_size + cfg.sliding_window_size)
-    pooled = context // cfg.selection_block_size
-    return batch * hk * d * element * (2 * tokens + pooled)
+    return batch * hk * d * element * 2 * tokens
+
+
+def copy_bandwidth_bytes_per_ms(device: torch.device) -> float:
+    """Bytes per ms one device-to-device copy moves (read + write), measured: the byte floor's bandwidth."""
+    numel = (256 << 20) if device.type == "cuda" else (16 << 20)
+    src = torch.empty(numel, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device)
+    return 2 * numel / ms
 
 
 def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
@@ -126,6 +137,7 @@ def decode_benchmark(cfg: NSAConfig, contexts: list[int], batches: list[int], *,
     nsa = SparseAttention.from_config(cfg).to(dev, dtype).eval()
     dense = DenseAttention(cfg.dim, cfg.dim_head, cfg.heads, True, cfg.num_kv_heads).to(dev, dtype).eval()
     element = torch.finfo(dtype).bits // 8
+    bandwidth = copy_bandwidth_bytes_per_ms(dev)
     rows = []
     for context in contexts:
         for batch in batches:
@@ -139,9 +151,10 @@ def decode_benchmark(cfg: NSAConfig, contexts: list[int], batches: list[int], *,
             keys, values = (torch.randn(shape, device=dev, dtype=dtype) for _ in range(2))
             dense_ms, backend = _fastest_dense(_dense_step(dense, keys, values, x, context), dev)
             del keys, values
-            dense_mb = 2 * batch * cfg.num_kv_heads * (context + 1) * cfg.dim_head * element / 1e6
-            row = DecodeRow(context, batch, nsa_ms, dense_ms, backend, dense_ms / nsa_ms,
-                            nsa_bytes_per_step(cfg, context, batch, element) / 1e6, dense_mb)
+            dense_bytes = 2 * batch * cfg.num_kv_heads * (context + 1) * cfg.dim_head * element
+            nsa_bytes = nsa_bytes_per_step(cfg, context, batch, element)
+            row = DecodeRow(context, batch, nsa_ms, dense_ms, backend, dense_ms / nsa_ms, nsa_bytes / 1e6,
+                            dense_bytes / 1e6, nsa_bytes / bandwidth, dense_bytes / bandwidth)
             rows.append(row)
             if on_row is not None:
                 on_row(row)

@@ -201,3 +201,21 @@ def test_visualize_png_with_matplotlib(tmp_path):
     png = tmp_path / "s.png"
     assert run("visualize-selection", "--seq-len", 64, "-o", png).exit_code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_decode_on_the_cpu():
+    """`nsa bench --decode` as a user runs it on a CPU: one step per context against dense with a static
+    KV cache, the bytes each reads and their floor at the measured copy bandwidth, generation tokens/s."""
+    result = run("bench", "--decode", "--device", "cpu", "--preset", "tiny", "--seq-len", "96,160", "--batch", 2, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [r["context"] for r in report["rows"]] == [96, 160] and report["batch"] == 2
+    for r in report["rows"]:
+        assert r["nsa_ms"] > 0 and r["dense_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["nsa_ms"])
+        assert r["nsa_floor_ms"] > 0 and r["dense_floor_ms"] > 0
+        # one bandwidth for both sides: the floors are in the ratio of the bytes
+        assert r["nsa_floor_ms"] / r["dense_floor_ms"] == pytest.approx(r["nsa_cache_mb"] / r["dense_cache_mb"])
+    assert report["rows"][1]["dense_cache_mb"] > report["rows"][0]["dense_cache_mb"]
+    assert all(v > 0 for v in report["generation"]["tokens_per_s"].values())
+    table = run("bench", "--decode", "--device", "cpu", "--preset", "tiny", "--seq-len", "96")
+    assert table.exit_code == 0 and "byte floor" in table.stdout and "tokens/s" in table.stdout
