@@ -112,16 +112,15 @@ def decode_step(attn: SparseAttention, inp: Tensor, cache: NSACache) -> Tensor:
 
 def _append_compressed(attn: SparseAttention, cache: NSACache, positions: Tensor, k: Tensor, v: Tensor) -> None:
     """Compress the window ending at each new token; complete ones go to their slot, the others to
-    the scratch slot. Then the ring keeps the last R tokens, and completed selection blocks get
-    their pooled key."""
+    the scratch slot. Then the ring keeps the last R tokens. (k, v: the cache's dtype, checked.)"""
     cfg = attn.config
     R, stride, mem = cfg.compress_block_size, cfg.stride, cfg.num_compressed_mem_kv
-    tokens_k = torch.cat((cache.ring_keys, k.to(cache.dtype)), dim=2)  # (B, HKV, R + K, D)
-    tokens_v = torch.cat((cache.ring_values, v.to(cache.dtype)), dim=2)
+    tokens_k = torch.cat((cache.ring_keys, k), dim=2)  # (B, HKV, R + K, D)
+    tokens_v = torch.cat((cache.ring_values, v), dim=2)
     windows_k, windows_v = (t[:, :, 1:].unfold(2, R, 1).transpose(-1, -2) for t in (tokens_k, tokens_v))
     ck, cv = attn.compress_windows(windows_k, windows_v)  # (B, HKV, K, D)
-    complete = (positions + 1) % stride == 0
-    index = (positions + 1) // stride - 1  # the compressed token a complete window becomes
-    cache.write_compressed(torch.where(complete, mem + index, cache.scratch_slot), ck, cv)
+    ends = positions + 1  # tokens up to and including the new one
+    slots = ends // stride + (mem - 1)  # the compressed token a complete window becomes
+    cache.write_compressed(torch.where(ends % stride == 0, slots, cache.scratch_slot), ck, cv)
     cache.ring_keys.copy_(tokens_k[:, :, -R:])
     cache.ring_values.copy_(tokens_v[:, :, -R:])

@@ -146,10 +146,10 @@ def paged_window_attention(q: Tensor, k: Pages, v: Pages, *, window: int, scale:
     page = k.page_size
     positions = seqs.query_positions(q.device)
     count = window // page + 2
-    first = (positions - window).clamp(min=0) // page
+    lo = positions - window
+    first = lo.clamp(min=0) // page
+    last = (positions // page)[:, None, :, None]
     blocks = first[:, None, :, None] + torch.arange(count, device=q.device)
-    valid = blocks <= (positions // page)[:, None, :, None]
-    blocks = torch.minimum(blocks, (positions // page)[:, None, :, None]).expand(B, k.heads, K, count)
-    valid = valid.expand(B, k.heads, K, count)
-    return decode_attention(q, k.pool, v.pool, k.table, blocks, valid, positions, positions - window, scale=scale,
-                            backend=backend)
+    valid = (blocks <= last).expand(B, k.heads, K, count)
+    blocks = torch.minimum(blocks, last).expand(B, k.heads, K, count)
+    return decode_attention(q, k.pool, v.pool, k.table, blocks, valid, positions, lo, scale=scale, backend=backend)
