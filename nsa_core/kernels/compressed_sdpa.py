@@ -15,7 +15,7 @@ memory tokens and blocks 0 .. R0 + r - 1: with the keys cut to the M + R0 + L - 
 the L rows sees, a lower-right aligned causal mask (torch.nn.attention.bias.causal_lower_right,
 flash or memory-efficient kernels) is exactly that staircase, in one call. Rows past the last
 compressed block (global row > C, possible near the end of the sequence) see every key: their
-queries take one plain SDPA call after the staircase. A late shard (R0 >= 2 L) on cuDNN splits its
+queries take one plain SDPA call after the staircase. A late shard (R0 >= L) on cuDNN splits its
 staircase into a full rectangle and a small causal triangle instead (`split_staircase`): measured
 1.5x faster at R0 = 15 L on an H200, where the lower-right call runs on flash.
 
