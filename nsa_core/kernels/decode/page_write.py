@@ -54,27 +54,12 @@ def page_write_kernel(
                  mask=dims_v < DV)
 
 
+@torch.library.custom_op("nsa::write_pages", mutates_args=("k_pages", "v_pages"))
 def write_pages_triton(k_pages: torch.Tensor, v_pages: torch.Tensor, table: torch.Tensor, positions: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor | None) -> None:
     """k (B, HKV, K, D), v (B, HKV, K, Dv) into k_pages (NP, HKV, PAGE, D) / v_pages (NP, HKV, PAGE, Dv)
     (unit stride on the last dims) at positions (B, K); freqs (P,) in the compute dtype, or None.
     A custom op that mutates the pages, so torch.compile traces through it (fullgraph decode steps)."""
-    _write_pages(k_pages, v_pages, table, positions, k, v, freqs)
-
-
-@torch.library.custom_op("nsa::write_pages", mutates_args=("k_pages", "v_pages"))
-def _write_pages(k_pages: torch.Tensor, v_pages: torch.Tensor, table: torch.Tensor, positions: torch.Tensor,
-                 k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor | None) -> None:
-    _launch(k_pages, v_pages, table, positions, k, v, freqs)
-
-
-@_write_pages.register_fake
-def _write_pages_fake(k_pages, v_pages, table, positions, k, v, freqs) -> None:
-    return None
-
-
-def _launch(k_pages: torch.Tensor, v_pages: torch.Tensor, table: torch.Tensor, positions: torch.Tensor,
-            k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor | None) -> None:
     B, HKV, K, D = k.shape
     Dv = v.shape[-1]
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
@@ -90,3 +75,8 @@ def _launch(k_pages: torch.Tensor, v_pages: torch.Tensor, table: torch.Tensor, p
         PAGE=k_pages.shape[2], PAIRS=freqs.shape[0] if rotate else 0, D=D, DV=Dv,
         BLOCK_D=max(2, triton.next_power_of_2(D)), BLOCK_DV=max(2, triton.next_power_of_2(Dv)), ROTATE=rotate,
     )
+
+
+@write_pages_triton.register_fake
+def _write_pages_fake(k_pages, v_pages, table, positions, k, v, freqs) -> None:
+    return None
