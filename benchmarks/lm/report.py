@@ -121,7 +121,8 @@ def write_summary(summary: dict, out: Path) -> Path:
 
 def plot(runs: list[dict], out: Path) -> Path | None:
     """Validation bits per byte against tokens and against training seconds, and the last position
-    bucket's against tokens (runs that recorded it), one line per run."""
+    bucket's against tokens (runs that recorded it), one line per run: a colour per model, solid at
+    the model's best learning rate (summarize's choice), dotted at the others."""
     try:
         import matplotlib
 
@@ -130,17 +131,26 @@ def plot(runs: list[dict], out: Path) -> Path | None:
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    last_bucket = None
+    best_lr = {row["model"]: row["lr"] for row in summarize(runs)["rows"]}
+    colors = {m: f"C{i}" for i, m in enumerate(sorted({r["model"] for r in runs}))}
+    last_bucket, values = None, []
     for r in (r for r in runs if r.get("val")):
-        label = f"{r['model']} lr {r['lr']:g} seed {r['seed']}"
+        best = best_lr.get(r["model"]) == r["lr"]
+        style = dict(label=f"{r['model']} lr {r['lr']:g} seed {r['seed']}", color=colors[r["model"]],
+                     linestyle="-" if best else ":", linewidth=1.8 if best else 1.0, alpha=1.0 if best else 0.6)
         points = r["val"][1:] or r["val"]
-        axes[0].plot([p["tokens"] / 1e6 for p in points], [p["bpb"] for p in points], label=label)
-        axes[1].plot([p["seconds"] for p in points], [p["bpb"] for p in points], label=label)
+        values += [p["bpb"] for p in points]
+        axes[0].plot([p["tokens"] / 1e6 for p in points], [p["bpb"] for p in points], **style)
+        axes[1].plot([p["seconds"] for p in points], [p["bpb"] for p in points], **style)
         with_buckets = [p for p in points if p.get("buckets")]
         if with_buckets:
             last_bucket = list(with_buckets[0]["buckets"])[-1]
             axes[2].plot([p["tokens"] / 1e6 for p in with_buckets], [p["buckets"][last_bucket] for p in with_buckets],
-                         label=label)
+                         **style)
+    if values:  # the early steps' losses would flatten the range where the models differ
+        low = min(values)
+        for ax in axes:
+            ax.set_ylim(top=min(max(values), 1.6 * low) + 0.02)
     titles = ("all positions", "all positions", f"positions {last_bucket}" if last_bucket else "no bucket curves")
     for ax, xlabel, title in zip(axes, ("training tokens (millions)", "training seconds", "training tokens (millions)"),
                                  titles):
