@@ -53,7 +53,7 @@ def slots_of(p) -> int:
     return max(k, rule.forced_initial + rule.forced_local)
 
 
-def run_kernel(p):
+def run_kernel(p, num_splits=None):
     from nsa_core.kernels.decode.compressed_selection import compressed_selection_step
 
     rule = p["rule"]
@@ -62,7 +62,7 @@ def run_kernel(p):
         stride=rule.stride, selection_block_size=rule.selection_block_size, compress_block=rule.compress_block,
         importance=rule.importance, interpolated=rule.interpolated, share=rule.share_across_group, slots=slots_of(p),
         forced_initial=rule.forced_initial, forced_local=rule.forced_local, scale=rule.scale,
-        null_logit=NULL_SLOT_LOGIT, threshold=VALID_THRESHOLD)
+        null_logit=NULL_SLOT_LOGIT, threshold=VALID_THRESHOLD, num_splits=num_splits)
 
 
 def run_twin(p, dtype=None):
@@ -149,6 +149,73 @@ def test_kernel_half_precision(case):
     twin_err = (want_out.double() - exact_out).abs().max().item()
     assert (out.double() - exact_out).abs().max().item() <= 2 * twin_err + 1e-6
     check_selection(indices, valid, probs, want, exact_block_probs(p), p["rule"].forced_initial + p["rule"].forced_local)
+
+
+# several slot tiles (64 slots each): 151 slots with capacity 600 at stride 4
+SPLIT_CASES = {
+    "pooled": dict(capacity=600, lengths=(37, 5, 590)),
+    "forced_tokens2_mem2": dict(capacity=600, lengths=(300, 5, 590), K=2, M=2, forced=(1, 2), selected=4),
+    "interpolated": dict(capacity=600, stride=8, sel=2, cblock=8, selected=5, lengths=(37, 260, 591),
+                         interpolated=True),
+    "per_head": dict(capacity=600, share=False, G=3, HKV=1, lengths=(590, 130)),
+    "smaller_than_stride": dict(capacity=600, stride=4, sel=2, cblock=8, selected=4, lengths=(37, 6, 591)),
+}
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("num_splits", [2, 3])
+@pytest.mark.parametrize("case", sorted(SPLIT_CASES))
+def test_split_slots_equal_the_twin(case, num_splits):
+    """Mean logits with each list's slots split over programs (a merge launch after): the twin's
+    output and selection; rows whose last visible slot lies in an early split leave later splits
+    empty."""
+    p = step_problem(**SPLIT_CASES[case])
+    out, indices, valid, probs = run_kernel(p, num_splits=num_splits)
+    want_out, want = run_twin(p)
+    torch.testing.assert_close(out, want_out, atol=2e-5, rtol=2e-5)
+    check_selection(indices, valid, probs, want, exact_block_probs(p), p["rule"].forced_initial + p["rule"].forced_local)
+    whole = run_kernel(p, num_splits=1)
+    torch.testing.assert_close(out, whole[0], atol=2e-6, rtol=2e-6)
+    assert torch.equal(indices, whole[1]) and torch.equal(valid, whole[2])
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_split_slots_half_precision():
+    p = step_problem(**SPLIT_CASES["forced_tokens2_mem2"], dtype=HALF)
+    out, indices, valid, probs = run_kernel(p, num_splits=3)
+    want_out, want = run_twin(p)
+    exact_out, _ = run_twin(p, torch.float64)
+    assert out.dtype == HALF and probs.dtype == HALF
+    twin_err = (want_out.double() - exact_out).abs().max().item()
+    assert (out.double() - exact_out).abs().max().item() <= 2 * twin_err + 1e-6
+    check_selection(indices, valid, probs, want, exact_block_probs(p), 3)
+
+
+def test_summed_probs_ignore_splits():
+    """Summed probabilities need every head's final max and sum: one program per list whatever is asked."""
+    p = step_problem(**SPLIT_CASES["pooled"], importance="summed_probs")
+    for a, b in zip(run_kernel(p, num_splits=3), run_kernel(p, num_splits=1)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "2"])
+def test_num_splits_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="num_splits"):
+        run_kernel(step_problem(), num_splits=bad)
+
+
+def test_split_never_reads_invisible_slots():
+    p = step_problem(**SPLIT_CASES["pooled"])
+    clean = run_kernel(p, num_splits=3)
+    hi = p["M"] + p["positions"] // p["rule"].stride - 1
+    cpage = p["ck"].shape[2]
+    for b in range(p["q"].shape[0]):
+        for slot in range(int(hi[b].max()) + 1, p["table"].shape[1] * cpage):
+            page = int(p["table"][b, slot // cpage])
+            p["ck"][page, :, slot % cpage] = float("nan")
+            p["cv"][page, :, slot % cpage] = float("nan")
+    for a, b in zip(clean, run_kernel(p, num_splits=3)):
+        assert torch.equal(a, b)
 
 
 def test_kernel_never_reads_invisible_slots():

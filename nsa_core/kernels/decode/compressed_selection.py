@@ -6,6 +6,9 @@ No host synchronisation: every choice comes from shapes and Python ints, never f
 so a step that calls it can be captured in a CUDA graph. Top-k in the same kernel: each program owns
 one selection list, so its block scores never leave it; the only memory it shares with nothing is a
 scratch row of one float per compressed block (the per-block scores gathered back after a barrier).
+When the lists are too few to fill the GPU (batch 1, few kv heads), mean-logit scoring splits each
+list's slots over several programs (launch.choose_num_splits, the paged decode kernels' rule) and a
+second launch merges them and selects: two launches instead of one.
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, HI lists (HKV when a group shares its
 selection, else HQ), K query tokens, P physical pages, CPAGE slots per page, M memory tokens,
@@ -16,13 +19,16 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
 from torch import Tensor
 
 from nsa_core.kernels import outputs
-from nsa_core.kernels.decode.selection_kernel import MEAN_LOGITS, SUMMED_PROBS, compressed_selection_kernel
+from nsa_core.kernels.decode.launch import choose_num_splits, sm_count
+from nsa_core.kernels.decode.selection_kernel import (MEAN_LOGITS, SUMMED_PROBS, compressed_selection_kernel,
+                                                      compressed_split_kernel, selection_merge_kernel)
 from nsa_core.kernels.limits import KERNEL_DTYPES, MAX_HEAD_DIM
 
 IMPORTANCE_CODES = {"mean_logits": MEAN_LOGITS.value, "summed_probs": SUMMED_PROBS.value}
@@ -77,9 +83,10 @@ def compressed_selection_fwd(q: Tensor, ck_pages: Tensor, cv_pages: Tensor, tabl
                              num_memory: int, num_compressed: int, stride: int, selection_block_size: int,
                              compress_block: int, importance: str, interpolated: bool, share: bool, slots: int,
                              forced_initial: int, forced_local: int, scale: float, null_logit: float,
-                             threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                             threshold: float, num_splits: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Inputs validated by the caller -> o (B, HQ, K, DV) in q's dtype, indices (B, HI, K, S) int64,
-    valid (B, HI, K, S) int8, probs (B, HI, K, S) in q's dtype."""
+    valid (B, HI, K, S) int8, probs (B, HI, K, S) in q's dtype. num_splits: the slot splits of every
+    list (mean logits only; clamped to the slot tiles), None for choose_num_splits."""
     B, HQ, K, D = q.shape
     HKV, CPAGE, DV = ck_pages.shape[1], ck_pages.shape[2], cv_pages.shape[-1]
     HI = HKV if share else HQ
@@ -98,16 +105,43 @@ def compressed_selection_fwd(q: Tensor, ck_pages: Tensor, cv_pages: Tensor, tabl
     rows = _pow2(HQ // HI, 16)
     interpolated = interpolated and importance == "mean_logits" and selection_block_size < stride
     block_w = _pow2(score_width(stride, selection_block_size, compress_block, importance, interpolated))
-    compressed_selection_kernel[(programs,)](
-        q, ck_pages, cv_pages, table, positions, o, scratch, indices, probs, valid,
-        *q.stride()[:3], *ck_pages.stride()[:3], *cv_pages.stride()[:3], table.stride(0),
-        HQ, HI, K, HQ // HI, HI // HKV, num_compressed, nb, scale, threshold, null_logit, masked_score(q.dtype),
-        M=num_memory, STRIDE=stride, SEL=selection_block_size, CBLOCK=compress_block,
-        IMPORTANCE=IMPORTANCE_CODES[importance], INTERPOLATED=interpolated, SLOTS=slots, FORCED_I=forced_initial, FORCED_L=forced_local,
-        CPAGE=CPAGE, BLOCK_N=KEYS_PER_TILE_WIDE if max(block_d, block_dv) > 128 else KEYS_PER_TILE, BLOCK_R=rows,
-        D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_NB=_pow2(nb), BLOCK_W=block_w,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8 if rows * max(block_d, block_dv) >= 4096 or _pow2(nb) * block_w >= 8192 else 4,
+    block_n = KEYS_PER_TILE_WIDE if max(block_d, block_dv) > 128 else KEYS_PER_TILE
+    strides = (*q.stride()[:3], *ck_pages.stride()[:3], *cv_pages.stride()[:3], table.stride(0))
+    common = dict(M=num_memory, STRIDE=stride, CPAGE=CPAGE, BLOCK_N=block_n, BLOCK_R=rows, D=D, DV=DV,
+                  BLOCK_D=block_d, BLOCK_DV=block_dv, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    selecting = dict(SEL=selection_block_size, CBLOCK=compress_block, INTERPOLATED=interpolated, SLOTS=slots,
+                     FORCED_I=forced_initial, FORCED_L=forced_local, BLOCK_NB=_pow2(nb), BLOCK_W=block_w)
+    big_rows = rows * max(block_d, block_dv) >= 4096
+    big_scores = _pow2(nb) * block_w >= 8192
+    slot_tiles = -(-(num_memory + num_compressed) // block_n)
+    if importance != "mean_logits":
+        num_splits = 1
+    elif num_splits is None:
+        num_splits = choose_num_splits(programs, slot_tiles, 1, sm_count(q.device))
+    num_splits = max(1, min(int(num_splits), slot_tiles))
+    tiles_per_split = -(-slot_tiles // num_splits)
+    num_splits = -(-slot_tiles // tiles_per_split)  # none empty of tiles
+    if num_splits == 1:
+        compressed_selection_kernel[(programs,)](
+            q, ck_pages, cv_pages, table, positions, o, scratch, indices, probs, valid, *strides,
+            HQ, HI, K, HQ // HI, HI // HKV, num_compressed, nb, scale, threshold, null_logit, masked_score(q.dtype),
+            IMPORTANCE=IMPORTANCE_CODES[importance], **common, **selecting,
+            num_warps=8 if big_rows or big_scores else 4,
+        )
+        return o, indices, valid, probs
+    o_part = outputs.new_output(B * HQ * K, num_splits, DV, device=q.device, dtype=torch.float32)
+    m_part = outputs.new_output(B * HQ * K, num_splits, device=q.device, dtype=torch.float32)
+    l_part = outputs.new_output(B * HQ * K, num_splits, device=q.device, dtype=torch.float32)
+    compressed_split_kernel[(programs, num_splits)](
+        q, ck_pages, cv_pages, table, positions, o_part, m_part, l_part, scratch, *strides,
+        HQ, HI, K, HQ // HI, HI // HKV, num_compressed, scale, tiles_per_split, num_splits, **common,
+        num_warps=8 if big_rows else 4,
+    )
+    selection_merge_kernel[(programs,)](
+        positions, o_part, m_part, l_part, scratch, o, indices, probs, valid,
+        HQ, HI, K, HQ // HI, num_compressed, nb, num_splits, threshold, null_logit, masked_score(q.dtype),
+        STRIDE=stride, BLOCK_R=rows, DV=DV, BLOCK_DV=block_dv, **selecting,
+        num_warps=8 if big_rows or big_scores else 4,
     )
     return o, indices, valid, probs
 
@@ -117,16 +151,16 @@ def _compressed_selection(q: Tensor, ck_pages: Tensor, cv_pages: Tensor, table: 
                           num_memory: int, num_compressed: int, stride: int, selection_block_size: int,
                           compress_block: int, importance: str, interpolated: bool, share: bool, slots: int,
                           forced_initial: int, forced_local: int, scale: float, null_logit: float,
-                          threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          threshold: float, num_splits: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return compressed_selection_fwd(q, ck_pages, cv_pages, table, positions, num_memory, num_compressed, stride,
                                     selection_block_size, compress_block, importance, interpolated, share, slots,
-                                    forced_initial, forced_local, scale, null_logit, threshold)
+                                    forced_initial, forced_local, scale, null_logit, threshold, num_splits)
 
 
 @_compressed_selection.register_fake
 def _compressed_selection_fake(q, ck_pages, cv_pages, table, positions, num_memory, num_compressed, stride,
                                selection_block_size, compress_block, importance, interpolated, share, slots,
-                               forced_initial, forced_local, scale, null_logit, threshold):
+                               forced_initial, forced_local, scale, null_logit, threshold, num_splits):
     B, HQ, K, _ = q.shape
     HI = ck_pages.shape[1] if share else HQ
     return (q.new_empty(B, HQ, K, cv_pages.shape[-1]), q.new_empty(B, HI, K, slots, dtype=torch.int64),
@@ -154,6 +188,7 @@ def compressed_selection_step(
     scale: float,
     null_logit: float,
     threshold: float,
+    num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A decoding step's compressed branch and block selection, causal. Query k of row b at position
     pos attends the memory tokens (slots 0 .. M - 1) and the compressed blocks c completed before it
@@ -166,14 +201,18 @@ def compressed_selection_step(
     tokens and averaged over the block, reference.selection.block_importance), softmaxes them with a null slot of
     logit null_logit and writes `slots` choices per list: the forced blocks first, then the best of
     the rest (ties: the lowest index), valid above `threshold` (a float of the scores' dtype).
-    -> (o, indices (B, HI, K, S) int64, valid (bool), probs (q's dtype)). Forward only."""
+    -> (o, indices (B, HI, K, S) int64, valid (bool), probs (q's dtype)). Forward only.
+    num_splits: how many programs share one list's slots with mean logits (None: chosen from the
+    device's SM count; summed probabilities always take one)."""
     _check_inputs(q, ck_pages, cv_pages, table, positions, importance, slots)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None (chosen from the device) or an int >= 1, got {num_splits!r}")
     threshold = rounded(float(threshold), q.dtype)
     o, indices, valid, probs = _compressed_selection(
         q, ck_pages, cv_pages, table, positions, int(num_memory), int(num_compressed), int(stride),
         int(selection_block_size), int(compress_block), importance, bool(interpolated), bool(share), int(slots),
         int(forced_initial),
-        int(forced_local), float(scale), float(null_logit), threshold)
+        int(forced_local), float(scale), float(null_logit), threshold, num_splits)
     return o, indices, valid.view(torch.bool), probs
 
 

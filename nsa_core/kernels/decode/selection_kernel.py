@@ -23,6 +23,12 @@ completed before the query), through the row's page table, in tiles of BLOCK_N s
    tokens as the reference does, an invisible block holding the reference's finite masked score.
 4. softmax with the null slot, then the forced slots and the top-k of the rest, as the block top-k
    kernel (kernels/block_topk.py) does it, in the same program.
+With mean-logit importance and too few lists to fill the GPU, the slots are split instead (as the
+paged decode kernels split their lists): compressed_split_kernel runs step 1 over one range of slot
+tiles per program, writing its partial softmax state and its compressed blocks' scores (disjoint
+parts of the scratch row); selection_merge_kernel, one program per list, merges the partials into the
+output and runs steps 3 and 4. Summed probabilities need the final max / sum of every head before
+step 2, so they always take the one-program kernel.
 Rounding as the twin: block logits rounded to the inputs' dtype, probabilities rounded to it before
 the top-k; ties go to the lowest block index.
 
@@ -137,18 +143,10 @@ def _store_top_blocks(b_p, b_pos, NB, p_out, indices, probs, valid, threshold, S
 
 
 @triton.jit
-def compressed_selection_kernel(
-    q, ck_pages, cv_pages, table, positions, o, scratch, indices, probs, valid,
-    stride_qb, stride_qh, stride_qt, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt, stride_table,
-    HQ, HI, K, ROWS, LISTS_PER_KV, C, NB, scale, threshold, null_logit, masked,
-    M: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, CBLOCK: tl.constexpr, IMPORTANCE: tl.constexpr,
-    INTERPOLATED: tl.constexpr,
-    SLOTS: tl.constexpr, FORCED_I: tl.constexpr, FORCED_L: tl.constexpr, CPAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """positions (B, K) int64; o (B, HQ, K, DV), scratch (B * HI * K, C) float32, indices / probs /
-    valid (B, HI, K, SLOTS), all contiguous."""
+def _list_query(q, positions, stride_qb, stride_qh, stride_qt, HI, K, ROWS, M: tl.constexpr, STRIDE: tl.constexpr,
+                BLOCK_R: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program i_bik's list: (i_b int64, i_k, i_hi, row mask [BLOCK_R], query heads [BLOCK_R], the
+    query tile [BLOCK_R, BLOCK_D], its position, the last visible slot)."""
     i_bik = tl.program_id(0)  # over (batch, list, token), tokens fastest
     i_k = i_bik % K
     i_hi = (i_bik // K) % HI
@@ -157,24 +155,27 @@ def compressed_selection_kernel(
     m_r = o_r < ROWS
     o_hq = i_hi * ROWS + o_r
     o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
     p_q = q + i_b * stride_qb + o_hq[:, None] * stride_qh + i_k * stride_qt + o_d[None, :]
     b_q = tl.load(p_q, mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)  # [BLOCK_R, BLOCK_D]
     b_pos = tl.load(positions + i_b * K + i_k)
-    b_hi = M + b_pos // STRIDE - 1  # the last visible slot
-    i_hkv = i_hi // LISTS_PER_KV
-    p_k = ck_pages + i_hkv * stride_kh
-    p_v = cv_pages + i_hkv * stride_vh
-    p_table = i_b * stride_table
-    p_scr = scratch + i_bik.to(tl.int64) * C - M  # indexed by slot: compressed block c at slot M + c
+    return i_b, i_k, i_hi, m_r, o_hq, b_q, b_pos, M + b_pos // STRIDE - 1
 
+
+@triton.jit
+def _attend_slots(b_q, m_r, p_k, p_v, table, p_table, p_scr, t_lo, t_hi, b_hi, stride_kp, stride_kt, stride_vp,
+                  stride_vt, scale, M: tl.constexpr, IMPORTANCE: tl.constexpr, CPAGE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Step 1 over the slot tiles t_lo ... t_hi - 1: the online softmax (m, l, acc) of the list's rows,
+    the mean-logit scores written to the scratch row, and with summed probabilities the running
+    max / sum over the compressed blocks (mc, lc)."""
+    o_dv = tl.arange(0, BLOCK_DV)
     b_m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_R], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     b_mc = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)  # over the compressed blocks only
     b_lc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    tiles = tl.cdiv(b_hi + 1, BLOCK_N)
-    for t in range(0, tiles):
+    for t in range(t_lo, t_hi):
         o_j, b_phys, o_in, m_j, b_s = _slot_logits(b_q, p_k, table, p_table, t, b_hi, stride_kp, stride_kt, scale,
                                                    CPAGE, BLOCK_N, D, BLOCK_D, PRECISION)
         p_vt = p_v + b_phys[:, None] * stride_vp + o_in[:, None] * stride_vt + o_dv[None, :]
@@ -189,6 +190,52 @@ def compressed_selection_kernel(
             b_base = tl.where(b_mc_new == float("-inf"), 0.0, b_mc_new)
             b_lc = b_lc * tl.exp(b_mc - b_base) + tl.sum(tl.exp(b_sc - b_base[:, None]), axis=1)
             b_mc = b_mc_new
+    return b_m, b_l, b_acc, b_mc, b_lc
+
+
+@triton.jit
+def _select_from_scratch(p_scr, b_pos, p_out, indices, probs, valid, NB, C, ROWS, masked, null_logit, threshold,
+                         STRIDE: tl.constexpr, SEL: tl.constexpr, CBLOCK: tl.constexpr, IMPORTANCE: tl.constexpr,
+                         INTERPOLATED: tl.constexpr, SLOTS: tl.constexpr, FORCED_I: tl.constexpr,
+                         FORCED_L: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Steps 3 and 4: the scratch row (indexed by compressed block) -> the SLOTS choices at p_out."""
+    score_dtype = probs.dtype.element_ty
+    b_x = _block_logits(p_scr, b_pos, NB, C, ROWS, masked, STRIDE, SEL, CBLOCK, IMPORTANCE, INTERPOLATED,
+                        BLOCK_NB, BLOCK_W)
+    b_x = b_x.to(score_dtype).to(tl.float32)
+    b_top = tl.maximum(tl.max(b_x, axis=0), null_logit)
+    b_e = tl.exp(b_x - b_top)
+    b_p = (b_e / (tl.sum(b_e, axis=0) + tl.exp(null_logit - b_top))).to(score_dtype).to(tl.float32)
+    _store_top_blocks(b_p, b_pos, NB, p_out, indices, probs, valid, threshold, SEL, SLOTS, FORCED_I, FORCED_L,
+                      BLOCK_NB)
+
+
+@triton.jit
+def compressed_selection_kernel(
+    q, ck_pages, cv_pages, table, positions, o, scratch, indices, probs, valid,
+    stride_qb, stride_qh, stride_qt, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt, stride_table,
+    HQ, HI, K, ROWS, LISTS_PER_KV, C, NB, scale, threshold, null_logit, masked,
+    M: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, CBLOCK: tl.constexpr, IMPORTANCE: tl.constexpr,
+    INTERPOLATED: tl.constexpr,
+    SLOTS: tl.constexpr, FORCED_I: tl.constexpr, FORCED_L: tl.constexpr, CPAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program per list, every slot. positions (B, K) int64; o (B, HQ, K, DV), scratch
+    (B * HI * K, C) float32, indices / probs / valid (B, HI, K, SLOTS), all contiguous."""
+    i_b, i_k, i_hi, m_r, o_hq, b_q, b_pos, b_hi = _list_query(q, positions, stride_qb, stride_qh, stride_qt, HI, K,
+                                                               ROWS, M, STRIDE, BLOCK_R, D, BLOCK_D)
+    i_bik = tl.program_id(0).to(tl.int64)
+    i_hkv = i_hi // LISTS_PER_KV
+    p_k = ck_pages + i_hkv * stride_kh
+    p_v = cv_pages + i_hkv * stride_vh
+    p_table = i_b * stride_table
+    p_scr = scratch + i_bik * C - M  # indexed by slot: compressed block c at slot M + c
+    o_dv = tl.arange(0, BLOCK_DV)
+    tiles = tl.cdiv(b_hi + 1, BLOCK_N)
+    b_m, b_l, b_acc, b_mc, b_lc = _attend_slots(b_q, m_r, p_k, p_v, table, p_table, p_scr, 0, tiles, b_hi,
+                                                stride_kp, stride_kt, stride_vp, stride_vt, scale, M, IMPORTANCE,
+                                                CPAGE, BLOCK_N, BLOCK_R, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
     o_rows = (i_b * HQ + o_hq) * K + i_k  # [BLOCK_R] rows of (B, HQ, K), 64-bit
     b_out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
     tl.store(o + o_rows[:, None] * DV + o_dv[None, :], b_out.to(o.dtype.element_ty),
@@ -203,13 +250,77 @@ def compressed_selection_kernel(
             b_p = tl.exp(b_s - b_base[:, None]) * b_inv[:, None]  # [BLOCK_R, N]
             tl.store(p_scr + o_j, tl.sum(b_p, axis=0), mask=m_j & (o_j >= M))
     tl.debug_barrier()  # the scratch row, written above by other threads of the program
+    _select_from_scratch(p_scr + M, b_pos, i_bik * SLOTS, indices, probs, valid, NB, C, ROWS, masked, null_logit,
+                         threshold, STRIDE, SEL, CBLOCK, IMPORTANCE, INTERPOLATED, SLOTS, FORCED_I, FORCED_L,
+                         BLOCK_NB, BLOCK_W)
 
-    score_dtype = probs.dtype.element_ty
-    b_x = _block_logits(p_scr + M, b_pos, NB, C, ROWS, masked, STRIDE, SEL, CBLOCK, IMPORTANCE, INTERPOLATED,
-                        BLOCK_NB, BLOCK_W)
-    b_x = b_x.to(score_dtype).to(tl.float32)
-    b_top = tl.maximum(tl.max(b_x, axis=0), null_logit)
-    b_e = tl.exp(b_x - b_top)
-    b_p = (b_e / (tl.sum(b_e, axis=0) + tl.exp(null_logit - b_top))).to(score_dtype).to(tl.float32)
-    _store_top_blocks(b_p, b_pos, NB, i_bik.to(tl.int64) * SLOTS, indices, probs, valid, threshold, SEL, SLOTS,
-                      FORCED_I, FORCED_L, BLOCK_NB)
+
+@triton.jit
+def compressed_split_kernel(
+    q, ck_pages, cv_pages, table, positions, o_part, m_part, l_part, scratch,
+    stride_qb, stride_qh, stride_qt, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt, stride_table,
+    HQ, HI, K, ROWS, LISTS_PER_KV, C, scale, tiles_per_split, NUM_SPLITS,
+    M: tl.constexpr, STRIDE: tl.constexpr, CPAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Mean-logit importance, the slots split (program (list, split)): step 1 over the split's
+    tiles, its partial (m, l, acc) per row written to m_part / l_part (B * HQ * K, NUM_SPLITS) and
+    o_part (B * HQ * K, NUM_SPLITS, DV) float32, its compressed blocks' scores to the scratch row."""
+    i_b, i_k, i_hi, m_r, o_hq, b_q, b_pos, b_hi = _list_query(q, positions, stride_qb, stride_qh, stride_qt, HI, K,
+                                                               ROWS, M, STRIDE, BLOCK_R, D, BLOCK_D)
+    i_split = tl.program_id(1)
+    i_bik = tl.program_id(0).to(tl.int64)
+    i_hkv = i_hi // LISTS_PER_KV
+    t_lo = i_split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(b_hi + 1, BLOCK_N))  # no tile past the last visible slot
+    b_m, b_l, b_acc, _, _ = _attend_slots(b_q, m_r, ck_pages + i_hkv * stride_kh, cv_pages + i_hkv * stride_vh, table,
+                                          i_b * stride_table, scratch + i_bik * C - M, t_lo, t_hi, b_hi, stride_kp,
+                                          stride_kt, stride_vp, stride_vt, scale, M, MEAN_LOGITS, CPAGE, BLOCK_N,
+                                          BLOCK_R, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+    o_dv = tl.arange(0, BLOCK_DV)
+    p_part = ((i_b * HQ + o_hq) * K + i_k) * NUM_SPLITS + i_split  # [BLOCK_R]
+    tl.store(o_part + p_part[:, None] * DV + o_dv[None, :], b_acc, mask=m_r[:, None] & (o_dv[None, :] < DV))
+    tl.store(m_part + p_part, b_m, mask=m_r)
+    tl.store(l_part + p_part, b_l, mask=m_r)
+
+
+@triton.jit
+def selection_merge_kernel(
+    positions, o_part, m_part, l_part, scratch, o, indices, probs, valid,
+    HQ, HI, K, ROWS, C, NB, NUM_SPLITS, threshold, null_logit, masked,
+    STRIDE: tl.constexpr, SEL: tl.constexpr, CBLOCK: tl.constexpr, INTERPOLATED: tl.constexpr,
+    SLOTS: tl.constexpr, FORCED_I: tl.constexpr, FORCED_L: tl.constexpr, BLOCK_R: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """After compressed_split_kernel, one program per list: its rows' partials merged into o
+    (out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s; zeros where no split saw a slot), then
+    steps 3 and 4 on the scratch row the splits wrote."""
+    i_bik = tl.program_id(0)
+    i_k = i_bik % K
+    i_hi = (i_bik // K) % HI
+    i_b = (i_bik // (K * HI)).to(tl.int64)
+    o_r = tl.arange(0, BLOCK_R)
+    m_r = o_r < ROWS
+    o_dv = tl.arange(0, BLOCK_DV)
+    o_rows = (i_b * HQ + i_hi * ROWS + o_r) * K + i_k  # [BLOCK_R]
+    b_m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_R], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        p_part = o_rows * NUM_SPLITS + s
+        b_ms = tl.load(m_part + p_part, mask=m_r, other=float("-inf"))
+        b_m_new = tl.maximum(b_m, b_ms)
+        b_base = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_ws, b_alpha = tl.exp(b_ms - b_base), tl.exp(b_m - b_base)  # 0 for a split (or a past) that saw nothing
+        b_l = b_l * b_alpha + b_ws * tl.load(l_part + p_part, mask=m_r, other=0.0)
+        b_accs = tl.load(o_part + p_part[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv[None, :] < DV),
+                         other=0.0)
+        b_acc = b_acc * b_alpha[:, None] + b_accs * b_ws[:, None]
+        b_m = b_m_new
+    b_out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+    tl.store(o + o_rows[:, None] * DV + o_dv[None, :], b_out.to(o.dtype.element_ty),
+             mask=m_r[:, None] & (o_dv[None, :] < DV))
+    b_pos = tl.load(positions + i_b * K + i_k)
+    _select_from_scratch(scratch + i_bik.to(tl.int64) * C, b_pos, i_bik.to(tl.int64) * SLOTS, indices, probs, valid,
+                         NB, C, ROWS, masked, null_logit, threshold, STRIDE, SEL, CBLOCK, MEAN_LOGITS, INTERPOLATED,
+                         SLOTS, FORCED_I, FORCED_L, BLOCK_NB, BLOCK_W)
