@@ -151,6 +151,17 @@ def test_kernel_half_precision(case):
     check_selection(indices, valid, probs, want, exact_block_probs(p), p["rule"].forced_initial + p["rule"].forced_local)
 
 
+def poison_invisible_slots(p) -> None:
+    """NaN in every compressed slot after each row's last visible one."""
+    hi = p["M"] + p["positions"] // p["rule"].stride - 1  # (B, 1)
+    cpage = p["ck"].shape[2]
+    for b in range(p["q"].shape[0]):
+        for slot in range(int(hi[b].max()) + 1, p["table"].shape[1] * cpage):
+            page = int(p["table"][b, slot // cpage])
+            p["ck"][page, :, slot % cpage] = float("nan")
+            p["cv"][page, :, slot % cpage] = float("nan")
+
+
 # several slot tiles (64 slots each): 151 slots with capacity 600 at stride 4
 SPLIT_CASES = {
     "pooled": dict(capacity=600, lengths=(37, 5, 590)),
@@ -207,13 +218,7 @@ def test_num_splits_must_be_a_positive_int(bad):
 def test_split_never_reads_invisible_slots():
     p = step_problem(**SPLIT_CASES["pooled"])
     clean = run_kernel(p, num_splits=3)
-    hi = p["M"] + p["positions"] // p["rule"].stride - 1
-    cpage = p["ck"].shape[2]
-    for b in range(p["q"].shape[0]):
-        for slot in range(int(hi[b].max()) + 1, p["table"].shape[1] * cpage):
-            page = int(p["table"][b, slot // cpage])
-            p["ck"][page, :, slot % cpage] = float("nan")
-            p["cv"][page, :, slot % cpage] = float("nan")
+    poison_invisible_slots(p)
     for a, b in zip(clean, run_kernel(p, num_splits=3)):
         assert torch.equal(a, b)
 
@@ -222,13 +227,7 @@ def test_kernel_never_reads_invisible_slots():
     """Slots after each query's last visible one hold NaN: the outputs do not change."""
     p = step_problem(**CASES["summed"])
     clean = run_kernel(p)
-    hi = p["M"] + p["positions"] // p["rule"].stride - 1  # (B, 1)
-    cpage = p["ck"].shape[2]
-    for b in range(p["q"].shape[0]):
-        for slot in range(int(hi[b].max()) + 1, p["table"].shape[1] * cpage):
-            page = int(p["table"][b, slot // cpage])
-            p["ck"][page, :, slot % cpage] = float("nan")
-            p["cv"][page, :, slot % cpage] = float("nan")
+    poison_invisible_slots(p)
     for a, b in zip(clean, run_kernel(p)):
         assert torch.equal(a, b)
 
