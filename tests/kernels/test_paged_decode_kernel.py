@@ -196,6 +196,11 @@ def test_split_rule():
     assert choose_num_splits(programs=64, slot_groups=17, chunks=1, sms=132) == 4  # 256 of 264 program slots
     assert choose_num_splits(programs=4, slot_groups=8, chunks=2, sms=132) == 8  # 2 chunks: 1 group per split
     assert choose_num_splits(programs=4, slot_groups=0, chunks=1, sms=132) == 1
+    # the compressed selection's rule: a wave of 4 programs per SM, at least 4 tiles per split
+    wide = dict(programs_per_sm=4, min_tiles=4)
+    assert choose_num_splits(programs=64, slot_groups=65, chunks=1, sms=132, **wide) == 7  # 448 of 528 slots
+    assert choose_num_splits(programs=4, slot_groups=129, chunks=1, sms=132, **wide) == 26  # capped: 4+ tiles each
+    assert choose_num_splits(programs=4, slot_groups=8, chunks=1, sms=132, **wide) == 2
     assert [splits_used(17, n) for n in (1, 2, 9, 16, 17, 100)] == [1, 2, 9, 9, 17, 17]
 
 

@@ -33,6 +33,12 @@ from nsa_core.kernels.limits import KERNEL_DTYPES, MAX_HEAD_DIM
 
 IMPORTANCE_CODES = {"mean_logits": MEAN_LOGITS.value, "summed_probs": SUMMED_PROBS.value}
 KEYS_PER_TILE, KEYS_PER_TILE_WIDE = 64, 32  # compressed slots per tile (head dims above 128: fewer)
+# Its split rule (launch.choose_num_splits): a wave of 4 programs per SM and at least 4 key tiles per
+# split. Measured on an H200 (64 q / 4 kv heads of 128, bf16, graphed; benchmarks/NOTES.md): against
+# the paged kernels' rule (2 per SM, 2 tiles) 64.5 vs 70 us at 64k x 16, 98 vs 113 at 128k x 16,
+# 41 vs 49 at 128k x 1 (the merge of many splits costs more than it saves when the lists are few);
+# 2 us slower at 8k.
+SPLIT_PROGRAMS_PER_SM, SPLIT_MIN_TILES = 4, 4
 MAX_SCORE_ELEMENTS = 1 << 15  # NB x W block-score gathers one program holds (the selection's registers)
 
 
@@ -117,7 +123,8 @@ def compressed_selection_fwd(q: Tensor, ck_pages: Tensor, cv_pages: Tensor, tabl
     if importance != "mean_logits":
         num_splits = 1
     elif num_splits is None:
-        num_splits = choose_num_splits(programs, slot_tiles, 1, sm_count(q.device))
+        num_splits = choose_num_splits(programs, slot_tiles, 1, sm_count(q.device),
+                                       programs_per_sm=SPLIT_PROGRAMS_PER_SM, min_tiles=SPLIT_MIN_TILES)
     num_splits = max(1, min(int(num_splits), slot_tiles))
     tiles_per_split = -(-slot_tiles // num_splits)
     num_splits = -(-slot_tiles // tiles_per_split)  # none empty of tiles

@@ -56,17 +56,18 @@ def tiles(HQ: int, HI: int, page_size: int, D: int, DV: int, dtype: torch.dtype)
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
-def choose_num_splits(programs: int, slot_groups: int, chunks: int, sms: int) -> int:
+def choose_num_splits(programs: int, slot_groups: int, chunks: int, sms: int, *,
+                      programs_per_sm: int = PROGRAMS_PER_SM, min_tiles: int = MIN_TILES_PER_SPLIT) -> int:
     """Splits of every list, from Python ints only. programs: programs per split (B * HI * K * head
     tiles); slot_groups: the list's slots in groups of one key tile's pages (a split takes whole
     groups); chunks: key tiles per group; sms: the device's SM count.
 
-    One split when the programs already fill FULL_WAVE of a wave (sms * PROGRAMS_PER_SM programs).
+    One split when the programs already fill FULL_WAVE of a wave (sms * programs_per_sm programs).
     Otherwise the fewest splits whose wave efficiency (waves / whole waves) is within WAVE_MARGIN
-    of the best reachable, with at least MIN_TILES_PER_SPLIT tiles per split (as flash-attention's
+    of the best reachable, with at least min_tiles key tiles per split (as flash-attention's
     split heuristic)."""
-    wave = sms * PROGRAMS_PER_SM
-    max_splits = min(MAX_SPLITS, slot_groups // math.ceil(MIN_TILES_PER_SPLIT / chunks))
+    wave = sms * programs_per_sm
+    max_splits = min(MAX_SPLITS, slot_groups // math.ceil(min_tiles / chunks))
     if programs <= 0 or max_splits <= 1 or programs >= FULL_WAVE * wave:
         return 1
 
