@@ -130,11 +130,9 @@ def paged_selected_attention(q: Tensor, k: Pages, v: Pages, indices: Tensor, val
                               or valid.shape != indices.shape):
         raise ValueError(f"valid must be None or a bool tensor of indices' shape {tuple(indices.shape)}")
     positions = seqs.query_positions(q.device)
-    own = (positions // block_size)[:, None, :, None].expand(B, indices.shape[1], K, 1)
     listed = torch.ones_like(indices, dtype=torch.bool) if valid is None else valid
-    blocks = torch.cat((indices, own), dim=-1)
-    listed = torch.cat((listed, torch.ones_like(own, dtype=torch.bool)), dim=-1)
-    return decode_attention(q, k.pool, v.pool, k.table, blocks, listed, positions, scale=scale, backend=backend)
+    return decode_attention(q, k.pool, v.pool, k.table, indices, listed, positions, scale=scale, backend=backend,
+                            lists="listed_and_own")
 
 
 def paged_window_attention(q: Tensor, k: Pages, v: Pages, *, window: int, scale: float, seqs: Seqs,
@@ -142,14 +140,5 @@ def paged_window_attention(q: Tensor, k: Pages, v: Pages, *, window: int, scale:
     """Causal sliding-window attention of a decoding step: keys positions - window ... positions,
     read from the pages that hold them -> (B, HQ, K, Dv)."""
     _check_paged(q, k, v, seqs)
-    B, _, K, _ = q.shape
-    page = k.page_size
-    positions = seqs.query_positions(q.device)
-    count = window // page + 2
-    lo = positions - window
-    first = lo.clamp(min=0) // page
-    last = (positions // page)[:, None, :, None]
-    blocks = first[:, None, :, None] + torch.arange(count, device=q.device)
-    valid = (blocks <= last).expand(B, k.heads, K, count)
-    blocks = torch.minimum(blocks, last).expand(B, k.heads, K, count)
-    return decode_attention(q, k.pool, v.pool, k.table, blocks, valid, positions, lo, scale=scale, backend=backend)
+    return decode_attention(q, k.pool, v.pool, k.table, None, None, seqs.query_positions(q.device), scale=scale,
+                            backend=backend, lists="window", window=window)

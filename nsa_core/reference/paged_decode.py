@@ -25,6 +25,30 @@ from torch import Tensor
 from nsa_core.reference.masked_softmax import masked_attention
 
 
+def expand_lists(lists: str, blocks: Tensor | None, valid: Tensor | None, hi: Tensor, lo: Tensor | None, *,
+                 window: int, page_size: int, kv_heads: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The lists a rule names, as explicit (blocks, valid, lo) (nsa_core.kernels.decode.op's `lists`):
+    "listed" as given; "listed_and_own" the listed slots, then each query's own page hi // page_size;
+    "window" the pages of keys hi - window ... hi, one list per kv head (lo = hi - window)."""
+    if lists == "listed":
+        return blocks, valid, lo
+    if lists == "listed_and_own":
+        B, HI, K, _ = blocks.shape
+        own = (hi // page_size)[:, None, :, None].expand(B, HI, K, 1).to(blocks.dtype)
+        return (torch.cat((blocks, own), dim=-1),
+                torch.cat((valid, torch.ones_like(own, dtype=torch.bool)), dim=-1), lo)
+    if lists != "window":
+        raise ValueError(f"lists must be 'listed', 'listed_and_own' or 'window', got {lists!r}")
+    B, K = hi.shape
+    count = window // page_size + 2
+    lo = hi - window
+    first = lo.clamp(min=0) // page_size
+    last = (hi // page_size)[:, None, :, None]
+    pages = first[:, None, :, None] + torch.arange(count, device=hi.device)  # (B, 1, K, count)
+    valid = (pages <= last).expand(B, kv_heads, K, count)
+    return torch.minimum(pages, last).expand(B, kv_heads, K, count), valid, lo
+
+
 def listed_keys(
     q: Tensor,  # (B, HQ, K, D)
     k_pages: Tensor,  # (P, HKV, PAGE, D)

@@ -147,6 +147,57 @@ def test_kernel_equals_reference(case, num_splits, split_buffers, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+LIST_RULE_CASES = {  # name: paged_problem arguments, the rule, its window
+    "own_g3_k3": (dict(G=3, K=3), "listed_and_own", 0),
+    "own_per_head": (dict(G=3, K=1, per_head=True, D=24, Dv=16), "listed_and_own", 0),
+    "own_nothing_listed": (dict(G=2, K=2, S=0), "listed_and_own", 0),
+    "window_g3_k3": (dict(G=3, K=3), "window", 21),
+    "window_g5_page32": (dict(HKV=1, G=5, K=2, page=32, max_pages=4), "window", 40),
+    "window_wider_than_the_rows": (dict(G=2, K=1, max_pages=3), "window", 100),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize("case", list(LIST_RULE_CASES))
+def test_kernel_list_rules_equal_the_expanded_lists(case, num_splits, poisoned_outputs, monkeypatch):
+    """The kernel forming a query's pages itself (its own page after the listed ones; the window's
+    pages) equals the reference over the lists expand_lists writes out, and dense attention."""
+    from nsa_core.kernels.decode import launch
+    from nsa_core.reference.paged_decode import expand_lists
+
+    if num_splits > 1:
+        monkeypatch.setattr(launch, "KEYS_PER_TILE", 16)
+    problem, lists, window = LIST_RULE_CASES[case]
+    p = paged_problem(**problem, seed=12)
+    if lists == "window":
+        p.update(blocks=None, valid=None, lo=None)
+    else:  # a list must not name a page twice: the own page is not among the listed ones (as a selection)
+        own = (p["hi"] // p["k_pages"].shape[2])[:, None, :, None]
+        p["valid"] = p["valid"] & (p["blocks"] != own)
+    got = run_kernel(p, num_splits=num_splits, lists=lists, window=window)
+    blocks, valid, lo = expand_lists(lists, p["blocks"], p["valid"], p["hi"], p["lo"], window=window,
+                                     page_size=p["k_pages"].shape[2], kv_heads=p["k_pages"].shape[1])
+    expanded = {**p, "blocks": blocks, "valid": valid, "lo": lo}
+    torch.testing.assert_close(got, run_reference(expanded), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), dense_attention(expanded).to(got.device), rtol=1e-5, atol=1e-5)
+
+
+def test_list_rule_errors_name_the_argument():
+    from nsa_core.ops.decode_attention import decode_attention
+
+    p = paged_problem(seed=13, device="cpu")
+    args = [p[n] for n in ARGS[:8]]
+    with pytest.raises(ValueError, match="lists must be"):
+        decode_attention(*args, scale=1.0, lists="pages")
+    with pytest.raises(ValueError, match="blocks, valid and lo must be None"):
+        decode_attention(*args, scale=1.0, lists="window", window=16)
+    with pytest.raises(ValueError, match="needs window"):
+        decode_attention(*args[:4], None, None, args[6], None, scale=1.0, lists="window", window=0)
+    with pytest.raises(ValueError, match="needs blocks and valid"):
+        decode_attention(*args[:4], None, None, args[6], None, scale=1.0, lists="listed_and_own")
+
+
 @needs_kernels
 def test_kernel_rows_without_keys_are_zero(split_buffers, monkeypatch):
     from nsa_core.kernels.decode import launch
@@ -210,8 +261,10 @@ def test_opcheck_and_compile():
     from nsa_core.kernels.decode.op import _paged_decode
 
     p = paged_problem(G=2, K=1, S=2, window=20, seed=6)
-    args = tuple(p[n] for n in ARGS) + (2,)
+    args = tuple(p[n] for n in ARGS) + (2, "listed", 0)
     torch.library.opcheck(_paged_decode, args, test_utils=("test_schema", "test_faketensor"))
+    window_args = (*args[:4], None, None, args[6], None, args[8], 2, "window", 20)
+    torch.library.opcheck(_paged_decode, window_args, test_utils=("test_schema", "test_faketensor"))
     compiled = torch.compile(paged_decode_attention, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*(p[n] for n in ARGS)), run_kernel(p))
 

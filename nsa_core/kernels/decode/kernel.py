@@ -9,6 +9,12 @@ and loads keys and values only for valid slots and visible keys (lo <= index <= 
 online softmax in float32. One split writes the output; several write their partial (m, l, acc),
 and the merge kernel combines each row's splits.
 
+How a list names its pages (LISTS, a compile-time rule, so a decoding step builds no page list with
+tensor ops): LISTED, the S slots of `blocks` / `valid`; LISTED_AND_OWN, those S - 1 listed slots and
+then the query's own page hi // PAGE (the selected branch: its blocks and the block it sits in);
+WINDOW_PAGES, the pages from max(hi - WINDOW, 0) // PAGE up to hi // PAGE with keys from hi - WINDOW
+on (the sliding window; no `blocks`, S = WINDOW // PAGE + 2 slots).
+
 Naming: i_ program ids, o_ offsets, m_ masks, p_ pointers / pointer offsets, b_ tiles (shape in
 the comment).
 Dimension legend: B batch, HQ query heads, HKV kv heads, HI lists (HKV or HQ), ROWS = HQ / HI
@@ -22,17 +28,34 @@ import triton.language as tl
 from nsa_core.kernels.online_softmax import online_softmax_step
 
 
+LISTED: tl.constexpr = tl.constexpr(0)
+LISTED_AND_OWN: tl.constexpr = tl.constexpr(1)
+WINDOW_PAGES: tl.constexpr = tl.constexpr(2)
+
+
 @triton.jit
-def _tile_keys(blocks, valid, block_table, p_list, p_table, step, chunk, end, max_pages, num_pages, b_lo, b_hi,
-               PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tile_keys(blocks, valid, block_table, p_list, p_table, step, chunk, end, max_pages, num_pages, b_lo, b_hi, S,
+               PAGE: tl.constexpr, BLOCK_N: tl.constexpr, LISTS: tl.constexpr):
     """Key tile of slots step + n // PAGE at in-page offsets chunk * BLOCK_N + n % PAGE (n < N):
-    physical pages [N] (int64), in-page offsets [N], visible keys [N]."""
+    physical pages [N] (int64), in-page offsets [N], visible keys [N]. p_list: the list's first
+    slot in blocks / valid (rows of S slots; LISTED_AND_OWN: S - 1 listed slots per row)."""
     o_n = tl.arange(0, BLOCK_N)
     o_slot = step + o_n // PAGE
     o_in = chunk * BLOCK_N + o_n % PAGE
     m_slot = o_slot < end
-    m_slot = m_slot & (tl.load(valid + p_list + o_slot, mask=m_slot, other=0) != 0)
-    b_page = tl.load(blocks + p_list + o_slot, mask=m_slot, other=0)  # [N] logical page
+    if LISTS == WINDOW_PAGES:
+        b_page = tl.maximum(b_lo, 0) // PAGE + o_slot  # [N] logical page
+        m_slot = m_slot & (b_page <= b_hi // PAGE)
+    elif LISTS == LISTED_AND_OWN:
+        m_own = m_slot & (o_slot == S - 1)
+        m_listed = m_slot & (o_slot < S - 1)
+        m_listed = m_listed & (tl.load(valid + p_list + o_slot, mask=m_listed, other=0) != 0)
+        b_page = tl.load(blocks + p_list + o_slot, mask=m_listed, other=0)
+        b_page = tl.where(m_own, b_hi // PAGE, b_page)
+        m_slot = m_listed | m_own
+    else:
+        m_slot = m_slot & (tl.load(valid + p_list + o_slot, mask=m_slot, other=0) != 0)
+        b_page = tl.load(blocks + p_list + o_slot, mask=m_slot, other=0)  # [N] logical page
     m_slot = m_slot & (b_page >= 0) & (b_page < max_pages)
     b_phys = tl.load(block_table + p_table + b_page, mask=m_slot, other=0).to(tl.int64)  # [N]
     o_key = b_page * PAGE + o_in  # [N] logical key index
@@ -63,10 +86,11 @@ def paged_decode_split_kernel(
     HQ, HI, K, S, ROWS, LISTS_PER_KV, HEAD_TILES, max_pages, num_pages, slots_per_split, NUM_SPLITS, scale,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_PAGES: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LO: tl.constexpr,
-    WRITE_PARTIALS: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_PARTIALS: tl.constexpr, PRECISION: tl.constexpr, LISTS: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    """blocks, valid (B, HI, K, S), hi, lo (B, K) contiguous; o (B, HQ, K, DV) contiguous; partials
-    o_part (B, HQ, K, NS, DV), m_part, l_part (B, HQ, K, NS) float32 (used when WRITE_PARTIALS)."""
+    """blocks, valid (B, HI, K, S) (LISTED_AND_OWN: S - 1 listed slots; WINDOW_PAGES: not read), hi,
+    lo (B, K) contiguous; o (B, HQ, K, DV) contiguous; partials o_part (B, HQ, K, NS, DV), m_part,
+    l_part (B, HQ, K, NS) float32 (used when WRITE_PARTIALS)."""
     i_row, i_split = tl.program_id(0), tl.program_id(1)
     i_ht = i_row % HEAD_TILES  # head tiles fastest: the tiles of one list share its pages in L2
     i_bik = i_row // HEAD_TILES  # over (batch, list, token)
@@ -83,12 +107,14 @@ def paged_decode_split_kernel(
 
     b_hi = tl.load(hi + i_b * K + i_k)
     b_lo = 0
-    if HAS_LO:
+    if LISTS == WINDOW_PAGES:
+        b_lo = b_hi - WINDOW
+    elif HAS_LO:
         b_lo = tl.load(lo + i_b * K + i_k)
     i_hkv = i_hi // LISTS_PER_KV
     p_k = k_pages + i_hkv * stride_kh
     p_v = v_pages + i_hkv * stride_vh
-    p_list = i_bik.to(tl.int64) * S
+    p_list = i_bik.to(tl.int64) * (S - 1 if LISTS == LISTED_AND_OWN else S)
     p_table = i_b * stride_table
 
     b_m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -100,7 +126,7 @@ def paged_decode_split_kernel(
     # (t // CHUNKS) * TILE_PAGES ... + TILE_PAGES - 1, chunk t % CHUNKS of their pages
     for t in range(start // TILE_PAGES * CHUNKS, tl.cdiv(end, TILE_PAGES) * CHUNKS):
         b_phys, o_in, m_key = _tile_keys(blocks, valid, block_table, p_list, p_table, t // CHUNKS * TILE_PAGES,
-                                         t % CHUNKS, end, max_pages, num_pages, b_lo, b_hi, PAGE, BLOCK_N)
+                                         t % CHUNKS, end, max_pages, num_pages, b_lo, b_hi, S, PAGE, BLOCK_N, LISTS)
         b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, p_k, p_v, b_phys, o_in, m_key, stride_kp, stride_kt,
                                        stride_vp, stride_vt, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
 

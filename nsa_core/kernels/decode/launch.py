@@ -91,18 +91,34 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
 
 
+LIST_RULES = {"listed": 0, "listed_and_own": 1, "window": 2}  # kernel.py's LISTED, LISTED_AND_OWN, WINDOW_PAGES
+
+
+def window_slots(window: int, page_size: int) -> int:
+    """Pages a window of `window` keys before a query (and the query's own) can touch."""
+    return window // page_size + 2
+
+
 def paged_decode_fwd(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, scale: float,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, lists: str = "listed", window: int = 0) -> torch.Tensor:
     """q (B, HQ, K, D), k_pages (P, HKV, PAGE, D), v_pages (P, HKV, PAGE, DV), block_table (B, max_pages),
     blocks / valid (B, HI, K, S), hi / lo (B, K) or lo None -> o (B, HQ, K, DV) in q's dtype (inputs
-    validated by the caller). num_splits: a fixed split count (clamped to the list's tile groups) or
-    None for choose_num_splits. The pool is never copied unless its last stride is not 1."""
+    validated by the caller). lists: "listed" (the slots of blocks / valid), "listed_and_own" (those,
+    then each query's own page hi // PAGE), "window" (the pages of keys hi - window ... hi; blocks,
+    valid and lo None, one list per kv head). num_splits: a fixed split count (clamped to the list's
+    tile groups) or None for choose_num_splits. The pool is never copied unless its last stride is not 1."""
     B, HQ, K, _ = q.shape
     P, HKV, PAGE, _ = k_pages.shape
-    HI, S, DV = blocks.shape[1], blocks.shape[-1], v_pages.shape[-1]
+    DV = v_pages.shape[-1]
+    hi = hi.contiguous()
+    if lists == "window":
+        HI, S = HKV, window_slots(window, PAGE)
+        blocks = valid = hi  # not read
+    else:
+        HI, S = blocks.shape[1], blocks.shape[-1] + (lists == "listed_and_own")
+        blocks, valid = blocks.contiguous(), valid.contiguous().view(torch.uint8)
     cfg = tiles(HQ, HI, PAGE, q.shape[-1], DV, q.dtype)
     q, k_pages, v_pages, block_table = (_unit_last_stride(t) for t in (q, k_pages, v_pages, block_table))
-    blocks, valid, hi = blocks.contiguous(), valid.contiguous().view(torch.uint8), hi.contiguous()
     head_tiles = math.ceil(HQ // HI / cfg["BLOCK_R"])
     programs = B * HI * K * head_tiles
     slot_groups = math.ceil(S / cfg["TILE_PAGES"])
@@ -127,7 +143,8 @@ def paged_decode_fwd(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, sc
         q, k_pages, v_pages, block_table, blocks, valid, hi, hi if lo is None else lo.contiguous(), o, o_part, m_part,
         l_part, *q.stride()[:3], *k_pages.stride()[:3], *v_pages.stride()[:3], block_table.stride(0),
         HQ, HI, K, S, HQ // HI, HI // HKV, head_tiles, block_table.shape[1], P, slots_per_split, num_splits, scale,
-        HAS_LO=lo is not None, WRITE_PARTIALS=partials, num_warps=8 if big else 4, **cfg,
+        HAS_LO=lo is not None, WRITE_PARTIALS=partials, LISTS=LIST_RULES[lists], WINDOW=int(window),
+        num_warps=8 if big else 4, **cfg,
     )
     if partials:
         paged_decode_merge_kernel[(B * HQ * K,)](
