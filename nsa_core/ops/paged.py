@@ -8,9 +8,11 @@ the library's caches keep none (the step's selection scores the compressed pages
 
 The branch ops (compressed_attention, selected_attention, sliding_window_attention) take `Pages`
 in place of their key / value tensors together with a decoding-step descriptor (`Seqs.step`): they
-ask `paged_call` once whether the call is paged, and the functions here build each query's page
-list from its device-side position (no host synchronisation: CUDA-graph capturable) and run
-decode_attention (paged split-K kernels, or their PyTorch twin: that op decides). Forward only.
+ask `paged_call` once whether the call is paged, and the functions here name each query's pages
+from its device-side position (no host synchronisation: CUDA-graph capturable): the compressed
+slots as a list, the selected blocks with the rule "listed and own", the window with the rule
+"window" (the kernel forms those pages itself) and run decode_attention (paged split-K kernels, or
+their PyTorch twin, which expands the rules: that op decides). Forward only.
 
 Dimension legend: B rows, HQ query heads, HKV kv heads, K queries per row, P pages in the pool,
 PAGE keys per page, NP pages per row (the table's width), S listed pages, D / Dv head dims.
