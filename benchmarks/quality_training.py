@@ -47,11 +47,21 @@ def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int, m
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, betas (0.9, 0.95); weight decay on matrices and larger tensors, not on norms and biases."""
-    decayed = [p for p in model.parameters() if p.ndim >= 2]
-    others = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW, betas (0.9, 0.95); weight decay on matrices and larger tensors, not on norms and biases.
+    lr_scales: {name part: factor}: parameters whose name contains a part train at factor x the rate
+    (the first part that matches; optimizer_step applies it to every step's rate)."""
+    scales = dict(lr_scales or {})
+
+    def scale_of(name: str) -> float:
+        return next((float(f) for part, f in scales.items() if part in name), 1.0)
+
+    grouped: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        grouped.setdefault((p.ndim >= 2, scale_of(name)), []).append(p)
+    groups = [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+              for (decayed, scale), params in grouped.items()]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
@@ -87,9 +97,9 @@ def compile_kernels(model: nn.Module, rows: Tensor, device: torch.device, precis
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, lr: float, grad_clip: float) -> None:
-    """Backward, gradient clipping and one AdamW step at learning rate `lr`."""
+    """Backward, gradient clipping and one AdamW step at learning rate `lr` (times a group's lr_scale)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

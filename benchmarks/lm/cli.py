@@ -35,7 +35,7 @@ USAGE = """examples:
 INT_ARGUMENTS = ("context", "batch", "steps", "warmup_steps", "eval_every", "val_rows", "capped_context",
                  "corpus_max_bytes", "cpu_threads", "dim", "depth", "heads", "kv_heads", "dim_head", "ff_mult",
                  "window", "compress_block", "compress_stride", "selection_block", "num_selected", "compress_hidden")
-FLOAT_ARGUMENTS = ("time_budget_s", "val_fraction")
+FLOAT_ARGUMENTS = ("time_budget_s", "val_fraction", "compression_lr_scale")
 TEXT_ARGUMENTS = ("corpus", "device", "precision", "backend")
 
 

@@ -40,6 +40,7 @@ class LMSettings:
     val_fraction: float = 0.02
     time_budget_s: float | None = None  # per run
     nsa_options: dict[str, Any] = field(default_factory=lambda: dict(PAPER_SCRATCH_OPTIONS))
+    compression_lr_scale: float = 1.0  # NSA's compression networks, memory tokens and positions train at this x lr
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -96,6 +97,7 @@ def validate(s: LMSettings) -> None:
     _require(s.time_budget_s is None or s.time_budget_s > 0, "time_budget_s", "> 0 seconds (or 0 for none)",
              s.time_budget_s)
     _require(isinstance(s.nsa_options, dict), "nsa_options", "a JSON object of SparseAttention options", s.nsa_options)
+    _require(s.compression_lr_scale > 0, "compression_lr_scale", "> 0", s.compression_lr_scale)
     _require(s.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", s.precision)
     _require(s.backend in BACKENDS, "backend", f"one of {BACKENDS}", s.backend)
 

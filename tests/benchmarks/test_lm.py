@@ -133,7 +133,8 @@ def test_smoke_run_writes_every_run_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad, message", [(["--models", "dense,rnn"], "models"), (["--buckets", "5,10"], "buckets"),
-                                          (["--nsa-options", "{"], "nsa_options"), (["--lrs", "x"], "lrs")])
+                                          (["--nsa-options", "{"], "nsa_options"), (["--lrs", "x"], "lrs"),
+                                          (["--compression-lr-scale", "0"], "compression_lr_scale")])
 def test_bad_settings_exit_2_naming_the_setting(tmp_path, capsys, bad, message):
     assert main(["--smoke", "--out", str(tmp_path), *bad]) == 2
     assert message in capsys.readouterr().out
@@ -174,3 +175,26 @@ def test_validation_records_the_gates_of_nsa_models_only(tmp_path):
     assert all(v == 0.0 for v in off["selected"].values())  # that gate is 0 already
     assert all(v != 0.0 and math.isfinite(v) for b in ("compressed", "sliding") for v in off[b].values())
     assert "branch_off_minus_full" not in dense["final"]
+
+
+def test_compression_networks_train_at_their_own_rate():
+    """compression_lr_scale: the compression networks, memory tokens and intra-block positions of every
+    NSA layer step at scale x the rate, everything else at the rate, decay as before."""
+    from benchmarks.lm.training import COMPRESSION_PARAMETERS
+    from benchmarks.quality_training import make_optimizer, optimizer_step
+
+    model = build_model("nsa", SMOKE.shape, 0, dict(SMOKE.nsa_options))
+    optimizer = make_optimizer(model, 1e-3, 0.1, torch.device("cpu"),
+                               lr_scales={part: 0.25 for part in COMPRESSION_PARAMETERS})
+    ids = torch.randint(0, 256, (1, 48))
+    loss = model(ids, torch.tensor([0, 20, 48], dtype=torch.int32)).float().logsumexp(-1).mean()
+    optimizer_step(model, optimizer, loss, 2e-3, 1.0)
+    rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    compression = [n for n in names if any(part in n for part in COMPRESSION_PARAMETERS)]
+    assert len(compression) == SMOKE.shape.depth * 11  # k / v nets (2 weights, 2 biases each), 2 positions, memory
+    for name, p in names.items():
+        assert rate[id(p)] == pytest.approx(2e-3 * (0.25 if name in compression else 1.0)), name
+        assert decay[id(p)] == (0.1 if p.ndim >= 2 else 0.0), name
+    assert len(rate) == len(names)
