@@ -29,6 +29,7 @@ graph, the decode timing), never edited from outside.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,14 @@ class StepCache:
             t.normal_()
         self.lengths.fill_(context)
         self.filled = context
+
+
+@functools.lru_cache(maxsize=16)
+def _slot_rule(capacity: int, stride: int, num_memory: int, scratch: int, device: torch.device) -> Tensor:
+    """(capacity,) int64: for a token at position p, the compressed slot of the window it completes
+    (num_memory + (p + 1) // stride - 1 when p + 1 is a multiple of the stride), else `scratch`."""
+    ends = torch.arange(1, capacity + 1, device=device)
+    return torch.where(ends % stride == 0, ends // stride + (num_memory - 1), scratch)
 
 
 def _identity_table(batch: int, pages: int, device) -> Tensor:
@@ -276,6 +285,16 @@ class NSACache(StepCache):
         if self.window_k_pages is None:
             return self.k_pages, self.v_pages
         return self.window_k_pages, self.window_v_pages
+
+    def compressed_slots_completed_at(self, positions: Tensor) -> Tensor:
+        """positions (B, K) of new tokens -> (B, K) int64: the compressed slot of the window each token
+        completes, or the scratch slot where it completes none. One lookup into a table made once per
+        capacity (made afresh, not kept, while a CUDA graph is being captured)."""
+        cfg = self.config
+        key = (self.capacity, cfg.stride, cfg.num_compressed_mem_kv, self.scratch_slot, self.device)
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        table = _slot_rule.__wrapped__(*key) if capturing else _slot_rule(*key)
+        return table[positions]
 
     def write_compressed(self, slots: Tensor, ck: Tensor, cv: Tensor) -> None:
         """Compressed keys / values (B, HKV, K, D) into logical compressed slots (B, K)."""

@@ -114,13 +114,11 @@ def _append_compressed(attn: SparseAttention, cache: NSACache, positions: Tensor
     """Compress the window ending at each new token; complete ones go to their slot, the others to
     the scratch slot. Then the ring keeps the last R tokens. (k, v: the cache's dtype, checked.)"""
     cfg = attn.config
-    R, stride, mem = cfg.compress_block_size, cfg.stride, cfg.num_compressed_mem_kv
+    R = cfg.compress_block_size
     tokens_k = torch.cat((cache.ring_keys, k), dim=2)  # (B, HKV, R + K, D)
     tokens_v = torch.cat((cache.ring_values, v), dim=2)
     windows_k, windows_v = (t[:, :, 1:].unfold(2, R, 1).transpose(-1, -2) for t in (tokens_k, tokens_v))
     ck, cv = attn.compress_windows(windows_k, windows_v)  # (B, HKV, K, D)
-    ends = positions + 1  # tokens up to and including the new one
-    slots = ends // stride + (mem - 1)  # the compressed token a complete window becomes
-    cache.write_compressed(torch.where(ends % stride == 0, slots, cache.scratch_slot), ck, cv)
+    cache.write_compressed(cache.compressed_slots_completed_at(positions), ck, cv)
     cache.ring_keys.copy_(tokens_k[:, :, -R:])
     cache.ring_values.copy_(tokens_v[:, :, -R:])

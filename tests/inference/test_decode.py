@@ -108,6 +108,19 @@ def test_growth_keeps_every_token():
     assert rel(torch.cat([first, *rest], dim=1), attn(x)) <= 2e-5
 
 
+@pytest.mark.parametrize("stride, mem", [(4, 1), (3, 2), (8, 3)])
+def test_compressed_slot_rule(stride, mem):
+    """The slot a new token's window goes to: after the memory tokens, window (p + 1) // stride - 1 when
+    p + 1 is a multiple of the stride, else the scratch slot; at every capacity a growable cache passes."""
+    attn = make((4, 2, 2 * stride, stride, stride, 2, mem, 2, True, False, False))
+    for capacity in (9, 18, 37):
+        cache = NSACache.allocate(attn.config, 2, capacity, device="cpu", dtype=torch.float32)
+        positions = torch.tensor([[0, capacity - 1], [stride - 1, min(2 * stride, capacity) - 1]])
+        want = torch.where((positions + 1) % stride == 0, mem + (positions + 1) // stride - 1, cache.scratch_slot)
+        assert torch.equal(cache.compressed_slots_completed_at(positions), want)
+        assert cache.compressed_slots_completed_at(positions).dtype == torch.int64
+
+
 def test_cache_errors():
     attn = make(CONFIGS[0])
     with pytest.raises(ValueError, match="causal"):
