@@ -17,18 +17,6 @@ import torch
 from benchmarks.timing import median_ms
 from nsa_cli.support.decode_speed import decode_benchmark, generation_tokens_per_s
 from nsa_core import SparseAttention, get_preset
-from nsa_core.cuda_graph import capture
-from nsa_core.model.transformer import DenseAttention
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph (nsa_core.cuda_graph.capture) -> its replay, returning the captured output."""
-    graph, out = capture(fn)
-
-    def replay():
-        graph.replay()
-        return out
-    return replay
 
 
 def rel(a, b) -> float:
@@ -59,26 +47,6 @@ def check_correctness(cfg, dev) -> dict:
               "decode_steps_only_vs_fp32": rel(decoded[:, 1000:], exact[:, 1000:])}
     print("correctness (relative errors):", json.dumps(result), flush=True)
     return result
-
-
-def projections_only_ms(cfg, batch, dev, dtype) -> tuple[float, float]:
-    """The parts of one decode step that are not attention: NSA (norm, fused qkv, gates, output
-    projection) and dense (norm, q/k/v, output projection)."""
-    nsa = SparseAttention.from_config(cfg).to(dev, dtype)
-    dense = DenseAttention(cfg.dim, cfg.dim_head, cfg.heads, True, cfg.num_kv_heads).to(dev, dtype)
-    x = torch.randn(batch, 1, cfg.dim, device=dev, dtype=dtype)
-    o = torch.randn(batch, 1, cfg.heads * cfg.dim_head, device=dev, dtype=dtype)
-
-    def nsa_proj():
-        xn = nsa.norm(x)
-        return nsa.to_qkv(xn), nsa.to_strategy_combine(xn), nsa.combine_heads(o)
-
-    def dense_proj():
-        xn = dense.norm(x)
-        return dense.to_q(xn), dense.to_k(xn), dense.to_v(xn), dense.to_out(o)
-
-    with torch.no_grad():
-        return median_ms(graphed(nsa_proj), dev), median_ms(graphed(dense_proj), dev)
 
 
 def prefill_vs_forward(cfg, context, dev, dtype) -> tuple[float, float]:
@@ -140,9 +108,6 @@ def main() -> None:
         rows = [min(a, b, key=lambda r: r.nsa_ms) for a, b in zip(rows, compiled)]
     if args.profile:
         profile_step(cfg, max(contexts), max(batches), dev, dtype)
-    proj = {b: projections_only_ms(cfg, b, dev, dtype) for b in batches}
-    results["projections_ms"] = {b: {"nsa": p[0], "dense": p[1]} for b, p in proj.items()}
-    print("projections only (nsa, dense) ms:", proj, flush=True)
     gen = {"nsa": float("nan"), "dense": float("nan")}
     for sparse in (() if "generation" in args.skip else (True, False)):
         tps = generation_tokens_per_s(cfg, depth=4, context=args.generation_context, batch=16, steps=64, device="cuda",
@@ -158,10 +123,9 @@ def main() -> None:
           " cache MB nsa / dense | byte floor ms nsa / dense |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        pn, pd = proj[r.batch]
-        an, ad = r.nsa_ms - pn, r.dense_ms - pd
         print(f"| {r.context} | {r.batch} | {r.nsa_ms:.3f} | {r.dense_ms:.3f} ({r.dense_backend}) | {r.speedup:.2f} | "
-              f"{an:.3f} | {ad:.3f} | {ad / an:.2f} | {r.nsa_cache_mb:.1f} / {r.dense_cache_mb:.1f} | "
+              f"{r.nsa_attention_ms:.3f} | {r.dense_attention_ms:.3f} | {r.attention_speedup:.2f} | "
+              f"{r.nsa_cache_mb:.1f} / {r.dense_cache_mb:.1f} | "
               f"{r.nsa_floor_ms:.4f} / {r.dense_floor_ms:.4f} |")
     print(f"generation tokens/s at {args.generation_context} context, batch 16, 4 layers: nsa {gen['nsa']:.0f}, "
           f"dense {gen['dense']:.0f} ({gen['nsa'] / gen['dense']:.2f}x)")

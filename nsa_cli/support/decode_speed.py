@@ -5,8 +5,10 @@ cache against a dense attention layer with a static KV cache, in one run, both C
 The caches are filled with random keys and values at the given context (timing only: filling them
 by a real prefill of batch x context tokens would cost minutes and tens of GiB). Dense side: the
 same projections, SDPA over exactly the cached tokens (every SDPA backend is tried on CUDA; the
-fastest is reported), the output projection. Bytes: what one step must read from the caches; their
-floor: those bytes at the copy bandwidth of the device, measured in the same run.
+fastest is reported), the output projection. The attention alone: each step minus its projections
+(norm, q / k / v or NSA's fused qkv and gates, output projection), timed the same way. Bytes: what one
+step must read from the caches; their floor: those bytes at the copy bandwidth of the device,
+measured in the same run.
 
 Dimension legend: B batch, L context, H query heads, HKV kv heads, D head dim.
 """
@@ -43,9 +45,26 @@ class DecodeRow:
     dense_cache_mb: float
     nsa_floor_ms: float  # those bytes at the device's copy bandwidth measured in the same run
     dense_floor_ms: float
+    nsa_projections_ms: float  # the step's parts that are not attention, timed alone
+    dense_projections_ms: float
+
+    @property
+    def nsa_attention_ms(self) -> float:
+        return self.nsa_ms - self.nsa_projections_ms
+
+    @property
+    def dense_attention_ms(self) -> float:
+        return self.dense_ms - self.dense_projections_ms
+
+    @property
+    def attention_speedup(self) -> float:
+        """Dense attention alone over NSA's (nan where timing noise leaves no attention time)."""
+        nsa, dense = self.nsa_attention_ms, self.dense_attention_ms
+        return dense / nsa if nsa > 0 and dense > 0 else math.nan
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "nsa_attention_ms": self.nsa_attention_ms,
+                "dense_attention_ms": self.dense_attention_ms, "attention_speedup": self.attention_speedup}
 
 
 def nsa_bytes_per_step(cfg: NSAConfig, context: int, batch: int, element: int) -> float:
@@ -112,6 +131,26 @@ def _dense_step(dense: DenseAttention, keys: torch.Tensor, values: torch.Tensor,
     return step
 
 
+def projections_ms(nsa: SparseAttention, dense: DenseAttention, x: torch.Tensor) -> tuple[float, float]:
+    """The parts of one decode step of x (B, 1, dim) that are not attention, timed alone (graphed on
+    CUDA): NSA's norm, fused qkv, gates and output projection; dense's norm, q / k / v and output
+    projection."""
+    cfg = nsa.config
+    o = torch.randn(x.shape[0], 1, cfg.heads * cfg.dim_head, device=x.device, dtype=x.dtype)
+
+    def nsa_projections():
+        xn = nsa.norm(x)
+        return nsa.to_qkv(xn), nsa.to_strategy_combine(xn), nsa.combine_heads(o)
+
+    def dense_projections():
+        xn = dense.norm(x)
+        return dense.project(xn), dense.to_out(o)
+
+    with torch.no_grad():
+        return (median_ms(_graphed(nsa_projections, x.device), x.device),
+                median_ms(_graphed(dense_projections, x.device), x.device))
+
+
 def _fastest_dense(step: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, str]:
     if device.type != "cuda":
         with torch.no_grad():
@@ -139,6 +178,7 @@ def decode_benchmark(cfg: NSAConfig, contexts: list[int], batches: list[int], *,
     element = torch.finfo(dtype).bits // 8
     bandwidth = copy_bandwidth_bytes_per_ms(dev)
     rows = []
+    projections = {b: projections_ms(nsa, dense, torch.randn(b, 1, cfg.dim, device=dev, dtype=dtype)) for b in batches}
     for context in contexts:
         for batch in batches:
             x = torch.randn(batch, 1, cfg.dim, device=dev, dtype=dtype)
@@ -154,7 +194,7 @@ def decode_benchmark(cfg: NSAConfig, contexts: list[int], batches: list[int], *,
             dense_bytes = 2 * batch * cfg.num_kv_heads * (context + 1) * cfg.dim_head * element
             nsa_bytes = nsa_bytes_per_step(cfg, context, batch, element)
             row = DecodeRow(context, batch, nsa_ms, dense_ms, backend, dense_ms / nsa_ms, nsa_bytes / 1e6,
-                            dense_bytes / 1e6, nsa_bytes / bandwidth, dense_bytes / bandwidth)
+                            dense_bytes / 1e6, nsa_bytes / bandwidth, dense_bytes / bandwidth, *projections[batch])
             rows.append(row)
             if on_row is not None:
                 on_row(row)

@@ -213,9 +213,16 @@ def test_bench_decode_on_the_cpu():
     for r in report["rows"]:
         assert r["nsa_ms"] > 0 and r["dense_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["nsa_ms"])
         assert r["nsa_floor_ms"] > 0 and r["dense_floor_ms"] > 0
+        # the attention alone: the step minus its projections, timed alone
+        assert r["nsa_projections_ms"] > 0 and r["dense_projections_ms"] > 0
+        assert r["nsa_attention_ms"] == pytest.approx(r["nsa_ms"] - r["nsa_projections_ms"])
+        assert r["dense_attention_ms"] == pytest.approx(r["dense_ms"] - r["dense_projections_ms"])
+        if r["nsa_attention_ms"] > 0 and r["dense_attention_ms"] > 0:
+            assert r["attention_speedup"] == pytest.approx(r["dense_attention_ms"] / r["nsa_attention_ms"])
         # one bandwidth for both sides: the floors are in the ratio of the bytes
         assert r["nsa_floor_ms"] / r["dense_floor_ms"] == pytest.approx(r["nsa_cache_mb"] / r["dense_cache_mb"])
     assert report["rows"][1]["dense_cache_mb"] > report["rows"][0]["dense_cache_mb"]
     assert all(v > 0 for v in report["generation"]["tokens_per_s"].values())
     table = run("bench", "--decode", "--device", "cpu", "--preset", "tiny", "--seq-len", "96")
     assert table.exit_code == 0 and "byte floor" in table.stdout and "tokens/s" in table.stdout
+    assert "attention alone" in table.stdout
