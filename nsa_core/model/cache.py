@@ -29,7 +29,6 @@ graph, the decode timing), never edited from outside.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -133,12 +132,25 @@ class StepCache:
         self.filled = context
 
 
-@functools.lru_cache(maxsize=16)
+_SLOT_RULES: dict[tuple, Tensor] = {}  # (capacity, stride, memory tokens, scratch slot, device) -> table
+_MAX_SLOT_RULES = 16
+
+
 def _slot_rule(capacity: int, stride: int, num_memory: int, scratch: int, device: torch.device) -> Tensor:
     """(capacity,) int64: for a token at position p, the compressed slot of the window it completes
-    (num_memory + (p + 1) // stride - 1 when p + 1 is a multiple of the stride), else `scratch`."""
-    ends = torch.arange(1, capacity + 1, device=device)
-    return torch.where(ends % stride == 0, ends // stride + (num_memory - 1), scratch)
+    (num_memory + (p + 1) // stride - 1 when p + 1 is a multiple of the stride), else `scratch`.
+    Made once per key and kept; while a CUDA graph is being captured a missing table is made in
+    the graph and not kept (its values exist only in replays), a kept one is read as it is."""
+    key = (capacity, stride, num_memory, scratch, device)
+    table = _SLOT_RULES.get(key)
+    if table is None:
+        ends = torch.arange(1, capacity + 1, device=device)
+        table = torch.where(ends % stride == 0, ends // stride + (num_memory - 1), scratch)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_SLOT_RULES) >= _MAX_SLOT_RULES:
+                _SLOT_RULES.pop(next(iter(_SLOT_RULES)))
+            _SLOT_RULES[key] = table
+    return table
 
 
 def _identity_table(batch: int, pages: int, device) -> Tensor:
@@ -289,11 +301,9 @@ class NSACache(StepCache):
     def compressed_slots_completed_at(self, positions: Tensor) -> Tensor:
         """positions (B, K) of new tokens -> (B, K) int64: the compressed slot of the window each token
         completes, or the scratch slot where it completes none. One lookup into a table made once per
-        capacity (made afresh, not kept, while a CUDA graph is being captured)."""
+        capacity (_slot_rule)."""
         cfg = self.config
-        key = (self.capacity, cfg.stride, cfg.num_compressed_mem_kv, self.scratch_slot, self.device)
-        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        table = _slot_rule.__wrapped__(*key) if capturing else _slot_rule(*key)
+        table = _slot_rule(self.capacity, cfg.stride, cfg.num_compressed_mem_kv, self.scratch_slot, self.device)
         return table[positions]
 
     def write_compressed(self, slots: Tensor, ck: Tensor, cv: Tensor) -> None:

@@ -225,4 +225,4 @@ def test_bench_decode_on_the_cpu():
     assert all(v > 0 for v in report["generation"]["tokens_per_s"].values())
     table = run("bench", "--decode", "--device", "cpu", "--preset", "tiny", "--seq-len", "96")
     assert table.exit_code == 0 and "byte floor" in table.stdout and "tokens/s" in table.stdout
-    assert "attention alone" in table.stdout
+    assert "attention" in table.stdout
