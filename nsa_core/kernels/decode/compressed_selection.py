@@ -7,8 +7,9 @@ so a step that calls it can be captured in a CUDA graph. Top-k in the same kerne
 one selection list, so its block scores never leave it; the only memory it shares with nothing is a
 scratch row of one float per compressed block (the per-block scores gathered back after a barrier).
 When the lists are too few to fill the GPU (batch 1, few kv heads), mean-logit scoring splits each
-list's slots over several programs (launch.choose_num_splits, the paged decode kernels' rule) and a
-second launch merges them and selects: two launches instead of one.
+list's slots over several programs (launch.choose_num_splits with this kernel's wave and tile
+minimum, SPLIT_PROGRAMS_PER_SM / SPLIT_MIN_TILES) and a second launch merges them and selects: two
+launches instead of one.
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, HI lists (HKV when a group shares its
 selection, else HQ), K query tokens, P physical pages, CPAGE slots per page, M memory tokens,
@@ -26,7 +27,7 @@ import triton
 from torch import Tensor
 
 from nsa_core.kernels import outputs
-from nsa_core.kernels.decode.launch import choose_num_splits, sm_count
+from nsa_core.kernels.decode.launch import choose_num_splits, sm_count, splits_used
 from nsa_core.kernels.decode.selection_kernel import (MEAN_LOGITS, SUMMED_PROBS, compressed_selection_kernel,
                                                       compressed_split_kernel, selection_merge_kernel)
 from nsa_core.kernels.limits import KERNEL_DTYPES, MAX_HEAD_DIM
@@ -125,9 +126,8 @@ def compressed_selection_fwd(q: Tensor, ck_pages: Tensor, cv_pages: Tensor, tabl
     elif num_splits is None:
         num_splits = choose_num_splits(programs, slot_tiles, 1, sm_count(q.device),
                                        programs_per_sm=SPLIT_PROGRAMS_PER_SM, min_tiles=SPLIT_MIN_TILES)
-    num_splits = max(1, min(int(num_splits), slot_tiles))
+    num_splits = splits_used(slot_tiles, int(num_splits))  # none empty of tiles
     tiles_per_split = -(-slot_tiles // num_splits)
-    num_splits = -(-slot_tiles // tiles_per_split)  # none empty of tiles
     if num_splits == 1:
         compressed_selection_kernel[(programs,)](
             q, ck_pages, cv_pages, table, positions, o, scratch, indices, probs, valid, *strides,
