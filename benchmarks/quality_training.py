@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from benchmarks.quality_data import ByteCorpus, evenly_spaced_rows, random_rows
 from benchmarks.quality_settings import QualitySettings
+from nsa_core import param_groups
 
 NATS_TO_BITS = 1 / math.log(2)
 WARMUP_DATA_SEED = 1_000_003  # the compile warm-up batch comes from its own generator
@@ -48,20 +49,11 @@ def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int, m
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
-                   lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
-    """AdamW, betas (0.9, 0.95); weight decay on matrices and larger tensors, not on norms and biases.
-    lr_scales: {name part: factor}: parameters whose name contains a part train at factor x the rate
-    (the first part that matches; optimizer_step applies it to every step's rate)."""
-    scales = dict(lr_scales or {})
-
-    def scale_of(name: str) -> float:
-        return next((float(f) for part, f in scales.items() if part in name), 1.0)
-
-    grouped: dict[tuple[bool, float], list] = {}
-    for name, p in model.named_parameters():
-        grouped.setdefault((p.ndim >= 2, scale_of(name)), []).append(p)
-    groups = [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
-              for (decayed, scale), params in grouped.items()]
+                   compression_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW, betas (0.9, 0.95), over the library's parameter groups (nsa_core.param_groups): weight decay
+    on matrices and larger tensors, not on norms and biases; NSA's compression side at compression_lr_scale
+    x the rate (optimizer_step applies each group's lr_scale to every step's rate)."""
+    groups = param_groups(model, lr, weight_decay, compression_lr_scale=compression_lr_scale)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 

@@ -13,6 +13,7 @@ from nsa_core.model import compress_networks
 from nsa_core.model.attention import SparseAttention
 from nsa_core.model.cache import NSACache
 from nsa_core.model.compress_networks import *  # noqa: F401,F403  (the networks; their names: compress_networks.__all__)
+from nsa_core.model.optimizer_groups import RECOMMENDED_COMPRESSION_LR_SCALE, compression_parameters, param_groups
 from nsa_core.model.transformer import Transformer
 from nsa_core.ops import selected_attention, sliding_window_attention
 from nsa_core.serving.paged_cache import PagedCache
@@ -29,6 +30,9 @@ __all__ = [
     "selected_attention",
     "sliding_window_attention",
     "Transformer",
+    "param_groups",
+    "compression_parameters",
+    "RECOMMENDED_COMPRESSION_LR_SCALE",
     "save_safetensors",
     "load_safetensors",
     "from_lucidrains",

@@ -24,9 +24,6 @@ from benchmarks.quality_data import evenly_spaced_rows, random_rows
 from benchmarks.quality_training import autocast, learning_rate, make_optimizer, optimizer_step, synchronize
 
 WARMUP_DATA_SEED = 1_000_003
-# SparseAttention's compression parameters (names as the oracle's): what compression_lr_scale scales
-COMPRESSION_PARAMETERS = ("k_compress", "v_compress", "k_intrablock_positions", "v_intrablock_positions",
-                          "compress_mem_kv")
 SYNC_EVERY = 10
 
 
@@ -43,8 +40,7 @@ def train_run(model: nn.Module, corpus: Corpus, s: LMSettings, lr: float, seed: 
     """Train `model`; returns the run's record (curves, tokens, timing, the final evaluation)."""
     val_rows = evenly_spaced_rows(corpus.val, s.val_rows, s.context)
     batches = torch.Generator().manual_seed(seed)
-    optimizer = make_optimizer(model, lr, s.weight_decay, device,
-                               lr_scales={part: s.compression_lr_scale for part in COMPRESSION_PARAMETERS})
+    optimizer = make_optimizer(model, lr, s.weight_decay, device, compression_lr_scale=s.compression_lr_scale)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()

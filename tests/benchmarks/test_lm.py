@@ -180,19 +180,18 @@ def test_validation_records_the_gates_of_nsa_models_only(tmp_path):
 def test_compression_networks_train_at_their_own_rate():
     """compression_lr_scale: the compression networks, memory tokens and intra-block positions of every
     NSA layer step at scale x the rate, everything else at the rate, decay as before."""
-    from benchmarks.lm.training import COMPRESSION_PARAMETERS
     from benchmarks.quality_training import make_optimizer, optimizer_step
+    from nsa_core.model.optimizer_groups import COMPRESSION_ATTRIBUTES
 
     model = build_model("nsa", SMOKE.shape, 0, dict(SMOKE.nsa_options))
-    optimizer = make_optimizer(model, 1e-3, 0.1, torch.device("cpu"),
-                               lr_scales={part: 0.25 for part in COMPRESSION_PARAMETERS})
+    optimizer = make_optimizer(model, 1e-3, 0.1, torch.device("cpu"), compression_lr_scale=0.25)
     ids = torch.randint(0, 256, (1, 48))
     loss = model(ids, torch.tensor([0, 20, 48], dtype=torch.int32)).float().logsumexp(-1).mean()
     optimizer_step(model, optimizer, loss, 2e-3, 1.0)
     rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
-    compression = [n for n in names if any(part in n for part in COMPRESSION_PARAMETERS)]
+    compression = [n for n in names if any(part in n for part in COMPRESSION_ATTRIBUTES)]
     assert len(compression) == SMOKE.shape.depth * 11  # k / v nets (2 weights, 2 biases each), 2 positions, memory
     for name, p in names.items():
         assert rate[id(p)] == pytest.approx(2e-3 * (0.25 if name in compression else 1.0)), name
