@@ -71,6 +71,7 @@ def summarize(runs: list[dict]) -> dict:
             "buckets_at_equal_tokens": {n: _mean([curve_at(r["val"], "tokens", equal_tokens, n) for r in rs])
                                         for n in names},
             "branch_off_minus_full": _branch_off(final, names),
+            "reach": _reach(final),
         })
     return {"equal_tokens": equal_tokens, "equal_seconds": equal_seconds, "rows": rows}
 
@@ -81,6 +82,15 @@ def _branch_off(finals: list[dict], names: list[str]) -> dict | None:
         return None
     branches = list(finals[0]["branch_off_minus_full"])
     return {b: {n: _mean([f["branch_off_minus_full"][b][n] for f in finals]) for n in names} for b in branches}
+
+
+def _reach(finals: list[dict]) -> dict | None:
+    """The attention-reach probe (attention_reach.py) averaged over layers and seeds; None without one."""
+    layers = [layer for f in finals if f.get("reach") for layer in f["reach"]["per_layer"] if layer]
+    if not layers:
+        return None
+    keys = [k for k in ("far_mass", "captured", "ideal", "random") if all(k in layer for layer in layers)]
+    return {k: round(_mean([layer[k] for layer in layers]), 4) for k in keys}
 
 
 def _fmt(value, digits=3):
@@ -109,6 +119,11 @@ def print_table(summary: dict, console: Console) -> None:
                      for b, per_bucket in r["branch_off_minus_full"].items()]
             console.print(f"{r['model']}: loss added with one branch's gate at 0, by bucket ({', '.join(names)}): "
                           + "; ".join(parts), highlight=False)
+    for r in rows:
+        if r.get("reach"):
+            console.print(f"{r['model']}: attention mass beyond the window (mean over layers), and the share of it "
+                          "in the selected blocks / the best as many / random: "
+                          + ", ".join(f"{k} {v:.3f}" for k, v in r["reach"].items()), highlight=False)
     console.print(f"equal tokens: {summary['equal_tokens']:,}; equal time: {summary['equal_seconds']} s of training; "
                   "positions: bytes of the token's own document before it", highlight=False)
 

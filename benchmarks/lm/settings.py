@@ -41,6 +41,7 @@ class LMSettings:
     time_budget_s: float | None = None  # per run
     nsa_options: dict[str, Any] = field(default_factory=lambda: dict(PAPER_SCRATCH_OPTIONS))
     compression_lr_scale: float = 1.0  # NSA's compression networks, memory tokens and positions train at this x lr
+    reach_documents: int = 8  # validation documents of the final attention-reach probe (attention_reach.py); 0: none
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -67,8 +68,8 @@ SMOKE = replace(
     FULL, shape=ModelShape(dim=32, depth=2, heads=2, kv_heads=1, dim_head=16, ff_mult=2, window=16, compress_block=8,
                            compress_stride=4, selection_block=8, num_selected=4, compress_hidden=32),
     context=128, batch=2, steps=4, warmup_steps=1, lrs=(3e-3,), seeds=(0,), eval_every=2, val_rows=2,
-    buckets=(0, 32, 64, 128), capped_context=32, corpus="stdlib", corpus_max_bytes=400_000, val_fraction=0.2,
-    time_budget_s=None, device="cpu", cpu_threads=1,
+    buckets=(0, 32, 64, 128), capped_context=32, reach_documents=2, corpus="stdlib", corpus_max_bytes=400_000,
+    val_fraction=0.2, time_budget_s=None, device="cpu", cpu_threads=1,
 )
 
 
@@ -82,6 +83,8 @@ def validate(s: LMSettings) -> None:
         value = getattr(s, name)
         _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1", value)
     _require(isinstance(s.warmup_steps, int) and s.warmup_steps >= 0, "warmup_steps", "an int >= 0", s.warmup_steps)
+    _require(isinstance(s.reach_documents, int) and s.reach_documents >= 0, "reach_documents", "an int >= 0",
+             s.reach_documents)
     for shape_name, value in asdict(s.shape).items():
         _require(isinstance(value, int) and value >= 1, shape_name, "an int >= 1", value)
     _require(s.shape.heads % s.shape.kv_heads == 0, "kv_heads", f"a divisor of heads={s.shape.heads}", s.shape.kv_heads)

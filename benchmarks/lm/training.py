@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.lm.attention_reach import attention_reach, long_documents
 from benchmarks.lm.corpus import IGNORE, Corpus, pack
 from benchmarks.lm.evaluation import NATS_TO_BITS, evaluate
 from benchmarks.lm.settings import LMSettings
@@ -84,6 +85,11 @@ def train_run(model: nn.Module, corpus: Corpus, s: LMSettings, lr: float, seed: 
         if step % s.eval_every == 0 or done:
             validate(step, seconds, final=done)
         segment = time.perf_counter()
+    if "final" in record:
+        documents = long_documents(corpus.val, s.buckets[-2], s.reach_documents, s.context)
+        record["final"]["reach"] = attention_reach(model, documents, s.buckets[-2], s.shape.window, device, precision)
+        if on_eval is not None:
+            on_eval(record)
     record.update({
         "steps": step, "tokens": step * s.tokens_per_step, "stopped_by_time": stopped_by_time,
         "train_seconds": round(seconds, 2), "tokens_per_s": round(step * s.tokens_per_step / max(seconds, 1e-9), 1),
