@@ -240,6 +240,27 @@ def test_a_trainer_step_runs(model, tmp_path):
     assert len(changed) == len(before)
 
 
+def test_a_trainer_takes_the_compression_rate_groups(model, tmp_path):
+    """nsa_core.param_groups on the HF model: its layers' compression side at 0.25 x the rate through the
+    Trainer's own schedule."""
+    from transformers import Trainer, TrainingArguments
+
+    compression = {id(p) for p in nsa_core.compression_parameters(model)}
+    sparse_layers = [m for m in model.modules() if isinstance(m, nsa_core.SparseAttention)]
+    assert 0 < len(sparse_layers) < model.config.num_hidden_layers  # the tiny model mixes in a dense layer
+    assert len(compression) == len(sparse_layers) * 11  # per layer: 2 nets (4 tensors each), 3 more
+    optimizer = torch.optim.AdamW(nsa_core.param_groups(model, 1e-3, 0.1, compression_lr_scale=0.25))
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, VOCAB, (8, 12))]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None)).train()
+    for group in optimizer.param_groups:
+        is_compression = all(id(p) in compression for p in group["params"])
+        assert group["initial_lr"] == pytest.approx(1e-3 * (0.25 if is_compression else 1.0))
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="combine_gate"):
         tiny_config(combine_gate="softmax")
