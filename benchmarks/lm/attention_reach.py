@@ -128,7 +128,8 @@ def attention_reach(model: nn.Module, documents: list[Tensor], far_from: int, wi
             q, k, scale = qk
             with autocast(device, precision):
                 selection = layer.select(x) if isinstance(layer, SparseAttention) else None
-            block = layer.config.selection_block_size if selection is not None else 64
+            # a dense layer has no blocks: only its far total is read, any block size gives it
+            block = layer.config.selection_block_size if selection is not None else window
             for start in range(far_from, q.shape[2], QUERY_CHUNK):
                 stop = min(start + QUERY_CHUNK, q.shape[2])
                 blocks, far = far_block_mass(q[:, :, :stop], k[:, :, :stop], scale, start, window, block)
