@@ -18,7 +18,7 @@ from nsa_core.limits import MAX_CONFIG_BYTES, MAX_SIZE, SIZE_RULE, check_element
 BACKENDS = ("auto", "torch", "triton")
 # the oracle's initial gate biases (compressed, selected, sliding): sigmoid 0.12 / 0.12 / 0.88
 DEFAULT_GATE_BIASES = (-2.0, -2.0, 2.0)
-IMPORTANCE_SCORES = ("mean_logits", "summed_probs")
+IMPORTANCE_SCORES = ("mean_logits", "summed_probs", "selected_keys")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ class NSAConfig:
       the compressed blocks of a selection block. "summed_probs" (paper eq. 8-10): the compressed
       attention's probabilities (softmax over the visible compressed blocks) summed over every
       compressed block that overlaps the selection block and over the heads of a group.
+      "selected_keys" (not the paper's): the selected branch's own mean logit over each block, i.e.
+      its rotated queries against the mean of the block's rotated keys, averaged over a group's
+      heads; the blocks are then scored by the keys the selected branch attends with, not by the
+      compressed branch's (benchmarks/NOTES.md, "Where the selection points").
     """
 
     dim: int

@@ -7,7 +7,7 @@ Dimension legend: B batch, H heads of the selection (kv heads or query heads), T
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
@@ -45,6 +45,19 @@ class SelectionRule:
     forced_local: int = 0
     importance: str = "mean_logits"  # NSAConfig.importance_score
     compress_block: int = 0  # compression window (tokens); "summed_probs" needs it for the overlaps
+
+    @property
+    def scores_selected_keys(self) -> bool:
+        """Blocks scored by the selected branch's own pooled keys (importance "selected_keys")."""
+        return self.importance == "selected_keys"
+
+    def block_key_rule(self) -> SelectionRule:
+        """With importance "selected_keys": the rule that scores the selected branch's block keys, one
+        key per selection block (block_mean_keys): the mean-logit rule at a stride of one selection block
+        (a block is visible once complete; the own block never is). Any other rule: itself."""
+        if not self.scores_selected_keys:
+            return self
+        return replace(self, stride=self.selection_block_size, importance="mean_logits", interpolated=False)
 
     @property
     def has_forced_blocks(self) -> bool:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from nsa_core.model.attention import SparseAttention
 from nsa_core.reference.compressed_attention import compressed_scores
+from nsa_core.reference.pooled_selection import pooled_block_logits
 from nsa_core.reference.selection import block_importance
 
 MAX_DECODED = 128  # tokens decoded one at a time; the rest of the row is the prefill
@@ -70,13 +71,24 @@ def block_logits(module: SparseAttention, x: Tensor, positions: Tensor) -> Tenso
     rule = module.selection_rule
     with torch.no_grad():
         q, k, v = module.project(module.norm(x[:, : int(positions.max()) + 1]))
-        ck, _ = module.compress(k, v)
+        (kc, vc), (ks, _), _ = module.branch_kv(k, v)
+        if rule.scores_selected_keys:  # the selected branch's rotated queries against its block keys
+            every = torch.arange(q.shape[-2], device=q.device)
+            keys = module.selection_keys_of(module.rotate(ks, every))
+            blocks = rule.block_key_rule()
+            logits = pooled_block_logits(module.rotate(q, every)[:, :, positions], keys, group_size=rule.group_size,
+                                         share_across_group=rule.share_across_group, stride=blocks.stride,
+                                         selection_block_size=blocks.selection_block_size, causal=True,
+                                         scale=rule.scale, query_pos=positions)
+            return logits if logits.shape[-1] > 0 else None
+        ck, _ = module.compress(kc, vc)
         if ck.shape[-2] == 0:
             return None
         scores = compressed_scores(q[:, :, positions], ck, rule.stride, True, rule.scale, positions)
         logits = block_importance(scores, group_size=rule.group_size, share_across_group=rule.share_across_group,
                                   stride=rule.stride, selection_block_size=rule.selection_block_size,
-                                  interpolated=rule.interpolated, causal=True, query_pos=positions)
+                                  interpolated=rule.interpolated, causal=True, query_pos=positions,
+                                  importance=rule.importance, compress_block=rule.compress_block)
     return logits if logits.shape[-1] > 0 else None
 
 

@@ -88,7 +88,7 @@ def check_oracle_can_run(cfg: NSAConfig) -> None:
     beyond = [name for name, value in (("independent_kv", cfg.independent_kv),
                                        ("num_forced_initial_blocks", cfg.num_forced_initial_blocks),
                                        ("num_forced_local_blocks", cfg.num_forced_local_blocks),
-                                       ("importance_score='summed_probs'", cfg.importance_score != "mean_logits"))
+                                       (f"importance_score={cfg.importance_score!r}", cfg.importance_score != "mean_logits"))
               if value]
     if beyond:
         raise ValueError(f"native-sparse-attention-pytorch has no {', '.join(beyond)}: a module using "

@@ -29,6 +29,7 @@ from nsa_core.model.compression import compress_windows, compression_windows, wi
 from nsa_core.model.rotary import RotaryEmbedding
 from nsa_core.model.decode import run_with_cache
 from nsa_core.model.modes import CACHED, SHARDED, forward_mode, packed_seqs
+from nsa_core.model.selection_keys import block_mean_keys
 from nsa_core.model.sequence_parallel import sequence_parallel_forward
 from nsa_core.ops.block_selection import select_blocks
 from nsa_core.ops.combine import combine
@@ -230,9 +231,18 @@ class SparseAttention(nn.Module):
         ck, cv = with_memory(self.compress_mem_kv, *self.compress(kc, vc, seqs))
         positions = seqs.key_positions(k.device)
         rotated = self.rotate(ks, positions)
-        if not self.config.independent_kv:
-            return BranchKeys(ck, cv, rotated, vs)
-        return BranchKeys(ck, cv, rotated, vs, self.rotate(kw, positions), vw)
+        window = (self.rotate(kw, positions), vw) if self.config.independent_kv else (None, None)
+        return BranchKeys(ck, cv, rotated, vs, *window, selection_keys=self.selection_keys_of(rotated, seqs))
+
+    def selection_keys_of(self, rotated_k: Tensor, seqs: Seqs | None = None) -> Tensor | None:
+        """What the selection scores when it is not the compressed keys: with importance "selected_keys"
+        the selected branch's block keys of its rotated keys (b, hk, n, d) (model/selection_keys.py);
+        else None. Built without gradient unless use_diff_topk's gates need it."""
+        cfg = self.config
+        if cfg.importance_score != "selected_keys":
+            return None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.use_diff_topk):
+            return block_mean_keys(rotated_k, cfg.selection_block_size, seqs)
 
     # the branches --------------------------------------------------------------------------------
 
@@ -265,10 +275,11 @@ class SparseAttention(nn.Module):
         `seqs` gives -> (b, n, dim). The same line for every pass: `keys` in tensors (keys_of) or in a
         cache's pages with a decoding-step `seqs` (NSACache.branch_keys); the ops tell them apart."""
         cfg = self.config
-        compressed, selection = compressed_selection(
-            q, keys.compressed_k, keys.compressed_v, None, self.selection_rule,  # None: scores the compressed keys
-            num_memory=cfg.num_compressed_mem_kv, causal=cfg.causal, scale=self.scale, seqs=seqs, backend=cfg.backend)
         q_rot = self.rotate(q, seqs.query_positions(q.device))
+        compressed, selection = compressed_selection(  # selection_keys None: the selection scores the compressed keys
+            q, keys.compressed_k, keys.compressed_v, keys.selection_keys, self.selection_rule,
+            num_memory=cfg.num_compressed_mem_kv, causal=cfg.causal, scale=self.scale, seqs=seqs, backend=cfg.backend,
+            selection_q=q_rot)
         fine = self.selected_branch(q_rot, keys, selection, seqs)
         sliding = self.window_branch(q_rot, keys, seqs)
         gates = self.to_strategy_combine(x_normed)  # (b, h, n, 3)
@@ -285,7 +296,12 @@ class SparseAttention(nn.Module):
         """The block selection of every query of inp (b, n, dim): indices / valid (b, H, n, S), or None."""
         self.check_input(inp)
         q, k, v = self.project(self.norm(inp))
-        ck, _ = self.compress(*self.branch_kv(k, v)[0])
+        (kc, vc), (ks, _), _ = self.branch_kv(k, v)
+        block_keys = self.selection_keys_of(self.rotate(ks, torch.arange(inp.shape[1], device=inp.device)))
+        if block_keys is not None:  # importance "selected_keys": the rotated queries score the block keys
+            q_rot = self.rotate(q, torch.arange(inp.shape[1], device=inp.device))
+            return select_blocks(q_rot, block_keys, self.selection_rule, backend=self.config.backend)
+        ck, _ = self.compress(kc, vc)
         return select_blocks(q, ck, self.selection_rule, backend=self.config.backend)
 
     def new_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> NSACache:

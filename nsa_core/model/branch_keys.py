@@ -3,13 +3,15 @@
 - Token tensors (SparseAttention.keys_of: whole sequences, packed documents, a sequence-parallel
   shard's gathered sequence): compressed keys / values with the memory tokens first (b, hk, m + c, d),
   the selected branch's rotated keys and values of every token the queries may see (b, hk, s, d),
-  and the window's (the same tensors unless the module has independent_kv).
+  and the window's (the same tensors unless the module has independent_kv); with importance
+  "selected_keys" also the selected branch's block keys (b, hk, nb, d) (model/selection_keys.py).
 - A decoding cache's pages (NSACache.branch_keys, for a decoding-step Seqs): the same fields as
   nsa_core.ops.paged.Pages (the step's selection scores the compressed pages: ops/compressed_selection.py).
 
 Every branch op takes either form; `attend` does not tell them apart.
 
-Dimension legend: b batch, hk kv heads, s keys, c compressed tokens, m memory tokens, d head dim.
+Dimension legend: b batch, hk kv heads, s keys, c compressed tokens, m memory tokens, nb selection blocks,
+d head dim.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from nsa_core.ops.paged import Pages
+from nsa_core.ops.paged import Pages, PooledBlockKeys
 
 
 @dataclass
@@ -29,6 +31,7 @@ class BranchKeys:
     v: Tensor | Pages
     window_k: Tensor | Pages | None = None
     window_v: Tensor | Pages | None = None
+    selection_keys: Tensor | PooledBlockKeys | None = None  # what the selection scores, when not the compressed keys
 
     def __post_init__(self) -> None:
         if self.window_k is None:

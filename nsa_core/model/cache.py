@@ -36,6 +36,7 @@ from torch import Tensor
 
 from nsa_core.config import NSAConfig
 from nsa_core.model.branch_keys import BranchKeys
+from nsa_core.model.selection_keys import page_block_keys
 from nsa_core.ops.page_write import write_pages
 from nsa_core.ops.paged import Pages
 
@@ -313,8 +314,11 @@ class NSACache(StepCache):
     def branch_keys(self) -> BranchKeys:
         """The cache as the branches' keys for SparseAttention.attend with a decoding-step Seqs: the
         compressed slots, token and window pages behind their tables (the step's selection reads the
-        compressed pages: ops/compressed_selection.py)."""
+        compressed pages, or with importance "selected_keys" the token pages' block means:
+        ops/compressed_selection.py)."""
         table, ctable = self.block_table, self.compressed_table
         window_k, window_v = self.window_pages()
+        block_keys = page_block_keys(self.k_pages, table) if self.config.importance_score == "selected_keys" else None
         return BranchKeys(Pages(self.ck_pages, ctable), Pages(self.cv_pages, ctable), Pages(self.k_pages, table),
-                          Pages(self.v_pages, table), Pages(window_k, table), Pages(window_v, table))
+                          Pages(self.v_pages, table), Pages(window_k, table), Pages(window_v, table),
+                          selection_keys=block_keys)

@@ -95,7 +95,7 @@ def shard_forward(module: SparseAttention, inp: Tensor, plan: ShardPlan, gather:
     cfg = module.config
     if cfg.causal:  # a piece sees no key after its last query: its keys (and their kernels' grids) end there
         ends = [p.q_offset + p.q_len for p in pieces]
-        cut = [visible_keys(keys, end, cfg.stride, cfg.num_compressed_mem_kv) for end in ends]
+        cut = [visible_keys(keys, end, cfg.stride, cfg.num_compressed_mem_kv, cfg.selection_block_size) for end in ends]
         pieces = [Seqs(q_len=p.q_len, k_len=end, q_offset=p.q_offset) for p, end in zip(pieces, ends)]
     else:
         cut = [keys] * len(pieces)
@@ -109,14 +109,16 @@ def shard_forward(module: SparseAttention, inp: Tensor, plan: ShardPlan, gather:
     return torch.cat(outs, dim=1)
 
 
-def visible_keys(keys: BranchKeys, end: int, stride: int, num_memory: int) -> BranchKeys:
-    """Causal: the keys of the tokens before `end` (the queries' last position + 1) and the compressed
-    tokens completed by then (memory tokens first); a query before `end` sees nothing else."""
+def visible_keys(keys: BranchKeys, end: int, stride: int, num_memory: int, selection_block_size: int) -> BranchKeys:
+    """Causal: the keys of the tokens before `end` (the queries' last position + 1), the compressed
+    tokens completed by then (memory tokens first) and the selection blocks completed by then; a query
+    before `end` sees nothing else."""
     token = slice(0, end)
     compressed = slice(0, num_memory + end // stride)
+    blocks = None if keys.selection_keys is None else keys.selection_keys[:, :, : end // selection_block_size]
     return BranchKeys(keys.compressed_k[:, :, compressed], keys.compressed_v[:, :, compressed],
                       keys.rotated_k[:, :, token], keys.v[:, :, token], keys.window_k[:, :, token],
-                      keys.window_v[:, :, token])
+                      keys.window_v[:, :, token], selection_keys=blocks)
 
 
 def shard_keys(module: SparseAttention, k: Tensor, v: Tensor, plan: ShardPlan, gather) -> BranchKeys:
@@ -132,7 +134,7 @@ def shard_keys(module: SparseAttention, k: Tensor, v: Tensor, plan: ShardPlan, g
     # (2 or 4, b, hk, n, d): one collective; its backward runs before the compressed tokens' (`after`)
     gathered = gather(after(mine, ck, cv))
     ck, cv = with_memory(module.compress_mem_kv, ck, cv)
-    return BranchKeys(ck, cv, *gathered)
+    return BranchKeys(ck, cv, *gathered, selection_keys=module.selection_keys_of(gathered[0]))
 
 
 def shard_compress(module: SparseAttention, kc: Tensor, vc: Tensor, plan: ShardPlan, gather) -> tuple[Tensor, Tensor]:

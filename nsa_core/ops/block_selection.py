@@ -67,9 +67,13 @@ def select_blocks(q: Tensor, ck: Tensor | PooledBlockKeys, rule: SelectionRule, 
     """q (B, HQ, T, D), compressed keys ck (B, HKV, C, D) without memory tokens -> Selection with
     indices / valid / probs (B, H, T, S) (H = HKV when the group shares its selection, else HQ),
     gates with use_diff_topk; None when no block can be selected. A decoding step (`seqs` from
-    Seqs.step): ck is the cache's selection keys (select_step_blocks), no gates."""
+    Seqs.step): ck is the cache's selection keys (select_step_blocks), no gates.
+    With importance "selected_keys", q are the rotated queries and ck the selected branch's block keys
+    (B, HKV, NB, D), one per selection block (model/selection_keys.py; packed documents: in T // block
+    slots, as compressed keys at a stride of one block), scored by the rule's block_key_rule."""
     if not isinstance(rule, SelectionRule):
         raise TypeError(f"rule must be a SelectionRule, got {type(rule).__name__}")
+    rule = rule.block_key_rule()
     if isinstance(seqs, Seqs) and seqs.is_step:
         return select_step_blocks(q, ck, rule, seqs)
     if isinstance(ck, PooledBlockKeys):

@@ -47,14 +47,20 @@ SCORE_BUDGET = 1 << 27  # score elements (B x H x queries x NB) of one query chu
 def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
                          selection_keys: Tensor | PooledBlockKeys | None, rule: SelectionRule, *, num_memory: int,
                          causal: bool = True, scale: float | None = None, seqs: Seqs | None = None,
-                         backend: str = "auto") -> tuple[Tensor, Selection | None]:
+                         backend: str = "auto", selection_q: Tensor | None = None) -> tuple[Tensor, Selection | None]:
     """q (B, HQ, T, D) unrotated; ck / cv the compressed keys and values with the M = num_memory memory
     tokens first (compressed_attention's arguments, at rule.stride); selection_keys: what select_blocks
     scores when it is not ck's keys after the memory tokens (None: those keys, which lets whole
     sequences take the fused kernel; for a decoding step pooled keys, PooledBlockKeys, when
     rule.pooled, or None: read from ck's pages). -> (the compressed branch's
-    output (B, HQ, T, Dv), select_blocks' Selection or None)."""
+    output (B, HQ, T, Dv), select_blocks' Selection or None).
+    With importance "selected_keys" (rule.scores_selected_keys) the selection is the selected branch's
+    own: selection_q, the rotated queries (B, HQ, T, D), score selection_keys, the selected branch's
+    block keys (model/selection_keys.py), both required; selection_q is unused otherwise."""
     stride = rule.stride
+    if rule.scores_selected_keys:
+        return _selected_key_selection(q, ck, cv, selection_keys, selection_q, rule, num_memory=num_memory,
+                                       causal=causal, scale=scale, seqs=seqs, backend=backend)
     if not paged_call(seqs, ck=ck, cv=cv):
         if selection_keys is None and _fused_training(q, ck, cv, rule, num_memory, causal, scale, seqs, backend):
             return _fused_whole(q, ck, cv, rule, num_memory, query_seqs(q, seqs).q_offset)
@@ -100,6 +106,24 @@ def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
     keys = selection_keys.keys if isinstance(selection_keys, PooledBlockKeys) else selection_keys
     return step_compressed_selection_reference(q, ck.pool, cv.pool, ck.table, positions, rule, num_memory=num_memory,
                                                num_compressed=C, scale=scale, selection_keys=keys)
+
+
+def _selected_key_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages, selection_keys, selection_q,
+                            rule: SelectionRule, *, num_memory: int, causal: bool, scale: float | None,
+                            seqs: Seqs | None, backend: str) -> tuple[Tensor, Selection | None]:
+    """Importance "selected_keys": the compressed branch alone, then the selection of selection_q over the
+    selected branch's block keys (a cache's PooledBlockKeys for a decoding step)."""
+    if selection_keys is None or selection_q is None:
+        raise ValueError("importance 'selected_keys' scores the selected branch's block keys: pass selection_keys "
+                         "(model/selection_keys.py) and selection_q (the rotated queries)")
+    if not isinstance(selection_q, Tensor) or selection_q.shape != q.shape:
+        raise ValueError(f"selection_q must be the rotated queries, shaped as q {tuple(q.shape)}, got "
+                         f"{getattr(selection_q, 'shape', type(selection_q).__name__)}")
+    if not paged_call(seqs, ck=ck, cv=cv) and isinstance(selection_keys, PooledBlockKeys):
+        raise TypeError("selection_keys as PooledBlockKeys (a cache's block keys) need a decoding-step seqs")
+    out = compressed_attention(q, ck, cv, num_memory=num_memory, stride=rule.stride, causal=causal, scale=scale,
+                               seqs=seqs, backend=backend)
+    return out, select_blocks(selection_q, selection_keys, rule, seqs=seqs, backend=backend)
 
 
 def _training_by_design(q: Tensor, rule: SelectionRule, causal: bool, scale: float | None,

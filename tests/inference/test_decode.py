@@ -151,6 +151,8 @@ def test_cache_errors():
 @pytest.mark.parametrize("changes", [
     dict(query_heads_share_selected_kv=True), dict(query_heads_share_selected_kv=False),
     dict(importance_score="summed_probs", num_forced_initial_blocks=1, num_forced_local_blocks=1, independent_kv=True),
+    dict(importance_score="selected_keys", num_forced_initial_blocks=1, num_forced_local_blocks=1, independent_kv=True),
+    dict(importance_score="selected_keys", query_heads_share_selected_kv=False),
     dict(compress_block_size=32, compress_block_sliding_stride=32, interpolated_importance_score=True),
 ])
 def test_decoding_on_kernels_equals_parallel_reference(changes):
