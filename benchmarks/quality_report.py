@@ -4,6 +4,7 @@ and the picture (validation loss curves; retrieval accuracy by length)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -20,6 +21,10 @@ PNG_NAME = "results_quality.png"
 
 
 def _git_commit(directory: Path) -> str | None:
+    """The checkout's commit; NSA_GIT_COMMIT names it where the tree was copied without its history (the device)."""
+    named = os.environ.get("NSA_GIT_COMMIT", "").strip()
+    if named:
+        return named
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
