@@ -39,6 +39,11 @@ CASES = [
     # windows of 6 every 3 (shards of 6, balanced chunks of 3: windows reach back into two chunks)
     dict(heads=6, kv_heads=2, independent_kv=True, num_forced_initial_blocks=1, num_forced_local_blocks=1,
          importance_score="summed_probs", compress_block_size=6, compress_block_sliding_stride=3, selection_block_size=3),
+    # blocks scored by the selected branch's own block keys: blocks of 4 cut by shards of 6; with
+    # use_diff_topk the gradient reaches those keys through the scores; and with a K/V per branch
+    dict(heads=6, kv_heads=2, importance_score="selected_keys", selection_block_size=4, use_diff_topk=True),
+    dict(heads=3, kv_heads=1, importance_score="selected_keys", independent_kv=True, num_forced_initial_blocks=1,
+         compress_block_size=6, compress_block_sliding_stride=3, selection_block_size=3),
 ]
 
 
