@@ -16,6 +16,9 @@ What it holds, and why (B batch, HKV kv heads, D / Dv head dims):
   (zeros before the sequence start): every window a new token completes is in them;
 - window_k_pages / window_v_pages (as k_pages), with independent_kv only: the window branch's own
   rotated keys and values (its pages are read through the same block table);
+- block_key_pages (B * NP, HKV, D), with importance "selected_keys" only: each page's mean rotated
+  key (the block key the selection scores), refreshed for the pages a write touches, so a step reads
+  one key per page for the selection instead of every cached key;
 - lengths (B,) int64 on the device: tokens written per sequence; `filled` on the host: the
   longest a sequence can be so far (capacity checks without reading the device).
 
@@ -36,7 +39,7 @@ from torch import Tensor
 
 from nsa_core.config import NSAConfig
 from nsa_core.model.branch_keys import BranchKeys
-from nsa_core.model.selection_keys import page_block_keys
+from nsa_core.model.selection_keys import cached_block_keys
 from nsa_core.ops.page_write import write_pages
 from nsa_core.ops.paged import Pages
 
@@ -175,6 +178,7 @@ class NSACache(StepCache):
     growable: bool = False
     window_k_pages: Tensor | None = None
     window_v_pages: Tensor | None = None
+    block_key_pages: Tensor | None = None
 
     # construction ---------------------------------------------------------------------------------
 
@@ -198,6 +202,8 @@ class NSACache(StepCache):
         if config.independent_kv:
             window = {name: torch.zeros(batch_size * pages, hk, page, d, **zeros)
                       for name in ("window_k_pages", "window_v_pages")}
+        if config.importance_score == "selected_keys":
+            window["block_key_pages"] = torch.zeros(batch_size * pages, hk, d, **zeros)
         return cls(
             config=config, capacity=capacity,
             k_pages=torch.zeros(batch_size * pages, hk, page, d, **zeros),
@@ -252,7 +258,8 @@ class NSACache(StepCache):
         bigger = NSACache.allocate(self.config, self.batch_size, capacity, device=self.device, dtype=self.dtype,
                                    growable=True)
         b, hk = self.batch_size, self.config.num_kv_heads
-        for name in ("k_pages", "v_pages", "ck_pages", "cv_pages", "window_k_pages", "window_v_pages"):
+        for name in ("k_pages", "v_pages", "ck_pages", "cv_pages", "window_k_pages", "window_v_pages",
+                     "block_key_pages"):
             old, new = getattr(self, name), getattr(bigger, name)
             if old is None:
                 continue
@@ -276,6 +283,11 @@ class NSACache(StepCache):
         return (self.k_pages, self.v_pages, self.ck_pages, self.cv_pages, self.ring_keys, self.ring_values,
                 *(t for t in optional if t is not None))
 
+    def fill_random(self, context: int) -> None:
+        super().fill_random(context)
+        if self.block_key_pages is not None:  # the page means of the random keys, as writes would leave them
+            self.block_key_pages.copy_(self.k_pages.mean(dim=2))
+
     # writes (in place, graph-capturable: positions are device tensors) -----------------------------
 
     def write_tokens(self, positions: Tensor, k: Tensor, v: Tensor, window_k: Tensor | None = None,
@@ -292,6 +304,18 @@ class NSACache(StepCache):
         for k_pages, v_pages, keys, values in pairs:
             write_pages(k_pages, v_pages, self.block_table, positions, keys, values, rotary_freqs=rotary_freqs,
                         backend=self.config.backend)
+        if self.block_key_pages is not None:
+            self._refresh_block_keys(positions)
+
+    def _refresh_block_keys(self, positions: Tensor) -> None:
+        """The page means of the pages the tokens at positions (B, K) were written to. A row's positions
+        are consecutive, so every page+1-th of them and the last name each touched page (repeats
+        write the same mean). A page not complete yet holds stale or empty slots in its mean; the
+        selection never sees it before its last token is written, which refreshes it."""
+        page = self.page_size
+        logical = torch.cat([positions[:, ::page], positions[:, -1:]], dim=1) // page  # (B, J)
+        physical = self.block_table.gather(1, logical.to(self.block_table.dtype)).long().flatten()
+        self.block_key_pages[physical] = self.k_pages[physical].mean(dim=2)
 
     def window_pages(self) -> tuple[Tensor, Tensor]:
         """The pages the window branch reads: its own with independent_kv, else the shared ones."""
@@ -314,11 +338,11 @@ class NSACache(StepCache):
     def branch_keys(self) -> BranchKeys:
         """The cache as the branches' keys for SparseAttention.attend with a decoding-step Seqs: the
         compressed slots, token and window pages behind their tables (the step's selection reads the
-        compressed pages, or with importance "selected_keys" the token pages' block means:
+        compressed pages, or with importance "selected_keys" the pages' block keys:
         ops/compressed_selection.py)."""
         table, ctable = self.block_table, self.compressed_table
         window_k, window_v = self.window_pages()
-        block_keys = page_block_keys(self.k_pages, table) if self.config.importance_score == "selected_keys" else None
+        block_keys = None if self.block_key_pages is None else cached_block_keys(self.block_key_pages, table)
         return BranchKeys(Pages(self.ck_pages, ctable), Pages(self.cv_pages, ctable), Pages(self.k_pages, table),
                           Pages(self.v_pages, table), Pages(window_k, table), Pages(window_v, table),
                           selection_keys=block_keys)

@@ -5,10 +5,9 @@ mean of the selected branch's own logits over the block's tokens (ops/block_sele
 Whole sequences: the n // block complete blocks. Packed documents (Seqs with cu_seqlens): blocks
 restart at every document, document i's block j in slot cu_seqlens[i] // block + j of the n // block
 slots, as the compressed tokens of windows of one block at a stride of one block (model/compression.py).
-A decoding cache (pages of one selection block each): the mean of every page of a row's block table,
-read at each step (a page not complete yet is never visible to the selection, whatever it holds). That
-reads every cached key once per step, as dense decoding does: a per-page mean kept by the cache is the
-step's next cost to cut (benchmarks/NOTES.md) if this score becomes the recommended one.
+A decoding cache (pages of one selection block each) keeps one block key per page, refreshed by its
+writes (model/cache.py), and a step reads them behind the row's block table (a page not complete yet is
+never visible to the selection, whatever its key).
 
 Dimension legend: b batch, hk kv heads, n tokens, nb selection blocks, d head dim, np pages per row.
 """
@@ -31,8 +30,7 @@ def block_mean_keys(rotated_k: Tensor, selection_block_size: int, seqs: Seqs | N
     return rotated_k[:, :, : nb * block].unflatten(-2, (nb, block)).mean(dim=-2)
 
 
-def page_block_keys(k_pages: Tensor, block_table: Tensor) -> PooledBlockKeys:
-    """A cache's rotated key pages (pages, hk, selection_block_size, d) behind its block table (b, np) ->
-    the block keys of every logical page (b, hk, np, d)."""
-    pages = k_pages[block_table.long()]  # (b, np, hk, page, d)
-    return PooledBlockKeys(pages.mean(dim=3).transpose(1, 2))
+def cached_block_keys(block_key_pages: Tensor, block_table: Tensor) -> PooledBlockKeys:
+    """A cache's block key per physical page (pages, hk, d) behind its block table (b, np) -> the block
+    keys of every logical page (b, hk, np, d)."""
+    return PooledBlockKeys(block_key_pages[block_table.long()].transpose(1, 2))

@@ -5,7 +5,8 @@ allocated as it grows and returned to the pool when it leaves.
 
 What is shared and what stays per slot (S slots, P token pages, CP compressed pages, HKV kv heads,
 D head dim, NP = ceil(max_seq_len / page) logical pages, NCP logical compressed pages):
-- token pages: per layer the k / v pools (P, HKV, page, D) (and independent_kv's window k / v),
+- token pages: per layer the k / v pools (P, HKV, page, D) (and independent_kv's window k / v,
+  importance "selected_keys"' block key per page (P, HKV, D)),
   one block table (S, NP) for all layers (they grow in step); page 0 is the null page every
   unallocated entry points at (page_pool.py);
 - compressed pages: per layer the ck / cv pools (CP, HKV, 64, D), one compressed table
@@ -44,6 +45,7 @@ class _LayerStore:
     ring_values: Tensor
     window_k_pages: Tensor | None
     window_v_pages: Tensor | None
+    block_key_pages: Tensor | None  # one mean key per page, with importance "selected_keys"
 
 
 def _positive_int(name: str, value) -> int:
@@ -89,14 +91,15 @@ class PagedCache:
         z = dict(device=device, dtype=dtype)
 
         def store() -> _LayerStore:
-            window = config.independent_kv
+            window, block_keys = config.independent_kv, config.importance_score == "selected_keys"
             return _LayerStore(
                 k_pages=torch.zeros(num_pages, hk, page, d, **z), v_pages=torch.zeros(num_pages, hk, page, d, **z),
                 ck_pages=torch.zeros(num_compressed_pages, hk, COMPRESSED_PAGE, d, **z),
                 cv_pages=torch.zeros(num_compressed_pages, hk, COMPRESSED_PAGE, d, **z),
                 ring_keys=torch.zeros(slots, hk, ring, d, **z), ring_values=torch.zeros(slots, hk, ring, d, **z),
                 window_k_pages=torch.zeros(num_pages, hk, page, d, **z) if window else None,
-                window_v_pages=torch.zeros(num_pages, hk, page, d, **z) if window else None)
+                window_v_pages=torch.zeros(num_pages, hk, page, d, **z) if window else None,
+                block_key_pages=torch.zeros(num_pages, hk, d, **z) if block_keys else None)
 
         self.layers = [store() for _ in range(num_layers)]
         index = dict(device=device, dtype=torch.int32)
@@ -184,7 +187,8 @@ class PagedCache:
         return [NSACache(config=self.config, capacity=self.max_seq_len, k_pages=s.k_pages, v_pages=s.v_pages,
                          block_table=table, ck_pages=s.ck_pages, cv_pages=s.cv_pages, compressed_table=ctable,
                          ring_keys=s.ring_keys[index], ring_values=s.ring_values[index], lengths=lengths.clone(),
-                         filled=filled, window_k_pages=s.window_k_pages, window_v_pages=s.window_v_pages)
+                         filled=filled, window_k_pages=s.window_k_pages, window_v_pages=s.window_v_pages,
+                         block_key_pages=s.block_key_pages)
                 for s in self.layers]
 
     def _put_back(self, index: Tensor, views: list[NSACache]) -> None:

@@ -115,6 +115,30 @@ def test_decoding_equals_parallel(share):
     assert rel_err(torch.cat(outs, dim=1), parallel) < 1e-10
 
 
+def test_the_cache_keeps_each_pages_block_key_through_growth_and_a_step_taken_back():
+    """A growable cache from 12 tokens (it grows twice), a step of junk taken back and written again:
+    the outputs equal the parallel pass and every complete page's block key is the mean of its keys."""
+    from nsa_core.model.cache import NSACache
+
+    attn = module(num_forced_initial_blocks=1)
+    x = torch.randn(2, 41, 24, dtype=torch.float64)
+    junk = torch.randn(2, 4, 24, dtype=torch.float64)
+    with torch.no_grad():
+        parallel = attn(x)
+        cache = NSACache.allocate(attn.config, 2, 12, device="cpu", dtype=torch.float64, growable=True)
+        outs = [attn(x[:, :9], cache=cache)]
+        for t in range(9, 41, 4):
+            if t == 29:  # positions 29 .. 32 complete page 3 and open page 4 with junk, then are taken back
+                state = cache.snapshot()
+                attn(junk, cache=cache)
+                cache.restore(state)
+            outs.append(attn(x[:, t:t + 4], cache=cache))
+    assert cache.capacity >= 41 and rel_err(torch.cat(outs, dim=1), parallel) < 1e-10
+    complete = 41 // cache.page_size
+    pages = cache.block_table[:, :complete].long()
+    assert torch.equal(cache.block_key_pages[pages], cache.k_pages[pages].mean(dim=3))
+
+
 def test_use_diff_topk_trains_the_selected_keys_through_the_scores():
     """With the straight-through gates the selected branch's key projection gets a gradient from the
     scores too: more than from its attention alone (the gates' part), and finite."""
