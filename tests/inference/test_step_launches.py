@@ -25,6 +25,10 @@ Measured (one token per row, batch 2, the module below), before the fused step s
   (NSACache.compressed_slots_completed_at; before, 7 ops of the rule every step): 39 -> 33, 40 -> 34.
 The rest of a step: the token and compression writes into the cache (model/decode.py), the
 projections, the gates.
+- importance "selected_keys" (2026-12-04): 69 kernels, Triton 7. The fused step selection scores compressed
+  keys only, so the compressed branch is a plain paged launch and the block scores, top-k and page lists are
+  PyTorch ops (ops/compressed_selection.py); the cache's per-page block keys take 8 of the 69 (their upkeep
+  in write_tokens), against reading every cached key for the page means before (fewer ops, all the bytes).
 """
 
 from __future__ import annotations
@@ -108,8 +112,9 @@ CONFIGS = {
     "mean_logits": dict(),
     "summed_forced_independent": dict(importance_score="summed_probs", num_forced_initial_blocks=1,
                                       num_forced_local_blocks=1, independent_kv=True),
+    "selected_keys": dict(importance_score="selected_keys"),
 }
-EXPECTED = {"mean_logits": (33, 7), "summed_forced_independent": (34, 8)}  # (kernels, of them Triton launches)
+EXPECTED = {"mean_logits": (33, 7), "summed_forced_independent": (34, 8), "selected_keys": (69, 7)}  # (kernels, of them Triton launches)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -120,6 +125,7 @@ def test_decode_step_kernel_count(name, monkeypatch):
     x = torch.randn(2, 40, 48)
     counter = count_step(attn, x[:, :37], x[:, 37:38], monkeypatch)
     assert counter.aten["_local_scalar_dense"] == 0, "a decoding step must not read the device on the host"
-    assert counter.triton["compressed_selection_kernel"] == 1 and counter.triton["page_write_kernel"] >= 2
+    fused_selection = CONFIGS[name].get("importance_score") != "selected_keys"  # it scores compressed keys only
+    assert counter.triton["compressed_selection_kernel"] == fused_selection and counter.triton["page_write_kernel"] >= 2
     assert (counter.kernels, sum(counter.triton.values())) == EXPECTED[name], (
         f"{counter.kernels} kernels ({dict(counter.triton)}); aten: {sorted(counter.aten.items())}")
