@@ -198,12 +198,12 @@ class NSACache(StepCache):
         cpages = -(-slots // COMPRESSED_PAGE)
         zeros = dict(device=device, dtype=dtype)
         ring = config.compress_block_size
-        window = {}
+        optional = {}
         if config.independent_kv:
-            window = {name: torch.zeros(batch_size * pages, hk, page, d, **zeros)
-                      for name in ("window_k_pages", "window_v_pages")}
+            optional = {name: torch.zeros(batch_size * pages, hk, page, d, **zeros)
+                        for name in ("window_k_pages", "window_v_pages")}
         if config.importance_score == "selected_keys":
-            window["block_key_pages"] = torch.zeros(batch_size * pages, hk, d, **zeros)
+            optional["block_key_pages"] = torch.zeros(batch_size * pages, hk, d, **zeros)
         return cls(
             config=config, capacity=capacity,
             k_pages=torch.zeros(batch_size * pages, hk, page, d, **zeros),
@@ -215,7 +215,7 @@ class NSACache(StepCache):
             ring_keys=torch.zeros(batch_size, hk, ring, d, **zeros),
             ring_values=torch.zeros(batch_size, hk, ring, d, **zeros),
             lengths=torch.zeros(batch_size, device=device, dtype=torch.int64),
-            growable=growable, **window,
+            growable=growable, **optional,
         )
 
     # facts ----------------------------------------------------------------------------------------
@@ -309,12 +309,12 @@ class NSACache(StepCache):
 
     def _refresh_block_keys(self, positions: Tensor) -> None:
         """The page means of the pages the tokens at positions (B, K) were written to. A row's positions
-        are consecutive, so every page+1-th of them and the last name each touched page (repeats
+        are consecutive, so every page-th of them and the last name each touched page (repeats
         write the same mean). A page not complete yet holds stale or empty slots in its mean; the
         selection never sees it before its last token is written, which refreshes it."""
         page = self.page_size
         logical = torch.cat([positions[:, ::page], positions[:, -1:]], dim=1) // page  # (B, J)
-        physical = self.block_table.gather(1, logical.to(self.block_table.dtype)).long().flatten()
+        physical = self.block_table.gather(1, logical.long()).long().flatten()
         self.block_key_pages[physical] = self.k_pages[physical].mean(dim=2)
 
     def window_pages(self) -> tuple[Tensor, Tensor]:
