@@ -4,7 +4,7 @@ CUDA-graphed, the fastest SDPA backend), the attention alone (the step minus its
 generation tokens/s of 4-layer Transformers, and prefill against the parallel forward.
 
 python -m benchmarks.decode.speed [--contexts 8192,32768,65536] [--batches 1,16]
-    [--json benchmarks/results/decode/decode.json]
+    [--importance selected_keys] [--json benchmarks/results/decode/decode.json]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from benchmarks.timing import median_ms
 from nsa_cli.support.decode_speed import decode_benchmark, generation_tokens_per_s
 from nsa_core import SparseAttention, get_preset
+from nsa_core.config import IMPORTANCE_SCORES
 
 
 def rel(a, b) -> float:
@@ -90,11 +91,16 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the step compiled (torch.compile)")
     ap.add_argument("--profile", action="store_true", help="kernel table of one graphed decode step")
     ap.add_argument("--skip", default="", help="comma list of: correctness,generation,prefill")
+    ap.add_argument("--importance", default=None, choices=IMPORTANCE_SCORES,
+                    help="block importance score of the layer (default: the paper preset's)")
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     cfg = get_preset("paper")
+    if args.importance is not None:
+        cfg = cfg.replace(importance_score=args.importance)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "importance_score": cfg.importance_score,
                "correctness": None if "correctness" in args.skip else check_correctness(cfg, dev)}
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
