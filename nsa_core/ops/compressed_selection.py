@@ -16,7 +16,9 @@ compressed attention over the visible compressed slots, the block scores from th
 logits and the top-k, one launch; on an H200 a graphed layer step takes 0.33-0.48 ms against the
 twin's 0.46-6.5 ms: benchmarks/RESULTS.md "Fused decode step"), or its PyTorch twin
 (reference/step_selection.py: the paged compressed attention and the step selection over the
-cache's selection keys). Forward only for a step.
+cache's selection keys). Forward only for a step. With importance "selected_keys" a step's compressed
+branch is a plain paged launch and the same fused kernel picks the blocks from the cache's block keys,
+one key per block at a stride of one block (its PyTorch twin: ops/step_selection.py).
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, K queries per row, M memory tokens,
 C compressed blocks in the cache's capacity, NB selection blocks in it, S selected slots, D head dim.
@@ -24,6 +26,7 @@ C compressed blocks in the cache's capacity, NB selection blocks in it, S select
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from nsa_core.ops.block_selection import select_blocks
@@ -35,7 +38,7 @@ from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
 from nsa_core.reference.selection import NULL_SLOT_LOGIT, VALID_THRESHOLD, num_scored_blocks
 from nsa_core.reference.step_selection import step_compressed_selection_reference
 from nsa_core.selection import Selection, SelectionRule
-from nsa_core.seqs import Seqs, query_seqs
+from nsa_core.seqs import Seqs, check_rows, query_seqs
 
 # the importance scores whose whole sequences take the fused training kernel on the kernels (H200, paper
 # shape, fwd+bwd: summed_probs 8.8x the two ops at 8k, 13.5x at 64k; mean_logits 0.52x / 0.32x, so it keeps
@@ -123,7 +126,54 @@ def _selected_key_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages, s
         raise TypeError("selection_keys as PooledBlockKeys (a cache's block keys) need a decoding-step seqs")
     out = compressed_attention(q, ck, cv, num_memory=num_memory, stride=rule.stride, causal=causal, scale=scale,
                                seqs=seqs, backend=backend)
+    if paged_call(seqs, ck=ck, cv=cv) and _step_block_keys_on_kernels(selection_q, selection_keys, rule, backend):
+        return out, _step_block_key_selection(selection_q, selection_keys.keys, rule.block_key_rule(), seqs)
     return out, select_blocks(selection_q, selection_keys, rule, seqs=seqs, backend=backend)
+
+
+def _step_block_keys_on_kernels(selection_q: Tensor, selection_keys, rule: SelectionRule, backend: str) -> bool:
+    """Whether a decoding step's selection over a cache's block keys takes the fused step kernel."""
+    if not isinstance(selection_keys, PooledBlockKeys):
+        return False  # select_blocks names the wrong type
+    keys = selection_keys.keys
+    block = rule.selection_block_size
+
+    def unsupported() -> str | None:
+        from nsa_core.kernels.decode.compressed_selection import too_large_reason
+        from nsa_core.kernels.limits import dtype_reason, head_dim_reason
+
+        return (dtype_reason(selection_q) or head_dim_reason(keys.shape[-1], keys.shape[-1])
+                or too_large_reason(keys.shape[-2], block, block, block, "mean_logits"))
+
+    if keys.device != selection_q.device or keys.dtype != selection_q.dtype or keys.dim() != 4:
+        return False  # select_blocks names the mismatch
+    return min(rule.num_selected, keys.shape[-2]) > 0 and use_kernels(
+        backend, selection_q.device, "block selection over block keys (decoding step)", unsupported)
+
+
+def _step_block_key_selection(selection_q: Tensor, keys: Tensor, rule: SelectionRule, seqs: Seqs) -> Selection:
+    """The fused step kernel's scoring and top-k over the block keys (B, HKV, NB, D), one key per block:
+    the block-key rule is the mean-logit rule at a stride of one block, so each key is a compressed slot of
+    its own block, no memory tokens (the kernel's attention output over them is not used). The keys
+    travel as pages of one slot behind an identity table."""
+    from nsa_core.kernels.decode.compressed_selection import compressed_selection_step
+
+    B, HKV, NB, D = keys.shape
+    if selection_q.shape[0] != B or selection_q.shape[-1] != D or selection_q.shape[-2] != seqs.q_len:
+        raise ValueError(f"the block keys must be (B={selection_q.shape[0]}, HKV, NB, D={selection_q.shape[-1]}) and "
+                         f"selection_q hold seqs' {seqs.q_len} queries, got keys {tuple(keys.shape)}, "
+                         f"selection_q {tuple(selection_q.shape)}")
+    check_rows(seqs, selection_q)
+    pages = keys.transpose(1, 2).reshape(B * NB, HKV, 1, D)
+    table = torch.arange(B * NB, device=keys.device).view(B, NB)
+    block = rule.selection_block_size
+    _, indices, valid, probs = compressed_selection_step(
+        selection_q, pages, pages, table, seqs.query_positions(selection_q.device), num_memory=0, num_compressed=NB,
+        stride=block, selection_block_size=block, compress_block=block, importance="mean_logits", interpolated=False,
+        share=rule.share_across_group, slots=max(min(rule.num_selected, NB), rule.forced_initial + rule.forced_local),
+        forced_initial=rule.forced_initial, forced_local=rule.forced_local, scale=rule.scale,
+        null_logit=NULL_SLOT_LOGIT, threshold=VALID_THRESHOLD)
+    return Selection(indices=indices, valid=valid, probs=probs, gates=None)
 
 
 def _training_by_design(q: Tensor, rule: SelectionRule, causal: bool, scale: float | None,

@@ -2,7 +2,7 @@
 reference/step_selection.py computes it). select_blocks calls it for a decoding-step descriptor
 (`Seqs.step`). PyTorch only, whatever the backend: a module's step does not come here but through
 ops/compressed_selection.py, whose fused kernel scores and picks the blocks with the compressed
-branch (this selection is its twin's).
+branch, or from the cache's block keys with importance "selected_keys" (this selection is its twin's).
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, K queries per sequence, D head dim,
 NB selection blocks in the cache's capacity, C compressed tokens in it.

@@ -188,6 +188,30 @@ def test_kernels_equal_the_reference(changes):
     assert rel_err(packed_k, packed_r) < 1e-4
 
 
+@needs_kernels
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("changes", [dict(), dict(query_heads_share_selected_kv=False),
+                                     dict(num_forced_initial_blocks=1, num_forced_local_blocks=1)])
+def test_a_steps_selection_over_cached_block_keys_on_the_kernel_equals_the_twin(changes):
+    """The fused step kernel picking blocks from a cache's block keys (one key per block, a stride of one
+    block) against the PyTorch step selection: ragged rows (one with no complete block yet), three
+    queries per row, G = 3."""
+    from nsa_core.ops.compressed_selection import _step_block_key_selection
+    from nsa_core.ops.paged import PooledBlockKeys
+    from nsa_core.ops.step_selection import select_step_blocks
+
+    rule = SparseAttention(**BASE, **changes).selection_rule.block_key_rule()
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 6, 3, 8, generator=generator).to(DEVICE)
+    keys = torch.randn(3, 7, 2, 8, generator=generator).to(DEVICE).transpose(1, 2)  # as the cache's gather lays them
+    seqs = Seqs.step(torch.tensor([41, 5, 20], device=DEVICE), 3, 56)
+    want = select_step_blocks(q, PooledBlockKeys(keys), rule, seqs)
+    got = _step_block_key_selection(q, keys, rule, seqs)
+    assert torch.equal(got.valid, want.valid)
+    assert torch.equal(torch.where(want.valid, got.indices, 0), torch.where(want.valid, want.indices, 0))
+    assert rel_err(got.probs[want.valid], want.probs[want.valid]) < 1e-5
+
+
 def test_round_trips_and_refusals(tmp_path):
     from nsa_core.checkpoint.lucidrains import check_oracle_can_run
     from nsa_core.checkpoint.safetensors import load_safetensors, save_safetensors
