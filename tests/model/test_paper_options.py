@@ -168,6 +168,7 @@ def test_forced_blocks_rest_follows_scores():
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_BASE = dict(BASE, dim_head=16)  # FlexAttention on CUDA takes head dims >= 16
 needs_kernels = pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) is not None,
                                    reason="kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
 SCRATCH = dict(independent_kv=True, num_forced_initial_blocks=1, num_forced_local_blocks=2, gate_biases=(0, 0, 0))
@@ -177,8 +178,8 @@ SCRATCH = dict(independent_kv=True, num_forced_initial_blocks=1, num_forced_loca
 @pytest.mark.parametrize("options", [SCRATCH, dict(SCRATCH, importance_score="summed_probs"),
                                      dict(importance_score="summed_probs")], ids=["scratch", "scratch_summed", "summed"])
 def test_paper_options_on_the_kernels_equal_the_reference(options):
-    ref = randomize_(SparseAttention(**BASE, **options, backend="torch"), std=0.3).to(DEVICE)
-    ker = SparseAttention(**BASE, **options, backend="triton").to(DEVICE)
+    ref = randomize_(SparseAttention(**KERNEL_BASE, **options, backend="torch"), std=0.3).to(DEVICE)
+    ker = SparseAttention(**KERNEL_BASE, **options, backend="triton").to(DEVICE)
     ker.load_state_dict(ref.state_dict())
     x = torch.randn(2, 45, 24, device=DEVICE)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -191,7 +192,7 @@ def test_paper_options_on_the_kernels_equal_the_reference(options):
 
 @needs_kernels
 def test_paper_options_decoding_on_the_kernels_equals_parallel():
-    pages = dict(BASE, compress_block_size=16, compress_block_sliding_stride=8, selection_block_size=16)  # kernel pages
+    pages = dict(KERNEL_BASE, compress_block_size=16, compress_block_sliding_stride=8, selection_block_size=16)  # kernel pages
     ref = randomize_(SparseAttention(**pages, **SCRATCH, backend="torch"), std=0.3).to(DEVICE)
     ker = SparseAttention(**pages, **SCRATCH, backend="triton").to(DEVICE)
     ker.load_state_dict(ref.state_dict())
