@@ -49,6 +49,10 @@ class NSAConfig:
       heads; the blocks are then scored by the keys the selected branch attends with, not by the
       compressed branch's. Measured: the better language model (with independent_kv off), the slower
       needle retrieval (benchmarks/NOTES.md, "Scores from the selected branch's own keys").
+    - `selected_key_slots` (causal only; not the paper's): of `num_selected_blocks`, the slots filled
+      by the blocks that the selected branch's own keys score highest (as "selected_keys" scores them),
+      after the forced blocks and the slots that `importance_score` fills (then one of "mean_logits",
+      "summed_probs"); a block both scores pick is attended once. 0 (the default): none.
     """
 
     dim: int
@@ -74,6 +78,7 @@ class NSAConfig:
     num_forced_initial_blocks: int = 0
     num_forced_local_blocks: int = 0
     importance_score: str = "mean_logits"
+    selected_key_slots: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.gate_biases, list):  # JSON has no tuples
@@ -95,6 +100,12 @@ class NSAConfig:
     @property
     def group_size(self) -> int:
         return self.heads // self.num_kv_heads
+
+    @property
+    def scores_block_keys(self) -> bool:
+        """Whether some selection slots are scored by the selected branch's block keys (importance
+        "selected_keys", or selected_key_slots): the model builds them, a cache keeps one per page."""
+        return self.importance_score == "selected_keys" or self.selected_key_slots > 0
 
     # serialisation ----------------------------------------------------------------------
 
@@ -206,6 +217,7 @@ def validate_config(cfg: NSAConfig) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
     if cfg.importance_score not in IMPORTANCE_SCORES:
         raise ValueError(f"importance_score must be one of {IMPORTANCE_SCORES}, got {cfg.importance_score!r}")
+    _check_selected_key_slots(cfg, forced)
     _check_tensor_sizes(cfg)
     if cfg.num_selected_blocks == 0:
         warnings.warn(
@@ -213,6 +225,24 @@ def validate_config(cfg: NSAConfig) -> None:
             "(useful for ablations only)",
             stacklevel=3,
         )
+
+
+def _check_selected_key_slots(cfg: NSAConfig, forced: int) -> None:
+    _check_int("selected_key_slots", cfg.selected_key_slots, 0)
+    if cfg.selected_key_slots == 0:
+        return
+    if not cfg.causal:
+        raise ValueError("selected_key_slots needs causal=True (the selected branch's block keys are scored causally)")
+    if cfg.importance_score == "selected_keys":
+        raise ValueError("selected_key_slots splits the slots between importance_score and the selected branch's "
+                         "block keys: pass importance_score 'mean_logits' or 'summed_probs' with it (importance "
+                         "'selected_keys' already gives every slot to the block keys)")
+    if cfg.use_diff_topk:
+        raise ValueError("selected_key_slots cannot be combined with use_diff_topk (its gates follow one score)")
+    free = cfg.num_selected_blocks - forced
+    if cfg.selected_key_slots > free:
+        raise ValueError(f"selected_key_slots must be at most num_selected_blocks - forced blocks = {free}, "
+                         f"got {cfg.selected_key_slots}")
 
 
 def _check_tensor_sizes(cfg: NSAConfig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor
 
 
@@ -45,6 +46,7 @@ class SelectionRule:
     forced_local: int = 0
     importance: str = "mean_logits"  # NSAConfig.importance_score
     compress_block: int = 0  # compression window (tokens); "summed_probs" needs it for the overlaps
+    selected_key_slots: int = 0  # NSAConfig.selected_key_slots: slots the selected branch's block keys fill
 
     @property
     def scores_selected_keys(self) -> bool:
@@ -60,6 +62,21 @@ class SelectionRule:
         return replace(self, stride=self.selection_block_size, importance="mean_logits", interpolated=False)
 
     @property
+    def splits_slots(self) -> bool:
+        """Some slots scored by importance, the rest by the selected branch's block keys (selected_key_slots)."""
+        return self.selected_key_slots > 0
+
+    def importance_part(self) -> SelectionRule:
+        """With selected_key_slots: the rule of the forced blocks and the slots `importance` scores."""
+        return replace(self, num_selected=self.num_selected - self.selected_key_slots, selected_key_slots=0)
+
+    def block_key_part(self) -> SelectionRule:
+        """With selected_key_slots: the rule of the slots the block keys score (no forced blocks;
+        block_key_rule's scoring)."""
+        return replace(self, num_selected=self.selected_key_slots, forced_initial=0, forced_local=0,
+                       importance="selected_keys", selected_key_slots=0).block_key_rule()
+
+    @property
     def has_forced_blocks(self) -> bool:
         return self.forced_initial + self.forced_local > 0
 
@@ -73,3 +90,20 @@ class SelectionRule:
         if not self.has_forced_blocks:
             return None
         return (self.selection_block_size, self.forced_initial, self.forced_local, query_pos)
+
+
+def merge_selections(first: Selection | None, second: Selection | None) -> Selection | None:
+    """The slots of `first` then those of `second` (same B, H, T), a slot of `second` whose block a valid
+    slot of `first` holds marked invalid (each block attended once). None stands for no slots."""
+    if first is None or second is None:
+        return second if first is None else first
+    if first.gates is not None or second.gates is not None:
+        raise ValueError("selections with use_diff_topk gates cannot be merged")
+    if first.indices.shape[:-1] != second.indices.shape[:-1]:
+        raise ValueError(f"selections to merge must share (B, H, T), got {tuple(first.indices.shape[:-1])} and "
+                         f"{tuple(second.indices.shape[:-1])}")
+    held = (second.indices.unsqueeze(-1) == first.indices.unsqueeze(-2)) & first.valid.unsqueeze(-2)  # (B, H, T, S2, S1)
+    valid = second.valid & ~held.any(dim=-1)
+    return Selection(indices=torch.cat([first.indices, second.indices], dim=-1),
+                     valid=torch.cat([first.valid, valid], dim=-1),
+                     probs=torch.cat([first.probs, second.probs], dim=-1), gates=None)

@@ -29,6 +29,7 @@ from nsa_core.model.attention import SparseAttention
 from nsa_core.reference.compressed_attention import compressed_scores
 from nsa_core.reference.pooled_selection import pooled_block_logits
 from nsa_core.reference.selection import block_importance
+from nsa_core.selection import SelectionRule
 
 MAX_DECODED = 128  # tokens decoded one at a time; the rest of the row is the prefill
 TIE_FACTOR = 8.0  # a gap below TIE_FACTOR x the measured logit rounding error is a near-tie
@@ -65,14 +66,22 @@ def decode_outputs(module: SparseAttention, x: Tensor, prefill: int,
     return torch.cat(outs, dim=1)
 
 
-def block_logits(module: SparseAttention, x: Tensor, positions: Tensor) -> Tensor | None:
-    """(B, H, P, NB) block logits of the queries at `positions`, by the reference's rule, in the
-    module's dtype; None when no block can be selected."""
-    rule = module.selection_rule
+def scored_parts(rule: SelectionRule) -> list[tuple[SelectionRule, bool]]:
+    """The parts of a selection, each (its rule, whether it scores the block keys): one, or with
+    selected_key_slots the importance's slots and the block keys' slots."""
+    if rule.splits_slots:
+        return [(rule.importance_part(), False), (rule.block_key_part(), True)]
+    return [(rule, rule.scores_selected_keys)]
+
+
+def block_logits(module: SparseAttention, x: Tensor, positions: Tensor, rule: SelectionRule,
+                 block_keys: bool) -> Tensor | None:
+    """(B, H, P, NB) block logits of the queries at `positions` by `rule` (a part of the module's rule:
+    scored_parts), by the reference's rule, in the module's dtype; None when no block can be selected."""
     with torch.no_grad():
         q, k, v = module.project(module.norm(x[:, : int(positions.max()) + 1]))
         (kc, vc), (ks, _), _ = module.branch_kv(k, v)
-        if rule.scores_selected_keys:  # the selected branch's rotated queries against its block keys
+        if block_keys:  # the selected branch's rotated queries against its block keys
             every = torch.arange(q.shape[-2], device=q.device)
             keys = module.selection_keys_of(module.rotate(ks, every))
             blocks = rule.block_key_rule()
@@ -94,21 +103,26 @@ def block_logits(module: SparseAttention, x: Tensor, positions: Tensor) -> Tenso
 
 def selection_margins(module: SparseAttention, x: Tensor, positions: Tensor) -> tuple[Tensor, float]:
     """Per (batch, position) (B, P): the float64 gap between the last selected and the first
-    unselected block logit (smallest over the heads; inf when every block is selected), and the
-    tie tolerance: TIE_FACTOR x the largest error of the module's dtype on those logits."""
+    unselected block logit (smallest over the heads and over the selection's parts; inf when every
+    block is selected), and the tie tolerance: TIE_FACTOR x the largest error of the module's dtype on
+    those logits."""
     B, P = x.shape[0], positions.numel()
     wide = copy.deepcopy(module).double()
-    exact = block_logits(wide, x.double(), positions)
-    rounded = block_logits(module, x, positions)
-    k = module.selection_rule.num_selected
-    if exact is None or exact.shape[-1] <= k:
-        return torch.full((B, P), float("inf"), dtype=torch.float64), 0.0
-    visible = exact > torch.finfo(torch.float32).min  # masked blocks hold huge negative logits
-    error = torch.where(visible, (rounded.double() - exact).abs(), torch.zeros_like(exact)).amax().item()
-    top = exact.topk(k + 1, dim=-1).values
-    gap = torch.where(top[..., k] > torch.finfo(torch.float32).min, top[..., k - 1] - top[..., k],
-                      torch.full_like(top[..., k], float("inf")))
-    return gap.amin(dim=1), TIE_FACTOR * error
+    gaps, tolerance = torch.full((B, P), float("inf"), dtype=torch.float64), 0.0
+    for rule, block_keys in scored_parts(module.selection_rule):
+        exact = block_logits(wide, x.double(), positions, rule, block_keys)
+        rounded = block_logits(module, x, positions, rule, block_keys)
+        k = rule.num_selected
+        if exact is None or exact.shape[-1] <= k or k == 0:
+            continue
+        visible = exact > torch.finfo(torch.float32).min  # masked blocks hold huge negative logits
+        error = torch.where(visible, (rounded.double() - exact).abs(), torch.zeros_like(exact)).amax().item()
+        top = exact.topk(k + 1, dim=-1).values
+        gap = torch.where(top[..., k] > torch.finfo(torch.float32).min, top[..., k - 1] - top[..., k],
+                          torch.full_like(top[..., k], float("inf")))
+        gaps = torch.minimum(gaps, gap.amin(dim=1).cpu())
+        tolerance = max(tolerance, TIE_FACTOR * error)
+    return gaps, tolerance
 
 
 def compare_decoding(module: SparseAttention, x: Tensor, parallel: Tensor, tol: float,

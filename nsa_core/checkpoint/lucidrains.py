@@ -71,7 +71,8 @@ def to_lucidrains(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 # NSAConfig fields that native-sparse-attention-pytorch 0.2.3's constructor does not take
 NOT_ORACLE_ARGUMENTS = ("backend", "interpolated_importance_score", "independent_kv", "gate_biases",
-                        "num_forced_initial_blocks", "num_forced_local_blocks", "importance_score")
+                        "num_forced_initial_blocks", "num_forced_local_blocks", "importance_score",
+                        "selected_key_slots")
 
 
 def oracle_arguments(cfg: NSAConfig) -> dict[str, Any]:
@@ -88,7 +89,8 @@ def check_oracle_can_run(cfg: NSAConfig) -> None:
     beyond = [name for name, value in (("independent_kv", cfg.independent_kv),
                                        ("num_forced_initial_blocks", cfg.num_forced_initial_blocks),
                                        ("num_forced_local_blocks", cfg.num_forced_local_blocks),
-                                       (f"importance_score={cfg.importance_score!r}", cfg.importance_score != "mean_logits"))
+                                       (f"importance_score={cfg.importance_score!r}", cfg.importance_score != "mean_logits"),
+                                       ("selected_key_slots", cfg.selected_key_slots))
               if value]
     if beyond:
         raise ValueError(f"native-sparse-attention-pytorch has no {', '.join(beyond)}: a module using "
@@ -102,7 +104,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], **given: Any) -> NSAConfig
     if given.get("importance_score", "mean_logits") != "mean_logits":
         raise ValueError("native-sparse-attention-pytorch scores blocks by mean logits only: importance_score "
                          f"must be 'mean_logits' for its checkpoints, got {given['importance_score']!r}")
-    for name in ("independent_kv", "num_forced_initial_blocks", "num_forced_local_blocks"):
+    for name in ("independent_kv", "num_forced_initial_blocks", "num_forced_local_blocks", "selected_key_slots"):
         if given.get(name):
             raise ValueError(f"native-sparse-attention-pytorch has no {name}: a checkpoint of it cannot take one")
     _check_state_dict(state_dict)

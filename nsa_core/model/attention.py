@@ -38,7 +38,7 @@ from nsa_core.ops.oracle_padding import padded_selected_attention, padded_window
 from nsa_core.ops.rotary import rotary, rotary_at_positions
 from nsa_core.ops.selected_attention import selected_attention
 from nsa_core.ops.sliding_window import sliding_window_attention
-from nsa_core.selection import Selection, SelectionRule
+from nsa_core.selection import Selection, SelectionRule, merge_selections
 from nsa_core.seqs import Seqs
 
 
@@ -73,6 +73,7 @@ class SparseAttention(nn.Module):
         num_forced_initial_blocks: int = 0,
         num_forced_local_blocks: int = 0,
         importance_score: str = "mean_logits",
+        selected_key_slots: int = 0,
     ):
         super().__init__()
         if not isinstance(use_triton_kernel, bool):
@@ -92,6 +93,7 @@ class SparseAttention(nn.Module):
             compress_block_sliding_stride=compress_block_sliding_stride, backend=backend,
             independent_kv=independent_kv, gate_biases=gate_biases, num_forced_initial_blocks=num_forced_initial_blocks,
             num_forced_local_blocks=num_forced_local_blocks, importance_score=importance_score,
+            selected_key_slots=selected_key_slots,
         )
         for name, module in (("compress_mlp", compress_mlp), ("strategy_combine_mlp", strategy_combine_mlp)):
             if module is not None and not isinstance(module, nn.Module):
@@ -170,6 +172,7 @@ class SparseAttention(nn.Module):
             interpolated=cfg.interpolated_importance_score, use_diff_topk=cfg.use_diff_topk, causal=cfg.causal,
             scale=self.scale, forced_initial=cfg.num_forced_initial_blocks, forced_local=cfg.num_forced_local_blocks,
             importance=cfg.importance_score, compress_block=cfg.compress_block_size,
+            selected_key_slots=cfg.selected_key_slots,
         )
 
     # pieces ------------------------------------------------------------------------------------
@@ -236,10 +239,10 @@ class SparseAttention(nn.Module):
 
     def selection_keys_of(self, rotated_k: Tensor, seqs: Seqs | None = None) -> Tensor | None:
         """What the selection scores when it is not the compressed keys: with importance "selected_keys"
-        the selected branch's block keys of its rotated keys (b, hk, n, d) (model/selection_keys.py);
+        (or selected_key_slots) the selected branch's block keys of its rotated keys (b, hk, n, d) (model/selection_keys.py);
         else None. Built without gradient unless use_diff_topk's gates need it."""
         cfg = self.config
-        if cfg.importance_score != "selected_keys":
+        if not cfg.scores_block_keys:
             return None
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.use_diff_topk):
             return block_mean_keys(rotated_k, cfg.selection_block_size, seqs)
@@ -295,14 +298,19 @@ class SparseAttention(nn.Module):
     def select(self, inp: Tensor) -> Selection | None:
         """The block selection of every query of inp (b, n, dim): indices / valid (b, H, n, S), or None."""
         self.check_input(inp)
+        rule, backend = self.selection_rule, self.config.backend
         q, k, v = self.project(self.norm(inp))
         (kc, vc), (ks, _), _ = self.branch_kv(k, v)
-        block_keys = self.selection_keys_of(self.rotate(ks, torch.arange(inp.shape[1], device=inp.device)))
-        if block_keys is not None:  # importance "selected_keys": the rotated queries score the block keys
-            q_rot = self.rotate(q, torch.arange(inp.shape[1], device=inp.device))
-            return select_blocks(q_rot, block_keys, self.selection_rule, backend=self.config.backend)
+        positions = torch.arange(inp.shape[1], device=inp.device)
+        block_keys = self.selection_keys_of(self.rotate(ks, positions))
+        by_block_keys = None
+        if block_keys is not None:  # the rotated queries score the block keys
+            if not rule.splits_slots:
+                return select_blocks(self.rotate(q, positions), block_keys, rule, backend=backend)
+            by_block_keys = select_blocks(self.rotate(q, positions), block_keys, rule.block_key_part(), backend=backend)
+            rule = rule.importance_part()
         ck, _ = self.compress(kc, vc)
-        return select_blocks(q, ck, self.selection_rule, backend=self.config.backend)
+        return merge_selections(select_blocks(q, ck, rule, backend=backend), by_block_keys)
 
     def new_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> NSACache:
         """An empty static decoding cache for batch_size sequences of up to max_seq_len tokens

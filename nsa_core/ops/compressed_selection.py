@@ -37,7 +37,7 @@ from nsa_core.ops.validation import check_positive_int, check_same_device_dtype
 from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
 from nsa_core.reference.selection import NULL_SLOT_LOGIT, VALID_THRESHOLD, num_scored_blocks
 from nsa_core.reference.step_selection import step_compressed_selection_reference
-from nsa_core.selection import Selection, SelectionRule
+from nsa_core.selection import Selection, SelectionRule, merge_selections
 from nsa_core.seqs import Seqs, check_rows, query_seqs
 
 # the importance scores whose whole sequences take the fused training kernel on the kernels (H200, paper
@@ -61,6 +61,9 @@ def compressed_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages,
     own: selection_q, the rotated queries (B, HQ, T, D), score selection_keys, the selected branch's
     block keys (model/selection_keys.py), both required; selection_q is unused otherwise."""
     stride = rule.stride
+    if rule.splits_slots:
+        return _split_selection(q, ck, cv, selection_keys, selection_q, rule, num_memory=num_memory, causal=causal,
+                                scale=scale, seqs=seqs, backend=backend)
     if rule.scores_selected_keys:
         return _selected_key_selection(q, ck, cv, selection_keys, selection_q, rule, num_memory=num_memory,
                                        causal=causal, scale=scale, seqs=seqs, backend=backend)
@@ -116,19 +119,43 @@ def _selected_key_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages, s
                             seqs: Seqs | None, backend: str) -> tuple[Tensor, Selection | None]:
     """Importance "selected_keys": the compressed branch alone, then the selection of selection_q over the
     selected branch's block keys (a cache's PooledBlockKeys for a decoding step)."""
+    _check_block_key_inputs(q, ck, cv, selection_keys, selection_q, seqs)
+    out = compressed_attention(q, ck, cv, num_memory=num_memory, stride=rule.stride, causal=causal, scale=scale,
+                               seqs=seqs, backend=backend)
+    return out, _block_key_selection(selection_q, selection_keys, rule.block_key_rule(), seqs, backend)
+
+
+def _split_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages, selection_keys, selection_q,
+                     rule: SelectionRule, *, num_memory: int, causal: bool, scale: float | None,
+                     seqs: Seqs | None, backend: str) -> tuple[Tensor, Selection | None]:
+    """selected_key_slots: the compressed branch with the forced blocks and the importance's slots, as
+    without the option (its kernels), then the block keys' slots; a block both pick is attended once."""
+    _check_block_key_inputs(q, ck, cv, selection_keys, selection_q, seqs)
+    out, first = compressed_selection(q, ck, cv, None, rule.importance_part(), num_memory=num_memory, causal=causal,
+                                      scale=scale, seqs=seqs, backend=backend)
+    second = _block_key_selection(selection_q, selection_keys, rule.block_key_part(), seqs, backend)
+    return out, merge_selections(first, second)
+
+
+def _check_block_key_inputs(q: Tensor, ck, cv, selection_keys, selection_q, seqs: Seqs | None) -> None:
     if selection_keys is None or selection_q is None:
-        raise ValueError("importance 'selected_keys' scores the selected branch's block keys: pass selection_keys "
-                         "(model/selection_keys.py) and selection_q (the rotated queries)")
+        raise ValueError("a selection scored by the selected branch's block keys (importance 'selected_keys' or "
+                         "selected_key_slots) needs selection_keys (model/selection_keys.py) and selection_q "
+                         "(the rotated queries)")
     if not isinstance(selection_q, Tensor) or selection_q.shape != q.shape:
         raise ValueError(f"selection_q must be the rotated queries, shaped as q {tuple(q.shape)}, got "
                          f"{getattr(selection_q, 'shape', type(selection_q).__name__)}")
     if not paged_call(seqs, ck=ck, cv=cv) and isinstance(selection_keys, PooledBlockKeys):
         raise TypeError("selection_keys as PooledBlockKeys (a cache's block keys) need a decoding-step seqs")
-    out = compressed_attention(q, ck, cv, num_memory=num_memory, stride=rule.stride, causal=causal, scale=scale,
-                               seqs=seqs, backend=backend)
-    if paged_call(seqs, ck=ck, cv=cv) and _step_block_keys_on_kernels(selection_q, selection_keys, rule, backend):
-        return out, _step_block_key_selection(selection_q, selection_keys.keys, rule.block_key_rule(), seqs)
-    return out, select_blocks(selection_q, selection_keys, rule, seqs=seqs, backend=backend)
+
+
+def _block_key_selection(selection_q: Tensor, selection_keys, rule: SelectionRule, seqs: Seqs | None,
+                         backend: str) -> Selection | None:
+    """The selection of selection_q over the block keys by `rule` (a block-key rule: block_key_rule)."""
+    if (isinstance(seqs, Seqs) and seqs.is_step
+            and _step_block_keys_on_kernels(selection_q, selection_keys, rule, backend)):
+        return _step_block_key_selection(selection_q, selection_keys.keys, rule, seqs)
+    return select_blocks(selection_q, selection_keys, rule, seqs=seqs, backend=backend)
 
 
 def _step_block_keys_on_kernels(selection_q: Tensor, selection_keys, rule: SelectionRule, backend: str) -> bool:

@@ -91,7 +91,7 @@ class PagedCache:
         z = dict(device=device, dtype=dtype)
 
         def store() -> _LayerStore:
-            window, block_keys = config.independent_kv, config.importance_score == "selected_keys"
+            window, block_keys = config.independent_kv, config.scores_block_keys
             return _LayerStore(
                 k_pages=torch.zeros(num_pages, hk, page, d, **z), v_pages=torch.zeros(num_pages, hk, page, d, **z),
                 ck_pages=torch.zeros(num_compressed_pages, hk, COMPRESSED_PAGE, d, **z),

@@ -44,12 +44,14 @@ CASES = [
     dict(heads=6, kv_heads=2, importance_score="selected_keys", selection_block_size=4, use_diff_topk=True),
     dict(heads=3, kv_heads=1, importance_score="selected_keys", independent_kv=True, num_forced_initial_blocks=1,
          compress_block_size=6, compress_block_sliding_stride=3, selection_block_size=3),
+    # a slot for the compressed score, one for the block keys (causal only)
+    dict(heads=6, kv_heads=2, selected_key_slots=1, independent_kv=True),
 ]
 
 
 def _module(case: dict, causal: bool) -> SparseAttention:
-    if not causal:  # forced blocks are causal-only
-        case = {k: v for k, v in case.items() if not k.startswith("num_forced")}
+    if not causal:  # forced blocks and block-key slots are causal-only
+        case = {k: v for k, v in case.items() if not k.startswith("num_forced") and k != "selected_key_slots"}
     torch.manual_seed(0)
     module = SparseAttention(**{**BASE, **case}, causal=causal, backend="torch").double()
     return randomize_(module, std=0.4, seed=1)

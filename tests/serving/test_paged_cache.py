@@ -17,6 +17,7 @@ CONFIGS = [
     (4, 1, 8, 4, 2, 3, 2, 4, dict(interpolated_importance_score=True)),  # scored exactly (blocks < stride)
     (6, 3, 4, 2, 4, 2, 1, 3, dict(independent_kv=True)),  # the window branch's own pages
     (6, 2, 8, 4, 4, 3, 2, 5, dict(importance_score="selected_keys", num_forced_initial_blocks=1)),  # page means
+    (6, 2, 8, 4, 8, 3, 2, 5, dict(selected_key_slots=1, num_forced_initial_blocks=1)),  # both scores
 ]
 TOL = 1e-10  # float64: the decode path's error against the parallel pass measured ~1e-15
 
