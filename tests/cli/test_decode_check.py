@@ -103,3 +103,24 @@ def test_missing_block_fails(monkeypatch):
     monkeypatch.setattr(step_op, "step_compressed_selection_reference", drop_last)
     found = compare(*module_and_input())
     assert not found.passed, found
+
+
+def test_a_module_with_block_key_slots_passes_and_its_margins_cover_both_scores():
+    from nsa_cli.support.decode_check import scored_parts, selection_margins
+
+    torch.manual_seed(0)
+    attn = SparseAttention(dim=24, dim_head=8, heads=6, kv_heads=2, sliding_window_size=4, compress_block_size=4,
+                           selection_block_size=4, num_selected_blocks=3, num_forced_initial_blocks=1,
+                           selected_key_slots=1, causal=True, backend="torch")
+    randomize_parameters(attn, 0, std=0.3)
+    x = torch.randn(2, N, 24)
+    with torch.no_grad():
+        found = compare(attn, x, attn(x))
+        assert found.passed, found
+        parts = scored_parts(attn.selection_rule)
+        assert [(rule.num_selected, keys) for rule, keys in parts] == [(2, False), (1, True)]
+        positions = torch.arange(30, N)
+        margins, tolerance = selection_margins(attn, x, positions)
+        alone = attn.selection_rule.importance_part()
+    assert margins.shape == (2, N - 30) and torch.isfinite(margins).all() and (margins >= 0).all()
+    assert 0 < tolerance < 1e-3 and alone.num_selected == 2
