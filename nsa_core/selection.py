@@ -102,7 +102,8 @@ def merge_selections(first: Selection | None, second: Selection | None) -> Selec
     if first.indices.shape[:-1] != second.indices.shape[:-1]:
         raise ValueError(f"selections to merge must share (B, H, T), got {tuple(first.indices.shape[:-1])} and "
                          f"{tuple(second.indices.shape[:-1])}")
-    held = (second.indices.unsqueeze(-1) == first.indices.unsqueeze(-2)) & first.valid.unsqueeze(-2)  # (B, H, T, S2, S1)
+    # (B, H, T, S2, S1): which valid slot of first holds each slot's block of second
+    held = (second.indices.unsqueeze(-1) == first.indices.unsqueeze(-2)) & first.valid.unsqueeze(-2)
     valid = second.valid & ~held.any(dim=-1)
     return Selection(indices=torch.cat([first.indices, second.indices], dim=-1),
                      valid=torch.cat([first.valid, valid], dim=-1),

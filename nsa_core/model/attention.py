@@ -239,8 +239,8 @@ class SparseAttention(nn.Module):
 
     def selection_keys_of(self, rotated_k: Tensor, seqs: Seqs | None = None) -> Tensor | None:
         """What the selection scores when it is not the compressed keys: with importance "selected_keys"
-        (or selected_key_slots) the selected branch's block keys of its rotated keys (b, hk, n, d) (model/selection_keys.py);
-        else None. Built without gradient unless use_diff_topk's gates need it."""
+        (or selected_key_slots) the selected branch's block keys of its rotated keys (b, hk, n, d)
+        (model/selection_keys.py); else None. Built without gradient unless use_diff_topk's gates need it."""
         cfg = self.config
         if not cfg.scores_block_keys:
             return None

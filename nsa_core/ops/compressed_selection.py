@@ -19,6 +19,8 @@ twin's 0.46-6.5 ms: benchmarks/RESULTS.md "Fused decode step"), or its PyTorch t
 cache's selection keys). Forward only for a step. With importance "selected_keys" a step's compressed
 branch is a plain paged launch and the same fused kernel picks the blocks from the cache's block keys,
 one key per block at a stride of one block (its PyTorch twin: ops/step_selection.py).
+With selected_key_slots (rule.splits_slots) both run on every pass: the forced blocks and the importance's
+slots as without the option, then the block keys' slots, merged (selection.merge_selections).
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, K queries per row, M memory tokens,
 C compressed blocks in the cache's capacity, NB selection blocks in it, S selected slots, D head dim.

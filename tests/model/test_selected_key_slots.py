@@ -122,7 +122,8 @@ def test_gradients_reach_every_branch():
 
 @needs_kernels
 @pytest.mark.usefixtures("poisoned_outputs")
-@pytest.mark.parametrize("changes", [dict(), dict(independent_kv=True, importance_score="summed_probs", gate_biases=(0, 0, 0))])
+@pytest.mark.parametrize("changes", [dict(), dict(independent_kv=True, importance_score="summed_probs",
+                                                  gate_biases=(0, 0, 0))])
 def test_kernels_equal_the_reference(changes):
     ref = randomize_(SparseAttention(**KERNEL_BASE, **changes, backend="torch"), std=0.3).to(DEVICE)
     ker = SparseAttention(**KERNEL_BASE, **changes, backend="triton").to(DEVICE)
