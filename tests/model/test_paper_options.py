@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import randomize_, rel_err
+from helpers import check_kernels_equal_reference, randomize_, rel_err
 from nsa_core import NSAConfig, SparseAttention
 from nsa_core.config import get_preset
 from nsa_core.ops.dispatch import kernel_unavailable_reason
@@ -175,19 +175,11 @@ SCRATCH = dict(independent_kv=True, num_forced_initial_blocks=1, num_forced_loca
 
 
 @needs_kernels
+@pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("options", [SCRATCH, dict(SCRATCH, importance_score="summed_probs"),
                                      dict(importance_score="summed_probs")], ids=["scratch", "scratch_summed", "summed"])
 def test_paper_options_on_the_kernels_equal_the_reference(options):
-    ref = randomize_(SparseAttention(**KERNEL_BASE, **options, backend="torch"), std=0.3).to(DEVICE)
-    ker = SparseAttention(**KERNEL_BASE, **options, backend="triton").to(DEVICE)
-    ker.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 45, 24, device=DEVICE)
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_r, out_k = ref(a), ker(b)
-    assert rel_err(out_k, out_r) < 1e-4
-    out_r.square().sum().backward()
-    out_k.square().sum().backward()
-    assert rel_err(b.grad, a.grad) < 1e-3
+    check_kernels_equal_reference(DEVICE, **KERNEL_BASE, **options)
 
 
 @needs_kernels

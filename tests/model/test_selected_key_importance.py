@@ -7,21 +7,18 @@ gradient use_diff_topk sends into the selected keys; config round trips and refu
 import pytest
 import torch
 
-from helpers import randomize_, rel_err
+from helpers import KERNEL_DEVICE, check_kernels_equal_reference, needs_kernels, randomize_, rel_err
 from nsa_core import NSAConfig, SparseAttention
 from nsa_core.model.selection_keys import block_mean_keys
 from nsa_core.ops.compressed_selection import compressed_selection
-from nsa_core.ops.dispatch import kernel_unavailable_reason
 from nsa_core.seqs import Seqs
 
 # G = 3 (not a power of two), selection blocks of 8 = 2 strides, a row of 53 tokens (6 complete blocks)
 BASE = dict(dim=24, dim_head=8, heads=6, kv_heads=2, sliding_window_size=5, compress_block_size=8,
             compress_block_sliding_stride=4, selection_block_size=8, num_selected_blocks=3, causal=True,
             importance_score="selected_keys")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = KERNEL_DEVICE
 KERNEL_BASE = dict(BASE, dim_head=16)  # FlexAttention on CUDA takes head dims >= 16
-needs_kernels = pytest.mark.skipif(kernel_unavailable_reason(torch.device(DEVICE)) is not None,
-                                   reason="kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
 
 
 def module(seed=0, **changes):
@@ -173,20 +170,7 @@ def test_the_op_asks_for_the_block_keys_and_rotated_queries():
 @pytest.mark.parametrize("changes", [dict(), dict(independent_kv=True, num_forced_initial_blocks=1,
                                                   num_forced_local_blocks=1, gate_biases=(0, 0, 0))])
 def test_kernels_equal_the_reference(changes):
-    ref = randomize_(SparseAttention(**KERNEL_BASE, **changes, backend="torch"), std=0.3).to(DEVICE)
-    ker = SparseAttention(**KERNEL_BASE, **changes, backend="triton").to(DEVICE)
-    ker.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 45, 24, device=DEVICE)
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_r, out_k = ref(a), ker(b)
-    assert rel_err(out_k, out_r) < 1e-4
-    out_r.square().sum().backward()
-    out_k.square().sum().backward()
-    assert rel_err(b.grad, a.grad) < 1e-3
-    packed = torch.randn(1, 150, 24, device=DEVICE)  # >= 128 queries: FlexAttention on CUDA takes G = 3 there
-    cu = torch.tensor([0, 61, 150], device=DEVICE)
-    with torch.no_grad():
-        assert rel_err(ker(packed, cu_seqlens=cu), ref(packed, cu_seqlens=cu)) < 1e-4
+    check_kernels_equal_reference(DEVICE, **KERNEL_BASE, **changes)
 
 
 @needs_kernels
