@@ -76,6 +76,13 @@ class SelectionRule:
         return replace(self, num_selected=self.selected_key_slots, forced_initial=0, forced_local=0,
                        importance="selected_keys", selected_key_slots=0).block_key_rule()
 
+    def scored_parts(self) -> list[tuple[SelectionRule, bool]]:
+        """The parts of the selection, each (its rule, whether it scores the selected branch's block keys):
+        one, or with selected_key_slots the importance's slots then the block keys' slots (merge_selections)."""
+        if self.splits_slots:
+            return [(self.importance_part(), False), (self.block_key_part(), True)]
+        return [(self, self.scores_selected_keys)]
+
     @property
     def has_forced_blocks(self) -> bool:
         return self.forced_initial + self.forced_local > 0

@@ -66,18 +66,11 @@ def decode_outputs(module: SparseAttention, x: Tensor, prefill: int,
     return torch.cat(outs, dim=1)
 
 
-def scored_parts(rule: SelectionRule) -> list[tuple[SelectionRule, bool]]:
-    """The parts of a selection, each (its rule, whether it scores the block keys): one, or with
-    selected_key_slots the importance's slots and the block keys' slots."""
-    if rule.splits_slots:
-        return [(rule.importance_part(), False), (rule.block_key_part(), True)]
-    return [(rule, rule.scores_selected_keys)]
-
-
 def block_logits(module: SparseAttention, x: Tensor, positions: Tensor, rule: SelectionRule,
                  block_keys: bool) -> Tensor | None:
     """(B, H, P, NB) block logits of the queries at `positions` by `rule` (a part of the module's rule:
-    scored_parts), by the reference's rule, in the module's dtype; None when no block can be selected."""
+    SelectionRule.scored_parts), by the reference's rule, in the module's dtype; None when no block can
+    be selected."""
     with torch.no_grad():
         q, k, v = module.project(module.norm(x[:, : int(positions.max()) + 1]))
         (kc, vc), (ks, _), _ = module.branch_kv(k, v)
@@ -109,7 +102,7 @@ def selection_margins(module: SparseAttention, x: Tensor, positions: Tensor) -> 
     B, P = x.shape[0], positions.numel()
     wide = copy.deepcopy(module).double()
     gaps, tolerance = torch.full((B, P), float("inf"), dtype=torch.float64), 0.0
-    for rule, block_keys in scored_parts(module.selection_rule):
+    for rule, block_keys in module.selection_rule.scored_parts():
         exact = block_logits(wide, x.double(), positions, rule, block_keys)
         rounded = block_logits(module, x, positions, rule, block_keys)
         k = rule.num_selected

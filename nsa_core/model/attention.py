@@ -298,19 +298,19 @@ class SparseAttention(nn.Module):
     def select(self, inp: Tensor) -> Selection | None:
         """The block selection of every query of inp (b, n, dim): indices / valid (b, H, n, S), or None."""
         self.check_input(inp)
-        rule, backend = self.selection_rule, self.config.backend
+        backend = self.config.backend
         q, k, v = self.project(self.norm(inp))
         (kc, vc), (ks, _), _ = self.branch_kv(k, v)
         positions = torch.arange(inp.shape[1], device=inp.device)
-        block_keys = self.selection_keys_of(self.rotate(ks, positions))
-        by_block_keys = None
-        if block_keys is not None:  # the rotated queries score the block keys
-            if not rule.splits_slots:
-                return select_blocks(self.rotate(q, positions), block_keys, rule, backend=backend)
-            by_block_keys = select_blocks(self.rotate(q, positions), block_keys, rule.block_key_part(), backend=backend)
-            rule = rule.importance_part()
-        ck, _ = self.compress(kc, vc)
-        return merge_selections(select_blocks(q, ck, rule, backend=backend), by_block_keys)
+        selection = None
+        for rule, by_block_keys in self.selection_rule.scored_parts():
+            if by_block_keys:  # the rotated queries score the selected branch's block keys
+                part = select_blocks(self.rotate(q, positions), self.selection_keys_of(self.rotate(ks, positions)),
+                                     rule, backend=backend)
+            else:
+                part = select_blocks(q, self.compress(kc, vc)[0], rule, backend=backend)
+            selection = merge_selections(selection, part)
+        return selection
 
     def new_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> NSACache:
         """An empty static decoding cache for batch_size sequences of up to max_seq_len tokens

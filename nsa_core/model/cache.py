@@ -16,9 +16,9 @@ What it holds, and why (B batch, HKV kv heads, D / Dv head dims):
   (zeros before the sequence start): every window a new token completes is in them;
 - window_k_pages / window_v_pages (as k_pages), with independent_kv only: the window branch's own
   rotated keys and values (its pages are read through the same block table);
-- block_key_pages (B * NP, HKV, D), with importance "selected_keys" or selected_key_slots only: each page's mean rotated
-  key (the block key the selection scores), refreshed for the pages a write touches, so a step reads
-  one key per page for the selection instead of every cached key;
+- block_key_pages (B * NP, HKV, D), with importance "selected_keys" or selected_key_slots only: each
+  page's mean rotated key (the block key the selection scores), refreshed for the pages a write
+  touches, so a step reads one key per page for the selection instead of every cached key;
 - lengths (B,) int64 on the device: tokens written per sequence; `filled` on the host: the
   longest a sequence can be so far (capacity checks without reading the device).
 

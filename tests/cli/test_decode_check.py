@@ -106,7 +106,7 @@ def test_missing_block_fails(monkeypatch):
 
 
 def test_a_module_with_block_key_slots_passes_and_its_margins_cover_both_scores():
-    from nsa_cli.support.decode_check import scored_parts, selection_margins
+    from nsa_cli.support.decode_check import selection_margins
 
     torch.manual_seed(0)
     attn = SparseAttention(dim=24, dim_head=8, heads=6, kv_heads=2, sliding_window_size=4, compress_block_size=4,
@@ -117,7 +117,7 @@ def test_a_module_with_block_key_slots_passes_and_its_margins_cover_both_scores(
     with torch.no_grad():
         found = compare(attn, x, attn(x))
         assert found.passed, found
-        parts = scored_parts(attn.selection_rule)
+        parts = attn.selection_rule.scored_parts()
         assert [(rule.num_selected, keys) for rule, keys in parts] == [(2, False), (1, True)]
         positions = torch.arange(30, N)
         margins, tolerance = selection_margins(attn, x, positions)
