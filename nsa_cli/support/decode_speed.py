@@ -3,7 +3,9 @@ cache against a dense attention layer with a static KV cache, in one run, both C
 (eager on CPU); and generation tokens/s of small Transformers with each attention.
 
 The caches are filled with random keys and values at the given context (timing only: filling them
-by a real prefill of batch x context tokens would cost minutes and tens of GiB). Dense side: the
+by a real prefill of batch x context tokens would cost minutes and tens of GiB). NSA's step: the mean
+over `stride` consecutive positions (one compression cycle: only the step whose token completes a
+window runs the compression network), every row at the same position. Dense side: the
 same projections, SDPA over exactly the cached tokens (every SDPA backend is tried on CUDA; the
 fastest is reported), the output projection. The attention alone: each step minus its projections
 (norm, q / k / v or NSA's fused qkv and gates, output projection), timed the same way. Bytes: what one
@@ -98,17 +100,22 @@ def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[
     return replay
 
 
-def _nsa_step(nsa: SparseAttention, cache: NSACache, x: torch.Tensor, compile: bool = False) -> Callable[[], torch.Tensor]:
+def _nsa_steps(nsa: SparseAttention, cache: NSACache, x: torch.Tensor, compile: bool = False) -> Callable[[], torch.Tensor]:
+    """`stride` steps of x at consecutive positions, then back to the context: a step compresses a
+    window only when its token completes one (one step in `stride`), so a replay times one whole
+    cycle of the compression (the caller divides by `stride`)."""
     forward = (lambda: nsa(x, cache=cache))
     if compile:  # the step's glue fused by inductor (the decode kernels are custom ops with fakes)
         forward = torch.compile(forward, dynamic=False)
+    steps = nsa.config.stride
 
-    def step() -> torch.Tensor:
-        out = forward()
-        cache.rewind(x.shape[1])  # stay at the context: every replay decodes the same position
+    def cycle() -> torch.Tensor:
+        for _ in range(steps):
+            out = forward()
+        cache.rewind(steps * x.shape[1])  # back to the context: every replay decodes the same positions
         return out
 
-    return step
+    return cycle
 
 
 def _dense_step(dense: DenseAttention, keys: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
@@ -182,10 +189,10 @@ def decode_benchmark(cfg: NSAConfig, contexts: list[int], batches: list[int], *,
     for context in contexts:
         for batch in batches:
             x = torch.randn(batch, 1, cfg.dim, device=dev, dtype=dtype)
-            cache = nsa.new_cache(batch, context + 1)
+            cache = nsa.new_cache(batch, context + cfg.stride)
             cache.fill_random(context)
             with torch.no_grad():
-                nsa_ms = median_ms(_graphed(_nsa_step(nsa, cache, x, compile), dev), dev)
+                nsa_ms = median_ms(_graphed(_nsa_steps(nsa, cache, x, compile), dev), dev) / cfg.stride
             del cache
             shape = (batch, cfg.num_kv_heads, context + 1, cfg.dim_head)
             keys, values = (torch.randn(shape, device=dev, dtype=dtype) for _ in range(2))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from nsa_core.config import DEFAULT_GATE_BIASES, NSAConfig
 from nsa_core.distributed.sequence_parallel import resolve_layout
 from nsa_core.model.branch_keys import BranchKeys, split_branches
-from nsa_core.model.compress_networks import default_compress_mlp
+from nsa_core.model.compress_networks import default_compress_mlp, default_mlp_layers
 from nsa_core.model.cache import NSACache
 from nsa_core.model.compression import compress_windows, compression_windows, with_memory
 from nsa_core.model.rotary import RotaryEmbedding
@@ -38,6 +38,7 @@ from nsa_core.ops.oracle_padding import padded_selected_attention, padded_window
 from nsa_core.ops.rotary import rotary, rotary_at_positions
 from nsa_core.ops.selected_attention import selected_attention
 from nsa_core.ops.sliding_window import sliding_window_attention
+from nsa_core.ops.window_compression import MLPCompression
 from nsa_core.selection import Selection, SelectionRule, merge_selections
 from nsa_core.seqs import Seqs
 
@@ -208,6 +209,14 @@ class SparseAttention(nn.Module):
         """Windows (b, hk, c, compress_block_size, d) -> compressed tokens (b, hk, c, d)."""
         return compress_windows(windows_k, windows_v, k_positions=self.k_intrablock_positions,
                                 v_positions=self.v_intrablock_positions, k_net=self.k_compress, v_net=self.v_compress)
+
+    def mlp_compression(self) -> MLPCompression | None:
+        """The compression's tensors when both networks are the default MLP (a decoding step's fused
+        compression reads them: ops/window_compression.py), else None."""
+        k_layers, v_layers = default_mlp_layers(self.k_compress), default_mlp_layers(self.v_compress)
+        if k_layers is None or v_layers is None:
+            return None
+        return MLPCompression(self.k_intrablock_positions, self.v_intrablock_positions, k_layers, v_layers)
 
     def compress(self, k: Tensor, v: Tensor, seqs: Seqs | None = None) -> tuple[Tensor, Tensor]:
         """Unrotated k, v (b, hk, n, d) -> compressed (b, hk, c, d), c = n // stride (packed documents:

@@ -33,6 +33,7 @@ graph, the decode timing), never edited from outside.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -41,6 +42,7 @@ from nsa_core.config import NSAConfig
 from nsa_core.model.branch_keys import BranchKeys
 from nsa_core.model.selection_keys import cached_block_keys
 from nsa_core.ops.page_write import write_pages
+from nsa_core.ops.window_compression import MLPCompression, append_compressed_windows
 from nsa_core.ops.paged import Pages
 
 COMPRESSED_PAGE = 64  # compressed tokens per page of the compressed pool
@@ -323,13 +325,25 @@ class NSACache(StepCache):
             return self.k_pages, self.v_pages
         return self.window_k_pages, self.window_v_pages
 
-    def compressed_slots_completed_at(self, positions: Tensor) -> Tensor:
-        """positions (B, K) of new tokens -> (B, K) int64: the compressed slot of the window each token
-        completes, or the scratch slot where it completes none. One lookup into a table made once per
-        capacity (_slot_rule)."""
+    def compressed_slot_rule(self) -> Tensor:
+        """(capacity,) int64: the compressed slot of the window a token at that position completes, or
+        the scratch slot where it completes none (a table made once per capacity: _slot_rule)."""
         cfg = self.config
-        table = _slot_rule(self.capacity, cfg.stride, cfg.num_compressed_mem_kv, self.scratch_slot, self.device)
-        return table[positions]
+        return _slot_rule(self.capacity, cfg.stride, cfg.num_compressed_mem_kv, self.scratch_slot, self.device)
+
+    def compressed_slots_completed_at(self, positions: Tensor) -> Tensor:
+        """positions (B, K) of new tokens -> (B, K) int64: compressed_slot_rule at each."""
+        return self.compressed_slot_rule()[positions]
+
+    def append_windows(self, positions: Tensor, k: Tensor, v: Tensor, *,
+                       compress: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+                       mlp: MLPCompression | None) -> None:
+        """The compressed tokens of the windows the new tokens at positions (B, K) complete (their
+        unrotated k / v (B, HKV, K, D) after the ring), then the ring moved on: ops/window_compression.py
+        (`compress`: the module's compression of windows; `mlp`: its tensors when it is the default one)."""
+        append_compressed_windows(self.ring_keys, self.ring_values, k, v, positions, slot_of=self.compressed_slot_rule(),
+                                  scratch=self.scratch_slot, ck_pages=self.ck_pages, cv_pages=self.cv_pages,
+                                  table=self.compressed_table, compress=compress, mlp=mlp, backend=self.config.backend)
 
     def write_compressed(self, slots: Tensor, ck: Tensor, cv: Tensor) -> None:
         """Compressed keys / values (B, HKV, K, D) into logical compressed slots (B, K)."""

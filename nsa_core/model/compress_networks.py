@@ -47,6 +47,19 @@ def default_compress_mlp(dim_head: int, compress_block_size: int, expand_factor:
     )
 
 
+def default_mlp_layers(net: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """(W1, b1, W2, b2) when `net` is the default network's structure (flatten the window, Linear ->
+    ReLU -> Linear, with biases), else None: what the decoding step's fused compression reads."""
+    if not (isinstance(net, nn.Sequential) and len(net) == 4):
+        return None
+    flatten, first, relu, second = net
+    if not (isinstance(flatten, Rearrange) and flatten.pattern == "b h w n d -> b h w (n d)"
+            and type(first) is nn.Linear and type(relu) is nn.ReLU and type(second) is nn.Linear
+            and first.bias is not None and second.bias is not None):
+        return None
+    return first.weight, first.bias, second.weight, second.bias
+
+
 class ConvLinearCompress(nn.Module):
     """A grouped 1-d convolution over each window (kernel = stride = window): one filter bank per head."""
 

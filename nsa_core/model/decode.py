@@ -111,14 +111,6 @@ def decode_step(attn: SparseAttention, inp: Tensor, cache: NSACache) -> Tensor:
 
 
 def _append_compressed(attn: SparseAttention, cache: NSACache, positions: Tensor, k: Tensor, v: Tensor) -> None:
-    """Compress the window ending at each new token; complete ones go to their slot, the others to
-    the scratch slot. Then the ring keeps the last R tokens. (k, v: the cache's dtype, checked.)"""
-    cfg = attn.config
-    R = cfg.compress_block_size
-    tokens_k = torch.cat((cache.ring_keys, k), dim=2)  # (B, HKV, R + K, D)
-    tokens_v = torch.cat((cache.ring_values, v), dim=2)
-    windows_k, windows_v = (t[:, :, 1:].unfold(2, R, 1).transpose(-1, -2) for t in (tokens_k, tokens_v))
-    ck, cv = attn.compress_windows(windows_k, windows_v)  # (B, HKV, K, D)
-    cache.write_compressed(cache.compressed_slots_completed_at(positions), ck, cv)
-    cache.ring_keys.copy_(tokens_k[:, :, -R:])
-    cache.ring_values.copy_(tokens_v[:, :, -R:])
+    """The compression windows the new tokens complete go to their slots; the ring keeps the last R
+    tokens (k, v: the cache's dtype, checked)."""
+    cache.append_windows(positions, k, v, compress=attn.compress_windows, mlp=attn.mlp_compression())

@@ -32,6 +32,11 @@ projections, the gates.
 - selected_key_slots=1 (2026-12-06): 52 kernels, Triton 8: the compressed branch's fused step selection, then
   the fused kernel again over the block keys for the block keys' slots, the block keys' upkeep, and the merge of
   the two selections (a comparison of their slots, 5 small ops and 3 concatenations).
+- then the compression of the windows the new tokens complete as two launches for keys and values
+  (kernels/decode/window_compression.py: the default MLP's two layers, the slot lookup, the compressed
+  page write, the ring shift; before, the concatenations with the ring, the intra-block positions, four
+  GEMMs, two ReLUs, the slot lookup, a page write and the ring copies): 33 -> 21, 34 -> 22, 50 -> 38,
+  52 -> 40.
 """
 
 from __future__ import annotations
@@ -118,8 +123,8 @@ CONFIGS = {
     "selected_keys": dict(importance_score="selected_keys"),
     "selected_key_slots": dict(selected_key_slots=1),
 }
-EXPECTED = {"mean_logits": (33, 7), "summed_forced_independent": (34, 8), "selected_keys": (50, 8),
-            "selected_key_slots": (52, 8)}  # (kernels, of them Triton launches)
+EXPECTED = {"mean_logits": (21, 8), "summed_forced_independent": (22, 9), "selected_keys": (38, 9),
+            "selected_key_slots": (40, 9)}  # (kernels, of them Triton launches)
 FUSED_SELECTIONS = {"selected_key_slots": 2}  # launches of the fused step selection (1 elsewhere)
 
 
@@ -132,6 +137,6 @@ def test_decode_step_kernel_count(name, monkeypatch):
     counter = count_step(attn, x[:, :37], x[:, 37:38], monkeypatch)
     assert counter.aten["_local_scalar_dense"] == 0, "a decoding step must not read the device on the host"
     assert counter.triton["compressed_selection_kernel"] == FUSED_SELECTIONS.get(name, 1)
-    assert counter.triton["page_write_kernel"] >= 2
+    assert counter.triton["page_write_kernel"] >= 1
     assert (counter.kernels, sum(counter.triton.values())) == EXPECTED[name], (
         f"{counter.kernels} kernels ({dict(counter.triton)}); aten: {sorted(counter.aten.items())}")

@@ -1,0 +1,196 @@
+"""A decoding step's compression of the windows its tokens complete, for the default compression
+network (Linear -> ReLU -> Linear over the flattened window), in two launches for keys and values
+together, and the compression ring moved on:
+
+1. `window_mlp_kernel`, grid (hidden tiles, 2 networks, row tiles): a row is one (sequence, new
+   token, kv head); a program whose rows complete no window returns at once (most steps: one in
+   `stride` tokens completes one), the others run the first layer over their window (the ring's
+   tokens and the step's, plus the intra-block positions), the ReLU, and the second layer's share
+   of their hidden tile into a float32 partial;
+2. `window_finish_kernel`, grid (sequences x kv heads, 2 networks): sums the partials of every
+   completed window, adds the second layer's bias, stores the compressed token into its slot
+   of the compressed pages, then shifts the ring by the step's tokens.
+The weights are read only on steps where some row completes a window; the windows of tokens that
+complete none are not computed. Under Triton's interpreter (CPU tensors) the dots' 16-bit operands are
+kept in float32 (UPCAST: its tl.dot multiplies bfloat16 bit patterns, triton-lang/triton#11584, as its
+elementwise ops do, and its casts to bfloat16 truncate: 16-bit tiles are converted before any arithmetic,
+the window and the hidden layer are not rounded to the tokens' dtype as on a GPU) (the PyTorch twin, reference/window_compression.py, compresses every
+new token's window and writes the incomplete ones to the scratch slot). Deterministic: no atomics.
+
+Dimension legend: B sequences, K new tokens per sequence, HKV kv heads, R tokens per window (ring
+length), D head dim, N hidden units of the first layer, NT hidden tiles, CPAGE compressed slots per page.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 32  # hidden units per program: 128 programs per network at the paper layer's 4096 units
+MAX_ROWS_PER_PROGRAM = 64
+
+
+@triton.jit
+def window_mlp_kernel(
+    RING_K, RING_V, NEW_K, NEW_V, POS, SLOT_OF, POS_K, POS_V, W1_K, W1_V, B1_K, B1_V, W2_K, W2_V, PART,
+    ROWS, K, HKV, SCRATCH, N,
+    stride_rkb, stride_rkh, stride_rkn, stride_rvb, stride_rvh, stride_rvn,
+    stride_nkb, stride_nkh, stride_nkn, stride_nvb, stride_nvh, stride_nvn, stride_pb,
+    stride_eh, stride_en, stride_w1, stride_w2, stride_part_t, stride_part_net, stride_part_row,
+    R: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    net = tl.program_id(1)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # (b * K + t) * HKV + h
+    in_rows = rows < ROWS
+    h = (rows % HKV).to(tl.int64)
+    t = ((rows // HKV) % K).to(tl.int64)
+    b = (rows // (HKV * K)).to(tl.int64)
+    position = tl.load(POS + b * stride_pb + t, mask=in_rows, other=0)
+    completes = in_rows & (tl.load(SLOT_OF + position, mask=in_rows, other=SCRATCH) != SCRATCH)
+    if tl.max(completes.to(tl.int32), axis=0) == 0:
+        return
+    if net == 0:
+        ring, new, intra, w1, b1, w2 = RING_K, NEW_K, POS_K, W1_K, B1_K, W2_K
+        stride_rb, stride_rh, stride_rn, stride_nb, stride_nh, stride_nn = (stride_rkb, stride_rkh, stride_rkn,
+                                                                            stride_nkb, stride_nkh, stride_nkn)
+    else:
+        ring, new, intra, w1, b1, w2 = RING_V, NEW_V, POS_V, W1_V, B1_V, W2_V
+        stride_rb, stride_rh, stride_rn, stride_nb, stride_nh, stride_nn = (stride_rvb, stride_rvh, stride_rvn,
+                                                                            stride_nvb, stride_nvh, stride_nvn)
+    dims = tl.arange(0, BLOCK_D)
+    in_dims = dims < D
+    units = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_units = units < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in range(R):
+        # window token j of the window ending at new token t: index t + 1 + j of ring ++ new
+        s = t + 1 + j
+        from_ring = s < R
+        live = completes[:, None] & in_dims[None, :]
+        x_ring = tl.load(ring + b[:, None] * stride_rb + h[:, None] * stride_rh + s[:, None] * stride_rn + dims[None, :],
+                         mask=live & from_ring[:, None], other=0.0)
+        x_new = tl.load(new + b[:, None] * stride_nb + h[:, None] * stride_nh + (s - R)[:, None] * stride_nn
+                        + dims[None, :], mask=live & ~from_ring[:, None], other=0.0)
+        x_pos = tl.load(intra + h[:, None] * stride_eh + j * stride_en + dims[None, :], mask=live, other=0.0)
+        x = tl.where(from_ring[:, None], x_ring, x_new).to(tl.float32) + x_pos.to(tl.float32)
+        w = tl.load(w1 + units[:, None] * stride_w1 + j * D + dims[None, :], mask=in_units[:, None] & in_dims[None, :],
+                    other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+        else:
+            x = x.to(w1.dtype.element_ty)  # the window plus its positions in the tokens' dtype, as the module adds them
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    hidden = acc + tl.load(b1 + units, mask=in_units, other=0.0).to(tl.float32)
+    hidden = tl.maximum(hidden, 0.0)
+    w_out = tl.load(w2 + dims[:, None] * stride_w2 + units[None, :], mask=in_dims[:, None] & in_units[None, :], other=0.0)
+    if UPCAST:
+        w_out = w_out.to(tl.float32)
+    else:
+        hidden = hidden.to(w2.dtype.element_ty)  # the first layer's output in its dtype, as nn.Linear's
+    part = tl.dot(hidden, tl.trans(w_out), input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
+    tl.store(PART + tile * stride_part_t + net * stride_part_net + rows[:, None].to(tl.int64) * stride_part_row
+             + dims[None, :], part, mask=completes[:, None] & in_dims[None, :])
+
+
+@triton.jit
+def window_finish_kernel(
+    RING_K, RING_V, NEW_K, NEW_V, POS, SLOT_OF, B2_K, B2_V, PART, CK, CV, CTABLE,
+    K, HKV, SCRATCH, NT,
+    stride_rkb, stride_rkh, stride_rkn, stride_rvb, stride_rvh, stride_rvn,
+    stride_nkb, stride_nkh, stride_nkn, stride_nvb, stride_nvh, stride_nvn, stride_pb,
+    stride_part_t, stride_part_net, stride_part_row, stride_cp, stride_ch, stride_cs, stride_tb,
+    R: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CPAGE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    net = tl.program_id(1)
+    b = (pid // HKV).to(tl.int64)
+    h = (pid % HKV).to(tl.int64)
+    if net == 0:
+        ring, new, b2, pages = RING_K, NEW_K, B2_K, CK
+        stride_rb, stride_rh, stride_rn, stride_nb, stride_nh, stride_nn = (stride_rkb, stride_rkh, stride_rkn,
+                                                                            stride_nkb, stride_nkh, stride_nkn)
+    else:
+        ring, new, b2, pages = RING_V, NEW_V, B2_V, CV
+        stride_rb, stride_rh, stride_rn, stride_nb, stride_nh, stride_nn = (stride_rvb, stride_rvh, stride_rvn,
+                                                                            stride_nvb, stride_nvh, stride_nvn)
+    dims = tl.arange(0, BLOCK_D)
+    in_dims = dims < D
+    bias = tl.load(b2 + dims, mask=in_dims, other=0.0).to(tl.float32)
+    for t in range(K):
+        slot = tl.load(SLOT_OF + tl.load(POS + b * stride_pb + t)).to(tl.int64)
+        if slot != SCRATCH:
+            row = (b * K + t) * HKV + h
+            total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for tile in range(NT):
+                total += tl.load(PART + tile * stride_part_t + net * stride_part_net + row * stride_part_row + dims,
+                                 mask=in_dims, other=0.0)
+            physical = tl.load(CTABLE + b * stride_tb + slot // CPAGE).to(tl.int64)
+            tl.store(pages + physical * stride_cp + h * stride_ch + (slot % CPAGE) * stride_cs + dims,
+                     (total + bias).to(pages.dtype.element_ty), mask=in_dims)
+    # the ring keeps the last R tokens of ring ++ new: index K + i of it for ring slot i
+    i = tl.arange(0, BLOCK_R)
+    s = K + i
+    from_ring = s < R
+    live = (i < R)[:, None] & in_dims[None, :]
+    kept_ring = tl.load(ring + b * stride_rb + h * stride_rh + s[:, None] * stride_rn + dims[None, :],
+                        mask=live & from_ring[:, None], other=0.0)
+    kept_new = tl.load(new + b * stride_nb + h * stride_nh + (s - R)[:, None] * stride_nn + dims[None, :],
+                       mask=live & ~from_ring[:, None], other=0.0)
+    tl.debug_barrier()  # every program reads its own (b, h) ring only: loads before stores
+    tl.store(ring + b * stride_rb + h * stride_rh + i[:, None] * stride_rn + dims[None, :],
+             tl.where(from_ring[:, None], kept_ring, kept_new), mask=live)
+
+
+def _rows_per_program(rows: int) -> int:
+    return min(MAX_ROWS_PER_PROGRAM, max(16, triton.next_power_of_2(rows)))
+
+
+@torch.library.custom_op("nsa::compress_step_windows", mutates_args=("ring_k", "ring_v", "ck_pages", "cv_pages"))
+def compress_step_windows_triton(ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 positions: torch.Tensor, slot_of: torch.Tensor, scratch: int,
+                                 ck_pages: torch.Tensor, cv_pages: torch.Tensor, table: torch.Tensor,
+                                 k_positions: torch.Tensor, v_positions: torch.Tensor,
+                                 w1_k: torch.Tensor, b1_k: torch.Tensor, w2_k: torch.Tensor, b2_k: torch.Tensor,
+                                 w1_v: torch.Tensor, b1_v: torch.Tensor, w2_v: torch.Tensor, b2_v: torch.Tensor) -> None:
+    """ring_k / ring_v (B, HKV, R, D), the step's k / v (B, HKV, K, D) at positions (B, K); slot_of
+    (capacity,): the compressed slot a token at that position completes, or `scratch`; the pages
+    (NCP, HKV, CPAGE, D) behind table (B, pages per row); the intra-block positions (HKV, R, D);
+    per network W1 (N, R * D), b1 (N,), W2 (D, N), b2 (D,). Every tensor with unit stride on its
+    last dim, the two networks' tensors, intra-block positions and pages of one layout (the op
+    checks); the rings and the step's tokens may be strided views."""
+    B, HKV, K, D = k.shape
+    R = ring_k.shape[2]
+    N = w1_k.shape[0]
+    rows = B * K * HKV
+    if rows == 0:
+        return
+    block_m = _rows_per_program(rows)
+    nt = triton.cdiv(N, BLOCK_N)
+    part = torch.empty(nt, 2, rows, D, device=k.device, dtype=torch.float32)
+    upcast = k.dtype != torch.float32 and k.device.type == "cpu"  # the interpreter's tl.dot: see UPCAST above
+    precision = "ieee" if k.dtype == torch.float32 or upcast else "tf32"
+    block_d = max(16, triton.next_power_of_2(D))
+    strides = (*ring_k.stride()[:3], *ring_v.stride()[:3], *k.stride()[:3], *v.stride()[:3], positions.stride(0))
+    window_mlp_kernel[(nt, 2, triton.cdiv(rows, block_m))](
+        ring_k, ring_v, k, v, positions, slot_of, k_positions, v_positions, w1_k, w1_v, b1_k, b1_v, w2_k, w2_v, part,
+        rows, K, HKV, scratch, N, *strides,
+        k_positions.stride(0), k_positions.stride(1), w1_k.stride(0), w2_k.stride(0),
+        part.stride(0), part.stride(1), part.stride(2),
+        R=R, D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=BLOCK_N, PRECISION=precision, UPCAST=upcast,
+    )
+    window_finish_kernel[(B * HKV, 2)](
+        ring_k, ring_v, k, v, positions, slot_of, b2_k, b2_v, part, ck_pages, cv_pages, table,
+        K, HKV, scratch, nt, *strides,
+        part.stride(0), part.stride(1), part.stride(2), ck_pages.stride(0), ck_pages.stride(1), ck_pages.stride(2),
+        table.stride(0),
+        R=R, BLOCK_R=triton.next_power_of_2(R), D=D, BLOCK_D=block_d, CPAGE=ck_pages.shape[2],
+    )
+
+
+@compress_step_windows_triton.register_fake
+def _compress_step_windows_fake(ring_k, ring_v, k, v, positions, slot_of, scratch, ck_pages, cv_pages, table,
+                                k_positions, v_positions, w1_k, b1_k, w2_k, b2_k, w1_v, b1_v, w2_v, b2_v) -> None:
+    return None
