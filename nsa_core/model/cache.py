@@ -11,7 +11,8 @@ What it holds, and why (B batch, HKV kv heads, D / Dv head dims):
   selection may pick any earlier block; the window reaches the last `window` tokens);
 - ck_pages / cv_pages (B * NCP, HKV, CPAGE, D): per sequence the memory tokens (slots 0 .. M - 1),
   then the completed compression windows (slot M + c), then one scratch slot (the last) that takes
-  the writes of windows not complete yet, so every step writes the same shapes;
+  the PyTorch path's writes of windows not complete yet, so every step writes the same shapes (the
+  fused step compression, ops/window_compression.py, writes only the windows a step completes);
 - ring_keys / ring_values (B, HKV, R, D), R = compress_block_size: the last R tokens, unrotated
   (zeros before the sequence start): every window a new token completes is in them;
 - window_k_pages / window_v_pages (as k_pages), with independent_kv only: the window branch's own
