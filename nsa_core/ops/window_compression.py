@@ -25,7 +25,6 @@ from nsa_core.ops.dispatch import use_kernels
 from nsa_core.ops.page_write import write_pages
 
 MAX_KERNEL_TOKENS = 16  # longer chunks (a chunked prefill) compress their windows as one batched GEMM
-MAX_KERNEL_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -90,9 +89,12 @@ def _by_design(k: Tensor, mlp: MLPCompression | None) -> str | None:
 
 
 def _unsupported(tokens: tuple[Tensor, ...], ck_pages: Tensor, cv_pages: Tensor, mlp: MLPCompression) -> str | None:
+    from nsa_core.kernels.limits import dtype_reason, head_dim_reason
+
     k = tokens[0]
-    if k.shape[-1] > MAX_KERNEL_HEAD_DIM:
-        return f"head dim {k.shape[-1]} above {MAX_KERNEL_HEAD_DIM}"
+    reason = dtype_reason(k) or head_dim_reason(k.shape[-1], k.shape[-1])
+    if reason is not None:
+        return reason
     if any(t.stride(-1) != 1 for t in (*tokens, *mlp.tensors(), ck_pages)):
         return "tensors without unit stride on their last dim"
     pairs = ((ck_pages, cv_pages), (mlp.k_positions, mlp.v_positions), *zip(mlp.k_layers, mlp.v_layers))
