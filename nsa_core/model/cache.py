@@ -332,10 +332,6 @@ class NSACache(StepCache):
         cfg = self.config
         return _slot_rule(self.capacity, cfg.stride, cfg.num_compressed_mem_kv, self.scratch_slot, self.device)
 
-    def compressed_slots_completed_at(self, positions: Tensor) -> Tensor:
-        """positions (B, K) of new tokens -> (B, K) int64: compressed_slot_rule at each."""
-        return self.compressed_slot_rule()[positions]
-
     def append_windows(self, positions: Tensor, k: Tensor, v: Tensor, *,
                        compress: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
                        mlp: MLPCompression | None) -> None:

@@ -117,8 +117,9 @@ def test_compressed_slot_rule(stride, mem):
         cache = NSACache.allocate(attn.config, 2, capacity, device="cpu", dtype=torch.float32)
         positions = torch.tensor([[0, capacity - 1], [stride - 1, min(2 * stride, capacity) - 1]])
         want = torch.where((positions + 1) % stride == 0, mem + (positions + 1) // stride - 1, cache.scratch_slot)
-        assert torch.equal(cache.compressed_slots_completed_at(positions), want)
-        assert cache.compressed_slots_completed_at(positions).dtype == torch.int64
+        rule = cache.compressed_slot_rule()
+        assert rule.shape == (capacity,) and rule.dtype == torch.int64
+        assert torch.equal(rule[positions], want)
 
 
 def test_cache_errors():

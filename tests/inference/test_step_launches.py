@@ -22,7 +22,7 @@ Measured (one token per row, batch 2, the module below), before the fused step s
 - then the selected and window branches' page lists formed in the paged kernel (its `lists` rules:
   the own page after the listed ones, the window's pages from the position): 51 -> 39, 52 -> 40;
 - then the compressed slot of each new token's window looked up in a table made once per capacity
-  (NSACache.compressed_slots_completed_at; before, 7 ops of the rule every step): 39 -> 33, 40 -> 34.
+  (NSACache.compressed_slot_rule; before, 7 ops of the rule every step): 39 -> 33, 40 -> 34.
 The rest of a step: the token and compression writes into the cache (model/decode.py), the
 projections, the gates.
 - importance "selected_keys" (2026-12-04): 50 kernels, Triton 8. The compressed branch is a plain paged

@@ -11,11 +11,13 @@ together, and the compression ring moved on:
    completed window, adds the second layer's bias, stores the compressed token into its slot
    of the compressed pages, then shifts the ring by the step's tokens.
 The weights are read only on steps where some row completes a window; the windows of tokens that
-complete none are not computed. Under Triton's interpreter (CPU tensors) the dots' 16-bit operands are
-kept in float32 (UPCAST: its tl.dot multiplies bfloat16 bit patterns, triton-lang/triton#11584, as its
-elementwise ops do, and its casts to bfloat16 truncate: 16-bit tiles are converted before any arithmetic,
-the window and the hidden layer are not rounded to the tokens' dtype as on a GPU) (the PyTorch twin, reference/window_compression.py, compresses every
-new token's window and writes the incomplete ones to the scratch slot). Deterministic: no atomics.
+complete none are not computed (the op's PyTorch path, its twin, compresses every new token's window
+and writes the incomplete ones to the scratch slot). Deterministic: no atomics.
+
+Under Triton's interpreter (CPU tensors) 16-bit tiles are converted to float32 before any arithmetic
+and the dots run in float32 (UPCAST): its tl.dot multiplies bfloat16 bit patterns
+(triton-lang/triton#11584), as its elementwise ops do, and its casts to bfloat16 truncate; so there
+the window and the hidden layer are not rounded to the tokens' dtype, as they are on a GPU.
 
 Dimension legend: B sequences, K new tokens per sequence, HKV kv heads, R tokens per window (ring
 length), D head dim, N hidden units of the first layer, NT hidden tiles, CPAGE compressed slots per page.
@@ -36,7 +38,7 @@ def window_mlp_kernel(
     RING_K, RING_V, NEW_K, NEW_V, POS, SLOT_OF, POS_K, POS_V, W1_K, W1_V, B1_K, B1_V, W2_K, W2_V, PART,
     ROWS, K, HKV, SCRATCH, N,
     stride_rkb, stride_rkh, stride_rkn, stride_rvb, stride_rvh, stride_rvn,
-    stride_nkb, stride_nkh, stride_nkn, stride_nvb, stride_nvh, stride_nvn, stride_pb,
+    stride_nkb, stride_nkh, stride_nkn, stride_nvb, stride_nvh, stride_nvn, stride_pb,  # POS: unit stride on K
     stride_eh, stride_en, stride_w1, stride_w2, stride_part_t, stride_part_net, stride_part_row,
     R: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
