@@ -20,7 +20,7 @@ from benchmarks import devices
 from benchmarks.lm.corpus import load_corpus
 from benchmarks.lm.models import build_model, parameter_counts
 from benchmarks.lm.report import plot, print_table, run_id, summarize, write_summary
-from benchmarks.lm.settings import FULL, SMOKE, LMSettings, with_overrides
+from benchmarks.lm.settings import SCHEDULES, SMOKE, LMSettings, with_overrides
 from benchmarks.lm.training import train_run
 from benchmarks.quality_report import environment
 from benchmarks.run_store import finished_earlier, load_runs, write_run
@@ -30,6 +30,7 @@ console = Console(width=None if sys.stdout.isatty() else 180)
 USAGE = """examples:
   python -m benchmarks.lm --smoke --out /tmp/lm                       # CPU, seconds (the CI run)
   python -m benchmarks.lm --out runs/lm --models nsa --seeds 0        # one run per 10-minute command
+  python -m benchmarks.lm --out runs/lm1500 --schedule sweep --models nsa --seeds 0   # the 1500-step runs
   python -m benchmarks.lm --out runs/lm --report-only                 # table + PNG from the JSONs
 """
 INT_ARGUMENTS = ("context", "batch", "steps", "warmup_steps", "eval_every", "val_rows", "capped_context",
@@ -44,6 +45,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                                  epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="directory for runs/*.json, the summary and the PNG")
     ap.add_argument("--smoke", action="store_true", help="everything tiny on the CPU (the CI run)")
+    ap.add_argument("--schedule", choices=sorted(SCHEDULES), default="full",
+                    help="full: 6000 steps or 480 s per run; sweep: the 1500-step schedule of the sweep and design "
+                    "runs (100 warmup steps, evaluations every 250, no time budget); flags below override either")
     ap.add_argument("--report-only", action="store_true", help="no training: the table and PNG of --out's runs")
     ap.add_argument("--no-resume", action="store_true", help="run again even where a finished JSON exists")
     ap.add_argument("--models", help="comma-separated among dense,window,nsa,no_selection")
@@ -86,7 +90,7 @@ def settings_from_arguments(args: argparse.Namespace) -> LMSettings:
             overrides["nsa_options"] = json.loads(args.nsa_options)
         except json.JSONDecodeError as err:
             raise ValueError(f"nsa_options must be JSON: {err}") from None
-    return with_overrides(SMOKE if args.smoke else FULL, **overrides)
+    return with_overrides(SMOKE if args.smoke else SCHEDULES[args.schedule], **overrides)
 
 
 def log(message: str) -> None:

@@ -64,6 +64,10 @@ FULL = LMSettings(
     context=8192, batch=8, steps=6000, warmup_steps=200, lrs=(1e-3,), seeds=(0, 1), models=VARIANTS,
     eval_every=500, val_rows=32, buckets=(0, 512, 2048, 8192), capped_context=512, time_budget_s=480.0,
 )
+# the 1500-step schedule of the learning-rate sweep and the design runs since (RESULTS.md "The learning-rate
+# sweep"): 98M tokens, every run to the end of its cosine, so runs compare at their final point
+SWEEP = replace(FULL, steps=1500, warmup_steps=100, eval_every=250, time_budget_s=None)
+SCHEDULES = {"full": FULL, "sweep": SWEEP}
 SMOKE = replace(
     FULL, shape=ModelShape(dim=32, depth=2, heads=2, kv_heads=1, dim_head=16, ff_mult=2, window=16, compress_block=8,
                            compress_stride=4, selection_block=8, num_selected=4, compress_hidden=32),

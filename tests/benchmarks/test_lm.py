@@ -4,6 +4,7 @@ the corpus split, and the smoke run end to end with resume."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from benchmarks.lm.evaluation import NATS_TO_BITS, summarize_losses
 from benchmarks.lm.models import VARIANTS, build_model
 from benchmarks.lm.report import curve_at, summarize
 from benchmarks.lm.settings import SMOKE
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_pack_marks_documents_labels_and_positions():
@@ -138,6 +141,19 @@ def test_smoke_run_writes_every_run_and_resumes(tmp_path, capsys):
 def test_bad_settings_exit_2_naming_the_setting(tmp_path, capsys, bad, message):
     assert main(["--smoke", "--out", str(tmp_path), *bad]) == 2
     assert message in capsys.readouterr().out
+
+
+def test_sweep_schedule_is_the_1500_step_runs_settings():
+    """--schedule sweep gives the settings of the 1500-step runs in results/lm_1500_*; flags still override it."""
+    from benchmarks.lm.cli import parse_arguments, settings_from_arguments
+
+    sweep = settings_from_arguments(parse_arguments(["--out", "x", "--schedule", "sweep"]))
+    recorded = json.loads((REPO / "benchmarks/results/lm_1500_compression_lr025/runs/nsa-lr0.001-seed0.json").read_text())
+    for name in ("steps", "warmup_steps", "eval_every", "time_budget_s", "context", "batch"):
+        assert getattr(sweep, name) == recorded["config"][name], name
+    full = settings_from_arguments(parse_arguments(["--out", "x"]))
+    assert (full.steps, full.time_budget_s) == (6000, 480.0)
+    assert settings_from_arguments(parse_arguments(["--out", "x", "--schedule", "sweep", "--steps", "900"])).steps == 900
 
 
 def test_gate_probe_averages_each_branch_by_layer_and_position_bucket():
