@@ -63,22 +63,27 @@ def prefill_vs_forward(cfg, context, dev, dtype) -> tuple[float, float]:
 
 
 def profile_step(cfg, context, batch, dev, dtype) -> None:
-    """Kernels of one eager decode step (what a CUDA graph replays), by total GPU time."""
+    """Kernels of one compression cycle of eager decode steps (`stride` steps from the context, what the
+    timed CUDA graph replays), by total GPU time; divide by the stride for one step."""
     from torch.profiler import ProfilerActivity, profile
 
     nsa = SparseAttention.from_config(cfg).to(dev, dtype)
-    cache = nsa.new_cache(batch, context + 8)
+    steps = cfg.stride
+    cache = nsa.new_cache(batch, context + steps)
     cache.fill_random(context)
     x = torch.randn(batch, 1, cfg.dim, device=dev, dtype=dtype)
     with torch.no_grad():
         for _ in range(3):
             nsa(x, cache=cache)
+            cache.rewind(1)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            nsa(x, cache=cache)
+            for _ in range(steps):
+                nsa(x, cache=cache)
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
-    print(f"profile of one step at {context} x {batch}: {len(kernels)} GPU kernels", flush=True)
+    print(f"profile of {steps} steps (one compression cycle) from {context} x {batch}: {len(kernels)} GPU kernels "
+          f"({len(kernels) / steps:.1f} a step)", flush=True)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
 
 
