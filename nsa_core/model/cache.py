@@ -42,7 +42,7 @@ from torch import Tensor
 from nsa_core.config import NSAConfig
 from nsa_core.model.branch_keys import BranchKeys
 from nsa_core.model.selection_keys import cached_block_keys
-from nsa_core.ops.page_write import write_pages
+from nsa_core.ops.page_write import refresh_page_means, write_pages
 from nsa_core.ops.window_compression import MLPCompression, append_compressed_windows
 from nsa_core.ops.paged import Pages
 
@@ -307,18 +307,9 @@ class NSACache(StepCache):
         for k_pages, v_pages, keys, values in pairs:
             write_pages(k_pages, v_pages, self.block_table, positions, keys, values, rotary_freqs=rotary_freqs,
                         backend=self.config.backend)
-        if self.block_key_pages is not None:
-            self._refresh_block_keys(positions)
-
-    def _refresh_block_keys(self, positions: Tensor) -> None:
-        """The page means of the pages the tokens at positions (B, K) were written to. A row's positions
-        are consecutive, so every page-th of them and the last name each touched page (repeats
-        write the same mean). A page not complete yet holds stale or empty slots in its mean; the
-        selection never sees it before its last token is written, which refreshes it."""
-        page = self.page_size
-        logical = torch.cat([positions[:, ::page], positions[:, -1:]], dim=1) // page  # (B, J)
-        physical = self.block_table.gather(1, logical.long()).long().flatten()
-        self.block_key_pages[physical] = self.k_pages[physical].mean(dim=2)
+        if self.block_key_pages is not None:  # each written page's mean key (its block key)
+            refresh_page_means(self.block_key_pages, self.k_pages, self.block_table, positions,
+                               backend=self.config.backend)
 
     def window_pages(self) -> tuple[Tensor, Tensor]:
         """The pages the window branch reads: its own with independent_kv, else the shared ones."""

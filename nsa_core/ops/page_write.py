@@ -1,7 +1,8 @@
 """write_pages: a decoding step's (or a prefill's) keys and values into a cache's pages through its
-block table, the keys rotated at their positions on the way when given the rotary frequencies
-(validation + dispatch). Kernel: kernels/decode/page_write.py (one launch); reference:
-reference/page_write.py (index puts)."""
+block table, the keys rotated at their positions on the way when given the rotary frequencies;
+refresh_page_means: the mean key of every page such a write touched (validation + dispatch).
+Kernels: kernels/decode/page_write.py (one launch each); reference: reference/page_write.py (index puts,
+a gather and a mean)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,32 @@ def write_pages(k_pages: Tensor, v_pages: Tensor, table: Tensor, positions: Tens
     from nsa_core.reference.page_write import write_pages_reference
 
     write_pages_reference(k_pages, v_pages, table, positions, k, v, freqs)
+
+
+def refresh_page_means(means: Tensor, k_pages: Tensor, table: Tensor, positions: Tensor, *,
+                       backend: str = "auto") -> None:
+    """means (NP, HKV, D) := the mean over its PAGE slots of every page of k_pages (NP, HKV, PAGE, D)
+    that the tokens at positions (B, K) were written to through table (B, pages per row), in place.
+    A row's positions must be consecutive (a step's or a prompt's). A page not complete yet averages
+    its stale or empty slots too (a selection never scores it before its last token refreshes it)."""
+    if (k_pages.ndim != 4 or means.shape != (k_pages.shape[0], k_pages.shape[1], k_pages.shape[3])
+            or positions.ndim != 2 or table.ndim != 2 or table.shape[0] != positions.shape[0]):
+        raise ValueError(f"refresh_page_means needs means (NP, HKV, D) of k_pages (NP, HKV, PAGE, D), positions (B, K) "
+                         f"and a table (B, pages per row), got means {tuple(means.shape)}, k_pages "
+                         f"{tuple(k_pages.shape)}, positions {tuple(positions.shape)}, table {tuple(table.shape)}")
+    if means.dtype != k_pages.dtype:
+        raise TypeError(f"refresh_page_means keeps the means in the pages' dtype {k_pages.dtype}, got {means.dtype}")
+
+    def unsupported() -> str | None:
+        if k_pages.stride(-1) != 1 or means.stride(-1) != 1:
+            return "pages or means without unit stride on the head dim"
+        return None
+
+    if use_kernels(backend, k_pages.device, "refresh_page_means", unsupported):
+        from nsa_core.kernels.decode.page_write import refresh_page_means_triton
+
+        refresh_page_means_triton(means, k_pages, table, positions)
+        return
+    from nsa_core.reference.page_write import refresh_page_means_reference
+
+    refresh_page_means_reference(means, k_pages, table, positions)

@@ -36,7 +36,10 @@ projections, the gates.
   (kernels/decode/window_compression.py: the default MLP's two layers, the slot lookup, the compressed
   page write, the ring shift; before, the concatenations with the ring, the intra-block positions, four
   GEMMs, two ReLUs, the slot lookup, a page write and the ring copies): 33 -> 21, 34 -> 22, 50 -> 38,
-  52 -> 40.
+  52 -> 40;
+- then the block keys' upkeep (the mean key of each page written to) as one launch
+  (kernels/decode/page_write.py's page_mean_kernel; before, a concatenation, a floor division, a gather,
+  an index, a mean and an index put): selected_keys 38 -> 32, selected_key_slots 40 -> 34.
 """
 
 from __future__ import annotations
@@ -123,8 +126,8 @@ CONFIGS = {
     "selected_keys": dict(importance_score="selected_keys"),
     "selected_key_slots": dict(selected_key_slots=1),
 }
-EXPECTED = {"mean_logits": (21, 8), "summed_forced_independent": (22, 9), "selected_keys": (38, 9),
-            "selected_key_slots": (40, 9)}  # (kernels, of them Triton launches)
+EXPECTED = {"mean_logits": (21, 8), "summed_forced_independent": (22, 9), "selected_keys": (32, 10),
+            "selected_key_slots": (34, 10)}  # (kernels, of them Triton launches)
 FUSED_SELECTIONS = {"selected_key_slots": 2}  # launches of the fused step selection (1 elsewhere)
 
 
