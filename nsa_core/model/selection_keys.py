@@ -32,5 +32,5 @@ def block_mean_keys(rotated_k: Tensor, selection_block_size: int, seqs: Seqs | N
 
 def cached_block_keys(block_key_pages: Tensor, block_table: Tensor) -> PooledBlockKeys:
     """A cache's block key per physical page (pages, hk, d) behind its block table (b, np) -> the block
-    keys of every logical page (b, hk, np, d)."""
-    return PooledBlockKeys(block_key_pages[block_table.long()].transpose(1, 2))
+    keys of every logical page (b, hk, np, d), left in the pages (the step kernel reads them there)."""
+    return PooledBlockKeys(pages=block_key_pages, table=block_table)

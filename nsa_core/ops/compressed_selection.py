@@ -156,7 +156,7 @@ def _block_key_selection(selection_q: Tensor, selection_keys, rule: SelectionRul
     """The selection of selection_q over the block keys by `rule` (a block-key rule: block_key_rule)."""
     if (isinstance(seqs, Seqs) and seqs.is_step
             and _step_block_keys_on_kernels(selection_q, selection_keys, rule, backend)):
-        return _step_block_key_selection(selection_q, selection_keys.keys, rule, seqs)
+        return _step_block_key_selection(selection_q, selection_keys, rule, seqs)
     return select_blocks(selection_q, selection_keys, rule, seqs=seqs, backend=backend)
 
 
@@ -164,7 +164,7 @@ def _step_block_keys_on_kernels(selection_q: Tensor, selection_keys, rule: Selec
     """Whether a decoding step's selection over a cache's block keys takes the fused step kernel."""
     if not isinstance(selection_keys, PooledBlockKeys):
         return False  # select_blocks names the wrong type
-    keys = selection_keys.keys
+    keys = selection_keys  # its shape, device and dtype without gathering paged keys
     block = rule.selection_block_size
 
     def unsupported() -> str | None:
@@ -174,17 +174,19 @@ def _step_block_keys_on_kernels(selection_q: Tensor, selection_keys, rule: Selec
         return (dtype_reason(selection_q) or head_dim_reason(keys.shape[-1], keys.shape[-1])
                 or too_large_reason(keys.shape[-2], block, block, block, "mean_logits"))
 
-    if keys.device != selection_q.device or keys.dtype != selection_q.dtype or keys.dim() != 4:
+    if keys.device != selection_q.device or keys.dtype != selection_q.dtype or len(keys.shape) != 4:
         return False  # select_blocks names the mismatch
     return min(rule.num_selected, keys.shape[-2]) > 0 and use_kernels(
         backend, selection_q.device, "block selection over block keys (decoding step)", unsupported)
 
 
-def _step_block_key_selection(selection_q: Tensor, keys: Tensor, rule: SelectionRule, seqs: Seqs) -> Selection:
+def _step_block_key_selection(selection_q: Tensor, keys: PooledBlockKeys, rule: SelectionRule,
+                              seqs: Seqs) -> Selection:
     """The fused step kernel's scoring and top-k over the block keys (B, HKV, NB, D), one key per block:
     the block-key rule is the mean-logit rule at a stride of one block, so each key is a compressed slot of
     its own block, no memory tokens (the kernel's attention output over them is not used). The keys
-    travel as pages of one slot behind an identity table."""
+    are read as pages of one slot: a cache's own pages behind its table, or the given keys behind an
+    identity table."""
     from nsa_core.kernels.decode.compressed_selection import compressed_selection_step
 
     B, HKV, NB, D = keys.shape
@@ -193,8 +195,11 @@ def _step_block_key_selection(selection_q: Tensor, keys: Tensor, rule: Selection
                          f"selection_q hold seqs' {seqs.q_len} queries, got keys {tuple(keys.shape)}, "
                          f"selection_q {tuple(selection_q.shape)}")
     check_rows(seqs, selection_q)
-    pages = keys.transpose(1, 2).reshape(B * NB, HKV, 1, D)
-    table = torch.arange(B * NB, device=keys.device).view(B, NB)
+    if keys.pages is not None:
+        pages, table = keys.pages.unsqueeze(2), keys.table  # (P, HKV, 1, D) behind (B, NB)
+    else:
+        pages = keys.keys.transpose(1, 2).reshape(B * NB, HKV, 1, D)
+        table = torch.arange(B * NB, device=keys.device).view(B, NB)
     block = rule.selection_block_size
     _, indices, valid, probs = compressed_selection_step(
         selection_q, pages, pages, table, seqs.query_positions(selection_q.device), num_memory=0, num_compressed=NB,

@@ -2,9 +2,9 @@
 
 `Pages` is the cached form of a branch's keys or values: a pool of pages shared by every row and a
 block table mapping each row's logical pages to physical ones (nsa_core/model/cache.py and
-nsa_core/serving/paged_cache.py fill them). `PooledBlockKeys` holds pooled keys of each selection
-block for a step's selection (select_blocks with a decoding-step Seqs when blocks are scored pooled);
-the library's caches keep none (the step's selection scores the compressed pages).
+nsa_core/serving/paged_cache.py fill them). `PooledBlockKeys` holds one key of each selection block
+for a step's selection (select_blocks with a decoding-step Seqs when blocks are scored pooled, or the
+caches' block keys with importance "selected_keys", kept in their pages behind the block table).
 
 The branch ops (compressed_attention, selected_attention, sliding_window_attention) take `Pages`
 in place of their key / value tensors together with a decoding-step descriptor (`Seqs.step`): they
@@ -60,12 +60,42 @@ class Pages:
         return self.pool.shape[1]
 
 
-@dataclass(frozen=True)
 class PooledBlockKeys:
-    """keys (B, HKV, NB, D): the mean of the compressed keys of each of a row's NB selection blocks
-    (what select_blocks scores for a decoding step when blocks are scored pooled)."""
+    """One key per selection block of every row, what a decoding step's selection scores when blocks are
+    scored pooled (the mean of each block's compressed keys) or by block keys (importance
+    "selected_keys": each block's mean rotated key). Given as keys (B, HKV, NB, D), or as a cache holds
+    them: pages (P, HKV, D) of one key behind a block table (B, NB) (`keys` then gathers them; the
+    fused step kernel reads them in place)."""
 
-    keys: Tensor
+    def __init__(self, keys: Tensor | None = None, *, pages: Tensor | None = None, table: Tensor | None = None):
+        if (keys is None) == (pages is None) or (pages is None) != (table is None):
+            raise ValueError("PooledBlockKeys takes keys (B, HKV, NB, D), or pages (P, HKV, D) and a table (B, NB)")
+        if pages is not None and (pages.ndim != 3 or table.ndim != 2):
+            raise ValueError(f"PooledBlockKeys needs pages (P, HKV, D) and a table (B, NB), got pages "
+                             f"{tuple(pages.shape)}, table {tuple(table.shape)}")
+        self._keys, self.pages, self.table = keys, pages, table
+
+    @property
+    def keys(self) -> Tensor:
+        """(B, HKV, NB, D)."""
+        if self._keys is None:
+            return self.pages[self.table.long()].transpose(1, 2)
+        return self._keys
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, HKV, NB, D), without gathering."""
+        if self._keys is None:
+            return (self.table.shape[0], self.pages.shape[1], self.table.shape[1], self.pages.shape[2])
+        return tuple(self._keys.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return (self.pages if self._keys is None else self._keys).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.pages if self._keys is None else self._keys).dtype
 
 
 def paged_call(seqs: Seqs | None, **kv) -> bool:

@@ -39,7 +39,10 @@ projections, the gates.
   52 -> 40;
 - then the block keys' upkeep (the mean key of each page written to) as one launch
   (kernels/decode/page_write.py's page_mean_kernel; before, a concatenation, a floor division, a gather,
-  an index, a mean and an index put): selected_keys 38 -> 32, selected_key_slots 40 -> 34.
+  an index, a mean and an index put): selected_keys 38 -> 32, selected_key_slots 40 -> 34;
+- then the step's selection reads the block keys in the cache's pages behind its table (PooledBlockKeys
+  with pages; before, a gather of every row's keys, the table's int64 copy, a transposing copy into pages
+  of one slot and an identity table): 32 -> 29, 34 -> 31.
 """
 
 from __future__ import annotations
@@ -126,8 +129,8 @@ CONFIGS = {
     "selected_keys": dict(importance_score="selected_keys"),
     "selected_key_slots": dict(selected_key_slots=1),
 }
-EXPECTED = {"mean_logits": (21, 8), "summed_forced_independent": (22, 9), "selected_keys": (32, 10),
-            "selected_key_slots": (34, 10)}  # (kernels, of them Triton launches)
+EXPECTED = {"mean_logits": (21, 8), "summed_forced_independent": (22, 9), "selected_keys": (29, 10),
+            "selected_key_slots": (31, 10)}  # (kernels, of them Triton launches)
 FUSED_SELECTIONS = {"selected_key_slots": 2}  # launches of the fused step selection (1 elsewhere)
 
 

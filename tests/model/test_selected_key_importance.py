@@ -180,7 +180,7 @@ def test_kernels_equal_the_reference(changes):
 def test_a_steps_selection_over_cached_block_keys_on_the_kernel_equals_the_twin(changes):
     """The fused step kernel picking blocks from a cache's block keys (one key per block, a stride of one
     block) against the PyTorch step selection: ragged rows (one with no complete block yet), three
-    queries per row, G = 3."""
+    queries per row, G = 3; the keys given whole, and as a cache holds them (pages behind a permuted table)."""
     from nsa_core.ops.compressed_selection import _step_block_key_selection
     from nsa_core.ops.paged import PooledBlockKeys
     from nsa_core.ops.step_selection import select_step_blocks
@@ -191,10 +191,15 @@ def test_a_steps_selection_over_cached_block_keys_on_the_kernel_equals_the_twin(
     keys = torch.randn(3, 7, 2, 8, generator=generator).to(DEVICE).transpose(1, 2)  # as the cache's gather lays them
     seqs = Seqs.step(torch.tensor([41, 5, 20], device=DEVICE), 3, 56)
     want = select_step_blocks(q, PooledBlockKeys(keys), rule, seqs)
-    got = _step_block_key_selection(q, keys, rule, seqs)
-    assert torch.equal(got.valid, want.valid)
-    assert torch.equal(torch.where(want.valid, got.indices, 0), torch.where(want.valid, want.indices, 0))
-    assert rel_err(got.probs[want.valid], want.probs[want.valid]) < 1e-5
+    table = torch.randperm(3 * 7 + 2, generator=generator)[:21].view(3, 7).int().to(DEVICE)
+    pages = torch.full((3 * 7 + 2, 2, 8), float("nan"), device=DEVICE)
+    pages[table.long()] = keys.transpose(1, 2)  # (B, NB, HKV, D) into their physical pages
+    for given in (PooledBlockKeys(keys), PooledBlockKeys(pages=pages, table=table)):
+        assert given.shape == tuple(keys.shape) and torch.equal(given.keys, keys)
+        got = _step_block_key_selection(q, given, rule, seqs)
+        assert torch.equal(got.valid, want.valid)
+        assert torch.equal(torch.where(want.valid, got.indices, 0), torch.where(want.valid, want.indices, 0))
+        assert rel_err(got.probs[want.valid], want.probs[want.valid]) < 1e-5
 
 
 def test_round_trips_and_refusals(tmp_path):

@@ -208,3 +208,14 @@ def test_paged_errors():
         select_blocks(q, k, rule, seqs=seqs)
     with pytest.raises(TypeError, match="needs a decoding-step seqs"):
         select_blocks(q, PooledBlockKeys(k), rule, seqs=Seqs(K, 40, 5))
+
+
+def test_pooled_block_keys_take_keys_or_pages_with_a_table():
+    keys = torch.randn(2, 3, 4, 8)
+    pages, table = torch.randn(9, 3, 8), torch.tensor([[8, 0, 3, 1], [2, 7, 5, 4]], dtype=torch.int32)
+    paged = PooledBlockKeys(pages=pages, table=table)
+    assert paged.shape == (2, 3, 4, 8) and paged.dtype == pages.dtype and paged.device == pages.device
+    assert torch.equal(paged.keys[1, :, 2], pages[5])
+    for bad in (dict(keys=keys, pages=pages, table=table), dict(pages=pages), dict(), dict(pages=keys, table=table)):
+        with pytest.raises(ValueError, match="PooledBlockKeys"):
+            PooledBlockKeys(**bad)
