@@ -202,13 +202,16 @@ def test_prefill_and_steps_run_the_one_attend(monkeypatch):
 
 @pytest.mark.skipif(kernel_unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
                     reason="kernels cannot run here")
-def test_decoding_step_compiles_fullgraph_on_the_kernels():
-    """torch.compile(fullgraph=True) traces a whole decoding step (the cache writes, then attend over
-    the cache's pages: no graph break, no host sync) and equals the eager step."""
+@pytest.mark.parametrize("changes", [{}, dict(selected_key_slots=1)])
+def test_decoding_step_compiles_fullgraph_on_the_kernels(changes):
+    """torch.compile(fullgraph=True) traces a whole decoding step (the cache writes, a window's compression,
+    then attend over the cache's pages, with the cache's block keys: no graph break, no host sync) and
+    equals the eager step."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     attn = randomize_(SparseAttention(dim=48, dim_head=16, heads=6, kv_heads=2, sliding_window_size=20,
                                       compress_block_size=16, compress_block_sliding_stride=8, selection_block_size=16,
-                                      num_selected_blocks=2, causal=True, backend="triton"), std=0.2).to(device)
+                                      num_selected_blocks=3, causal=True, backend="triton", **changes),
+                      std=0.2).to(device)
     x = torch.randn(2, 41, 48, device=device)
     with torch.no_grad():
         cache = attn.new_cache(2, 48)
