@@ -20,7 +20,7 @@ cache's selection keys). Forward only for a step. With importance "selected_keys
 branch is a plain paged launch and the same fused kernel picks the blocks from the cache's block keys,
 one key per block at a stride of one block (its PyTorch twin: ops/step_selection.py).
 With selected_key_slots (rule.splits_slots) both run on every pass: the forced blocks and the importance's
-slots as without the option, then the block keys' slots, merged (selection.merge_selections).
+slots as without the option, then the block keys' slots, merged (ops/selection_merge.py).
 
 Dimension legend: B batch, HQ query heads, HKV kv heads, K queries per row, M memory tokens,
 C compressed blocks in the cache's capacity, NB selection blocks in it, S selected slots, D head dim.
@@ -35,11 +35,12 @@ from nsa_core.ops.block_selection import select_blocks
 from nsa_core.ops.compressed_attention import compressed_attention
 from nsa_core.ops.dispatch import use_kernels
 from nsa_core.ops.paged import Pages, PooledBlockKeys, _check_paged, paged_call
+from nsa_core.ops.selection_merge import merge_selection_slots
 from nsa_core.ops.validation import check_positive_int, check_same_device_dtype
 from nsa_core.reference.masked_softmax import map_query_chunks, query_chunk_size
 from nsa_core.reference.selection import NULL_SLOT_LOGIT, VALID_THRESHOLD, num_scored_blocks
 from nsa_core.reference.step_selection import step_compressed_selection_reference
-from nsa_core.selection import Selection, SelectionRule, merge_selections
+from nsa_core.selection import Selection, SelectionRule
 from nsa_core.seqs import Seqs, check_rows, query_seqs
 
 # the importance scores whose whole sequences take the fused training kernel on the kernels (H200, paper
@@ -136,7 +137,7 @@ def _split_selection(q: Tensor, ck: Tensor | Pages, cv: Tensor | Pages, selectio
     out, first = compressed_selection(q, ck, cv, None, rule.importance_part(), num_memory=num_memory, causal=causal,
                                       scale=scale, seqs=seqs, backend=backend)
     second = _block_key_selection(selection_q, selection_keys, rule.block_key_part(), seqs, backend)
-    return out, merge_selections(first, second)
+    return out, merge_selection_slots(first, second, backend=backend)
 
 
 def _check_block_key_inputs(q: Tensor, ck, cv, selection_keys, selection_q, seqs: Seqs | None) -> None:
