@@ -47,3 +47,15 @@ def test_none_and_mismatches_take_the_reference():
         merge_selection_slots(first, selection((1, 2, 4), 2, 5, gen, torch.int64, torch.float32), backend="triton")
     with pytest.raises(ValueError, match="different index or probability dtypes"):
         merge_selection_slots(first, selection((1, 2, 3), 2, 5, gen, torch.int32, torch.float32), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernel_merge_gpu_training_shape():
+    """A training pass's selections (batch 2, 4 kv heads, 4096 queries, 13 + 6 slots over 64 blocks)."""
+    gen = torch.Generator().manual_seed(1)
+    first = selection((2, 4, 4096), 13, 64, gen, torch.int64, torch.float32)
+    second = selection((2, 4, 4096), 6, 64, gen, torch.int64, torch.float32)
+    want, got = merge_selections(first, second), merge_selection_slots(first, second, backend="triton")
+    for name in ("indices", "valid", "probs"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
