@@ -37,9 +37,10 @@ from nsa_core.ops.compressed_selection import compressed_selection
 from nsa_core.ops.oracle_padding import padded_selected_attention, padded_window_attention
 from nsa_core.ops.rotary import rotary, rotary_at_positions
 from nsa_core.ops.selected_attention import selected_attention
+from nsa_core.ops.selection_merge import merge_selection_slots
 from nsa_core.ops.sliding_window import sliding_window_attention
 from nsa_core.ops.window_compression import MLPCompression
-from nsa_core.selection import Selection, SelectionRule, merge_selections
+from nsa_core.selection import Selection, SelectionRule
 from nsa_core.seqs import Seqs
 
 
@@ -318,7 +319,7 @@ class SparseAttention(nn.Module):
                                      rule, backend=backend)
             else:
                 part = select_blocks(q, self.compress(kc, vc)[0], rule, backend=backend)
-            selection = merge_selections(selection, part)
+            selection = merge_selection_slots(selection, part, backend=backend)
         return selection
 
     def new_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> NSACache:

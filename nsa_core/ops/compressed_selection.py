@@ -165,7 +165,7 @@ def _step_block_keys_on_kernels(selection_q: Tensor, selection_keys, rule: Selec
     """Whether a decoding step's selection over a cache's block keys takes the fused step kernel."""
     if not isinstance(selection_keys, PooledBlockKeys):
         return False  # select_blocks names the wrong type
-    keys = selection_keys  # its shape, device and dtype without gathering paged keys
+    keys = selection_keys  # PooledBlockKeys: shape, device and dtype without gathering a cache's keys
     block = rule.selection_block_size
 
     def unsupported() -> str | None:

@@ -61,7 +61,7 @@ def append_compressed_windows(ring_k: Tensor, ring_v: Tensor, k: Tensor, v: Tens
                          f"{tuple(ring_v.shape)}, positions {tuple(positions.shape)}")
     if ring_k.dtype != k.dtype or ring_v.dtype != v.dtype:
         raise TypeError(f"the ring holds {ring_k.dtype}, the step's tokens are {k.dtype}")
-    unsupported = lambda: _unsupported((k, v, ring_k, ring_v), positions, ck_pages, cv_pages, mlp)  # noqa: E731
+    unsupported = lambda: _unsupported(k, v, ring_k, ring_v, positions, ck_pages, cv_pages, mlp)  # noqa: E731
     if use_kernels(backend, k.device, "append_compressed_windows", unsupported, by_design=_by_design(k, mlp)):
         from nsa_core.kernels.decode.window_compression import compress_step_windows_triton
 
@@ -88,17 +88,17 @@ def _by_design(k: Tensor, mlp: MLPCompression | None) -> str | None:
     return None
 
 
-def _unsupported(tokens: tuple[Tensor, ...], positions: Tensor, ck_pages: Tensor, cv_pages: Tensor,
-                 mlp: MLPCompression) -> str | None:
+def _unsupported(k: Tensor, v: Tensor, ring_k: Tensor, ring_v: Tensor, positions: Tensor, ck_pages: Tensor,
+                 cv_pages: Tensor, mlp: MLPCompression) -> str | None:
     from nsa_core.kernels.limits import dtype_reason, head_dim_reason
 
-    k = tokens[0]
     reason = dtype_reason(k) or head_dim_reason(k.shape[-1], k.shape[-1])
     if reason is not None:
         return reason
-    if any(t.stride(-1) != 1 for t in (*tokens, *mlp.tensors(), ck_pages, positions)):
+    if any(t.stride(-1) != 1 for t in (k, v, ring_k, ring_v, *mlp.tensors(), ck_pages, positions)):
         return "tensors without unit stride on their last dim"
-    pairs = ((ck_pages, cv_pages), (mlp.k_positions, mlp.v_positions), *zip(mlp.k_layers, mlp.v_layers))
+    pairs = ((k, v), (ring_k, ring_v), (ck_pages, cv_pages), (mlp.k_positions, mlp.v_positions),
+             *zip(mlp.k_layers, mlp.v_layers))
     if any(a.stride() != b.stride() for a, b in pairs):
         return "key and value tensors of different layouts"
     if ck_pages.dtype != k.dtype or cv_pages.dtype != k.dtype:

@@ -34,11 +34,20 @@ MAX_ROWS_PER_PROGRAM = 64
 
 
 @triton.jit
+def _ring_then_new(ring, new, ring_row, new_row, s, mask, dims, stride_rn, stride_nn, R: tl.constexpr):
+    """Tokens s of ring ++ new (ring: R tokens, then the step's), for rows at offsets ring_row / new_row
+    (broadcast against s[:, None]); zeros where mask is off."""
+    from_ring = (s < R)[:, None]
+    x_ring = tl.load(ring + ring_row + s[:, None] * stride_rn + dims[None, :], mask=mask & from_ring, other=0.0)
+    x_new = tl.load(new + new_row + (s - R)[:, None] * stride_nn + dims[None, :], mask=mask & ~from_ring, other=0.0)
+    return tl.where(from_ring, x_ring, x_new)
+
+
+@triton.jit
 def window_mlp_kernel(
     RING_K, RING_V, NEW_K, NEW_V, POS, SLOT_OF, POS_K, POS_V, W1_K, W1_V, B1_K, B1_V, W2_K, W2_V, PART,
     ROWS, K, HKV, SCRATCH, N,
-    stride_rkb, stride_rkh, stride_rkn, stride_rvb, stride_rvh, stride_rvn,
-    stride_nkb, stride_nkh, stride_nkn, stride_nvb, stride_nvh, stride_nvn, stride_pb,  # POS: unit stride on K
+    stride_rb, stride_rh, stride_rn, stride_nb, stride_nh, stride_nn, stride_pb,  # POS: unit stride on K
     stride_eh, stride_en, stride_w1, stride_w2, stride_part_t, stride_part_net, stride_part_row,
     R: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -56,28 +65,20 @@ def window_mlp_kernel(
         return
     if net == 0:
         ring, new, intra, w1, b1, w2 = RING_K, NEW_K, POS_K, W1_K, B1_K, W2_K
-        stride_rb, stride_rh, stride_rn, stride_nb, stride_nh, stride_nn = (stride_rkb, stride_rkh, stride_rkn,
-                                                                            stride_nkb, stride_nkh, stride_nkn)
     else:
         ring, new, intra, w1, b1, w2 = RING_V, NEW_V, POS_V, W1_V, B1_V, W2_V
-        stride_rb, stride_rh, stride_rn, stride_nb, stride_nh, stride_nn = (stride_rvb, stride_rvh, stride_rvn,
-                                                                            stride_nvb, stride_nvh, stride_nvn)
     dims = tl.arange(0, BLOCK_D)
     in_dims = dims < D
     units = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     in_units = units < N
+    live = completes[:, None] & in_dims[None, :]
+    ring_row, new_row = (b * stride_rb + h * stride_rh)[:, None], (b * stride_nb + h * stride_nh)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j in range(R):
         # window token j of the window ending at new token t: index t + 1 + j of ring ++ new
-        s = t + 1 + j
-        from_ring = s < R
-        live = completes[:, None] & in_dims[None, :]
-        x_ring = tl.load(ring + b[:, None] * stride_rb + h[:, None] * stride_rh + s[:, None] * stride_rn + dims[None, :],
-                         mask=live & from_ring[:, None], other=0.0)
-        x_new = tl.load(new + b[:, None] * stride_nb + h[:, None] * stride_nh + (s - R)[:, None] * stride_nn
-                        + dims[None, :], mask=live & ~from_ring[:, None], other=0.0)
+        x = _ring_then_new(ring, new, ring_row, new_row, t + 1 + j, live, dims, stride_rn, stride_nn, R)
         x_pos = tl.load(intra + h[:, None] * stride_eh + j * stride_en + dims[None, :], mask=live, other=0.0)
-        x = tl.where(from_ring[:, None], x_ring, x_new).to(tl.float32) + x_pos.to(tl.float32)
+        x = x.to(tl.float32) + x_pos.to(tl.float32)
         w = tl.load(w1 + units[:, None] * stride_w1 + j * D + dims[None, :], mask=in_units[:, None] & in_dims[None, :],
                     other=0.0)
         if UPCAST:
@@ -101,8 +102,7 @@ def window_mlp_kernel(
 def window_finish_kernel(
     RING_K, RING_V, NEW_K, NEW_V, POS, SLOT_OF, B2_K, B2_V, PART, CK, CV, CTABLE,
     K, HKV, SCRATCH, NT,
-    stride_rkb, stride_rkh, stride_rkn, stride_rvb, stride_rvh, stride_rvn,
-    stride_nkb, stride_nkh, stride_nkn, stride_nvb, stride_nvh, stride_nvn, stride_pb,
+    stride_rb, stride_rh, stride_rn, stride_nb, stride_nh, stride_nn, stride_pb,
     stride_part_t, stride_part_net, stride_part_row, stride_cp, stride_ch, stride_cs, stride_tb,
     R: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CPAGE: tl.constexpr,
 ):
@@ -112,12 +112,8 @@ def window_finish_kernel(
     h = (pid % HKV).to(tl.int64)
     if net == 0:
         ring, new, b2, pages = RING_K, NEW_K, B2_K, CK
-        stride_rb, stride_rh, stride_rn, stride_nb, stride_nh, stride_nn = (stride_rkb, stride_rkh, stride_rkn,
-                                                                            stride_nkb, stride_nkh, stride_nkn)
     else:
         ring, new, b2, pages = RING_V, NEW_V, B2_V, CV
-        stride_rb, stride_rh, stride_rn, stride_nb, stride_nh, stride_nn = (stride_rvb, stride_rvh, stride_rvn,
-                                                                            stride_nvb, stride_nvh, stride_nvn)
     dims = tl.arange(0, BLOCK_D)
     in_dims = dims < D
     bias = tl.load(b2 + dims, mask=in_dims, other=0.0).to(tl.float32)
@@ -134,16 +130,11 @@ def window_finish_kernel(
                      (total + bias).to(pages.dtype.element_ty), mask=in_dims)
     # the ring keeps the last R tokens of ring ++ new: index K + i of it for ring slot i
     i = tl.arange(0, BLOCK_R)
-    s = K + i
-    from_ring = s < R
     live = (i < R)[:, None] & in_dims[None, :]
-    kept_ring = tl.load(ring + b * stride_rb + h * stride_rh + s[:, None] * stride_rn + dims[None, :],
-                        mask=live & from_ring[:, None], other=0.0)
-    kept_new = tl.load(new + b * stride_nb + h * stride_nh + (s - R)[:, None] * stride_nn + dims[None, :],
-                       mask=live & ~from_ring[:, None], other=0.0)
+    kept = _ring_then_new(ring, new, b * stride_rb + h * stride_rh, b * stride_nb + h * stride_nh, K + i, live, dims,
+                          stride_rn, stride_nn, R)
     tl.debug_barrier()  # every program reads its own (b, h) ring only: loads before stores
-    tl.store(ring + b * stride_rb + h * stride_rh + i[:, None] * stride_rn + dims[None, :],
-             tl.where(from_ring[:, None], kept_ring, kept_new), mask=live)
+    tl.store(ring + b * stride_rb + h * stride_rh + i[:, None] * stride_rn + dims[None, :], kept, mask=live)
 
 
 def _rows_per_program(rows: int) -> int:
@@ -161,7 +152,7 @@ def compress_step_windows_triton(ring_k: torch.Tensor, ring_v: torch.Tensor, k: 
     (capacity,): the compressed slot a token at that position completes, or `scratch`; the pages
     (NCP, HKV, CPAGE, D) behind table (B, pages per row); the intra-block positions (HKV, R, D);
     per network W1 (N, R * D), b1 (N,), W2 (D, N), b2 (D,). Every tensor with unit stride on its
-    last dim, the two networks' tensors, intra-block positions and pages of one layout (the op
+    last dim, keys and values of one layout (rings, tokens, intra-block positions, layers, pages: the op
     checks); the rings and the step's tokens may be strided views."""
     B, HKV, K, D = k.shape
     R = ring_k.shape[2]
@@ -175,7 +166,7 @@ def compress_step_windows_triton(ring_k: torch.Tensor, ring_v: torch.Tensor, k: 
     upcast = k.dtype != torch.float32 and k.device.type == "cpu"  # the interpreter's tl.dot: see UPCAST above
     precision = "ieee" if k.dtype == torch.float32 or upcast else "tf32"
     block_d = max(16, triton.next_power_of_2(D))
-    strides = (*ring_k.stride()[:3], *ring_v.stride()[:3], *k.stride()[:3], *v.stride()[:3], positions.stride(0))
+    strides = (*ring_k.stride()[:3], *k.stride()[:3], positions.stride(0))
     window_mlp_kernel[(nt, 2, triton.cdiv(rows, block_m))](
         ring_k, ring_v, k, v, positions, slot_of, k_positions, v_positions, w1_k, w1_v, b1_k, b1_v, w2_k, w2_v, part,
         rows, K, HKV, scratch, N, *strides,
