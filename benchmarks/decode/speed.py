@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of: correctness,generation,prefill")
     ap.add_argument("--importance", default=None, choices=IMPORTANCE_SCORES,
                     help="block importance score of the layer (default: the paper preset's)")
+    ap.add_argument("--ragged", action=argparse.BooleanOptionalAction, default=False,
+                    help="also time the step with a batch's rows at different positions (context - b %% stride)")
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     cfg = get_preset("paper")
@@ -112,6 +114,10 @@ def main() -> None:
     rows = decode_benchmark(cfg, contexts, batches, device="cuda", dtype=dtype,
                             on_row=lambda r: print("step", r.to_dict(), flush=True))
     results["steps"] = [r.to_dict() for r in rows]
+    if args.ragged:
+        ragged = decode_benchmark(cfg, contexts, batches, device="cuda", dtype=dtype, ragged=True,
+                                  on_row=lambda r: print("ragged step", r.to_dict(), flush=True))
+        results["steps_ragged"] = [r.to_dict() for r in ragged]
     if args.compile:
         compiled = decode_benchmark(cfg, contexts, batches, device="cuda", dtype=dtype, compile=True,
                                     on_row=lambda r: print("compiled step", r.to_dict(), flush=True))

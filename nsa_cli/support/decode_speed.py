@@ -5,7 +5,8 @@ cache against a dense attention layer with a static KV cache, in one run, both C
 The caches are filled with random keys and values at the given context (timing only: filling them
 by a real prefill of batch x context tokens would cost minutes and tens of GiB). NSA's step: the mean
 over `stride` consecutive positions (one compression cycle: only the step whose token completes a
-window runs the compression network), every row at the same position. Dense side: the
+window runs the compression network), every row at the same position or (ragged) row b at
+context - b % stride, so that some row completes a window on most steps. Dense side: the
 same projections, SDPA over exactly the cached tokens (every SDPA backend is tried on CUDA; the
 fastest is reported), the output projection. The attention alone: each step minus its projections
 (norm, q / k / v or NSA's fused qkv and gates, output projection), timed the same way. Bytes: what one
@@ -177,7 +178,10 @@ def _fastest_dense(step: Callable[[], torch.Tensor], device: torch.device) -> tu
 
 def decode_benchmark(cfg: NSAConfig, contexts: list[int], batches: list[int], *, device: str = "cuda",
                      dtype: torch.dtype = torch.bfloat16, on_row: Callable[[DecodeRow], None] | None = None,
-                     seed: int = 0, compile: bool = False) -> list[DecodeRow]:
+                     seed: int = 0, compile: bool = False, ragged: bool = False) -> list[DecodeRow]:
+    """One DecodeRow per (context, batch). ragged: the rows of a batch at positions context - b % stride
+    (as a serving batch's rows are), so a step where any row completes a window runs the compression;
+    default: every row at the same position."""
     dev = torch.device(device)
     torch.manual_seed(seed)
     nsa = SparseAttention.from_config(cfg).to(dev, dtype).eval()
@@ -190,7 +194,7 @@ def decode_benchmark(cfg: NSAConfig, contexts: list[int], batches: list[int], *,
         for batch in batches:
             x = torch.randn(batch, 1, cfg.dim, device=dev, dtype=dtype)
             cache = nsa.new_cache(batch, context + cfg.stride)
-            cache.fill_random(context)
+            cache.fill_random(context, ragged=cfg.stride if ragged else 0)
             with torch.no_grad():
                 nsa_ms = median_ms(_graphed(_nsa_steps(nsa, cache, x, compile), dev), dev) / cfg.stride
             del cache

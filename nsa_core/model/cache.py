@@ -130,12 +130,17 @@ class StepCache:
         for t, saved in zip(self._step_state(), state.tensors):
             t.copy_(saved)
 
-    def fill_random(self, context: int) -> None:
+    def fill_random(self, context: int, *, ragged: int = 0) -> None:
         """Random contents (torch's seeded generator, on the cache's device) for `context` tokens per
-        sequence, as if prefilled: for timing steps without the cost of a real prefill."""
+        sequence, as if prefilled: for timing steps without the cost of a real prefill. ragged > 0:
+        row b holds context - b % ragged tokens instead (rows at different positions)."""
+        if isinstance(ragged, bool) or not isinstance(ragged, int) or not 0 <= ragged <= context:
+            raise ValueError(f"ragged must be an int in 0..context ({context}), got {ragged!r}")
         for t in self._buffers():
             t.normal_()
         self.lengths.fill_(context)
+        if ragged:
+            self.lengths -= torch.arange(self.lengths.shape[0], device=self.lengths.device) % ragged
         self.filled = context
 
 
@@ -286,8 +291,8 @@ class NSACache(StepCache):
         return (self.k_pages, self.v_pages, self.ck_pages, self.cv_pages, self.ring_keys, self.ring_values,
                 *(t for t in optional if t is not None))
 
-    def fill_random(self, context: int) -> None:
-        super().fill_random(context)
+    def fill_random(self, context: int, *, ragged: int = 0) -> None:
+        super().fill_random(context, ragged=ragged)
         if self.block_key_pages is not None:  # the page means of the random keys, as writes would leave them
             self.block_key_pages.copy_(self.k_pages.mean(dim=2))
 
