@@ -37,6 +37,7 @@ from nsa_core.ops.compressed_selection import compressed_selection
 from nsa_core.ops.oracle_padding import padded_selected_attention, padded_window_attention
 from nsa_core.ops.rotary import rotary, rotary_at_positions
 from nsa_core.ops.selected_attention import selected_attention
+from nsa_core.ops.selected_window_combine import selected_window_combine_step
 from nsa_core.ops.selection_merge import merge_selection_slots
 from nsa_core.ops.sliding_window import sliding_window_attention
 from nsa_core.ops.window_compression import MLPCompression
@@ -293,10 +294,16 @@ class SparseAttention(nn.Module):
             q, keys.compressed_k, keys.compressed_v, keys.selection_keys, self.selection_rule,
             num_memory=cfg.num_compressed_mem_kv, causal=cfg.causal, scale=self.scale, seqs=seqs, backend=cfg.backend,
             selection_q=q_rot)
-        fine = self.selected_branch(q_rot, keys, selection, seqs)
-        sliding = self.window_branch(q_rot, keys, seqs)
         gates = self.to_strategy_combine(x_normed)  # (b, h, n, 3)
-        return self.combine_heads(combine(compressed, fine, sliding, gates, backend=cfg.backend).flatten(-2))
+        combined = selected_window_combine_step(  # a decoding step over pages: both branches and the combine fused
+            q_rot, keys.rotated_k, keys.v, keys.window_k, keys.window_v, selection, compressed, gates,
+            block_size=cfg.selection_block_size, window=cfg.sliding_window_size, scale=self.scale, seqs=seqs,
+            backend=cfg.backend)
+        if combined is None:  # every other pass: the branch ops, then the combine
+            fine = self.selected_branch(q_rot, keys, selection, seqs)
+            sliding = self.window_branch(q_rot, keys, seqs)
+            combined = combine(compressed, fine, sliding, gates, backend=cfg.backend)
+        return self.combine_heads(combined.flatten(-2))
 
     def attend_projected(self, x_normed: Tensor, q: Tensor, k: Tensor, v: Tensor, seqs: Seqs | None = None) -> Tensor:
         """Everything after the projections for whole sequences (or the packed documents `seqs`):

@@ -80,18 +80,17 @@ def _attend_tile(b_q, b_m, b_l, b_acc, p_k, p_v, b_phys, o_in, m_key, stride_kp,
 
 
 @triton.jit
-def paged_decode_split_kernel(
-    q, k_pages, v_pages, block_table, blocks, valid, hi, lo, o, o_part, m_part, l_part,
+def attend_list(
+    q, k_pages, v_pages, block_table, blocks, valid, hi, lo, i_row, i_split,
     stride_qb, stride_qh, stride_qt, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt, stride_table,
-    HQ, HI, K, S, ROWS, LISTS_PER_KV, HEAD_TILES, max_pages, num_pages, slots_per_split, NUM_SPLITS, scale,
+    HQ, HI, K, S, ROWS, LISTS_PER_KV, HEAD_TILES, max_pages, num_pages, slots_per_split, scale,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_PAGES: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LO: tl.constexpr,
-    WRITE_PARTIALS: tl.constexpr, PRECISION: tl.constexpr, LISTS: tl.constexpr, WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr, LISTS: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    """blocks, valid (B, HI, K, S) (LISTED_AND_OWN: S - 1 listed slots; WINDOW_PAGES: not read), hi,
-    lo (B, K) contiguous; o (B, HQ, K, DV) contiguous; partials o_part (B, HQ, K, NS, DV), m_part,
-    l_part (B, HQ, K, NS) float32 (used when WRITE_PARTIALS)."""
-    i_row, i_split = tl.program_id(0), tl.program_id(1)
+    """One program's share of a list: row i_row (head tile, then (batch, list, token)) and split
+    i_split -> its online-softmax state m [BLOCK_R], l [BLOCK_R], acc [BLOCK_R, BLOCK_DV] (float32),
+    its rows of (B, HQ, K) [BLOCK_R] (64-bit) and the rows' mask [BLOCK_R]."""
     i_ht = i_row % HEAD_TILES  # head tiles fastest: the tiles of one list share its pages in L2
     i_bik = i_row // HEAD_TILES  # over (batch, list, token)
     i_k = i_bik % K
@@ -101,7 +100,6 @@ def paged_decode_split_kernel(
     m_r = o_r < ROWS
     o_hq = i_hi * ROWS + o_r
     o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
     p_q = q + i_b * stride_qb + o_hq[:, None] * stride_qh + i_k * stride_qt + o_d[None, :]
     b_q = tl.load(p_q, mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)  # [BLOCK_R, BLOCK_D]
 
@@ -129,17 +127,64 @@ def paged_decode_split_kernel(
                                          t % CHUNKS, end, max_pages, num_pages, b_lo, b_hi, S, PAGE, BLOCK_N, LISTS)
         b_m, b_l, b_acc = _attend_tile(b_q, b_m, b_l, b_acc, p_k, p_v, b_phys, o_in, m_key, stride_kp, stride_kt,
                                        stride_vp, stride_vt, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
-
     o_rows = (i_b * HQ + o_hq) * K + i_k  # [BLOCK_R] rows of (B, HQ, K), 64-bit
-    m_out = m_r[:, None] & (o_dv[None, :] < DV)
+    return b_m, b_l, b_acc, o_rows, m_r
+
+
+@triton.jit
+def store_partials(o_part, m_part, l_part, b_m, b_l, b_acc, o_rows, m_r, part, NUM_PARTS,
+                    DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """A program's state into partial `part` of its rows (rows of NUM_PARTS partials)."""
+    o_dv = tl.arange(0, BLOCK_DV)
+    p_part = o_rows * NUM_PARTS + part
+    tl.store(o_part + p_part[:, None] * DV + o_dv[None, :], b_acc, mask=m_r[:, None] & (o_dv[None, :] < DV))
+    tl.store(m_part + p_part, b_m, mask=m_r)
+    tl.store(l_part + p_part, b_l, mask=m_r)
+
+
+@triton.jit
+def paged_decode_split_kernel(
+    q, k_pages, v_pages, block_table, blocks, valid, hi, lo, o, o_part, m_part, l_part,
+    stride_qb, stride_qh, stride_qt, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt, stride_table,
+    HQ, HI, K, S, ROWS, LISTS_PER_KV, HEAD_TILES, max_pages, num_pages, slots_per_split, NUM_SPLITS, scale,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_PAGES: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LO: tl.constexpr,
+    WRITE_PARTIALS: tl.constexpr, PRECISION: tl.constexpr, LISTS: tl.constexpr, WINDOW: tl.constexpr,
+):
+    """blocks, valid (B, HI, K, S) (LISTED_AND_OWN: S - 1 listed slots; WINDOW_PAGES: not read), hi,
+    lo (B, K) contiguous; o (B, HQ, K, DV) contiguous; partials o_part (B, HQ, K, NS, DV), m_part,
+    l_part (B, HQ, K, NS) float32 (used when WRITE_PARTIALS)."""
+    i_split = tl.program_id(1)
+    b_m, b_l, b_acc, o_rows, m_r = attend_list(
+        q, k_pages, v_pages, block_table, blocks, valid, hi, lo, tl.program_id(0), i_split,
+        stride_qb, stride_qh, stride_qt, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt, stride_table,
+        HQ, HI, K, S, ROWS, LISTS_PER_KV, HEAD_TILES, max_pages, num_pages, slots_per_split, scale,
+        PAGE, BLOCK_N, TILE_PAGES, CHUNKS, BLOCK_R, D, DV, BLOCK_D, BLOCK_DV, HAS_LO, PRECISION, LISTS, WINDOW)
     if WRITE_PARTIALS:
-        p_part = o_rows * NUM_SPLITS + i_split
-        tl.store(o_part + p_part[:, None] * DV + o_dv[None, :], b_acc, mask=m_out)
-        tl.store(m_part + p_part, b_m, mask=m_r)
-        tl.store(l_part + p_part, b_l, mask=m_r)
+        store_partials(o_part, m_part, l_part, b_m, b_l, b_acc, o_rows, m_r, i_split, NUM_SPLITS, DV, BLOCK_DV)
     else:  # no visible key: acc and l are 0, the output 0
+        o_dv = tl.arange(0, BLOCK_DV)
         b_out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
-        tl.store(o + o_rows[:, None] * DV + o_dv[None, :], b_out.to(o.dtype.element_ty), mask=m_out)
+        tl.store(o + o_rows[:, None] * DV + o_dv[None, :], b_out.to(o.dtype.element_ty),
+                 mask=m_r[:, None] & (o_dv[None, :] < DV))
+
+
+@triton.jit
+def merge_partials(o_part, m_part, l_part, i_row, first, count, NUM_PARTS,
+                   SPLITS_P: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Row i_row's partials first ... first + count - 1 (of its NUM_PARTS) merged: sum_s e^(m_s - M) acc_s /
+    sum_s e^(m_s - M) l_s (M the largest m_s) -> [BLOCK_DV] float32; zeros when no partial saw a key."""
+    o_s = tl.arange(0, SPLITS_P)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_s = o_s < count
+    p_part = i_row * NUM_PARTS + first + o_s  # [SPLITS_P]
+    b_m = tl.load(m_part + p_part, mask=m_s, other=float("-inf"))
+    b_l = tl.load(l_part + p_part, mask=m_s, other=0.0)
+    b_max = tl.max(b_m, axis=0)
+    b_w = tl.exp(b_m - tl.where(b_max == float("-inf"), 0.0, b_max))  # [SPLITS_P]; 0 where m_s = -inf
+    b_sum = tl.sum(b_w * b_l, axis=0)
+    b_acc = tl.load(o_part + p_part[:, None] * DV + o_dv[None, :], mask=m_s[:, None] & (o_dv[None, :] < DV), other=0.0)
+    return tl.sum(b_acc * b_w[:, None], axis=0) / tl.where(b_sum > 0, b_sum, 1.0)  # [BLOCK_DV]
 
 
 @triton.jit
@@ -147,18 +192,8 @@ def paged_decode_merge_kernel(
     o_part, m_part, l_part, o, NUM_SPLITS,
     SPLITS_P: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """One row (batch, query head, token): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
-    over its NUM_SPLITS partials (M the largest m_s; zeros when no split saw a key)."""
+    """One row (batch, query head, token): its NUM_SPLITS partials merged (merge_partials)."""
     i_row = tl.program_id(0).to(tl.int64)
-    o_s = tl.arange(0, SPLITS_P)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_s = o_s < NUM_SPLITS
-    p_part = i_row * NUM_SPLITS + o_s  # [SPLITS_P]
-    b_m = tl.load(m_part + p_part, mask=m_s, other=float("-inf"))
-    b_l = tl.load(l_part + p_part, mask=m_s, other=0.0)
-    b_max = tl.max(b_m, axis=0)
-    b_w = tl.exp(b_m - tl.where(b_max == float("-inf"), 0.0, b_max))  # [SPLITS_P]; 0 where m_s = -inf
-    b_sum = tl.sum(b_w * b_l, axis=0)
-    b_acc = tl.load(o_part + p_part[:, None] * DV + o_dv[None, :], mask=m_s[:, None] & (o_dv[None, :] < DV), other=0.0)
-    b_out = tl.sum(b_acc * b_w[:, None], axis=0) / tl.where(b_sum > 0, b_sum, 1.0)  # [BLOCK_DV]
+    b_out = merge_partials(o_part, m_part, l_part, i_row, 0, NUM_SPLITS, NUM_SPLITS, SPLITS_P, DV, BLOCK_DV)
     tl.store(o + i_row * DV + o_dv, b_out.to(o.dtype.element_ty), mask=o_dv < DV)

@@ -1,0 +1,161 @@
+"""The fused selected + window branches with the gated combine of a decoding step
+(kernels/decode/fine_window.py, op ops/selected_window_combine.py) against its twin: decode_attention
+for each branch (the PyTorch path) then combine. Random pools behind a permuted table, ragged rows,
+G not a power of two, per-head lists, several tokens per row, forced splits, NaN-poisoned outputs
+and partials; bf16 with the twin's own error as the tolerance; the whole module's decoding step on
+the kernels equals the PyTorch path; the calls the op leaves to the branch ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import KERNEL_DEVICE, needs_kernels
+from nsa_core.ops.decode_attention import decode_attention
+from nsa_core.ops.paged import Pages
+from nsa_core.ops.selected_window_combine import selected_window_combine_step
+from nsa_core.reference.combine import combine_reference
+from nsa_core.selection import Selection
+from nsa_core.seqs import Seqs
+from test_paged_decode_kernel import paged_problem
+
+CASES = {  # name: paged_problem arguments, window
+    "g3_k1": (dict(G=3, K=1), 21),
+    "g3_k3_page32": (dict(G=3, K=3, page=32, max_pages=4, D=24, Dv=16), 40),
+    "per_head_g5": (dict(HKV=1, G=5, K=2, per_head=True), 17),
+    "nothing_listed": (dict(G=2, K=2, S=0), 30),
+    "window_wider_than_rows": (dict(G=2, K=1, max_pages=3), 100),
+}
+
+
+def problem(case, dtype=torch.float32, seed=5):
+    args, window = CASES[case]
+    p = paged_problem(**args, dtype=dtype, device=KERNEL_DEVICE, seed=seed)
+    own = (p["hi"] // p["k_pages"].shape[2])[:, None, :, None]
+    p["valid"] = p["valid"] & (p["blocks"] != own)  # a selection never lists the own block
+    gen = torch.Generator().manual_seed(seed + 1)
+    B, HQ, K, _ = p["q"].shape
+    Dv = p["v_pages"].shape[-1]
+    cast = lambda t: t.to(device=KERNEL_DEVICE, dtype=dtype)
+    win_k, win_v = cast(torch.randn(p["k_pages"].shape, generator=gen)), cast(torch.randn(p["v_pages"].shape, generator=gen))
+    compressed = cast(torch.randn(B, HQ, K, Dv, generator=gen))
+    gates = cast(torch.rand(B, HQ, K * 3, generator=gen)).view(B, HQ, 3, K).transpose(-1, -2)  # a strided view
+    table = p["block_table"]
+    seqs = Seqs.step(p["hi"][:, 0], K, table.shape[1] * p["k_pages"].shape[2])
+    selection = Selection(p["blocks"], p["valid"], torch.zeros_like(p["blocks"], dtype=dtype), None)
+    return dict(q=p["q"], k=Pages(p["k_pages"], table), v=Pages(p["v_pages"], table), window_k=Pages(win_k, table),
+                window_v=Pages(win_v, table), selection=selection, compressed=compressed, gates=gates,
+                block_size=p["k_pages"].shape[2], window=window, scale=p["scale"], seqs=seqs)
+
+
+def twin(a, backend="torch"):
+    """The branch ops' path: each branch through decode_attention, then the combine."""
+    hi = a["seqs"].query_positions(a["q"].device)
+    fine = decode_attention(a["q"], a["k"].pool, a["v"].pool, a["k"].table, a["selection"].indices,
+                            a["selection"].valid, hi, scale=a["scale"], backend=backend, lists="listed_and_own")
+    sliding = decode_attention(a["q"], a["window_k"].pool, a["window_v"].pool, a["k"].table, None, None, hi,
+                               scale=a["scale"], backend=backend, lists="window", window=a["window"])
+    return combine_reference(a["compressed"], fine, sliding, a["gates"])
+
+
+@needs_kernels
+@pytest.mark.parametrize("tile", [64, 16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_equals_the_branch_ops(case, tile, poisoned_outputs, monkeypatch):
+    """Default tiles, and 16-key tiles with the split rule forced to split (several partials per
+    branch, a different count for each)."""
+    from nsa_core.kernels.decode import fine_window, launch
+
+    if tile != 64:
+        monkeypatch.setattr(launch, "KEYS_PER_TILE", tile)
+        monkeypatch.setattr(fine_window, "choose_num_splits", lambda programs, groups, chunks, sms: groups)
+    a = problem(case)
+    got = selected_window_combine_step(**a, backend="triton")
+    want = twin(a)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    KERNEL_DEVICE == "cpu", reason="Triton's interpreter multiplies bfloat16 bit patterns in tl.dot"))])
+def test_fused_half_precision_within_the_twins_own_error(dtype, poisoned_outputs):
+    """16-bit inputs: the output in that dtype, within 2x the twin's own error against float64."""
+    a = problem("g3_k3_page32", dtype=dtype)
+    exact = twin({n: (t.double() if isinstance(t, torch.Tensor) and t.dtype.is_floating_point else t)
+                  for n, t in _upcast(a).items()})
+    got = selected_window_combine_step(**a, backend="triton")
+    assert got.dtype == dtype
+    got = got.double()
+    own = (twin(a).double() - exact).norm() / exact.norm()
+    assert (got - exact).norm() / exact.norm() <= 2 * own + 1e-3
+
+
+def _upcast(a):
+    up = dict(a)
+    for name in ("k", "v", "window_k", "window_v"):
+        up[name] = Pages(a[name].pool.double(), a[name].table)
+    for name in ("q", "compressed", "gates"):
+        up[name] = a[name].double()
+    return up
+
+
+def test_other_calls_go_to_the_branch_ops():
+    a = problem("g3_k1")
+    assert selected_window_combine_step(**a, backend="torch") is None  # the PyTorch path: the branch ops
+    tensors = {**a, "k": a["k"].pool, "v": a["v"].pool, "window_k": a["window_k"].pool, "window_v": a["window_v"].pool,
+               "seqs": Seqs.batch(a["q"].shape[2])}
+    assert selected_window_combine_step(**tensors) is None  # not a decoding step over pages
+    gated = {**a, "selection": Selection(a["selection"].indices, a["selection"].valid, a["selection"].probs,
+                                         torch.ones_like(a["selection"].probs))}
+    assert selected_window_combine_step(**gated, backend="triton") is None  # selection gates: the branch ops' error
+    with pytest.raises(ValueError, match="compressed must be"):
+        selected_window_combine_step(**{**a, "compressed": a["compressed"][..., :-1]}, backend="triton")
+
+
+@needs_kernels
+@pytest.mark.parametrize("independent_kv", [False, True])
+def test_module_decoding_on_the_fused_step_equals_the_pytorch_path(independent_kv, monkeypatch):
+    """A module's prefill then steps of 1 and 3 tokens on the kernels (the fused step among them) equals
+    the same module on the PyTorch path; the fused op runs on every step."""
+    from helpers import randomize_
+    from nsa_core import SparseAttention
+
+    from nsa_core.kernels.decode import fine_window
+
+    calls = []
+
+    real = fine_window.fine_window_fwd
+    monkeypatch.setattr(fine_window, "fine_window_fwd", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    kwargs = dict(dim=32, dim_head=16, heads=6, kv_heads=2, sliding_window_size=20, compress_block_size=16,
+                  compress_block_sliding_stride=8, selection_block_size=16, num_selected_blocks=2, causal=True,
+                  independent_kv=independent_kv)
+    ref = randomize_(SparseAttention(**kwargs, backend="torch"), std=0.3, seed=1).to(KERNEL_DEVICE)
+    ker = randomize_(SparseAttention(**kwargs, backend="triton"), std=0.3, seed=1).to(KERNEL_DEVICE)
+    x = torch.randn(3, 45, 32, device=KERNEL_DEVICE)
+    outs = []
+    for mod in (ref, ker):
+        cache = mod.new_cache(3, 64)
+        with torch.no_grad():
+            outs.append(torch.cat([mod(x[:, :41], cache=cache), mod(x[:, 41:42], cache=cache),
+                                   mod(x[:, 42:45], cache=cache)], dim=1))
+    assert len(calls) == 2  # the two steps; the prefill ran the branch ops
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fused_gpu_paper_layer_bf16(per_head):
+    """The paper layer's step (64 q / 4 kv heads of 128, pages of 64, window 512, 16 rows) in bf16."""
+    a = problem_gpu(per_head)
+    got = selected_window_combine_step(**a, backend="triton").float()
+    want = twin(a, backend="triton").float()
+    assert (got - want).norm() / want.norm() < 1e-2
+
+
+def problem_gpu(per_head):
+    global CASES
+    CASES = {**CASES, "paper": (dict(B=16, HKV=4, G=16, K=1, D=128, Dv=128, page=64, max_pages=40, S=15,
+                                     per_head=per_head), 512)}
+    return problem("paper", dtype=torch.bfloat16)
