@@ -131,8 +131,8 @@ CONFIGS = {
     "selected_keys": dict(importance_score="selected_keys"),
     "selected_key_slots": dict(selected_key_slots=1),
 }
-EXPECTED = {"mean_logits": (21, 8), "summed_forced_independent": (22, 9), "selected_keys": (29, 10),
-            "selected_key_slots": (24, 11)}  # (kernels, of them Triton launches)
+EXPECTED = {"mean_logits": (20, 7), "summed_forced_independent": (21, 8), "selected_keys": (28, 9),
+            "selected_key_slots": (23, 10)}  # (kernels, of them Triton launches)
 FUSED_SELECTIONS = {"selected_key_slots": 2}  # launches of the fused step selection (1 elsewhere)
 
 

@@ -159,3 +159,14 @@ def problem_gpu(per_head):
     CASES = {**CASES, "paper": (dict(B=16, HKV=4, G=16, K=1, D=128, Dv=128, page=64, max_pages=40, S=15,
                                      per_head=per_head), 512)}
     return problem("paper", dtype=torch.bfloat16)
+
+
+@needs_kernels
+def test_opcheck():
+    from nsa_core.kernels.decode.fine_window import _fine_window_op
+
+    a = problem("g3_k3_page32")
+    args = (a["q"], a["k"].pool, a["v"].pool, a["window_k"].pool, a["window_v"].pool, a["k"].table,
+            a["selection"].indices, a["selection"].valid, a["seqs"].query_positions(a["q"].device), a["compressed"],
+            a["gates"], float(a["scale"]), a["window"])
+    torch.library.opcheck(_fine_window_op, args, test_utils=("test_schema", "test_faketensor"))

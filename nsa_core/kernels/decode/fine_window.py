@@ -96,7 +96,7 @@ def fine_window_combine_kernel(
              mask=m_dv)
 
 
-def fine_window_fwd(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates, *,
+def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates, *,
                     scale: float, window: int) -> torch.Tensor:
     """q (B, HQ, K, D) rotated; sel_k / sel_v and win_k / win_v pools (P, HKV, PAGE, D / DV) (one page size,
     one block table (B, max_pages)); blocks / valid (B, HI, K, S) the selected pages (each query's own
@@ -150,3 +150,26 @@ def fine_window_fwd(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, h
         num_warps=1 if cfg_sel["BLOCK_DV"] * splits_p <= 2048 else 4,
     )
     return out
+
+
+@torch.library.custom_op("nsa::fine_window_step", mutates_args=())
+def _fine_window_op(q: torch.Tensor, sel_k: torch.Tensor, sel_v: torch.Tensor, win_k: torch.Tensor,
+                    win_v: torch.Tensor, block_table: torch.Tensor, blocks: torch.Tensor, valid: torch.Tensor,
+                    hi: torch.Tensor, compressed: torch.Tensor, gates: torch.Tensor, scale: float,
+                    window: int) -> torch.Tensor:
+    return _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates,
+                               scale=scale, window=window)
+
+
+@_fine_window_op.register_fake
+def _fine_window_fake(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates, scale, window):
+    B, HQ, K, _ = q.shape
+    return q.new_empty(B, K, HQ, sel_v.shape[-1])
+
+
+def fine_window_fwd(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates, *,
+                    scale: float, window: int) -> torch.Tensor:
+    """The fused launches as a torch.library op with a fake (meta) implementation, so
+    torch.compile(fullgraph=True) traces a decoding step through it (arguments as _fine_window_launch's)."""
+    return _fine_window_op(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates,
+                           float(scale), int(window))
