@@ -15,8 +15,10 @@ decoding steps over it.
   descriptor (`Seqs.step(cache.lengths, K, capacity)`) and the cache's pages as the keys
   (`NSACache.branch_keys`): the compressed branch and the selection run as one op
   (ops/compressed_selection.py: one fused kernel attends the compressed pages, scores the blocks
-  from that attention and picks the top-k), the selected and window branches read their pages
-  through decode_attention (the paged split-K kernels, nsa_core/ops/paged.py).
+  from that attention and picks the top-k), the selected and window branches and the gated combine
+  run as one op where the kernels serve the step (ops/selected_window_combine.py: both branches'
+  paged split-K programs in one launch, their merge and the combine in a second), else the branch
+  ops read their pages through decode_attention (nsa_core/ops/paged.py) and `combine` follows.
 
 Dimension legend: B batch, K new tokens per sequence, H query heads, HKV kv heads, G = H / HKV,
 HI heads of the selection, D head dim, R compression block, NB selection blocks in the capacity.
