@@ -109,6 +109,8 @@ def test_other_calls_go_to_the_branch_ops():
     gated = {**a, "selection": Selection(a["selection"].indices, a["selection"].valid, a["selection"].probs,
                                          torch.ones_like(a["selection"].probs))}
     assert selected_window_combine_step(**gated, backend="triton") is None  # selection gates: the branch ops' error
+    other_table = {**a, "window_k": Pages(a["window_k"].pool, a["k"].table.clone())}
+    assert selected_window_combine_step(**other_table, backend="triton") is None  # two tables: the branch ops
     with pytest.raises(ValueError, match="compressed must be"):
         selected_window_combine_step(**{**a, "compressed": a["compressed"][..., :-1]}, backend="triton")
 
