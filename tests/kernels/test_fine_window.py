@@ -38,7 +38,7 @@ def problem(case, dtype=torch.float32, seed=5):
     Dv = p["v_pages"].shape[-1]
     cast = lambda t: t.to(device=KERNEL_DEVICE, dtype=dtype)
     win_k, win_v = cast(torch.randn(p["k_pages"].shape, generator=gen)), cast(torch.randn(p["v_pages"].shape, generator=gen))
-    compressed = cast(torch.randn(B, HQ, K, Dv, generator=gen))
+    compressed = cast(torch.randn(B, HQ, K, Dv + 3, generator=gen))[..., 1 : Dv + 1]  # a strided view
     gates = cast(torch.rand(B, HQ, K * 3, generator=gen)).view(B, HQ, 3, K).transpose(-1, -2)  # a strided view
     table = p["block_table"]
     seqs = Seqs.step(p["hi"][:, 0], K, table.shape[1] * p["k_pages"].shape[2])

@@ -110,8 +110,8 @@ def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, vali
     S_SEL, S_WIN = blocks.shape[-1] + 1, window_slots(window, PAGE)
     cfg_sel = tiles(HQ, HI, PAGE, D, DV, q.dtype)
     cfg_win = tiles(HQ, HKV, PAGE, D, DV, q.dtype)
-    q, sel_k, sel_v, win_k, win_v, block_table = (_unit_last_stride(t) for t in
-                                                  (q, sel_k, sel_v, win_k, win_v, block_table))
+    q, sel_k, sel_v, win_k, win_v, block_table, compressed = (_unit_last_stride(t) for t in
+                                                              (q, sel_k, sel_v, win_k, win_v, block_table, compressed))
     hi = hi.contiguous()
     blocks, valid = blocks.contiguous(), valid.contiguous().view(torch.uint8)
     head_tiles_sel = math.ceil(HQ // HI / cfg_sel["BLOCK_R"])
