@@ -29,7 +29,11 @@ CASES = {  # name: paged_problem arguments, window
 
 
 def problem(case, dtype=torch.float32, seed=5):
-    args, window = CASES[case]
+    return problem_of(*CASES[case], dtype=dtype, seed=seed)
+
+
+def problem_of(args, window, dtype=torch.float32, seed=5):
+    """The op's arguments over paged_problem(**args)'s pools, with a window pool of its own."""
     p = paged_problem(**args, dtype=dtype, device=KERNEL_DEVICE, seed=seed)
     own = (p["hi"] // p["k_pages"].shape[2])[:, None, :, None]
     p["valid"] = p["valid"] & (p["blocks"] != own)  # a selection never lists the own block
@@ -64,11 +68,11 @@ def twin(a, backend="torch"):
 def test_fused_equals_the_branch_ops(case, tile, poisoned_outputs, monkeypatch):
     """Default tiles, and 16-key tiles with the split rule forced to split (several partials per
     branch, a different count for each)."""
-    from nsa_core.kernels.decode import fine_window, launch
+    from nsa_core.kernels.decode import launch
 
     if tile != 64:
         monkeypatch.setattr(launch, "KEYS_PER_TILE", tile)
-        monkeypatch.setattr(fine_window, "choose_num_splits", lambda programs, groups, chunks, sms: groups)
+        monkeypatch.setattr(launch, "choose_num_splits", lambda programs, groups, chunks, sms: groups)
     a = problem(case)
     got = selected_window_combine_step(**a, backend="triton")
     want = twin(a)
@@ -150,17 +154,11 @@ def test_module_decoding_on_the_fused_step_equals_the_pytorch_path(independent_k
 @pytest.mark.parametrize("per_head", [False, True])
 def test_fused_gpu_paper_layer_bf16(per_head):
     """The paper layer's step (64 q / 4 kv heads of 128, pages of 64, window 512, 16 rows) in bf16."""
-    a = problem_gpu(per_head)
+    a = problem_of(dict(B=16, HKV=4, G=16, K=1, D=128, Dv=128, page=64, max_pages=40, S=15, per_head=per_head), 512,
+                   dtype=torch.bfloat16)
     got = selected_window_combine_step(**a, backend="triton").float()
     want = twin(a, backend="triton").float()
     assert (got - want).norm() / want.norm() < 1e-2
-
-
-def problem_gpu(per_head):
-    global CASES
-    CASES = {**CASES, "paper": (dict(B=16, HKV=4, G=16, K=1, D=128, Dv=128, page=64, max_pages=40, S=15,
-                                     per_head=per_head), 512)}
-    return problem("paper", dtype=torch.bfloat16)
 
 
 @needs_kernels

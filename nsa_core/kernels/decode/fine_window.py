@@ -17,8 +17,6 @@ K query tokens, S slots per list, P physical pages, PAGE keys per page, D / DV h
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -26,8 +24,8 @@ import triton.language as tl
 from nsa_core.kernels import outputs
 from nsa_core.kernels.decode.kernel import (LISTED_AND_OWN, WINDOW_PAGES, attend_list, merge_partials,
                                             store_partials)
-from nsa_core.kernels.decode.launch import (_pow2, _unit_last_stride, choose_num_splits, sm_count, splits_used, tiles,
-                                            window_slots)
+from nsa_core.kernels.decode.launch import (_pow2, _unit_last_stride, head_tiles, merge_warps, sm_count, split_plan,
+                                            split_warps, tiles, window_slots)
 
 
 @triton.jit
@@ -114,24 +112,19 @@ def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, vali
                                                               (q, sel_k, sel_v, win_k, win_v, block_table, compressed))
     hi = hi.contiguous()
     blocks, valid = blocks.contiguous(), valid.contiguous().view(torch.uint8)
-    head_tiles_sel = math.ceil(HQ // HI / cfg_sel["BLOCK_R"])
-    head_tiles_win = math.ceil(HQ // HKV / cfg_win["BLOCK_R"])
+    head_tiles_sel, head_tiles_win = head_tiles(HQ, HI, cfg_sel), head_tiles(HQ, HKV, cfg_win)
     programs_sel, programs_win = B * HI * K * head_tiles_sel, B * HKV * K * head_tiles_win
     out = outputs.new_output(B, K, HQ, DV, device=q.device, dtype=q.dtype)
     if B * K == 0:
         return out
     # each branch split as if its programs shared the GPU with the other's (one launch holds both)
-    sms, together, tile_pages = sm_count(q.device), programs_sel + programs_win, cfg_sel["TILE_PAGES"]
-    groups_sel, groups_win = math.ceil(S_SEL / tile_pages), math.ceil(S_WIN / tile_pages)
-    splits_sel = splits_used(groups_sel, choose_num_splits(together, groups_sel, cfg_sel["CHUNKS"], sms))
-    splits_win = splits_used(groups_win, choose_num_splits(together, groups_win, cfg_win["CHUNKS"], sms))
-    slots_sel = math.ceil(groups_sel / splits_sel) * tile_pages
-    slots_win = math.ceil(groups_win / splits_win) * tile_pages
+    sms, together = sm_count(q.device), programs_sel + programs_win
+    splits_sel, slots_sel = split_plan(together, S_SEL, cfg_sel, sms)
+    splits_win, slots_win = split_plan(together, S_WIN, cfg_win, sms)
     parts = splits_sel + splits_win
     o_part = outputs.new_output(B, HQ, K, parts, DV, device=q.device, dtype=torch.float32)
     m_part = outputs.new_output(B, HQ, K, parts, device=q.device, dtype=torch.float32)
     l_part = outputs.new_output(B, HQ, K, parts, device=q.device, dtype=torch.float32)
-    big = max(cfg_sel["BLOCK_R"], cfg_win["BLOCK_R"]) * max(cfg_sel["BLOCK_D"], cfg_sel["BLOCK_DV"]) >= 4096
     shared = {k: cfg_sel[k] for k in ("PAGE", "BLOCK_N", "TILE_PAGES", "CHUNKS", "D", "DV", "BLOCK_D", "BLOCK_DV",
                                       "PRECISION")}
     fine_window_split_kernel[(programs_sel * splits_sel + programs_win * splits_win,)](
@@ -140,14 +133,14 @@ def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, vali
         block_table.stride(0), HQ, HI, HKV, K, S_SEL, S_WIN, block_table.shape[1], sel_k.shape[0], win_k.shape[0],
         slots_sel, slots_win, programs_sel, splits_sel, programs_win, parts, head_tiles_sel, head_tiles_win, scale,
         BLOCK_R_SEL=cfg_sel["BLOCK_R"], BLOCK_R_WIN=cfg_win["BLOCK_R"], WINDOW=int(window),
-        num_warps=8 if big else 4, **shared,
+        num_warps=split_warps(cfg_sel, cfg_win), **shared,
     )
     splits_p = _pow2(max(splits_sel, splits_win))
     fine_window_combine_kernel[(B * HQ * K,)](
         o_part, m_part, l_part, compressed, gates, out, HQ, K, splits_sel, parts,
         *compressed.stride()[:3], *gates.stride(), out.stride(0), out.stride(1), out.stride(2),
         SPLITS_P=splits_p, DV=DV, BLOCK_DV=cfg_sel["BLOCK_DV"],
-        num_warps=1 if cfg_sel["BLOCK_DV"] * splits_p <= 2048 else 4,
+        num_warps=merge_warps(cfg_sel["BLOCK_DV"], splits_p),
     )
     return out
 

@@ -87,6 +87,33 @@ def splits_used(slot_groups: int, num_splits: int) -> int:
     return math.ceil(slot_groups / math.ceil(slot_groups / max(1, min(num_splits, slot_groups))))
 
 
+def split_plan(programs: int, slots: int, cfg: dict, sms: int, num_splits: int | None = None) -> tuple[int, int]:
+    """(splits, slots per split) of lists of `slots` slots whose programs (programs per split) run on
+    `sms` SMs: num_splits (clamped to the list's tile groups) or choose_num_splits' count; a split
+    holds whole groups of one key tile's pages."""
+    groups = math.ceil(slots / cfg["TILE_PAGES"])
+    if num_splits is None:
+        num_splits = choose_num_splits(programs, groups, cfg["CHUNKS"], sms)
+    num_splits = splits_used(groups, num_splits)
+    return num_splits, max(1, math.ceil(groups / num_splits)) * cfg["TILE_PAGES"]
+
+
+def head_tiles(HQ: int, HI: int, cfg: dict) -> int:
+    """Programs (tiles of BLOCK_R rows) that share one list's HQ / HI query heads."""
+    return math.ceil(HQ // HI / cfg["BLOCK_R"])
+
+
+def split_warps(*cfgs: dict) -> int:
+    """Warps of a split program: 8 from 32 rows x 128 dims (4 spilled registers there with 4; ptxas
+    for sm_90; not timed)."""
+    big = max(c["BLOCK_R"] * max(c["BLOCK_D"], c["BLOCK_DV"]) for c in cfgs) >= 4096
+    return 8 if big else 4
+
+
+def merge_warps(block_dv: int, splits_p: int) -> int:
+    return 1 if block_dv * splits_p <= 2048 else 4
+
+
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
 
@@ -119,13 +146,9 @@ def paged_decode_fwd(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, sc
         blocks, valid = blocks.contiguous(), valid.contiguous().view(torch.uint8)
     cfg = tiles(HQ, HI, PAGE, q.shape[-1], DV, q.dtype)
     q, k_pages, v_pages, block_table = (_unit_last_stride(t) for t in (q, k_pages, v_pages, block_table))
-    head_tiles = math.ceil(HQ // HI / cfg["BLOCK_R"])
-    programs = B * HI * K * head_tiles
-    slot_groups = math.ceil(S / cfg["TILE_PAGES"])
-    if num_splits is None:
-        num_splits = choose_num_splits(programs, slot_groups, cfg["CHUNKS"], sm_count(q.device))
-    num_splits = splits_used(slot_groups, num_splits)
-    slots_per_split = max(1, math.ceil(slot_groups / num_splits)) * cfg["TILE_PAGES"]
+    tiles_per_list = head_tiles(HQ, HI, cfg)
+    programs = B * HI * K * tiles_per_list
+    num_splits, slots_per_split = split_plan(programs, S, cfg, sm_count(q.device), num_splits)
 
     o = outputs.new_output(B, HQ, K, DV, device=q.device, dtype=q.dtype)
     if programs == 0:
@@ -137,18 +160,16 @@ def paged_decode_fwd(q, k_pages, v_pages, block_table, blocks, valid, hi, lo, sc
         l_part = outputs.new_output(B, HQ, K, num_splits, device=q.device, dtype=torch.float32)
     else:
         o_part = m_part = l_part = o  # not read or written
-    # 8 warps from 32 rows x 128 dims: 4 spilled registers there (ptxas for sm_90; not timed)
-    big = cfg["BLOCK_R"] * max(cfg["BLOCK_D"], cfg["BLOCK_DV"]) >= 4096
     paged_decode_split_kernel[(programs, num_splits)](
         q, k_pages, v_pages, block_table, blocks, valid, hi, hi if lo is None else lo.contiguous(), o, o_part, m_part,
         l_part, *q.stride()[:3], *k_pages.stride()[:3], *v_pages.stride()[:3], block_table.stride(0),
-        HQ, HI, K, S, HQ // HI, HI // HKV, head_tiles, block_table.shape[1], P, slots_per_split, num_splits, scale,
+        HQ, HI, K, S, HQ // HI, HI // HKV, tiles_per_list, block_table.shape[1], P, slots_per_split, num_splits, scale,
         HAS_LO=lo is not None, WRITE_PARTIALS=partials, LISTS=LIST_RULES[lists], WINDOW=int(window),
-        num_warps=8 if big else 4, **cfg,
+        num_warps=split_warps(cfg), **cfg,
     )
     if partials:
         paged_decode_merge_kernel[(B * HQ * K,)](
             o_part, m_part, l_part, o, num_splits, SPLITS_P=_pow2(num_splits), DV=DV, BLOCK_DV=cfg["BLOCK_DV"],
-            num_warps=1 if cfg["BLOCK_DV"] * _pow2(num_splits) <= 2048 else 4,
+            num_warps=merge_warps(cfg["BLOCK_DV"], _pow2(num_splits)),
         )
     return o
