@@ -117,6 +117,7 @@ CASES = {
     "summed_smaller": dict(importance="summed_probs", stride=4, sel=2, cblock=8, lengths=(37, 6, 91)),
     "forced": dict(forced=(1, 2), selected=4, K=2),
     "summed_forced": dict(importance="summed_probs", forced=(1, 2), selected=5),
+    "forced_more_than_4": dict(forced=(2, 4), selected=8, K=2, lengths=(37, 5, 90)),  # two chunks of forced slots
     "per_head": dict(share=False, G=3, HKV=1, K=2),
     "one_kv_head_big_group": dict(HKV=1, G=5, M=3, D=24, lengths=(63,)),
 }
@@ -130,6 +131,19 @@ def test_kernel_equals_twin(case):
     want_out, want = run_twin(p)
     torch.testing.assert_close(out, want_out, atol=2e-5, rtol=2e-5)
     check_selection(indices, valid, probs, want, exact_block_probs(p), p["rule"].forced_initial + p["rule"].forced_local)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_exact_ties_go_to_the_lowest_block(num_splits):
+    """Equal compressed keys give every block the same probability: the slots take blocks 0, 1, 2, ... as
+    the twin does (the top-k's key orders ties by index), after the forced ones."""
+    p = step_problem(forced=(1, 1), selected=5, K=2)
+    p["ck"] = p["ck"][:, :, :1].expand_as(p["ck"]).contiguous()
+    out, indices, valid, probs = run_kernel(p, num_splits=num_splits)
+    _, want = run_twin(p)
+    assert torch.equal(indices, want.indices) and torch.equal(valid, want.valid)
+    torch.testing.assert_close(probs, want.probs)
 
 
 # Triton's interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584): float16 on the CPU

@@ -11,6 +11,8 @@ import torch
 
 from helpers import randomize_
 from nsa_core import SparseAttention
+from nsa_core.kernels.decode import window_compression
+from nsa_core.kernels.decode.window_compression import MLPTiles
 from nsa_core.model.compress_networks import ConvLinearCompress
 from nsa_core.ops.dispatch import kernel_unavailable_reason
 from nsa_core.ops.window_compression import append_compressed_windows
@@ -101,6 +103,17 @@ def test_kernel_equals_pytorch_path(dtype, D, R, stride, lengths, K):
     attn = module(D, R, stride, HKV=3, dtype=dtype)
     t, scratch = problem(attn, lengths, K, dtype, seed=D + K)
     compare(attn, t, scratch, dtype)
+
+
+@pytest.mark.parametrize("tiles", [MLPTiles(block_n=16, k_width=16), MLPTiles(block_n=64, k_width=64),
+                                   MLPTiles(block_n=32, k_width=512, num_warps=8, num_stages=2)])
+def test_every_tiling_equals_pytorch_path(tiles, monkeypatch):
+    """One window token per loop step (k_width = the head dim), several, more than the window holds (the
+    loop's last step masked), hidden tiles that do not divide the hidden units (D 24 x R 12 = 288)."""
+    monkeypatch.setattr(window_compression, "TILES", tiles)
+    attn = module(24, 12, 4, HKV=3, dtype=torch.float32)
+    t, scratch = problem(attn, (3, 14, 40), 3, torch.float32, seed=5)
+    compare(attn, t, scratch, torch.float32)
 
 
 def test_steps_that_complete_no_window_write_only_the_ring():

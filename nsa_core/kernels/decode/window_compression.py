@@ -25,12 +25,31 @@ length), D head dim, N hidden units of the first layer, NT hidden tiles, CPAGE c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 32  # hidden units per program: 128 programs per network at the paper layer's 4096 units
 MAX_ROWS_PER_PROGRAM = 64
+
+
+@dataclass(frozen=True)
+class MLPTiles:
+    """window_mlp_kernel's tiling: `block_n` hidden units per program; `k_width` the first layer's
+    inputs (window tokens x head dim) one dot reads, i.e. max(1, k_width // BLOCK_D) window tokens per
+    loop step; num_warps / num_stages as Triton's."""
+
+    block_n: int = 32
+    k_width: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def tokens_per_step(self, block_d: int) -> int:
+        return max(1, self.k_width // block_d)
+
+
+TILES = MLPTiles()
 
 
 @triton.jit
@@ -50,7 +69,7 @@ def window_mlp_kernel(
     stride_rb, stride_rh, stride_rn, stride_nb, stride_nh, stride_nn, stride_pb,  # POS: unit stride on K
     stride_eh, stride_en, stride_w1, stride_w2, stride_part_t, stride_part_net, stride_part_row,
     R: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    JB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tile = tl.program_id(0)
     net = tl.program_id(1)
@@ -71,15 +90,24 @@ def window_mlp_kernel(
     in_dims = dims < D
     units = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     in_units = units < N
-    live = completes[:, None] & in_dims[None, :]
     ring_row, new_row = (b * stride_rb + h * stride_rh)[:, None], (b * stride_nb + h * stride_nh)[:, None]
+    # a loop step's columns: JB window tokens of BLOCK_D dims each (token j0 + jj, dim dd)
+    cols = tl.arange(0, JB * BLOCK_D)
+    jj, dd = cols // BLOCK_D, cols % BLOCK_D
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j in range(R):
+    for j0 in range(0, R, JB):
+        j = j0 + jj  # [JB * BLOCK_D] window tokens
+        in_cols = (dd < D) & (j < R)
+        live = completes[:, None] & in_cols[None, :]
         # window token j of the window ending at new token t: index t + 1 + j of ring ++ new
-        x = _ring_then_new(ring, new, ring_row, new_row, t + 1 + j, live, dims, stride_rn, stride_nn, R)
-        x_pos = tl.load(intra + h[:, None] * stride_eh + j * stride_en + dims[None, :], mask=live, other=0.0)
+        s = t[:, None] + 1 + j[None, :]
+        from_ring = s < R
+        x_ring = tl.load(ring + ring_row + s * stride_rn + dd[None, :], mask=live & from_ring, other=0.0)
+        x_new = tl.load(new + new_row + (s - R) * stride_nn + dd[None, :], mask=live & ~from_ring, other=0.0)
+        x = tl.where(from_ring, x_ring, x_new)
+        x_pos = tl.load(intra + h[:, None] * stride_eh + j[None, :] * stride_en + dd[None, :], mask=live, other=0.0)
         x = x.to(tl.float32) + x_pos.to(tl.float32)
-        w = tl.load(w1 + units[:, None] * stride_w1 + j * D + dims[None, :], mask=in_units[:, None] & in_dims[None, :],
+        w = tl.load(w1 + units[:, None] * stride_w1 + (j * D + dd)[None, :], mask=in_units[:, None] & in_cols[None, :],
                     other=0.0)
         if UPCAST:
             w = w.to(tl.float32)
@@ -141,13 +169,8 @@ def _rows_per_program(rows: int) -> int:
     return min(MAX_ROWS_PER_PROGRAM, max(16, triton.next_power_of_2(rows)))
 
 
-@torch.library.custom_op("nsa::compress_step_windows", mutates_args=("ring_k", "ring_v", "ck_pages", "cv_pages"))
-def compress_step_windows_triton(ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 positions: torch.Tensor, slot_of: torch.Tensor, scratch: int,
-                                 ck_pages: torch.Tensor, cv_pages: torch.Tensor, table: torch.Tensor,
-                                 k_positions: torch.Tensor, v_positions: torch.Tensor,
-                                 w1_k: torch.Tensor, b1_k: torch.Tensor, w2_k: torch.Tensor, b2_k: torch.Tensor,
-                                 w1_v: torch.Tensor, b1_v: torch.Tensor, w2_v: torch.Tensor, b2_v: torch.Tensor) -> None:
+def _compress_launch(ring_k, ring_v, k, v, positions, slot_of, scratch, ck_pages, cv_pages, table, k_positions,
+                     v_positions, w1_k, b1_k, w2_k, b2_k, w1_v, b1_v, w2_v, b2_v) -> None:
     """ring_k / ring_v (B, HKV, R, D), the step's k / v (B, HKV, K, D) at positions (B, K); slot_of
     (capacity,): the compressed slot a token at that position completes, or `scratch`; the pages
     (NCP, HKV, CPAGE, D) behind table (B, pages per row); the intra-block positions (HKV, R, D);
@@ -161,7 +184,8 @@ def compress_step_windows_triton(ring_k: torch.Tensor, ring_v: torch.Tensor, k: 
     if rows == 0:
         return
     block_m = _rows_per_program(rows)
-    nt = triton.cdiv(N, BLOCK_N)
+    tiles = TILES
+    nt = triton.cdiv(N, tiles.block_n)
     part = torch.empty(nt, 2, rows, D, device=k.device, dtype=torch.float32)
     upcast = k.dtype != torch.float32 and k.device.type == "cpu"  # the interpreter's tl.dot: see UPCAST above
     precision = "ieee" if k.dtype == torch.float32 or upcast else "tf32"
@@ -172,7 +196,8 @@ def compress_step_windows_triton(ring_k: torch.Tensor, ring_v: torch.Tensor, k: 
         rows, K, HKV, scratch, N, *strides,
         k_positions.stride(0), k_positions.stride(1), w1_k.stride(0), w2_k.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
-        R=R, D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=BLOCK_N, PRECISION=precision, UPCAST=upcast,
+        R=R, D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=tiles.block_n, JB=tiles.tokens_per_step(block_d),
+        PRECISION=precision, UPCAST=upcast, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     window_finish_kernel[(B * HKV, 2)](
         ring_k, ring_v, k, v, positions, slot_of, b2_k, b2_v, part, ck_pages, cv_pages, table,
@@ -181,6 +206,18 @@ def compress_step_windows_triton(ring_k: torch.Tensor, ring_v: torch.Tensor, k: 
         table.stride(0),
         R=R, BLOCK_R=triton.next_power_of_2(R), D=D, BLOCK_D=block_d, CPAGE=ck_pages.shape[2],
     )
+
+
+@torch.library.custom_op("nsa::compress_step_windows", mutates_args=("ring_k", "ring_v", "ck_pages", "cv_pages"))
+def compress_step_windows_triton(ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 positions: torch.Tensor, slot_of: torch.Tensor, scratch: int,
+                                 ck_pages: torch.Tensor, cv_pages: torch.Tensor, table: torch.Tensor,
+                                 k_positions: torch.Tensor, v_positions: torch.Tensor,
+                                 w1_k: torch.Tensor, b1_k: torch.Tensor, w2_k: torch.Tensor, b2_k: torch.Tensor,
+                                 w1_v: torch.Tensor, b1_v: torch.Tensor, w2_v: torch.Tensor, b2_v: torch.Tensor) -> None:
+    """The launches as a torch.library op (arguments as _compress_launch's) with a fake, for torch.compile."""
+    _compress_launch(ring_k, ring_v, k, v, positions, slot_of, scratch, ck_pages, cv_pages, table, k_positions,
+                     v_positions, w1_k, b1_k, w2_k, b2_k, w1_v, b1_v, w2_v, b2_v)
 
 
 @compress_step_windows_triton.register_fake
