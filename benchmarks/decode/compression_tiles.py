@@ -17,6 +17,7 @@ import json
 
 import torch
 
+from benchmarks.quality_report import environment
 from benchmarks.timing import median_ms
 from nsa_core import SparseAttention
 from nsa_core.kernels.decode import window_compression
@@ -103,7 +104,7 @@ def main() -> None:
             print(row, flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+                json.dump(dict(environment=environment(device, "bf16"), rows=rows), f, indent=1)
     print("\n| case | block_n | k_width | warps | stages | us | weight GB/s | max error |\n|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["case"], r["us"])):
         print(f"| {r['case']} | {r['block_n']} | {r['k_width']} | {r['num_warps']} | {r['num_stages']} | {r['us']:.1f} | "

@@ -14,6 +14,7 @@ import json
 
 import torch
 
+from benchmarks.quality_report import environment
 from benchmarks.timing import median_ms
 from nsa_cli.support.decode_speed import decode_benchmark, generation_tokens_per_s
 from nsa_core import SparseAttention, get_preset
@@ -107,6 +108,7 @@ def main() -> None:
         cfg = cfg.replace(importance_score=args.importance)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "environment": environment(dev, "bf16"),
                "importance_score": cfg.importance_score,
                "correctness": None if "correctness" in args.skip else check_correctness(cfg, dev)}
     contexts = [int(c) for c in args.contexts.split(",")]

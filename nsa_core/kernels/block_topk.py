@@ -44,15 +44,6 @@ def forced_block(j: tl.constexpr, own, FORCED_I: tl.constexpr, NB):
 
 
 @triton.jit
-def forced_blocks(o_f, own, FORCED_I: tl.constexpr, NB):
-    """forced_block of the slots o_f [F] (a tensor of slot numbers) at once -> ([F] blocks, [F] exist)."""
-    initial = o_f < FORCED_I
-    chosen = tl.where(initial, o_f, own - 1 - (o_f - FORCED_I))
-    forced_valid = tl.where(initial, o_f < own, (chosen >= 0) & (chosen >= FORCED_I))
-    return tl.minimum(tl.maximum(chosen, 0), NB - 1), forced_valid
-
-
-@triton.jit
 def block_topk_kernel(
     SCORES, INDICES, PROBS, VALID, POS, FIRST, NBLK,
     R, NB, TC, first_pos, scale, threshold,

@@ -41,7 +41,7 @@ blocks in it, N = BLOCK_N slots per tile, W compressed blocks read per selection
 import triton
 import triton.language as tl
 
-from nsa_core.kernels.block_topk import forced_blocks
+from nsa_core.kernels.block_topk import forced_block
 from nsa_core.kernels.online_softmax import online_softmax_step
 
 MEAN_LOGITS = tl.constexpr(0)
@@ -123,27 +123,20 @@ def _store_top_blocks(b_p, b_pos, NB, p_out, indices, probs, valid, threshold, S
     o_nb = tl.arange(0, BLOCK_NB)
     own = b_pos // SEL
     score_dtype = probs.dtype.element_ty
-    FORCED: tl.constexpr = FORCED_I + FORCED_L
-    for f0 in tl.static_range(0, FORCED, 4):  # the forced blocks' probabilities, 4 in one reduction
-        o_f = f0 + tl.arange(0, 4)
-        chosen, forced_valid = forced_blocks(o_f, own, FORCED_I, NB)
-        values = tl.sum(tl.where(o_nb[None, :] == chosen[:, None], b_p[None, :], 0.0), axis=1)
-        m_f = o_f < FORCED
-        tl.store(indices + p_out + o_f, chosen.to(tl.int64), mask=m_f)
-        tl.store(probs + p_out + o_f, values.to(score_dtype), mask=m_f)
-        tl.store(valid + p_out + o_f, forced_valid.to(tl.int8), mask=m_f)
-    if FORCED > 0:
-        forced = ((o_nb < FORCED_I) | (o_nb >= own - FORCED_L)) & (o_nb < own)  # the other slots rank the rest
+    for j in tl.static_range(FORCED_I + FORCED_L):
+        chosen, forced_valid = forced_block(j, own, FORCED_I, NB)
+        value = tl.sum(tl.where(o_nb == chosen, b_p, 0.0), axis=0)
+        tl.store(indices + p_out + j, chosen.to(tl.int64))
+        tl.store(probs + p_out + j, value.to(score_dtype))
+        tl.store(valid + p_out + j, forced_valid.to(tl.int8))
+    if FORCED_I + FORCED_L > 0:  # the other slots rank the unforced blocks
+        forced = ((o_nb < FORCED_I) | (o_nb >= own - FORCED_L)) & (o_nb < own)
         b_p = tl.where(forced, 0.0, b_p)
-    # one max per slot: probability bits (non-negative floats order as their bits) above the complement of
-    # the block index (ties: the lowest index); taken or missing blocks (SLOTS - forced <= NB) are -1
-    b_key = (b_p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_NB - 1 - o_nb).to(tl.int64)
-    b_key = tl.where(o_nb < NB, b_key, -1)
-    for slot in tl.static_range(FORCED, SLOTS):
-        best_key = tl.max(b_key, axis=0)
-        choice = BLOCK_NB - 1 - (best_key & 0xFFFFFFFF).to(tl.int32)
-        best = (best_key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        b_key = tl.where(o_nb == choice, -1, b_key)
+    b_p = tl.where(o_nb < NB, b_p, -1.0)  # no block there: never chosen (SLOTS - forced <= NB)
+    for slot in tl.static_range(FORCED_I + FORCED_L, SLOTS):
+        best = tl.max(b_p, axis=0)
+        choice = tl.min(tl.where(b_p == best, o_nb, BLOCK_NB), axis=0)
+        b_p = tl.where(o_nb == choice, -2.0, b_p)
         tl.store(indices + p_out + slot, choice.to(tl.int64))
         tl.store(probs + p_out + slot, best.to(score_dtype))
         tl.store(valid + p_out + slot, (best > threshold).to(tl.int8))

@@ -38,12 +38,14 @@ MAX_ROWS_PER_PROGRAM = 64
 class MLPTiles:
     """window_mlp_kernel's tiling: `block_n` hidden units per program; `k_width` the first layer's
     inputs (window tokens x head dim) one dot reads, i.e. max(1, k_width // BLOCK_D) window tokens per
-    loop step; num_warps / num_stages as Triton's."""
+    loop step; num_warps / num_stages as Triton's. The default is the fastest of
+    benchmarks/decode/compression_tiles.py's sweep on a batch where one row of 16 completes a window
+    (H100, paper layer: 93 us against 101 with 3 stages; benchmarks/NOTES.md)."""
 
     block_n: int = 32
     k_width: int = 128
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
 
     def tokens_per_step(self, block_d: int) -> int:
         return max(1, self.k_width // block_d)
