@@ -1,6 +1,7 @@
 """The decoding step's window compression (kernels/decode/window_compression.py) timed over its tilings.
 
     python -m benchmarks.decode.compression_tiles --json out.json
+    python -m benchmarks.decode.compression_tiles --smoke   # CPU (Triton's interpreter): 2 rows, 2 tilings, fp32
 
 The paper layer's compression (4 kv heads of 128, windows of 32 every 16, the default MLP's 4096 hidden units,
 bf16) on a batch of 16 rows and one new token: "ragged" (one row completes a window, as in a serving batch
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -24,15 +26,34 @@ from nsa_core.kernels.decode import window_compression
 from nsa_core.kernels.decode.window_compression import MLPTiles
 from nsa_core.ops.window_compression import append_compressed_windows
 
-HKV, D, R, STRIDE, CPAGE = 4, 128, 32, 16, 64
+CPAGE = 64
 
 
-def compression_problem(batch: int, completing: int, capacity: int, device, dtype, seed: int = 0):
+@dataclass(frozen=True)
+class Shape:
+    """The compression's shape: kv heads, head dim, window (compress_block_size) and stride."""
+
+    kv_heads: int
+    dim_head: int
+    window: int
+    stride: int
+
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        """The two first-layer weights (window x head dim inputs and hidden units each)."""
+        return 2 * (self.window * self.dim_head) ** 2 * dtype.itemsize
+
+
+PAPER = Shape(kv_heads=4, dim_head=128, window=32, stride=16)
+SMOKE = Shape(kv_heads=2, dim_head=16, window=8, stride=4)
+
+
+def compression_problem(shape: Shape, batch: int, completing: int, capacity: int, device, dtype, seed: int = 0):
     """The layer's networks and a step's tensors: `completing` rows end a window at their new token."""
     torch.manual_seed(seed)
-    attn = SparseAttention(dim=2048, dim_head=D, heads=16 * HKV, kv_heads=HKV, sliding_window_size=512,
-                           compress_block_size=R, compress_block_sliding_stride=STRIDE, selection_block_size=64,
-                           num_selected_blocks=16, causal=True).to(device, dtype)
+    HKV, D, R, STRIDE = shape.kv_heads, shape.dim_head, shape.window, shape.stride
+    attn = SparseAttention(dim=4 * HKV * D, dim_head=D, heads=16 * HKV, kv_heads=HKV, sliding_window_size=4 * R,
+                           compress_block_size=R, compress_block_sliding_stride=STRIDE, selection_block_size=2 * R,
+                           num_selected_blocks=4, causal=True).to(device, dtype)
     for p in attn.parameters():
         torch.nn.init.normal_(p, std=0.02)
     slots = 1 + capacity // STRIDE + 1
@@ -76,24 +97,31 @@ def tilings() -> list[MLPTiles]:
     return [MLPTiles(block_n=n, k_width=w, num_warps=nw, num_stages=ns) for n, w, (nw, ns) in grid]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--capacity", type=int, default=65536)
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    weight_bytes = 2 * (R * D) * (R * D) * dtype.itemsize
+    ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
+                    help="a check of the script on the CPU: a small layer, 2 rows, 2 tilings, float32")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        device, dtype, batch, capacity, shape = torch.device("cpu"), torch.float32, 2, 256, SMOKE
+        candidates = [MLPTiles(), MLPTiles(block_n=16, k_width=32, num_stages=1)]
+    else:
+        device, dtype, batch, capacity, shape = torch.device("cuda"), torch.bfloat16, args.batch, args.capacity, PAPER
+        candidates = tilings()
+    weight_bytes = shape.weight_bytes(dtype)
     default, rows = window_compression.TILES, []
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; default {default}", flush=True)
-    for case, completing in (("ragged", 1), ("in step", args.batch)):
-        attn, t, scratch = compression_problem(args.batch, completing, args.capacity, device, dtype)
-        for tiles in tilings():
+    print(f"{environment(device, str(dtype))['device']} torch {torch.__version__}; default {default}", flush=True)
+    for case, completing in (("ragged", 1), ("in step", batch)):
+        attn, t, scratch = compression_problem(shape, batch, completing, capacity, device, dtype)
+        for tiles in candidates:
             window_compression.TILES = tiles
             try:
                 err = max_error(attn, t, scratch)
                 with torch.no_grad():
-                    ms = median_ms(lambda: step(attn, t, scratch, "triton"), warmup_ms=10, rep_ms=40)
+                    ms = median_ms(lambda: step(attn, t, scratch, "triton"), device, warmup_ms=10, rep_ms=40)
             except Exception as e:  # a tiling that needs more shared memory than the GPU has
                 print(f"{case} {tiles}: {type(e).__name__} {str(e)[:80]}", flush=True)
                 continue
@@ -102,13 +130,15 @@ def main() -> None:
             row = dict(case=case, **tiles.__dict__, us=ms * 1e3, weight_gb_s=weight_bytes / ms / 1e6, max_error=err)
             rows.append(row)
             print(row, flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(environment=environment(device, "bf16"), rows=rows), f, indent=1)
+    results = dict(environment=environment(device, str(dtype)), rows=rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     print("\n| case | block_n | k_width | warps | stages | us | weight GB/s | max error |\n|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["case"], r["us"])):
         print(f"| {r['case']} | {r['block_n']} | {r['k_width']} | {r['num_warps']} | {r['num_stages']} | {r['us']:.1f} | "
               f"{r['weight_gb_s']:.0f} | {r['max_error']:.2e} |")
+    return results
 
 
 if __name__ == "__main__":
