@@ -33,6 +33,7 @@ from nsa_core.model.selection_keys import block_mean_keys
 from nsa_core.model.sequence_parallel import sequence_parallel_forward
 from nsa_core.ops.block_selection import select_blocks
 from nsa_core.ops.combine import combine
+from nsa_core.ops.combine_gates import CombineGates
 from nsa_core.ops.compressed_selection import compressed_selection
 from nsa_core.ops.oracle_padding import padded_selected_attention, padded_window_attention
 from nsa_core.ops.rotary import rotary, rotary_at_positions
@@ -220,6 +221,18 @@ class SparseAttention(nn.Module):
             return None
         return MLPCompression(self.k_intrablock_positions, self.v_intrablock_positions, k_layers, v_layers)
 
+    def combine_gates(self, x_normed: Tensor) -> CombineGates:
+        """The combine's gates of x_normed (b, n, dim), computed by the op that reads them: with the linear
+        layer's weight and bias where the gate network is the default one (nn.Linear, nn.Sigmoid, the head
+        split) and no hook watches it (a decoding step's fused combine computes them in its launch)."""
+        network = self.to_strategy_combine
+        parts = list(network) if isinstance(network, nn.Sequential) else []
+        default = (len(parts) == 3 and type(parts[0]) is nn.Linear and type(parts[1]) is nn.Sigmoid
+                   and isinstance(parts[2], Rearrange))
+        if not default or _hooked(network, *parts):
+            return CombineGates(x_normed, network)
+        return CombineGates(x_normed, network, parts[0].weight, parts[0].bias)
+
     def compress(self, k: Tensor, v: Tensor, seqs: Seqs | None = None) -> tuple[Tensor, Tensor]:
         """Unrotated k, v (b, hk, n, d) -> compressed (b, hk, c, d), c = n // stride (packed documents:
         c slots, each document's compressed tokens from its own windows; model/compression.py)."""
@@ -294,7 +307,7 @@ class SparseAttention(nn.Module):
             q, keys.compressed_k, keys.compressed_v, keys.selection_keys, self.selection_rule,
             num_memory=cfg.num_compressed_mem_kv, causal=cfg.causal, scale=self.scale, seqs=seqs, backend=cfg.backend,
             selection_q=q_rot)
-        gates = self.to_strategy_combine(x_normed)  # (b, h, n, 3)
+        gates = self.combine_gates(x_normed)  # (b, h, n, 3) once computed
         combined = selected_window_combine_step(  # a decoding step over pages: both branches and the combine fused
             q_rot, keys.rotated_k, keys.v, keys.window_k, keys.window_v, selection, compressed, gates,
             block_size=cfg.selection_block_size, window=cfg.sliding_window_size, scale=self.scale, seqs=seqs,
@@ -302,7 +315,7 @@ class SparseAttention(nn.Module):
         if combined is None:  # every other pass: the branch ops, then the combine
             fine = self.selected_branch(q_rot, keys, selection, seqs)
             sliding = self.window_branch(q_rot, keys, seqs)
-            combined = combine(compressed, fine, sliding, gates, backend=cfg.backend)
+            combined = combine(compressed, fine, sliding, gates.tensor(), backend=cfg.backend)
         return self.combine_heads(combined.flatten(-2))
 
     def attend_projected(self, x_normed: Tensor, q: Tensor, k: Tensor, v: Tensor, seqs: Seqs | None = None) -> Tensor:
@@ -378,3 +391,12 @@ class SparseAttention(nn.Module):
             f"compress={c.compress_block_size}/{c.stride}, selection={c.selection_block_size}x{c.num_selected_blocks}, "
             f"window={c.sliding_window_size}, backend={c.backend!r}"
         )
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook (the modules' own, or a global one) would see these modules' calls."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)

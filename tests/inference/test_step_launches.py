@@ -45,6 +45,10 @@ projections, the gates.
   of one slot and an identity table): 32 -> 29, 34 -> 31;
 - then the merge of selected_key_slots' two selections as one launch (kernels/selection_merge.py; before, a
   comparison of every pair of slots, an any, a not, two ands and three concatenations): 31 -> 24.
+- then the selected and window branches and the combine in two launches (kernels/decode/fine_window.py; on the
+  interpreter no splits, so 3 -> 2): 21 -> 20, 22 -> 21, 29 -> 28, 24 -> 23;
+- then the combine's gates computed in that combine launch (the gate network's matmul and sigmoid): 20 -> 18,
+  21 -> 19, 28 -> 26, 23 -> 21.
 """
 
 from __future__ import annotations
@@ -131,8 +135,8 @@ CONFIGS = {
     "selected_keys": dict(importance_score="selected_keys"),
     "selected_key_slots": dict(selected_key_slots=1),
 }
-EXPECTED = {"mean_logits": (20, 7), "summed_forced_independent": (21, 8), "selected_keys": (28, 9),
-            "selected_key_slots": (23, 10)}  # (kernels, of them Triton launches)
+EXPECTED = {"mean_logits": (18, 7), "summed_forced_independent": (19, 8), "selected_keys": (26, 9),
+            "selected_key_slots": (21, 10)}  # (kernels, of them Triton launches)
 FUSED_SELECTIONS = {"selected_key_slots": 2}  # launches of the fused step selection (1 elsewhere)
 
 

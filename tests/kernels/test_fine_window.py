@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import KERNEL_DEVICE, needs_kernels
+from nsa_core.ops.combine_gates import CombineGates
 from nsa_core.ops.decode_attention import decode_attention
 from nsa_core.ops.paged import Pages
 from nsa_core.ops.selected_window_combine import selected_window_combine_step
@@ -78,6 +79,82 @@ def test_fused_equals_the_branch_ops(case, tile, poisoned_outputs, monkeypatch):
     want = twin(a)
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def linear_gates(a, dim=37, bias=True, seed=3):
+    """A gate layer's input (B, K, dim) as a strided view, weight (3 HQ, dim) and bias, in q's dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    B, HQ, K, _ = a["q"].shape
+    cast = lambda t: t.to(device=KERNEL_DEVICE, dtype=a["q"].dtype)
+    x = cast(torch.randn(B, K, dim + 2, generator=gen))[..., 1 : dim + 1]
+    w = cast(torch.randn(3 * HQ, dim, generator=gen) * dim ** -0.5)
+    b = cast(torch.randn(3 * HQ, generator=gen)) if bias else None
+    return x, w, b
+
+
+def gate_network(w, b):
+    """The module's default gate network (nn.Linear, nn.Sigmoid, the head split) with these weights."""
+    from einops.layers.torch import Rearrange
+
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None).to(w.device, w.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        if b is not None:
+            linear.bias.copy_(b)
+    return torch.nn.Sequential(linear, torch.nn.Sigmoid(), Rearrange("b n (h s) -> b h n s", s=3))
+
+
+@needs_kernels
+@pytest.mark.parametrize("case, dim, bias", [("g3_k1", 37, True), ("per_head_g5", 600, False),
+                                             ("g3_k3_page32", 1030, True)])
+def test_gates_computed_in_the_combine_launch_equal_the_network(case, dim, bias, poisoned_outputs):
+    """CombineGates with the linear layer: the combine launch's own gates (inputs of 37, 600 and 1030: one, two
+    and three loop steps of 512) equal the network's gates through the same launch and through the twin."""
+    a = problem(case)
+    x, w, b = linear_gates(a, dim=dim, bias=bias)
+    network = gate_network(w, b)
+    got = selected_window_combine_step(**{**a, "gates": CombineGates(x, network, w, b)}, backend="triton")
+    with torch.no_grad():
+        gates = network(x)
+    torch.testing.assert_close(got, selected_window_combine_step(**{**a, "gates": gates}, backend="triton"),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, twin({**a, "gates": gates}), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    KERNEL_DEVICE == "cpu", reason="Triton's interpreter multiplies bfloat16 bit patterns in tl.dot"))])
+def test_gates_computed_in_the_combine_launch_half_precision(dtype, poisoned_outputs):
+    """16-bit gate layers: the launch rounds the logits and the sigmoid to the dtype as nn.Linear and
+    torch.sigmoid do; within one rounding of a gate (times the branches' outputs) of the network's gates."""
+    a = problem("g3_k3_page32", dtype=dtype)
+    x, w, b = linear_gates(a, dim=300)
+    network = gate_network(w, b)
+    got = selected_window_combine_step(**{**a, "gates": CombineGates(x, network, w, b)}, backend="triton")
+    with torch.no_grad():
+        want = selected_window_combine_step(**{**a, "gates": network(x)}, backend="triton")
+    assert got.dtype == dtype
+    scale = want.abs().max().item()
+    assert (got.float() - want.float()).abs().max().item() <= 4 * torch.finfo(dtype).eps * scale
+
+
+@needs_kernels
+def test_gates_without_a_linear_layer_come_from_the_network():
+    """No weight (another network), or a gradient through the weight: the network computes the gates."""
+    a = problem("g3_k1")
+    x, w, b = linear_gates(a)
+    calls = []
+    network = gate_network(w, b)
+    counted = lambda t: calls.append(1) or network(t)
+    got = selected_window_combine_step(**{**a, "gates": CombineGates(x, counted)}, backend="triton")
+    assert calls == [1]
+    with torch.no_grad():
+        want = twin({**a, "gates": network(x)})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w_grad = w.clone().requires_grad_(True)
+    with torch.enable_grad():
+        selected_window_combine_step(**{**a, "gates": CombineGates(x, counted, w_grad, b)}, backend="triton")
+    assert calls == [1, 1]
 
 
 @needs_kernels
@@ -149,6 +226,30 @@ def test_module_decoding_on_the_fused_step_equals_the_pytorch_path(independent_k
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
 
 
+@needs_kernels
+def test_a_hook_on_the_gates_sees_every_decoding_step():
+    """A forward hook on the gate network (probes read the gates that way): the step's combine launch then
+    takes the network's gates instead of computing its own, and the output is the same."""
+    from helpers import randomize_
+    from nsa_core import SparseAttention
+
+    kwargs = dict(dim=32, dim_head=16, heads=6, kv_heads=2, sliding_window_size=20, compress_block_size=16,
+                  compress_block_sliding_stride=8, selection_block_size=16, num_selected_blocks=2, causal=True,
+                  backend="triton")
+    attn = randomize_(SparseAttention(**kwargs), std=0.3, seed=2).to(KERNEL_DEVICE)
+    x = torch.randn(2, 42, 32, device=KERNEL_DEVICE)
+    outs, seen = [], []
+    for hooked in (False, True):
+        handle = attn.to_strategy_combine.register_forward_hook(lambda m, i, o: seen.append(o.shape)) if hooked else None
+        cache = attn.new_cache(2, 64)
+        with torch.no_grad():
+            outs.append(torch.cat([attn(x[:, :41], cache=cache), attn(x[:, 41:42], cache=cache)], dim=1))
+        if handle is not None:
+            handle.remove()
+    assert seen == [(2, 6, 41, 3), (2, 6, 1, 3)]  # the prefill and the step
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("per_head", [False, True])
@@ -159,6 +260,12 @@ def test_fused_gpu_paper_layer_bf16(per_head):
     got = selected_window_combine_step(**a, backend="triton").float()
     want = twin(a, backend="triton").float()
     assert (got - want).norm() / want.norm() < 1e-2
+    x, w, b = linear_gates(a, dim=2048)  # the gates in the combine launch, the paper layer's dim
+    network = gate_network(w, b)
+    got = selected_window_combine_step(**{**a, "gates": CombineGates(x, network, w, b)}, backend="triton").float()
+    with torch.no_grad():
+        want = twin({**a, "gates": network(x)}, backend="triton").float()
+    assert (got - want).norm() / want.norm() < 1e-2
 
 
 @needs_kernels
@@ -168,5 +275,8 @@ def test_opcheck():
     a = problem("g3_k3_page32")
     args = (a["q"], a["k"].pool, a["v"].pool, a["window_k"].pool, a["window_v"].pool, a["k"].table,
             a["selection"].indices, a["selection"].valid, a["seqs"].query_positions(a["q"].device), a["compressed"],
-            a["gates"], float(a["scale"]), a["window"])
+            a["gates"], None, None, None, float(a["scale"]), a["window"])
+    torch.library.opcheck(_fine_window_op, args, test_utils=("test_schema", "test_faketensor"))
+    x, w, b = linear_gates(a)
+    args = args[:10] + (None, x, w, b) + args[14:]
     torch.library.opcheck(_fine_window_op, args, test_utils=("test_schema", "test_faketensor"))

@@ -6,8 +6,10 @@ blocks and the query's own page), then the window's (rule WINDOW_PAGES), each wr
 partials (m, l, acc) into one buffer of SPLITS_SEL + SPLITS_WIN partials per row.
 `fine_window_combine_kernel`: per row (batch, query head, token), the two branches' partials merged
 apart, then out = g0 * compressed + g1 * selected + g2 * window written token-major (B, K, HQ, DV)
-for the output projection, as ops/combine.py's combine does. So the step spends two launches where
-the branches and the combine took five (two split-K launches, their two merges, the combine).
+for the output projection, as ops/combine.py's combine does; where the gates are sigmoid(linear(x)) of the
+normed input, that launch computes them too (each program the three dot products of its head). So the step
+spends two launches where the branches, the combine and the gates took seven (two split-K launches, their two
+merges, the combine, the gates' matmul and sigmoid).
 The PyTorch twin is the composition the op falls back to: decode_attention for each branch, then
 combine (ops/selected_window_combine.py).
 
@@ -16,6 +18,8 @@ K query tokens, S slots per list, P physical pages, PAGE keys per page, D / DV h
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -26,6 +30,9 @@ from nsa_core.kernels.decode.kernel import (LISTED_AND_OWN, WINDOW_PAGES, attend
                                             store_partials)
 from nsa_core.kernels.decode.launch import (_pow2, _unit_last_stride, head_tiles, merge_warps, sm_count, split_plan,
                                             split_warps, tiles, window_slots)
+
+
+GATE_INPUTS_PER_STEP = 512  # of the normed input, per loop step of the gates' linear layer in the combine launch
 
 
 @triton.jit
@@ -67,13 +74,43 @@ def fine_window_split_kernel(
 
 
 @triton.jit
+def _linear_gates(gate_x, gate_w, gate_b, i_b, i_k, i_h, K, DIM, stride_xb, stride_xk, stride_w,
+                  HAS_BIAS: tl.constexpr, BLOCK_X: tl.constexpr):
+    """Head i_h's three gates of token (i_b, i_k): sigmoid(x @ W[3h : 3h + 3].T + b), each rounded to the
+    input's dtype after the linear layer and after the sigmoid, as nn.Linear and torch.sigmoid round."""
+    o_s = tl.arange(0, 4)  # the three branches, padded
+    m_s = o_s < 3
+    p_x = gate_x + i_b * stride_xb + i_k * stride_xk
+    p_w = gate_w + (i_h * 3 + o_s)[:, None].to(tl.int64) * stride_w
+    acc = tl.zeros([4], dtype=tl.float32)
+    for x0 in range(0, DIM, BLOCK_X):
+        o_x = x0 + tl.arange(0, BLOCK_X)
+        m_x = o_x < DIM
+        b_x = tl.load(p_x + o_x, mask=m_x, other=0.0).to(tl.float32)
+        b_w = tl.load(p_w + o_x[None, :], mask=m_s[:, None] & m_x[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(b_w * b_x[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(gate_b + i_h * 3 + o_s, mask=m_s, other=0.0).to(tl.float32)
+    dtype = gate_x.dtype.element_ty
+    logits = acc.to(dtype).to(tl.float32)
+    gates = tl.sigmoid(logits).to(dtype).to(tl.float32)
+    g0 = tl.sum(tl.where(o_s == 0, gates, 0.0), axis=0)
+    g1 = tl.sum(tl.where(o_s == 1, gates, 0.0), axis=0)
+    g2 = tl.sum(tl.where(o_s == 2, gates, 0.0), axis=0)
+    return g0, g1, g2
+
+
+@triton.jit
 def fine_window_combine_kernel(
-    o_part, m_part, l_part, compressed, gates, out, HQ, K, SPLITS_SEL, NUM_PARTS,
+    o_part, m_part, l_part, compressed, gates, gate_x, gate_w, gate_b, out, HQ, K, SPLITS_SEL, NUM_PARTS, DIM,
     stride_cb, stride_ch, stride_ck, stride_gb, stride_gh, stride_gk, stride_gs, stride_ob, stride_ok, stride_oh,
-    SPLITS_P: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    stride_xb, stride_xk, stride_w,
+    SPLITS_P: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, LINEAR_GATES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     """One row (batch, query head, token) of (B, HQ, K): compressed (B, HQ, K, DV), gates (B, HQ, K, 3)
-    -> out[b, k, h] (B, K, HQ, DV)."""
+    -> out[b, k, h] (B, K, HQ, DV). LINEAR_GATES: the gates from the normed input gate_x (B, K, DIM),
+    gate_w (3 HQ, DIM) and gate_b (3 HQ,) instead (`gates` unread)."""
     i_row = tl.program_id(0).to(tl.int64)
     i_k = i_row % K
     i_h = (i_row // K) % HQ
@@ -83,10 +120,14 @@ def fine_window_combine_kernel(
     b_sel = merge_partials(o_part, m_part, l_part, i_row, 0, SPLITS_SEL, NUM_PARTS, SPLITS_P, DV, BLOCK_DV)
     b_win = merge_partials(o_part, m_part, l_part, i_row, SPLITS_SEL, NUM_PARTS - SPLITS_SEL, NUM_PARTS, SPLITS_P, DV,
                            BLOCK_DV)
-    p_g = gates + i_b * stride_gb + i_h * stride_gh + i_k * stride_gk
-    g0 = tl.load(p_g).to(tl.float32)
-    g1 = tl.load(p_g + stride_gs).to(tl.float32)
-    g2 = tl.load(p_g + 2 * stride_gs).to(tl.float32)
+    if LINEAR_GATES:
+        g0, g1, g2 = _linear_gates(gate_x, gate_w, gate_b, i_b, i_k, i_h, K, DIM, stride_xb, stride_xk, stride_w,
+                                   HAS_BIAS, BLOCK_X)
+    else:
+        p_g = gates + i_b * stride_gb + i_h * stride_gh + i_k * stride_gk
+        g0 = tl.load(p_g).to(tl.float32)
+        g1 = tl.load(p_g + stride_gs).to(tl.float32)
+        g2 = tl.load(p_g + 2 * stride_gs).to(tl.float32)
     b_c = tl.load(compressed + i_b * stride_cb + i_h * stride_ch + i_k * stride_ck + o_dv, mask=m_dv,
                   other=0.0).to(tl.float32)
     b_out = g0 * b_c + g1 * b_sel + g2 * b_win
@@ -94,13 +135,14 @@ def fine_window_combine_kernel(
              mask=m_dv)
 
 
-def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates, *,
-                    scale: float, window: int) -> torch.Tensor:
+def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates,
+                        gate_x=None, gate_w=None, gate_b=None, *, scale: float, window: int) -> torch.Tensor:
     """q (B, HQ, K, D) rotated; sel_k / sel_v and win_k / win_v pools (P, HKV, PAGE, D / DV) (one page size,
     one block table (B, max_pages)); blocks / valid (B, HI, K, S) the selected pages (each query's own
     page is added); hi (B, K) the queries' positions; compressed (B, HQ, K, DV) the compressed branch's
-    output; gates (B, HQ, K, 3) -> (B, K, HQ, DV) in q's dtype (inputs validated by the caller). No host
-    synchronisation: every choice comes from shapes and the SM count."""
+    output; gates (B, HQ, K, 3), or None with gate_x (B, K, DIM), gate_w (3 HQ, DIM) and gate_b (3 HQ,)
+    or None, the gates being sigmoid(gate_x @ gate_w.T + gate_b) -> (B, K, HQ, DV) in q's dtype (inputs
+    validated by the caller). No host synchronisation: every choice comes from shapes and the SM count."""
     B, HQ, K, D = q.shape
     HKV, PAGE = sel_k.shape[1], sel_k.shape[2]
     DV = sel_v.shape[-1]
@@ -136,11 +178,20 @@ def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, vali
         num_warps=split_warps(cfg_sel, cfg_win), **shared,
     )
     splits_p = _pow2(max(splits_sel, splits_win))
+    linear = gates is None
+    if linear:
+        gate_x, gate_w = _unit_last_stride(gate_x), _unit_last_stride(gate_w)
+        gates, dim, x_strides, w_stride = gate_w, gate_x.shape[-1], gate_x.stride()[:2], gate_w.stride(0)
+    else:
+        gate_x = gate_w = gates
+        dim, x_strides, w_stride = 0, (0, 0), 0
+    has_bias = linear and gate_b is not None
     fine_window_combine_kernel[(B * HQ * K,)](
-        o_part, m_part, l_part, compressed, gates, out, HQ, K, splits_sel, parts,
-        *compressed.stride()[:3], *gates.stride(), out.stride(0), out.stride(1), out.stride(2),
-        SPLITS_P=splits_p, DV=DV, BLOCK_DV=cfg_sel["BLOCK_DV"],
-        num_warps=merge_warps(cfg_sel["BLOCK_DV"], splits_p),
+        o_part, m_part, l_part, compressed, gates, gate_x, gate_w, gate_b.contiguous() if has_bias else gate_w, out,
+        HQ, K, splits_sel, parts, dim, *compressed.stride()[:3], *(gates.stride() if not linear else (0,) * 4),
+        out.stride(0), out.stride(1), out.stride(2), *x_strides, w_stride,
+        SPLITS_P=splits_p, DV=DV, BLOCK_DV=cfg_sel["BLOCK_DV"], LINEAR_GATES=linear, HAS_BIAS=has_bias,
+        BLOCK_X=GATE_INPUTS_PER_STEP, num_warps=merge_warps(cfg_sel["BLOCK_DV"], splits_p),
     )
     return out
 
@@ -148,21 +199,23 @@ def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, vali
 @torch.library.custom_op("nsa::fine_window_step", mutates_args=())
 def _fine_window_op(q: torch.Tensor, sel_k: torch.Tensor, sel_v: torch.Tensor, win_k: torch.Tensor,
                     win_v: torch.Tensor, block_table: torch.Tensor, blocks: torch.Tensor, valid: torch.Tensor,
-                    hi: torch.Tensor, compressed: torch.Tensor, gates: torch.Tensor, scale: float,
-                    window: int) -> torch.Tensor:
+                    hi: torch.Tensor, compressed: torch.Tensor, gates: Optional[torch.Tensor],
+                    gate_x: Optional[torch.Tensor], gate_w: Optional[torch.Tensor], gate_b: Optional[torch.Tensor],
+                    scale: float, window: int) -> torch.Tensor:
     return _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates,
-                               scale=scale, window=window)
+                               gate_x, gate_w, gate_b, scale=scale, window=window)
 
 
 @_fine_window_op.register_fake
-def _fine_window_fake(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates, scale, window):
+def _fine_window_fake(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates, gate_x, gate_w,
+                      gate_b, scale, window):
     B, HQ, K, _ = q.shape
     return q.new_empty(B, K, HQ, sel_v.shape[-1])
 
 
-def fine_window_fwd(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates, *,
-                    scale: float, window: int) -> torch.Tensor:
+def fine_window_fwd(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates, gate_x=None,
+                    gate_w=None, gate_b=None, *, scale: float, window: int) -> torch.Tensor:
     """The fused launches as a torch.library op with a fake (meta) implementation, so
     torch.compile(fullgraph=True) traces a decoding step through it (arguments as _fine_window_launch's)."""
-    return _fine_window_op(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates,
-                           float(scale), int(window))
+    return _fine_window_op(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates, gate_x,
+                           gate_w, gate_b, float(scale), int(window))
