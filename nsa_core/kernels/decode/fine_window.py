@@ -74,7 +74,7 @@ def fine_window_split_kernel(
 
 
 @triton.jit
-def _linear_gates(gate_x, gate_w, gate_b, i_b, i_k, i_h, K, DIM, stride_xb, stride_xk, stride_w,
+def _linear_gates(gate_x, gate_w, gate_b, i_b, i_k, i_h, DIM, stride_xb, stride_xk, stride_w,
                   HAS_BIAS: tl.constexpr, BLOCK_X: tl.constexpr):
     """Head i_h's three gates of token (i_b, i_k): sigmoid(x @ W[3h : 3h + 3].T + b), each rounded to the
     input's dtype after the linear layer and after the sigmoid, as nn.Linear and torch.sigmoid round."""
@@ -121,7 +121,7 @@ def fine_window_combine_kernel(
     b_win = merge_partials(o_part, m_part, l_part, i_row, SPLITS_SEL, NUM_PARTS - SPLITS_SEL, NUM_PARTS, SPLITS_P, DV,
                            BLOCK_DV)
     if LINEAR_GATES:
-        g0, g1, g2 = _linear_gates(gate_x, gate_w, gate_b, i_b, i_k, i_h, K, DIM, stride_xb, stride_xk, stride_w,
+        g0, g1, g2 = _linear_gates(gate_x, gate_w, gate_b, i_b, i_k, i_h, DIM, stride_xb, stride_xk, stride_w,
                                    HAS_BIAS, BLOCK_X)
     else:
         p_g = gates + i_b * stride_gb + i_h * stride_gh + i_k * stride_gk
