@@ -43,6 +43,12 @@ SPLIT_PROGRAMS_PER_SM, SPLIT_MIN_TILES = 4, 4
 MAX_SCORE_ELEMENTS = 1 << 15  # NB x W block-score gathers one program holds (the selection's registers)
 
 
+def merge_kernel_warps(big_rows: bool, big_scores: bool) -> int:
+    """Warps of selection_merge_kernel: 8 where its rows x head dim reach 4096 or its block-score gather
+    NB x W 8192 elements (their registers), else 4 (benchmarks/decode/step_warps.py sweeps it)."""
+    return 8 if big_rows or big_scores else 4
+
+
 @functools.lru_cache(maxsize=None)
 def rounded(value: float, dtype: torch.dtype) -> float:
     """value rounded to dtype, as a Python float (a CPU tensor once per value and dtype: no op per step)."""
@@ -148,7 +154,7 @@ def compressed_selection_fwd(q: Tensor, ck_pages: Tensor, cv_pages: Tensor, tabl
         positions, o_part, m_part, l_part, scratch, o, indices, probs, valid,
         HQ, HI, K, HQ // HI, num_compressed, nb, num_splits, threshold, null_logit, masked_score(q.dtype),
         STRIDE=stride, BLOCK_R=rows, DV=DV, BLOCK_DV=block_dv, **selecting,
-        num_warps=8 if big_rows or big_scores else 4,
+        num_warps=merge_kernel_warps(big_rows, big_scores),
     )
     return o, indices, valid, probs
 

@@ -135,6 +135,12 @@ def fine_window_combine_kernel(
              mask=m_dv)
 
 
+def combine_warps(block_dv: int, splits_p: int, linear_gates: bool) -> int:
+    """Warps of fine_window_combine_kernel: the paged merges' rule (launch.merge_warps), with or without the
+    gates' linear layer in it (benchmarks/decode/step_warps.py sweeps the warps and the gates' input tile)."""
+    return merge_warps(block_dv, splits_p)
+
+
 def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates,
                         gate_x=None, gate_w=None, gate_b=None, *, scale: float, window: int) -> torch.Tensor:
     """q (B, HQ, K, D) rotated; sel_k / sel_v and win_k / win_v pools (P, HKV, PAGE, D / DV) (one page size,
@@ -191,7 +197,7 @@ def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, vali
         HQ, K, splits_sel, parts, dim, *compressed.stride()[:3], *(gates.stride() if not linear else (0,) * 4),
         out.stride(0), out.stride(1), out.stride(2), *x_strides, w_stride,
         SPLITS_P=splits_p, DV=DV, BLOCK_DV=cfg_sel["BLOCK_DV"], LINEAR_GATES=linear, HAS_BIAS=has_bias,
-        BLOCK_X=GATE_INPUTS_PER_STEP, num_warps=merge_warps(cfg_sel["BLOCK_DV"], splits_p),
+        BLOCK_X=GATE_INPUTS_PER_STEP, num_warps=combine_warps(cfg_sel["BLOCK_DV"], splits_p, linear),
     )
     return out
 
