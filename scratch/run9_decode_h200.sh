@@ -7,3 +7,6 @@ timeout 100 python -m tools.gpu_tests --out $OUT/gpu --per-file 45 --budget 95 t
 timeout 330 python -m benchmarks.decode.speed --contexts 8192,65536,131072 --batches 1,16 --ragged --profile --json $OUT/decode.json 2>&1 | tee $OUT/decode.log | grep -v -i warn | grep "^|\|tokens/s\|rror\|GPU kernels\|prefill" | cut -c1-200 | tail -16
 timeout 120 python -m benchmarks.decode.step_warps --json $OUT/warps.json 2>&1 | tee $OUT/warps.log | grep "^|" | tail -40
 cd $OUT && tar czf run9.tgz gpu && rm -rf gpu
+# issue 28: where a training forward+backward goes now (paper preset, G = 16, 8k and 32k), for the next lever
+timeout 150 python -m benchmarks.module.profile_steps --seq-len 8192 --top 22 2>&1 | grep -v -i warn | tail -40 | tee $OUT/profile_8k.txt
+timeout 100 python -m benchmarks.module.profile_steps --seq-len 32768 --top 16 2>&1 | grep -v -i warn | tail -30 | tee $OUT/profile_32k.txt
