@@ -1,9 +1,9 @@
 """Sliding-window attention on the GPU: the band kernels (kernels/sliding_window) against the
 earlier path (the selected-block kernels with the 8 preceding blocks selected and a window mask)
-and dense SDPA, with a sweep of tile configurations. Paper shape: bf16, 4 kv heads, d 128,
-window 512.
+the band as causal cuDNN SDPA over chunks of the window (kernels/window_sdpa.py), and dense SDPA, with a
+sweep of the band kernels' tile configurations. Paper shape: bf16, 4 kv heads, d 128, window 512.
 
-    python -m benchmarks.kernels.sliding_window --seq-len 65536 --groups 16,4
+    python -m benchmarks.kernels.sliding_window --seq-len 65536 --groups 16,4 [--no-sweep]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.timing import median_ms, with_backward
 from nsa_core import selected_attention, sliding_window_attention
+from nsa_core.kernels import window_sdpa
 from nsa_core.kernels.sliding_window import launch
 
 HKV, D, WINDOW = 4, 128, 512
@@ -49,6 +50,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-len", type=int, default=65536)
     ap.add_argument("--groups", default="16,4")
+    ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                    help="time every tile configuration of the band kernels (--no-sweep: the launch's own)")
     args = ap.parse_args()
     original = launch.tile_config
     for G in (int(g) for g in args.groups.split(",")):
@@ -57,17 +60,34 @@ def main() -> None:
         q, k, v = (torch.randn(1, h, T, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
                    for h in (HKV * G, HKV, HKV))
         small = [t[:, :, :4096].detach().float().requires_grad_() for t in (q, k, v)]
+        grad = torch.randn_like(small[0])
         ref = sliding_window_attention(*small, window=WINDOW, backend="torch")
-        ours = sliding_window_attention(*[t.detach().bfloat16() for t in small], window=WINDOW, backend="triton")
-        print(f"G={G} T=4096 bf16 out rel. error vs fp32 reference: "
-              f"{((ours.float() - ref).norm() / ref.norm()).item():.2e}")
+        ref_grads = torch.autograd.grad(ref, small, grad)
+        halves = [t.detach().bfloat16().requires_grad_() for t in small]
+        for name, path in (("band kernels", lambda *t: sliding_window_attention(*t, window=WINDOW, backend="triton")),
+                           ("cuDNN chunks", lambda *t: window_sdpa.chunked_window_attention(*t, WINDOW, D ** -0.5))):
+            ours = path(*halves)
+            grads = torch.autograd.grad(ours, halves, grad.bfloat16())
+            errors = [((a.float() - b).norm() / b.norm()).item() for a, b in zip((ours, *grads), (ref, *ref_grads))]
+            print(f"G={G} T=4096 bf16 {name} rel. error vs fp32 reference (out, dq, dk, dv): "
+                  + ", ".join(f"{e:.2e}" for e in errors), flush=True)
         rows = []
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)  # noqa: E731
-            rows.append(("dense SDPA (causal, full)", timed(dense, False), timed(dense, True)))
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+            with sdpa_kernel(backend):
+                dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)  # noqa: E731
+                try:
+                    rows.append((f"dense SDPA {backend.name} (causal, full)", timed(dense, False), timed(dense, True)))
+                except RuntimeError:  # the backend refused the shape
+                    rows.append((f"dense SDPA {backend.name} (causal, full)", float("nan"), float("nan")))
         rows.append(("selected-block kernels + window mask", timed(lambda: by_selection(q, k, v), False),
                      timed(lambda: by_selection(q, k, v), True)))
-        for name, (fwd, bwd) in CONFIGS.items():
+        chunks = lambda: window_sdpa.chunked_window_attention(q, k, v, WINDOW, D ** -0.5)  # noqa: E731
+        rows.append(("cuDNN chunks (kernels/window_sdpa)", timed(chunks, False), timed(chunks, True)))
+        # the same with q, k, v in a projection's (B, T, heads, D) memory order: the chunks are views
+        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+        chunks = lambda: window_sdpa.chunked_window_attention(qt, kt, vt, WINDOW, D ** -0.5)  # noqa: E731
+        rows.append(("cuDNN chunks, token-major q k v", timed(chunks, False), timed(chunks, True)))
+        for name, (fwd, bwd) in (CONFIGS.items() if args.sweep else list(CONFIGS.items())[:1]):
             def config(qq, vv, backward, first=None, fwd=fwd, bwd=bwd):
                 cfg = original(qq, vv, backward, first)
                 bm, bn, warps, stages = bwd if backward else fwd
