@@ -32,7 +32,10 @@ from nsa_core.kernels.decode.launch import (_pow2, _unit_last_stride, head_tiles
                                             split_warps, tiles, window_slots)
 
 
-GATE_INPUTS_PER_STEP = 512  # of the normed input, per loop step of the gates' linear layer in the combine launch
+# of the normed input, per loop step of the gates' linear layer in the combine launch (at most the input's width);
+# with 4 warps where that layer runs in it: 2048 took the split + combine 48.2 -> 43.9 us at 64k x 16 and 24.1 ->
+# 21.0 at 64k x 1 on an H100 (benchmarks/decode/step_warps.py, RESULTS.md)
+GATE_INPUTS_PER_STEP = 2048
 
 
 @triton.jit
@@ -136,9 +139,9 @@ def fine_window_combine_kernel(
 
 
 def combine_warps(block_dv: int, splits_p: int, linear_gates: bool) -> int:
-    """Warps of fine_window_combine_kernel: the paged merges' rule (launch.merge_warps), with or without the
-    gates' linear layer in it (benchmarks/decode/step_warps.py sweeps the warps and the gates' input tile)."""
-    return merge_warps(block_dv, splits_p)
+    """Warps of fine_window_combine_kernel: 4 where the gates' linear layer runs in it (its [4, 2048] weight
+    tile), else the paged merges' rule (launch.merge_warps); benchmarks/decode/step_warps.py sweeps both."""
+    return 4 if linear_gates else merge_warps(block_dv, splits_p)
 
 
 def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, valid, hi, compressed, gates,
@@ -197,7 +200,7 @@ def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, vali
         HQ, K, splits_sel, parts, dim, *compressed.stride()[:3], *(gates.stride() if not linear else (0,) * 4),
         out.stride(0), out.stride(1), out.stride(2), *x_strides, w_stride,
         SPLITS_P=splits_p, DV=DV, BLOCK_DV=cfg_sel["BLOCK_DV"], LINEAR_GATES=linear, HAS_BIAS=has_bias,
-        BLOCK_X=GATE_INPUTS_PER_STEP, num_warps=combine_warps(cfg_sel["BLOCK_DV"], splits_p, linear),
+        BLOCK_X=min(GATE_INPUTS_PER_STEP, _pow2(max(dim, 1), 16)), num_warps=combine_warps(cfg_sel["BLOCK_DV"], splits_p, linear),
     )
     return out
 
