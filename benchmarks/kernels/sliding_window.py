@@ -1,7 +1,6 @@
 """Sliding-window attention on the GPU: the band kernels (kernels/sliding_window) against the
 earlier path (the selected-block kernels with the 8 preceding blocks selected and a window mask)
-the band as causal cuDNN SDPA over chunks of the window (kernels/window_sdpa.py), and dense SDPA, with a
-sweep of the band kernels' tile configurations. Paper shape: bf16, 4 kv heads, d 128, window 512.
+and dense SDPA (cuDNN and flash), with a sweep of the band kernels' tile configurations. Paper shape: bf16, 4 kv heads, d 128, window 512.
 
     python -m benchmarks.kernels.sliding_window --seq-len 65536 --groups 16,4 [--no-sweep]
 """
@@ -18,7 +17,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.timing import median_ms, with_backward
 from nsa_core import selected_attention, sliding_window_attention
-from nsa_core.kernels import window_sdpa
 from nsa_core.kernels.sliding_window import launch
 
 HKV, D, WINDOW = 4, 128, 512
@@ -64,8 +62,7 @@ def main() -> None:
         ref = sliding_window_attention(*small, window=WINDOW, backend="torch")
         ref_grads = torch.autograd.grad(ref, small, grad)
         halves = [t.detach().bfloat16().requires_grad_() for t in small]
-        for name, path in (("band kernels", lambda *t: sliding_window_attention(*t, window=WINDOW, backend="triton")),
-                           ("cuDNN chunks", lambda *t: window_sdpa.chunked_window_attention(*t, WINDOW, D ** -0.5))):
+        for name, path in (("band kernels", lambda *t: sliding_window_attention(*t, window=WINDOW, backend="triton")),):
             ours = path(*halves)
             grads = torch.autograd.grad(ours, halves, grad.bfloat16())
             errors = [((a.float() - b).norm() / b.norm()).item() for a, b in zip((ours, *grads), (ref, *ref_grads))]
@@ -81,12 +78,6 @@ def main() -> None:
                     rows.append((f"dense SDPA {backend.name} (causal, full)", float("nan"), float("nan")))
         rows.append(("selected-block kernels + window mask", timed(lambda: by_selection(q, k, v), False),
                      timed(lambda: by_selection(q, k, v), True)))
-        chunks = lambda: window_sdpa.chunked_window_attention(q, k, v, WINDOW, D ** -0.5)  # noqa: E731
-        rows.append(("cuDNN chunks (kernels/window_sdpa)", timed(chunks, False), timed(chunks, True)))
-        # the same with q, k, v in a projection's (B, T, heads, D) memory order: the chunks are views
-        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
-        chunks = lambda: window_sdpa.chunked_window_attention(qt, kt, vt, WINDOW, D ** -0.5)  # noqa: E731
-        rows.append(("cuDNN chunks, token-major q k v", timed(chunks, False), timed(chunks, True)))
         for name, (fwd, bwd) in (CONFIGS.items() if args.sweep else list(CONFIGS.items())[:1]):
             def config(qq, vv, backward, first=None, fwd=fwd, bwd=bwd):
                 cfg = original(qq, vv, backward, first)

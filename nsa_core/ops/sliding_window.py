@@ -1,6 +1,5 @@
 """sliding_window_attention: the public op (validation + dispatch).
-Kernels: kernels/sliding_window (causal, any query offset), or for a plain batch on cuDNN where that is
-faster, kernels/window_sdpa (the band as causal SDPA over chunks); PyTorch: the fast path reference/fast_window.py
+Kernels: kernels/sliding_window (causal, any query offset); PyTorch: the fast path reference/fast_window.py
 (one batched masked SDPA over query chunks), the twin of the loop reference reference/sliding_window.py.
 A decoding step (`Seqs.step`, keys in a cache's pages: ops/paged.py) takes decode_attention over the
 pages of each query's window."""
@@ -52,10 +51,7 @@ def sliding_window_attention(
     by_design = None if causal else "the non-causal window runs on the reference"
     if use_kernels(backend, q.device, "sliding_window_attention", unsupported, by_design=by_design):
         from nsa_core.kernels.sliding_window.autograd import sliding_window_triton
-        from nsa_core.kernels.window_sdpa import chunked_window_attention, chunked_window_pays
 
-        if seqs.is_plain and chunked_window_pays(q, k, v, window):
-            return chunked_window_attention(q, k, v, window, q.shape[-1] ** -0.5 if scale is None else scale)
         first = seqs.token_doc_start if seqs.is_packed else None
         return sliding_window_triton(q, k, v, window, scale, seqs.q_offset, first)
     # packed documents: the twin runs each document alone
