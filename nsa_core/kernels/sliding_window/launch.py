@@ -20,6 +20,11 @@ from nsa_core.kernels.sliding_window.kernels import (
 )
 
 
+# launch settings of the dK/dV kernel that differ from tile_config's backward (benchmarks/kernels/window_backward.py
+# sweeps them; FLAT_HEADS is the kernel's one loop over (query head, query tile))
+DKDV_OVERRIDES: dict = {}
+
+
 def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     reason = dtype_reason(q) or head_dim_reason(q.shape[-1], v.shape[-1])
     if reason is not None:
@@ -73,6 +78,7 @@ def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float, q_offset:
     if TQ > 0 and B * HQ > 0:
         sliding_window_bwd_dq_kernel[(B * HQ, triton.cdiv(TQ, cfg["BLOCK_M"]))](q, k, v, do, lse, delta, dq, *args, **cfg)
     if TK > 0 and B * HQ > 0:  # every key tile writes its rows (zeros where no query reaches it)
+        cfg = {**cfg, **DKDV_OVERRIDES}
         sliding_window_bwd_dkdv_kernel[(B * HKV, triton.cdiv(TK, cfg["BLOCK_N"]))](
             q, k, v, do, lse, delta, dk, dv, *args, **cfg)
     return dq, dk, dv
