@@ -1,4 +1,4 @@
-"""The sliding window's backward kernels timed over their launch settings: dK/dV (its loop form, warps, tiles)
+"""The sliding window's backward kernels timed over their launch settings: dK/dV (its warps, tiles, stages)
 with dQ at the launch's own, then dQ's with dK/dV at the launch's own; the forward beside them.
 
     python -m benchmarks.kernels.window_backward --seq-lens 8192,65536 --groups 16,4 --json out.json
@@ -23,23 +23,22 @@ from nsa_core.kernels.sliding_window import launch
 
 HKV, D, WINDOW = 4, 128, 512
 DKDV_VARIANTS = {  # name -> DKDV_OVERRIDES; the first is the launch's own
-    "flat, own tiles": {},
-    "nested loops": {"FLAT_HEADS": False},
-    "flat, 8 warps": {"num_warps": 8},
-    "flat, keys 128, 8 warps": {"BLOCK_N": 128, "num_warps": 8},
-    "flat, queries 32": {"BLOCK_M": 32},
-    "flat, 2 stages": {"num_stages": 2},
-    "flat, 8 warps, 2 stages": {"num_warps": 8, "num_stages": 2},
+    "own tiles": {},
+    "3 stages": {"num_stages": 3},
+    "8 warps": {"num_warps": 8},
+    "keys 128, 8 warps": {"BLOCK_N": 128, "num_warps": 8},
+    "queries 32": {"BLOCK_M": 32},
+    "1 stage": {"num_stages": 1},
 }
 DQ_VARIANTS = {  # name -> changes to tile_config's backward for dQ (dK/dV keeps its own through DKDV_OVERRIDES)
     "own tiles": {},
     "8 warps": {"num_warps": 8},
     "queries 128, 8 warps": {"BLOCK_M": 128, "num_warps": 8},
-    "2 stages": {"num_stages": 2},
-    "4 stages": {"num_stages": 4},
+    "3 stages": {"num_stages": 3},
+    "1 stage": {"num_stages": 1},
 }
-SMOKE_DKDV = ("flat, own tiles", "nested loops")
-SMOKE_DQ = ("own tiles", "2 stages")
+SMOKE_DKDV = ("own tiles", "3 stages")
+SMOKE_DQ = ("own tiles", "1 stage")
 
 
 def problem(T: int, G: int, device, dtype, seed: int = 0):

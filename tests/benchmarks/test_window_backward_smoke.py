@@ -14,8 +14,8 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     assert (launch.tile_config, launch.DKDV_OVERRIDES) == rules
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert [(r["kernel"], r["variant"]) for r in results["rows"]] == [
-        ("dk/dv", "flat, own tiles"), ("dk/dv", "nested loops"), ("dq", "own tiles"), ("dq", "2 stages")]
+        ("dk/dv", "own tiles"), ("dk/dv", "3 stages"), ("dq", "own tiles"), ("dq", "1 stage")]
     for row in results["rows"]:
         assert row["backward_ms"] > 0 and row["forward_ms"] > 0, row
         assert row["max_rel_diff"] < 1e-5, row
-    assert "| 200 | 3 | dk/dv | nested loops |" in capsys.readouterr().out
+    assert "| 200 | 3 | dk/dv | 3 stages |" in capsys.readouterr().out

@@ -129,16 +129,3 @@ def test_kernels_take_rows_past_2_31_per_batch_element_and_refuse_rows_past_it()
     assert "32-bit offsets within a row" in window_reason(long_q, long_kv, long_kv)
     assert "32-bit offsets within a row" in selection_reason(long_q, long_kv, long_kv, 64)
 
-
-@pytest.mark.parametrize("G, T, window", [(3, 150, 5), (2, 203, 64)])
-def test_dkdv_loop_forms_agree(monkeypatch, G, T, window):
-    """The dK/dV kernel's one loop over (query head, query tile) and its nested loops add the same terms in the
-    same order: equal gradients."""
-    from nsa_core.kernels.sliding_window import launch
-
-    q, k, v = problem(1, 2 * G, 2, T, 32, 16, seed=G * T)
-    flat = outputs_and_grads(q, k, v, window, "triton")
-    monkeypatch.setattr(launch, "DKDV_OVERRIDES", {"FLAT_HEADS": False})
-    nested = outputs_and_grads(q, k, v, window, "triton")
-    for name, a, b in zip(("out", "dq", "dk", "dv"), flat, nested):
-        assert torch.equal(a, b), name

@@ -144,34 +144,6 @@ def sliding_window_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_step(q, do, lse, delta, first, b_k, b_v, b_dk, b_dv, o_n, i_b, i_h, start,
-               stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot, TQ, TK, Q_OFF, HQ, window, scale,
-               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr):
-    """The key tile's dK [N, BLOCK_D] / dV [N, BLOCK_DV] sums after the query tile start ... of head i_h."""
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    o_m = start + tl.arange(0, BLOCK_M)
-    m_m = o_m < TQ
-    o_pm = Q_OFF + o_m
-    p_row = (i_b * HQ + i_h) * TQ
-    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :],
-                  mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
-    b_do = tl.load(do + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_dv[None, :],
-                   mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)
-    b_lse = tl.load(lse + p_row + o_m, mask=m_m, other=0.0)
-    b_delta = tl.load(delta + p_row + o_m, mask=m_m, other=0.0)
-    b_first = _doc_first(first, o_m, m_m, PACKED)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [M, N]
-    b_p = tl.where(_band(o_pm, o_n, TK, window, b_first) & m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
-    b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)
-    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-    b_ds = b_p * (b_dp - b_delta[:, None])
-    b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)
-    return b_dk, b_dv
-
-
-@triton.jit
 def sliding_window_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, dk, dv, first,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -179,11 +151,10 @@ def sliding_window_bwd_dkdv_kernel(
     TQ, TK, Q_OFF, HQ, G, window, scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr,
-    FLAT_HEADS: tl.constexpr = True,
 ):
     """dk (B, HKV, TK, D), dv (B, HKV, TK, DV) contiguous: one program per key tile and kv head,
     summing over the G query heads of the group and the query tiles whose window reaches it
-    (none for keys that no query sees: zeros). FLAT_HEADS: heads x query tiles as one loop, else nested."""
+    (none for keys that no query sees: zeros)."""
     i_bk, i_n = tl.program_id(0), tl.program_id(1)
     i_bk = i_bk.to(tl.int64)  # 64-bit: (batch, head) offsets pass 2**31 elements (64 heads x 1M tokens x 128)
     HKV = HQ // G
@@ -198,21 +169,27 @@ def sliding_window_bwd_dkdv_kernel(
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo = tl.maximum(i_n * BLOCK_N - Q_OFF, 0) // BLOCK_M * BLOCK_M  # rows of the queries that reach the tile
     hi = tl.minimum((i_n + 1) * BLOCK_N + window - Q_OFF, TQ)
-    if FLAT_HEADS:  # one loop over (query head, query tile) pairs: one software pipeline for all of them
-        tiles = tl.maximum(tl.cdiv(hi - lo, BLOCK_M), 0)
-        for it in range(0, G * tiles):
-            g = it // tiles
-            b_dk, b_dv = _dkdv_step(q, do, lse, delta, first, b_k, b_v, b_dk, b_dv, o_n, i_b, i_hk * G + g,
-                                    lo + (it - g * tiles) * BLOCK_M, stride_qb, stride_qh, stride_qt, stride_ob,
-                                    stride_oh, stride_ot, TQ, TK, Q_OFF, HQ, window, scale, D, DV, BLOCK_D, BLOCK_DV,
-                                    BLOCK_M, PRECISION, PACKED)
-    else:
-        for g in range(G):
-            for start in range(lo, hi, BLOCK_M):
-                b_dk, b_dv = _dkdv_step(q, do, lse, delta, first, b_k, b_v, b_dk, b_dv, o_n, i_b, i_hk * G + g,
-                                        start, stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot, TQ,
-                                        TK, Q_OFF, HQ, window, scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, PRECISION,
-                                        PACKED)
+    for g in range(G):
+        i_h = i_hk * G + g
+        p_q = q + i_b * stride_qb + i_h * stride_qh
+        p_do = do + i_b * stride_ob + i_h * stride_oh
+        p_row = (i_b * HQ + i_h) * TQ
+        for start in range(lo, hi, BLOCK_M):
+            o_m = start + tl.arange(0, BLOCK_M)
+            m_m = o_m < TQ
+            o_pm = Q_OFF + o_m
+            b_q = tl.load(p_q + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
+            b_do = tl.load(p_do + o_m[:, None] * stride_ot + o_dv[None, :], mask=m_m[:, None] & (o_dv[None, :] < DV),
+                           other=0.0)
+            b_lse = tl.load(lse + p_row + o_m, mask=m_m, other=0.0)
+            b_delta = tl.load(delta + p_row + o_m, mask=m_m, other=0.0)
+            b_first = _doc_first(first, o_m, m_m, PACKED)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [M, N]
+            b_p = tl.where(_band(o_pm, o_n, TK, window, b_first) & m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
+            b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)
     p_row_k = (i_b * HKV + i_hk) * TK + o_n
     tl.store(dk + p_row_k[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
              mask=m_n[:, None] & (o_d[None, :] < D))

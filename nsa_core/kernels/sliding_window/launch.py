@@ -21,7 +21,7 @@ from nsa_core.kernels.sliding_window.kernels import (
 
 
 # launch settings of the dK/dV kernel that differ from tile_config's backward (benchmarks/kernels/window_backward.py
-# sweeps them; FLAT_HEADS is the kernel's one loop over (query head, query tile))
+# sweeps the two backward kernels apart)
 DKDV_OVERRIDES: dict = {}
 
 
@@ -35,15 +35,19 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
 
 def tile_config(q: torch.Tensor, v: torch.Tensor, backward: bool, first: torch.Tensor | None = None) -> dict:
     """The launch configuration (tiles, warps, constexprs) both passes take: tiles of 64 queries x 64
-    keys, 4 warps, forward and backward, for head dims up to 128 (32 x 32 above); looked up at every
-    launch, so a tile sweep (benchmarks.kernels.sliding_window) can stand its own in. Measured on an
-    H100 at 64k, d 128, window 512 (benchmarks/NOTES.md): forward 4.3 ms vs 6.8 with 128 x 64 / 8
-    warps. A 32-query backward tile was 2.4 ms faster but its reruns were not bit-identical on the
-    H100 (Triton 3.6), so it is not used."""
+    keys, 4 warps, forward and backward, for head dims up to 128 (32 x 32 above); the backward's loops
+    pipelined 2 deep. Looked up at every launch, so a sweep (benchmarks.kernels.sliding_window,
+    benchmarks.kernels.window_backward) can stand its own in. Measured on an H100 at d 128, window 512
+    (benchmarks/NOTES.md): forward 4.3 ms vs 6.8 with 128 x 64 / 8 warps at 64k; the backward's 2 stages
+    against Triton's default 3: dK/dV 0.64 ms and dQ 0.24 ms less at 8k (G = 16), 4.4 and 2.3 at 64k. A 32-query
+    backward tile was faster too, but adds in another order (not bit-equal to these tiles' sums)."""
     block_d, block_dv = (max(16, triton.next_power_of_2(n)) for n in (q.shape[-1], v.shape[-1]))
     block = 32 if max(block_d, block_dv) > 128 else 64
-    return dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_M=block, BLOCK_N=block,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACKED=first is not None, num_warps=4)
+    cfg = dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_M=block, BLOCK_N=block,
+               PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACKED=first is not None, num_warps=4)
+    if backward:
+        cfg["num_stages"] = 2
+    return cfg
 
 
 def _strides(q, k, v, o) -> tuple:
