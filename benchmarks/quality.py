@@ -45,7 +45,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="directory for the JSON and the PNG (created)")
-    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU (the CI run)")
+    ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
+                    help="tiny models on the CPU (the CI run)")
     ap.add_argument("--models", help="comma-separated subset of nsa,dense,window,no_selection")
     ap.add_argument("--steps", type=int, help="language-model training steps per model")
     ap.add_argument("--batch-size", type=int, help="rows per language-model step")
@@ -57,7 +58,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--retrieval-lengths", help="comma-separated passkey lengths in bytes, e.g. 4096,8192")
     ap.add_argument("--retrieval-tokens-per-step", type=int, help="bytes per passkey step (samples = this // length)")
     ap.add_argument("--retrieval-samples-per-bucket", type=int, help="evaluation samples per length and depth bucket")
-    ap.add_argument("--answer-only-loss", action="store_true", help="passkey loss on the answer only (default: "
+    ap.add_argument("--answer-only-loss", action=argparse.BooleanOptionalAction, default=False,
+                    help="passkey loss on the answer only (default: "
                     "also on the needle's repetition of the key)")
     ap.add_argument("--retrieval-time-budget-s", type=float,
                     help="stop passkey fine-tuning after this many seconds (0: no limit)")

@@ -123,7 +123,8 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--check", action="store_true", help="compare every request with generate alone")
+    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=False,
+                        help="compare every request with generate alone")
     args = parser.parse_args()
     model = tiny_model(device=args.device)
     requests = random_requests(args.requests, model.to_logits.out_features, max_prompt=args.max_prompt,

@@ -91,7 +91,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=16)
     ap.add_argument("--dtype", default="bf16", choices=DTYPES)
     ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--variants", action="store_true", help="count specializations instead of compiling")
+    ap.add_argument("--variants", action=argparse.BooleanOptionalAction, default=False,
+                    help="count specializations instead of compiling")
     args = ap.parse_args()
     variants(args) if args.variants else cold_compile(args)
 

@@ -134,16 +134,21 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--corners", action="store_true", help="only the corners (kernel_launches.corners)")
-    ap.add_argument("--ci", action="store_true", help="only the CI test's corners (kernel_launches.ci_corners)")
+    ap.add_argument("--corners", action=argparse.BooleanOptionalAction, default=False,
+                    help="only the corners (kernel_launches.corners)")
+    ap.add_argument("--ci", action=argparse.BooleanOptionalAction, default=False,
+                    help="only the CI test's corners (kernel_launches.ci_corners)")
     ap.add_argument("--families", default="selected,window,decode,misc")
     ap.add_argument("--dims", type=_ints, default=(256, 128, 64, 32, 16))
     ap.add_argument("--blocks", type=_ints, default=(128, 64, 32, 16))
     ap.add_argument("--groups", type=_ints, default=(1, 4, 8, 16))
     ap.add_argument("--dtypes", default="bf16,fp32")
-    ap.add_argument("--minor", action="store_true", help="also non-causal and without gates")
-    ap.add_argument("--exact", action="store_true", help="compile every distinct launch (no tile-key sharing)")
-    ap.add_argument("--full", action="store_true", help="compile to cubins (ptxas), not only to LLVM IR")
+    ap.add_argument("--minor", action=argparse.BooleanOptionalAction, default=False,
+                    help="also non-causal and without gates")
+    ap.add_argument("--exact", action=argparse.BooleanOptionalAction, default=False,
+                    help="compile every distinct launch (no tile-key sharing)")
+    ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=False,
+                    help="compile to cubins (ptxas), not only to LLVM IR")
     ap.add_argument("--validate", type=int, default=0, help="also compile N non-representatives and compare")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--budget", type=int, default=SHARED_BUDGET, help="bytes of shared memory a kernel may use")

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = dict(batch=2, seq_len=40, repeats=1) if args.smoke else dict(repeats=args.repeats)

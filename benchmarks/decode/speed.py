@@ -94,8 +94,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--generation-context", type=int, default=32768)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--compile", action="store_true", help="also time the step compiled (torch.compile)")
-    ap.add_argument("--profile", action="store_true", help="kernel table of one graphed decode step")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="also time the step compiled (torch.compile)")
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False,
+                    help="kernel table of one graphed decode step")
     ap.add_argument("--skip", default="", help="comma list of: correctness,generation,prefill")
     ap.add_argument("--importance", default=None, choices=IMPORTANCE_SCORES,
                     help="block importance score of the layer (default: the paper preset's)")

@@ -94,12 +94,14 @@ def main(argv=None) -> dict:
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=[DEFAULT_LAYOUT, "contiguous"])
     p.add_argument("--bytes-lens", type=int, nargs="+", default=[131072, 1048576], help="lengths of the bytes table")
-    p.add_argument("--fit", action="store_true", help="also search the longest sequence one GPU trains")
+    p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=False,
+                   help="also search the longest sequence one GPU trains")
     p.add_argument("--start", type=int, default=262144, help="first length of the fit search")
     p.add_argument("--step", type=int, default=32768, help="resolution of the fit search")
     p.add_argument("--max-len", type=int, default=2**21, help="the fit search's cap")
     p.add_argument("--out", type=Path, default=None, help="JSON results")
-    p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, float32, 128 tokens")
+    p.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
+                   help="tiny preset on the CPU, float32, 128 tokens")
     args = p.parse_args(argv)
     if args.smoke:
         DTYPE, DEVICE = torch.float32, "cpu"

@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=0, help="length of the scaling table; 0: search the longest that fits on one GPU and on all, then time the one-GPU length")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="shard layouts to measure")
-    p.add_argument("--smoke", action="store_true", help="tiny config on CPU over gloo (checks the script)")
+    p.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
+                   help="tiny config on CPU over gloo (checks the script)")
     return p.parse_args(argv)
 
 

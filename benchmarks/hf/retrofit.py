@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--val-rows", type=int, default=64)
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False)
     args = p.parse_args(argv)
     if args.smoke:
         args.dense_steps, args.continue_steps, args.hidden, args.layers, args.val_rows = 3, 2, 64, 2, 4

@@ -75,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-lens", default="8192,16384,65536")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False)
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16

@@ -220,7 +220,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton's interpreter), fp32")
+    ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
+                    help="tiny shapes on the CPU (Triton's interpreter), fp32")
     ap.add_argument("--out", default="benchmarks/results/kernels/selected_tiles.json")
     ap.add_argument("--only", default="", help="comma-separated case names to run (default: all)")
     args = ap.parse_args(argv)

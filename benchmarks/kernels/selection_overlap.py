@@ -146,7 +146,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-rows", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--smoke", action="store_true", help="a tiny model, a few steps, short rows")
+    ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
+                    help="a tiny model, a few steps, short rows")
     args = ap.parse_args(argv)
     for name in ("context", "batch", "eval_rows", "max_steps"):
         if getattr(args, name) < 1:

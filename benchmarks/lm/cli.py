@@ -44,12 +44,15 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.lm", description=sys.modules["benchmarks.lm"].__doc__,
                                  epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="directory for runs/*.json, the summary and the PNG")
-    ap.add_argument("--smoke", action="store_true", help="everything tiny on the CPU (the CI run)")
+    ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
+                    help="everything tiny on the CPU (the CI run)")
     ap.add_argument("--schedule", choices=sorted(SCHEDULES), default="full",
                     help="full: 6000 steps or 480 s per run; sweep: the 1500-step schedule of the sweep and design "
                     "runs (100 warmup steps, evaluations every 250, no time budget); flags below override either")
-    ap.add_argument("--report-only", action="store_true", help="no training: the table and PNG of --out's runs")
-    ap.add_argument("--no-resume", action="store_true", help="run again even where a finished JSON exists")
+    ap.add_argument("--report-only", action=argparse.BooleanOptionalAction, default=False,
+                    help="no training: the table and PNG of --out's runs")
+    ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                    help="skip runs whose finished JSON exists (--no-resume: run them again)")
     ap.add_argument("--models", help="comma-separated among dense,window,nsa,no_selection")
     ap.add_argument("--seeds", help="comma-separated seeds")
     ap.add_argument("--lrs", help="comma-separated peak learning rates")
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             for lr in settings.lrs:
                 for seed in settings.seeds:
                     run_one(settings, corpus, model_name, lr, seed, args.out, device, precision, env,
-                            resume=not args.no_resume)
+                            resume=args.resume)
     report(args.out)
     console.print(f"done in {time.perf_counter() - start:.0f} s", highlight=False)
     return 0

@@ -147,8 +147,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peers", default=None, help="folder holding flash_nsa/ (imported from there)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--skip-check", action="store_true", help="no correctness check before timing")
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU run: preset tiny, fp32, a 128-token row")
+    ap.add_argument("--skip-check", action=argparse.BooleanOptionalAction, default=False,
+                    help="no correctness check before timing")
+    ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
+                    help="tiny CPU run: preset tiny, fp32, a 128-token row")
     args = ap.parse_args(argv)
     if args.smoke:
         dev, dt, cfg = torch.device("cpu"), torch.float32, get_preset("tiny")

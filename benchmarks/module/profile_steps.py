@@ -43,9 +43,12 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=64)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--forward-only", action="store_true", help="profile a forward (default: forward+backward)")
-    ap.add_argument("--host", action="store_true", help="also record host (CPU) time per op: where launches go")
-    ap.add_argument("--packed", action="store_true", help="profile a packed row against its documents alone")
+    ap.add_argument("--forward-only", action=argparse.BooleanOptionalAction, default=False,
+                    help="profile a forward (default: forward+backward)")
+    ap.add_argument("--host", action=argparse.BooleanOptionalAction, default=False,
+                    help="also record host (CPU) time per op: where launches go")
+    ap.add_argument("--packed", action=argparse.BooleanOptionalAction, default=False,
+                    help="profile a packed row against its documents alone")
     args = ap.parse_args()
     if args.packed:
         return profile_packed(args)

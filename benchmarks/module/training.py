@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
                     help="measure the cold compile time (a subprocess)")
     ap.add_argument("--peers", default=None, help="folder holding flash_nsa/ (imported from there)")
     ap.add_argument("--out", default=None, help="write the results as JSON here (after every section)")
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU run: preset tiny, fp32, T 128, steps 64x2")
+    ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
+                    help="tiny CPU run: preset tiny, fp32, T 128, steps 64x2")
     args = ap.parse_args(argv)
     if args.check_len < 1:
         ap.error(f"--check-len must be a positive int, got {args.check_len}")

@@ -70,9 +70,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.retrieval", description=sys.modules["benchmarks.retrieval"].__doc__,
                                  epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="directory for runs/*.json, the summary and the PNG")
-    ap.add_argument("--smoke", action="store_true", help="everything tiny on the CPU (the CI run)")
-    ap.add_argument("--report-only", action="store_true", help="no training: the table and PNG of --out's runs")
-    ap.add_argument("--no-resume", action="store_true", help="run again even where a finished JSON exists")
+    ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
+                    help="everything tiny on the CPU (the CI run)")
+    ap.add_argument("--report-only", action=argparse.BooleanOptionalAction, default=False,
+                    help="no training: the table and PNG of --out's runs")
+    ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                    help="skip runs whose finished JSON exists (--no-resume: run them again)")
     ap.add_argument("--tasks", help="comma-separated: needle,mqar")
     ap.add_argument("--models", help=f"comma-separated among {','.join(DEFAULT_MODELS)} and --define'd ones")
     ap.add_argument("--define", action="append", default=[], metavar="NAME=JSON",
@@ -83,7 +86,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mqar-lengths", help="MQAR row lengths, e.g. 512,2048")
     ap.add_argument("--seeds", help="comma-separated seeds (default 0,1)")
     ap.add_argument("--lrs", help="comma-separated peak learning rates")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the training steps")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="torch.compile the training steps")
     for name in INT_ARGUMENTS:
         ap.add_argument("--" + name.replace("_", "-"), type=int)
     for name in FLOAT_ARGUMENTS:
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        run_all(settings, args.out, resume=not args.no_resume)
+        run_all(settings, args.out, resume=args.resume)
     report(args.out)
     console.print(f"done in {time.perf_counter() - start:.0f} s", highlight=False)
     return 0
