@@ -143,7 +143,7 @@ def _misc(cfg: Config) -> list[tuple[str, Launch]]:
         "combine fwd": lambda: combine._combine_fwd._init_fn(x, x, x, gates),
         "combine bwd": lambda: combine._combine_bwd._init_fn(x.transpose(1, 2), x, x, x, gates),
         "block top-k": lambda: block_topk._block_topk._init_fn(scores, min(16, cfg.block), 0.125, 0, 64, True, True,
-                                                               0.0, 0.0),
+                                                               0.0, 0.0, 1, 2),  # the paper's forced blocks
     }
     out = []
     for name, call in calls.items():
