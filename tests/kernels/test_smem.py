@@ -43,3 +43,18 @@ def test_corners_fit_shared_memory(tmp_path):
     assert not failed, failed
     over = [f"{r['kernel']} {r['shared']} B: {r['config']} / {r['scheme']}" for r in rows if r["shared"] > result["budget"]]
     assert not over, f"over {result['budget']} B of shared memory: {over}"
+
+
+def test_every_corner_lists_its_launches():
+    """tools.kernel_launches calls the launchers as the library does (on meta tensors, nothing compiled): when a
+    launcher's signature changes, the sweep's calls must follow (the block top-k's forced-block counts once did
+    not). Every family lists at least one launch at every corner."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from tools.kernel_launches import corners, launches\n"
+            "print(','.join(f'{c.family}:{len(launches(c))}' for c in corners()))")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = [entry.split(":") for entry in proc.stdout.strip().split(",")]
+    assert {family for family, _ in counts} == {"selected", "window", "decode", "misc"}
+    assert all(int(n) > 0 for _, n in counts), counts
