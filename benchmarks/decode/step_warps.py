@@ -1,6 +1,7 @@
 """Two launches of a decoding step timed over their warps: the selection's merge (the compressed branch's
-partials merged, the block scores, the top-k; kernels/decode/selection_kernel.py) and the fused combine with the
-gates' linear layer in it (kernels/decode/fine_window.py), with the width of the gates' input tile.
+partials merged, the block scores, the top-k; kernels/decode/selection_kernel.py), also with its top-k as one
+sort of packed keys (compressed_selection.SORTED_TOP_K), and the fused combine with the gates' linear layer in it
+(kernels/decode/fine_window.py), with the width of the gates' input tile.
 
     python -m benchmarks.decode.step_warps --json out.json
     python -m benchmarks.decode.step_warps --smoke      # CPU (Triton's interpreter): a small layer, two variants each
@@ -93,18 +94,25 @@ def timed(fn, device) -> tuple[float, object]:
 
 def sweep_merge(layer, context, batch, device, dtype, warps) -> list[dict]:
     inputs = selection_inputs(layer, context, batch, device, dtype)
-    rule, rows, want = compressed_selection.merge_kernel_warps, [], None
-    for w in (None, *warps):
+    rule, sorted_top, rows, want = compressed_selection.merge_kernel_warps, compressed_selection.SORTED_TOP_K, [], None
+    for w, sort in ((None, False), *((w, False) for w in warps), (None, True)):
         if w is not None:
             compressed_selection.merge_kernel_warps = lambda big_rows, big_scores, w=w: w
+        compressed_selection.SORTED_TOP_K = sort
+        row = dict(launch="selection, sorted top-k" if sort else "selection", context=context, batch=batch,
+                   warps=w or "default")
         try:
-            ms, (o, indices, valid, probs) = timed(lambda: compressed_selection.compressed_selection_step(**inputs), device)
+            ms, (o, indices, valid, probs) = timed(lambda: compressed_selection.compressed_selection_step(**inputs),
+                                                   device)
+        except Exception as error:  # a Triton without tl.topk: recorded, the sweep goes on
+            rows.append(dict(row, error=f"{type(error).__name__}: {error}"[:200]))
+            print(rows[-1], flush=True)
+            continue
         finally:
-            compressed_selection.merge_kernel_warps = rule
+            compressed_selection.merge_kernel_warps, compressed_selection.SORTED_TOP_K = rule, sorted_top
         if want is None:
             want = indices.clone()
-        rows.append(dict(launch="selection", context=context, batch=batch, warps=w or "default", us=ms * 1e3,
-                         same_blocks=bool(torch.equal(indices, want))))
+        rows.append(dict(row, us=ms * 1e3, same_blocks=bool(torch.equal(indices, want))))
         print(rows[-1], flush=True)
     return rows
 
@@ -160,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(results, f, indent=1)
     print("\n| launch | context | batch | warps | gate inputs per step | us | check |\n|---|---|---|---|---|---|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['launch']} | {r['context']} | {r['batch']} | {r['warps']} | | {r['error'][:60]} | |")
+            continue
         check = r.get("same_blocks", r.get("rel_err", ""))
         check = f"{check:.1e}" if isinstance(check, float) else check
         print(f"| {r['launch']} | {r['context']} | {r['batch']} | {r['warps']} | {r.get('gate_inputs_per_step', '')} | "

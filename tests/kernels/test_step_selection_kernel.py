@@ -146,6 +146,27 @@ def test_exact_ties_go_to_the_lowest_block(num_splits):
     torch.testing.assert_close(probs, want.probs)
 
 
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("case, num_splits", [("pooled", None), ("forced", None), ("summed_forced", None),
+                                              ("per_head", None), ("forced_more_than_4", None), ("ties", 2),
+                                              ("ties", None), ("split_forced", 3)])
+def test_sorted_top_k_equals_the_slot_loop(monkeypatch, case, num_splits):
+    """SORTED_TOP_K (one tl.topk of packed keys) makes the same choices as the max / min per slot, bit for bit,
+    exact ties (equal keys: every block the same probability) and forced blocks included."""
+    from nsa_core.kernels.decode import compressed_selection
+
+    settings = dict(CASES, ties=dict(forced=(1, 1), selected=5, K=2),
+                    split_forced=SPLIT_CASES["forced_tokens2_mem2"])[case]
+    p = step_problem(**settings)
+    if case == "ties":
+        p["ck"] = p["ck"][:, :, :1].expand_as(p["ck"]).contiguous()
+    loop = run_kernel(p, num_splits=num_splits)
+    monkeypatch.setattr(compressed_selection, "SORTED_TOP_K", True)
+    sorted_top = run_kernel(p, num_splits=num_splits)
+    for name, a, b in zip(("out", "indices", "valid", "probs"), sorted_top, loop):
+        assert torch.equal(a, b), name
+
+
 # Triton's interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584): float16 on the CPU
 HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
@@ -288,3 +309,20 @@ def test_kernel_gpu_cuda_graph_replays_new_positions():
     for a, b in zip(captured, run_kernel(p)):
         assert torch.equal(a, b)
     assert math.isfinite(captured[0].float().sum().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_sorted_top_k_gpu_paper_layer(monkeypatch, num_splits):
+    """The paper's layer at 64k with 1 + 2 forced blocks, bf16, ragged rows: the sorted top-k (the GPU's Triton,
+    tl.topk on int64 keys) makes the slot loop's choices bit for bit, split (None: the launcher's) and whole."""
+    from nsa_core.kernels.decode import compressed_selection
+
+    p = step_problem(lengths=(65535 - 3, 40001, 777), HKV=4, G=16, K=1, D=128, M=1, stride=16, sel=64, cblock=32,
+                     selected=16, capacity=65536, cpage=64, forced=(1, 2), dtype=torch.bfloat16, device="cuda")
+    loop = run_kernel(p, num_splits=num_splits)
+    monkeypatch.setattr(compressed_selection, "SORTED_TOP_K", True)
+    sorted_top = run_kernel(p, num_splits=num_splits)
+    for name, a, b in zip(("out", "indices", "valid", "probs"), sorted_top, loop):
+        assert torch.equal(a, b), name

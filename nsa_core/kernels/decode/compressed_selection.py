@@ -40,6 +40,9 @@ KEYS_PER_TILE, KEYS_PER_TILE_WIDE = 64, 32  # compressed slots per tile (head di
 # 41 vs 49 at 128k x 1 (the merge of many splits costs more than it saves when the lists are few);
 # 2 us slower at 8k.
 SPLIT_PROGRAMS_PER_SM, SPLIT_MIN_TILES = 4, 4
+# the unforced slots by one tl.topk of packed int64 keys instead of a max and a min per slot (same choices);
+# off until timed on a GPU (benchmarks/decode/step_warps.py's "sorted top-k" rows)
+SORTED_TOP_K = False
 MAX_SCORE_ELEMENTS = 1 << 15  # NB x W block-score gathers one program holds (the selection's registers)
 
 
@@ -122,8 +125,10 @@ def compressed_selection_fwd(q: Tensor, ck_pages: Tensor, cv_pages: Tensor, tabl
     strides = (*q.stride()[:3], *ck_pages.stride()[:3], *cv_pages.stride()[:3], table.stride(0))
     common = dict(M=num_memory, STRIDE=stride, CPAGE=CPAGE, BLOCK_N=block_n, BLOCK_R=rows, D=D, DV=DV,
                   BLOCK_D=block_d, BLOCK_DV=block_dv, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    free = slots - forced_initial - forced_local
     selecting = dict(SEL=selection_block_size, CBLOCK=compress_block, INTERPOLATED=interpolated, SLOTS=slots,
-                     FORCED_I=forced_initial, FORCED_L=forced_local, BLOCK_NB=_pow2(nb), BLOCK_W=block_w)
+                     FORCED_I=forced_initial, FORCED_L=forced_local, BLOCK_NB=_pow2(nb), BLOCK_W=block_w,
+                     TOPK_P=_pow2(free) if SORTED_TOP_K and 0 < free <= nb else 0)
     big_rows = rows * max(block_d, block_dv) >= 4096
     big_scores = _pow2(nb) * block_w >= 8192
     slot_tiles = -(-(num_memory + num_compressed) // block_n)

@@ -116,10 +116,31 @@ def _block_logits(p_scr, b_pos, NB, C, ROWS, masked, STRIDE: tl.constexpr, SEL: 
 
 
 @triton.jit
+def _store_sorted_top(b_p, o_nb, p_out, indices, probs, valid, threshold, FREE: tl.constexpr, TOPK_P: tl.constexpr):
+    """The FREE best of b_p [BLOCK_NB] (ties: the lowest index) into FREE slots at p_out, best first. A key is the
+    float32 bits of the probability (monotonic for p >= 0; the -1 padding sorts below every p >= 0) above the
+    complemented block index, so one descending top-k of the keys is the slot loop's order."""
+    bits = b_p.to(tl.int32, bitcast=True).to(tl.int64)
+    low = 4294967295  # 2**32 - 1
+    keys = (bits << 32) | (low - o_nb.to(tl.int64))
+    top = tl.topk(keys, TOPK_P)  # [TOPK_P], descending
+    o_s = tl.arange(0, TOPK_P)
+    m_s = o_s < FREE
+    choice = low - (top & low)
+    best = (top >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    tl.store(indices + p_out + o_s, choice, mask=m_s)
+    tl.store(probs + p_out + o_s, best.to(probs.dtype.element_ty), mask=m_s)
+    tl.store(valid + p_out + o_s, (best > threshold).to(tl.int8), mask=m_s)
+
+
+@triton.jit
 def _store_top_blocks(b_p, b_pos, NB, p_out, indices, probs, valid, threshold, SEL: tl.constexpr,
-                      SLOTS: tl.constexpr, FORCED_I: tl.constexpr, FORCED_L: tl.constexpr, BLOCK_NB: tl.constexpr):
+                      SLOTS: tl.constexpr, FORCED_I: tl.constexpr, FORCED_L: tl.constexpr, BLOCK_NB: tl.constexpr,
+                      TOPK_P: tl.constexpr):
     """Probabilities b_p [BLOCK_NB] -> SLOTS slots at p_out: the forced blocks first (validity: they
-    exist), then the best unforced blocks (ties: the lowest index), valid above threshold."""
+    exist), then the best unforced blocks (ties: the lowest index), valid above threshold. TOPK_P = 0:
+    one max and one min reduction per slot; TOPK_P (a power of two >= the unforced slots): one tl.topk of
+    int64 keys (the probability's bits over the complemented index: the same order, ties included)."""
     o_nb = tl.arange(0, BLOCK_NB)
     own = b_pos // SEL
     score_dtype = probs.dtype.element_ty
@@ -133,13 +154,17 @@ def _store_top_blocks(b_p, b_pos, NB, p_out, indices, probs, valid, threshold, S
         forced = ((o_nb < FORCED_I) | (o_nb >= own - FORCED_L)) & (o_nb < own)
         b_p = tl.where(forced, 0.0, b_p)
     b_p = tl.where(o_nb < NB, b_p, -1.0)  # no block there: never chosen (SLOTS - forced <= NB)
-    for slot in tl.static_range(FORCED_I + FORCED_L, SLOTS):
-        best = tl.max(b_p, axis=0)
-        choice = tl.min(tl.where(b_p == best, o_nb, BLOCK_NB), axis=0)
-        b_p = tl.where(o_nb == choice, -2.0, b_p)
-        tl.store(indices + p_out + slot, choice.to(tl.int64))
-        tl.store(probs + p_out + slot, best.to(score_dtype))
-        tl.store(valid + p_out + slot, (best > threshold).to(tl.int8))
+    if TOPK_P > 0:
+        _store_sorted_top(b_p, o_nb, p_out + FORCED_I + FORCED_L, indices, probs, valid, threshold,
+                          SLOTS - FORCED_I - FORCED_L, TOPK_P)
+    else:
+        for slot in tl.static_range(FORCED_I + FORCED_L, SLOTS):
+            best = tl.max(b_p, axis=0)
+            choice = tl.min(tl.where(b_p == best, o_nb, BLOCK_NB), axis=0)
+            b_p = tl.where(o_nb == choice, -2.0, b_p)
+            tl.store(indices + p_out + slot, choice.to(tl.int64))
+            tl.store(probs + p_out + slot, best.to(score_dtype))
+            tl.store(valid + p_out + slot, (best > threshold).to(tl.int8))
 
 
 @triton.jit
@@ -197,7 +222,7 @@ def _attend_slots(b_q, m_r, p_k, p_v, table, p_table, p_scr, t_lo, t_hi, b_hi, s
 def _select_from_scratch(p_scr, b_pos, p_out, indices, probs, valid, NB, C, ROWS, masked, null_logit, threshold,
                          STRIDE: tl.constexpr, SEL: tl.constexpr, CBLOCK: tl.constexpr, IMPORTANCE: tl.constexpr,
                          INTERPOLATED: tl.constexpr, SLOTS: tl.constexpr, FORCED_I: tl.constexpr,
-                         FORCED_L: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr):
+                         FORCED_L: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr, TOPK_P: tl.constexpr):
     """Steps 3 and 4: the scratch row (indexed by compressed block) -> the SLOTS choices at p_out."""
     score_dtype = probs.dtype.element_ty
     b_x = _block_logits(p_scr, b_pos, NB, C, ROWS, masked, STRIDE, SEL, CBLOCK, IMPORTANCE, INTERPOLATED,
@@ -207,7 +232,7 @@ def _select_from_scratch(p_scr, b_pos, p_out, indices, probs, valid, NB, C, ROWS
     b_e = tl.exp(b_x - b_top)
     b_p = (b_e / (tl.sum(b_e, axis=0) + tl.exp(null_logit - b_top))).to(score_dtype).to(tl.float32)
     _store_top_blocks(b_p, b_pos, NB, p_out, indices, probs, valid, threshold, SEL, SLOTS, FORCED_I, FORCED_L,
-                      BLOCK_NB)
+                      BLOCK_NB, TOPK_P)
 
 
 @triton.jit
@@ -219,7 +244,7 @@ def compressed_selection_kernel(
     INTERPOLATED: tl.constexpr,
     SLOTS: tl.constexpr, FORCED_I: tl.constexpr, FORCED_L: tl.constexpr, CPAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr, TOPK_P: tl.constexpr = 0,
 ):
     """One program per list, every slot. positions (B, K) int64; o (B, HQ, K, DV), scratch
     (B * HI * K, C) float32, indices / probs / valid (B, HI, K, SLOTS), all contiguous."""
@@ -252,7 +277,7 @@ def compressed_selection_kernel(
     tl.debug_barrier()  # the scratch row, written above by other threads of the program
     _select_from_scratch(p_scr + M, b_pos, i_bik * SLOTS, indices, probs, valid, NB, C, ROWS, masked, null_logit,
                          threshold, STRIDE, SEL, CBLOCK, IMPORTANCE, INTERPOLATED, SLOTS, FORCED_I, FORCED_L,
-                         BLOCK_NB, BLOCK_W)
+                         BLOCK_NB, BLOCK_W, TOPK_P)
 
 
 @triton.jit
@@ -291,6 +316,7 @@ def selection_merge_kernel(
     STRIDE: tl.constexpr, SEL: tl.constexpr, CBLOCK: tl.constexpr, INTERPOLATED: tl.constexpr,
     SLOTS: tl.constexpr, FORCED_I: tl.constexpr, FORCED_L: tl.constexpr, BLOCK_R: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr,
+    TOPK_P: tl.constexpr = 0,
 ):
     """After compressed_split_kernel, one program per list: its rows' partials merged into o
     (out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s; zeros where no split saw a slot), then
@@ -323,4 +349,4 @@ def selection_merge_kernel(
     b_pos = tl.load(positions + i_b * K + i_k)
     _select_from_scratch(scratch + i_bik.to(tl.int64) * C, b_pos, i_bik.to(tl.int64) * SLOTS, indices, probs, valid,
                          NB, C, ROWS, masked, null_logit, threshold, STRIDE, SEL, CBLOCK, MEAN_LOGITS, INTERPOLATED,
-                         SLOTS, FORCED_I, FORCED_L, BLOCK_NB, BLOCK_W)
+                         SLOTS, FORCED_I, FORCED_L, BLOCK_NB, BLOCK_W, TOPK_P)
