@@ -200,7 +200,8 @@ def _fine_window_launch(q, sel_k, sel_v, win_k, win_v, block_table, blocks, vali
         HQ, K, splits_sel, parts, dim, *compressed.stride()[:3], *(gates.stride() if not linear else (0,) * 4),
         out.stride(0), out.stride(1), out.stride(2), *x_strides, w_stride,
         SPLITS_P=splits_p, DV=DV, BLOCK_DV=cfg_sel["BLOCK_DV"], LINEAR_GATES=linear, HAS_BIAS=has_bias,
-        BLOCK_X=min(GATE_INPUTS_PER_STEP, _pow2(max(dim, 1), 16)), num_warps=combine_warps(cfg_sel["BLOCK_DV"], splits_p, linear),
+        BLOCK_X=min(GATE_INPUTS_PER_STEP, _pow2(max(dim, 1), 16)),
+        num_warps=combine_warps(cfg_sel["BLOCK_DV"], splits_p, linear),
     )
     return out
 

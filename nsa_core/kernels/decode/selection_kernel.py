@@ -222,7 +222,8 @@ def _attend_slots(b_q, m_r, p_k, p_v, table, p_table, p_scr, t_lo, t_hi, b_hi, s
 def _select_from_scratch(p_scr, b_pos, p_out, indices, probs, valid, NB, C, ROWS, masked, null_logit, threshold,
                          STRIDE: tl.constexpr, SEL: tl.constexpr, CBLOCK: tl.constexpr, IMPORTANCE: tl.constexpr,
                          INTERPOLATED: tl.constexpr, SLOTS: tl.constexpr, FORCED_I: tl.constexpr,
-                         FORCED_L: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr, TOPK_P: tl.constexpr):
+                         FORCED_L: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_W: tl.constexpr,
+                         TOPK_P: tl.constexpr):
     """Steps 3 and 4: the scratch row (indexed by compressed block) -> the SLOTS choices at p_out."""
     score_dtype = probs.dtype.element_ty
     b_x = _block_logits(p_scr, b_pos, NB, C, ROWS, masked, STRIDE, SEL, CBLOCK, IMPORTANCE, INTERPOLATED,
