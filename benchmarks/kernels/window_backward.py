@@ -41,15 +41,10 @@ SMOKE_DKDV = ("own tiles", "3 stages")
 SMOKE_DQ = ("own tiles", "1 stage")
 
 
-def problem(T: int, G: int, device, dtype, seed: int = 0):
+def problem(T: int, G: int, dim: int, device, dtype, seed: int = 0):
+    """q, k, v, do of one row: (1, heads, T, dim), HKV kv heads of G query heads each."""
     gen = torch.Generator().manual_seed(seed)
-    q, k, v, do = (torch.randn(1, h, T, D if not smoke_dims(device) else 16, generator=gen).to(device, dtype)
-                   for h in (HKV * G, HKV, HKV, HKV * G))
-    return q, k, v, do
-
-
-def smoke_dims(device) -> bool:
-    return torch.device(device).type != "cuda"
+    return tuple(torch.randn(1, h, T, dim, generator=gen).to(device, dtype) for h in (HKV * G, HKV, HKV, HKV * G))
 
 
 def run_variant(q, k, v, do, o, lse, window, scale, dkdv: dict, dq: dict):
@@ -81,16 +76,16 @@ def main(argv: list[str] | None = None) -> dict:
                     help="a check of the script on the CPU: 200 tokens, window 40, head dim 16, two variants each")
     args = ap.parse_args(argv)
     if args.smoke:
-        device, dtype, shapes, window = torch.device("cpu"), torch.float32, [(200, 3)], 40
+        device, dtype, shapes, window, dim = torch.device("cpu"), torch.float32, [(200, 3)], 40, 16
         dkdv_variants = {n: DKDV_VARIANTS[n] for n in SMOKE_DKDV}
         dq_variants = {n: DQ_VARIANTS[n] for n in SMOKE_DQ}
     else:
-        device, dtype, window = torch.device("cuda"), torch.bfloat16, WINDOW
+        device, dtype, window, dim = torch.device("cuda"), torch.bfloat16, WINDOW, D
         shapes = [(int(t), int(g)) for t in args.seq_lens.split(",") for g in args.groups.split(",")]
         dkdv_variants, dq_variants = DKDV_VARIANTS, DQ_VARIANTS
     rows = []
     for T, G in shapes:
-        q, k, v, do = problem(T, G, device, dtype, seed=T + G)
+        q, k, v, do = problem(T, G, dim, device, dtype, seed=T + G)
         scale = q.shape[-1] ** -0.5
         o, lse = launch.sliding_window_fwd(q, k, v, window, scale)
         fwd_ms = median_ms(lambda: launch.sliding_window_fwd(q, k, v, window, scale), device, warmup_ms=10,
