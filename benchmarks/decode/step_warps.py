@@ -43,7 +43,8 @@ class Layer:
 PAPER = Layer(heads=64, kv_heads=4, dim_head=128, dim=2048, stride=16, window=32, block=64, selected=16, sliding=512)
 SMOKE = Layer(heads=6, kv_heads=2, dim_head=16, dim=40, stride=4, window=8, block=16, selected=3, sliding=20)
 MERGE_WARPS = (1, 2, 4, 8)
-COMBINE_VARIANTS = ((None, None), (2, None), (4, None), (4, 2048), (8, 2048))  # (warps, gate inputs per step)
+# (warps, gate inputs per step) besides the launch's own; None: the launch's
+COMBINE_VARIANTS = ((2, None), (4, None), (4, 2048), (8, 2048))
 
 
 def selection_inputs(layer: Layer, context: int, batch: int, device, dtype, seed: int = 0) -> dict:
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         layer, device, dtype = PAPER, torch.device("cuda"), torch.bfloat16
         shapes = [(int(c), int(b)) for c in args.contexts.split(",") for b in args.batches.split(",")]
-        merge_warps, variants = MERGE_WARPS, COMBINE_VARIANTS[1:]
+        merge_warps, variants = MERGE_WARPS, COMBINE_VARIANTS
     rows = []
     for context, batch in shapes:
         rows += sweep_merge(layer, context, batch, device, dtype, merge_warps)

@@ -1,6 +1,7 @@
 """Sliding-window attention on the GPU: the band kernels (kernels/sliding_window) against the
 earlier path (the selected-block kernels with the 8 preceding blocks selected and a window mask)
-and dense SDPA (cuDNN and flash), with a sweep of the band kernels' tile configurations. Paper shape: bf16, 4 kv heads, d 128, window 512.
+and dense SDPA (cuDNN and flash), with a sweep of the band kernels' tile configurations. Paper shape:
+bf16, 4 kv heads, d 128, window 512.
 
     python -m benchmarks.kernels.sliding_window --seq-len 65536 --groups 16,4 [--no-sweep]
 """

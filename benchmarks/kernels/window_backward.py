@@ -55,8 +55,7 @@ def run_variant(q, k, v, do, o, lse, window, scale, dkdv: dict, dq: dict):
         return {**cfg, **dq} if backward else cfg
 
     own = own_config(q, v, True)
-    dkdv_full = {"BLOCK_M": own["BLOCK_M"], "BLOCK_N": own["BLOCK_N"], "num_warps": own["num_warps"],
-                 "num_stages": own.get("num_stages", 3)}  # 3: Triton's default on CUDA
+    dkdv_full = {key: own[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
     launch.tile_config, launch.DKDV_OVERRIDES = config, {**dkdv_full, **dkdv}  # dK/dV not moved by dQ's changes
     try:
         fn = lambda: launch.sliding_window_bwd(do, q, k, v, o, lse, window, scale)  # noqa: E731
