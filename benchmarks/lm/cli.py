@@ -2,7 +2,9 @@
 seed) in turn, write each run's JSON as it goes, then the summary, the table and the picture.
 
 A run whose finished JSON is already in --out with the same configuration is not run again, so one
-10-minute command can train one run and the next command the next (`--models dense --seeds 0`).
+10-minute command can train one run and the next command the next (`--models dense --seeds 0`). A run
+longer than one command pauses into --checkpoint-dir when --command-budget-s runs out and the next
+command with the same arguments continues it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ USAGE = """examples:
   python -m benchmarks.lm --out runs/lm --models nsa --seeds 0        # one run per 10-minute command
   python -m benchmarks.lm --out runs/lm1500 --schedule sweep --models nsa --seeds 0   # the 1500-step runs
   python -m benchmarks.lm --out runs/lm --report-only                 # table + PNG from the JSONs
+  python -m benchmarks.lm --out runs/lm --models nsa --seeds 0 --steps 3000 --checkpoint-dir /tmp/ckpt \
+      --command-budget-s 560                                          # run it twice: one run over two commands
 """
 INT_ARGUMENTS = ("context", "batch", "steps", "warmup_steps", "eval_every", "val_rows", "capped_context",
                  "corpus_max_bytes", "cpu_threads", "dim", "depth", "heads", "kv_heads", "dim_head", "ff_mult",
@@ -53,6 +57,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                     help="no training: the table and PNG of --out's runs")
     ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                     help="skip runs whose finished JSON exists (--no-resume: run them again)")
+    ap.add_argument("--checkpoint-dir", type=Path, help="save each run's state here at every evaluation and "
+                    "resume a run from its file (deleted when the run finishes)")
+    ap.add_argument("--command-budget-s", type=float, help="wall seconds this command may train for: the run "
+                    "pauses at the last evaluation it can reach within them (needs --checkpoint-dir)")
     ap.add_argument("--models", help="comma-separated among dense,window,nsa,no_selection")
     ap.add_argument("--seeds", help="comma-separated seeds")
     ap.add_argument("--lrs", help="comma-separated peak learning rates")
@@ -101,19 +109,27 @@ def log(message: str) -> None:
 
 
 def run_one(s: LMSettings, corpus, model_name: str, lr: float, seed: int, out: Path, device: torch.device,
-            precision: str, env: dict, resume: bool) -> None:
+            precision: str, env: dict, resume: bool, checkpoint_dir: Path | None = None,
+            command_budget_s: float | None = None) -> bool:
+    """Train one run (unless it finished earlier); False when it paused for a later command."""
     identifier = run_id(model_name, lr, seed)
     # what this run depends on, as its JSON holds it (tuples become lists)
     config = json.loads(json.dumps({**s.to_dict(), "models": None, "lrs": None, "seeds": None}))
     if resume and finished_earlier(out, identifier, config):
         console.print(f"[dim]{identifier}: finished earlier, kept[/dim]", highlight=False)
-        return
+        return True
     console.print(f"[bold]{identifier}[/bold]", highlight=False)
     model = build_model(model_name, s.shape, seed, s.nsa_options, s.backend).to(device)
     run = {"id": identifier, "model": model_name, "lr": lr, "seed": seed, "config": config, "environment": env,
            "corpus": corpus.description, "status": "running", **parameter_counts(model)}
+    checkpoint = None if checkpoint_dir is None else checkpoint_dir / f"{identifier}.pt"
     record = train_run(model, corpus, s, lr, seed, device, precision, log,
-                       on_eval=lambda partial: write_run(out, {**run, **partial}))
+                       on_eval=lambda partial: write_run(out, {**run, **partial}), checkpoint=checkpoint,
+                       config=config, command_budget_s=command_budget_s)
+    if record.pop("paused"):
+        write_run(out, {**run, **record, "status": "paused"})
+        log(f"paused at step {record['steps']}; the same command again continues from {checkpoint}")
+        return False
     run.update(record, status="finished")
     write_run(out, run)
     log(f"{record['tokens']:,} tokens in {record['train_seconds']} s ({record['tokens_per_s']:,.0f} tokens/s); "
@@ -121,6 +137,7 @@ def run_one(s: LMSettings, corpus, model_name: str, lr: float, seed: int, out: P
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return True
 
 
 def report(out: Path) -> dict:
@@ -138,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_arguments(args)
         device, precision = devices.resolve_device(settings.device, settings.precision)
+        if args.command_budget_s is not None and not args.command_budget_s > 0:
+            raise ValueError(f"command_budget_s must be > 0 seconds, got {args.command_budget_s!r}")
+        if args.command_budget_s is not None and args.checkpoint_dir is None:
+            raise ValueError("command_budget_s needs --checkpoint-dir, the directory a paused run is saved to")
     except ValueError as err:
         console.print(f"error: {err}", highlight=False, soft_wrap=True)
         return 2
@@ -153,11 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{corpus.description['train_bytes']:,} train / {corpus.description['val_bytes']:,} validation "
                       f"bytes; {settings.tokens_per_step:,} tokens per step", highlight=False)
         env = environment(device, precision)
-        for model_name in settings.models:
-            for lr in settings.lrs:
-                for seed in settings.seeds:
-                    run_one(settings, corpus, model_name, lr, seed, args.out, device, precision, env,
-                            resume=args.resume)
+        runs = [(m, lr, seed) for m in settings.models for lr in settings.lrs for seed in settings.seeds]
+        for model_name, lr, seed in runs:
+            left = None if args.command_budget_s is None else args.command_budget_s - (time.perf_counter() - start)
+            if left is not None and left <= 0:
+                break
+            if not run_one(settings, corpus, model_name, lr, seed, args.out, device, precision, env,
+                           resume=args.resume, checkpoint_dir=args.checkpoint_dir, command_budget_s=left):
+                break
     report(args.out)
     console.print(f"done in {time.perf_counter() - start:.0f} s", highlight=False)
     return 0

@@ -213,3 +213,51 @@ def test_compression_networks_train_at_their_own_rate():
         assert rate[id(p)] == pytest.approx(2e-3 * (0.25 if name in compression else 1.0)), name
         assert decay[id(p)] == (0.1 if p.ndim >= 2 else 0.0), name
     assert len(rate) == len(names)
+
+
+def test_a_run_paused_and_resumed_equals_the_run_uninterrupted(tmp_path):
+    """checkpoint + command_budget_s: a run stopped after its first evaluation and continued by a second call
+    has the uninterrupted run's batches, learning rates, curves and weights (to the bit, on the CPU)."""
+    from dataclasses import replace
+
+    from benchmarks.lm.training import train_run
+
+    s = replace(SMOKE, eval_every=1, reach_documents=0)
+    corpus = load_corpus(s.corpus, s.val_fraction, s.corpus_max_bytes)
+    device = torch.device("cpu")
+    config = {"run": "test"}
+
+    def fresh():
+        return build_model("nsa", s.shape, 0, dict(s.nsa_options), "torch")
+
+    whole = fresh()
+    uninterrupted = train_run(whole, corpus, s, 3e-3, 0, device, "fp32", lambda m: None)
+    checkpoint = tmp_path / "run.pt"
+    first_model = fresh()
+    first = train_run(first_model, corpus, s, 3e-3, 0, device, "fp32", lambda m: None, checkpoint=checkpoint,
+                      config=config, command_budget_s=1e-9)
+    assert first["paused"] and first["steps"] == 1 and checkpoint.exists() and "final" not in first
+    resumed_model = fresh()
+    second = train_run(resumed_model, corpus, s, 3e-3, 0, device, "fp32", lambda m: None, checkpoint=checkpoint,
+                       config=config)
+    assert not second["paused"] and second["steps"] == s.steps and not checkpoint.exists()
+    assert [p["step"] for p in second["val"]] == list(range(s.steps + 1))
+    assert [p["bpb"] for p in second["val"]] == [p["bpb"] for p in uninterrupted["val"]]
+    assert second["train_loss"] == uninterrupted["train_loss"]
+    assert second["final"]["full"] == uninterrupted["final"]["full"]
+    assert [(g["from_step"], g["to_step"]) for g in second["segments"]] == [(0, 1), (1, s.steps)]
+    for (name, a), b in zip(whole.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    partial = train_run(fresh(), corpus, s, 3e-3, 0, device, "fp32", lambda m: None, checkpoint=checkpoint,
+                        config=config, command_budget_s=1e-9)
+    assert partial["paused"] and checkpoint.exists()
+    with pytest.raises(ValueError, match="another configuration"):
+        train_run(fresh(), corpus, s, 3e-3, 0, device, "fp32", lambda m: None, checkpoint=checkpoint,
+                  config={"run": "another"})
+
+
+def test_command_budget_needs_a_checkpoint_dir(tmp_path, capsys):
+    assert main(["--smoke", "--out", str(tmp_path), "--command-budget-s", "60"]) == 2
+    assert "checkpoint-dir" in capsys.readouterr().out
+    assert main(["--smoke", "--out", str(tmp_path), "--command-budget-s", "0", "--checkpoint-dir", str(tmp_path)]) == 2
+    assert "command_budget_s" in capsys.readouterr().out
