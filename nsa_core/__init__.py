@@ -9,6 +9,7 @@ generation) sit beside its modules; serving holds the paged cache a batching loo
 from nsa_core.checkpoint.lucidrains import from_lucidrains, to_lucidrains
 from nsa_core.checkpoint.safetensors import load_safetensors, save_safetensors
 from nsa_core.config import PRESETS, NSAConfig, get_preset
+from nsa_core.kernels.precompile import precompile
 from nsa_core.model import compress_networks
 from nsa_core.model.attention import SparseAttention
 from nsa_core.model.cache import NSACache
@@ -37,6 +38,7 @@ __all__ = [
     "load_safetensors",
     "from_lucidrains",
     "to_lucidrains",
+    "precompile",
     "compress_networks",
     *compress_networks.__all__,
     "__version__",

@@ -127,6 +127,8 @@ def main(argv=None) -> dict:
             print("compile time: a fresh process with empty caches ...", flush=True)
             results["compile"] = compile_time("paper", 4096, "cuda")
             print(f"  {json.dumps(results['compile'])}", flush=True)
+            results["compile_precompiled"] = compile_time("paper", 4096, "cuda", precompiled=True)
+            print(f"  precompiled: {json.dumps(results['compile_precompiled'])}", flush=True)
         elif section == "attention":
             results["attention"] = attention_section(args, base, dev, dt, flash_nsa)
         else:

@@ -70,3 +70,11 @@ def print_tables(results: dict) -> None:
             print(f"preset {c['preset']}, T {c['seq_len']}: first call {c['first_call_s']:.1f} s (limit "
                   f"{c['limit_s']:.0f} s: {'met' if c['within_limit'] else 'NOT met'}), second call "
                   f"{c['second_call_s']:.3f} s")
+        p = results.get("compile_precompiled", {})
+        if "first_call_s" in p:
+            print(f"after nsa_core.precompile ({p['precompile']['kernels']} kernels of {p['precompile']['launches']} "
+                  f"launches, recorded in {p['precompile']['record_s']:.1f} s, compiled in "
+                  f"{p['precompile']['compile_s']:.1f} s): precompile {p['precompile_s']:.1f} s + first call "
+                  f"{p['first_call_s']:.2f} s (limit: {'met' if p['within_limit'] else 'NOT met'})")
+        elif p:
+            print(f"precompiled: {p.get('skipped') or p.get('error')}")
