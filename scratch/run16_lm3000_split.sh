@@ -1,4 +1,4 @@
-# Issue 23: shared K/V + selected_keys on the 3000-step schedule (RESULTS.md "Twice the tokens": dense 0.844,
+# Issue 23: shared K/V + selected_keys on the 3000-step schedule (evaluations every 500 steps, as there) (RESULTS.md "Twice the tokens": dense 0.844,
 # paper_scratch 0.890) over two H100 commands: the first trains until the last evaluation its ~575 s reach and
 # pauses into build/lm_checkpoints (ignored, so it stays on the warm machine); the second (argument "tail",
 # called at once) resumes and finishes, then issue 28's precompile (GPU test + cold compile, plain and
@@ -10,7 +10,7 @@ ls -la build/lm_checkpoints 2>/dev/null
 mkdir -p build/lm3000
 BUDGET=$((572 - SECONDS))
 echo "LM command budget ${BUDGET} s"
-timeout $((590 - SECONDS)) python -m benchmarks.lm --out build/lm3000 --models nsa --seeds 0 --lrs 0.001 --compression-lr-scale 0.25 --steps 3000 --warmup-steps 100 --eval-every 250 --time-budget-s 0 --checkpoint-dir build/lm_checkpoints --command-budget-s $BUDGET --nsa-options '{"gate_biases":[0,0,0],"num_forced_initial_blocks":1,"num_forced_local_blocks":2,"importance_score":"selected_keys"}' 2>&1 | grep -vi warn | tail -16
+timeout $((590 - SECONDS)) python -m benchmarks.lm --out build/lm3000 --models nsa --seeds 0 --lrs 0.001 --compression-lr-scale 0.25 --steps 3000 --warmup-steps 100 --eval-every 500 --time-budget-s 0 --checkpoint-dir build/lm_checkpoints --command-budget-s $BUDGET --nsa-options '{"gate_biases":[0,0,0],"num_forced_initial_blocks":1,"num_forced_local_blocks":2,"importance_score":"selected_keys"}' 2>&1 | grep -vi warn | tail -16
 (cd build && tar czf $OUT/lm3000_s0.tgz lm3000)
 if [ "$1" = tail ]; then
   echo "== precompile ($SECONDS s)"
