@@ -8,9 +8,9 @@ export NSA_GIT_COMMIT=$(cat scratch/commit 2>/dev/null) PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 ls -la build/lm_checkpoints 2>/dev/null
 mkdir -p build/lm3000
-BUDGET=$((572 - SECONDS))
+BUDGET=$((582 - SECONDS))
 echo "LM command budget ${BUDGET} s"
-timeout $((590 - SECONDS)) python -m benchmarks.lm --out build/lm3000 --models nsa --seeds 0 --lrs 0.001 --compression-lr-scale 0.25 --steps 3000 --warmup-steps 100 --eval-every 500 --time-budget-s 0 --checkpoint-dir build/lm_checkpoints --command-budget-s $BUDGET --nsa-options '{"gate_biases":[0,0,0],"num_forced_initial_blocks":1,"num_forced_local_blocks":2,"importance_score":"selected_keys"}' 2>&1 | grep -vi warn | tail -16
+timeout $((596 - SECONDS)) python -m benchmarks.lm --out build/lm3000 --models nsa --seeds 0 --lrs 0.001 --compression-lr-scale 0.25 --steps 3000 --warmup-steps 100 --eval-every 500 --time-budget-s 0 --checkpoint-dir build/lm_checkpoints --command-budget-s $BUDGET --nsa-options '{"gate_biases":[0,0,0],"num_forced_initial_blocks":1,"num_forced_local_blocks":2,"importance_score":"selected_keys"}' 2>&1 | grep -vi warn | tail -16
 (cd build && tar czf $OUT/lm3000_s0.tgz lm3000)
 if [ "$1" = tail ]; then
   echo "== precompile ($SECONDS s)"
