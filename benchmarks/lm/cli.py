@@ -144,9 +144,11 @@ def report(out: Path) -> dict:
     summary = summarize(load_runs(out))
     print_table(summary, console)
     write_summary(summary, out)
-    picture = plot(load_runs(out), out)
-    console.print(f"{len(load_runs(out))} runs in {out}" + (f"; picture {picture}" if picture else
-                  "; no PNG (pip install 'nsa[plot]')"), highlight=False)
+    runs = load_runs(out)
+    picture = plot(runs, out)
+    why = "no curves yet" if not any(r.get("val") for r in runs) else "pip install 'nsa[plot]'"
+    console.print(f"{len(runs)} runs in {out}" + (f"; picture {picture}" if picture else f"; no PNG ({why})"),
+                  highlight=False)
     return summary
 
 
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         for model_name, lr, seed in runs:
             left = None if args.command_budget_s is None else args.command_budget_s - (time.perf_counter() - start)
             if left is not None and left <= 0:
+                console.print(f"the command's {args.command_budget_s:.0f} s are spent: "
+                              f"{run_id(model_name, lr, seed)} and later runs wait for the next command", highlight=False)
                 break
             if not run_one(settings, corpus, model_name, lr, seed, args.out, device, precision, env,
                            resume=args.resume, checkpoint_dir=args.checkpoint_dir, command_budget_s=left):

@@ -145,6 +145,8 @@ def plot(runs: list[dict], out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    if not any(r.get("val") for r in runs):
+        return None  # no curve yet (e.g. a command whose budget was spent before its first run)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     best_lr = {row["model"]: row["lr"] for row in summarize(runs)["rows"]}
     colors = {m: f"C{i}" for i, m in enumerate(sorted({r["model"] for r in runs}))}

@@ -261,3 +261,11 @@ def test_command_budget_needs_a_checkpoint_dir(tmp_path, capsys):
     assert "checkpoint-dir" in capsys.readouterr().out
     assert main(["--smoke", "--out", str(tmp_path), "--command-budget-s", "0", "--checkpoint-dir", str(tmp_path)]) == 2
     assert "command_budget_s" in capsys.readouterr().out
+
+
+def test_a_spent_command_budget_starts_no_run(tmp_path, capsys):
+    args = ["--smoke", "--out", str(tmp_path), "--models", "dense", "--command-budget-s", "1e-6",
+            "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert main(args) == 0
+    assert "wait for the next command" in capsys.readouterr().out
+    assert not list((tmp_path / "runs").glob("*.json"))
