@@ -126,10 +126,13 @@ def precompile(module: nn.Module, *inputs, backward: bool = True, workers: int |
     """Compile the kernels that `module(*inputs, **kwargs)` (and, with backward, the backward of the sum of
     its floating outputs) will launch, in parallel; returns {"launches", "kernels", "record_s", "compile_s"}.
 
-    Call it once with inputs of the shapes and dtypes training or serving will use (a sequence length of
-    the same remainder modulo 16 compiles the same kernels); the module's and the inputs' gradients are
-    left as they were. workers: compiler threads (default: this process's CPUs, at most 32).
+    Call it once with inputs of the shapes and dtypes training or serving will use (Triton specializes
+    lengths only on being 1 or a multiple of 16, so e.g. any other multiple of 16 compiles the same kernels);
+    the module's and the inputs' gradients are left as they were. workers: compiler threads (default: this
+    process's CPUs, at most 32).
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(backward, bool):
         raise TypeError(f"backward must be a bool, got {backward!r}")
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):

@@ -94,6 +94,8 @@ def test_precompile_leaves_gradients_as_they_were():
 @pytest.mark.parametrize("bad, error", [({"backward": 1}, TypeError), ({"workers": 0}, ValueError),
                                         ({"workers": True}, ValueError)])
 def test_precompile_names_a_bad_argument(bad, error):
+    with pytest.raises(TypeError, match="module"):
+        precompile(lambda x: x, torch.randn(2))
     attn = SparseAttention.from_config(get_preset("tiny"))
     with pytest.raises(error, match=next(iter(bad))):
         precompile(attn, torch.randn(1, 8, attn.config.dim), **bad)
