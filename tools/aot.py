@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of the kernels' launches for a GPU that need not be here.
 
 `captured_launches` records the Triton launches that the launchers make (run them on meta tensors:
-no GPU, nothing allocated) instead of running them; `compile_launch` compiles one for a target
+no GPU, nothing allocated) instead of running them (the library's recorder,
+nsa_core/kernels/precompile.py, keeping the tensors); `compile_launch` compiles one for a target
 (sm_90 by default) exactly as Triton would at that launch: the same specialization of its
 arguments, constexprs, num_warps and num_stages. The compiled kernel's metadata gives the shared
 memory it needs (`metadata.shared`), which Triton checks against the device's limit only at launch.
@@ -20,43 +21,26 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton._C.libtriton import ir
 from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import JITFunction, create_function_from_signature
+from triton.runtime.jit import create_function_from_signature
+
+from nsa_core.kernels.precompile import RecordedLaunch, recorded_launches
 
 SM90 = GPUTarget("cuda", 90, 32)
 # Shared memory per block that Triton lets a kernel launch with on an H100 (sm_90: 227 KiB)
 SM90_SHARED_LIMIT = 232448
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One recorded launch: the kernel and the arguments it was called with (grid left out)."""
-
-    kernel: JITFunction
-    args: tuple
-    kwargs: dict
-
-    @property
-    def name(self) -> str:
-        return self.kernel.fn.__name__
+Launch = RecordedLaunch  # one recorded launch: kernel, args, kwargs (and its grid)
 
 
 @contextlib.contextmanager
 def captured_launches() -> Iterator[list[Launch]]:
-    """Within the block, every Triton kernel launch is appended to the yielded list and not run.
-    Raises if the kernels were built by the interpreter (TRITON_INTERPRET=1): nothing to compile."""
+    """Within the block, every Triton kernel launch is appended to the yielded list (with its tensors) and
+    not run. Raises if the kernels were built by the interpreter (TRITON_INTERPRET=1): nothing to compile."""
     if getattr(knobs.runtime, "interpret", False):
         raise RuntimeError("TRITON_INTERPRET=1: kernels are interpreted, there is nothing to compile")
-    launches: list[Launch] = []
-    run = JITFunction.run
-
-    def record(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, dict(kwargs)))
-
-    JITFunction.run = record
-    try:
+    with recorded_launches(stand_ins=False) as launches:
         yield launches
-    finally:
-        JITFunction.run = run
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,17 @@ from triton.runtime.jit import JITFunction, MockTensor
 
 @dataclass(frozen=True)
 class RecordedLaunch:
-    """One launch as recorded: the kernel, its grid, and its arguments with tensors as their dtype."""
+    """One launch as recorded: the kernel, its arguments (tensors as stand-ins, or the tensors themselves),
+    and its grid."""
 
     kernel: JITFunction
-    grid: object
     args: tuple
     kwargs: dict = field(default_factory=dict)
+    grid: object = None
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
 
     def key(self) -> tuple:
         """Launches with one key compile to one kernel: tensors by dtype and 16-byte alignment, integers
@@ -45,6 +50,8 @@ class RecordedLaunch:
 def _specialization(arg) -> object:
     if isinstance(arg, _AlignedTensor):
         return ("tensor", str(arg.dtype), arg.aligned)
+    if isinstance(arg, Tensor):
+        return ("tensor", str(arg.dtype), arg.data_ptr() % 16 == 0)
     if isinstance(arg, bool) or arg is None:
         return arg
     if isinstance(arg, int):
@@ -67,16 +74,19 @@ class _AlignedTensor(MockTensor):
 
 
 @contextlib.contextmanager
-def recorded_launches() -> Iterator[list[RecordedLaunch]]:
-    """Within the block, every Triton kernel launch is appended to the yielded list instead of run."""
+def recorded_launches(stand_ins: bool = True) -> Iterator[list[RecordedLaunch]]:
+    """Within the block, every Triton kernel launch is appended to the yielded list instead of run.
+    stand_ins: tensors recorded as their dtype and alignment (no memory held; what precompile compiles);
+    False: the tensors themselves (tools/aot.py compiles those for a GPU that need not be here)."""
     launches: list[RecordedLaunch] = []
     run = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
         if warmup:
             return run(self, *args, grid=grid, warmup=warmup, **kwargs)
-        launches.append(RecordedLaunch(self, grid, tuple(_AlignedTensor(a) if isinstance(a, Tensor) else a
-                                                         for a in args), dict(kwargs)))
+        if stand_ins:
+            args = tuple(_AlignedTensor(a) if isinstance(a, Tensor) else a for a in args)
+        launches.append(RecordedLaunch(self, tuple(args), dict(kwargs), grid))
         return None
 
     JITFunction.run = record
@@ -121,8 +131,7 @@ def compile_all(launches: list[RecordedLaunch], workers: int | None = None,
         list(pool.map(on_device, launches))
 
 
-def precompile(module: nn.Module, *inputs, backward: bool = True, workers: int | None = None,
-               compile_one: Callable[[RecordedLaunch], None] = warm, **kwargs) -> dict:
+def precompile(module: nn.Module, *inputs, backward: bool = True, workers: int | None = None, **kwargs) -> dict:
     """Compile the kernels that `module(*inputs, **kwargs)` (and, with backward, the backward of the sum of
     its floating outputs) will launch, in parallel; returns {"launches", "kernels", "record_s", "compile_s"}.
 
@@ -137,7 +146,7 @@ def precompile(module: nn.Module, *inputs, backward: bool = True, workers: int |
         raise TypeError(f"backward must be a bool, got {backward!r}")
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
         raise ValueError(f"workers must be an int >= 1 or None, got {workers!r}")
-    watched = [p for p in module.parameters()] + [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    watched = list(module.parameters()) + [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
     saved = [p.grad for p in watched]
     for p in watched:
         p.grad = None  # the pass's backward would otherwise add into the saved tensors
@@ -154,7 +163,7 @@ def precompile(module: nn.Module, *inputs, backward: bool = True, workers: int |
             p.grad = grad
     recorded = time.perf_counter() - start
     kernels = distinct(launches)
-    compile_all(kernels, workers, compile_one)
+    compile_all(kernels, workers)
     return {"launches": len(launches), "kernels": len(kernels), "record_s": round(recorded, 3),
             "compile_s": round(time.perf_counter() - start - recorded, 3)}
 
