@@ -41,7 +41,7 @@ KEYS_PER_TILE, KEYS_PER_TILE_WIDE = 64, 32  # compressed slots per tile (head di
 # 2 us slower at 8k.
 SPLIT_PROGRAMS_PER_SM, SPLIT_MIN_TILES = 4, 4
 # the unforced slots by one tl.topk of packed int64 keys instead of a max and a min per slot (same choices);
-# off until timed on a GPU (benchmarks/decode/step_warps.py's "sorted top-k" rows)
+# off: no faster on an H100 (benchmarks/decode/step_warps.py's "sorted top-k" rows; RESULTS.md)
 SORTED_TOP_K = False
 MAX_SCORE_ELEMENTS = 1 << 15  # NB x W block-score gathers one program holds (the selection's registers)
 
