@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from nsa_core import SparseAttention, get_preset, precompile
+from nsa_core.kernels.precompile import RecordedLaunch, warm
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,6 +78,24 @@ def test_launches_are_recorded_not_run_and_compiled_once_per_specialization():
     assert out["same_binaries"], "the stand-ins would compile other kernels than the real launches: no cache hit"
     if out["shared"] is not None:  # the stand-ins compile as the real tensors would (sm_90, ahead of time)
         assert len(out["shared"]) == out["kernels"] and all(s > 0 for s in out["shared"])
+
+
+def test_warm_compiles_without_running_and_loads_what_it_compiled():
+    """A first launch also loads the kernel and builds its launcher (Triton 3.6 compiles a C launcher per
+    signature then): warm does both, so the first real call after precompile finds nothing left to do."""
+    calls = []
+
+    class Compiled:
+        def _init_handles(self):
+            calls.append("loaded")
+
+    class Kernel:
+        def run(self, *args, grid, warmup, **kwargs):
+            calls.append(("run", args, grid, warmup, kwargs))
+            return Compiled()
+
+    warm(RecordedLaunch(Kernel(), (1, 2.0), {"BLOCK": 16}, (3, 1, 1)))
+    assert calls == [("run", (1, 2.0), (3, 1, 1), True, {"BLOCK": 16}), "loaded"]
 
 
 def test_precompile_leaves_gradients_as_they_were():
