@@ -43,18 +43,24 @@ SMOKE_SHAPE = ModelShape(dim=32, depth=1, heads=2, kv_heads=1, dim_head=16, ff_m
                          compress_stride=4, selection_block=8, num_selected=4, compress_hidden=16)
 
 
-def load_fraction(indices: Tensor, valid: Tensor, tile: int, num_blocks: int) -> float | None:
-    """indices / valid (B, H, T, S) -> distinct valid blocks per tile of `tile` queries over valid
-    selections (T cut to a multiple of the tile); None when no tile fits in T."""
+def tile_loads(indices: Tensor, valid: Tensor, tile: int, num_blocks: int) -> tuple[int, int] | None:
+    """indices / valid (B, H, T, S) -> (distinct valid blocks summed over the tiles of `tile` consecutive
+    queries, valid selections in those tiles), T cut to a multiple of the tile; None when no tile fits in T."""
     B, H, T, S = indices.shape
     T = T // tile * tile
     if T == 0:
         return None
     idx = torch.where(valid[:, :, :T], indices[:, :, :T].long(), num_blocks)  # invalid -> a spare column
     idx = idx.reshape(B, H, T // tile, tile * S)
-    seen = torch.zeros(B, H, T // tile, num_blocks + 1, dtype=torch.bool).scatter_(-1, idx, True)
-    selections = valid[:, :, :T].sum().item()
-    return seen[..., :num_blocks].sum().item() / max(selections, 1)
+    seen = torch.zeros(B, H, T // tile, num_blocks + 1, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
+    return int(seen[..., :num_blocks].sum()), int(valid[:, :, :T].sum())
+
+
+def load_fraction(indices: Tensor, valid: Tensor, tile: int, num_blocks: int) -> float | None:
+    """indices / valid (B, H, T, S) -> distinct valid blocks per tile of `tile` queries over valid
+    selections (T cut to a multiple of the tile); None when no tile fits in T."""
+    loads = tile_loads(indices, valid, tile, num_blocks)
+    return None if loads is None else loads[0] / max(loads[1], 1)
 
 
 def random_like(valid: Tensor, block: int, generator: torch.Generator) -> Tensor:

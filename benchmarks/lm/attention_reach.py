@@ -11,6 +11,11 @@ On whole validation documents (one document per forward, cut at the context), fo
 A selection that finds the distant keys its branch wants has captured near ideal; one scored by a branch
 that learned nothing to point with sits near random. Dense models report far_mass only (a window model has
 none by construction and gives no record).
+NSA layers also report, over every query of the documents, `load_fraction_4q` / `load_fraction_16q`: the
+distinct blocks that tiles of 4 / 16 consecutive queries select over their selections (1.0: nothing shared),
+what decides a by-tile selection kernel's loads against a by-query one's (tiles of 16 queries x 4 heads at
+this comparison's G = 4, 4 x 16 at the paper's G = 16; benchmarks/NOTES.md "By tile"): a trained model's
+selections, where the kernel benchmarks have random or synthetic ones.
 
 Dimension legend: h query heads, hk kv heads, H selection heads (hk when a group shares its selection),
 c queries of a chunk, n keys, nb selection blocks, S selected slots.
@@ -23,6 +28,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from benchmarks.kernels.selection_overlap import tile_loads
 from benchmarks.lm.corpus import SEPARATOR
 from benchmarks.quality_training import autocast
 from nsa_core import SparseAttention
@@ -30,6 +36,7 @@ from nsa_core.model.dense import DenseAttention
 from nsa_core.ops.rotary import rotary
 
 QUERY_CHUNK = 256
+TILE_QUERIES = (4, 16)
 
 
 def long_documents(val: Tensor, min_length: int, count: int, context: int) -> list[Tensor]:
@@ -113,8 +120,8 @@ def attention_reach(model: nn.Module, documents: list[Tensor], far_from: int, wi
     layers = list(model.attentions)
     if not documents or all(not isinstance(m, (SparseAttention, DenseAttention)) for m in layers):
         return None
-    sums = [{"far": 0.0, "queries": 0, "captured": 0.0, "ideal": 0.0, "random": 0.0, "selection_total": 0.0}
-            for _ in layers]
+    sums = [{"far": 0.0, "queries": 0, "captured": 0.0, "ideal": 0.0, "random": 0.0, "selection_total": 0.0,
+             "tiles": {m: [0, 0] for m in TILE_QUERIES}} for _ in layers]
     model.eval()
     for doc in documents:
         ids = doc.long()[None].to(device)
@@ -130,6 +137,13 @@ def attention_reach(model: nn.Module, documents: list[Tensor], far_from: int, wi
                 selection = layer.select(x) if isinstance(layer, SparseAttention) else None
             # a dense layer has no blocks: only its far total is read, any block size gives it
             block = layer.config.selection_block_size if selection is not None else window
+            if selection is not None:
+                chosen = selection.valid & (selection.indices >= 0)
+                for m, acc_tile in acc["tiles"].items():
+                    loads = tile_loads(selection.indices, chosen, m, -(-q.shape[2] // block))
+                    if loads is not None:
+                        acc_tile[0] += loads[0]
+                        acc_tile[1] += loads[1]
             for start in range(far_from, q.shape[2], QUERY_CHUNK):
                 stop = min(start + QUERY_CHUNK, q.shape[2])
                 blocks, far = far_block_mass(q[:, :, :stop], k[:, :, :stop], scale, start, window, block)
@@ -150,6 +164,8 @@ def attention_reach(model: nn.Module, documents: list[Tensor], far_from: int, wi
         layer_result = {"far_mass": round(acc["far"] / acc["queries"], 4)}
         if acc["selection_total"] > 0:
             layer_result |= {key: round(acc[key] / acc["selection_total"], 4) for key in ("captured", "ideal", "random")}
+        layer_result |= {f"load_fraction_{m}q": round(distinct / selections, 4)
+                         for m, (distinct, selections) in acc["tiles"].items() if selections}
         out.append(layer_result)
     if all(r is None for r in out):
         return None

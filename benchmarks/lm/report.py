@@ -89,7 +89,8 @@ def _reach(finals: list[dict]) -> dict | None:
     layers = [layer for f in finals if f.get("reach") for layer in f["reach"]["per_layer"] if layer]
     if not layers:
         return None
-    keys = [k for k in ("far_mass", "captured", "ideal", "random") if all(k in layer for layer in layers)]
+    keys = [k for k in ("far_mass", "captured", "ideal", "random", "load_fraction_4q", "load_fraction_16q")
+            if all(k in layer for layer in layers)]
     return {k: round(_mean([layer[k] for layer in layers]), 4) for k in keys}
 
 
@@ -122,7 +123,8 @@ def print_table(summary: dict, console: Console) -> None:
     for r in rows:
         if r.get("reach"):
             console.print(f"{r['model']}: attention mass beyond the window (mean over layers), and the share of it "
-                          "in the selected blocks / the best as many / random: "
+                          "in the selected blocks / the best as many / random; distinct blocks over selections in tiles of "
+                          "4 / 16 queries (load_fraction): "
                           + ", ".join(f"{k} {v:.3f}" for k, v in r["reach"].items()), highlight=False)
     console.print(f"equal tokens: {summary['equal_tokens']:,}; equal time: {summary['equal_seconds']} s of training; "
                   "positions: bytes of the token's own document before it", highlight=False)

@@ -69,6 +69,8 @@ def test_probe_on_the_comparisons_models():
     for layer in reach["per_layer"]:
         assert 0 < layer["far_mass"] < 1
         assert layer["captured"] == pytest.approx(1.0, abs=1e-3) and layer["ideal"] == pytest.approx(1.0, abs=1e-3)
+        # every query selects every block it sees: a tile loads its last query's blocks, shared by the others
+        assert 0 < layer["load_fraction_16q"] < layer["load_fraction_4q"] < 1
     few = randomized(build_model("nsa", replace(SMOKE.shape, num_selected=2), 0, {}, backend="torch"))
     for layer in attention_reach(few, docs, 40, SMOKE.shape.window, torch.device("cpu"))["per_layer"]:
         assert layer["captured"] <= layer["ideal"] + 1e-6 and layer["random"] <= layer["ideal"] + 1e-6
@@ -87,8 +89,10 @@ def test_smoke_run_records_the_reach(tmp_path):
     window = json.loads((tmp_path / "runs" / "window-lr0.003-seed0.json").read_text())
     reach = nsa["final"]["reach"]
     assert reach["documents"] == SMOKE.reach_documents and reach["far_from"] == SMOKE.buckets[-2]
-    assert all({"far_mass", "captured", "ideal", "random"} <= set(layer) for layer in reach["per_layer"])
+    assert all({"far_mass", "captured", "ideal", "random", "load_fraction_4q", "load_fraction_16q"} <= set(layer)
+               for layer in reach["per_layer"])
     assert window["final"]["reach"] is None
     summary = json.loads((tmp_path / "summary_lm.json").read_text())
     row = {r["model"]: r for r in summary["rows"]}
-    assert set(row["nsa"]["reach"]) == {"far_mass", "captured", "ideal", "random"} and row["window"]["reach"] is None
+    assert set(row["nsa"]["reach"]) == {"far_mass", "captured", "ideal", "random", "load_fraction_4q",
+                                        "load_fraction_16q"} and row["window"]["reach"] is None
