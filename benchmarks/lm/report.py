@@ -123,8 +123,8 @@ def print_table(summary: dict, console: Console) -> None:
     for r in rows:
         if r.get("reach"):
             console.print(f"{r['model']}: attention mass beyond the window (mean over layers), and the share of it "
-                          "in the selected blocks / the best as many / random; distinct blocks over selections in tiles of "
-                          "4 / 16 queries (load_fraction): "
+                          "in the selected blocks / the best as many / random; distinct blocks over selections "
+                          "in tiles of 4 / 16 queries (load_fraction): "
                           + ", ".join(f"{k} {v:.3f}" for k, v in r["reach"].items()), highlight=False)
     console.print(f"equal tokens: {summary['equal_tokens']:,}; equal time: {summary['equal_seconds']} s of training; "
                   "positions: bytes of the token's own document before it", highlight=False)

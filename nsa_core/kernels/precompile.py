@@ -4,9 +4,10 @@ compile them one after another.
 `precompile(module, *inputs)` runs the module's forward (and backward) once with every Triton launch
 recorded instead of run, then compiles the distinct launches on a thread pool through Triton's own
 `warmup` (its compiler releases the GIL for its passes and ptxas), which fills the same caches a
-launch reads, then loads each kernel and builds its launcher: the next real call finds each kernel ready. The recorded pass needs no kernel's
-output: the launchers read no device values (no host sync), so the rest of the pass runs on
-whatever the unrun kernels' buffers hold, and the gradients it leaves are put back as they were.
+launch reads, then loads each kernel and builds its launcher: the next real call finds each kernel
+ready. The recorded pass needs no kernel's output: the launchers read no device values (no host
+sync), so the rest of the pass runs on whatever the unrun kernels' buffers hold, and the gradients
+it leaves are put back as they were.
 The cuBLAS / cuDNN calls of that pass run for real, so their set-up is paid there too.
 
 On the CPU (the PyTorch path) or under Triton's interpreter nothing is recorded and nothing compiled.
