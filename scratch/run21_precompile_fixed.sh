@@ -3,7 +3,7 @@
 # the first call), the gpu test, then the cold compile plain and precompiled. ~200 s. carry scratch.
 export NSA_GIT_COMMIT=$(cat scratch/commit 2>/dev/null) PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
-TRITON_CACHE_DIR=$(mktemp -d) timeout 100 python scratch/diag_precompile.py 4096 > $OUT/diag_4096.json 2> $OUT/diag_4096.err
+PYTHONPATH=$PWD TRITON_CACHE_DIR=$(mktemp -d) timeout 100 python scratch/diag_precompile.py 4096 > $OUT/diag_4096.json 2> $OUT/diag_4096.err
 python -c "import json;d=json.load(open('$OUT/diag_4096.json'));print(d['seq_len'],d['precompile'],'first call',round(d['first_call_s'],2),'s');print(' compiled in first call',len(d['compiled_in_first_call']),[r[:120] for r in d['compiled_in_first_call']]);print(' loaded in precompile',len(d['loaded_in_precompile']),'in first call',d['loaded_in_first_call'])" || tail -5 $OUT/diag_4096.err
 echo "== gpu test ($SECONDS s)"
 TRITON_CACHE_DIR=$(mktemp -d) timeout 100 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_precompile.py 2>&1 | grep -E "passed|failed|^E " | head -8
