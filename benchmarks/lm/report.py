@@ -16,6 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.lm.attention_reach import TILE_QUERIES
+
 SUMMARY_NAME = "summary_lm.json"
 PNG_NAME = "results_lm.png"
 
@@ -89,7 +91,7 @@ def _reach(finals: list[dict]) -> dict | None:
     layers = [layer for f in finals if f.get("reach") for layer in f["reach"]["per_layer"] if layer]
     if not layers:
         return None
-    keys = [k for k in ("far_mass", "captured", "ideal", "random", "load_fraction_4q", "load_fraction_16q")
+    keys = [k for k in ("far_mass", "captured", "ideal", "random", *(f"load_fraction_{m}q" for m in TILE_QUERIES))
             if all(k in layer for layer in layers)]
     return {k: round(_mean([layer[k] for layer in layers]), 4) for k in keys}
 
@@ -124,7 +126,7 @@ def print_table(summary: dict, console: Console) -> None:
         if r.get("reach"):
             console.print(f"{r['model']}: attention mass beyond the window (mean over layers), and the share of it "
                           "in the selected blocks / the best as many / random; distinct blocks over selections "
-                          "in tiles of 4 / 16 queries (load_fraction): "
+                          f"in tiles of {' / '.join(map(str, TILE_QUERIES))} queries (load_fraction): "
                           + ", ".join(f"{k} {v:.3f}" for k, v in r["reach"].items()), highlight=False)
     console.print(f"equal tokens: {summary['equal_tokens']:,}; equal time: {summary['equal_seconds']} s of training; "
                   "positions: bytes of the token's own document before it", highlight=False)
