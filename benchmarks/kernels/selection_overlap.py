@@ -51,9 +51,10 @@ def tile_loads(indices: Tensor, valid: Tensor, tile: int, num_blocks: int) -> tu
     if T == 0:
         return None
     idx = torch.where(valid[:, :, :T], indices[:, :, :T].long(), num_blocks)  # invalid -> a spare column
-    idx = idx.reshape(B, H, T // tile, tile * S)
-    seen = torch.zeros(B, H, T // tile, num_blocks + 1, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
-    return int(seen[..., :num_blocks].sum()), int(valid[:, :, :T].sum())
+    ids = idx.reshape(B, H, T // tile, tile * S).sort(dim=-1).values  # memory linear in T
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[..., 1:] = ids[..., 1:] != ids[..., :-1]  # the first of each distinct id in a tile
+    return int((first & (ids < num_blocks)).sum()), int(valid[:, :, :T].sum())
 
 
 def load_fraction(indices: Tensor, valid: Tensor, tile: int, num_blocks: int) -> float | None:
