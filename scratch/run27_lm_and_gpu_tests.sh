@@ -1,0 +1,32 @@
+# Issues 23 + 28 in one command on an H100 (device time is short): the best LM design at lr 2e-3 on the 3000-step
+# schedule (run26's run) trains in the background, checkpointed into build/ (ignored: it stays on the warm machine)
+# and paused at the last evaluation it reaches in ~570 s, while issue 28's GPU tests (run24's files) run beside it:
+# they compile on the CPUs and launch small kernels, and time nothing but the precompiled first call (0.02 s
+# against a 2 s limit). Argument "tail" (the next command, at once): resume and finish the LM run, then dense seed 1
+# (run23's run) checkpointed the same way. carry scratch.
+export NSA_GIT_COMMIT=$(cat scratch/commit 2>/dev/null) PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader
+mkdir -p build/lm3000_lr2e-3 build/lm3000_dense_s1
+ls build/lm_checkpoints 2>/dev/null
+NSA='{"gate_biases":[0,0,0],"num_forced_initial_blocks":1,"num_forced_local_blocks":2,"importance_score":"selected_keys"}'
+COMMON="--steps 3000 --warmup-steps 100 --eval-every 500 --time-budget-s 0 --checkpoint-dir build/lm_checkpoints"
+timeout $((596 - SECONDS)) python -m benchmarks.lm --out build/lm3000_lr2e-3 --models nsa --seeds 0 --lrs 0.002 \
+  --compression-lr-scale 0.25 $COMMON --command-budget-s $((572 - SECONDS)) --nsa-options "$NSA" > $OUT/lm_nsa.log 2>&1 &
+LM=$!
+if [ "$1" != tail ]; then
+  timeout 280 python -m pytest -q -p no:cacheprovider -m gpu -n 4 tests/kernels/test_selected_attention_matrix.py 2>&1 | tail -3
+  timeout $((585 - SECONDS)) python -m tools.gpu_tests --out $OUT/gpu --per-file 90 --budget $((575 - SECONDS)) \
+    tests/kernels/test_selected_attention_kernel.py tests/kernels/test_packed_kernels.py tests/kernels/test_sliding_window_kernel.py \
+    tests/kernels/test_selected_tiles.py tests/kernels/test_long_offsets.py tests/kernels/test_compressed_scoring.py \
+    tests/model/test_packed.py tests/kernels/test_precompile.py 2>&1 | tail -12
+  [ -d $OUT/gpu ] && (cd $OUT && tar czf gpu.tgz gpu && rm -rf gpu)
+  wait $LM
+else
+  wait $LM
+  timeout $((596 - SECONDS)) python -m benchmarks.lm --out build/lm3000_dense_s1 --models dense --seeds 1 --lrs 0.002 \
+    $COMMON --command-budget-s $((580 - SECONDS)) 2>&1 | grep -vi warn | tail -12
+  (cd build && tar czf $OUT/lm3000_dense_s1.tgz lm3000_dense_s1)
+fi
+grep -vi warn $OUT/lm_nsa.log | tail -14
+(cd build && tar czf $OUT/lm3000_lr2e-3.tgz lm3000_lr2e-3)
+echo "done at $SECONDS s"
