@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--groups", default="16,4")
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
-                    help="a check of the script on the CPU: 200 tokens, window 40, head dim 16, two variants each")
+                    help="a check of the script on the CPU: 120 tokens, window 40, head dim 16, two variants each")
     args = ap.parse_args(argv)
     if args.smoke:
-        device, dtype, shapes, window, dim = torch.device("cpu"), torch.float32, [(200, 3)], 40, 16
+        device, dtype, shapes, window, dim = torch.device("cpu"), torch.float32, [(120, 3)], 40, 16
         dkdv_variants = {n: DKDV_VARIANTS[n] for n in SMOKE_DKDV}
         dq_variants = {n: DQ_VARIANTS[n] for n in SMOKE_DQ}
     else:

@@ -18,4 +18,4 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     for row in results["rows"]:
         assert row["backward_ms"] > 0 and row["forward_ms"] > 0, row
         assert row["max_rel_diff"] < 1e-5, row
-    assert "| 200 | 3 | dk/dv | 3 stages |" in capsys.readouterr().out
+    assert "| 120 | 3 | dk/dv | 3 stages |" in capsys.readouterr().out

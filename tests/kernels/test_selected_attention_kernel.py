@@ -66,7 +66,7 @@ def test_kernel_split_blocks(scheme, block, sub, causal, monkeypatch, poisoned_o
     from nsa_core.kernels.selected_attention import tiles
 
     monkeypatch.setattr(tiles, "kernel_block", lambda D, DV, block_size, dtype: sub)
-    problem = random_problem(G=2, T=150, block=block, S=2, causal=causal, with_gates=True, seed=block, device=DEVICE)
+    problem = random_problem(G=3, HKV=1, T=131, block=block, S=2, causal=causal, with_gates=True, seed=block, device=DEVICE)
     check_against_reference(problem, torch.float32, factor=4)
 
 
