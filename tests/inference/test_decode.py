@@ -167,8 +167,8 @@ def test_decoding_on_kernels_equals_parallel_reference(changes):
     with torch.no_grad():
         parallel = ref(x)
         cache = ker.new_cache(2, 88)
-        # single steps over a compressed window's completion (position 55) and a selection block's (63), then
-        # one multi-token step that completes two more windows inside it (71, 79)
+        # at stride 8: single steps over compressed windows' completions (positions 55, 63; 63 also ends a
+        # selection block), then one multi-token step that completes two more inside it (71, 79)
         outs = [ker(x[:, :50], cache=cache), ker(x[:, 50:53], cache=cache)]
         outs += [ker(x[:, t : t + 1], cache=cache) for t in range(53, 65)]
         outs.append(ker(x[:, 65:80], cache=cache))
