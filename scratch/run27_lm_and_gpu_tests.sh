@@ -1,7 +1,7 @@
 # Issues 23 + 28 in one command on an H100 (device time is short): the best LM design at lr 2e-3 on the 3000-step
 # schedule (run26's run) trains in the background, checkpointed into build/ (ignored: it stays on the warm machine)
 # and paused at the last evaluation it reaches in ~570 s, while issue 28's GPU tests (run24's files) run beside it:
-# they compile on the CPUs and launch small kernels, and time nothing but the precompiled first call (0.02 s
+# run24, they compile on the CPUs and launch small kernels, and time nothing but the precompiled first call (0.02 s
 # against a 2 s limit). Argument "tail" (the next command, at once): resume and finish the LM run, then dense seed 1
 # (run23's run) checkpointed the same way. carry scratch.
 export NSA_GIT_COMMIT=$(cat scratch/commit 2>/dev/null) PYTHONUNBUFFERED=1
@@ -14,12 +14,7 @@ timeout $((596 - SECONDS)) python -m benchmarks.lm --out build/lm3000_lr2e-3 --m
   --compression-lr-scale 0.25 $COMMON --command-budget-s $((572 - SECONDS)) --nsa-options "$NSA" > $OUT/lm_nsa.log 2>&1 &
 LM=$!
 if [ "$1" != tail ]; then
-  timeout 280 python -m pytest -q -p no:cacheprovider -m gpu -n 4 tests/kernels/test_selected_attention_matrix.py 2>&1 | tail -3
-  timeout $((585 - SECONDS)) python -m tools.gpu_tests --out $OUT/gpu --per-file 90 --budget $((575 - SECONDS)) \
-    tests/kernels/test_selected_attention_kernel.py tests/kernels/test_packed_kernels.py tests/kernels/test_sliding_window_kernel.py \
-    tests/kernels/test_selected_tiles.py tests/kernels/test_long_offsets.py tests/kernels/test_compressed_scoring.py \
-    tests/model/test_packed.py tests/kernels/test_precompile.py 2>&1 | tail -12
-  [ -d $OUT/gpu ] && (cd $OUT && tar czf gpu.tgz gpu && rm -rf gpu)
+  bash scratch/run24_gpu_tests_issue28.sh
   wait $LM
 else
   wait $LM
