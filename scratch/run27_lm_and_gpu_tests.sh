@@ -1,7 +1,7 @@
 # Issues 23 + 28 in one command on an H100 (device time is short): the best LM design at lr 2e-3 on the 3000-step
 # schedule (run26's run) trains in the background, checkpointed into build/ (ignored: it stays on the warm machine)
-# and paused at the last evaluation it reaches in ~570 s, while issue 28's GPU tests (run24's files) run beside it:
-# run24, they compile on the CPUs and launch small kernels, and time nothing but the precompiled first call (0.02 s
+# and paused at the last evaluation it reaches in ~570 s, while issue 28's GPU tests (run24) run beside it: they
+# compile on the CPUs and launch small kernels, and time nothing but the precompiled first call (0.02 s
 # against a 2 s limit). Argument "tail" (the next command, at once): resume and finish the LM run, then dense seed 1
 # (run23's run) checkpointed the same way. carry scratch.
 export NSA_GIT_COMMIT=$(cat scratch/commit 2>/dev/null) PYTHONUNBUFFERED=1
