@@ -1,9 +1,10 @@
 # Issues 23 + 28 in one command on an H100 (device time is short): the best LM design at lr 2e-3 on the 3000-step
-# schedule (run26's run) trains in the background, checkpointed into build/ (ignored: it stays on the warm machine)
-# and paused at the last evaluation it reaches in ~570 s, while issue 28's GPU tests (run24) run beside it: they
-# compile on the CPUs and launch small kernels, and time nothing but the precompiled first call (0.02 s
-# against a 2 s limit). Argument "tail" (the next command, at once): resume and finish the LM run, then dense seed 1
-# (run23's run) checkpointed the same way. carry scratch.
+# schedule (its rate was never swept; at 1e-3: 0.874 / 0.856 bpb, dense at 2e-3 0.844) trains in the background,
+# checkpointed into build/ (ignored: it stays on the warm machine) and paused at the last evaluation it reaches in
+# ~570 s, while issue 28's GPU tests (run24) run beside it: they compile on the CPUs and launch small kernels, and
+# time nothing but the precompiled first call (0.02 s against a 2 s limit). Argument "tail" (the next command, at
+# once): resume and finish the LM run, then dense seed 1 (dense's 3000-step schedule has one seed so far) checkpointed
+# the same way. carry scratch.
 export NSA_GIT_COMMIT=$(cat scratch/commit 2>/dev/null) PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 mkdir -p build/lm3000_lr2e-3 build/lm3000_dense_s1
